@@ -1,0 +1,288 @@
+"""Delimiting a TCP byte stream into PDUs (RFC 7143 §11.2).
+
+:class:`PDUReader` is shaped for ``asyncio.BufferedProtocol``: the adapter
+asks :meth:`PDUReader.get_buffer` where the kernel should write and reports
+with :meth:`PDUReader.buffer_updated`. Small PDUs are parsed straight out of
+a reused staging buffer; a large data segment gets its own buffer (or the
+caller's, through a *placement* callback) and the rest of it is received
+directly into that buffer, so payloads are copied at most once and usually
+not at all.
+
+The header is checked before anything is buffered for it: a
+DataSegmentLength above the negotiated MaxRecvDataSegmentLength or an AHS
+above the cap raises at once (RFC 7143 §7.2, §13.12), so a hostile peer cannot
+make us allocate.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Union
+
+from .constants import BHS_LEN, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH, Opcode
+from .digest import crc32c, digest_value
+from .errors import (
+    AHSTooLong,
+    DataDigestError,
+    DataSegmentTooLong,
+    FramingError,
+    HeaderDigestError,
+    ProtocolError,
+)
+from .pdu import PDU, decode_header_and_data
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+#: Placement callback: (header bytes, data segment length) -> a writable
+#: memoryview of exactly that length to receive the payload into, or None to
+#: let the reader allocate. Used to land Data-Out/Data-In payloads directly in
+#: the command's buffer.
+Placement = Callable[[bytes, int], "memoryview | None"]
+
+_LEN = struct.Struct(">I")  # bytes 4..7: TotalAHSLength << 24 | DataSegmentLength
+_STAGE_SIZE = 256 * 1024
+#: Data segments at least this long are received into their own buffer.
+_DIRECT_THRESHOLD = 16 * 1024
+#: RFC 7143 allows 255 words of AHS; we never need more than an extended CDB.
+DEFAULT_MAX_AHS = 1024
+_LOGIN_OPCODES = (Opcode.LOGIN_REQUEST, Opcode.LOGIN_RESPONSE)
+
+
+class PDUReader:
+    """Incremental, bounded PDU decoder for one connection direction."""
+
+    def __init__(
+        self,
+        *,
+        max_data_segment_length: int = DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH,
+        header_digest: bool = False,
+        data_digest: bool = False,
+        max_ahs_length: int = DEFAULT_MAX_AHS,
+        placement: Placement | None = None,
+    ) -> None:
+        #: The limit we declared (our MaxRecvDataSegmentLength); the adapter
+        #: raises it after login. Login PDUs always get the 8192 default.
+        self.max_data_segment_length = max_data_segment_length
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+        self.max_ahs_length = max_ahs_length
+        self.placement = placement
+        self._stage = bytearray(_STAGE_SIZE)
+        self._view = memoryview(self._stage)
+        self._start = 0
+        self._end = 0
+        # Direct mode: the current PDU's header, its data destination and a
+        # small tail buffer for padding + data digest.
+        self._hdr: bytes | None = None
+        self._ahs = b""
+        self._dest: memoryview | None = None
+        self._dest_filled = 0
+        self._dlen = 0
+        self._tail = bytearray(7)
+        self._tail_len = 0
+        self._tail_filled = 0
+        self._pending_error: ProtocolError | None = None
+        self._dead: FramingError | None = None
+
+    # -- BufferedProtocol interface -----------------------------------------
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a returned PDU."""
+        if self._dest is not None:
+            return BHS_LEN + self._dest_filled + self._tail_filled
+        return self._end - self._start
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes should be written."""
+        if self._dest is not None:
+            if self._dest_filled < self._dlen:
+                return self._dest[self._dest_filled :]
+            return memoryview(self._tail)[self._tail_filled : self._tail_len]
+        if self._end == len(self._stage):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[PDU]:
+        """Account for ``nbytes`` written into the last buffer and return the
+        PDUs now complete (see :meth:`parse`)."""
+        if self._dest is not None:
+            if self._dest_filled < self._dlen:
+                self._dest_filled += nbytes
+            else:
+                self._tail_filled += nbytes
+            if self._dest_filled == self._dlen and self._tail_filled == self._tail_len:
+                return self._finish_direct()
+            return []
+        self._end += nbytes
+        return self.parse()
+
+    def feed(self, data: Buffer) -> list[PDU]:
+        """Convenience for tests and blocking sockets: copy ``data`` in and
+        return every PDU completed by it. Stops early (leaving bytes
+        buffered) after a Login PDU, like :meth:`parse`."""
+        out: list[PDU] = []
+        mv = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(mv):
+            buf = self.get_buffer()
+            n = min(len(buf), len(mv) - pos)
+            buf[:n] = mv[pos : pos + n]
+            pos += n
+            out.extend(self.buffer_updated(n))
+        out.extend(self.parse())
+        return out
+
+    # -- parsing --------------------------------------------------------------
+    def parse(self) -> list[PDU]:
+        """Return the PDUs complete in the staging buffer.
+
+        Parsing stops after a Login Request/Response, because the adapter
+        must switch digests and limits before the next PDU is delimited
+        (RFC 7143 §13.1: digests start with the first PDU after login).
+        A recoverable error (bad data digest, invalid field) is raised in
+        stream order: PDUs before it are returned first and the error is
+        raised by the next call. Framing errors are permanent.
+        """
+        if self._dead is not None:
+            raise self._dead
+        if self._pending_error is not None:
+            err, self._pending_error = self._pending_error, None
+            raise err
+        out: list[PDU] = []
+        while self._dest is None:
+            try:
+                pdu = self._parse_one()
+            except FramingError as exc:
+                self._dead = exc
+                if out:
+                    self._pending_error = exc
+                    return out
+                raise
+            except ProtocolError as exc:
+                if out:
+                    self._pending_error = exc
+                    return out
+                raise
+            if pdu is None:
+                break
+            out.append(pdu)
+            if pdu.opcode in _LOGIN_OPCODES:
+                break
+        return out
+
+    def _parse_one(self) -> PDU | None:
+        avail = self._end - self._start
+        if avail < BHS_LEN:
+            return None
+        start = self._start
+        stage = self._stage
+        (word,) = _LEN.unpack_from(stage, start + 4)
+        dlen = word & 0xFFFFFF
+        ahs_len = (word >> 24) * 4
+        hd = 4 if self.header_digest else 0
+        opcode = stage[start] & 0x3F
+        limit = self.max_data_segment_length
+        if opcode in _LOGIN_OPCODES:
+            limit = DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH
+        if ahs_len > self.max_ahs_length:
+            raise AHSTooLong(f"TotalAHSLength {ahs_len} exceeds {self.max_ahs_length}",
+                             header=bytes(stage[start : start + BHS_LEN]))
+        if dlen > limit:
+            raise DataSegmentTooLong(
+                f"DataSegmentLength {dlen} exceeds MaxRecvDataSegmentLength {limit}",
+                header=bytes(stage[start : start + BHS_LEN]))
+        head_len = BHS_LEN + ahs_len + hd
+        if avail < head_len:
+            self._make_room(head_len)
+            return None
+        hdr = bytes(stage[start : start + BHS_LEN])
+        ahs = bytes(stage[start + BHS_LEN : start + BHS_LEN + ahs_len])
+        if hd:
+            want = digest_value(stage[start + BHS_LEN + ahs_len : start + head_len])
+            got = crc32c(self._view[start : start + BHS_LEN + ahs_len])
+            if want != got:
+                raise HeaderDigestError(f"header digest mismatch (got {got:08x}, "
+                                        f"expected {want:08x})", header=hdr)
+        pad = (-dlen) & 3
+        dd = 4 if (self.data_digest and dlen) else 0
+        total = head_len + dlen + pad + dd
+        dest = self.placement(hdr, dlen) if (self.placement is not None and dlen) else None
+        if avail < total and (dlen >= _DIRECT_THRESHOLD or dest is not None):
+            # Switch to direct mode: the payload goes to its own buffer.
+            self._start_direct(hdr, ahs, dlen, pad + dd, dest, start + head_len)
+            return None
+        if avail < total:
+            self._make_room(total)
+            return None
+        self._start = start + total
+        data_start = start + head_len
+        data: Buffer = b""
+        if dlen:
+            if dd:
+                self._check_data_digest(self._view[data_start : data_start + dlen + pad],
+                                        stage[data_start + dlen + pad : data_start + dlen + pad + 4],
+                                        hdr)
+            if dest is not None:
+                dest[:] = self._view[data_start : data_start + dlen]
+                data = dest
+            else:
+                data = bytes(stage[data_start : data_start + dlen])
+        if self._start == self._end:
+            self._start = self._end = 0
+        return decode_header_and_data(hdr, ahs, data)
+
+    def _check_data_digest(self, covered: Buffer, raw: Buffer, hdr: bytes) -> None:
+        want = digest_value(raw)
+        got = crc32c(covered)
+        if want != got:
+            raise DataDigestError(f"data digest mismatch (got {got:08x}, expected {want:08x})",
+                                  header=hdr)
+
+    def _start_direct(self, hdr: bytes, ahs: bytes, dlen: int, tail_len: int,
+                      dest: memoryview | None, data_start: int) -> None:
+        if dest is None:
+            dest = memoryview(bytearray(dlen))
+        have = min(self._end - data_start, dlen)
+        dest[:have] = self._view[data_start : data_start + have]
+        tail_have = max(0, self._end - data_start - dlen)
+        tail_have = min(tail_have, tail_len)
+        self._tail[:tail_have] = self._stage[data_start + dlen : data_start + dlen + tail_have]
+        self._hdr, self._ahs, self._dest, self._dlen = hdr, ahs, dest, dlen
+        self._dest_filled, self._tail_len, self._tail_filled = have, tail_len, tail_have
+        # Everything staged belonged to this PDU (we only get here when the
+        # PDU is incomplete), so the stage is empty now.
+        self._start = self._end = 0
+
+    def _finish_direct(self) -> list[PDU]:
+        hdr, ahs, dest, dlen = self._hdr, self._ahs, self._dest, self._dlen
+        assert hdr is not None and dest is not None
+        self._hdr, self._dest = None, None
+        pad = (-dlen) & 3
+        try:
+            if self._tail_len > pad:  # a data digest follows the padding
+                value = crc32c(dest)
+                if pad:
+                    value = crc32c(self._tail[:pad], value)
+                if value != digest_value(self._tail[pad : pad + 4]):
+                    raise DataDigestError("data digest mismatch", header=hdr)
+            pdu = decode_header_and_data(hdr, ahs, dest)
+        finally:
+            self._tail_filled = self._tail_len = 0
+        out = [pdu]
+        if pdu.opcode not in _LOGIN_OPCODES:
+            out.extend(self.parse())
+        return out
+
+    def _make_room(self, needed: int) -> None:
+        """Ensure ``needed`` bytes from the current PDU start can be staged."""
+        if self._start + needed > len(self._stage):
+            self._compact()
+        if needed > len(self._stage):  # pragma: no cover - bounded by the caps
+            raise FramingError(f"PDU header of {needed} bytes does not fit the receive buffer")
+
+    def _compact(self) -> None:
+        n = self._end - self._start
+        if self._start:
+            self._stage[:n] = self._stage[self._start : self._end]
+            self._start, self._end = 0, n

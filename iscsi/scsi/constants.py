@@ -1,0 +1,206 @@
+"""SCSI constants shared by the initiator and the target emulation:
+operation codes (SPC-4 / SBC-3 / MMC-6), status codes (SAM-5 §5.3),
+sense keys (SPC-4 §4.5.6), peripheral device types and VPD page codes.
+No transport knowledge lives here."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """SCSI status codes, SAM-5 §5.3.1."""
+
+    GOOD = 0x00
+    CHECK_CONDITION = 0x02
+    CONDITION_MET = 0x04
+    BUSY = 0x08
+    RESERVATION_CONFLICT = 0x18
+    TASK_SET_FULL = 0x28
+    ACA_ACTIVE = 0x30
+    TASK_ABORTED = 0x40
+
+
+class SenseKey(IntEnum):
+    """Sense keys, SPC-4 §4.5.6 table 48."""
+
+    NO_SENSE = 0x0
+    RECOVERED_ERROR = 0x1
+    NOT_READY = 0x2
+    MEDIUM_ERROR = 0x3
+    HARDWARE_ERROR = 0x4
+    ILLEGAL_REQUEST = 0x5
+    UNIT_ATTENTION = 0x6
+    DATA_PROTECT = 0x7
+    BLANK_CHECK = 0x8
+    VENDOR_SPECIFIC = 0x9
+    COPY_ABORTED = 0xA
+    ABORTED_COMMAND = 0xB
+    VOLUME_OVERFLOW = 0xD
+    MISCOMPARE = 0xE
+    COMPLETED = 0xF
+
+
+class Opcode(IntEnum):
+    """Operation codes (first CDB byte) of the commands this stack knows."""
+
+    TEST_UNIT_READY = 0x00
+    REZERO_UNIT = 0x01
+    REQUEST_SENSE = 0x03
+    FORMAT_UNIT = 0x04
+    READ_6 = 0x08
+    WRITE_6 = 0x0A
+    INQUIRY = 0x12
+    MODE_SELECT_6 = 0x15
+    RESERVE_6 = 0x16
+    RELEASE_6 = 0x17
+    MODE_SENSE_6 = 0x1A
+    START_STOP_UNIT = 0x1B
+    RECEIVE_DIAGNOSTIC_RESULTS = 0x1C
+    SEND_DIAGNOSTIC = 0x1D
+    PREVENT_ALLOW_MEDIUM_REMOVAL = 0x1E
+    READ_FORMAT_CAPACITIES = 0x23
+    READ_CAPACITY_10 = 0x25
+    READ_10 = 0x28
+    WRITE_10 = 0x2A
+    SEEK_10 = 0x2B
+    WRITE_AND_VERIFY_10 = 0x2E
+    VERIFY_10 = 0x2F
+    PRE_FETCH_10 = 0x34
+    SYNCHRONIZE_CACHE_10 = 0x35
+    READ_DEFECT_DATA_10 = 0x37
+    WRITE_BUFFER = 0x3B
+    READ_BUFFER = 0x3C
+    READ_LONG_10 = 0x3E
+    WRITE_LONG_10 = 0x3F
+    WRITE_SAME_10 = 0x41
+    UNMAP = 0x42
+    READ_TOC_PMA_ATIP = 0x43
+    GET_CONFIGURATION = 0x46
+    GET_EVENT_STATUS_NOTIFICATION = 0x4A
+    READ_DISC_INFORMATION = 0x51
+    LOG_SELECT = 0x4C
+    LOG_SENSE = 0x4D
+    MODE_SELECT_10 = 0x55
+    RESERVE_10 = 0x56
+    RELEASE_10 = 0x57
+    MODE_SENSE_10 = 0x5A
+    PERSISTENT_RESERVE_IN = 0x5E
+    PERSISTENT_RESERVE_OUT = 0x5F
+    EXTENDED_CDB = 0x7E
+    VARIABLE_LENGTH = 0x7F
+    EXTENDED_COPY = 0x83
+    RECEIVE_COPY_RESULTS = 0x84
+    ATA_PASS_THROUGH_16 = 0x85
+    READ_16 = 0x88
+    COMPARE_AND_WRITE = 0x89
+    WRITE_16 = 0x8A
+    ORWRITE_16 = 0x8B
+    WRITE_AND_VERIFY_16 = 0x8E
+    VERIFY_16 = 0x8F
+    PRE_FETCH_16 = 0x90
+    SYNCHRONIZE_CACHE_16 = 0x91
+    WRITE_SAME_16 = 0x93
+    SERVICE_ACTION_IN_16 = 0x9E
+    SERVICE_ACTION_OUT_16 = 0x9F
+    REPORT_LUNS = 0xA0
+    ATA_PASS_THROUGH_12 = 0xA1
+    SECURITY_PROTOCOL_IN = 0xA2
+    MAINTENANCE_IN = 0xA3
+    MAINTENANCE_OUT = 0xA4
+    MOVE_MEDIUM = 0xA5
+    READ_12 = 0xA8
+    WRITE_12 = 0xAA
+    WRITE_AND_VERIFY_12 = 0xAE
+    VERIFY_12 = 0xAF
+    READ_DEFECT_DATA_12 = 0xB7
+    READ_CD = 0xBE
+    MECHANISM_STATUS = 0xBD
+
+
+class ServiceActionIn16(IntEnum):
+    """Service actions of SERVICE ACTION IN(16) (0x9E), SBC-3."""
+
+    READ_CAPACITY_16 = 0x10
+    READ_LONG_16 = 0x11
+    GET_LBA_STATUS = 0x12
+
+
+class MaintenanceIn(IntEnum):
+    """Service actions of MAINTENANCE IN (0xA3), SPC-4."""
+
+    REPORT_TARGET_PORT_GROUPS = 0x0A
+    REPORT_SUPPORTED_OPERATION_CODES = 0x0C
+    REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS = 0x0D
+    REPORT_TIMESTAMP = 0x0F
+
+
+class PRInAction(IntEnum):
+    """PERSISTENT RESERVE IN service actions, SPC-4 §6.15.1."""
+
+    READ_KEYS = 0x00
+    READ_RESERVATION = 0x01
+    REPORT_CAPABILITIES = 0x02
+    READ_FULL_STATUS = 0x03
+
+
+class PROutAction(IntEnum):
+    """PERSISTENT RESERVE OUT service actions, SPC-4 §6.16.1."""
+
+    REGISTER = 0x00
+    RESERVE = 0x01
+    RELEASE = 0x02
+    CLEAR = 0x03
+    PREEMPT = 0x04
+    PREEMPT_AND_ABORT = 0x05
+    REGISTER_AND_IGNORE_EXISTING_KEY = 0x06
+    REGISTER_AND_MOVE = 0x07
+    REPLACE_LOST_RESERVATION = 0x08
+
+
+class PRType(IntEnum):
+    """Persistent reservation types, SPC-4 §6.16.3."""
+
+    WRITE_EXCLUSIVE = 0x1
+    EXCLUSIVE_ACCESS = 0x3
+    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 0x5
+    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 0x6
+    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 0x7
+    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 0x8
+
+
+class PeripheralType(IntEnum):
+    """Peripheral device types, SPC-4 §6.4.2 table 141."""
+
+    DISK = 0x00
+    TAPE = 0x01
+    CDROM = 0x05
+    ENCLOSURE = 0x0D
+    UNKNOWN = 0x1F
+
+
+class VPDPage(IntEnum):
+    """Vital product data page codes, SPC-4 §7.8 / SBC-3 §6.5."""
+
+    SUPPORTED_PAGES = 0x00
+    UNIT_SERIAL_NUMBER = 0x80
+    DEVICE_IDENTIFICATION = 0x83
+    EXTENDED_INQUIRY = 0x86
+    MANAGEMENT_NETWORK_ADDRESSES = 0x85
+    BLOCK_LIMITS = 0xB0
+    BLOCK_DEVICE_CHARACTERISTICS = 0xB1
+    LOGICAL_BLOCK_PROVISIONING = 0xB2
+
+
+class ModePage(IntEnum):
+    """Mode page codes, SPC-4 §7.5 / SBC-3 §6.4."""
+
+    READ_WRITE_ERROR_RECOVERY = 0x01
+    DISCONNECT_RECONNECT = 0x02
+    FORMAT_DEVICE = 0x03
+    RIGID_DISK_GEOMETRY = 0x04
+    CACHING = 0x08
+    CONTROL = 0x0A
+    POWER_CONDITION = 0x1A
+    INFORMATIONAL_EXCEPTIONS = 0x1C
+    ALL_PAGES = 0x3F
