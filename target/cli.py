@@ -1,0 +1,239 @@
+"""``iscsi-target``: serve disk images over iSCSI.
+
+    iscsi-target serve IMAGE [IMAGE ...] [--portal HOST:PORT] [--name IQN]
+    iscsi-target serve --config FILE        (TOML, or an IET ietd.conf)
+    iscsi-target demo                       (creates and serves demo/demo.img)
+
+Every failure is one line on stderr saying what is wrong and what to do,
+with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+from iscsi.names import InvalidName, generate_iqn, normalize_name, parse_portal
+
+from .config import (
+    ChapConfig,
+    ConfigError,
+    LunSpec,
+    PortalGroup,
+    ServerConfig,
+    TargetSpec,
+    load_config,
+)
+
+DEMO_SIZE = 64 << 20
+
+
+class CLIError(Exception):
+    """A one-line user error."""
+
+
+def _portals(values: list[str] | None, default: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for text in values or [default]:
+        try:
+            host, port, _ = parse_portal(text)
+        except ValueError as exc:
+            raise CLIError(f"--portal {text}: {exc} (use HOST:PORT or [V6ADDR]:PORT)") from None
+        out.append((host, port))
+    return tuple(out)
+
+
+def _chap(text: str | None, what: str) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    user, sep, secret = text.partition(":")
+    if not sep or not user or not secret:
+        raise CLIError(f"{what} {text!r}: expected USER:SECRET")
+    if len(secret.encode()) < 12:
+        raise CLIError(f"{what}: the secret must be at least 12 bytes (RFC 7143 §12.1.3)")
+    return user, secret
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the configuration of ``serve IMAGE...``."""
+    if args.config:
+        if args.images:
+            raise CLIError("give either image files or --config FILE, not both")
+        return load_config(args.config)
+    if not args.images:
+        raise CLIError("nothing to serve: give one or more image files, or --config FILE")
+    luns = []
+    for i, path in enumerate(args.images):
+        if not os.path.exists(path):
+            raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
+        luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
+                            block_size=args.block_size, write_cache=not args.write_through))
+    label = os.path.splitext(os.path.basename(args.images[0]))[0]
+    try:
+        name = normalize_name(args.name) if args.name else generate_iqn(label)
+    except (InvalidName, ValueError) as exc:
+        raise CLIError(f"--name: {exc}") from None
+    chap = _chap(args.chap, "--chap")
+    mutual = _chap(args.mutual_chap, "--mutual-chap")
+    if mutual and not chap:
+        raise CLIError("--mutual-chap needs --chap too")
+    chap_cfg = ChapConfig(chap[0], chap[1], *(mutual or (None, None))) if chap else None
+    spec = TargetSpec(name=name, luns=tuple(luns), chap=chap_cfg)
+    return ServerConfig(
+        targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
+        nop_interval=args.nop_interval, state_dir=args.state_dir)
+
+
+def attach_help(server: Any) -> str:
+    """How to attach each target, for people and for copy-paste."""
+    lines = []
+    for rt in server.targets.values():
+        name = rt.name
+        lines.append(f"Target {name}")
+        for lun, backend in sorted(rt.backends.items()):
+            size = backend.size
+            lines.append(f"  LUN {lun}: {getattr(backend, 'path', '') or 'memory'} "
+                         f"({_human(size)}{', read-only' if backend.read_only else ''})")
+        shown: list[tuple[str, int]] = []
+        for tag, host, port in server.bound:
+            if tag in rt.spec.portal_groups:
+                shown.append((_reachable(host), port))
+        host, port = shown[0] if shown else ("127.0.0.1", 3260)
+        hp = f"[{host}]" if ":" in host else host
+        portal = f"{hp}:{port}"
+        lines.append("  Portals: " + ", ".join(
+            f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in dict.fromkeys(shown)))
+        lines.append("  Attach it with:")
+        lines.append(f"    libiscsi:   iscsi-inq iscsi://{portal}/{name}/0")
+        lines.append(f"    QEMU:       qemu-img info iscsi://{portal}/{name}/0")
+        lines.append(f"    open-iscsi: iscsiadm -m discovery -t sendtargets -p {portal}")
+        lines.append(f"                iscsiadm -m node -T {name} -p {portal} --login")
+        lines.append("    VirtualBox: VBoxManage storageattach VM --storagectl SATA --port 0 "
+                     f"--device 0 --type hdd --medium iscsi --server {host} --tport {port} "
+                     f"--target {name} --lun 0")
+        lines.append(f"    aioiscsi:   iscsi-initiator ls iscsi://{portal}/{name}/0")
+    lines.append("Press Ctrl-C to stop.")
+    return "\n".join(lines)
+
+
+def _reachable(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)  # pragma: no cover
+
+
+def make_demo_image(path: str) -> None:
+    """Create the demo disk: a sparse 64 MiB raw image with an MBR holding
+    one Linux partition, so an initiator sees a partitioned disk."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(DEMO_SIZE)
+        mbr = bytearray(512)
+        # One primary partition (type 0x83) from LBA 2048 to the end.
+        start, count = 2048, DEMO_SIZE // 512 - 2048
+        entry = bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + start.to_bytes(4, "little") + \
+            count.to_bytes(4, "little")
+        mbr[446:462] = entry
+        mbr[510:512] = b"\x55\xaa"
+        f.write(mbr)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+def _install_uvloop() -> None:
+    # DESIGN.md: 3.11's stdlib transport copies large writes; uvloop does not.
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_server(config: ServerConfig) -> int:
+    """Open, serve until a signal, print attach help once listening."""
+    from target.backends.base import BackendError
+
+    from .server import TargetServer, serve
+
+    _install_uvloop()
+
+    def ready(server: TargetServer) -> None:
+        print(attach_help(server), flush=True)
+
+    try:
+        return asyncio.run(serve(config, ready=ready))
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
+        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
+            raise CLIError(f"cannot listen: {exc.strerror} (another target running? try "
+                           f"--portal 127.0.0.1:3261)") from None
+        raise CLIError(f"cannot start: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``iscsi-target`` command."""
+    parser = argparse.ArgumentParser(prog="iscsi-target", description="Serve disk images over iSCSI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve image files (or a config file) as LUNs")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--config", "-c", metavar="FILE", help="TOML config or IET ietd.conf")
+    p.add_argument("--portal", "-p", action="append", metavar="HOST:PORT",
+                   help="listen address (repeatable; default 0.0.0.0:3260)")
+    p.add_argument("--name", "-n", metavar="IQN", help="target name (default: generated)")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--write-through", action="store_true",
+                   help="host I/O cache off: every write is durable before it is acknowledged")
+    p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--chap", metavar="USER:SECRET", help="require one-way CHAP")
+    p.add_argument("--mutual-chap", metavar="USER:SECRET",
+                   help="target credentials for mutual CHAP")
+    p.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where persistent reservations (APTPL) are kept")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
+    d.add_argument("--portal", "-p", action="append", metavar="HOST:PORT")
+    d.add_argument("--dir", default="demo", help="where the demo image lives (default ./demo)")
+    d.add_argument("-v", "--verbose", action="count", default=0)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "demo":
+            path = os.path.join(args.dir, "demo.img")
+            if not os.path.exists(path):
+                make_demo_image(path)
+                print(f"created {path} ({_human(DEMO_SIZE)} demo disk)", flush=True)
+            ns = argparse.Namespace(
+                config=None, images=[path], read_only=False, block_size=512, write_through=False,
+                name=generate_iqn("demo"), chap=None, mutual_chap=None,
+                portal=args.portal or ["127.0.0.1:3260"], nop_interval=30.0, state_dir=None)
+            return run_server(config_from_args(ns))
+        return run_server(config_from_args(args))
+    except (CLIError, ConfigError) as exc:
+        print(f"iscsi-target: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,801 @@
+"""One iSCSI connection on the target: an ``asyncio.BufferedProtocol``
+around the sans-I/O codec.
+
+Receive: the kernel writes into :class:`iscsi.framing.PDUReader` buffers;
+Data-Out payloads (and immediate data) land straight in the task's write
+buffer through the reader's placement callback.
+
+Send: every PDU produced while handling one receive or one task completion is
+appended to ``self._out`` and written with a single ``writelines`` on the
+next loop iteration (DESIGN.md: one syscall per batch). Read data goes out as
+memoryview slices of what the backend returned (an mmap view for raw files):
+no payload copy on the target's read path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from iscsi.constants import (
+    RESERVED_TAG,
+    AsyncEvent,
+    ISCSIResponse,
+    LogoutReason,
+    LogoutResponseCode,
+    Opcode,
+    RejectReason,
+    TMFunction,
+    TMResponse,
+)
+from iscsi.errors import ProtocolError
+from iscsi.framing import PDUReader
+from iscsi.pdu import (
+    PDU,
+    AsyncMessage,
+    Buffer,
+    DataIn,
+    DataOut,
+    LoginRequest,
+    LogoutRequest,
+    LogoutResponse,
+    NopIn,
+    NopOut,
+    R2T,
+    Reject,
+    ScsiCommand,
+    ScsiResponse,
+    SnackRequest,
+    TaskMgmtRequest,
+    TaskMgmtResponse,
+    TextRequest,
+    TextResponse,
+    decode_lun,
+)
+from iscsi.scsi.constants import Status
+from iscsi.serial import sn_add
+
+from .session import Session
+
+if TYPE_CHECKING:
+    from .server import TargetServer
+
+log = logging.getLogger("aioiscsi.target")
+
+_U32 = struct.Struct(">I")
+#: Largest write a single command may carry; bounded so a hostile initiator
+#: cannot make us allocate without limit (VPD B0h advertises less).
+MAX_WRITE_BUFFER = 64 << 20
+#: Write buffers one connection may hold at once; beyond it commands get
+#: TASK SET FULL (SAM-5 §5.3.1) instead of memory.
+CONNECTION_BUFFER_BUDGET = 256 << 20
+
+
+class Task:
+    """A SCSI command in flight on this connection."""
+
+    __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "received", "unsolicited_end",
+                 "next_r2t_offset", "r2ts", "r2tsn", "aborted", "immediate", "done",
+                 "future", "executing")
+
+    def __init__(self, cmd: ScsiCommand, buf: bytearray | None) -> None:
+        self.itt = cmd.itt
+        self.lun = decode_lun(cmd.lun)
+        self.cmd = cmd
+        self.edtl = cmd.expected_data_transfer_length
+        self.buf = buf
+        self.received = 0
+        self.unsolicited_end = 0
+        self.next_r2t_offset = 0
+        #: ttt -> [buffer offset, length, next expected offset]
+        self.r2ts: dict[int, list[int]] = {}
+        self.r2tsn = 0
+        self.aborted = False
+        self.immediate = cmd.immediate
+        self.done = False
+        self.executing = False
+        self.future: asyncio.Future[None] | None = None
+
+
+class TargetConnection(asyncio.BufferedProtocol):
+    """The per-connection protocol object."""
+
+    def __init__(self, server: TargetServer, portal_group_tag: int) -> None:
+        self.server = server
+        self.portal_group_tag = portal_group_tag
+        self.loop = asyncio.get_event_loop()
+        self.reader = PDUReader(placement=self._placement)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.local: tuple[str, int] = ("", 0)
+        self.closed = False
+        self.session: Session | None = None
+        self.cid = 0
+        self.statsn = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+        self.header_digest = False
+        self.data_digest = False
+        self.max_xmit = 8192
+        self.max_burst = 262144
+        self.first_burst = 65536
+        self.initial_r2t = True
+        self.immediate_data = True
+        self.max_outstanding_r2t = 1
+        self.tasks: dict[int, Task] = {}
+        self._ttt = 0x1000
+        self._ttt_map: dict[int, Task] = {}
+        self._placed: tuple[int, bytearray] | None = None
+        self._buffered_bytes = 0
+        self._out: list[Buffer] = []
+        self._flush_scheduled = False
+        self._login: Any = None
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._nop_timer: asyncio.TimerHandle | None = None
+        self._nop_ttt: int | None = None
+        self._last_rx = 0.0
+        self._logout_pending = False
+        self._writing_paused = False
+
+    # ------------------------------------------------------------------ I/O
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # DESIGN.md: never let Nagle delay a response.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"[{peer[0]}]:{peer[1]}" if peer and ":" in peer[0] else (
+            f"{peer[0]}:{peer[1]}" if peer else "?")
+        local = transport.get_extra_info("sockname")
+        self.local = (local[0], local[1]) if local else ("", 0)
+        self._last_rx = self.loop.time()
+        self._login = self.server.new_login(self)
+        self._login_timer = self.loop.call_later(self.server.config.login_timeout,
+                                                 self._login_timed_out)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        for h in (self._login_timer, self._nop_timer):
+            if h is not None:
+                h.cancel()
+        for task in self.tasks.values():
+            task.aborted = True
+        self.tasks.clear()
+        self._ttt_map.clear()
+        if self.session is not None:
+            self.server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        # DESIGN.md: a peer that does not read must not grow our buffers.
+        self._writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_rx = self.loop.time()
+        try:
+            pdus = self.reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            if not self._on_protocol_error(exc):
+                return
+            pdus = []
+        self._pump(pdus)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def _pump(self, pdus: list[PDU]) -> None:
+        while not self.closed:
+            for pdu in pdus:
+                self._handle(pdu)
+                if self.closed:
+                    return
+            try:
+                pdus = self.reader.parse()
+            except ProtocolError as exc:
+                if not self._on_protocol_error(exc):
+                    return
+                continue
+            if not pdus:
+                break
+
+    def send(self, pdu: PDU) -> None:
+        """Queue ``pdu``; everything queued in one loop turn is one write."""
+        self._out.extend(pdu.encode(self.header_digest, self.data_digest))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out, self._out = self._out, []
+            self.transport.writelines(out)
+        else:
+            self._out.clear()
+
+    def close(self, reason: str = "") -> None:
+        """Flush what is queued and close the TCP connection."""
+        if self.closed:
+            return
+        if reason:
+            log.info("%s: closing connection: %s", self.peer, reason)
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once (RFC 7143: ERL 0 recovery)."""
+        log.warning("%s: dropping connection: %s", self.peer, reason)
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --------------------------------------------------------------- errors
+    def _on_protocol_error(self, exc: ProtocolError) -> bool:
+        """Answer a decoding error as the RFC says. Returns True if the
+        connection goes on."""
+        log.warning("%s: protocol error: %s", self.peer, exc)
+        if self._login is not None and not self._login_done:
+            # During login any malformed PDU ends the login (RFC 7143 §6.3).
+            self._login_reject(exc)
+            return False
+        if exc.reject_reason is not None and exc.header is not None:
+            self.send_reject(exc.reject_reason, exc.header)
+        if exc.drop_connection:
+            self.abort(str(exc))
+            return False
+        return True
+
+    def send_reject(self, reason: int, header: bytes) -> None:
+        """Send a Reject carrying the offending header (§11.17)."""
+        sess = self.session
+        self.send(Reject(reason=reason, statsn=self._next_statsn(),
+                         expcmdsn=sess.expcmdsn if sess else 0,
+                         maxcmdsn=sess.maxcmdsn if sess else 0, data=header[:48]))
+
+    def _next_statsn(self) -> int:
+        sn = self.statsn
+        self.statsn = sn_add(sn, 1)
+        return sn
+
+    # ---------------------------------------------------------------- login
+    @property
+    def _login_done(self) -> bool:
+        return self.session is not None
+
+    def _login_timed_out(self) -> None:
+        if not self._login_done and not self.closed:
+            log.warning("%s: login not completed within %.0f s; dropping", self.peer,
+                        self.server.config.login_timeout)
+            self.abort("login timeout")
+
+    def _login_reject(self, exc: ProtocolError) -> None:
+        self.server.login_protocol_error(self, exc)
+
+    def login_complete(self, session: Session, params: Any) -> None:
+        """Called by the server when the final Login Response is queued:
+        switch to full feature phase settings (digests start with the next
+        PDU, RFC 7143 §13.1)."""
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        self.session = session
+        self.header_digest = bool(params.header_digest)
+        self.data_digest = bool(params.data_digest)
+        self.reader.header_digest = self.header_digest
+        self.reader.data_digest = self.data_digest
+        self.reader.max_data_segment_length = params.max_recv_data_segment_length
+        self.max_xmit = params.max_xmit_data_segment_length
+        self.max_burst = params.max_burst_length
+        self.first_burst = params.first_burst_length
+        self.initial_r2t = params.initial_r2t
+        self.immediate_data = params.immediate_data
+        self.max_outstanding_r2t = params.max_outstanding_r2t
+        self._schedule_nop()
+
+    # ---------------------------------------------------------------- NOP-In
+    def _schedule_nop(self) -> None:
+        interval = self.server.config.nop_interval
+        if interval > 0 and not self.closed:
+            self._nop_timer = self.loop.call_later(interval, self._nop_check)
+
+    def _nop_check(self) -> None:
+        if self.closed or self.session is None:
+            return
+        cfg = self.server.config
+        now = self.loop.time()
+        if self._nop_ttt is not None:
+            self.abort(f"no NOP-Out answer within {cfg.nop_timeout:.0f} s")
+            return
+        idle = now - self._last_rx
+        if idle >= cfg.nop_interval:
+            self._nop_ttt = self._new_ttt()
+            sess = self.session
+            self.send(NopIn(itt=RESERVED_TAG, ttt=self._nop_ttt, statsn=self.statsn,
+                            expcmdsn=sess.expcmdsn, maxcmdsn=sess.maxcmdsn))
+            self._nop_timer = self.loop.call_later(cfg.nop_timeout, self._nop_check)
+        else:
+            self._nop_timer = self.loop.call_later(cfg.nop_interval - idle, self._nop_check)
+
+    def _new_ttt(self) -> int:
+        self._ttt = (self._ttt + 1) & 0xFFFFFFFF
+        if self._ttt == RESERVED_TAG:
+            self._ttt = 1
+        return self._ttt
+
+    # ------------------------------------------------------------- dispatch
+    def _handle(self, pdu: PDU) -> None:
+        if self.session is None:
+            if isinstance(pdu, LoginRequest):
+                self.server.handle_login(self, pdu)
+            else:
+                # RFC 7143 §6.3: only Login Requests before login completes;
+                # anything else ends the login with an initiator error.
+                self.server.login_out_of_order(self, pdu)
+            return
+        sess = self.session
+        op = pdu.opcode
+        if op == Opcode.SCSI_DATA_OUT:
+            assert isinstance(pdu, DataOut)
+            self._data_out(pdu)
+        elif op == Opcode.SCSI_COMMAND:
+            assert isinstance(pdu, ScsiCommand)
+            self._expstatsn(pdu.expstatsn)
+            if sess.discovery:
+                self._consume_cmdsn(pdu.cmdsn, pdu.immediate)
+                self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+                return
+            placed = self._placed
+            self._placed = None
+            buf = placed[1] if placed is not None and placed[0] == pdu.itt else None
+            if not sess.admit(pdu.cmdsn, pdu.immediate, self,
+                              lambda: self._scsi_command(pdu, buf)):
+                log.info("%s: CmdSN %d outside window [%d, %d]; ignored (RFC 7143 §4.2.2.1)",
+                         self.peer, pdu.cmdsn, sess.expcmdsn, sess.maxcmdsn)
+                self._release(buf)
+        elif op == Opcode.NOP_OUT:
+            assert isinstance(pdu, NopOut)
+            self._nop_out(pdu)
+        elif op == Opcode.TASK_MGMT_REQUEST:
+            assert isinstance(pdu, TaskMgmtRequest)
+            self._expstatsn(pdu.expstatsn)
+            if sess.admit(pdu.cmdsn, pdu.immediate, self, lambda: self._tmf(pdu)) \
+                    and not pdu.immediate:
+                sess.complete()
+        elif op == Opcode.TEXT_REQUEST:
+            assert isinstance(pdu, TextRequest)
+            if sess.admit(pdu.cmdsn, pdu.immediate, self,
+                          lambda: self.server.handle_text(self, pdu)) and not pdu.immediate:
+                sess.complete()
+        elif op == Opcode.LOGOUT_REQUEST:
+            assert isinstance(pdu, LogoutRequest)
+            if sess.admit(pdu.cmdsn, pdu.immediate, self, lambda: self._logout(pdu)) \
+                    and not pdu.immediate:
+                sess.complete()
+        elif op == Opcode.SNACK_REQUEST:
+            assert isinstance(pdu, SnackRequest)
+            # ERL 0 (the only level we negotiate): SNACK is not supported.
+            self.send_reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu.to_bytes()[:48])
+        elif op == Opcode.LOGIN_REQUEST:
+            # A Login Request in full feature phase is a protocol error
+            # (RFC 7143 §6.3: login is only the first thing on a connection).
+            self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+        else:
+            # Target opcodes sent to a target (§11.17.1).
+            self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+
+    def _expstatsn(self, expstatsn: int) -> None:
+        """ExpStatSN acknowledges responses; at ERL 0 nothing is retained
+        for retransmission, so there is nothing to free."""
+
+    def _consume_cmdsn(self, cmdsn: int, immediate: bool) -> None:
+        sess = self.session
+        assert sess is not None
+        if sess.admit(cmdsn, immediate, self, lambda: None) and not immediate:
+            sess.complete()
+
+    # ------------------------------------------------------------------- NOP
+    def _nop_out(self, pdu: NopOut) -> None:
+        sess = self.session
+        assert sess is not None
+        if pdu.ttt != RESERVED_TAG:
+            # The answer to our NOP-In ping (§11.18.1).
+            if pdu.ttt == self._nop_ttt:
+                self._nop_ttt = None
+            if not pdu.immediate:
+                self._consume_cmdsn(pdu.cmdsn, False)
+            return
+        if pdu.itt == RESERVED_TAG:
+            # A ping that asks for no answer; it carries CmdSN but does not
+            # advance it (must be immediate, §11.18.2).
+            return
+
+        def answer() -> None:
+            self.send(NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun,
+                            statsn=self._next_statsn(), expcmdsn=sess.expcmdsn,
+                            maxcmdsn=sess.maxcmdsn, data=bytes(pdu.data)))
+
+        if sess.admit(pdu.cmdsn, pdu.immediate, self, answer) and not pdu.immediate:
+            sess.complete()
+
+    # ---------------------------------------------------------- SCSI command
+    def _placement(self, hdr: bytes, dlen: int) -> memoryview | None:
+        """Land immediate data and Data-Out payloads in the task buffer."""
+        op = hdr[0] & 0x3F
+        if op == Opcode.SCSI_DATA_OUT:
+            itt = _U32.unpack_from(hdr, 16)[0]
+            task = self.tasks.get(itt)
+            if task is None or task.buf is None:
+                return None
+            offset = _U32.unpack_from(hdr, 40)[0]
+            if offset + dlen > task.edtl:
+                return None
+            return memoryview(task.buf)[offset : offset + dlen]
+        if op == Opcode.SCSI_COMMAND and hdr[1] & 0x20 and self.session is not None:
+            edtl = _U32.unpack_from(hdr, 20)[0]
+            if dlen > edtl or edtl > MAX_WRITE_BUFFER or \
+                    self._buffered_bytes + edtl > CONNECTION_BUFFER_BUDGET:
+                return None
+            buf = bytearray(edtl)
+            self._buffered_bytes += edtl
+            self._placed = (_U32.unpack_from(hdr, 16)[0], buf)
+            return memoryview(buf)[:dlen]
+        return None
+
+    def _release(self, buf: bytearray | None) -> None:
+        if buf is not None:
+            self._buffered_bytes -= len(buf)
+
+    def _scsi_command(self, cmd: ScsiCommand, buf: bytearray | None) -> None:
+        sess = self.session
+        assert sess is not None
+        if cmd.itt in self.tasks:
+            # §11.3.4: an ITT must be unique among outstanding tasks.
+            self._release(buf)
+            self.send_reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            if not cmd.immediate:
+                sess.complete()
+            return
+        edtl = cmd.expected_data_transfer_length
+        if cmd.write and edtl:
+            if buf is None:
+                if edtl > MAX_WRITE_BUFFER or self._buffered_bytes + edtl > CONNECTION_BUFFER_BUDGET:
+                    task = Task(cmd, None)
+                    self.tasks[cmd.itt] = task
+                    self._finish(task, Status.TASK_SET_FULL, b"", None)
+                    return
+                buf = bytearray(edtl)
+                self._buffered_bytes += edtl
+                if len(cmd.data):
+                    buf[: len(cmd.data)] = cmd.data
+            task = Task(cmd, buf)
+            self.tasks[cmd.itt] = task
+            immediate_len = len(cmd.data)
+            if immediate_len and not self.immediate_data:
+                # ImmediateData=No was negotiated (§13.11).
+                self.send_reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            task.received = immediate_len
+            # Unsolicited data may follow up to FirstBurstLength unless
+            # InitialR2T=Yes or the F bit says none follows (§13.10, §13.14).
+            if self.initial_r2t or cmd.final:
+                task.unsolicited_end = immediate_len
+            else:
+                task.unsolicited_end = min(edtl, self.first_burst)
+            task.next_r2t_offset = task.unsolicited_end
+            if task.received >= edtl:
+                self._execute(task)
+            else:
+                self._issue_r2ts(task)
+        else:
+            task = Task(cmd, None)
+            self.tasks[cmd.itt] = task
+            self._execute(task)
+
+    def _issue_r2ts(self, task: Task) -> None:
+        sess = self.session
+        assert sess is not None
+        while len(task.r2ts) < self.max_outstanding_r2t and task.next_r2t_offset < task.edtl:
+            offset = task.next_r2t_offset
+            length = min(self.max_burst, task.edtl - offset)
+            ttt = self._new_ttt()
+            task.r2ts[ttt] = [offset, length, offset]
+            self._ttt_map[ttt] = task
+            task.next_r2t_offset = offset + length
+            self.send(R2T(lun=task.cmd.lun, itt=task.itt, ttt=ttt, statsn=self.statsn,
+                          expcmdsn=sess.expcmdsn, maxcmdsn=sess.maxcmdsn, r2tsn=task.r2tsn,
+                          buffer_offset=offset, desired_data_transfer_length=length))
+            task.r2tsn += 1
+
+    def _data_out(self, pdu: DataOut) -> None:
+        task = self.tasks.get(pdu.itt)
+        hdr = pdu.to_bytes()[:48] if task is None else b""
+        if task is None or task.buf is None or task.executing:
+            # Data for a task we do not know (or one already complete):
+            # Reject, Invalid PDU Field (RFC 7143 §11.7.4 / §7.9).
+            self.send_reject(RejectReason.INVALID_PDU_FIELD, hdr or pdu.to_bytes()[:48])
+            return
+        n = len(pdu.data)
+        offset = pdu.buffer_offset
+        if pdu.ttt == RESERVED_TAG:
+            if offset + n > task.unsolicited_end:
+                self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+                return
+        else:
+            r2t = task.r2ts.get(pdu.ttt)
+            if r2t is None or self._ttt_map.get(pdu.ttt) is not task or \
+                    offset < r2t[0] or offset + n > r2t[0] + r2t[1]:
+                self.send_reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
+                return
+            r2t[2] = offset + n
+            if pdu.final or r2t[2] >= r2t[0] + r2t[1]:
+                del task.r2ts[pdu.ttt]
+                self._ttt_map.pop(pdu.ttt, None)
+        data = pdu.data
+        if not (isinstance(data, memoryview) and data.obj is task.buf):
+            task.buf[offset : offset + n] = data  # not placed (small PDU path)
+        task.received += n
+        if task.received >= task.edtl:
+            for ttt in task.r2ts:
+                self._ttt_map.pop(ttt, None)
+            task.r2ts.clear()
+            self._execute(task)
+        elif pdu.ttt != RESERVED_TAG:
+            self._issue_r2ts(task)
+
+    def _execute(self, task: Task) -> None:
+        task.executing = True
+        coro = self._run(task)
+        asyncio.ensure_future(coro)
+
+    async def _run(self, task: Task) -> None:
+        sess = self.session
+        assert sess is not None
+        rt = sess.target
+        cmd = task.cmd
+        nexus = self.server.nexus_for(self)
+        data_out: Buffer | None = None
+        overflow = underflow = 0
+        try:
+            if cmd.write:
+                want = rt.scsi.data_out_length(task.lun, cmd.cdb)
+                assert task.buf is not None
+                if want > task.edtl:
+                    overflow = want - task.edtl
+                    data_out = memoryview(task.buf)
+                else:
+                    underflow = task.edtl - want
+                    data_out = memoryview(task.buf)[:want]
+            result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr)
+        except Exception:  # the SCSI layer must never take the target down
+            log.exception("%s: SCSI command %s failed", self.peer, cmd.cdb[:1].hex())
+            self._finish(task, Status.CHECK_CONDITION, _HW_ERROR_SENSE, None)
+            return
+        data = result.data
+        if cmd.write:
+            self._finish(task, result.status, result.sense, None, overflow=overflow,
+                         underflow=underflow)
+        else:
+            self._finish(task, result.status, result.sense, data)
+
+    def _finish(self, task: Task, status: int, sense: bytes, data: Buffer | None, *,
+                overflow: int = 0, underflow: int = 0) -> None:
+        """Send Data-In and/or the SCSI Response for a completed task."""
+        self.tasks.pop(task.itt, None)
+        if task.buf is not None:
+            self._release(task.buf)
+            task.buf = None
+        sess = self.session
+        if sess is None or self.closed:
+            return
+        if not task.immediate:
+            sess.complete()
+        if task.aborted:
+            if task.future is not None and not task.future.done():
+                task.future.set_result(None)
+            return
+        edtl = task.edtl
+        if data is not None:
+            mv = data if isinstance(data, memoryview) else memoryview(data)
+            length = mv.nbytes
+            if length > edtl:
+                overflow, mv = length - edtl, mv[:edtl]
+            elif length < edtl:
+                underflow = edtl - length
+            if status == Status.GOOD and not sense and mv.nbytes:
+                self._data_in(task, mv, status, overflow, underflow)
+                return
+            if mv.nbytes:
+                self._data_in(task, mv, None, 0, 0)
+        elif not task.cmd.write and edtl:
+            underflow = edtl
+        self.send(ScsiResponse(
+            itt=task.itt, response=ISCSIResponse.COMMAND_COMPLETED, status=status,
+            statsn=self._next_statsn(), expcmdsn=sess.expcmdsn, maxcmdsn=sess.maxcmdsn,
+            expdatasn=0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
+            residual_count=overflow or underflow, data=ScsiResponse.sense_segment(sense)))
+
+    def _data_in(self, task: Task, mv: memoryview, status: int | None, overflow: int,
+                 underflow: int) -> None:
+        """Split ``mv`` into Data-In PDUs of at most the initiator's
+        MaxRecvDataSegmentLength, F at every MaxBurstLength boundary
+        (§11.7.1), status in the last one when ``status`` is given."""
+        sess = self.session
+        assert sess is not None
+        total = mv.nbytes
+        seg = self.max_xmit
+        burst = self.max_burst
+        offset = 0
+        datasn = 0
+        lun = task.cmd.lun
+        itt = task.itt
+        out = self._out
+        hd, dd = self.header_digest, self.data_digest
+        while offset < total:
+            n = min(seg, total - offset, burst - offset % burst)
+            last = offset + n >= total
+            end_of_burst = last or (offset + n) % burst == 0
+            with_status = last and status is not None
+            pdu = DataIn(
+                itt=itt, final=end_of_burst, status_present=with_status,
+                status=status if with_status and status is not None else 0, lun=lun,
+                statsn=self._next_statsn() if with_status else 0,
+                expcmdsn=sess.expcmdsn, maxcmdsn=sess.maxcmdsn, datasn=datasn,
+                buffer_offset=offset,
+                residual_overflow=with_status and bool(overflow),
+                residual_underflow=with_status and bool(underflow),
+                residual_count=(overflow or underflow) if with_status else 0,
+                data=mv[offset : offset + n])
+            out.extend(pdu.encode(hd, dd))
+            offset += n
+            datasn += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    # --------------------------------------------------------- task management
+    def _tmf(self, pdu: TaskMgmtRequest) -> None:
+        sess = self.session
+        assert sess is not None
+        fn = pdu.function
+        lun = decode_lun(pdu.lun)
+        rt = sess.target
+        nexus = self.server.nexus_for(self)
+        response = TMResponse.FUNCTION_COMPLETE
+        affected: list[Task] = []
+        if fn == TMFunction.ABORT_TASK:
+            task = self.tasks.get(pdu.referenced_task_tag)
+            if task is None:
+                response = TMResponse.TASK_DOES_NOT_EXIST
+            else:
+                affected = [task]
+        elif fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET):
+            affected = [t for t in self.tasks.values() if t.lun == lun]
+            if rt is not None:
+                if fn == TMFunction.ABORT_TASK_SET:
+                    rt.scsi.abort_task_set(nexus, lun)
+                else:
+                    rt.scsi.clear_task_set(nexus, lun)
+        elif fn == TMFunction.LOGICAL_UNIT_RESET:
+            affected = self.server.tasks_for_lun(rt, lun)
+            rt.scsi.lu_reset(nexus, lun)
+        elif fn in (TMFunction.TARGET_WARM_RESET, TMFunction.TARGET_COLD_RESET):
+            affected = self.server.tasks_for_lun(rt, None)
+            rt.scsi.target_reset(nexus, fn == TMFunction.TARGET_COLD_RESET)
+        elif fn == TMFunction.CLEAR_ACA:
+            rt.scsi.clear_aca(nexus, lun)
+        elif fn == TMFunction.I_T_NEXUS_RESET:
+            affected = list(self.tasks.values())
+            rt.scsi.nexus_lost(nexus)
+        elif fn == TMFunction.TASK_REASSIGN:
+            # ErrorRecoveryLevel 0: reassignment is not supported (§11.5.1).
+            response = TMResponse.TASK_ALLEGIANCE_REASSIGNMENT_NOT_SUPPORTED
+        else:
+            response = TMResponse.FUNCTION_NOT_SUPPORTED
+        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET, TMFunction.LOGICAL_UNIT_RESET,
+                  TMFunction.ABORT_TASK, TMFunction.I_T_NEXUS_RESET) and \
+                lun not in rt.scsi_luns and fn != TMFunction.ABORT_TASK and \
+                fn != TMFunction.I_T_NEXUS_RESET:
+            response = TMResponse.LUN_DOES_NOT_EXIST
+        waits = [self._abort_task(t) for t in affected]
+        pending = [w for w in waits if w is not None]
+
+        def respond() -> None:
+            if sess.closed or self.closed:
+                return
+            self.send(TaskMgmtResponse(itt=pdu.itt, response=response,
+                                       statsn=self._next_statsn(), expcmdsn=sess.expcmdsn,
+                                       maxcmdsn=sess.maxcmdsn))
+            if fn == TMFunction.TARGET_COLD_RESET and response == TMResponse.FUNCTION_COMPLETE:
+                # A cold reset also ends every session (§11.5.1).
+                self.server.drop_all_sessions(rt)
+
+        if not pending:
+            respond()
+        else:
+            # §4.2.3.? : the TMF response follows the end of every affected
+            # task, so the initiator can rely on them being gone.
+            async def wait_then_respond() -> None:
+                await asyncio.gather(*pending, return_exceptions=True)
+                respond()
+            asyncio.ensure_future(wait_then_respond())
+
+    def _abort_task(self, task: Task) -> asyncio.Future[None] | None:
+        """Abort ``task``; returns a future if it is still executing."""
+        task.aborted = True
+        conn = self
+        if not task.executing:
+            conn.tasks.pop(task.itt, None)
+            for ttt in task.r2ts:
+                conn._ttt_map.pop(ttt, None)
+            task.r2ts.clear()
+            if task.buf is not None:
+                conn._release(task.buf)
+                task.buf = None
+            if not task.immediate and conn.session is not None:
+                conn.session.complete()
+            return None
+        if task.future is None:
+            task.future = self.loop.create_future()
+        return task.future
+
+    # ----------------------------------------------------------------- logout
+    def _logout(self, pdu: LogoutRequest) -> None:
+        sess = self.session
+        assert sess is not None
+        if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            code = LogoutResponseCode.RECOVERY_NOT_SUPPORTED
+        elif pdu.reason == LogoutReason.CLOSE_CONNECTION and pdu.cid not in sess.connections:
+            code = LogoutResponseCode.CID_NOT_FOUND
+        else:
+            code = LogoutResponseCode.SUCCESS
+        self.send(LogoutResponse(itt=pdu.itt, response=code, statsn=self._next_statsn(),
+                                 expcmdsn=sess.expcmdsn, maxcmdsn=sess.maxcmdsn,
+                                 time2wait=0, time2retain=0))
+        if code == LogoutResponseCode.SUCCESS:
+            log.info("%s: %s logged out (%s)", self.peer, sess.initiator_name,
+                     "session" if pdu.reason == LogoutReason.CLOSE_SESSION else "connection")
+            if pdu.reason == LogoutReason.CLOSE_SESSION:
+                self.server.end_session(sess, keep=self)
+            target_conn = sess.connections.get(pdu.cid, self)
+            target_conn.close()
+            if target_conn is not self and pdu.reason == LogoutReason.CLOSE_SESSION:
+                self.close()
+
+    def request_logout(self, wait: int) -> None:
+        """Ask the initiator to log out (Async Message, event 1, §11.9.1)."""
+        sess = self.session
+        if sess is None or self.closed:
+            return
+        self.send(AsyncMessage(statsn=self._next_statsn(), expcmdsn=sess.expcmdsn,
+                               maxcmdsn=sess.maxcmdsn, async_event=AsyncEvent.LOGOUT_REQUEST,
+                               parameter3=wait))
+
+    def send_text_response(self, req: TextRequest, data: bytes, *, final: bool = True,
+                           ttt: int = RESERVED_TAG) -> None:
+        """Answer a Text Request (SendTargets etc.)."""
+        sess = self.session
+        assert sess is not None
+        self.send(TextResponse(itt=req.itt, final=final, cont=not final, ttt=ttt,
+                               statsn=self._next_statsn(), expcmdsn=sess.expcmdsn,
+                               maxcmdsn=sess.maxcmdsn, data=data))
+
+
+# Fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (44/00).
+_HW_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])

@@ -1,0 +1,365 @@
+"""The iSCSI target server: listening portals, targets, sessions.
+
+It owns everything that spans connections -- the session table (TSIH,
+reinstatement, MaxConnections), discovery answers, the login policy the
+sans-I/O login state machine consults (ACLs, CHAP secrets, limits) -- and
+leaves the per-connection protocol to :mod:`target.connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from iscsi.constants import RESERVED_TAG
+from iscsi.errors import ProtocolError
+from iscsi.pdu import PDU, LoginRequest, TextRequest
+from iscsi.text import decode_text, encode_text
+
+from .config import LunSpec, ServerConfig, TargetSpec
+from .connection import TargetConnection
+from .session import Session
+
+log = logging.getLogger("aioiscsi.target")
+
+
+@dataclass
+class TargetRuntime:
+    """A configured target with its opened LUNs."""
+
+    spec: TargetSpec
+    scsi: Any  # target.scsi.target.ScsiTarget
+    backends: dict[int, Any]
+    scsi_luns: frozenset[int] = frozenset()
+    sessions: set[Session] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def open_lun(spec: LunSpec) -> Any:
+    """Open the backend a LUN spec names (raises BackendError in one line)."""
+    from target.backends.base import BackendError
+
+    if spec.backend == "memory":
+        from target.backends.memory import MemoryBackend
+
+        assert spec.size is not None
+        return MemoryBackend(spec.size)
+    if not os.path.exists(spec.path):
+        raise BackendError(f"{spec.path}: no such file or device")
+    if spec.backend in ("raw", "file", "block"):
+        from target.backends.raw import open_raw
+
+        return open_raw(spec.path, read_only=spec.read_only, write_through=not spec.write_cache)
+    from target.backends.registry import open_image
+
+    fmt = None if spec.backend in ("auto", "iso") else spec.backend
+    return open_image(spec.path, read_only=spec.read_only, write_through=not spec.write_cache,
+                      fmt=fmt)
+
+
+def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
+    """Open every LUN of ``spec`` and build its SCSI device emulation."""
+    from target.scsi.lu import LogicalUnit
+    from target.scsi.target import ScsiTarget
+    from iscsi.scsi.constants import PeripheralType
+    from target.scsi.types import LUConfig
+
+    luns: dict[int, Any] = {}
+    backends: dict[int, Any] = {}
+    try:
+        for ls in spec.luns:
+            backend = open_lun(ls)
+            backends[ls.lun] = backend
+            cdrom = ls.device_type == "cdrom" or (ls.device_type == "auto" and _is_iso(ls))
+            # Serial and NAA WWN are derived from target name + LUN unless
+            # configured, so they survive restarts (multipath, Windows).
+            cfg = LUConfig(
+                vendor=ls.vendor, product=ls.product if not cdrom or ls.product != "VIRTUAL-DISK"
+                else "VIRTUAL-CDROM", revision=ls.revision, serial=ls.serial,
+                naa_wwn=bytes.fromhex(ls.wwn) if ls.wwn else None,
+                block_size=2048 if cdrom else ls.block_size,
+                read_only=ls.read_only or cdrom or bool(getattr(backend, "read_only", False)),
+                write_through=not ls.write_cache,
+                device_type=PeripheralType.CDROM if cdrom else PeripheralType.DISK,
+                removable=cdrom,
+                state_dir=os.path.join(state_dir, _safe(spec.name), str(ls.lun))
+                if state_dir else None,
+            ).resolve(spec.name, ls.lun)
+            luns[ls.lun] = LogicalUnit(backend, cfg)
+    except Exception:
+        for b in backends.values():
+            b.close()
+        raise
+    scsi = ScsiTarget(luns)
+    return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns))
+
+
+def _is_iso(ls: LunSpec) -> bool:
+    """ISO 9660 images carry "CD001" at byte 32769 (ECMA-119 §8.4)."""
+    if ls.backend not in ("auto", "iso") or not ls.path:
+        return False
+    if ls.backend == "iso":
+        return True
+    try:
+        with open(ls.path, "rb") as f:
+            f.seek(32769)
+            return f.read(5) == b"CD001"
+    except OSError:
+        return False
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+
+
+class TargetServer:
+    """Serves the targets of a :class:`ServerConfig` on its portals."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.targets: dict[str, TargetRuntime] = {}
+        self.connections: set[TargetConnection] = set()
+        self.sessions: dict[int, Session] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._next_tsih = 1
+        self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
+
+    # --------------------------------------------------------------- startup
+    def open(self) -> None:
+        """Open every LUN (errors are one line: BackendError)."""
+        for spec in self.config.targets:
+            self.targets[spec.name] = build_target(spec, self.config.state_dir)
+
+    async def start(self) -> None:
+        """Open LUNs if needed and listen on every portal."""
+        if not self.targets:
+            self.open()
+        loop = asyncio.get_running_loop()
+        for group in self.config.portal_groups:
+            for host, port in group.portals:
+                tag = group.tag
+                srv = await loop.create_server(
+                    lambda tag=tag: TargetConnection(self, tag),  # type: ignore[misc]
+                    host=host or None, port=port, reuse_address=True)
+                self._servers.append(srv)
+                for sock in srv.sockets:
+                    addr = sock.getsockname()
+                    self.bound.append((tag, addr[0], addr[1]))
+        for tag, host, port in self.bound:
+            log.info("listening on %s (portal group %d)", _fmt_portal(host, port), tag)
+
+    async def stop(self, logout_wait: float = 2.0) -> None:
+        """Stop accepting, ask every initiator to log out (Async Message),
+        wait briefly for them, then close and flush every backend."""
+        for srv in self._servers:
+            srv.close()
+        conns = [c for c in self.connections if c.session is not None and not c.closed]
+        for c in conns:
+            c.request_logout(int(logout_wait))
+        deadline = asyncio.get_running_loop().time() + logout_wait
+        while any(not c.closed for c in conns) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.connections):
+            c.close("target shutting down")
+        for rt in self.targets.values():
+            for b in rt.backends.values():
+                await asyncio.to_thread(b.flush)
+                b.close()
+        for srv in self._servers:
+            await srv.wait_closed()
+        log.info("target stopped")
+
+    # ------------------------------------------------------------ sessions
+    def allocate_tsih(self) -> int:
+        """A TSIH not in use (never 0, RFC 7143 §11.12.6)."""
+        while True:
+            tsih = self._next_tsih
+            self._next_tsih = self._next_tsih % 0xFFFF + 1
+            if tsih not in self.sessions:
+                return tsih
+
+    def nexus_for(self, conn: TargetConnection) -> Any:
+        """The SCSI I_T nexus of a connection's session."""
+        from target.scsi.types import Nexus
+
+        sess = conn.session
+        assert sess is not None
+        if sess.nexus is None:
+            tpgt = sess.portal_group_tag
+            sess.nexus = Nexus.create(sess.initiator_name, sess.isid, sess.target_name, tpgt,
+                                      relative_port_id=tpgt, target_port_group=tpgt)
+        return sess.nexus
+
+    def tasks_for_lun(self, rt: TargetRuntime, lun: int | None) -> list[Any]:
+        """Every task on any session of ``rt`` addressed to ``lun`` (or all)."""
+        out = []
+        for sess in rt.sessions:
+            for c in sess.connections.values():
+                out.extend(t for t in c.tasks.values() if lun is None or t.lun == lun)
+        return out
+
+    def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
+        """Close a session and all its connections (except ``keep``, which
+        closes itself after its last response)."""
+        if sess.closed:
+            return
+        sess.closed = True
+        self.sessions.pop(sess.tsih, None)
+        if sess.target is not None:
+            sess.target.sessions.discard(sess)
+            if not sess.discovery and sess.nexus is not None:
+                sess.target.scsi.nexus_lost(sess.nexus)
+        for c in list(sess.connections.values()):
+            if c is not keep:
+                c.close()
+
+    def drop_all_sessions(self, rt: TargetRuntime) -> None:
+        """After TARGET COLD RESET every session of the target ends."""
+        for sess in list(rt.sessions):
+            self.end_session(sess)
+
+    def connection_closed(self, conn: TargetConnection) -> None:
+        """A connection went away: at ERL 0 its session ends with it when it
+        was the last one (RFC 7143 §7.1.4)."""
+        sess = conn.session
+        if sess is None:
+            return
+        if sess.connections.get(conn.cid) is conn:
+            del sess.connections[conn.cid]
+        if not sess.connections and not sess.closed:
+            sess.closed = True
+            self.sessions.pop(sess.tsih, None)
+            if sess.target is not None:
+                sess.target.sessions.discard(sess)
+                if not sess.discovery and sess.nexus is not None:
+                    sess.target.scsi.nexus_lost(sess.nexus)
+            log.info("%s: session TSIH %d of %s ended", conn.peer, sess.tsih, sess.initiator_name)
+
+    # ---------------------------------------------------------- discovery
+    def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[str]:
+        """TargetAddress values (RFC 7143 §13.9) for every portal of every
+        portal group of ``spec``; wildcard listeners report the address the
+        initiator reached us on."""
+        out: list[str] = []
+        for tag, host, port in self.bound:
+            if tag not in spec.portal_groups:
+                continue
+            if host in ("0.0.0.0", "::", ""):
+                host = conn.local[0]
+            entry = f"{_fmt_portal(host, port)},{tag}"
+            if entry not in out:
+                out.append(entry)
+        return out
+
+    def send_targets(self, conn: TargetConnection, value: str, initiator: str,
+                     session_target: str | None) -> list[tuple[str, str]]:
+        """The SendTargets answer (RFC 7143 §12.3): only targets this
+        initiator may log in to, each with all its portals."""
+        if value == "All":
+            if session_target is not None:
+                names = [session_target]  # only discovery sessions may ask for All
+            else:
+                names = list(self.targets)
+        elif value == "":
+            names = [session_target] if session_target else []
+        else:
+            names = [value] if value in self.targets else []
+        pairs: list[tuple[str, str]] = []
+        for name in names:
+            rt = self.targets.get(name)
+            if rt is None or not rt.spec.allows(initiator):
+                continue
+            pairs.append(("TargetName", name))
+            for addr in self.portals_for(rt.spec, conn):
+                pairs.append(("TargetAddress", addr))
+        return pairs
+
+    def handle_text(self, conn: TargetConnection, req: TextRequest) -> None:
+        """Text Request in full feature phase: SendTargets; anything else is
+        answered NotUnderstood/Reject per key (RFC 7143 §6.2)."""
+        sess = conn.session
+        assert sess is not None
+        pending = getattr(conn, "_text_pending", None)
+        if req.ttt != RESERVED_TAG and pending is not None and pending[0] == req.ttt:
+            rest = pending[1]
+        else:
+            try:
+                pairs = decode_text(bytes(req.data))
+            except ProtocolError as exc:
+                conn.send_reject(exc.reject_reason or 4, req.to_bytes()[:48])
+                return
+            answer: list[tuple[str, str]] = []
+            for key, value in pairs:
+                if key == "SendTargets":
+                    answer.extend(self.send_targets(
+                        conn, value, sess.initiator_name,
+                        None if sess.discovery else sess.target_name))
+                elif key.startswith(("X-", "X#")):
+                    answer.append((key, "NotUnderstood"))
+                else:
+                    answer.append((key, "Reject"))
+            rest = encode_text(answer)
+        limit = conn.max_xmit
+        if len(rest) > limit:
+            ttt = conn._new_ttt()
+            conn._text_pending = (ttt, rest[limit:])  # type: ignore[attr-defined]
+            conn.send_text_response(req, rest[:limit], final=False, ttt=ttt)
+        else:
+            conn._text_pending = None  # type: ignore[attr-defined]
+            conn.send_text_response(req, rest)
+
+    # --------------------------------------------------------------- login
+    def new_login(self, conn: TargetConnection) -> Any:
+        """Create the sans-I/O login state machine for a new connection."""
+        from .login_glue import make_target_login
+
+        return make_target_login(self, conn)
+
+    def handle_login(self, conn: TargetConnection, req: LoginRequest) -> None:
+        """Feed one Login Request to the connection's login state machine."""
+        from .login_glue import handle_login
+
+        handle_login(self, conn, req)
+
+    def login_out_of_order(self, conn: TargetConnection, pdu: PDU) -> None:
+        """A non-login PDU before login completed: Login reject with
+        "invalid during login" is not possible without a Login Request, so
+        the connection is dropped (RFC 7143 §6.3)."""
+        log.warning("%s: %s before login completed; dropping", conn.peer, type(pdu).__name__)
+        conn.abort("PDU before login")
+
+    def login_protocol_error(self, conn: TargetConnection, exc: ProtocolError) -> None:
+        """A malformed PDU during login ends it with an initiator error."""
+        from .login_glue import reject_login
+
+        reject_login(self, conn, exc)
+
+
+def _fmt_portal(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(config: ServerConfig, *, ready: Any = None) -> int:
+    """Run a server until SIGINT/SIGTERM; returns the exit status."""
+    server = TargetServer(config)
+    await server.start()
+    if ready is not None:
+        ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
+    await stop.wait()
+    log.info("signal received: stopping")
+    await server.stop()
+    return 0
