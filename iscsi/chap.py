@@ -22,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -116,15 +117,25 @@ def decode_binary(text: str, what: str = "value") -> bytes:
     raise AuthenticationError(f"CHAP {what} lacks a 0x or 0b prefix")
 
 
-def _parse_identifier(text: str) -> int:
-    if text.isdigit() and len(text) <= 3 and int(text) <= 255:
+_SMALL_DEC = re.compile(r"[0-9]{1,3}\Z")
+_SMALL_HEX = re.compile(r"0[xX][0-9a-fA-F]{1,2}\Z")
+
+
+def _small_int(text: str) -> int | None:
+    # Regexes, not str.isdigit(): that accepts e.g. superscript digits
+    # which int() then refuses.
+    if _SMALL_DEC.match(text):
         return int(text)
-    if text[:2] in ("0x", "0X") and 2 < len(text) <= 4:
-        try:
-            return int(text[2:], 16)
-        except ValueError:
-            pass
-    raise AuthenticationError(f"CHAP_I={text[:20]!r} is not a number 0..255")
+    if _SMALL_HEX.match(text):
+        return int(text, 16)
+    return None
+
+
+def _parse_identifier(text: str) -> int:
+    n = _small_int(text)
+    if n is None or n > 255:
+        raise AuthenticationError(f"CHAP_I={text[:20]!r} is not a number 0..255")
+    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,23 +147,30 @@ class ChapCredentials:
     """
 
     user: str
-    secret: bytes
+    secret: bytes | str
     refuse_short_secrets: bool = True
 
     def __post_init__(self) -> None:
         if not self.user:
             raise ValueError("CHAP user name is empty")
+        if not isinstance(self.secret, (bytes, str)):
+            raise TypeError("CHAP secret must be bytes or str")
         if not self.secret:
             raise ValueError("CHAP secret is empty")
-        if self.refuse_short_secrets and len(self.secret) < MIN_SECRET_LENGTH:
+        if self.refuse_short_secrets and len(self.key) < MIN_SECRET_LENGTH:
             raise ValueError(
-                f"CHAP secret is {len(self.secret)} bytes; RFC 7143 §12.1.3 wants "
+                f"CHAP secret is {len(self.key)} bytes; RFC 7143 §12.1.3 wants "
                 f"at least {MIN_SECRET_LENGTH} (96 bits)"
             )
 
+    @property
+    def key(self) -> bytes:
+        """The secret as bytes (a str secret is taken as UTF-8)."""
+        return self.secret.encode("utf-8") if isinstance(self.secret, str) else self.secret
+
     def __repr__(self) -> str:
         # Never print the secret into logs.
-        return f"ChapCredentials(user={self.user!r}, secret=<{len(self.secret)} bytes>)"
+        return f"ChapCredentials(user={self.user!r}, secret=<{len(self.key)} bytes>)"
 
 
 def _equal(a: bytes, b: bytes) -> bool:
@@ -235,8 +253,9 @@ class ChapTarget:
         offered = _one(keys, "CHAP_A").split(",")
         for item in offered:
             # The first algorithm of the initiator's list that we support.
-            if item.isdigit() and len(item) <= 3 and int(item) in self.algorithms:
-                self.algorithm = ChapAlgorithm(int(item))
+            n = _small_int(item)
+            if n is not None and n in self.algorithms:
+                self.algorithm = ChapAlgorithm(n)
                 break
         else:
             raise AuthenticationError(f"no supported CHAP algorithm in CHAP_A={keys['CHAP_A']}")
@@ -260,7 +279,7 @@ class ChapTarget:
             raise AuthenticationError(
                 f"CHAP_R is {len(response)} bytes, {alg.name} gives {alg.digest_size}"
             )
-        expected = chap_response(alg, self._identifier, self.incoming.secret, self._challenge)
+        expected = chap_response(alg, self._identifier, self.incoming.key, self._challenge)
         # Compare both name and response in constant time and only then decide,
         # so a wrong name is not distinguishable by timing.
         name_ok = _equal(name.encode("utf-8"), self.incoming.user.encode("utf-8"))
@@ -284,7 +303,7 @@ class ChapTarget:
             raise AuthenticationError("initiator reflected the target's CHAP challenge")
         self.authenticated = True
         self.mutual = True
-        answer = chap_response(alg, ident, self.outgoing.secret, challenge)
+        answer = chap_response(alg, ident, self.outgoing.key, challenge)
         return [("CHAP_N", self.outgoing.user), ("CHAP_R", encode_binary(answer, self.encoding))]
 
 
@@ -349,13 +368,14 @@ class ChapInitiator:
 
     def _respond(self, keys: Mapping[str, str]) -> list[Pair]:
         raw_alg = _one(keys, "CHAP_A")
-        if not raw_alg.isdigit() or len(raw_alg) > 3 or int(raw_alg) not in self.algorithms:
+        n = _small_int(raw_alg)
+        if n is None or n not in self.algorithms:
             raise AuthenticationError(f"target chose CHAP_A={raw_alg[:20]} which we did not offer")
-        alg = self.algorithm = ChapAlgorithm(int(raw_alg))
+        alg = self.algorithm = ChapAlgorithm(n)
         ident = _parse_identifier(_one(keys, "CHAP_I"))
         challenge = decode_binary(_one(keys, "CHAP_C"), "CHAP_C")
         _check_challenge(challenge)
-        answer = chap_response(alg, ident, self.credentials.secret, challenge)
+        answer = chap_response(alg, ident, self.credentials.key, challenge)
         out: list[Pair] = [
             ("CHAP_N", self.credentials.user),
             ("CHAP_R", encode_binary(answer, self.encoding)),
@@ -381,7 +401,7 @@ class ChapInitiator:
         assert target is not None and alg is not None
         name = _one(keys, "CHAP_N")
         response = decode_binary(_one(keys, "CHAP_R"), "CHAP_R")
-        expected = chap_response(alg, self._identifier, target.secret, self._challenge)
+        expected = chap_response(alg, self._identifier, target.key, self._challenge)
         name_ok = _equal(name.encode("utf-8"), target.user.encode("utf-8"))
         resp_ok = len(response) == alg.digest_size and _equal(response, expected)
         if not (name_ok and resp_ok):

@@ -76,6 +76,7 @@ class PDUReader:
         # small tail buffer for padding + data digest.
         self._hdr: bytes | None = None
         self._ahs = b""
+        self._head_len = 0
         self._dest: memoryview | None = None
         self._dest_filled = 0
         self._dlen = 0
@@ -90,7 +91,7 @@ class PDUReader:
     def buffered(self) -> int:
         """Bytes received but not yet part of a returned PDU."""
         if self._dest is not None:
-            return BHS_LEN + self._dest_filled + self._tail_filled
+            return self._head_len + self._dest_filled + self._tail_filled
         return self._end - self._start
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -118,20 +119,65 @@ class PDUReader:
         return self.parse()
 
     def feed(self, data: Buffer) -> list[PDU]:
-        """Convenience for tests and blocking sockets: copy ``data`` in and
-        return every PDU completed by it. Stops early (leaving bytes
-        buffered) after a Login PDU, like :meth:`parse`."""
-        out: list[PDU] = []
+        """Copy ``data`` in and return every PDU it completes (tests and
+        blocking sockets; the asyncio adapter uses get_buffer/buffer_updated).
+
+        Like :meth:`parse`, parsing stops after a Login PDU, so the caller
+        can switch digests and limits first; it also stops at a recoverable
+        error that follows returned PDUs. Either way all of ``data`` is kept
+        (nothing is lost and the stream stays in sync): the next call, e.g.
+        ``feed(b"")`` or :meth:`parse`, raises the pending error or goes on
+        parsing. An error with no PDU before it is raised at once, also after
+        keeping the rest of ``data``. ``feed(b"")`` is :meth:`parse`.
+        """
+        if self._dead is not None:
+            raise self._dead
         mv = memoryview(data).cast("B")
+        if not len(mv):
+            return self.parse()
+        out: list[PDU] = []
+        error: ProtocolError | None = None
         pos = 0
         while pos < len(mv):
+            if error is not None or self._pending_error is not None or (
+                    out and out[-1].opcode in _LOGIN_OPCODES):
+                # Hold the rest unparsed: it must be delimited with the
+                # settings in force after this Login PDU or this error.
+                self._hold(mv[pos:])
+                break
             buf = self.get_buffer()
             n = min(len(buf), len(mv) - pos)
+            if n == 0:  # pragma: no cover - the stage always has room
+                raise FramingError("receive buffer full")
             buf[:n] = mv[pos : pos + n]
             pos += n
-            out.extend(self.buffer_updated(n))
-        out.extend(self.parse())
+            try:
+                out.extend(self.buffer_updated(n))
+            except FramingError:
+                if out:  # _dead is set; the next call raises it
+                    return out
+                raise
+            except ProtocolError as exc:
+                error = exc
+        if error is not None:
+            if out:
+                self._pending_error = error
+                return out
+            raise error
         return out
+
+    def _hold(self, chunk: memoryview) -> None:
+        """Append ``chunk`` to the stage without parsing it, growing the
+        stage if a caller of :meth:`feed` handed us more than fits."""
+        n = len(chunk)
+        if self._end + n > len(self._stage):
+            self._compact()
+        if self._end + n > len(self._stage):
+            grown = bytearray(self._end + n)
+            grown[: self._end] = self._view[: self._end]
+            self._stage, self._view = grown, memoryview(grown)
+        self._view[self._end : self._end + n] = chunk
+        self._end += n
 
     # -- parsing --------------------------------------------------------------
     def parse(self) -> list[PDU]:
@@ -154,9 +200,9 @@ class PDUReader:
             try:
                 pdu = self._parse_one()
             except FramingError as exc:
+                # Permanent: every later call raises it again (_dead above).
                 self._dead = exc
                 if out:
-                    self._pending_error = exc
                     return out
                 raise
             except ProtocolError as exc:
@@ -169,6 +215,11 @@ class PDUReader:
             out.append(pdu)
             if pdu.opcode in _LOGIN_OPCODES:
                 break
+        if self._start == self._end and len(self._stage) != _STAGE_SIZE:
+            # feed() grew the stage to hold a large input; give it back.
+            self._stage = bytearray(_STAGE_SIZE)
+            self._view = memoryview(self._stage)
+            self._start = self._end = 0
         return out
 
     def _parse_one(self) -> PDU | None:
@@ -185,22 +236,23 @@ class PDUReader:
         limit = self.max_data_segment_length
         if opcode in _LOGIN_OPCODES:
             limit = DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH
+        view = self._view
         if ahs_len > self.max_ahs_length:
             raise AHSTooLong(f"TotalAHSLength {ahs_len} exceeds {self.max_ahs_length}",
-                             header=bytes(stage[start : start + BHS_LEN]))
+                             header=bytes(view[start : start + BHS_LEN]))
         if dlen > limit:
             raise DataSegmentTooLong(
                 f"DataSegmentLength {dlen} exceeds MaxRecvDataSegmentLength {limit}",
-                header=bytes(stage[start : start + BHS_LEN]))
+                header=bytes(view[start : start + BHS_LEN]))
         head_len = BHS_LEN + ahs_len + hd
         if avail < head_len:
             self._make_room(head_len)
             return None
-        hdr = bytes(stage[start : start + BHS_LEN])
-        ahs = bytes(stage[start + BHS_LEN : start + BHS_LEN + ahs_len])
+        hdr = bytes(view[start : start + BHS_LEN])
+        ahs = bytes(view[start + BHS_LEN : start + BHS_LEN + ahs_len])
         if hd:
-            want = digest_value(stage[start + BHS_LEN + ahs_len : start + head_len])
-            got = crc32c(self._view[start : start + BHS_LEN + ahs_len])
+            want = digest_value(view[start + BHS_LEN + ahs_len : start + head_len])
+            got = crc32c(view[start : start + BHS_LEN + ahs_len])
             if want != got:
                 raise HeaderDigestError(f"header digest mismatch (got {got:08x}, "
                                         f"expected {want:08x})", header=hdr)
@@ -210,7 +262,7 @@ class PDUReader:
         dest = self.placement(hdr, dlen) if (self.placement is not None and dlen) else None
         if avail < total and (dlen >= _DIRECT_THRESHOLD or dest is not None):
             # Switch to direct mode: the payload goes to its own buffer.
-            self._start_direct(hdr, ahs, dlen, pad + dd, dest, start + head_len)
+            self._start_direct(hdr, ahs, dlen, pad + dd, dest, start + head_len, head_len)
             return None
         if avail < total:
             self._make_room(total)
@@ -220,14 +272,14 @@ class PDUReader:
         data: Buffer = b""
         if dlen:
             if dd:
-                self._check_data_digest(self._view[data_start : data_start + dlen + pad],
-                                        stage[data_start + dlen + pad : data_start + dlen + pad + 4],
+                self._check_data_digest(view[data_start : data_start + dlen + pad],
+                                        view[data_start + dlen + pad : data_start + dlen + pad + 4],
                                         hdr)
             if dest is not None:
-                dest[:] = self._view[data_start : data_start + dlen]
+                dest[:] = view[data_start : data_start + dlen]
                 data = dest
             else:
-                data = bytes(stage[data_start : data_start + dlen])
+                data = bytes(view[data_start : data_start + dlen])
         if self._start == self._end:
             self._start = self._end = 0
         return decode_header_and_data(hdr, ahs, data)
@@ -240,9 +292,10 @@ class PDUReader:
                                   header=hdr)
 
     def _start_direct(self, hdr: bytes, ahs: bytes, dlen: int, tail_len: int,
-                      dest: memoryview | None, data_start: int) -> None:
+                      dest: memoryview | None, data_start: int, head_len: int) -> None:
         if dest is None:
             dest = memoryview(bytearray(dlen))
+        self._head_len = head_len
         have = min(self._end - data_start, dlen)
         dest[:have] = self._view[data_start : data_start + have]
         tail_have = max(0, self._end - data_start - dlen)
@@ -269,10 +322,9 @@ class PDUReader:
             pdu = decode_header_and_data(hdr, ahs, dest)
         finally:
             self._tail_filled = self._tail_len = 0
-        out = [pdu]
-        if pdu.opcode not in _LOGIN_OPCODES:
-            out.extend(self.parse())
-        return out
+        # Direct mode receives exactly this PDU's bytes, so the stage is
+        # empty here and there is nothing more to parse.
+        return [pdu]
 
     def _make_room(self, needed: int) -> None:
         """Ensure ``needed`` bytes from the current PDU start can be staged."""

@@ -245,7 +245,7 @@ def parse_number(text: str) -> int | None:
     if _DEC_RE.match(text):
         return int(text)
     if _HEX_RE.match(text):
-        return int(text[2:], 16)
+        return int(text, 16)
     return None
 
 
@@ -441,6 +441,10 @@ class Negotiator:
             return False
         if spec.name == "FirstBurstLength" and self._first_burst_irrelevant():
             return False
+        if spec.kind is KeyKind.DECLARATIVE:
+            # Each side declares its own value (e.g. MaxRecvDataSegmentLength
+            # per direction, §13.12), whatever the peer declared.
+            return spec.name not in self._sent
         return spec.name not in self._sent and spec.name not in self._received
 
     def offers(self, stage: Stage) -> list[Pair]:
@@ -501,7 +505,7 @@ class Negotiator:
         table order so that FirstBurstLength sees the InitialR2T,
         ImmediateData and MaxBurstLength of the same PDU (§13.14).
         """
-        items = list(pairs)
+        items = [(k, v) for k, v in pairs if not self._repeated_declaration(k, v)]
         seen: set[str] = set()
         for key, _ in items:
             if key in seen or key in self._received:
@@ -515,6 +519,21 @@ class Negotiator:
             if answer is not None:
                 answers[i] = (key, answer)
         return [answers[i] for i in sorted(answers)]
+
+    def _repeated_declaration(self, key: str, value: str) -> bool:
+        """True for a declaration repeated with the value already declared.
+
+        Interoperability: libiscsi re-sends InitiatorName, TargetName and
+        SessionType in every operational-stage PDU after the security stage.
+        Repeating the same declaration changes nothing, so it is ignored;
+        a *different* value is still the §6.2 error.
+        """
+        spec = KEYS.get(key)
+        if spec is None or spec.kind is not KeyKind.DECLARATIVE or key not in self._received:
+            return False
+        if key == "MaxRecvDataSegmentLength":
+            return parse_number(value) == self._peer_mrdsl
+        return self._values.get(key) == value
 
     def _handle(self, key: str, value: str, stage: Stage) -> str | None:
         spec = KEYS.get(key)
@@ -659,12 +678,11 @@ class Negotiator:
             n, o = parse_number(answer), parse_number(offer)
             if n is not None and o is not None and spec.low <= n <= spec.high:
                 ok = n <= o if spec.result is Result.MIN else n >= o
-        elif spec.kind is KeyKind.BOOLEAN:
-            if answer in ("Yes", "No"):
-                if spec.result is Result.OR:
-                    ok = offer == "No" or answer == "Yes"
-                else:
-                    ok = offer == "Yes" or answer == "No"
+        elif spec.kind is KeyKind.BOOLEAN and answer in ("Yes", "No"):
+            if spec.result is Result.OR:
+                ok = offer == "No" or answer == "Yes"
+            else:
+                ok = offer == "Yes" or answer == "No"
         if not ok:
             raise NegotiationError(
                 f"inadmissible answer {spec.name}={answer!r} to our offer {offer!r} (§6.2)"

@@ -631,8 +631,10 @@ class DataIn(PDU):
             raise PDUFormatError("Data-In with S bit but no F bit", header=hdr)
         if (b1 & 0x06) == 0x06:
             raise PDUFormatError("Data-In with both overflow and underflow", header=hdr)
+        # Byte 3 is reserved unless S is set (§11.7.4): ignore it then.
         return cls(itt=itt, final=final, ack=bool(b1 & 0x40), residual_overflow=bool(b1 & 0x04),
-                   residual_underflow=bool(b1 & 0x02), status_present=s_bit, status=status,
+                   residual_underflow=bool(b1 & 0x02), status_present=s_bit,
+                   status=status if s_bit else 0,
                    lun=lun, ttt=ttt, statsn=statsn, expcmdsn=expcmdsn, maxcmdsn=maxcmdsn,
                    datasn=datasn, buffer_offset=offset, residual_count=res, data=data)
 

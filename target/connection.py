@@ -571,17 +571,22 @@ class TargetConnection(asyncio.BufferedProtocol):
         cmd = task.cmd
         nexus = self.server.nexus_for(self)
         data_out: Buffer | None = None
-        overflow = underflow = 0
+        underflow = 0
         try:
+            # SPC-4 / FCP-4 residual rules, as libiscsi's residual tests
+            # check them: the CDB asks for ``want`` bytes, the iSCSI header
+            # promised ``have``. More wanted than promised is refused before
+            # anything is written; less wanted writes only what the CDB asks.
+            want = rt.scsi.data_out_length(task.lun, cmd.cdb)
+            have = task.edtl if cmd.write else 0
+            if want > have:
+                self._finish(task, Status.CHECK_CONDITION, _INVALID_FIELD_IN_IU_SENSE, None,
+                             overflow=want - have)
+                return
             if cmd.write:
-                want = rt.scsi.data_out_length(task.lun, cmd.cdb)
                 assert task.buf is not None
-                if want > task.edtl:
-                    overflow = want - task.edtl
-                    data_out = memoryview(task.buf)
-                else:
-                    underflow = task.edtl - want
-                    data_out = memoryview(task.buf)[:want]
+                underflow = have - want
+                data_out = memoryview(task.buf)[:want]
             result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr)
         except Exception:  # the SCSI layer must never take the target down
             log.exception("%s: SCSI command %s failed", self.peer, cmd.cdb[:1].hex())
@@ -589,8 +594,7 @@ class TargetConnection(asyncio.BufferedProtocol):
             return
         data = result.data
         if cmd.write:
-            self._finish(task, result.status, result.sense, None, overflow=overflow,
-                         underflow=underflow)
+            self._finish(task, result.status, result.sense, None, underflow=underflow)
         else:
             self._finish(task, result.status, result.sense, data)
 
@@ -799,3 +803,7 @@ class TargetConnection(asyncio.BufferedProtocol):
 
 # Fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (44/00).
 _HW_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
+# ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT (0E/03): the
+# iSCSI ExpectedDataTransferLength is shorter than the CDB's transfer.
+_INVALID_FIELD_IN_IU_SENSE = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03, 0,
+                                    0, 0, 0])

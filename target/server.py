@@ -129,6 +129,7 @@ class TargetServer:
         self.sessions: dict[int, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._next_tsih = 1
+        self._reserved_tsih: set[int] = set()
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
 
     # --------------------------------------------------------------- startup
@@ -178,12 +179,18 @@ class TargetServer:
 
     # ------------------------------------------------------------ sessions
     def allocate_tsih(self) -> int:
-        """A TSIH not in use (never 0, RFC 7143 §11.12.6)."""
+        """A TSIH not in use or reserved by a login in progress (never 0,
+        RFC 7143 §11.12.6)."""
         while True:
             tsih = self._next_tsih
             self._next_tsih = self._next_tsih % 0xFFFF + 1
-            if tsih not in self.sessions:
+            if tsih not in self.sessions and tsih not in self._reserved_tsih:
+                self._reserved_tsih.add(tsih)
                 return tsih
+
+    def release_tsih(self, tsih: int) -> None:
+        """The login that reserved ``tsih`` has made its session."""
+        self._reserved_tsih.discard(tsih)
 
     def nexus_for(self, conn: TargetConnection) -> Any:
         """The SCSI I_T nexus of a connection's session."""

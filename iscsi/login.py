@@ -1,0 +1,841 @@
+"""The login phase state machine, both roles (RFC 7143 §6.3, §11.12, §11.13).
+
+A login moves through up to three stages, named by CSG/NSG in every Login
+PDU::
+
+    SecurityNegotiation (0) -> LoginOperationalNegotiation (1) -> FullFeaturePhase (3)
+
+The initiator asks to leave a stage with the T (transit) bit and NSG; the
+target agrees by echoing T in its response (it may pick a lower NSG).  Text
+that does not fit in one PDU is continued with the C bit; the other side
+answers each partial PDU with an empty one (§11.12.2, §11.13.2).
+
+Both classes are sans-I/O: :class:`InitiatorLogin` produces LoginRequests
+and consumes LoginResponses, :class:`TargetLogin` the reverse.  The target
+consults a :class:`TargetLoginPolicy` (the server's configuration and
+session table) and turns every refusal into the Login status class/detail of
+§11.13.5.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from .chap import (
+    DEFAULT_ALGORITHMS,
+    ChapCredentials,
+    ChapInitiator,
+    ChapTarget,
+    RandomBytes,
+)
+from .constants import VERSION_MAX, VERSION_MIN, LoginStatus, Stage
+from .errors import AuthenticationError, LoginError, ProtocolError
+from .keys import REJECT, NegotiatedParams, Negotiator, Role, is_auth_key
+from .pdu import LoginRequest, LoginResponse
+from .text import (
+    DEFAULT_TEXT_CAP,
+    Pair,
+    TextAssembler,
+    decode_text,
+    encode_text,
+    split_text,
+)
+
+#: MaxRecvDataSegmentLength in force for Login PDUs (§13.12: the declared
+#: values take effect in Full Feature Phase).
+LOGIN_SEGMENT_LENGTH = 8192
+#: A login that needs more request/response rounds than this is abandoned.
+MAX_LOGIN_ROUNDS = 64
+
+#: What an initiator offers unless told otherwise: RFC defaults, except the
+#: burst and segment sizes a modern target accepts and that matter for speed.
+DEFAULT_INITIATOR_OFFERS: Mapping[str, str] = {
+    "HeaderDigest": "None",
+    "DataDigest": "None",
+    "MaxConnections": "1",
+    "InitialR2T": "No",
+    "ImmediateData": "Yes",
+    "MaxRecvDataSegmentLength": "262144",
+    "MaxBurstLength": "1048576",
+    "FirstBurstLength": "262144",
+    "DefaultTime2Wait": "2",
+    "DefaultTime2Retain": "20",
+    "MaxOutstandingR2T": "1",
+    "DataPDUInOrder": "Yes",
+    "DataSequenceInOrder": "Yes",
+    "ErrorRecoveryLevel": "0",
+}
+
+_SEC = Stage.SECURITY_NEGOTIATION
+_OP = Stage.LOGIN_OPERATIONAL_NEGOTIATION
+_FFP = Stage.FULL_FEATURE_PHASE
+_VALID_STAGES = (0, 1, 3)
+
+
+class LoginRejected(LoginError):
+    """The target answered with a non-zero Status-Class.
+
+    Attributes:
+        status_class, status_detail: the raw codes from the response.
+        target_address: the TargetAddress of a redirection (class 1).
+    """
+
+    def __init__(self, message: str, status: LoginStatus, status_class: int,
+                 status_detail: int, target_address: str | None = None) -> None:
+        super().__init__(message, status)
+        self.status_class = status_class
+        self.status_detail = status_detail
+        self.target_address = target_address
+
+
+class LoginRedirect(LoginError):
+    """Raised by a policy to redirect the initiator (status class 1, §11.13.5)."""
+
+    def __init__(self, target_address: str, *, permanent: bool = False) -> None:
+        status = (LoginStatus.TARGET_MOVED_PERMANENTLY if permanent
+                  else LoginStatus.TARGET_MOVED_TEMPORARILY)
+        super().__init__(f"target moved to {target_address}", status)
+        self.target_address = target_address
+
+
+def _status_of(status_class: int, status_detail: int) -> LoginStatus:
+    try:
+        return LoginStatus(status_class << 8 | status_detail)
+    except ValueError:
+        # Unknown detail: fall back to the class-wide code.
+        return {1: LoginStatus.TARGET_MOVED_TEMPORARILY, 2: LoginStatus.INITIATOR_ERROR}.get(
+            status_class, LoginStatus.TARGET_ERROR
+        )
+
+
+def _stage_name(stage: int) -> str:
+    return {0: "Security", 1: "Operational", 3: "FullFeature"}.get(stage, f"stage{stage}")
+
+
+# ---------------------------------------------------------------- initiator
+
+
+@dataclass(frozen=True, slots=True)
+class ChapAuth:
+    """CHAP settings of an initiator.
+
+    ``target_user``/``target_secret`` turn on mutual CHAP: the target must
+    prove it knows them.
+    """
+
+    user: str
+    secret: bytes | str
+    target_user: str | None = None
+    target_secret: bytes | str | None = None
+    algorithms: Sequence[int] = DEFAULT_ALGORITHMS
+    encoding: str = "hex"
+    refuse_short_secrets: bool = True
+
+    def __repr__(self) -> str:
+        return f"ChapAuth(user={self.user!r}, mutual={self.target_user is not None})"
+
+
+class InitiatorLogin:
+    """The initiator's login state machine.
+
+    Args:
+        initiator_name: our iSCSI name.
+        target_name: the target to log in to; None for a Discovery session.
+        isid: the 48-bit initiator session ID.
+        tsih: 0 for a new session, the session's TSIH to add a connection.
+        cid: connection ID.
+        auth: CHAP settings, or None for AuthMethod=None.
+        offers: operational keys to offer, merged over
+            :data:`DEFAULT_INITIATOR_OFFERS` (a None value drops that key).
+        initiator_alias: optional InitiatorAlias.
+        cmdsn: the CmdSN carried by login requests (first command's CmdSN).
+        itt: the Initiator Task Tag of the login requests.
+        security_stage: start with SecurityNegotiation; default: only when
+            ``auth`` is given (else log in straight into the operational
+            stage, as RFC 7143 §6.3 permits).
+        rng: random bytes for CHAP challenges (injectable for tests).
+
+    Use: send :meth:`start`, then feed each response to :meth:`receive` and
+    send what it returns until it returns None (:attr:`complete` is then
+    True and :attr:`params` holds the result).
+    """
+
+    def __init__(self, initiator_name: str, target_name: str | None, isid: int, *,
+                 tsih: int = 0, cid: int = 0, auth: ChapAuth | None = None,
+                 offers: Mapping[str, str | None] | None = None, initiator_alias: str | None = None,
+                 cmdsn: int = 0, itt: int = 0, security_stage: bool | None = None,
+                 max_segment: int = LOGIN_SEGMENT_LENGTH,
+                 rng: RandomBytes = secrets.token_bytes) -> None:
+        if not initiator_name:
+            raise ValueError("initiator_name is required")
+        self.initiator_name = initiator_name
+        self.target_name = target_name
+        self.isid = isid
+        self.tsih = tsih
+        self.cid = cid
+        self.cmdsn = cmdsn
+        self.itt = itt
+        self.auth = auth
+        self.statsn = 0
+        self.expcmdsn = cmdsn
+        self.maxcmdsn = cmdsn
+        self.complete = False
+        self._max_segment = max_segment
+        self._security = auth is not None if security_stage is None else security_stage
+        local: dict[str, str] = dict(DEFAULT_INITIATOR_OFFERS)
+        for key, value in (offers or {}).items():
+            if value is None:
+                local.pop(key, None)  # do not offer this key at all
+            else:
+                local[key] = value
+        local["InitiatorName"] = initiator_name
+        local["SessionType"] = "Discovery" if target_name is None else "Normal"
+        if target_name is not None:
+            local["TargetName"] = target_name
+        if initiator_alias:
+            local["InitiatorAlias"] = initiator_alias
+        local["AuthMethod"] = "CHAP" if auth is not None else "None"
+        self.negotiator = Negotiator(Role.INITIATOR, local, leading=tsih == 0)
+        self._chap: ChapInitiator | None = None
+        if auth is not None:
+            mutual = None
+            if auth.target_user is not None and auth.target_secret is not None:
+                mutual = ChapCredentials(auth.target_user, auth.target_secret,
+                                         auth.refuse_short_secrets)
+            self._chap = ChapInitiator(
+                ChapCredentials(auth.user, auth.secret, auth.refuse_short_secrets), mutual,
+                algorithms=auth.algorithms, encoding=auth.encoding, rng=rng,
+            )
+        self._chap_started = False
+        self._stage: Stage = _SEC if self._security else _OP
+        self._assembler = TextAssembler(DEFAULT_TEXT_CAP)
+        self._out: list[bytes] = []  # remaining continuation segments
+        self._final: tuple[bool, Stage] = (False, _OP)  # T and NSG of the last segment
+        self._asked_transit = False
+        self._rounds = 0
+        self._params: NegotiatedParams | None = None
+
+    # ------------------------------------------------------------ results
+
+    @property
+    def stage(self) -> Stage:
+        """The current stage (CSG of the next request)."""
+        return self._stage
+
+    @property
+    def params(self) -> NegotiatedParams:
+        """The negotiated parameters (valid once :attr:`complete`)."""
+        if self._params is None:
+            raise RuntimeError("login is not complete")
+        return self._params
+
+    @property
+    def exp_statsn(self) -> int:
+        """The next StatSN we expect (§11.12: ExpStatSN of the next request)."""
+        return (self.statsn + 1) & 0xFFFFFFFF
+
+    # ------------------------------------------------------------ driving
+
+    def start(self) -> LoginRequest:
+        """The first Login Request."""
+        pairs = self.negotiator.offers(self._stage)
+        if self._stage is _SEC:
+            if self._chap is None:
+                return self._send(pairs, True, _OP, expstatsn=0)
+            return self._send(pairs, False, _OP, expstatsn=0)
+        return self._send(pairs, True, _FFP, expstatsn=0)
+
+    def _send(self, pairs: list[Pair], transit: bool, nsg: Stage, *,
+              expstatsn: int | None = None) -> LoginRequest:
+        segments = split_text(encode_text(pairs), self._max_segment)
+        self._final = (transit, nsg)
+        self._out = segments[1:]
+        return self._request(segments[0], expstatsn=expstatsn)
+
+    def _request(self, data: bytes, *, expstatsn: int | None = None,
+                 ack: bool = False) -> LoginRequest:
+        last = not self._out
+        if ack:
+            # An empty request acknowledging a continued response: T and C
+            # clear, and our pending intent (T/NSG) is left as it was.
+            transit, nsg = False, self._final[1]
+        else:
+            transit, nsg = self._final if last else (False, self._final[1])
+            self._asked_transit = transit
+        return LoginRequest(
+            transit=transit, cont=not last, csg=self._stage, nsg=nsg if transit else 0,
+            version_max=VERSION_MAX, version_min=VERSION_MIN, isid=self.isid, tsih=self.tsih,
+            itt=self.itt, cid=self.cid, cmdsn=self.cmdsn,
+            expstatsn=self.exp_statsn if expstatsn is None else expstatsn, data=data,
+        )
+
+    def receive(self, resp: LoginResponse) -> LoginRequest | None:
+        """Handle one Login Response; return the next request, or None when
+        the login has completed.
+
+        Raises :class:`LoginRejected` when the target refuses (status class
+        non-zero), :class:`AuthenticationError` when mutual CHAP fails, and
+        :class:`LoginError`/:class:`NegotiationError` on protocol violations
+        (the connection must then be dropped).
+        """
+        if self.complete:
+            raise LoginError("Login Response after the login completed")
+        self._rounds += 1
+        if self._rounds > MAX_LOGIN_ROUNDS:
+            raise LoginError(f"login did not finish in {MAX_LOGIN_ROUNDS} rounds")
+        if resp.status_class != 0:
+            self._reject(resp)
+        if resp.itt != self.itt or resp.isid != self.isid:
+            raise LoginError("Login Response for another ITT/ISID")
+        if resp.version_active != VERSION_MAX:
+            raise LoginError(f"target chose unsupported version {resp.version_active}")
+        if resp.csg != self._stage:
+            raise LoginError(
+                f"target answered in stage {_stage_name(resp.csg)}, "
+                f"we are in {_stage_name(self._stage)}"
+            )
+        self.statsn = resp.statsn
+        self.expcmdsn = resp.expcmdsn
+        self.maxcmdsn = resp.maxcmdsn
+        if self._out:
+            # We are sending a continued text: the target acknowledges each
+            # segment with an empty response (§11.13.2).
+            if resp.data or resp.transit or resp.cont:
+                raise LoginError("target sent text while our text was being continued")
+            data = self._out.pop(0)
+            return self._request(data)
+        text = self._assembler.feed(resp.data, resp.cont)
+        if text is None:
+            if resp.transit:
+                raise LoginError("Login Response with both T and C set")
+            # The target continues: ask for the rest with an empty request.
+            return self._request(b"", ack=True)
+        return self._process(resp, decode_text(text))
+
+    def _reject(self, resp: LoginResponse) -> None:
+        status = _status_of(resp.status_class, resp.status_detail)
+        address = None
+        if resp.status_class == 1:
+            try:
+                address = dict(decode_text(resp.data)).get("TargetAddress")
+            except ProtocolError:
+                address = None
+        raise LoginRejected(
+            f"login refused by target: {status.words} "
+            f"(0x{resp.status_class:02x}{resp.status_detail:02x})",
+            status, resp.status_class, resp.status_detail, address,
+        )
+
+    def _process(self, resp: LoginResponse, pairs: list[Pair]) -> LoginRequest | None:
+        neg = self.negotiator
+        stage = self._stage
+        auth_keys = {k: v for k, v in pairs if is_auth_key(k)}
+        if len(auth_keys) != sum(1 for k, _ in pairs if is_auth_key(k)):
+            raise AuthenticationError("CHAP key sent twice")
+        if auth_keys and stage is not _SEC:
+            raise LoginError("authentication keys outside the security stage")
+        answers = neg.respond([(k, v) for k, v in pairs if not is_auth_key(k)], stage)
+        out: list[Pair] = list(answers)
+        if stage is _SEC:
+            out += self._security_step(auth_keys)
+        if resp.transit:
+            if not self._asked_transit:
+                raise LoginError("target set T without the initiator asking (§11.13.3)")
+            nsg = Stage(resp.nsg) if resp.nsg in _VALID_STAGES else None
+            if nsg is None or nsg <= stage or nsg > self._final[1]:
+                raise LoginError(f"target chose invalid NSG {resp.nsg}")
+            if stage is _SEC and not self._auth_done():
+                raise AuthenticationError("target left the security stage before CHAP completed")
+            self._stage = nsg
+            if nsg is _FFP:
+                self._finish(resp)
+                return None
+            out += neg.offers(_OP)
+            return self._send(out, True, _FFP)
+        if stage is _SEC:
+            transit = self._auth_done() or (self._chap is not None and self._chap.awaiting_target_proof)
+            return self._send(out, transit, _OP)
+        return self._send(out, True, _FFP)
+
+    def _security_step(self, auth_keys: dict[str, str]) -> list[Pair]:
+        method = self.negotiator.value("AuthMethod")
+        if self._chap is None:
+            if auth_keys:
+                raise AuthenticationError("target sent CHAP keys but we use AuthMethod=None")
+            return []
+        if method is None:
+            if auth_keys:
+                raise AuthenticationError("CHAP keys before AuthMethod was agreed")
+            return []
+        if method != "CHAP":
+            raise AuthenticationError(f"target chose AuthMethod={method}; we require CHAP")
+        if not self._chap_started:
+            self._chap_started = True
+            if auth_keys:
+                raise AuthenticationError("CHAP keys before our CHAP_A")
+            return self._chap.start()
+        return self._chap.receive(auth_keys)
+
+    def _auth_done(self) -> bool:
+        if self._chap is None:
+            return True
+        return self._chap.complete
+
+    def _finish(self, resp: LoginResponse) -> None:
+        if self.tsih == 0:
+            if resp.tsih == 0:
+                raise LoginError("target completed a new session without assigning a TSIH")
+            self.tsih = resp.tsih
+        elif resp.tsih != self.tsih:
+            raise LoginError(f"target changed TSIH {self.tsih} to {resp.tsih}")
+        self.negotiator.finish()
+        self._params = self.negotiator.params()
+        self.complete = True
+
+
+# ------------------------------------------------------------------- target
+
+
+@dataclass(frozen=True, slots=True)
+class TargetAuth:
+    """Authentication a target (or the discovery service) demands.
+
+    Attributes:
+        incoming: the credentials initiators must prove; None = no CHAP.
+        outgoing: the target's own credentials for mutual CHAP.
+        required: refuse AuthMethod=None (only meaningful with ``incoming``).
+        require_mutual: refuse one-way CHAP.
+        algorithms: CHAP_A values accepted.
+        encoding: "hex" or "base64" for the CHAP values we send.
+    """
+
+    incoming: ChapCredentials | None = None
+    outgoing: ChapCredentials | None = None
+    required: bool = True
+    require_mutual: bool = False
+    algorithms: Sequence[int] = DEFAULT_ALGORITHMS
+    encoding: str = "hex"
+
+    @property
+    def methods(self) -> str:
+        """The AuthMethod values acceptable, in our preference order."""
+        if self.incoming is None:
+            return "None"
+        return "CHAP" if self.required else "CHAP,None"
+
+
+class LoginTarget(Protocol):
+    """What the login needs to know of a configured target."""
+
+    @property
+    def name(self) -> str:
+        """The target's iSCSI name."""
+        ...
+
+    @property
+    def alias(self) -> str | None:
+        """TargetAlias to declare, or None."""
+        ...
+
+    @property
+    def auth(self) -> TargetAuth | None:
+        """Authentication demanded for this target (None: none)."""
+        ...
+
+    @property
+    def offers(self) -> Mapping[str, str]:
+        """The target's operational settings/limits (key -> wire value)."""
+        ...
+
+    def initiator_allowed(self, initiator_name: str) -> bool:
+        """ACL check: may this initiator log in (else status 0x0202)?"""
+        ...
+
+
+class TargetLoginPolicy(Protocol):
+    """Callbacks into the target server.
+
+    Any method may raise :class:`LoginError` with the status to answer
+    (e.g. TARGET_REMOVED, TOO_MANY_CONNECTIONS, SERVICE_UNAVAILABLE, or a
+    :class:`LoginRedirect`); any other exception is answered TARGET_ERROR.
+    """
+
+    def find_target(self, name: str) -> LoginTarget | None:
+        """The target called ``name``, or None (status 0x0203)."""
+        ...
+
+    def discovery_auth(self, initiator_name: str) -> TargetAuth | None:
+        """Authentication for Discovery sessions; raise LoginError with
+        SESSION_TYPE_NOT_SUPPORTED to refuse discovery."""
+        ...
+
+    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
+        """Whether a connection may join session (isid, tsih) (else 0x020A)."""
+        ...
+
+    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
+        """A fresh non-zero TSIH for a new session."""
+        ...
+
+
+@dataclass
+class TargetEntry:
+    """A plain :class:`LoginTarget` (for simple servers and tests)."""
+
+    name: str
+    alias: str | None = None
+    auth: TargetAuth | None = None
+    offers: Mapping[str, str] = field(default_factory=dict)
+    allowed_initiators: frozenset[str] | None = None  # None: everyone
+
+    def initiator_allowed(self, initiator_name: str) -> bool:
+        """True when no ACL is set or the initiator is in it."""
+        return self.allowed_initiators is None or initiator_name in self.allowed_initiators
+
+
+@dataclass
+class SimpleLoginPolicy:
+    """A dictionary-backed :class:`TargetLoginPolicy`."""
+
+    targets: dict[str, TargetEntry] = field(default_factory=dict)
+    discovery: bool = True
+    discovery_authentication: TargetAuth | None = None
+    sessions: set[tuple[int, int]] = field(default_factory=set)
+    next_tsih: int = 1
+
+    def find_target(self, name: str) -> LoginTarget | None:
+        """Look the target up by name."""
+        return self.targets.get(name)
+
+    def discovery_auth(self, initiator_name: str) -> TargetAuth | None:
+        """Discovery authentication, or refuse discovery when disabled."""
+        if not self.discovery:
+            raise LoginError("discovery sessions are disabled",
+                             LoginStatus.SESSION_TYPE_NOT_SUPPORTED)
+        return self.discovery_authentication
+
+    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
+        """True for a session created by :meth:`allocate_tsih`."""
+        return (isid, tsih) in self.sessions
+
+    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
+        """Hand out TSIHs 1, 2, ... (never 0, §11.12.6)."""
+        tsih = self.next_tsih
+        self.next_tsih = self.next_tsih % 0xFFFF + 1
+        self.sessions.add((isid, tsih))
+        return tsih
+
+
+_T = TypeVar("_T")
+
+
+def _call(fn: Callable[..., _T], *args: object) -> _T:
+    """Run a policy callback, turning unexpected exceptions into TARGET_ERROR."""
+    try:
+        return fn(*args)
+    except LoginError:
+        raise
+    except Exception as exc:
+        raise LoginError(f"target error: {exc}", LoginStatus.TARGET_ERROR) from exc
+
+
+class TargetLogin:
+    """The target's login state machine for one connection.
+
+    Args:
+        policy: the server's configuration and session table.
+        portal_group_tag: declared as TargetPortalGroupTag (§13.9).
+        initial_statsn: StatSN of the first response (may be random).
+        cmd_window: MaxCmdSN = ExpCmdSN + cmd_window - 1 in responses.
+        max_segment: largest data segment we send during login.
+        rng: random bytes for CHAP challenges (injectable for tests).
+
+    Feed each LoginRequest to :meth:`receive` and send back the response.
+    When :attr:`complete` is True the connection is in Full Feature Phase;
+    when :attr:`failed_status` is set the response was a login reject and the
+    connection must be closed after sending it.
+    """
+
+    def __init__(self, policy: TargetLoginPolicy, portal_group_tag: int, *,
+                 initial_statsn: int = 0, cmd_window: int = 32,
+                 max_segment: int = LOGIN_SEGMENT_LENGTH,
+                 rng: RandomBytes = secrets.token_bytes) -> None:
+        self.policy = policy
+        self.portal_group_tag = portal_group_tag
+        self.cmd_window = cmd_window
+        self.complete = False
+        self.failed_status: LoginStatus | None = None
+        self.isid = 0
+        self.tsih = 0
+        self.cid = 0
+        self.leading = True
+        self.initiator_name: str | None = None
+        self.target_name: str | None = None
+        self.target: LoginTarget | None = None
+        self.session_type = "Normal"
+        self.negotiator: Negotiator | None = None
+        self.tsih_request = 0
+        self.failure_reason = ""
+        self._statsn = initial_statsn & 0xFFFFFFFF
+        self._max_segment = max_segment
+        self._rng = rng
+        self._auth: TargetAuth | None = None
+        self._chap: ChapTarget | None = None
+        self._stage: Stage = _SEC
+        self._started = False
+        self._assembler = TextAssembler(DEFAULT_TEXT_CAP)
+        self._out: list[bytes] = []
+        self._final: tuple[bool, Stage, int] = (False, _SEC, 0)  # T, NSG, TSIH of last segment
+        self._rounds = 0
+        self._params: NegotiatedParams | None = None
+
+    @property
+    def params(self) -> NegotiatedParams:
+        """The negotiated parameters (valid once :attr:`complete`)."""
+        if self._params is None:
+            raise RuntimeError("login is not complete")
+        return self._params
+
+    @property
+    def next_statsn(self) -> int:
+        """The StatSN for the first Full Feature Phase response."""
+        return self._statsn
+
+    def receive(self, req: LoginRequest) -> LoginResponse:
+        """Handle one Login Request and return the Login Response to send."""
+        if self.complete or self.failed_status is not None:
+            return self._fail(req, LoginError("Login Request after the login ended",
+                                              LoginStatus.INVALID_DURING_LOGIN))
+        try:
+            return self._receive(req)
+        except LoginError as exc:
+            return self._fail(req, exc)
+        except ProtocolError as exc:
+            return self._fail(req, LoginError(str(exc), exc.login_status
+                                              or LoginStatus.INITIATOR_ERROR))
+
+    # ------------------------------------------------------------ plumbing
+
+    def _response(self, req: LoginRequest, *, transit: bool, cont: bool, nsg: int,
+                  tsih: int, data: bytes, status: LoginStatus = LoginStatus.SUCCESS) -> LoginResponse:
+        statsn = self._statsn
+        self._statsn = (self._statsn + 1) & 0xFFFFFFFF
+        return LoginResponse(
+            transit=transit, cont=cont, csg=req.csg if req.csg in (0, 1) else 0,
+            nsg=nsg if transit else 0, version_max=VERSION_MAX, version_active=VERSION_MAX,
+            isid=req.isid, tsih=tsih, itt=req.itt, statsn=statsn, expcmdsn=req.cmdsn,
+            maxcmdsn=(req.cmdsn + self.cmd_window - 1) & 0xFFFFFFFF,
+            status_class=status.status_class, status_detail=status.status_detail, data=data,
+        )
+
+    def _fail(self, req: LoginRequest, exc: LoginError) -> LoginResponse:
+        status = exc.login_status or LoginStatus.INITIATOR_ERROR
+        self.failed_status = status
+        self.failure_reason = str(exc)
+        data = b""
+        if isinstance(exc, LoginRedirect):
+            data = encode_text([("TargetAddress", exc.target_address)])
+        return self._response(req, transit=False, cont=False, nsg=0, tsih=req.tsih, data=data,
+                              status=status)
+
+    def _next_segment(self, req: LoginRequest) -> LoginResponse:
+        data = self._out.pop(0)
+        if self._out:
+            return self._response(req, transit=False, cont=True, nsg=0, tsih=req.tsih, data=data)
+        transit, nsg, tsih = self._final
+        if transit and nsg is _FFP:
+            self._complete(tsih)
+        elif transit:
+            self._stage = nsg
+        return self._response(req, transit=transit, cont=False, nsg=nsg, tsih=tsih, data=data)
+
+    def _send(self, req: LoginRequest, pairs: list[Pair], transit: bool, nsg: Stage) -> LoginResponse:
+        tsih = req.tsih
+        if transit and nsg is _FFP and self.leading:
+            # §11.13.4: a new session's TSIH appears only in the final response.
+            tsih = _call(self.policy.allocate_tsih, self.isid, self.initiator_name or "")
+            if not 0 < tsih <= 0xFFFF:
+                raise LoginError(f"policy gave invalid TSIH {tsih}", LoginStatus.TARGET_ERROR)
+        if transit and nsg is _FFP:
+            assert self.negotiator is not None
+            self.negotiator.finish()
+        self._final = (transit, nsg, tsih)
+        self._out = split_text(encode_text(pairs), self._max_segment)
+        return self._next_segment(req)
+
+    def _complete(self, tsih: int) -> None:
+        assert self.negotiator is not None
+        self.tsih = tsih
+        self._params = self.negotiator.params()
+        self._stage = _FFP
+        self.complete = True
+
+    # --------------------------------------------------------------- logic
+
+    def _receive(self, req: LoginRequest) -> LoginResponse:
+        self._rounds += 1
+        if self._rounds > MAX_LOGIN_ROUNDS:
+            raise LoginError("login takes too many rounds", LoginStatus.INITIATOR_ERROR)
+        if not self._started:
+            self._first(req)
+        elif (req.isid, req.tsih, req.cid) != (self.isid, self.tsih_request, self.cid):
+            raise LoginError("ISID/TSIH/CID changed during login", LoginStatus.INITIATOR_ERROR)
+        self._check_stages(req)
+        if self._out:
+            # Our continued response: the initiator acknowledges each segment
+            # with an empty request (§11.12.2).
+            if req.data or req.cont or req.transit:
+                raise LoginError("initiator sent text while our response was continued",
+                                 LoginStatus.INITIATOR_ERROR)
+            return self._next_segment(req)
+        text = self._assembler.feed(req.data, req.cont)
+        if text is None:
+            # Partial text: acknowledge with an empty response (§11.13.2).
+            return self._response(req, transit=False, cont=False, nsg=0, tsih=req.tsih, data=b"")
+        pairs = decode_text(text)
+        first = self.negotiator is None
+        if first:
+            self._identify(req, pairs)
+        neg = self.negotiator
+        assert neg is not None
+        auth_pairs = [(k, v) for k, v in pairs if is_auth_key(k)]
+        other = [(k, v) for k, v in pairs if not is_auth_key(k)]
+        if self._stage is _SEC:
+            return self._security(req, neg, other, auth_pairs)
+        if auth_pairs:
+            raise LoginError(f"{auth_pairs[0][0]} outside the security stage",
+                             LoginStatus.INITIATOR_ERROR)
+        return self._operational(req, neg, other)
+
+    def _check_stages(self, req: LoginRequest) -> None:
+        if req.transit and req.cont:
+            raise LoginError("T and C both set", LoginStatus.INVALID_DURING_LOGIN)
+        if req.csg not in (0, 1):
+            raise LoginError(f"invalid CSG {req.csg}", LoginStatus.INVALID_DURING_LOGIN)
+        if req.csg != self._stage:
+            raise LoginError(
+                f"request in stage {_stage_name(req.csg)} while in {_stage_name(self._stage)}",
+                LoginStatus.INVALID_DURING_LOGIN,
+            )
+        if req.transit and (req.nsg not in (1, 3) or req.nsg <= req.csg):
+            raise LoginError(f"invalid transition {req.csg}->{req.nsg}",
+                             LoginStatus.INVALID_DURING_LOGIN)
+
+    def _first(self, req: LoginRequest) -> None:
+        self._started = True
+        # §11.12.4: we speak version 0 only.
+        if not req.version_min <= VERSION_MAX or req.version_max < VERSION_MIN \
+                or req.version_min > req.version_max:
+            raise LoginError(
+                f"versions {req.version_min}..{req.version_max} not supported",
+                LoginStatus.UNSUPPORTED_VERSION,
+            )
+        self.isid, self.tsih_request, self.cid = req.isid, req.tsih, req.cid
+        self.leading = req.tsih == 0
+        if req.csg not in (0, 1):
+            raise LoginError(f"invalid CSG {req.csg}", LoginStatus.INVALID_DURING_LOGIN)
+        self._stage = Stage(req.csg)
+
+    def _identify(self, req: LoginRequest, pairs: list[Pair]) -> None:
+        """First complete text: who is this, what do they want (§6.3.1, §13.4-§13.5)."""
+        keys = dict(pairs)
+        name = keys.get("InitiatorName")
+        if not name:
+            raise LoginError("InitiatorName missing from the first Login Request",
+                             LoginStatus.MISSING_PARAMETER)
+        self.initiator_name = name
+        session_type = keys.get("SessionType", "Normal")
+        if session_type not in ("Normal", "Discovery"):
+            raise LoginError(f"SessionType={session_type} is not supported",
+                             LoginStatus.SESSION_TYPE_NOT_SUPPORTED)
+        self.session_type = session_type
+        local: dict[str, str] = {}
+        if session_type == "Discovery":
+            auth = _call(self.policy.discovery_auth, name)
+        else:
+            target_name = keys.get("TargetName")
+            if not target_name:
+                raise LoginError("TargetName missing for a Normal session",
+                                 LoginStatus.MISSING_PARAMETER)
+            target = _call(self.policy.find_target, target_name)
+            if target is None:
+                raise LoginError(f"no target named {target_name}", LoginStatus.NOT_FOUND)
+            if not _call(target.initiator_allowed, name):
+                raise LoginError(f"{name} may not log in to {target_name}",
+                                 LoginStatus.AUTHORIZATION_FAILURE)
+            self.target, self.target_name = target, target_name
+            auth = target.auth
+            local.update(target.offers)
+            if target.alias:
+                local["TargetAlias"] = target.alias
+        if not self.leading and not _call(self.policy.session_exists, self.isid,
+                                          req.tsih, name):
+            raise LoginError(f"no session with TSIH {req.tsih}",
+                             LoginStatus.SESSION_DOES_NOT_EXIST)
+        self._auth = auth
+        local["AuthMethod"] = auth.methods if auth is not None else "None"
+        local["TargetPortalGroupTag"] = str(self.portal_group_tag)
+        try:
+            self.negotiator = Negotiator(Role.TARGET, local, leading=self.leading)
+        except ValueError as exc:
+            raise LoginError(f"bad target configuration: {exc}", LoginStatus.TARGET_ERROR) from exc
+        if self._stage is _OP and self._auth_required():
+            # §6.3: a target that needs authentication refuses a login that
+            # starts in the operational stage.
+            raise AuthenticationError("authentication required; login skipped the security stage")
+
+    def _auth_required(self) -> bool:
+        return self._auth is not None and self._auth.incoming is not None and self._auth.required
+
+    def _security(self, req: LoginRequest, neg: Negotiator, other: list[Pair],
+                  auth_pairs: list[Pair]) -> LoginResponse:
+        offered_method = any(k == "AuthMethod" for k, _ in other)
+        answers = neg.respond(other, _SEC)
+        if offered_method and (("AuthMethod", REJECT) in answers):
+            raise AuthenticationError("no acceptable AuthMethod offered")
+        out: list[Pair] = list(answers)
+        out += neg.offers(_SEC)
+        method = neg.value("AuthMethod")
+        if auth_pairs:
+            if method != "CHAP":
+                raise AuthenticationError("CHAP keys without AuthMethod=CHAP")
+            keys = dict(auth_pairs)
+            if len(keys) != len(auth_pairs):
+                raise AuthenticationError("CHAP key sent twice")
+            if self._chap is None:
+                auth = self._auth
+                assert auth is not None and auth.incoming is not None
+                self._chap = ChapTarget(auth.incoming, auth.outgoing, algorithms=auth.algorithms,
+                                        require_mutual=auth.require_mutual,
+                                        encoding=auth.encoding, rng=self._rng)
+            out += self._chap.receive(keys)
+        if not req.transit:
+            return self._send(req, out, False, _OP)
+        done = self._chap.complete if self._chap is not None else (
+            method == "None" or (method is None and not self._auth_required())
+        )
+        if method == "CHAP" and self._chap is None:
+            done = False
+        if not done:
+            if method is None and self._auth_required():
+                raise AuthenticationError("initiator tried to skip authentication")
+            return self._send(req, out, False, _OP)
+        nsg = Stage(req.nsg)
+        if nsg is _FFP and neg.unresolved_offers(_OP, dry_run=True):
+            # We must negotiate something the initiator skipped: stop in the
+            # operational stage instead (the target may lower NSG, §11.13.3).
+            nsg = _OP
+        return self._send(req, out, True, nsg)
+
+    def _operational(self, req: LoginRequest, neg: Negotiator, other: list[Pair]) -> LoginResponse:
+        out = neg.respond(other, _OP)
+        out += neg.offers(_OP)
+        if not req.transit:
+            return self._send(req, out, False, _FFP)
+        extra = neg.unresolved_offers(_OP)
+        if extra or neg.pending:
+            return self._send(req, out + extra, False, _FFP)
+        return self._send(req, out, True, _FFP)

@@ -1,0 +1,994 @@
+"""qcow2 images, versions 2 and 3 (qemu docs/interop/qcow2.txt).
+
+Layout recap (all numbers big-endian): a header in cluster 0; a two-level
+map of guest clusters (L1 table -> L2 tables -> host cluster offsets); a
+two-level refcount structure (refcount table -> refcount blocks) counting
+the references to every host cluster. Guest clusters may be unallocated
+(read through to the backing file), zero (v3 flag bit 0), normal, or
+compressed (raw deflate, read only).
+
+What we write, and in which order (qcow2.txt "Host cluster management"):
+a new data cluster is written whole first, then its refcount is set, then
+the L2 entry points at it (and for a new L2 table: table written, its
+refcount set, then the L1 entry). A crash in between leaks a cluster at
+worst (``qemu-img check -r leaks`` reclaims it); it never exposes a cluster
+that holds stale data. ``write_through`` opens the file ``O_DSYNC`` so that
+order is also the order things reach the disk.
+
+Not supported (refused with a one-line BackendError): encryption, external
+data files, extended L2 entries (subclusters), zstd without a zstd module,
+writing to images with internal snapshots, or to images marked dirty
+(lazy refcounts) or corrupt - those open read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .base import Backend, BackendError, Buffer, Extent, MediumError, SECTOR
+from .raw import pread_into, punch_hole, pwrite_all
+from .registry import (
+    ImageBackend,
+    ImageInfo,
+    check_range,
+    cluster_pieces,
+    merge_extents,
+    open_backing,
+)
+
+__all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
+
+NAME = "qcow2"
+MAGIC = b"QFI\xfb"
+
+# Header fields up to snapshots_offset (72 bytes, all a v2 header has).
+_HDR2 = struct.Struct(">4sIQIIQIIQQIIQ")
+# v3 additions at byte 72: incompatible, compatible, autoclear features,
+# refcount_order, header_length.
+_HDR3 = struct.Struct(">QQQII")
+_EXT = struct.Struct(">II")
+_U64 = struct.Struct(">Q")
+_REFTABLE_HDR = struct.Struct(">QI")  # refcount_table_offset + _clusters at 48
+
+# Header extension types.
+EXT_END = 0
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_NAMES = 0x6803F857
+EXT_DATA_FILE = 0x44415441
+
+# Incompatible feature bits.
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+_INCOMPAT_NAMES = {
+    0: "dirty",
+    1: "corrupt",
+    2: "external data file",
+    3: "compression type",
+    4: "extended L2 entries",
+}
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+
+OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1 and standard L2 entries, bits 9-55
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1
+
+MAX_CLUSTER_BITS = 21  # qemu's limit, 2 MiB
+MAX_L1_BYTES = 32 << 20  # qemu's limit on the L1 table
+MAX_REFTABLE_BYTES = 8 << 20
+L2_CACHE_BYTES = 32 << 20
+
+# Cluster kinds.
+UNALLOC, ZERO, NORMAL, COMPRESSED = range(4)
+
+_LITTLE = sys.byteorder == "little"
+_REF_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+
+
+def _be_array(typecode: str, raw: Buffer) -> array[int]:
+    a: array[int] = array(typecode)
+    a.frombytes(raw)
+    if _LITTLE and a.itemsize > 1:
+        a.byteswap()
+    return a
+
+
+def _be_bytes(a: array[int], lo: int = 0, hi: int | None = None) -> bytes:
+    part = a[lo:hi]
+    if _LITTLE and part.itemsize > 1:
+        part.byteswap()
+    return part.tobytes()
+
+
+class _RefBlock:
+    """One refcount block (a cluster of refcount_bits-wide entries)."""
+
+    __slots__ = ("offset", "bits", "arr", "raw")
+
+    # For sub-byte widths: 1 where a byte holds at least one zero entry.
+    _HAS_ZERO: ClassVar[dict[int, bytes]] = {}
+
+    def __init__(self, offset: int, bits: int, raw: Buffer) -> None:
+        self.offset = offset
+        self.bits = bits
+        if bits >= 8:
+            self.arr: array[int] | None = _be_array(_REF_TYPECODES[bits], raw)
+            self.raw = bytearray()
+        else:
+            self.arr = None
+            self.raw = bytearray(raw)
+
+    def get(self, i: int) -> int:
+        if self.arr is not None:
+            return self.arr[i]
+        # Sub-byte entries: entry 0 is the least significant bits of byte 0.
+        bit = i * self.bits
+        return (self.raw[bit >> 3] >> (bit & 7)) & ((1 << self.bits) - 1)
+
+    def set(self, i: int, value: int) -> tuple[int, bytes]:
+        """Set entry ``i``; return (byte offset in block, bytes to write)."""
+        if value < 0 or value >= 1 << self.bits:
+            raise MediumError(f"refcount {value} does not fit in {self.bits} bits")
+        if self.arr is not None:
+            self.arr[i] = value
+            size = self.bits >> 3
+            return i * size, value.to_bytes(size, "big")
+        bit = i * self.bits
+        byte, shift = bit >> 3, bit & 7
+        mask = ((1 << self.bits) - 1) << shift
+        self.raw[byte] = (self.raw[byte] & ~mask) | (value << shift)
+        return byte, bytes(self.raw[byte : byte + 1])
+
+    def find_zero(self, start: int) -> int:
+        """Index of the first zero entry at or after ``start``, or -1."""
+        arr = self.arr
+        if arr is not None:
+            try:
+                return arr.index(0, start)
+            except ValueError:
+                return -1
+        per_byte = 8 // self.bits
+        n = len(self.raw) * per_byte
+        # Finish the partial first byte entry by entry (< 8 steps).
+        i = start
+        while i < n and i % per_byte:
+            if self.get(i) == 0:
+                return i
+            i += 1
+        table = self._HAS_ZERO.get(self.bits)
+        if table is None:
+            table = bytes(
+                int(any(((b >> s) & ((1 << self.bits) - 1)) == 0 for s in range(0, 8, self.bits)))
+                for b in range(256)
+            )
+            self._HAS_ZERO[self.bits] = table
+        byte = self.raw.translate(table).find(1, i // per_byte)
+        if byte < 0:
+            return -1
+        for j in range(byte * per_byte, byte * per_byte + per_byte):
+            if self.get(j) == 0:
+                return j
+        return -1  # pragma: no cover - the table said there was one
+
+    def to_bytes(self) -> bytes:
+        return _be_bytes(self.arr) if self.arr is not None else bytes(self.raw)
+
+
+@dataclass
+class _Extensions:
+    """What the header extensions told us."""
+
+    backing_format: str | None = None
+    feature_names: dict[int, str] = field(default_factory=dict)
+
+
+class Qcow2Image(ImageBackend):
+    """An open qcow2 image (see the module docstring for what is supported)."""
+
+    version: int
+    _cb: int
+    _cs: int
+    _size: int
+    _vsize: int
+    _file_size: int
+    _l1_size: int
+    _l1_off: int
+    _rt_off: int
+    _rt_clusters: int
+    _l2n: int
+
+    def __init__(self, path: str, *, read_only: bool = False, write_through: bool = False) -> None:
+        self.path = path
+        self._read_only = read_only
+        self._fd = -1
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if write_through and not read_only:
+            flags |= os.O_DSYNC
+        try:
+            self._fd = os.open(path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BackendError(f"{path}: no such file") from None
+        except OSError as e:
+            raise BackendError(f"{path}: cannot open: {e.strerror or e}") from None
+        try:
+            self._parse_header()
+            self._load_tables()
+            if self._backing is not None:
+                self.parent = open_backing(path, self._backing, self._backing_format)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening --------------------------------------------------------------
+
+    def _bad(self, why: str) -> BackendError:
+        return BackendError(f"{self.path}: qcow2: {why}")
+
+    def _pread(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        try:
+            pread_into(self._fd, memoryview(buf), offset)
+        except OSError as e:
+            raise MediumError(f"{self.path}: read error at {offset}: {e.strerror or e}") from None
+        return buf
+
+    def _parse_header(self) -> None:
+        file_size = os.fstat(self._fd).st_size
+        self._file_size = file_size
+        head = self._pread(0, min(max(file_size, 0), 1 << MAX_CLUSTER_BITS))
+        if len(head) < _HDR2.size or head[:4] != MAGIC:
+            raise self._bad("not a qcow2 image (bad magic or too short)")
+        (
+            _,
+            version,
+            backing_off,
+            backing_len,
+            cluster_bits,
+            size,
+            crypt,
+            l1_size,
+            l1_off,
+            rt_off,
+            rt_clusters,
+            nb_snapshots,
+            _snap_off,
+        ) = _HDR2.unpack_from(head)
+        if version not in (2, 3):
+            raise self._bad(f"unsupported version {version} (only 2 and 3)")
+        if not 9 <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise self._bad(f"cluster_bits {cluster_bits} outside 9..{MAX_CLUSTER_BITS}")
+        cs = 1 << cluster_bits
+        self.version = version
+        self._cb = cluster_bits
+        self._cs = cs
+        incompat = compat = autoclear = 0
+        refcount_order = 4
+        header_length = _HDR2.size
+        if version == 3:
+            if len(head) < _HDR2.size + _HDR3.size:
+                raise self._bad("v3 header truncated")
+            incompat, compat, autoclear, refcount_order, header_length = _HDR3.unpack_from(head, _HDR2.size)
+            if header_length < 104 or header_length % 8 or header_length > cs:
+                raise self._bad(f"bad header_length {header_length}")
+        if refcount_order > 6:
+            raise self._bad(f"refcount_order {refcount_order} > 6")
+        if crypt != 0:
+            kind = {1: "AES", 2: "LUKS"}.get(crypt, f"method {crypt}")
+            raise self._bad(f"encrypted ({kind}) images are not supported")
+        exts = self._parse_extensions(head, header_length, backing_off)
+        names = exts.feature_names
+        unknown = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION)
+        if unknown:
+            bits = [b for b in range(64) if unknown >> b & 1]
+            label = ", ".join(str(names.get(b) or _INCOMPAT_NAMES.get(b) or f"bit {b}") for b in bits)
+            raise self._bad(f"uses incompatible feature(s) not supported here: {label}")
+        compression_type = 0
+        if header_length > 104:
+            compression_type = head[104]
+        if incompat & INCOMPAT_COMPRESSION:
+            if compression_type == 1:
+                raise self._bad("compressed with zstd, and no zstd module is available")
+            raise self._bad(f"unknown compression_type {compression_type}")
+        elif compression_type != 0:
+            raise self._bad(f"compression_type {compression_type} set without its feature bit")
+        if not self._read_only:
+            if nb_snapshots:
+                raise self._bad(f"has {nb_snapshots} internal snapshot(s); open it read-only")
+            if incompat & INCOMPAT_CORRUPT:
+                raise self._bad("marked corrupt; open read-only or repair with qemu-img check -r all")
+            if incompat & INCOMPAT_DIRTY:
+                raise self._bad("marked dirty (lazy refcounts); repair with qemu-img check -r all or open read-only")
+        # Virtual size: served rounded up to whole sectors.
+        self._vsize = size
+        self._size = -(-size // SECTOR) * SECTOR
+        self._l2n = cs // 8
+        need_l1 = -(-size // (cs * self._l2n))
+        if l1_size < need_l1:
+            raise self._bad(f"L1 table of {l1_size} entries cannot map {size} bytes (needs {need_l1})")
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise self._bad(f"L1 table of {l1_size} entries is too large")
+        for what, off in (("L1 table", l1_off), ("refcount table", rt_off)):
+            if off & (cs - 1) or off == 0 and what == "refcount table":
+                raise self._bad(f"{what} offset {off:#x} is not cluster aligned")
+        if l1_size and l1_off + l1_size * 8 > file_size:
+            raise self._bad(f"L1 table at {l1_off:#x} lies beyond the end of the file")
+        if rt_clusters == 0 or rt_clusters * cs > MAX_REFTABLE_BYTES:
+            raise self._bad(f"refcount table of {rt_clusters} clusters")
+        if rt_off + rt_clusters * cs > file_size:
+            raise self._bad(f"refcount table at {rt_off:#x} lies beyond the end of the file")
+        self._l1_size = l1_size
+        self._l1_off = l1_off
+        self._rt_off = rt_off
+        self._rt_clusters = rt_clusters
+        self._refbits = 1 << refcount_order
+        self._refcount_order = refcount_order
+        self._rb_entries = cs * 8 // self._refbits
+        self._incompat = incompat
+        self._compat = compat
+        self._autoclear = autoclear
+        self._nb_snapshots = nb_snapshots
+        self._backing_format: str | None = exts.backing_format
+        self._backing: str | None = None
+        # Compressed cluster descriptor (qcow2.txt "Compressed Clusters").
+        self._csize_shift = 62 - (cluster_bits - 8)
+        self._csize_mask = (1 << (cluster_bits - 8)) - 1
+        self._coff_mask = (1 << self._csize_shift) - 1
+        if backing_off:
+            if backing_len == 0 or backing_len > 1023:
+                raise self._bad(f"backing file name length {backing_len} outside 1..1023")
+            if backing_off + backing_len > file_size:
+                raise self._bad("backing file name lies beyond the end of the file")
+            raw = self._pread(backing_off, backing_len)
+            self._backing = os.fsdecode(bytes(raw))
+        if not self._read_only and autoclear:
+            # qcow2.txt: a writer that does not maintain the auto-clear
+            # features (bitmaps...) must clear their bits before writing.
+            self._meta_write(_U64.pack(0), 88)
+            self._autoclear = 0
+
+    def _parse_extensions(self, head: bytearray, start: int, backing_off: int) -> _Extensions:
+        out = _Extensions()
+        limit = min(len(head), self._cs)
+        if backing_off and backing_off < limit:
+            limit = backing_off
+        pos = start
+        while pos + _EXT.size <= limit:
+            etype, elen = _EXT.unpack_from(head, pos)
+            if etype == EXT_END:
+                break
+            data_start = pos + _EXT.size
+            if data_start + elen > limit:
+                raise self._bad(f"header extension {etype:#x} runs past the header cluster")
+            data = bytes(head[data_start : data_start + elen])
+            if etype == EXT_BACKING_FORMAT:
+                out.backing_format = data.decode("ascii", "replace")
+            elif etype == EXT_FEATURE_NAMES:
+                names: dict[int, str] = {}
+                for i in range(0, elen - 47, 48):
+                    if data[i] == 0:  # incompatible features only
+                        names[data[i + 1]] = data[i + 2 : i + 48].rstrip(b"\0").decode("ascii", "replace")
+                out.feature_names = names
+            pos = data_start + ((elen + 7) & ~7)
+        return out
+
+    def _load_tables(self) -> None:
+        self._l1 = _be_array("Q", self._pread(self._l1_off, self._l1_size * 8))
+        self._reftable = _be_array("Q", self._pread(self._rt_off, self._rt_clusters * self._cs))
+        self._refblocks: dict[int, _RefBlock] = {}
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._l2_cache_max = max(16, L2_CACHE_BYTES // self._cs)
+        self._free_hint = 0
+        self._last_compressed: tuple[int, bytes] | None = None
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def thin(self) -> bool:
+        # v2 with a backing file cannot say "zero" without writing zeroes.
+        return self.version >= 3 or self.parent is None
+
+    @property
+    def zero_after_discard(self) -> bool:
+        return True
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return self._cs
+
+    def info(self) -> ImageInfo:
+        st = os.fstat(self._fd)
+        extra = {
+            "cluster_size": str(self._cs),
+            "refcount_bits": str(self._refbits),
+            "compression_type": "zlib",
+        }
+        if self._incompat & INCOMPAT_DIRTY:
+            extra["dirty"] = "true"
+        if self._incompat & INCOMPAT_CORRUPT:
+            extra["corrupt"] = "true"
+        if self._compat & COMPAT_LAZY_REFCOUNTS:
+            extra["lazy_refcounts"] = "true"
+        if self._nb_snapshots:
+            extra["snapshots"] = str(self._nb_snapshots)
+        return ImageInfo(
+            format=NAME,
+            path=self.path,
+            virtual_size=self._vsize,
+            allocated_size=st.st_blocks * 512,
+            backing=self._backing,
+            backing_format=self._backing_format,
+            subformat="1.1" if self.version >= 3 else "0.10",
+            extra=extra,
+        )
+
+    # -- low-level metadata I/O -----------------------------------------------
+
+    def _meta_write(self, data: Buffer, offset: int) -> None:
+        try:
+            pwrite_all(self._fd, data, offset)
+        except OSError as e:
+            raise MediumError(f"{self.path}: write error at {offset}: {e.strerror or e}") from None
+        end = offset + len(data)
+        if end > self._file_size:
+            self._file_size = end
+
+    def _l2_table(self, l1i: int) -> array[int] | None:
+        if l1i >= self._l1_size:
+            return None
+        off = self._l1[l1i] & OFFSET_MASK
+        if off == 0:
+            return None
+        cache = self._l2_cache
+        table = cache.get(off)
+        if table is not None:
+            cache.move_to_end(off)
+            return table
+        if off & (self._cs - 1) or off + self._cs > self._file_size:
+            raise MediumError(f"{self.path}: qcow2: corrupt L1 entry {l1i} (L2 table at {off:#x})")
+        table = _be_array("Q", self._pread(off, self._cs))
+        cache[off] = table
+        if len(cache) > self._l2_cache_max:
+            cache.popitem(last=False)
+        return table
+
+    def _entry(self, gc: int) -> int:
+        l1i, l2i = divmod(gc, self._l2n)
+        table = self._l2_table(l1i)
+        return 0 if table is None else table[l2i]
+
+    def _classify(self, entry: int) -> tuple[int, int]:
+        """(kind, host cluster offset) of an L2 entry."""
+        if entry & OFLAG_COMPRESSED:
+            return COMPRESSED, entry & self._coff_mask
+        host = entry & OFFSET_MASK
+        if entry & OFLAG_ZERO and self.version >= 3:
+            return ZERO, host
+        if host == 0:
+            return UNALLOC, 0
+        if host & (self._cs - 1):
+            raise MediumError(f"{self.path}: qcow2: corrupt L2 entry {entry:#x} (unaligned cluster)")
+        return NORMAL, host
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = self._last_compressed
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        coff = entry & self._coff_mask
+        nsect = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        csize = nsect * SECTOR - (coff & (SECTOR - 1))
+        data = self._pread(coff, csize)
+        try:
+            out = zlib.decompressobj(-12).decompress(data, self._cs)
+        except zlib.error as e:
+            raise MediumError(f"{self.path}: qcow2: corrupt compressed cluster at {coff:#x}: {e}") from None
+        if len(out) != self._cs:
+            raise MediumError(f"{self.path}: qcow2: compressed cluster at {coff:#x} is short")
+        self._last_compressed = (entry, out)
+        return out
+
+    # -- reads ----------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> Buffer:
+        check_range(self, offset, length)
+        out = bytearray(length)
+        mv = memoryview(out)
+        run_kind = -1
+        run_host = run_at = run_len = 0
+        for gc, inner, n, at in cluster_pieces(offset, length, self._cs):
+            entry = self._entry(gc)
+            kind, host = self._classify(entry)
+            if kind == NORMAL:
+                host += inner
+            elif kind == UNALLOC and self.parent is None:
+                kind = ZERO
+            if run_len and kind == run_kind and (kind == UNALLOC or run_host + run_len == host):
+                run_len += n
+                continue
+            self._fill(mv, offset, run_kind, run_host, run_at, run_len)
+            run_len = 0
+            if kind == COMPRESSED:
+                mv[at : at + n] = self._decompress(entry)[inner : inner + n]
+            elif kind != ZERO:
+                run_kind, run_host, run_at, run_len = kind, host, at, n
+        self._fill(mv, offset, run_kind, run_host, run_at, run_len)
+        return out
+
+    def _fill(self, mv: memoryview, offset: int, kind: int, host: int, at: int, n: int) -> None:
+        if n == 0:
+            return
+        if kind == NORMAL:
+            # One preadv per run of host-contiguous clusters; past EOF the
+            # zeroed buffer stands (a preallocated but unwritten tail).
+            try:
+                pread_into(self._fd, mv[at : at + n], host)
+            except OSError as e:
+                raise MediumError(f"{self.path}: read error at {host}: {e.strerror or e}") from None
+        elif kind == UNALLOC:
+            mv[at : at + n] = self._read_backing(offset + at, n)
+
+    # -- refcounts --------------------------------------------------------------
+
+    def _refblock(self, ti: int) -> _RefBlock | None:
+        if ti >= len(self._reftable):
+            return None
+        off = self._reftable[ti] & REFT_OFFSET_MASK
+        if off == 0:
+            return None
+        block = self._refblocks.get(ti)
+        if block is None:
+            if off & (self._cs - 1) or off + self._cs > self._file_size:
+                raise MediumError(f"{self.path}: qcow2: corrupt refcount table entry {ti} ({off:#x})")
+            block = _RefBlock(off, self._refbits, self._pread(off, self._cs))
+            self._refblocks[ti] = block
+        return block
+
+    def _refcount(self, cluster: int) -> int:
+        ti, bi = divmod(cluster, self._rb_entries)
+        block = self._refblock(ti)
+        return 0 if block is None else block.get(bi)
+
+    def _set_refcount(self, cluster: int, value: int) -> None:
+        ti, bi = divmod(cluster, self._rb_entries)
+        if ti >= len(self._reftable):
+            self._grow_reftable(ti + 1, cluster)
+        block = self._refblock(ti)
+        if block is None:
+            block = self._new_refblock(ti, cluster)
+        at, data = block.set(bi, value)
+        self._meta_write(data, block.offset + at)
+        if value == 0 and cluster < self._free_hint:
+            self._free_hint = cluster
+
+    def _new_refblock(self, ti: int, pending: int) -> _RefBlock:
+        """Allocate refcount block ``ti`` inside the range it covers: all
+        of that range has refcount 0 (free), except ``pending``, the
+        cluster whose refcount is being set."""
+        first = ti * self._rb_entries
+        home = first if first != pending else first + 1
+        block = _RefBlock(home * self._cs, self._refbits, bytes(self._cs))
+        block.set(home - first, 1)
+        self._meta_write(block.to_bytes(), block.offset)
+        self._reftable[ti] = block.offset
+        self._meta_write(_U64.pack(block.offset), self._rt_off + ti * 8)
+        self._refblocks[ti] = block
+        return block
+
+    def _end_cluster(self) -> int:
+        return -(-self._file_size // self._cs)
+
+    def _grow_reftable(self, min_entries: int, pending: int) -> None:
+        """Move the refcount table to a larger one at the end of the file.
+
+        New table and the refcount blocks that cover it (and themselves) are
+        written first; then the header points at them; then the old table's
+        clusters are freed."""
+        cs, per, E = self._cs, self._cs // 8, self._rb_entries
+        old = self._reftable
+        start = max(self._end_cluster(), pending + 1)
+        entries = max(min_entries, len(old) + len(old) // 2 + per)
+        while True:
+            entries = -(-entries // per) * per
+            tclusters = entries // per
+            k = 0
+            while True:
+                lo, hi = start // E, (start + tclusters + k - 1) // E
+                missing = [t for t in range(lo, hi + 1) if t >= len(old) or not old[t] & REFT_OFFSET_MASK]
+                if len(missing) == k:
+                    break
+                k = len(missing)
+            if hi < entries:
+                break
+            entries = hi + 1
+        if tclusters * cs > MAX_REFTABLE_BYTES:
+            raise MediumError(f"{self.path}: qcow2: refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
+        table: array[int] = array("Q", bytes(entries * 8))
+        table[: len(old)] = old
+        used = range(start, start + tclusters + k)
+        new_blocks: dict[int, _RefBlock] = {}
+        for j, t in enumerate(missing):
+            off = (start + tclusters + j) * cs
+            table[t] = off
+            new_blocks[t] = _RefBlock(off, self._refbits, bytes(cs))
+        for c in used:
+            t, bi = divmod(c, E)
+            blk = new_blocks.get(t)
+            if blk is not None:
+                blk.set(bi, 1)
+            else:
+                existing = self._refblock(t)
+                assert existing is not None
+                at, data = existing.set(bi, 1)
+                self._meta_write(data, existing.offset + at)
+        for blk in new_blocks.values():
+            self._meta_write(blk.to_bytes(), blk.offset)
+        self._meta_write(_be_bytes(table), start * cs)
+        old_off, old_clusters = self._rt_off, self._rt_clusters
+        self._meta_write(_REFTABLE_HDR.pack(start * cs, tclusters), 48)
+        self._reftable = table
+        self._rt_off, self._rt_clusters = start * cs, tclusters
+        self._refblocks.update(new_blocks)
+        for c in range(old_off // cs, old_off // cs + old_clusters):
+            self._unref(c)
+
+    def _unref(self, cluster: int) -> None:
+        value = self._refcount(cluster)
+        if value == 0:
+            raise MediumError(f"{self.path}: qcow2: freeing cluster {cluster} whose refcount is already 0")
+        self._set_refcount(cluster, value - 1)
+        if value == 1:
+            try:
+                punch_hole(self._fd, cluster * self._cs, self._cs)
+            except OSError:
+                pass  # reclaiming space is best effort; the cluster is free
+
+    def _pick_free(self) -> int:
+        """A cluster with refcount 0 (its refcount is set by the caller
+        before any other allocation)."""
+        c = self._free_hint
+        E = self._rb_entries
+        while True:
+            ti, bi = divmod(c, E)
+            block = self._refblock(ti)
+            if block is None:
+                break
+            z = block.find_zero(bi)
+            if z >= 0:
+                c = ti * E + z
+                break
+            c = (ti + 1) * E
+        self._free_hint = c + 1
+        return c
+
+    def _release(self, entry: int) -> None:
+        """Drop the references an L2 entry held."""
+        kind, host = self._classify(entry)
+        self._last_compressed = None
+        if kind == COMPRESSED:
+            nsect = ((entry >> self._csize_shift) & self._csize_mask) + 1
+            start = host & ~(SECTOR - 1)
+            for c in range(start >> self._cb, ((start + nsect * SECTOR - 1) >> self._cb) + 1):
+                self._unref(c)
+        elif host:
+            self._unref(host >> self._cb)
+
+    # -- writes ---------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._read_only:
+            raise BackendError(f"{self.path}: opened read-only")
+
+    def _cluster_base(self, gc: int, kind: int, entry: int, host: int) -> bytearray:
+        """The current contents of guest cluster ``gc`` (for copy-on-write
+        of a partial write)."""
+        cs = self._cs
+        if kind == NORMAL:
+            return self._pread(host, cs)
+        if kind == COMPRESSED:
+            return bytearray(self._decompress(entry))
+        if kind == UNALLOC and self.parent is not None:
+            return bytearray(self._read_backing(gc * cs, cs))
+        return bytearray(cs)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        check_range(self, offset, len(view))
+        cs = self._cs
+        updates: dict[int, int] = {}
+        frees: list[int] = []
+        run_host = run_at = run_len = 0
+        for gc, inner, n, at in cluster_pieces(offset, len(view), cs):
+            entry = self._entry(gc)
+            kind, host = self._classify(entry)
+            if kind == NORMAL and (entry & OFLAG_COPIED or self._refcount(host >> self._cb) == 1):
+                h = host + inner
+                if run_len and run_host + run_len == h and run_at + run_len == at:
+                    run_len += n
+                    continue
+                if run_len:
+                    self._meta_write(view[run_at : run_at + run_len], run_host)
+                run_host, run_at, run_len = h, at, n
+                continue
+            buf: Buffer
+            if n == cs:
+                buf = view[at : at + n]
+            else:
+                base = self._cluster_base(gc, kind, entry, host)
+                base[inner : inner + n] = view[at : at + n]
+                buf = base
+            if kind == ZERO and host and self._refcount(host >> self._cb) == 1:
+                # A preallocated zero cluster: fill it in place.
+                self._meta_write(buf, host)
+                updates[gc] = host | OFLAG_COPIED
+                continue
+            c = self._pick_free()
+            self._meta_write(buf, c * cs)  # data first ...
+            self._set_refcount(c, 1)  # ... then its refcount ...
+            updates[gc] = (c * cs) | OFLAG_COPIED
+            if kind in (NORMAL, COMPRESSED) or host:
+                frees.append(entry)
+        if run_len:
+            self._meta_write(view[run_at : run_at + run_len], run_host)
+        if updates:
+            self._update_l2(updates)  # ... then the mapping
+        for entry in frees:
+            self._release(entry)
+
+    def _update_l2(self, updates: dict[int, int]) -> None:
+        groups: dict[int, dict[int, int]] = {}
+        for gc, value in updates.items():
+            l1i, l2i = divmod(gc, self._l2n)
+            groups.setdefault(l1i, {})[l2i] = value
+        for l1i, entries in sorted(groups.items()):
+            table = self._l2_table(l1i)
+            if table is None:
+                if not any(entries.values()):
+                    continue
+                table = array("Q", bytes(self._cs))
+                for l2i, value in entries.items():
+                    table[l2i] = value
+                c = self._pick_free()
+                off = c * self._cs
+                self._meta_write(_be_bytes(table), off)
+                self._set_refcount(c, 1)
+                self._l1[l1i] = off | OFLAG_COPIED
+                self._meta_write(_U64.pack(off | OFLAG_COPIED), self._l1_off + l1i * 8)
+                self._l2_cache[off] = table
+                continue
+            for l2i, value in entries.items():
+                table[l2i] = value
+            lo, hi = min(entries), max(entries) + 1
+            off = self._l1[l1i] & OFFSET_MASK
+            self._meta_write(_be_bytes(table, lo, hi), off + lo * 8)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, +length) read as zeroes, deallocating whole clusters."""
+        check_range(self, offset, length)
+        cs = self._cs
+        updates: dict[int, int] = {}
+        frees: list[int] = []
+        partial: list[tuple[int, int]] = []
+        # Without a parent an unallocated cluster reads as zeroes; with one,
+        # v3 says so with the zero flag; v2 has to write zeroes.
+        zero_entry = 0 if self.parent is None else (OFLAG_ZERO if self.version >= 3 else -1)
+        for gc, inner, n, at in cluster_pieces(offset, length, cs):
+            entry = self._entry(gc)
+            kind, host = self._classify(entry)
+            whole = n == cs or (inner == 0 and offset + at + n >= self._size)
+            reads_zero = kind == ZERO or (kind == UNALLOC and self.parent is None)
+            if reads_zero and not (whole and host):
+                continue
+            if not whole or zero_entry < 0:
+                partial.append((offset + at, n))
+                continue
+            updates[gc] = zero_entry
+            if kind != UNALLOC:
+                frees.append(entry)
+        if updates:
+            self._update_l2(updates)
+        for entry in frees:
+            self._release(entry)
+        for off, n in partial:
+            Backend.write_zeroes(self, off, n)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._zero_range(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._zero_range(offset, length)
+
+    def flush(self) -> None:
+        if self._read_only:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise MediumError(f"{self.path}: flush failed: {e.strerror or e}") from None
+
+    # -- extents ----------------------------------------------------------------
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        check_range(self, offset, length)
+        return merge_extents(self._raw_extents(offset, length))
+
+    def _raw_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        cs = self._cs
+        span = cs * self._l2n
+        pos = offset
+        end = offset + length
+        while pos < end:
+            l1i = pos // span
+            if self._l2_table(l1i) is None:
+                stop = min(end, (l1i + 1) * span)
+                yield from self._backing_extents(pos, stop - pos)
+                pos = stop
+                continue
+            stop = min(end, (l1i + 1) * span)
+            run_start, run_kind = pos, -1
+            for gc, _, n, at in cluster_pieces(pos, stop - pos, cs):
+                kind = self._classify(self._entry(gc))[0]
+                if kind == COMPRESSED:
+                    kind = NORMAL
+                if kind != run_kind and run_kind >= 0:
+                    yield from self._kind_extent(run_kind, run_start, pos + at - run_start)
+                    run_start = pos + at
+                run_kind = kind
+            yield from self._kind_extent(run_kind, run_start, stop - run_start)
+            pos = stop
+
+    def _kind_extent(self, kind: int, offset: int, length: int) -> Iterator[Extent]:
+        if kind == UNALLOC:
+            yield from self._backing_extents(offset, length)
+        else:
+            yield Extent(offset, length, kind == NORMAL)
+
+    def close(self) -> None:
+        self._close_parent()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- registry format interface -------------------------------------------------
+
+
+def probe(head: bytes, path: str) -> bool:
+    """The qcow magic (any version: ``open`` refuses versions other than 2
+    and 3 by name rather than letting the file pass as raw)."""
+    return head[:4] == MAGIC
+
+
+def open(path: str, *, read_only: bool = False, write_through: bool = False) -> Qcow2Image:
+    """Open a qcow2 image and its backing chain."""
+    return Qcow2Image(path, read_only=read_only, write_through=write_through)
+
+
+def _parse_options(path: str, options: dict[str, str] | None) -> tuple[int, int, int]:
+    opts = dict(options or {})
+    compat = opts.pop("compat", "1.1")
+    version = {"0.10": 2, "v2": 2, "2": 2, "1.1": 3, "v3": 3, "3": 3}.get(compat)
+    if version is None:
+        raise BackendError(f"{path}: qcow2 compat={compat!r}: expected 0.10 or 1.1")
+    try:
+        cs = int(opts.pop("cluster_size", "65536"), 0)
+        refbits = int(opts.pop("refcount_bits", "16"), 0)
+    except ValueError as e:
+        raise BackendError(f"{path}: qcow2 option is not a number: {e}") from None
+    if cs < 512 or cs > 1 << MAX_CLUSTER_BITS or cs & (cs - 1):
+        raise BackendError(f"{path}: qcow2 cluster_size {cs} must be a power of two in 512..2M")
+    if refbits < 1 or refbits > 64 or refbits & (refbits - 1):
+        raise BackendError(f"{path}: qcow2 refcount_bits {refbits} must be a power of two in 1..64")
+    if version == 2 and refbits != 16:
+        raise BackendError(f"{path}: qcow2 compat=0.10 requires refcount_bits=16")
+    for key, allowed in (("lazy_refcounts", "off"), ("preallocation", "off"), ("extended_l2", "off"),
+                         ("compression_type", "zlib"), ("encryption", "off")):
+        value = opts.pop(key, allowed)
+        if value != allowed:
+            raise BackendError(f"{path}: qcow2 {key}={value} is not supported")
+    if opts:
+        raise BackendError(f"{path}: unknown qcow2 option(s): {', '.join(sorted(opts))}")
+    return version, cs, refbits
+
+
+def create(
+    path: str,
+    size: int,
+    *,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    options: dict[str, str] | None = None,
+) -> None:
+    """Create an empty qcow2 image. Options: ``compat`` (1.1 = v3, the
+    default, or 0.10 = v2), ``cluster_size`` (default 64 KiB),
+    ``refcount_bits`` (default 16)."""
+    version, cs, refbits = _parse_options(path, options)
+    if size < 0:
+        raise BackendError(f"{path}: negative size")
+    cb = cs.bit_length() - 1
+    l2n = cs // 8
+    l1_size = -(-size // (cs * l2n))
+    l1_clusters = -(-l1_size * 8 // cs)
+    rb_entries = cs * 8 // refbits
+    rt_clusters, rb_count = 1, 1
+    while True:
+        total = 1 + rt_clusters + l1_clusters + rb_count
+        rb_new = -(-total // rb_entries)
+        rt_new = -(-rb_new * 8 // cs)
+        if (rb_new, rt_new) == (rb_count, rt_clusters):
+            break
+        rb_count, rt_clusters = rb_new, rt_new
+    rt_off = cs
+    l1_off = rt_off + rt_clusters * cs
+    rb_off = l1_off + l1_clusters * cs
+    total = 1 + rt_clusters + l1_clusters + rb_count
+
+    # Header cluster: fixed header, extensions, end marker, backing name.
+    header_length = 72 if version == 2 else 104
+    exts = bytearray()
+    if backing is not None and backing_format:
+        fmt = backing_format.encode("ascii")
+        exts += _EXT.pack(EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
+    exts += _EXT.pack(EXT_END, 0)
+    backing_off = backing_len = 0
+    name = b""
+    if backing is not None:
+        name = os.fsencode(backing)
+        if not 0 < len(name) <= 1023:
+            raise BackendError(f"{path}: backing file name must be 1..1023 bytes")
+        backing_off = header_length + len(exts)
+        backing_len = len(name)
+    if header_length + len(exts) + len(name) > cs:
+        raise BackendError(f"{path}: header and backing file name do not fit in a {cs}-byte cluster")
+    head = bytearray(cs)
+    _HDR2.pack_into(head, 0, MAGIC, version, backing_off, backing_len, cb, size, 0,
+                    l1_size, l1_off, rt_off, rt_clusters, 0, 0)
+    if version == 3:
+        _HDR3.pack_into(head, 72, 0, 0, 0, refbits.bit_length() - 1, header_length)
+    head[header_length : header_length + len(exts)] = exts
+    head[backing_off : backing_off + len(name)] = name
+
+    reftable: array[int] = array("Q", bytes(rt_clusters * cs))
+    blocks = bytearray()
+    for i in range(rb_count):
+        reftable[i] = rb_off + i * cs
+        block = _RefBlock(rb_off + i * cs, refbits, bytes(cs))
+        for c in range(i * rb_entries, min(total, (i + 1) * rb_entries)):
+            block.set(c - i * rb_entries, 1)
+        blocks += block.to_bytes()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+    try:
+        os.ftruncate(fd, total * cs)
+        pwrite_all(fd, head, 0)
+        pwrite_all(fd, _be_bytes(reftable), rt_off)
+        pwrite_all(fd, blocks, rb_off)
+        os.fsync(fd)
+    except OSError as e:
+        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+    finally:
+        os.close(fd)

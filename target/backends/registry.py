@@ -1,0 +1,371 @@
+"""Image formats: detection, opening (with backing chains) and creation.
+
+Each format is a module of this package exposing ``NAME``, ``probe``,
+``open`` and ``create`` (see :class:`FormatModule`); it registers itself in
+:data:`FORMATS` simply by being importable. Detection is by content only
+(never by file name): every format but ``raw`` is probed on the first
+64 KiB, and ``raw`` is the fallback.
+
+Backing chains: a format that has a parent calls :func:`open_backing`, which
+resolves a relative name against the child's directory and opens the parent
+read-only through :func:`open_image` - so chains may mix formats (qcow2 over
+raw, VMDK over VMDK...). A file met twice while a chain is being opened, or
+two images of one chain carrying the same UUID, is refused: either would make
+reads recurse forever or silently read the wrong data.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Protocol, cast
+
+from .base import Backend, BackendError, Buffer, Extent, SECTOR
+
+__all__ = [
+    "FORMATS",
+    "FormatModule",
+    "ImageBackend",
+    "ImageInfo",
+    "MAX_CHAIN_DEPTH",
+    "PROBE_SIZE",
+    "check_range",
+    "cluster_pieces",
+    "create_image",
+    "detect",
+    "merge_extents",
+    "open_backing",
+    "open_image",
+    "resolve_backing",
+]
+
+#: Bytes handed to ``probe``.
+PROBE_SIZE = 64 * 1024
+
+#: A chain longer than this is refused (qemu has no hard limit, but a chain
+#: this deep is certainly a mistake or a loop through distinct paths).
+MAX_CHAIN_DEPTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What an image says about itself (``qemu-img info`` in short)."""
+
+    format: str
+    path: str
+    virtual_size: int
+    #: Bytes the file really occupies on disk (st_blocks * 512).
+    allocated_size: int
+    uuid: str | None = None
+    parent_uuid: str | None = None
+    #: The backing file name as stored in the image (may be relative).
+    backing: str | None = None
+    backing_format: str | None = None
+    #: e.g. "dynamic", "fixed", "monolithicSparse", "1.1".
+    subformat: str | None = None
+    extra: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+class ImageBackend(Backend):
+    """A backend that is a disk-image file, possibly with a parent.
+
+    ``parent`` is the opened backing image: reads of ranges this image does
+    not allocate fall through to it (zeroes beyond its end, or everywhere
+    when None); writes only ever go to this image.
+    """
+
+    parent: Backend | None = None
+
+    @abc.abstractmethod
+    def info(self) -> ImageInfo:
+        """Describe the image (format, sizes, UUIDs, backing file...)."""
+
+    def chain(self) -> Iterator[Backend]:
+        """Yield this image, then its parent, grandparent..."""
+        node: Backend | None = self
+        while node is not None:
+            yield node
+            node = node.parent if isinstance(node, ImageBackend) else None
+
+    # -- helpers for subclasses ---------------------------------------------
+
+    def _read_backing(self, offset: int, length: int) -> Buffer:
+        """Read ``length`` bytes of what lies under this image at ``offset``:
+        the parent's data, zeroes past the parent's end or without one."""
+        parent = self.parent
+        if parent is None:
+            return bytes(length)
+        psize = parent.size
+        if offset + length <= psize:
+            return parent.read(offset, length)
+        out = bytearray(length)
+        if offset < psize:
+            n = psize - offset
+            out[:n] = parent.read(offset, n)
+        return out
+
+    def _backing_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """Extents of the parent over a range this image leaves unallocated;
+        unmapped past the parent's end or without one."""
+        parent = self.parent
+        end = offset + length
+        if parent is not None:
+            pend = min(end, parent.size)
+            if offset < pend:
+                yield from parent.extents(offset, pend - offset)
+                offset = pend
+        if offset < end:
+            yield Extent(offset, end - offset, False)
+
+    def _close_parent(self) -> None:
+        parent, self.parent = self.parent, None
+        if parent is not None:
+            parent.close()
+
+
+def check_range(backend: Backend, offset: int, length: int) -> None:
+    """Refuse a request outside the virtual disk with a BackendError."""
+    if offset < 0 or length < 0 or offset + length > backend.size:
+        raise BackendError(
+            f"{backend.path or 'backend'}: request [{offset}, +{length}) is outside "
+            f"the {backend.size}-byte disk"
+        )
+
+
+def cluster_pieces(offset: int, length: int, cluster: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split [offset, offset+length) at ``cluster`` boundaries (a power of
+    two): yields (cluster index, offset in cluster, length, offset in the
+    request) for each piece."""
+    mask = cluster - 1
+    shift = cluster.bit_length() - 1
+    pos = offset
+    end = offset + length
+    while pos < end:
+        inner = pos & mask
+        n = min(cluster - inner, end - pos)
+        yield pos >> shift, inner, n, pos - offset
+        pos += n
+
+
+def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Join adjacent extents with the same ``mapped`` state."""
+    cur: Extent | None = None
+    for e in extents:
+        if e.length <= 0:
+            continue
+        if cur is not None and cur.mapped == e.mapped and cur.offset + cur.length == e.offset:
+            cur = Extent(cur.offset, cur.length + e.length, cur.mapped)
+            continue
+        if cur is not None:
+            yield cur
+        cur = e
+    if cur is not None:
+        yield cur
+
+
+class FormatModule(Protocol):
+    """What a format module exposes (module-level names)."""
+
+    NAME: str
+
+    def probe(self, head: bytes, path: str) -> bool:
+        """True when ``head`` (the first 64 KiB) is an image of this format."""
+        ...
+
+    def open(self, path: str, *, read_only: bool, write_through: bool) -> ImageBackend:
+        """Open an image of this format."""
+        ...
+
+    def create(
+        self,
+        path: str,
+        size: int,
+        *,
+        backing: str | None = None,
+        backing_format: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Create a new, empty image of ``size`` bytes."""
+        ...
+
+
+#: Registered formats by name. Filled at import time from the modules below;
+#: ``raw`` is last on purpose: it accepts anything, so it is the fallback.
+FORMATS: dict[str, FormatModule] = {}
+
+_FORMAT_NAMES = ("qcow2", "parallels", "vdi", "vhd", "vmdk", "raw")
+
+# Paths (realpath) being opened on this thread, outermost first: a chain that
+# comes back to one of them is a loop.
+_opening = threading.local()
+
+
+def _stack() -> list[str]:
+    st = getattr(_opening, "stack", None)
+    if st is None:
+        st = []
+        _opening.stack = st
+    return cast(list[str], st)
+
+
+def _read_head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(PROBE_SIZE)
+    except FileNotFoundError:
+        raise BackendError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BackendError(f"{path}: is a directory, not an image") from None
+    except OSError as e:
+        raise BackendError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def detect(path: str) -> str:
+    """Return the format name of the image at ``path`` (by content)."""
+    head = _read_head(path)
+    for name, mod in FORMATS.items():
+        if name == "raw":
+            continue
+        if mod.probe(head, path):
+            return name
+    return "raw"
+
+
+def _format(fmt: str, path: str) -> FormatModule:
+    mod = FORMATS.get(fmt)
+    if mod is None:
+        known = ", ".join(sorted(FORMATS))
+        raise BackendError(f"{path}: unknown image format {fmt!r} (known: {known})")
+    return mod
+
+
+def open_image(
+    path: str,
+    *,
+    read_only: bool = False,
+    write_through: bool = False,
+    fmt: str | None = None,
+) -> ImageBackend:
+    """Open an image (detecting its format unless ``fmt`` is given), with
+    its whole backing chain. Raises BackendError with one line when the
+    file is missing, unsupported or damaged."""
+    path = os.fspath(path)
+    stack = _stack()
+    real = os.path.realpath(path)
+    if real in stack:
+        chain = " -> ".join([*stack, real])
+        raise BackendError(f"{path}: backing chain loops back to itself ({chain})")
+    if len(stack) >= MAX_CHAIN_DEPTH:
+        raise BackendError(f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH} images")
+    if fmt is None:
+        fmt = detect(path)
+    mod = _format(fmt, path)
+    stack.append(real)
+    try:
+        img = mod.open(path, read_only=read_only, write_through=write_through)
+    except BackendError:
+        raise
+    except FileNotFoundError:
+        raise BackendError(f"{path}: no such file") from None
+    except PermissionError:
+        raise BackendError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise BackendError(f"{path}: cannot open {fmt} image: {e.strerror or e}") from None
+    except (struct.error, IndexError, ValueError, OverflowError, zlib.error) as e:
+        # A parser bug or a damaged file must still surface as one line.
+        raise BackendError(f"{path}: damaged {fmt} image ({type(e).__name__}: {e})") from None
+    finally:
+        stack.pop()
+    try:
+        _check_uuids(img)
+    except BackendError:
+        img.close()
+        raise
+    return img
+
+
+def _check_uuids(img: ImageBackend) -> None:
+    seen: dict[str, str] = {}
+    for node in img.chain():
+        if not isinstance(node, ImageBackend):
+            continue
+        uuid = node.info().uuid
+        if not uuid or uuid.strip("0-") == "":
+            continue
+        if uuid in seen:
+            raise BackendError(
+                f"{img.path}: images {seen[uuid]} and {node.path} of one backing chain "
+                f"have the same UUID {uuid}"
+            )
+        seen[uuid] = node.path
+
+
+def resolve_backing(child_path: str, backing: str) -> str:
+    """Resolve a backing file name as stored in ``child_path``: absolute
+    names stay, relative ones are relative to the child's directory."""
+    if backing.startswith("json:") or "://" in backing:
+        raise BackendError(f"{child_path}: backing file {backing!r} is a protocol URL, not a file")
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(os.path.abspath(child_path)), backing)
+
+
+def open_backing(child_path: str, backing: str, backing_format: str | None) -> ImageBackend:
+    """Open the parent of ``child_path`` read-only (for format modules)."""
+    ppath = resolve_backing(child_path, backing)
+    if not os.path.exists(ppath):
+        raise BackendError(f"{child_path}: backing file {backing!r} not found (looked for {ppath})")
+    fmt = backing_format or None
+    if fmt is not None and fmt not in FORMATS:
+        raise BackendError(f"{child_path}: backing file {backing!r} has unsupported format {fmt!r}")
+    return open_image(ppath, read_only=True, fmt=fmt)
+
+
+def create_image(
+    path: str,
+    fmt: str,
+    size: int,
+    *,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    options: dict[str, str] | None = None,
+) -> None:
+    """Create an empty image. ``size`` 0 with a backing file takes the
+    backing file's size; a backing format is detected when not given."""
+    path = os.fspath(path)
+    mod = _format(fmt, path)
+    if backing is not None:
+        bpath = resolve_backing(path, backing)
+        if backing_format is None or size == 0:
+            with open_image(bpath, read_only=True, fmt=backing_format) as parent:
+                if size == 0:
+                    size = parent.size
+                if backing_format is None and isinstance(parent, ImageBackend):
+                    backing_format = parent.info().format
+    if size <= 0 or size % SECTOR:
+        raise BackendError(f"{path}: image size {size} is not a positive multiple of {SECTOR}")
+    mod.create(path, size, backing=backing, backing_format=backing_format, options=options)
+
+
+def _load_formats() -> None:
+    for name in _FORMAT_NAMES:
+        full = f"{__package__}.{name}"
+        try:
+            mod: ModuleType = importlib.import_module(full)
+        except ModuleNotFoundError as e:
+            # Only a format not written yet is skipped; a module that exists
+            # but fails to import is a bug that must show.
+            if e.name == full:
+                continue
+            raise
+        FORMATS[name] = cast(FormatModule, mod)
+
+
+_load_formats()

@@ -1,0 +1,210 @@
+"""Connects the sans-I/O :class:`iscsi.login.TargetLogin` to the server:
+the policy callbacks (targets, ACLs, CHAP, session table) and what happens
+when a login ends -- a new session, session reinstatement, a connection
+joining or reinstating in an existing session (RFC 7143 §6.3.5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from iscsi.chap import ChapCredentials
+from iscsi.constants import LoginStatus
+from iscsi.errors import LoginError, ProtocolError
+from iscsi.login import LoginTarget, TargetAuth, TargetLogin
+from iscsi.pdu import LoginRequest, LoginResponse
+
+from .config import ChapConfig, Limits, TargetSpec
+from .session import Session
+
+if TYPE_CHECKING:
+    from .connection import TargetConnection
+    from .server import TargetServer
+
+log = logging.getLogger("aioiscsi.target")
+
+
+def target_auth(chap: ChapConfig | None) -> TargetAuth | None:
+    """The login's view of a CHAP configuration."""
+    if chap is None:
+        return None
+    outgoing = None
+    if chap.mutual_user and chap.mutual_secret:
+        outgoing = ChapCredentials(chap.mutual_user, chap.mutual_secret)
+    return TargetAuth(incoming=ChapCredentials(chap.user, chap.secret), outgoing=outgoing)
+
+
+def limits_offers(limits: Limits) -> dict[str, str]:
+    """Operational keys the target offers/accepts, from its configured limits."""
+    yes = {True: "Yes", False: "No"}
+    return {
+        "HeaderDigest": ",".join(limits.header_digests),
+        "DataDigest": ",".join(limits.data_digests),
+        "MaxConnections": str(limits.max_connections),
+        "InitialR2T": yes[limits.initial_r2t],
+        "ImmediateData": yes[limits.immediate_data],
+        "MaxRecvDataSegmentLength": str(limits.max_recv_data_segment_length),
+        "MaxBurstLength": str(limits.max_burst_length),
+        "FirstBurstLength": str(limits.first_burst_length),
+        "MaxOutstandingR2T": str(limits.max_outstanding_r2t),
+        # We implement ErrorRecoveryLevel 0 only (RFC 7143 §7.1.5).
+        "ErrorRecoveryLevel": "0",
+        "DataPDUInOrder": "Yes",
+        "DataSequenceInOrder": "Yes",
+    }
+
+
+@dataclass(frozen=True)
+class _Target:
+    """A configured target as the login sees it."""
+
+    spec: TargetSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def alias(self) -> str | None:
+        return self.spec.alias
+
+    @property
+    def auth(self) -> TargetAuth | None:
+        return target_auth(self.spec.chap)
+
+    @property
+    def offers(self) -> Mapping[str, str]:
+        return limits_offers(self.spec.limits)
+
+    def initiator_allowed(self, initiator_name: str) -> bool:
+        return self.spec.allows(initiator_name)
+
+
+class _Policy:
+    """Per-connection login policy backed by the server."""
+
+    def __init__(self, server: TargetServer, conn: TargetConnection) -> None:
+        self.server = server
+        self.conn = conn
+        self.login: TargetLogin | None = None
+
+    def find_target(self, name: str) -> LoginTarget | None:
+        rt = self.server.targets.get(name)
+        if rt is None:
+            return None
+        # Only targets in this connection's portal group are reachable here.
+        if self.conn.portal_group_tag not in rt.spec.portal_groups:
+            return None
+        if self.login is not None:
+            self.login.cmd_window = rt.spec.limits.queue_depth
+        return _Target(rt.spec)
+
+    def discovery_auth(self, initiator_name: str) -> TargetAuth | None:
+        return target_auth(self.server.config.discovery_chap)
+
+    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
+        sess = self.server.sessions.get(tsih)
+        if sess is None or sess.closed or sess.isid != isid or \
+                sess.initiator_name != initiator_name:
+            return False
+        login = self.login
+        cid = login.cid if login is not None else -1
+        limit = sess.params.max_connections if sess.params is not None else 1
+        if cid not in sess.connections and len(sess.connections) >= limit:
+            raise LoginError(f"session TSIH {tsih} already has {limit} connection(s)",
+                             LoginStatus.TOO_MANY_CONNECTIONS)
+        return True
+
+    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
+        return self.server.allocate_tsih()
+
+
+def make_target_login(server: TargetServer, conn: TargetConnection) -> TargetLogin:
+    """A fresh login state machine for ``conn``."""
+    policy = _Policy(server, conn)
+    login = TargetLogin(policy, conn.portal_group_tag, initial_statsn=conn.statsn)
+    policy.login = login
+    return login
+
+
+def handle_login(server: TargetServer, conn: TargetConnection, req: LoginRequest) -> None:
+    """Feed one Login Request; send the response; act on the outcome."""
+    login: TargetLogin = conn._login
+    resp = login.receive(req)
+    conn.send(resp)
+    if login.failed_status is not None:
+        _log_refusal(conn, login, resp)
+        conn.close()
+        return
+    if login.complete:
+        _complete(server, conn, login, req)
+
+
+def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse) -> None:
+    status = login.failed_status
+    assert status is not None
+    log.warning("%s: login refused: %s (status 0x%04x) for initiator %s target %s: %s",
+                conn.peer, status.words, status.value, login.initiator_name or "?",
+                login.target_name or ("(discovery)" if login.session_type == "Discovery" else "?"),
+                login.failure_reason)
+
+
+def reject_login(server: TargetServer, conn: TargetConnection, exc: ProtocolError) -> None:
+    """A malformed PDU during login: answer with a Login reject when we can
+    build one (we know the ITT from the header), then close."""
+    status = exc.login_status or LoginStatus.INITIATOR_ERROR
+    hdr = exc.header
+    if hdr is not None and len(hdr) >= 48 and (hdr[0] & 0x3F) == 0x03:
+        itt = int.from_bytes(hdr[16:20], "big")
+        isid = int.from_bytes(hdr[8:14], "big")
+        conn.send(LoginResponse(itt=itt, isid=isid, statsn=conn.statsn,
+                                status_class=status.status_class,
+                                status_detail=status.status_detail))
+    log.warning("%s: login refused: malformed PDU: %s", conn.peer, exc)
+    conn.close()
+
+
+def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
+              req: LoginRequest) -> None:
+    params = login.params
+    initiator = login.initiator_name or ""
+    discovery = params.discovery
+    rt = None if discovery else server.targets.get(login.target_name or "")
+    if login.leading:
+        # Session reinstatement (§6.3.5): a new leading login with the ISID
+        # of an existing session of the same initiator and target ends it.
+        for old in list(server.sessions.values()):
+            if old.isid == login.isid and old.initiator_name == initiator and \
+                    old.target_name == (login.target_name or "") and not old.closed:
+                log.info("%s: reinstating session TSIH %d of %s", conn.peer, old.tsih, initiator)
+                server.end_session(old)
+        sess = Session(
+            tsih=login.tsih, isid=login.isid, initiator_name=initiator,
+            target_name=login.target_name or "", discovery=discovery,
+            portal_group_tag=conn.portal_group_tag,
+            queue_depth=rt.spec.limits.queue_depth if rt is not None else 1,
+            expcmdsn=req.cmdsn, params=params, target=rt)
+        server.sessions[sess.tsih] = sess
+        server.release_tsih(sess.tsih)
+        if rt is not None:
+            rt.sessions.add(sess)
+    else:
+        sess = server.sessions[login.tsih]
+        old_conn = sess.connections.get(login.cid)
+        if old_conn is not None:
+            # Connection reinstatement: the old connection's tasks end at
+            # ERL 0 and the connection is dropped (§6.3.5, §7.1.4).
+            log.info("%s: reinstating connection CID %d", conn.peer, login.cid)
+            del sess.connections[login.cid]
+            old_conn.session = None
+            old_conn.abort("connection reinstated")
+    conn.cid = login.cid
+    sess.connections[login.cid] = conn
+    conn.statsn = login.next_statsn
+    log.info("%s: login: %s to %s (%s session, TSIH %d, CID %d): %s", conn.peer, initiator,
+             login.target_name or "discovery", "Discovery" if discovery else "Normal",
+             sess.tsih, login.cid, params)
+    conn.login_complete(sess, params)

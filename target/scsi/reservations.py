@@ -1,0 +1,1095 @@
+"""Reservations of one logical unit: SPC-2 RESERVE/RELEASE and SPC-4
+persistent reservations (SPC-4 §5.9, PERSISTENT RESERVE IN §6.15 and
+PERSISTENT RESERVE OUT §6.16).
+
+The object keeps the registrations (reservation key per I_T nexus), the
+persistent reservation (type and holder), the SPC-2 reservation (one I_T
+nexus) and the PRgeneration counter. The logical unit asks it three things:
+
+* ``conflict(nexus, cdb)`` before running any command: the command-conflict
+  tables of SPC-4 §5.9.1 (SPC commands) and SBC-3 §4.17.x (block commands),
+  plus the SPC-2 reservation rules (SPC-2 §5.5.1);
+* ``reserve_in`` / ``reserve_out`` to run PERSISTENT RESERVE IN / OUT;
+* ``reserve6`` / ``release6`` for RESERVE(6/10) / RELEASE(6/10), and the
+  task-management hooks ``lu_reset`` and ``nexus_lost``.
+
+RESERVATION CONFLICT is a status without sense data (SAM-5 §5.3.1), so it is
+raised as :class:`ReservationConflict`; errors with sense data raise
+``CheckCondition``. Unit attentions the standard asks for are returned as
+:class:`UnitAttentionPost` records for the logical unit to post.
+
+A registration names an initiator port by iSCSI name and ISID (or by name
+only, when it came from a TransportID of format 00b) and a target port (or
+every target port, ALL_TG_PT=1). Persist-through-power-loss state (APTPL,
+SPC-4 §5.9.5) is written as JSON, atomically (temporary file, fsync,
+rename), and read back when the object is built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from iscsi.scsi.constants import Opcode, PRInAction, PROutAction, PRType, SenseKey
+from iscsi.scsi.sense import (
+    INSUFFICIENT_REGISTRATION_RESOURCES,
+    INTERNAL_TARGET_FAILURE,
+    INVALID_FIELD_IN_CDB,
+    INVALID_RELEASE_OF_PERSISTENT_RESERVATION,
+    PARAMETER_LIST_LENGTH_ERROR,
+    REGISTRATIONS_PREEMPTED,
+    RESERVATIONS_PREEMPTED,
+    RESERVATIONS_RELEASED,
+    CheckCondition,
+    illegal_request,
+    invalid_field_in_cdb,
+    invalid_field_in_parameter_list,
+)
+
+from .types import Buffer, Nexus
+
+__all__ = [
+    "Reservations",
+    "ReservationConflict",
+    "ReservationStateError",
+    "UnitAttentionPost",
+    "PROutResult",
+    "Registration",
+    "TransportIDError",
+    "parse_transport_id",
+    "build_transport_id",
+]
+
+#: SPC-4 §7.6.1 table 444: protocol identifier of iSCSI.
+PROTOCOL_ISCSI = 5
+#: LU_SCOPE, the only scope SPC-4 keeps (§6.16.2).
+LU_SCOPE = 0
+
+_ALL_REGISTRANTS = frozenset({PRType.WRITE_EXCLUSIVE_ALL_REGISTRANTS, PRType.EXCLUSIVE_ACCESS_ALL_REGISTRANTS})
+_REGISTRANTS_ONLY = frozenset({PRType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY, PRType.EXCLUSIVE_ACCESS_REGISTRANTS_ONLY})
+#: Types under which a non-holder may still read (the "Write Exclusive" family).
+_READ_SHARED = frozenset(
+    {PRType.WRITE_EXCLUSIVE, PRType.WRITE_EXCLUSIVE_REGISTRANTS_ONLY, PRType.WRITE_EXCLUSIVE_ALL_REGISTRANTS}
+)
+_VALID_TYPES = frozenset(int(t) for t in PRType)
+
+# PERSISTENT RESERVE OUT basic parameter list, SPC-4 §6.16.3 table 228:
+# reservation key, service action reservation key, obsolete (4), byte 20
+# (SPEC_I_PT/ALL_TG_PT/APTPL), reserved, obsolete (2).
+_PROUT_PARAMS = struct.Struct(">QQ4xBxxx")
+_BASIC_LEN = 24
+# REGISTER AND MOVE parameter list, SPC-4 §6.16.4 table 231.
+_MOVE_PARAMS = struct.Struct(">QQxBHI")
+_SPEC_I_PT, _ALL_TG_PT, _APTPL = 0x08, 0x04, 0x01
+_UNREG = 0x02
+_TID_HDR = struct.Struct(">BxH")
+
+#: Default cap on registrations (INSUFFICIENT REGISTRATION RESOURCES beyond).
+MAX_REGISTRATIONS = 256
+
+_STATE_FORMAT = "aioiscsi-persistent-reservations"
+_STATE_VERSION = 1
+
+
+class ReservationConflict(Exception):
+    """End the command with RESERVATION CONFLICT status (no sense data)."""
+
+
+class ReservationStateError(ValueError):
+    """The APTPL state file cannot be read back (one-line message)."""
+
+
+class TransportIDError(ValueError):
+    """A TransportID that is not a well-formed iSCSI TransportID.
+
+    ``offset`` is the byte of the parameter list at fault, for the
+    sense-key-specific field pointer.
+    """
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class UnitAttentionPost:
+    """A unit attention the logical unit must establish.
+
+    ``nexuses`` holds initiator port names ("iqn...,i,0x<isid>"); every I_T
+    nexus of those initiator ports gets the condition. ``None`` means every
+    I_T nexus except the one that issued the command.
+    """
+
+    asc_ascq: tuple[int, int]
+    nexuses: frozenset[str] | None
+
+
+class PROutResult(list[UnitAttentionPost]):
+    """The unit attentions of a PERSISTENT RESERVE OUT command (a list), plus
+    ``abort``: for PREEMPT AND ABORT, the initiator ports whose tasks the
+    caller must abort on this logical unit (SPC-4 §5.9.11.5); empty otherwise."""
+
+    def __init__(self, posts: Iterable[UnitAttentionPost] = (), abort: frozenset[str] = frozenset()) -> None:
+        super().__init__(posts)
+        self.abort = abort
+
+
+RegId = tuple[str, int | None, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """One registration (SPC-4 §5.9.7).
+
+    ``isid`` None: every initiator port of that iSCSI name (a TransportID of
+    format 00b named the node, not a port). ``target_port`` None: the
+    registration was made with ALL_TG_PT=1 and holds through every target
+    port.
+    """
+
+    initiator_name: str
+    isid: int | None
+    target_port: str | None
+    relative_port_id: int
+    key: int
+
+    @property
+    def ident(self) -> RegId:
+        """Identity of the I_T nexus (or nexus set) this registration names."""
+        return (self.initiator_name.lower(), self.isid, self.target_port)
+
+    def matches(self, nexus: Nexus) -> bool:
+        """True when ``nexus`` is one of the I_T nexuses this covers."""
+        return (
+            self.initiator_name.lower() == nexus.initiator_name.lower()
+            and (self.isid is None or self.isid == nexus.isid)
+            and (self.target_port is None or self.target_port == nexus.target_port)
+        )
+
+    def specificity(self) -> int:
+        """Higher for narrower registrations (the one that wins a lookup)."""
+        return (2 if self.isid is not None else 0) + (1 if self.target_port is not None else 0)
+
+    @property
+    def initiator_port(self) -> str | None:
+        """The initiator port name, when the registration names one port."""
+        if self.isid is None:
+            return None
+        return f"{self.initiator_name},i,0x{self.isid:012x}"
+
+    def transport_id(self) -> bytes:
+        """The iSCSI TransportID of the initiator (SPC-4 §7.6.4.6)."""
+        return build_transport_id(self.initiator_name, self.isid)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    type: PRType
+    #: The holding registration; None for all-registrants types, where every
+    #: registered I_T nexus is a holder (SPC-4 §5.9.10).
+    holder: RegId | None
+
+
+class _Access(IntEnum):
+    """How a command is treated by the conflict tables."""
+
+    ALLOWED = 0  # "Allowed" in every column
+    READ = 1  # allowed for Write Exclusive types, conflicts for Exclusive Access
+    EXCLUSIVE = 2  # conflicts unless holder / registrant of an RO or AR type
+    RESERVE = 3  # RESERVE/RELEASE(6/10): SPC-4 §5.9.3 exceptions
+
+
+_ALWAYS = frozenset(
+    {
+        Opcode.TEST_UNIT_READY,
+        Opcode.REQUEST_SENSE,
+        Opcode.INQUIRY,
+        Opcode.LOG_SENSE,
+        Opcode.READ_CAPACITY_10,
+        Opcode.REPORT_LUNS,
+        Opcode.MAINTENANCE_IN,  # REPORT TARGET PORT GROUPS, REPORT SUPPORTED ...
+        Opcode.PERSISTENT_RESERVE_IN,
+        Opcode.PERSISTENT_RESERVE_OUT,  # checked by the service action itself
+        Opcode.GET_EVENT_STATUS_NOTIFICATION,
+        Opcode.MECHANISM_STATUS,
+    }
+)
+_READS = frozenset(
+    {
+        Opcode.READ_6,
+        Opcode.READ_10,
+        Opcode.READ_12,
+        Opcode.READ_16,
+        Opcode.VERIFY_10,
+        Opcode.VERIFY_12,
+        Opcode.VERIFY_16,
+        Opcode.PRE_FETCH_10,
+        Opcode.PRE_FETCH_16,
+        Opcode.READ_DEFECT_DATA_10,
+        Opcode.READ_DEFECT_DATA_12,
+        Opcode.READ_CD,
+        Opcode.READ_TOC_PMA_ATIP,
+        Opcode.GET_CONFIGURATION,
+        Opcode.READ_DISC_INFORMATION,
+        Opcode.READ_FORMAT_CAPACITIES,
+    }
+)
+_RESERVE_RELEASE = frozenset({Opcode.RESERVE_6, Opcode.RESERVE_10, Opcode.RELEASE_6, Opcode.RELEASE_10})
+#: SPC-2 §5.5.1 and Annex B column [A]: what another initiator may still do
+#: while the logical unit is reserved with RESERVE(6/10).
+_SPC2_ALLOWED = frozenset(
+    {
+        Opcode.INQUIRY,
+        Opcode.REQUEST_SENSE,
+        Opcode.REPORT_LUNS,
+        Opcode.LOG_SENSE,
+        Opcode.READ_CAPACITY_10,
+        Opcode.RELEASE_6,  # completes GOOD without releasing (SPC-2 §7.17)
+        Opcode.RELEASE_10,
+        Opcode.MAINTENANCE_IN,
+    }
+)
+_READ_MEDIA_SERIAL_NUMBER = 0xAB
+_SAI_READ_CAPACITY_16 = 0x10
+_SAI_GET_LBA_STATUS = 0x12
+
+
+def _classify(cdb: bytes) -> _Access:
+    """Place a CDB in the SPC-4 §5.9.1 (tables 43-45) / SBC-3 §4.17 rows."""
+    op = cdb[0]
+    if op in _ALWAYS:
+        return _Access.ALLOWED
+    if op in _READS:
+        return _Access.READ
+    if op in _RESERVE_RELEASE:
+        return _Access.RESERVE
+    if op == Opcode.SERVICE_ACTION_IN_16 and len(cdb) > 1:
+        sa = cdb[1] & 0x1F
+        if sa == _SAI_READ_CAPACITY_16:
+            return _Access.ALLOWED
+        if sa == _SAI_GET_LBA_STATUS:
+            return _Access.READ
+        return _Access.EXCLUSIVE
+    if op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL:
+        # PREVENT=0 (allow) never conflicts; preventing does.
+        return _Access.ALLOWED if len(cdb) > 4 and cdb[4] & 0x03 == 0 else _Access.EXCLUSIVE
+    if op == Opcode.START_STOP_UNIT:
+        # SBC-3: START=1 with POWER CONDITION=0 is allowed, the rest conflicts.
+        if len(cdb) > 4 and cdb[4] & 0x01 and cdb[4] >> 4 == 0:
+            return _Access.ALLOWED
+        return _Access.EXCLUSIVE
+    if op == _READ_MEDIA_SERIAL_NUMBER and len(cdb) > 1 and cdb[1] & 0x1F == 0x01:
+        return _Access.ALLOWED
+    # Writes, MODE SENSE/SELECT, LOG SELECT, buffers, diagnostics, EXTENDED
+    # COPY, RECEIVE COPY RESULTS, SYNCHRONIZE CACHE, UNMAP, FORMAT UNIT ...
+    # all read "Conflict" for every non-holder column except registrants of
+    # a registrants-only or all-registrants reservation.
+    return _Access.EXCLUSIVE
+
+
+def _spc2_allowed(cdb: bytes) -> bool:
+    op = cdb[0]
+    if op in _SPC2_ALLOWED:
+        return True
+    if op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL:
+        return len(cdb) > 4 and cdb[4] & 0x03 == 0
+    if op == Opcode.SERVICE_ACTION_IN_16 and len(cdb) > 1:
+        return cdb[1] & 0x1F == _SAI_READ_CAPACITY_16
+    return op == _READ_MEDIA_SERIAL_NUMBER and len(cdb) > 1 and cdb[1] & 0x1F == 0x01
+
+
+# --- TransportIDs (SPC-4 §7.6.4.6) --------------------------------------------
+
+
+def build_transport_id(name: str, isid: int | None) -> bytes:
+    """An iSCSI TransportID: format 00b (name) when ``isid`` is None, else
+    format 01b ("name,i,0x<ISID>"), NUL-terminated and padded to a multiple
+    of four bytes with at least 20 bytes of name field (SPC-4 §7.6.4.6)."""
+    text = name if isid is None else f"{name},i,0x{isid:012x}"
+    raw = text.encode("utf-8") + b"\0"
+    length = max(20, (len(raw) + 3) & ~3)
+    fmt = 0x00 if isid is None else 0x40
+    return _TID_HDR.pack(fmt | PROTOCOL_ISCSI, length) + raw.ljust(length, b"\0")
+
+
+def parse_transport_id(buf: Buffer, offset: int = 0) -> tuple[str, int | None, int]:
+    """Decode the iSCSI TransportID at ``offset`` of ``buf``.
+
+    Returns (iSCSI name, ISID or None for format 00b, bytes used). Raises
+    TransportIDError naming the offending byte.
+    """
+    data = memoryview(buf)
+    if offset + 4 > len(data):
+        raise TransportIDError(f"TransportID at byte {offset} is truncated (needs 4 header bytes)", offset)
+    b0, length = _TID_HDR.unpack_from(data, offset)
+    if b0 & 0x0F != PROTOCOL_ISCSI:
+        raise TransportIDError(
+            f"TransportID at byte {offset} has protocol identifier {b0 & 0x0F}, not iSCSI (5)", offset
+        )
+    fmt = b0 >> 6
+    if fmt not in (0, 1):
+        raise TransportIDError(f"TransportID at byte {offset} has unsupported format code {fmt}", offset)
+    end = offset + 4 + length
+    if end > len(data):
+        raise TransportIDError(
+            f"TransportID at byte {offset} announces {length} name bytes past the end of the list", offset + 2
+        )
+    field_bytes = bytes(data[offset + 4 : end])
+    nul = field_bytes.find(b"\0")
+    if nul <= 0:
+        raise TransportIDError(f"TransportID at byte {offset} has no NUL-terminated iSCSI name", offset + 4)
+    try:
+        text = field_bytes[:nul].decode("utf-8")
+    except UnicodeDecodeError:
+        raise TransportIDError(f"TransportID at byte {offset} has an iSCSI name that is not UTF-8", offset + 4)
+    if fmt == 0:
+        if ",i,0x" in text.lower():
+            raise TransportIDError(f"TransportID at byte {offset} has format 00b but carries an ISID", offset)
+        return text, None, 4 + length
+    cut = text.lower().rfind(",i,0x")
+    if cut <= 0:
+        raise TransportIDError(f"TransportID at byte {offset} has format 01b but no ',i,0x' separator", offset + 4)
+    isid_hex = text[cut + 5 :]
+    if len(isid_hex) != 12:
+        raise TransportIDError(f"TransportID at byte {offset} has ISID {isid_hex!r}, not 12 hex digits", offset + 4)
+    try:
+        isid = int(isid_hex, 16)
+    except ValueError:
+        raise TransportIDError(f"TransportID at byte {offset} has ISID {isid_hex!r}, not hexadecimal", offset + 4)
+    return text[:cut], isid, 4 + length
+
+
+# --- the reservation state ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _PRState:
+    regs: dict[RegId, Registration] = field(default_factory=dict)
+    reservation: _Reservation | None = None
+    aptpl: bool = False
+    generation: int = 0
+
+    def copy(self) -> _PRState:
+        return _PRState(dict(self.regs), self.reservation, self.aptpl, self.generation)
+
+
+class Reservations:
+    """SPC-2 and SPC-4 reservations of one logical unit.
+
+    ``state_path``: where APTPL state lives (None: persistence unsupported,
+    PTPL_C=0 and APTPL=1 is refused). ``target_ports``: relative target port
+    identifier -> target port name, the ports REGISTER AND MOVE may name;
+    ports are also learnt from the nexuses that send commands.
+    """
+
+    def __init__(
+        self,
+        state_path: str | None,
+        *,
+        target_ports: Mapping[int, str] | None = None,
+        max_registrations: int = MAX_REGISTRATIONS,
+    ) -> None:
+        self.state_path = state_path
+        self.max_registrations = max_registrations
+        self._ports: dict[int, str] = dict(target_ports or {})
+        #: initiator name (lowercase) -> initiator ports seen, to address unit
+        #: attentions to registrations made by name only.
+        self._seen: dict[str, set[str]] = {}
+        self._s = _PRState()
+        #: SPC-2 RESERVE(6/10) holder: the I_T nexus key.
+        self._spc2: str | None = None
+        if state_path is not None:
+            self._load(state_path)
+
+    # --- introspection -------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """The PRgeneration counter (SPC-4 §6.15.2)."""
+        return self._s.generation
+
+    @property
+    def aptpl(self) -> bool:
+        """PTPL_A: whether registrations persist through power loss."""
+        return self._s.aptpl
+
+    @property
+    def registrations(self) -> list[Registration]:
+        """The current registrations, in the order they were made."""
+        return list(self._s.regs.values())
+
+    @property
+    def reservation(self) -> tuple[PRType, int] | None:
+        """(type, key) of the persistent reservation (key 0 for
+        all-registrants types), or None."""
+        res = self._s.reservation
+        if res is None:
+            return None
+        return res.type, self._res_key(res)
+
+    @property
+    def spc2_holder(self) -> str | None:
+        """The I_T nexus key holding an SPC-2 reservation, if any."""
+        return self._spc2
+
+    def note_nexus(self, nexus: Nexus) -> None:
+        """Remember a nexus's initiator and target port (for name-only
+        registrations' unit attentions and REGISTER AND MOVE)."""
+        self._seen.setdefault(nexus.initiator_name.lower(), set()).add(nexus.initiator_port)
+        self._ports.setdefault(nexus.relative_port_id, nexus.target_port)
+
+    # --- lookups ---------------------------------------------------------------
+
+    def _reg_of(self, nexus: Nexus) -> Registration | None:
+        best: Registration | None = None
+        for reg in self._s.regs.values():
+            if reg.matches(nexus) and (best is None or reg.specificity() > best.specificity()):
+                best = reg
+        return best
+
+    def _is_holder(self, reg: Registration | None) -> bool:
+        res = self._s.reservation
+        if res is None or reg is None:
+            return False
+        return res.holder is None or res.holder == reg.ident
+
+    def _res_key(self, res: _Reservation) -> int:
+        # SPC-4 §6.15.3: an all-registrants reservation reports key zero.
+        if res.holder is None:
+            return 0
+        holder = self._s.regs.get(res.holder)
+        return holder.key if holder is not None else 0
+
+    def _ports_of(self, regs: Iterable[Registration], issuer: Nexus | None) -> frozenset[str]:
+        out: set[str] = set()
+        for reg in regs:
+            port = reg.initiator_port
+            if port is not None:
+                out.add(port)
+            else:
+                out.update(self._seen.get(reg.initiator_name.lower(), ()))
+        if issuer is not None:
+            out.discard(issuer.initiator_port)
+        return frozenset(out)
+
+    # --- command conflicts (SPC-4 §5.9.1, SPC-2 §5.5.1) -----------------------
+
+    def conflict(self, nexus: Nexus, cdb: bytes) -> bool:
+        """True when ``cdb`` from ``nexus`` must end in RESERVATION CONFLICT."""
+        s = self._s
+        if self._spc2 is None and s.reservation is None and not s.regs:
+            return False
+        if not cdb:
+            return False
+        if self._spc2 is not None:
+            op = cdb[0]
+            # SPC-3 §6.11/§6.12: while RESERVE(6/10) holds, PERSISTENT RESERVE
+            # IN and OUT conflict regardless of initiator.
+            if op in (Opcode.PERSISTENT_RESERVE_IN, Opcode.PERSISTENT_RESERVE_OUT):
+                return True
+            if self._spc2 == nexus.key:
+                return False
+            return not _spc2_allowed(cdb)
+        access = _classify(cdb)
+        reg = self._reg_of(nexus)
+        if access is _Access.RESERVE:
+            # SPC-2 §5.5.1 with the SPC-4 §5.9.3 exceptions: while anything
+            # is registered, RESERVE/RELEASE conflict unless sent by the
+            # holder or by a registrant of an RO/AR reservation (which then
+            # complete GOOD without effect).
+            return not self._spc2_exempt(reg)
+        res = s.reservation
+        if res is None or access is _Access.ALLOWED or self._is_holder(reg):
+            return False
+        if reg is not None and (res.type in _REGISTRANTS_ONLY or res.type in _ALL_REGISTRANTS):
+            return False
+        if access is _Access.READ:
+            return res.type not in _READ_SHARED
+        return True
+
+    def _spc2_exempt(self, reg: Registration | None) -> bool:
+        res = self._s.reservation
+        if reg is None or res is None:
+            return False
+        return self._is_holder(reg) or res.type in _REGISTRANTS_ONLY or res.type in _ALL_REGISTRANTS
+
+    # --- SPC-2 RESERVE / RELEASE --------------------------------------------
+
+    def reserve6(self, nexus: Nexus, cdb: bytes | None = None) -> None:
+        """RESERVE(6) / RESERVE(10) (SPC-2 §7.21, §7.22).
+
+        Raises ReservationConflict when another I_T nexus holds the LU or
+        when persistent reservations forbid it; completes without effect for
+        a PR holder (SPC-4 §5.9.3).
+        """
+        if cdb is not None:
+            _check_reserve_cdb(cdb)
+        if self._s.regs:
+            if self._spc2_exempt(self._reg_of(nexus)):
+                return
+            raise ReservationConflict("RESERVE while persistent reservations are registered")
+        if self._spc2 is not None and self._spc2 != nexus.key:
+            raise ReservationConflict("logical unit is reserved by another I_T nexus")
+        self._spc2 = nexus.key
+
+    def release6(self, nexus: Nexus, cdb: bytes | None = None) -> None:
+        """RELEASE(6) / RELEASE(10): releases only the caller's own SPC-2
+        reservation; from anyone else it is a GOOD no-op (SPC-2 §7.17)."""
+        if cdb is not None:
+            _check_reserve_cdb(cdb)
+        if self._spc2 is None and self._s.regs:
+            if self._spc2_exempt(self._reg_of(nexus)):
+                return
+            raise ReservationConflict("RELEASE while persistent reservations are registered")
+        if self._spc2 == nexus.key:
+            self._spc2 = None
+
+    def lu_reset(self) -> None:
+        """LOGICAL UNIT RESET / hard reset: the SPC-2 reservation goes,
+        persistent reservations stay (SAM-5 §6.3.x, SPC-4 §5.9.1)."""
+        self._spc2 = None
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """I_T nexus loss releases that nexus's SPC-2 reservation."""
+        if self._spc2 == nexus.key:
+            self._spc2 = None
+
+    # --- PERSISTENT RESERVE IN (SPC-4 §6.15) --------------------------------
+
+    def reserve_in(self, nexus: Nexus, cdb: bytes) -> bytes:
+        """Run PERSISTENT RESERVE IN; returns the parameter data, cut to the
+        ALLOCATION LENGTH. Raises CheckCondition / ReservationConflict."""
+        if len(cdb) < 10:
+            raise invalid_field_in_cdb(0)
+        if self._spc2 is not None:
+            raise ReservationConflict("PERSISTENT RESERVE IN while reserved with RESERVE(6/10)")
+        self.note_nexus(nexus)
+        sa = cdb[1] & 0x1F
+        alloc = int.from_bytes(cdb[7:9], "big")
+        if sa == PRInAction.READ_KEYS:
+            data = self._read_keys()
+        elif sa == PRInAction.READ_RESERVATION:
+            data = self._read_reservation()
+        elif sa == PRInAction.REPORT_CAPABILITIES:
+            data = self._report_capabilities()
+        elif sa == PRInAction.READ_FULL_STATUS:
+            data = self._read_full_status()
+        else:
+            raise invalid_field_in_cdb(1, 4)
+        return data[:alloc]
+
+    def _read_keys(self) -> bytes:
+        keys = b"".join(reg.key.to_bytes(8, "big") for reg in self._s.regs.values())
+        return struct.pack(">II", self._s.generation, len(keys)) + keys
+
+    def _read_reservation(self) -> bytes:
+        res = self._s.reservation
+        if res is None:
+            return struct.pack(">II", self._s.generation, 0)
+        # key, obsolete (4), reserved, SCOPE|TYPE, obsolete (2): §6.15.3 table 217.
+        body = struct.pack(">Q4xxB2x", self._res_key(res), (LU_SCOPE << 4) | res.type)
+        return struct.pack(">II", self._s.generation, len(body)) + body
+
+    def _report_capabilities(self) -> bytes:
+        # SPC-4 §6.15.4 table 218.
+        ptpl_c = self.state_path is not None
+        # CRH (compatible reservation handling, §5.9.3), SIP_C, ATP_C, PTPL_C.
+        b2 = 0x10 | 0x08 | 0x04 | (0x01 if ptpl_c else 0)
+        # TMV=1; ALLOW COMMANDS=001b: TEST UNIT READY passes WE/EA
+        # reservations (and nothing more than the tables say); PTPL_A.
+        b3 = 0x80 | (0x1 << 4) | (0x01 if self._s.aptpl else 0)
+        # Type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX | EX_AC_AR.
+        mask = (0x80 | 0x40 | 0x20 | 0x08 | 0x02) << 8 | 0x01
+        return struct.pack(">HBBH2x", 8, b2, b3, mask)
+
+    def _read_full_status(self) -> bytes:
+        # SPC-4 §6.15.5 tables 220/221: one descriptor per registration.
+        res = self._s.reservation
+        parts: list[bytes] = []
+        for reg in self._s.regs.values():
+            tid = reg.transport_id()
+            holder = self._is_holder(reg)
+            flags = (0x02 if reg.target_port is None else 0) | (0x01 if holder else 0)
+            scope_type = (LU_SCOPE << 4 | res.type) if holder and res is not None else 0
+            parts.append(
+                struct.pack(">Q4xBB4xHI", reg.key, flags, scope_type, reg.relative_port_id, len(tid)) + tid
+            )
+        body = b"".join(parts)
+        return struct.pack(">II", self._s.generation, len(body)) + body
+
+    # --- PERSISTENT RESERVE OUT (SPC-4 §6.16) -------------------------------
+
+    def reserve_out(self, nexus: Nexus, cdb: bytes, data: Buffer | None) -> PROutResult:
+        """Run PERSISTENT RESERVE OUT with its parameter list ``data``.
+
+        Returns the unit attentions to post (a list; ``.abort`` carries the
+        initiator ports whose tasks PREEMPT AND ABORT aborts). Raises
+        CheckCondition or ReservationConflict; state is unchanged then.
+        """
+        if len(cdb) < 10:
+            raise invalid_field_in_cdb(0)
+        sa = cdb[1] & 0x1F
+        if sa > PROutAction.REGISTER_AND_MOVE:
+            raise invalid_field_in_cdb(1, 4)
+        if self._spc2 is not None:
+            raise ReservationConflict("PERSISTENT RESERVE OUT while reserved with RESERVE(6/10)")
+        self.note_nexus(nexus)
+        plen = int.from_bytes(cdb[5:9], "big")
+        params = memoryview(data if data is not None else b"")
+        if len(params) < plen:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        params = params[:plen]
+        scope, ptype = cdb[2] >> 4, cdb[2] & 0x0F
+        before = self._s.copy()
+        try:
+            if sa == PROutAction.REGISTER_AND_MOVE:
+                result = self._register_and_move(nexus, params)
+            else:
+                result = self._basic(nexus, PROutAction(sa), scope, ptype, params)
+            self._save_if_needed(before)
+        except BaseException:
+            self._s = before
+            raise
+        return result
+
+    def _basic(self, nexus: Nexus, sa: PROutAction, scope: int, ptype: int, params: memoryview) -> PROutResult:
+        if len(params) < _BASIC_LEN:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        key, sa_key, flags = _PROUT_PARAMS.unpack_from(params)
+        spec_i_pt, all_tg_pt, aptpl = bool(flags & _SPEC_I_PT), bool(flags & _ALL_TG_PT), bool(flags & _APTPL)
+        register = sa in (PROutAction.REGISTER, PROutAction.REGISTER_AND_IGNORE_EXISTING_KEY)
+        # SPC-4 §6.16.3: SPEC_I_PT only for REGISTER, ALL_TG_PT only for the
+        # two REGISTER service actions; the list is exactly 24 bytes unless
+        # SPEC_I_PT adds TransportIDs.
+        if spec_i_pt and sa != PROutAction.REGISTER:
+            raise invalid_field_in_parameter_list(20, 3)
+        if all_tg_pt and not register:
+            raise invalid_field_in_parameter_list(20, 2)
+        if not spec_i_pt and len(params) != _BASIC_LEN:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        if register and aptpl and self.state_path is None:
+            raise invalid_field_in_parameter_list(20, 0)
+        if sa in (PROutAction.RESERVE, PROutAction.PREEMPT, PROutAction.PREEMPT_AND_ABORT):
+            if scope != LU_SCOPE:
+                raise invalid_field_in_cdb(2, 7)
+            if ptype not in _VALID_TYPES:
+                raise invalid_field_in_cdb(2, 3)
+        reg = self._reg_of(nexus)
+        if register:
+            return self._register(nexus, reg, sa, key, sa_key, spec_i_pt, all_tg_pt, aptpl, params)
+        # Every other service action needs a registered I_T nexus presenting
+        # its own key (SPC-4 §5.9.7.x / table 46 "RESERVATION CONFLICT").
+        if reg is None:
+            raise ReservationConflict("I_T nexus is not registered")
+        if key != reg.key:
+            raise ReservationConflict("reservation key does not match the registration")
+        if sa == PROutAction.RESERVE:
+            return self._reserve(reg, PRType(ptype))
+        if sa == PROutAction.RELEASE:
+            return self._release(nexus, reg, scope, ptype)
+        if sa == PROutAction.CLEAR:
+            return self._clear(nexus)
+        return self._preempt(nexus, reg, sa_key, PRType(ptype), sa == PROutAction.PREEMPT_AND_ABORT)
+
+    def _bump(self) -> None:
+        self._s.generation = (self._s.generation + 1) & 0xFFFFFFFF
+
+    def _add(self, reg: Registration) -> None:
+        if reg.ident not in self._s.regs and len(self._s.regs) >= self.max_registrations:
+            raise illegal_request(INSUFFICIENT_REGISTRATION_RESOURCES)
+        self._s.regs[reg.ident] = reg
+
+    def _register(
+        self,
+        nexus: Nexus,
+        reg: Registration | None,
+        sa: PROutAction,
+        key: int,
+        sa_key: int,
+        spec_i_pt: bool,
+        all_tg_pt: bool,
+        aptpl: bool,
+        params: memoryview,
+    ) -> PROutResult:
+        """REGISTER / REGISTER AND IGNORE EXISTING KEY (SPC-4 §5.9.7,
+        tables 41 and 42)."""
+        ignore = sa == PROutAction.REGISTER_AND_IGNORE_EXISTING_KEY
+        posts: list[UnitAttentionPost] = []
+        if reg is None:
+            if not ignore and key != 0:
+                raise ReservationConflict("unregistered I_T nexus presented a non-zero reservation key")
+            if sa_key == 0:
+                # "Do nothing except return GOOD status" (and still count).
+                self._finish_register(aptpl)
+                return PROutResult()
+            new = Registration(
+                nexus.initiator_name,
+                nexus.isid,
+                None if all_tg_pt else nexus.target_port,
+                0 if all_tg_pt else nexus.relative_port_id,
+                sa_key,
+            )
+            extra = self._spec_i_pt_regs(nexus, new, params) if spec_i_pt else []
+            self._add(new)
+            for r in extra:
+                self._add(r)
+        else:
+            if spec_i_pt:
+                # SPC-4 §5.9.7 table 42: SPEC_I_PT=1 from a registered I_T
+                # nexus is answered with INVALID FIELD IN CDB.
+                raise illegal_request(INVALID_FIELD_IN_CDB)
+            if not ignore and key != reg.key:
+                raise ReservationConflict("reservation key does not match the registration")
+            if sa_key == 0:
+                posts = self._unregister(nexus, reg)
+            else:
+                self._s.regs[reg.ident] = Registration(
+                    reg.initiator_name, reg.isid, reg.target_port, reg.relative_port_id, sa_key
+                )
+        self._finish_register(aptpl)
+        return PROutResult(posts)
+
+    def _finish_register(self, aptpl: bool) -> None:
+        self._s.aptpl = aptpl
+        self._bump()
+
+    def _spec_i_pt_regs(self, nexus: Nexus, own: Registration, params: memoryview) -> list[Registration]:
+        """Registrations named by the TransportIDs of a SPEC_I_PT=1 list
+        (SPC-4 §6.16.3: TRANSPORTID PARAMETER DATA LENGTH at byte 24)."""
+        if len(params) < _BASIC_LEN + 4:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        tid_len = int.from_bytes(params[24:28], "big")
+        if _BASIC_LEN + 4 + tid_len != len(params):
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        out: dict[RegId, Registration] = {}
+        pos, end = 28, 28 + tid_len
+        while pos < end:
+            try:
+                name, isid, used = parse_transport_id(params[:end], pos)
+            except TransportIDError as exc:
+                raise invalid_field_in_parameter_list(exc.offset) from None
+            cand = Registration(name, isid, own.target_port, own.relative_port_id, own.key)
+            if cand.ident != own.ident and cand.ident not in out:
+                if cand.ident in self._s.regs:
+                    # An I_T nexus named by a TransportID is already
+                    # registered: refuse the whole list (no partial state).
+                    raise invalid_field_in_parameter_list(pos)
+                out[cand.ident] = cand
+            pos += used
+        return list(out.values())
+
+    def _unregister(self, nexus: Nexus, reg: Registration) -> list[UnitAttentionPost]:
+        """Remove a registration; a holder's reservation goes with it
+        (SPC-4 §5.9.11.2), except all-registrants ones while others remain."""
+        del self._s.regs[reg.ident]
+        res = self._s.reservation
+        if res is None:
+            return []
+        if res.holder is None:
+            if not self._s.regs:
+                self._s.reservation = None
+            return []
+        if res.holder != reg.ident:
+            return []
+        self._s.reservation = None
+        if res.type in _REGISTRANTS_ONLY:
+            # The registrants lose their access without a RELEASE: tell them.
+            ports = self._ports_of(self._s.regs.values(), nexus)
+            return [UnitAttentionPost(RESERVATIONS_RELEASED, ports)] if ports else []
+        return []
+
+    def _reserve(self, reg: Registration, ptype: PRType) -> PROutResult:
+        """RESERVE (SPC-4 §5.9.10): PRgeneration is not incremented."""
+        res = self._s.reservation
+        if res is not None:
+            if self._is_holder(reg) and res.type == ptype:
+                return PROutResult()
+            raise ReservationConflict("a persistent reservation is already held")
+        holder = None if ptype in _ALL_REGISTRANTS else reg.ident
+        self._s.reservation = _Reservation(ptype, holder)
+        return PROutResult()
+
+    def _release(self, nexus: Nexus, reg: Registration, scope: int, ptype: int) -> PROutResult:
+        """RELEASE (SPC-4 §5.9.11.2)."""
+        res = self._s.reservation
+        if res is None or not self._is_holder(reg):
+            return PROutResult()
+        if scope != LU_SCOPE or ptype != res.type:
+            raise illegal_request(INVALID_RELEASE_OF_PERSISTENT_RESERVATION)
+        self._s.reservation = None
+        if res.type in _REGISTRANTS_ONLY or res.type in _ALL_REGISTRANTS:
+            ports = self._ports_of(self._s.regs.values(), nexus)
+            if ports:
+                return PROutResult([UnitAttentionPost(RESERVATIONS_RELEASED, ports)])
+        return PROutResult()
+
+    def _clear(self, nexus: Nexus) -> PROutResult:
+        """CLEAR (SPC-4 §5.9.11.6): every registration and the reservation go."""
+        ports = self._ports_of(self._s.regs.values(), nexus)
+        self._s.regs.clear()
+        self._s.reservation = None
+        self._bump()
+        return PROutResult([UnitAttentionPost(RESERVATIONS_PREEMPTED, ports)] if ports else [])
+
+    def _preempt(self, nexus: Nexus, reg: Registration, sa_key: int, ptype: PRType, abort: bool) -> PROutResult:
+        """PREEMPT / PREEMPT AND ABORT (SPC-4 §5.9.11.4, §5.9.11.5)."""
+        s = self._s
+        res = s.reservation
+        removed: list[Registration]
+        posts: list[UnitAttentionPost] = []
+        if res is None:
+            # No reservation: remove the registrations holding SA key.
+            if sa_key == 0:
+                raise invalid_field_in_parameter_list(8)
+            removed = [r for r in s.regs.values() if r.key == sa_key]
+            if not removed:
+                raise ReservationConflict("no registration holds the service action reservation key")
+        elif res.holder is None:
+            if sa_key == 0:
+                # All-registrants type, key 0: everyone but the preemptor
+                # goes and the preemptor takes a new reservation.
+                removed = [r for r in s.regs.values() if r.ident != reg.ident]
+                s.reservation = _Reservation(ptype, None if ptype in _ALL_REGISTRANTS else reg.ident)
+            else:
+                removed = [r for r in s.regs.values() if r.key == sa_key]
+                if not removed:
+                    raise ReservationConflict("no registration holds the service action reservation key")
+        else:
+            holder = s.regs.get(res.holder)
+            holder_key = holder.key if holder is not None else None
+            if sa_key == holder_key:
+                removed = [r for r in s.regs.values() if r.key == sa_key and r.ident != reg.ident]
+                new = _Reservation(ptype, None if ptype in _ALL_REGISTRANTS else reg.ident)
+                if new.type != res.type:
+                    # Survivors that were not preempted see the type change.
+                    gone = {r.ident for r in removed}
+                    keep = [r for r in s.regs.values() if r.ident not in gone]
+                    ports = self._ports_of(keep, nexus)
+                    if ports:
+                        posts.append(UnitAttentionPost(RESERVATIONS_RELEASED, ports))
+                s.reservation = new
+            else:
+                if sa_key == 0:
+                    raise invalid_field_in_parameter_list(8)
+                removed = [r for r in s.regs.values() if r.key == sa_key]
+                if not removed:
+                    raise ReservationConflict("no registration holds the service action reservation key")
+        for r in removed:
+            del s.regs[r.ident]
+        cur = s.reservation
+        if cur is not None and cur.holder is not None and cur.holder not in s.regs:
+            s.reservation = None
+        if cur is not None and cur.holder is None and not s.regs:
+            s.reservation = None
+        ports = self._ports_of(removed, nexus)
+        if ports:
+            posts.insert(0, UnitAttentionPost(REGISTRATIONS_PREEMPTED, ports))
+        self._bump()
+        aborted = self._ports_of(removed, None) if abort else frozenset()
+        return PROutResult(posts, aborted)
+
+    def _register_and_move(self, nexus: Nexus, params: memoryview) -> PROutResult:
+        """REGISTER AND MOVE (SPC-4 §5.9.8, parameter list table 231)."""
+        if len(params) < _BASIC_LEN:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        key, sa_key, flags, rel_port, tid_len = _MOVE_PARAMS.unpack_from(params)
+        if _BASIC_LEN + tid_len > len(params):
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        aptpl, unreg = bool(flags & _APTPL), bool(flags & _UNREG)
+        if aptpl and self.state_path is None:
+            raise invalid_field_in_parameter_list(17, 0)
+        reg = self._reg_of(nexus)
+        if reg is None:
+            raise ReservationConflict("I_T nexus is not registered")
+        if key != reg.key:
+            raise ReservationConflict("reservation key does not match the registration")
+        res = self._s.reservation
+        if res is None or res.holder is None or res.holder != reg.ident:
+            # Only the holder of a non-all-registrants reservation can move it.
+            raise ReservationConflict("I_T nexus does not hold a movable reservation")
+        if sa_key == 0:
+            raise invalid_field_in_parameter_list(8)
+        try:
+            name, isid, _ = parse_transport_id(params[: _BASIC_LEN + tid_len], _BASIC_LEN)
+        except TransportIDError as exc:
+            raise invalid_field_in_parameter_list(exc.offset) from None
+        if isid is None:
+            # Moving needs one initiator port, not a node name.
+            raise invalid_field_in_parameter_list(_BASIC_LEN)
+        tport = self._ports.get(rel_port)
+        if tport is None:
+            raise invalid_field_in_parameter_list(18)
+        dest = Registration(name, isid, tport, rel_port, sa_key)
+        if dest.ident == reg.ident or (
+            name.lower() == nexus.initiator_name.lower() and isid == nexus.isid and tport == nexus.target_port
+        ):
+            raise invalid_field_in_parameter_list(_BASIC_LEN)
+        existing = self._s.regs.get(dest.ident)
+        if existing is not None:
+            dest = Registration(existing.initiator_name, isid, tport, rel_port, sa_key)
+        self._add(dest)
+        self._s.reservation = _Reservation(res.type, dest.ident)
+        if unreg:
+            del self._s.regs[reg.ident]
+        self._s.aptpl = aptpl
+        self._bump()
+        return PROutResult()
+
+    # --- APTPL persistence (SPC-4 §5.9.5) -----------------------------------
+
+    def _save_if_needed(self, before: _PRState) -> None:
+        if self.state_path is None:
+            return
+        s = self._s
+        unchanged = (
+            s.regs == before.regs and s.reservation == before.reservation and s.aptpl == before.aptpl
+        )
+        if unchanged:
+            return
+        try:
+            if s.aptpl:
+                self._write_state(self.state_path)
+            elif before.aptpl:
+                # APTPL switched off: nothing may survive a power loss.
+                _remove(self.state_path)
+        except OSError as exc:
+            raise CheckCondition(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE) from exc
+
+    def _state_json(self) -> dict[str, object]:
+        s = self._s
+        idents = list(s.regs)
+        res = s.reservation
+        return {
+            "format": _STATE_FORMAT,
+            "version": _STATE_VERSION,
+            "aptpl": s.aptpl,
+            "registrations": [
+                {
+                    "initiator": r.initiator_name,
+                    "isid": r.isid,
+                    "target_port": r.target_port,
+                    "relative_port_id": r.relative_port_id,
+                    "key": r.key,
+                }
+                for r in s.regs.values()
+            ],
+            "reservation": None
+            if res is None
+            else {
+                "type": int(res.type),
+                "holder": None if res.holder is None else idents.index(res.holder),
+            },
+        }
+
+    def _write_state(self, path: str) -> None:
+        blob = json.dumps(self._state_json(), indent=1, sort_keys=True).encode()
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = f"{path}.tmp.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        # The rename itself must reach the disk too.
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ReservationStateError(f"{path}: cannot read persistent reservation state: {exc.strerror}") from None
+        try:
+            self._s = _decode_state(raw)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ReservationStateError(
+                f"{path}: damaged persistent reservation state ({exc}); remove or repair it"
+            ) from None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _decode_state(raw: bytes) -> _PRState:
+    """Parse the JSON APTPL state; raise ValueError (one line) when damaged."""
+    doc = json.loads(raw.decode("utf-8"))
+    if not isinstance(doc, dict) or doc.get("format") != _STATE_FORMAT:
+        raise ValueError("not an aioiscsi persistent reservation state file")
+    if doc.get("version") != _STATE_VERSION:
+        raise ValueError(f"unsupported version {doc.get('version')!r}")
+    if doc.get("aptpl") is not True:
+        # Written only while APTPL is on; anything else is not ours to trust.
+        raise ValueError("aptpl flag is not set")
+    state = _PRState(aptpl=True)
+    idents: list[RegId] = []
+    regs = doc["registrations"]
+    if not isinstance(regs, list):
+        raise ValueError("registrations is not a list")
+    for item in regs:
+        if not isinstance(item, dict):
+            raise ValueError("a registration is not an object")
+        name, isid, tport = item["initiator"], item["isid"], item["target_port"]
+        rel, key = item["relative_port_id"], item["key"]
+        if not isinstance(name, str) or not name:
+            raise ValueError("registration without an initiator name")
+        if isid is not None and (not isinstance(isid, int) or not 0 <= isid < 1 << 48):
+            raise ValueError(f"bad ISID {isid!r}")
+        if tport is not None and not isinstance(tport, str):
+            raise ValueError(f"bad target port {tport!r}")
+        if not isinstance(rel, int) or not 0 <= rel <= 0xFFFF:
+            raise ValueError(f"bad relative port id {rel!r}")
+        if not isinstance(key, int) or not 0 < key < 1 << 64:
+            raise ValueError(f"bad reservation key {key!r}")
+        reg = Registration(name, isid, tport, rel, key)
+        if reg.ident in state.regs:
+            raise ValueError(f"duplicate registration for {name}")
+        state.regs[reg.ident] = reg
+        idents.append(reg.ident)
+    res = doc["reservation"]
+    if res is not None:
+        if not isinstance(res, dict):
+            raise ValueError("reservation is not an object")
+        ptype = PRType(res["type"])
+        holder = res["holder"]
+        if ptype in _ALL_REGISTRANTS:
+            if holder is not None:
+                raise ValueError("all-registrants reservation names a holder")
+            if not idents:
+                raise ValueError("all-registrants reservation without registrations")
+            state.reservation = _Reservation(ptype, None)
+        else:
+            if not isinstance(holder, int) or not 0 <= holder < len(idents):
+                raise ValueError(f"reservation holder {holder!r} is not a registration index")
+            state.reservation = _Reservation(ptype, idents[holder])
+    return state
+
+
+def _check_reserve_cdb(cdb: bytes) -> None:
+    """Third-party and extent reservations are not supported (SPC-2 §7.21:
+    3RDPTY / LONGID of RESERVE(10), the obsolete extent bit of RESERVE(6))."""
+    if not cdb:
+        raise invalid_field_in_cdb(0)
+    op = cdb[0]
+    if op in (Opcode.RESERVE_10, Opcode.RELEASE_10) and len(cdb) > 1 and cdb[1] & 0x12:
+        raise invalid_field_in_cdb(1, 4 if cdb[1] & 0x10 else 1)
+    if op in (Opcode.RESERVE_6, Opcode.RELEASE_6) and len(cdb) > 1 and cdb[1] & 0x01:
+        raise invalid_field_in_cdb(1, 0)
+
