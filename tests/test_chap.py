@@ -267,3 +267,15 @@ def test_str_secret_is_utf8_and_repr_hides_it() -> None:
     cred = ChapCredentials("u", "sécret-passphrase")
     assert cred.key == "sécret-passphrase".encode()
     assert "passphrase" not in repr(cred)
+
+
+@pytest.mark.parametrize("alg_list", ["²", "5²", "٥", "0x-5", ""])
+def test_non_ascii_digits_in_chap_a(alg_list: str) -> None:
+    # str.isdigit() accepts these and int() then refuses some: make sure the
+    # answer is an AuthenticationError, never a ValueError.
+    with pytest.raises(AuthenticationError):
+        ChapTarget(USER).receive({"CHAP_A": alg_list})
+    ini = ChapInitiator(USER)
+    ini.start()
+    with pytest.raises(AuthenticationError):
+        ini.receive({"CHAP_A": alg_list, "CHAP_I": "1", "CHAP_C": "0x" + "01" * 16})

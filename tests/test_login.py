@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iscsi.chap import (
     ChapAlgorithm,
@@ -22,7 +24,12 @@ from iscsi.chap import (
     encode_binary,
 )
 from iscsi.constants import LoginStatus, Stage
-from iscsi.errors import AuthenticationError, LoginError, NegotiationError
+from iscsi.errors import (
+    AuthenticationError,
+    LoginError,
+    NegotiationError,
+    ProtocolError,
+)
 from iscsi.login import (
     ChapAuth,
     InitiatorLogin,
@@ -577,3 +584,101 @@ def test_params_before_completion() -> None:
         _ = ini.params
     with pytest.raises(ValueError):
         InitiatorLogin("", TGT, ISID)
+
+
+def test_libiscsi_style_chap_login() -> None:
+    """The sequence libiscsi sends: T=1 on the AuthMethod offer, MD5 only,
+    hex values, and the declarations repeated in the operational stage."""
+    pol = policy(auth=TargetAuth(USER, TUSER))
+    tgt = _fresh_target(pol)
+    ident = [("InitiatorName", INI), ("TargetName", TGT), ("SessionType", "Normal")]
+    r = tgt.receive(_req(ident + [("AuthMethod", "CHAP,None")], transit=True))
+    assert r.status == 0 and not r.transit  # CHAP still to do
+    assert ("AuthMethod", "CHAP") in decode_text(r.data)
+    r = tgt.receive(_req([("CHAP_A", "5")]))
+    keys = dict(decode_text(r.data))
+    assert keys["CHAP_A"] == "5" and keys["CHAP_C"].startswith("0x")
+    proof = chap_response(ChapAlgorithm.MD5, int(keys["CHAP_I"]), USER.key,
+                          decode_binary(keys["CHAP_C"]))
+    mine = bytes(range(32))
+    r = tgt.receive(_req([("CHAP_N", "alice"), ("CHAP_R", "0x" + proof.hex().upper()),
+                          ("CHAP_I", "1"), ("CHAP_C", "0x" + mine.hex())], transit=True))
+    assert r.status == 0 and r.transit and r.nsg == OP
+    back = dict(decode_text(r.data))
+    assert back["CHAP_N"] == "disk1"
+    assert decode_binary(back["CHAP_R"]) == chap_response(ChapAlgorithm.MD5, 1, TUSER.key, mine)
+    ops = ident + [("HeaderDigest", "None,CRC32C"), ("DataDigest", "None"),
+                   ("InitialR2T", "Yes"), ("ImmediateData", "Yes"),
+                   ("MaxBurstLength", "262144"), ("FirstBurstLength", "262144"),
+                   ("DefaultTime2Wait", "2"), ("DefaultTime2Retain", "0"),
+                   ("MaxOutstandingR2T", "1"), ("ErrorRecoveryLevel", "0"),
+                   ("IFMarker", "No"), ("OFMarker", "No"), ("MaxConnections", "1"),
+                   ("MaxRecvDataSegmentLength", "262144"), ("DataPDUInOrder", "Yes"),
+                   ("DataSequenceInOrder", "Yes")]
+    r = tgt.receive(_req(ops, csg=OP, nsg=FFP, transit=True))
+    assert r.status == 0 and r.transit and r.nsg == FFP and r.tsih != 0
+    answers = dict(decode_text(r.data))
+    assert answers["IFMarker"] == "Reject" and answers["HeaderDigest"] == "None"
+    assert "InitiatorName" not in answers
+    assert tgt.complete and tgt.params.default_time2retain == 0
+
+
+def test_redeclaring_a_different_name_is_an_error() -> None:
+    tgt = _fresh_target(policy(auth=TargetAuth(USER, required=False)))
+    r = tgt.receive(_req([("InitiatorName", INI), ("TargetName", TGT),
+                          ("AuthMethod", "None")], transit=True))
+    assert r.status == 0 and r.transit
+    r = tgt.receive(_req([("InitiatorName", "iqn.2024-01.org.example:evil")], csg=OP,
+                         nsg=FFP, transit=True))
+    assert r.status == LoginStatus.INITIATOR_ERROR
+
+
+_pairs = st.lists(
+    st.tuples(st.sampled_from(["InitiatorName", "TargetName", "SessionType", "AuthMethod",
+                               "CHAP_A", "CHAP_N", "CHAP_R", "CHAP_I", "CHAP_C",
+                               "HeaderDigest", "MaxBurstLength", "FirstBurstLength",
+                               "InitialR2T", "ImmediateData", "MaxRecvDataSegmentLength",
+                               "X-foo", "OFMarker", "SendTargets", "TargetAlias"]),
+              st.sampled_from(["", "0", "1", "5", "Yes", "No", "None", "CHAP", "CHAP,None",
+                               "Discovery", "Normal", TGT, INI, "0x00", "0b", "512",
+                               "99999999", "Reject", "CRC32C,None"])),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_pairs, st.booleans(), st.booleans(),
+                          st.sampled_from([0, 1, 3]), st.sampled_from([0, 1, 3])),
+                min_size=1, max_size=5),
+       st.booleans())
+def test_target_always_answers(steps: list[tuple[list[tuple[str, str]], bool, bool, int, int]],
+                               with_auth: bool) -> None:
+    """Whatever the initiator sends, the target answers with a Login
+    Response (success or a status), never an exception."""
+    pol = policy(auth=TargetAuth(USER) if with_auth else None)
+    tgt = _fresh_target(pol)
+    for pairs, transit, cont, csg, nsg in steps:
+        req = LoginRequest(transit=transit, cont=cont, csg=csg, nsg=nsg, isid=ISID, itt=1,
+                           data=encode_text(pairs))
+        resp = tgt.receive(req)
+        assert isinstance(resp, LoginResponse)
+        if resp.status:
+            assert tgt.failed_status is not None and resp.status == tgt.failed_status
+            assert not resp.transit and resp.data == b""
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.booleans(), st.booleans(), st.sampled_from([0, 1, 3]),
+       st.integers(0, 0x0305))
+def test_initiator_raises_only_protocol_errors(data: bytes, transit: bool, cont: bool,
+                                               nsg: int, status: int) -> None:
+    ini = InitiatorLogin(INI, TGT, ISID, auth=ChapAuth("alice", USER.secret))
+    req = ini.start()
+    resp = LoginResponse(transit=transit, cont=cont, csg=req.csg, nsg=nsg, isid=ISID,
+                         itt=req.itt, tsih=1, status_class=status >> 8,
+                         status_detail=status & 0xFF, data=data)
+    try:
+        out = ini.receive(resp)
+    except ProtocolError:
+        return
+    assert out is None or isinstance(out, LoginRequest)

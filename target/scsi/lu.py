@@ -1,0 +1,1138 @@
+"""A logical unit: SPC-4 / SBC-3 command emulation over a disk backend.
+
+``LogicalUnit.execute`` takes a CDB and the Data-Out buffer and returns a
+:class:`ScsiResult`. Handlers are synchronous and return the result
+directly, except where a flush (FUA, write-through, SYNCHRONIZE CACHE) must
+run in a thread: then they return a coroutine that ``execute`` awaits.
+Because backend ``read``/``write`` are synchronous, every handler's
+check-then-act sequence (notably COMPARE AND WRITE) runs without yielding
+to the event loop, which makes it atomic with respect to other commands.
+
+Order of checks, as SAM-5 §5.14 / SPC-4 §5.14 lay them out: CDB validity
+of the operation code, unit attention, reservation conflict, then the
+command's own field checks, readiness (NOT READY), write protection,
+LBA range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeAlias
+
+from iscsi.scsi.constants import (
+    MaintenanceIn,
+    ModePage,
+    Opcode,
+    PeripheralType,
+    SenseKey,
+    ServiceActionIn16,
+    Status,
+)
+from iscsi.scsi.sense import (
+    INTERNAL_TARGET_FAILURE,
+    INVALID_COMMAND_OPERATION_CODE,
+    INVALID_FIELD_IN_CDB,
+    LBA_OUT_OF_RANGE,
+    LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
+    MEDIUM_NOT_PRESENT,
+    MEDIUM_NOT_PRESENT_TRAY_OPEN,
+    MEDIUM_REMOVAL_PREVENTED,
+    MODE_PARAMETERS_CHANGED,
+    PARAMETER_LIST_LENGTH_ERROR,
+    POWER_ON_RESET,
+    UNRECOVERED_READ_ERROR,
+    WRITE_ERROR,
+    CheckCondition,
+    SenseData,
+    data_protect,
+    illegal_request,
+    invalid_field_in_cdb,
+    invalid_field_in_parameter_list,
+    miscompare,
+    not_ready,
+)
+from target.backends.base import Backend, BackendError
+
+from . import modes as _modes
+from .modes import ModePages, disk_pages
+from .opcodes import ALUA_OPS, DISK_OPS, RESERVATION_OPS, XCOPY_OPS, OpInfo
+from .opcodes import report_supported_opcodes, report_supported_tmfs
+from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
+from .vpd import InquiryInfo, standard_inquiry, vpd_page
+
+try:  # E2's module; without it the reservation commands answer INVALID OPCODE
+    from .reservations import ReservationConflict
+    from .reservations import Reservations as _Reservations
+except ImportError:  # pragma: no cover - depends on development state
+    _Reservations = None  # type: ignore[assignment,misc]
+
+    class ReservationConflict(Exception):  # type: ignore[no-redef]
+        """Stand-in until reservations.py exists."""
+
+AscAscq: TypeAlias = tuple[int, int]
+HandlerResult: TypeAlias = ScsiResult | Awaitable[ScsiResult]
+Handler: TypeAlias = Callable[[Nexus, bytes, Buffer | None, int | None], HandlerResult]
+
+_GOOD = 0
+_CHECK = int(Status.CHECK_CONDITION)
+
+# CDB length by group code (SPC-4 §4.3.2): the top three opcode bits.
+_CDB_LEN = (6, 10, 10, 0, 16, 12, 0, 0)
+
+_RW6 = struct.Struct(">IB")  # bytes 0..4 with the opcode masked off
+_RW10 = struct.Struct(">BIxH")  # bytes 1..8
+_RW12 = struct.Struct(">BII")  # bytes 1..9
+_RW16 = struct.Struct(">BQI")  # bytes 1..13
+_RC10 = struct.Struct(">II")
+_RC16 = struct.Struct(">QIBBH")
+_UNMAP_DESC = struct.Struct(">QI4x")
+_LBA_STATUS = struct.Struct(">QIB3x")
+
+#: Commands that neither report nor clear a unit attention (SPC-4 §5.14:
+#: INQUIRY, REPORT LUNS, REQUEST SENSE; REQUEST SENSE returns it as data).
+_UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
+
+#: Operation codes that modify the medium (MEDIUM ERROR → WRITE ERROR).
+_WRITES = frozenset(
+    {
+        Opcode.WRITE_6,
+        Opcode.WRITE_10,
+        Opcode.WRITE_12,
+        Opcode.WRITE_16,
+        Opcode.WRITE_AND_VERIFY_10,
+        Opcode.WRITE_AND_VERIFY_12,
+        Opcode.WRITE_AND_VERIFY_16,
+        Opcode.WRITE_SAME_10,
+        Opcode.WRITE_SAME_16,
+        Opcode.UNMAP,
+        Opcode.COMPARE_AND_WRITE,
+        Opcode.ORWRITE_16,
+    }
+)
+
+
+def _good(data: Buffer | None = None) -> ScsiResult:
+    return ScsiResult(_GOOD, b"", data)
+
+
+def _alloc(data: bytes, length: int) -> bytes:
+    """Truncate parameter data to the ALLOCATION LENGTH (SPC-4 §4.2.5.6)."""
+    return data if len(data) <= length else data[:length]
+
+
+def first_difference(a: Buffer, b: Buffer) -> int:
+    """Offset of the first differing byte of two equal-length buffers, or
+    -1 when equal. Uses big-integer XOR (C speed) instead of a byte loop."""
+    if a == b:
+        return -1
+    n = min(len(a), len(b))
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    if x == 0:
+        return n
+    return n - 1 - (x.bit_length() - 1) // 8
+
+
+class LogicalUnit:
+    """One logical unit (SAM-5 §4.6.19) backed by a :class:`Backend`.
+
+    The owner (``ScsiTarget``) calls :meth:`bind` to give it its LUN and
+    target name, :meth:`add_nexus` for each new I_T nexus, and the task
+    management hooks.
+    """
+
+    #: Commands this kind of unit serves (REPORT SUPPORTED OPERATION CODES).
+    BASE_OPS: tuple[OpInfo, ...] = DISK_OPS
+
+    def __init__(self, backend: Backend, config: LUConfig | None = None) -> None:
+        self.backend = backend
+        self.config = config if config is not None else LUConfig()
+        self.lun = 0
+        self.target_name = ""
+        bs = self.config.block_size
+        self.block_size = bs
+        self._shift = bs.bit_length() - 1
+        self.num_blocks = backend.size >> self._shift
+        self.modes = self._make_modes()
+        self._ua: dict[str, list[AscAscq]] = {}
+        self._known: dict[str, Nexus] = {}
+        self._prevent: set[str] = set()
+        self.started = True
+        self.medium_present = True
+        self.tray_open = False
+        self.reservations: Any = None
+        if _Reservations is not None:
+            path = None
+            if self.config.state_dir:
+                path = os.path.join(self.config.state_dir, f"pr-lun{self.lun}.json")
+            self.reservations = _Reservations(path)
+        self.xcopy: Any = None
+        self.alua: Any = None
+        self._wce = True
+        self._swp = False
+        self._dsense = False
+        self._sync_mode_cache()
+        self._handlers: dict[int, Handler] = {}
+        self._install_handlers()
+
+    # ----- configuration -------------------------------------------------
+
+    def _make_modes(self) -> ModePages:
+        return ModePages(disk_pages(write_cache=not self.config.write_through))
+
+    def bind(self, target_name: str, lun: int) -> None:
+        """Attach to a target: derive stable identifiers (NAA, serial) and
+        the APTPL state file name from the target name and LUN."""
+        self.lun = lun
+        self.target_name = target_name
+        self.config.resolve(target_name, lun)
+        if _Reservations is not None and self.config.state_dir:
+            self.reservations = _Reservations(os.path.join(self.config.state_dir, f"pr-lun{lun}.json"))
+
+    @property
+    def thin(self) -> bool:
+        """Logical block provisioning management enabled (SBC-3 LBPME)."""
+        return self.config.thin if self.config.thin is not None else self.backend.thin
+
+    @property
+    def write_protected(self) -> bool:
+        """Configured read-only, backend read-only, or SWP set in the
+        control mode page (SPC-4 §7.5.8)."""
+        return self.config.read_only or self.backend.read_only or self._swp
+
+    def supported_ops(self) -> list[OpInfo]:
+        """The commands REPORT SUPPORTED OPERATION CODES lists."""
+        ops = [op for op in self.BASE_OPS if op.opcode != Opcode.UNMAP or self.thin]
+        if self.reservations is not None:
+            ops += RESERVATION_OPS
+        if self.xcopy is not None:
+            ops += XCOPY_OPS
+        if self.alua is not None:
+            ops += ALUA_OPS
+        return sorted(ops, key=lambda o: (o.opcode, o.sa or 0))
+
+    def _install_handlers(self) -> None:
+        h = self._handlers
+        h[Opcode.TEST_UNIT_READY] = self._test_unit_ready
+        h[Opcode.REQUEST_SENSE] = self._request_sense
+        h[Opcode.READ_6] = self._read6
+        h[Opcode.WRITE_6] = self._write6
+        h[Opcode.INQUIRY] = self._inquiry
+        h[Opcode.MODE_SELECT_6] = self._mode_select
+        h[Opcode.MODE_SENSE_6] = self._mode_sense
+        h[Opcode.START_STOP_UNIT] = self._start_stop
+        h[Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL] = self._prevent_allow
+        h[Opcode.READ_CAPACITY_10] = self._read_capacity10
+        h[Opcode.READ_10] = self._read10
+        h[Opcode.WRITE_10] = self._write10
+        h[Opcode.WRITE_AND_VERIFY_10] = self._write_verify
+        h[Opcode.VERIFY_10] = self._verify
+        h[Opcode.PRE_FETCH_10] = self._prefetch
+        h[Opcode.SYNCHRONIZE_CACHE_10] = self._sync_cache
+        h[Opcode.READ_DEFECT_DATA_10] = self._read_defect10
+        h[Opcode.WRITE_SAME_10] = self._write_same
+        h[Opcode.UNMAP] = self._unmap
+        h[Opcode.MODE_SELECT_10] = self._mode_select
+        h[Opcode.MODE_SENSE_10] = self._mode_sense
+        h[Opcode.READ_16] = self._read16
+        h[Opcode.COMPARE_AND_WRITE] = self._compare_and_write
+        h[Opcode.WRITE_16] = self._write16
+        h[Opcode.ORWRITE_16] = self._orwrite
+        h[Opcode.WRITE_AND_VERIFY_16] = self._write_verify
+        h[Opcode.VERIFY_16] = self._verify
+        h[Opcode.PRE_FETCH_16] = self._prefetch
+        h[Opcode.SYNCHRONIZE_CACHE_16] = self._sync_cache
+        h[Opcode.WRITE_SAME_16] = self._write_same
+        h[Opcode.SERVICE_ACTION_IN_16] = self._service_action_in
+        h[Opcode.MAINTENANCE_IN] = self._maintenance_in
+        h[Opcode.READ_12] = self._read12
+        h[Opcode.WRITE_12] = self._write12
+        h[Opcode.WRITE_AND_VERIFY_12] = self._write_verify
+        h[Opcode.VERIFY_12] = self._verify
+        h[Opcode.READ_DEFECT_DATA_12] = self._read_defect12
+        for op in (Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10):
+            h[op] = self._reserve_release
+        h[Opcode.PERSISTENT_RESERVE_IN] = self._pr_in
+        h[Opcode.PERSISTENT_RESERVE_OUT] = self._pr_out
+        h[Opcode.EXTENDED_COPY] = self._extended_copy
+        h[Opcode.RECEIVE_COPY_RESULTS] = self._receive_copy_results
+
+    def _sync_mode_cache(self) -> None:
+        """Mirror the mode bits the data path consults into attributes."""
+        self._wce = self.modes.bit(ModePage.CACHING, 2, 0x04)
+        self._swp = self.modes.bit(ModePage.CONTROL, 4, 0x08)
+        self._dsense = self.modes.bit(ModePage.CONTROL, 2, 0x04)
+
+    # ----- unit attentions and nexus bookkeeping ---------------------------
+
+    def add_nexus(self, nexus: Nexus) -> None:
+        """A new I_T nexus: it starts with POWER ON, RESET, OR BUS DEVICE
+        RESET OCCURRED pending (SAM-5 §6.2)."""
+        self._known[nexus.key] = nexus
+        self._ua[nexus.key] = [POWER_ON_RESET]
+        if self.reservations is not None:
+            self.reservations.note_nexus(nexus)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """I_T nexus loss (SAM-5 §6.3.4): drop its state; SPC-2
+        reservations and PREVENT held through it are released."""
+        self._known.pop(nexus.key, None)
+        self._ua.pop(nexus.key, None)
+        self._prevent.discard(nexus.key)
+        if self.reservations is not None:
+            self.reservations.nexus_lost(nexus)
+
+    def post_unit_attention(
+        self,
+        asc_ascq: AscAscq,
+        initiator_ports: Iterable[str] | None = None,
+        *,
+        exclude: Nexus | None = None,
+    ) -> None:
+        """Establish a unit attention for the nexuses whose initiator port
+        is in ``initiator_ports`` (None: every known nexus but ``exclude``).
+        A condition already pending for a nexus is not queued twice."""
+        ports = None if initiator_ports is None else frozenset(initiator_ports)
+        for key, nx in self._known.items():
+            if ports is None:
+                if exclude is not None and key == exclude.key:
+                    continue
+            elif nx.initiator_port not in ports:
+                continue
+            pending = self._ua.setdefault(key, [])
+            if asc_ascq not in pending:
+                pending.append(asc_ascq)
+
+    def _pop_ua(self, nexus: Nexus) -> AscAscq | None:
+        pending = self._ua.get(nexus.key)
+        if not pending:
+            return None
+        ua = pending.pop(0)
+        if not pending:
+            del self._ua[nexus.key]
+        return ua
+
+    def pending_unit_attentions(self, nexus: Nexus) -> list[AscAscq]:
+        """The unit attentions queued for ``nexus`` (for tests/diagnostics)."""
+        return list(self._ua.get(nexus.key, ()))
+
+    def refresh_capacity(self) -> bool:
+        """Re-read the backend size; on change post CAPACITY DATA HAS
+        CHANGED to every nexus (SBC-3 §4.10). Returns True on change."""
+        n = self.backend.size >> self._shift
+        if n == self.num_blocks:
+            return False
+        self.num_blocks = n
+        self.post_unit_attention((0x2A, 0x09))
+        return True
+
+    # ----- task management -------------------------------------------------
+
+    def abort_task_set(self, nexus: Nexus) -> None:
+        """ABORT TASK SET: commands run to completion inline; nothing queued."""
+
+    def clear_task_set(self, nexus: Nexus) -> None:
+        """CLEAR TASK SET: as ABORT TASK SET for this implementation."""
+
+    def clear_aca(self, nexus: Nexus) -> None:
+        """CLEAR ACA: NACA is not supported, so no ACA condition exists."""
+
+    def reset(self, asc_ascq: AscAscq = (0x29, 0x03)) -> None:
+        """LOGICAL UNIT RESET (SAM-5 §6.3.3): release SPC-2 reservations
+        and PREVENT, revert mode pages to saved, and post a reset UA to all
+        nexuses."""
+        self._prevent.clear()
+        self.started = True
+        self.modes.reset_to_saved()
+        self._sync_mode_cache()
+        if self.reservations is not None:
+            self.reservations.lu_reset()
+        for key in self._known:
+            self._ua[key] = [asc_ascq]
+
+    # ----- the entry point -------------------------------------------------
+
+    async def execute(
+        self,
+        nexus: Nexus,
+        cdb: bytes,
+        data_out: Buffer | None = None,
+        attr: int = SIMPLE,
+        *,
+        expected_length: int | None = None,
+    ) -> ScsiResult:
+        """Run one command and return its status, sense and Data-In.
+
+        ``expected_length`` is the transport's expected data transfer length
+        when known: commands whose Data-Out size is fixed by the CDB
+        (WRITE SAME, COMPARE AND WRITE) reject a mismatch.
+        """
+        op = cdb[0]
+        handler = self._handlers.get(op)
+        try:
+            if handler is None:
+                raise illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
+            need = _CDB_LEN[op >> 5] or 16
+            if len(cdb) < need:
+                raise illegal_request(INVALID_FIELD_IN_CDB, len(cdb))
+            if cdb[need - 1] & 0x04:
+                # NACA=1 but we do not implement ACA (SAM-5 §5.9.1.2)
+                raise invalid_field_in_cdb(need - 1, 2)
+            if self._ua and op not in _UA_EXEMPT:
+                ua = self._pop_ua(nexus)
+                if ua is not None:
+                    raise CheckCondition(SenseKey.UNIT_ATTENTION, *ua)
+            res = self.reservations
+            if res is not None and res.conflict(nexus, cdb):
+                return ScsiResult(Status.RESERVATION_CONFLICT)
+            result = handler(nexus, cdb, data_out, expected_length)
+            if not isinstance(result, ScsiResult):
+                result = await result
+            return result
+        except CheckCondition as exc:
+            return self.check_condition(exc.sense)
+        except ReservationConflict:
+            return ScsiResult(Status.RESERVATION_CONFLICT)
+        except BackendError:
+            asc = WRITE_ERROR if op in _WRITES else UNRECOVERED_READ_ERROR
+            return self.check_condition(SenseData(SenseKey.MEDIUM_ERROR, *asc))
+        except (ValueError, IndexError, struct.error):
+            # A parser bug must not take the target down; report it as an
+            # internal failure rather than leaking the exception.
+            return self.check_condition(SenseData(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE))
+
+    def check_condition(self, sense: SenseData) -> ScsiResult:
+        """CHECK CONDITION with sense in the format D_SENSE selects."""
+        data = sense.encode_descriptor() if self._dsense else sense.encode_fixed()
+        return ScsiResult(_CHECK, data, None)
+
+    # ----- shared checks ----------------------------------------------------
+
+    def _ready(self) -> None:
+        """NOT READY for medium access when stopped or without medium."""
+        if not self.medium_present:
+            raise not_ready(MEDIUM_NOT_PRESENT_TRAY_OPEN if self.tray_open else MEDIUM_NOT_PRESENT)
+        if not self.started:
+            raise not_ready(LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED)
+
+    def _writable(self) -> None:
+        if self.write_protected:
+            raise data_protect()
+
+    def _range(self, lba: int, n: int) -> None:
+        if lba + n > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+
+    def _max_transfer(self, n: int, field: int) -> None:
+        limit = self.config.max_transfer_blocks
+        if limit and n > limit:
+            raise invalid_field_in_cdb(field)
+
+    async def _flush_then(self, result: ScsiResult) -> ScsiResult:
+        """Make writes durable (FUA / write-through / SYNCHRONIZE CACHE)
+        in a worker thread, then complete."""
+        await asyncio.to_thread(self.backend.flush)
+        return result
+
+    # ----- READ / WRITE (hot path) ------------------------------------------
+
+    def _do_read(self, lba: int, n: int, field: int) -> ScsiResult:
+        if not self.medium_present or not self.started:
+            self._ready()
+        if lba + n > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        if n == 0:
+            # SBC-3 §5.8: a TRANSFER LENGTH of zero is not an error
+            return ScsiResult(_GOOD, b"", None)
+        self._max_transfer(n, field)
+        shift = self._shift
+        return ScsiResult(_GOOD, b"", self.backend.read(lba << shift, n << shift))
+
+    def _read6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        word, n = _RW6.unpack_from(cdb, 0)
+        # SBC-3 §5.14: TRANSFER LENGTH 0 in READ(6) means 256 blocks
+        return self._do_read(word & 0x1FFFFF, n or 256, 4)
+
+    def _read10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW10.unpack_from(cdb, 1)
+        if flags & 0xE7:  # RDPROTECT without protection information; RARC; obsolete
+            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
+        return self._do_read(lba, n, 7)
+
+    def _read12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW12.unpack_from(cdb, 1)
+        if flags & 0xE7:
+            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
+        return self._do_read(lba, n, 6)
+
+    def _read16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW16.unpack_from(cdb, 1)
+        if flags & 0xE7:
+            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
+        return self._do_read(lba, n, 10)
+
+    def _store(self, lba: int, n: int, data: Buffer | None) -> None:
+        """Write n blocks from the Data-Out buffer without copying it.
+
+        When the initiator sent less than the CDB asked for (iSCSI EDTL <
+        transfer length), only what arrived is written, as FCP-4/RFC 7143
+        §11.4.5.1 describe; a trailing partial block is merged with the
+        medium's contents.
+        """
+        shift = self._shift
+        need = n << shift
+        offset = lba << shift
+        got = 0 if data is None else len(data)
+        if got >= need:
+            assert data is not None
+            self.backend.write(offset, data if got == need else memoryview(data)[:need])
+            return
+        if got == 0 or data is None:
+            return
+        mv = memoryview(data)
+        whole = (got >> shift) << shift
+        if whole:
+            self.backend.write(offset, mv[:whole])
+        rest = got - whole
+        if rest:
+            block = bytearray(self.backend.read(offset + whole, self.block_size))
+            block[:rest] = mv[whole:got]
+            self.backend.write(offset + whole, block)
+
+    def _do_write(self, lba: int, n: int, flags: int, data: Buffer | None, field: int) -> HandlerResult:
+        if flags & 0xE5:  # WRPROTECT without protection information; reserved
+            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
+        if not self.medium_present or not self.started:
+            self._ready()
+        if self.write_protected:
+            raise data_protect()
+        if lba + n > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        if n == 0:
+            return ScsiResult(_GOOD, b"", None)
+        self._max_transfer(n, field)
+        self._store(lba, n, data)
+        if flags & 0x08 or not self._wce:
+            return self._flush_then(ScsiResult(_GOOD, b"", None))
+        return ScsiResult(_GOOD, b"", None)
+
+    def _write6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        word, n = _RW6.unpack_from(cdb, 0)
+        return self._do_write(word & 0x1FFFFF, n or 256, 0, data, 4)
+
+    def _write10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW10.unpack_from(cdb, 1)
+        return self._do_write(lba, n, flags & ~0x02, data, 7)  # FUA_NV is ignored
+
+    def _write12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW12.unpack_from(cdb, 1)
+        return self._do_write(lba, n, flags & ~0x02, data, 6)
+
+    def _write16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        flags, lba, n = _RW16.unpack_from(cdb, 1)
+        return self._do_write(lba, n, flags & ~0x02, data, 10)
+
+    @staticmethod
+    def _lba_len(cdb: bytes) -> tuple[int, int, int, int]:
+        """(flags, lba, blocks, byte of the length field) of a 10/12/16 CDB."""
+        op = cdb[0]
+        if op >> 5 == 4:  # 16-byte
+            flags, lba, n = _RW16.unpack_from(cdb, 1)
+            return flags, lba, n, 10
+        if op >> 5 == 5:  # 12-byte
+            flags, lba, n = _RW12.unpack_from(cdb, 1)
+            return flags, lba, n, 6
+        flags, lba, n = _RW10.unpack_from(cdb, 1)
+        return flags, lba, n, 7
+
+    # ----- VERIFY / WRITE AND VERIFY / ORWRITE / COMPARE AND WRITE ----------
+
+    def _verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """VERIFY(10/12/16), SBC-3 §5.30: BYTCHK 0 checks the medium only,
+        1 compares n blocks, 3 compares one block against each of n."""
+        flags, lba, n, field = self._lba_len(cdb)
+        if flags & 0xE0:
+            raise invalid_field_in_cdb(1, 7)
+        if flags & 0x09:
+            raise invalid_field_in_cdb(1, 0 if flags & 0x01 else 3)
+        bytchk = (flags >> 1) & 0x03
+        if bytchk == 2:
+            raise invalid_field_in_cdb(1, 2)
+        self._ready()
+        self._range(lba, n)
+        if n == 0 or bytchk == 0:
+            return _good()
+        self._max_transfer(n, field)
+        shift = self._shift
+        medium = self.backend.read(lba << shift, n << shift)
+        if bytchk == 1:
+            expect: Buffer = data if data is not None else b""
+            if len(expect) > len(medium):
+                expect = memoryview(expect)[: len(medium)]
+            cmp_len = len(expect)
+            diff = first_difference(memoryview(medium)[:cmp_len], expect)
+        else:
+            pattern = bytes(memoryview(data or b"")[: self.block_size]).ljust(self.block_size, b"\0")
+            diff = first_difference(medium, pattern * n)
+        if diff >= 0:
+            raise miscompare(diff)
+        return _good()
+
+    def _write_verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """WRITE AND VERIFY(10/12/16), SBC-3 §5.37: written data is forced to
+        the medium (like FUA) so the verification means something."""
+        flags, lba, n, field = self._lba_len(cdb)
+        if flags & 0xE0:
+            raise invalid_field_in_cdb(1, 7)
+        if flags & 0x09 or (flags >> 1) & 0x03 > 1:
+            raise invalid_field_in_cdb(1, 2)
+        self._ready()
+        self._writable()
+        self._range(lba, n)
+        if n == 0:
+            return _good()
+        self._max_transfer(n, field)
+        self._store(lba, n, data)
+        return self._flush_then(_good())
+
+    def _orwrite(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """ORWRITE(16), SBC-3 §5.10: medium := medium OR data."""
+        flags, lba, n = _RW16.unpack_from(cdb, 1)
+        if flags & 0xE0:
+            raise invalid_field_in_cdb(1, 7)
+        if flags & 0x05:
+            raise invalid_field_in_cdb(1, 2)
+        self._ready()
+        self._writable()
+        self._range(lba, n)
+        if n == 0:
+            return _good()
+        self._max_transfer(n, 10)
+        shift = self._shift
+        size = n << shift
+        src = bytes(memoryview(data or b"")[:size]).ljust(size, b"\0")
+        cur = self.backend.read(lba << shift, size)
+        merged = (int.from_bytes(cur, "big") | int.from_bytes(src, "big")).to_bytes(size, "big")
+        self.backend.write(lba << shift, merged)
+        if flags & 0x08 or not self._wce:
+            return self._flush_then(_good())
+        return _good()
+
+    def _compare_and_write(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """COMPARE AND WRITE, SBC-3 §5.2. Compare and write happen with no
+        await in between, so the pair is atomic against every other command
+        on this event loop; INFORMATION of a MISCOMPARE is the offset of the
+        first differing byte."""
+        flags = cdb[1]
+        lba = int.from_bytes(cdb[2:10], "big")
+        n = cdb[13]
+        if flags & 0xE0:
+            raise invalid_field_in_cdb(1, 7)
+        if flags & 0x07:
+            raise invalid_field_in_cdb(1, 2)
+        if n > self.config.max_compare_write_blocks:
+            raise invalid_field_in_cdb(13)
+        self._ready()
+        self._writable()
+        self._range(lba, n)
+        if n == 0:
+            return _good()
+        shift = self._shift
+        size = n << shift
+        got = 0 if data is None else len(data)
+        if (el is not None and el != 2 * size) or got < 2 * size:
+            raise invalid_field_in_cdb(13)
+        assert data is not None
+        mv = memoryview(data)
+        current = self.backend.read(lba << shift, size)
+        diff = first_difference(current, mv[:size])
+        if diff >= 0:
+            raise miscompare(diff)
+        self.backend.write(lba << shift, mv[size : 2 * size])
+        if flags & 0x08 or not self._wce:
+            return self._flush_then(_good())
+        return _good()
+
+    # ----- WRITE SAME / UNMAP / GET LBA STATUS ------------------------------
+
+    def _write_same(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """WRITE SAME(10/16), SBC-3 §5.42/§5.43: NUMBER OF LOGICAL BLOCKS 0
+        means "to the end of the medium" (WSNZ=0); UNMAP with a zero block
+        (or NDOB) deallocates on a thin unit."""
+        ten = cdb[0] == Opcode.WRITE_SAME_10
+        if ten:
+            flags, lba, n = _RW10.unpack_from(cdb, 1)
+            field = 7
+            ndob = False
+            if flags & 0x07:
+                raise invalid_field_in_cdb(1, 0)
+        else:
+            flags, lba, n = _RW16.unpack_from(cdb, 1)
+            field = 10
+            ndob = bool(flags & 0x01)
+            if flags & 0x06:
+                raise invalid_field_in_cdb(1, 1)
+        if flags & 0xE0:
+            raise invalid_field_in_cdb(1, 7)
+        if flags & 0x10:  # ANCHOR, and ANC_SUP is 0
+            raise invalid_field_in_cdb(1, 4)
+        self._ready()
+        self._writable()
+        if lba > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        if n == 0:
+            n = self.num_blocks - lba
+        self._range(lba, n)
+        limit = self.config.max_write_same_blocks
+        if limit and n > limit:
+            raise invalid_field_in_cdb(field)
+        bs = self.block_size
+        if ndob:
+            block = b""
+        else:
+            got = 0 if data is None else len(data)
+            if got != bs or (el is not None and el != bs):
+                raise invalid_field_in_cdb(field)
+            assert data is not None
+            block = bytes(data)
+        if n == 0:
+            return _good()
+        zero = ndob or block.count(0) == bs
+        shift = self._shift
+        off, size = lba << shift, n << shift
+        if zero:
+            if flags & 0x08 and self.thin and self.backend.zero_after_discard:
+                self.backend.discard(off, size)
+            else:
+                self.backend.write_zeroes(off, size)
+        else:
+            per = max(1, (1 << 20) >> shift)
+            chunk = block * min(n, per)
+            pos = off
+            end = off + size
+            while pos < end:
+                k = min(len(chunk), end - pos)
+                self.backend.write(pos, chunk if k == len(chunk) else memoryview(chunk)[:k])
+                pos += k
+        if not self._wce:
+            return self._flush_then(_good())
+        return _good()
+
+    def _unmap(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """UNMAP, SBC-3 §5.28: all descriptors are validated before any
+        range is deallocated."""
+        if not self.thin:
+            raise illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
+        if cdb[1] & 0x01:  # ANCHOR
+            raise invalid_field_in_cdb(1, 0)
+        plen = int.from_bytes(cdb[7:9], "big")
+        self._ready()
+        self._writable()
+        if plen == 0:
+            return _good()
+        if plen < 8:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        buf = bytes(memoryview(data or b"")[:plen])
+        if len(buf) < 8:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        bdl = int.from_bytes(buf[2:4], "big")
+        if bdl > len(buf) - 8:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        count = bdl // 16
+        if count > self.config.max_unmap_descriptors > 0:
+            raise invalid_field_in_parameter_list(2)
+        ranges: list[tuple[int, int]] = []
+        limit = self.config.max_unmap_blocks
+        for i in range(count):
+            lba, nblk = _UNMAP_DESC.unpack_from(buf, 8 + 16 * i)
+            if lba + nblk > self.num_blocks:
+                raise illegal_request(LBA_OUT_OF_RANGE)
+            if limit and nblk > limit:
+                raise invalid_field_in_parameter_list(8 + 16 * i + 8)
+            if nblk:
+                ranges.append((lba, nblk))
+        shift = self._shift
+        for lba, nblk in ranges:
+            self.backend.discard(lba << shift, nblk << shift)
+        return _good()
+
+    def _get_lba_status(self, cdb: bytes) -> ScsiResult:
+        """GET LBA STATUS, SBC-3 §5.7: descriptors from backend.extents,
+        the first starting at the requested LBA, as many as fit."""
+        lba = int.from_bytes(cdb[2:10], "big")
+        alloc = int.from_bytes(cdb[10:14], "big")
+        self._ready()
+        if lba >= self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        if alloc == 0:
+            return _good(b"")
+        max_desc = max(1, (alloc - 8) // 16)
+        shift = self._shift
+        bs = self.block_size
+        # Look at a bounded window so a huge sparse device stays cheap.
+        window = min(self.num_blocks - lba, max(1, self.config.max_unmap_blocks or 0x40000) * 4)
+        descs: list[tuple[int, int, bool]] = []
+        for ext in self.backend.extents(lba << shift, window << shift):
+            start = ext.offset >> shift
+            end = (ext.offset + ext.length + bs - 1) >> shift
+            start = max(start, lba)
+            if end <= start:
+                continue
+            if descs and descs[-1][2] == ext.mapped and descs[-1][0] + descs[-1][1] == start:
+                s, c, m = descs[-1]
+                descs[-1] = (s, c + end - start, m)
+            elif descs and descs[-1][0] + descs[-1][1] > start:
+                # partially mapped block: already reported as the earlier run
+                s, c, m = descs[-1]
+                if end > s + c:
+                    descs.append((s + c, end - s - c, ext.mapped))
+            else:
+                if len(descs) == max_desc:
+                    break
+                descs.append((start, end - start, ext.mapped))
+        body = b"".join(_LBA_STATUS.pack(s, c, 0 if m else 1) for s, c, m in descs[:max_desc])
+        out = struct.pack(">I4x", len(body) + 4) + body
+        return _good(_alloc(out, alloc))
+
+    # ----- cache / prefetch ------------------------------------------------
+
+    def _sync_cache(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """SYNCHRONIZE CACHE(10/16), SBC-3 §5.24: fsync in a thread."""
+        flags, lba, n, _ = self._lba_len(cdb)
+        if flags & 0xFD & ~0x04:
+            raise invalid_field_in_cdb(1)
+        self._ready()
+        self._range(lba, n)
+        return self._flush_then(_good())
+
+    def _prefetch(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """PRE-FETCH(10/16), SBC-3 §5.9. We keep no cache of our own, which
+        is the "not enough cache" case: GOOD rather than CONDITION MET
+        (libiscsi's conformance suite expects GOOD too)."""
+        flags, lba, n, _ = self._lba_len(cdb)
+        if flags & 0xFD:
+            raise invalid_field_in_cdb(1)
+        self._ready()
+        self._range(lba, n)
+        return _good()
+
+    # ----- capacity ----------------------------------------------------------
+
+    def _read_capacity10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        self._ready()
+        last = self.num_blocks - 1
+        # SBC-3 §5.15: a capacity too large for 32 bits reports FFFFFFFFh
+        return _good(_RC10.pack(min(last, 0xFFFFFFFF), self.block_size))
+
+    def _read_capacity16(self, cdb: bytes) -> ScsiResult:
+        self._ready()
+        alloc = int.from_bytes(cdb[10:14], "big")
+        thin = self.thin
+        lbp = (0x8000 if thin else 0) | (0x4000 if thin and self.backend.zero_after_discard else 0)
+        data = _RC16.pack(
+            self.num_blocks - 1,
+            self.block_size,
+            0,  # P_TYPE / PROT_EN: no protection information
+            self.config.physical_block_exponent & 0x0F,
+            lbp,
+        ) + bytes(16)
+        return _good(_alloc(data, alloc))
+
+    def _service_action_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        sa = cdb[1] & 0x1F
+        if sa == ServiceActionIn16.READ_CAPACITY_16:
+            return self._read_capacity16(cdb)
+        if sa == ServiceActionIn16.GET_LBA_STATUS:
+            return self._get_lba_status(cdb)
+        raise invalid_field_in_cdb(1, 4)
+
+    # ----- SPC commands ------------------------------------------------------
+
+    def _test_unit_ready(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        self._ready()
+        return _good()
+
+    def not_ready_sense(self) -> SenseData | None:
+        """The NOT READY condition REQUEST SENSE reports, if any."""
+        try:
+            self._ready()
+        except CheckCondition as exc:
+            return exc.sense
+        return None
+
+    def _request_sense(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """REQUEST SENSE, SPC-4 §6.29: returns (and clears) a pending unit
+        attention, else a NOT READY condition, else NO SENSE; GOOD status."""
+        if cdb[1] & 0xFE:
+            raise invalid_field_in_cdb(1)
+        desc = bool(cdb[1] & 0x01)
+        ua = self._pop_ua(nexus)
+        if ua is not None:
+            sense = SenseData(SenseKey.UNIT_ATTENTION, *ua)
+        else:
+            sense = self.not_ready_sense() or SenseData(SenseKey.NO_SENSE)
+        raw = sense.encode_descriptor() if desc else sense.encode_fixed()
+        return _good(_alloc(raw, cdb[4]))
+
+    def inquiry_info(self) -> InquiryInfo:
+        """A snapshot of what INQUIRY reports about this unit."""
+        if self.config.naa_wwn is None or self.config.serial is None:
+            self.config.resolve(self.target_name, self.lun)
+        return InquiryInfo(
+            config=self.config,
+            num_blocks=self.num_blocks,
+            thin=self.thin,
+            lbprz=self.thin and self.backend.zero_after_discard,
+            tpgs=self.alua is not None,
+            copy_manager=self.xcopy is not None,
+        )
+
+    def _inquiry(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """INQUIRY, SPC-4 §6.4: standard data or a VPD page."""
+        evpd = cdb[1] & 0x01
+        if cdb[1] & 0xFE:
+            raise invalid_field_in_cdb(1, 1 if cdb[1] & 0x02 else None)
+        page = cdb[2]
+        alloc = int.from_bytes(cdb[3:5], "big")
+        info = self.inquiry_info()
+        if not evpd:
+            if page:
+                raise invalid_field_in_cdb(2)
+            return _good(_alloc(standard_inquiry(info), alloc))
+        out = vpd_page(page, info, nexus)
+        if out is None:
+            raise invalid_field_in_cdb(2)
+        return _good(_alloc(out, alloc))
+
+    def _device_specific(self) -> int:
+        """MODE SENSE header device-specific parameter (SBC-3 §6.4.1):
+        WP and DPOFUA (we honour DPO and FUA)."""
+        return (0x80 if self.write_protected else 0) | 0x10
+
+    def _mode_sense(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """MODE SENSE(6/10), SPC-4 §6.11/§6.12."""
+        ten = cdb[0] == Opcode.MODE_SENSE_10
+        if cdb[1] & (0xE7 if ten else 0xF7):
+            raise invalid_field_in_cdb(1)
+        alloc = int.from_bytes(cdb[7:9], "big") if ten else cdb[4]
+        out = _modes.mode_sense(
+            cdb,
+            self.modes,
+            ten=ten,
+            num_blocks=self.num_blocks if self.medium_present else 0,
+            block_size=self.block_size,
+            device_specific=self._device_specific(),
+            block_descriptors=self.config.device_type == PeripheralType.DISK,
+        )
+        return _good(_alloc(out, alloc))
+
+    def _mode_select(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """MODE SELECT(6/10), SPC-4 §6.9/§6.10: changes must stay inside
+        the changeable mask; other nexuses get MODE PARAMETERS CHANGED."""
+        ten = cdb[0] == Opcode.MODE_SELECT_10
+        save = _modes.check_mode_select_cdb(cdb)
+        plen = int.from_bytes(cdb[7:9], "big") if ten else cdb[4]
+        if plen == 0:
+            return _good()
+        raw = memoryview(data or b"")
+        if len(raw) < plen:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+        pages, base = _modes.parse_mode_select(
+            raw[:plen], ten=ten, num_blocks=self.num_blocks, block_size=self.block_size
+        )
+        changed = self.modes.select(pages, save=save, base=base)
+        self._sync_mode_cache()
+        if changed:
+            self.post_unit_attention(MODE_PARAMETERS_CHANGED, exclude=nexus)
+        return _good()
+
+    def _start_stop(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """START STOP UNIT, SBC-3 §5.25. A POWER CONDITION other than 0
+        makes START and LOEJ ignored. On removable units LOEJ ejects or
+        loads (refused while PREVENT is in effect); on fixed units START=0
+        stops the unit until a START=1 (NOT READY, INITIALIZING COMMAND
+        REQUIRED meanwhile)."""
+        if cdb[1] & 0xFE:
+            raise invalid_field_in_cdb(1)
+        b4 = cdb[4]
+        if b4 & 0x08:
+            raise invalid_field_in_cdb(4, 3)
+        power = b4 >> 4
+        no_flush = bool(b4 & 0x04)
+        loej = bool(b4 & 0x02)
+        start = bool(b4 & 0x01)
+        if power:
+            return _good()
+        removable = self.config.removable or self.config.device_type == PeripheralType.CDROM
+        if loej and removable:
+            if self._prevent:
+                raise illegal_request(MEDIUM_REMOVAL_PREVENTED)
+            if start:
+                self.load_medium()
+            else:
+                self.eject_medium()
+            return _good()
+        if removable:
+            return _good()
+        if start:
+            self.started = True
+            return _good()
+        self.started = False
+        if no_flush:
+            return _good()
+        return self._flush_then(_good())
+
+    def load_medium(self) -> None:
+        """Close the tray / make the medium ready."""
+        self.medium_present = True
+        self.tray_open = False
+        self.started = True
+
+    def eject_medium(self) -> None:
+        """Open the tray: medium access now answers NOT READY, MEDIUM NOT
+        PRESENT (SPC-4 §4.5.6 / MMC-6)."""
+        self.medium_present = False
+        self.tray_open = True
+
+    def _prevent_allow(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """PREVENT ALLOW MEDIUM REMOVAL, SBC-3 §5.11: tracked per I_T nexus;
+        removal is prevented while any nexus holds a prevent."""
+        prevent = cdb[4] & 0x03
+        if cdb[4] & 0xFC:
+            raise invalid_field_in_cdb(4)
+        if prevent:
+            self._prevent.add(nexus.key)
+        else:
+            self._prevent.discard(nexus.key)
+        return _good()
+
+    def _read_defect10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """READ DEFECT DATA(10), SBC-3 §5.16: an empty list in the format
+        asked for (a virtual disk has no defects)."""
+        alloc = int.from_bytes(cdb[7:9], "big")
+        self._ready()
+        out = bytes((0, cdb[2] & 0x1F, 0, 0))
+        return _good(_alloc(out, alloc))
+
+    def _read_defect12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """READ DEFECT DATA(12), SBC-3 §5.17: empty list, 8-byte header."""
+        alloc = int.from_bytes(cdb[6:10], "big")
+        self._ready()
+        out = bytes((0, cdb[1] & 0x1F, 0, 0, 0, 0, 0, 0))
+        return _good(_alloc(out, alloc))
+
+    def _maintenance_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        sa = cdb[1] & 0x1F
+        if sa == MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
+            alloc = int.from_bytes(cdb[6:10], "big")
+            return _good(_alloc(report_supported_opcodes(self.supported_ops(), cdb), alloc))
+        if sa == MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS:
+            alloc = int.from_bytes(cdb[6:10], "big")
+            if alloc < 4:
+                raise invalid_field_in_cdb(6)
+            return _good(_alloc(report_supported_tmfs(cdb), alloc))
+        if sa == MaintenanceIn.REPORT_TARGET_PORT_GROUPS and self.alua is not None:
+            alloc = int.from_bytes(cdb[6:10], "big")
+            return _good(_alloc(self.alua.report_target_port_groups(nexus, cdb), alloc))
+        raise invalid_field_in_cdb(1, 4)
+
+    # ----- E2's commands ------------------------------------------------------
+
+    def _no_opcode(self) -> CheckCondition:
+        return illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
+
+    def _reserve_release(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        res = self.reservations
+        if res is None:
+            raise self._no_opcode()
+        op = cdb[0]
+        if op == Opcode.RESERVE_10 or op == Opcode.RELEASE_10:
+            if cdb[1] & 0x13:  # 3RDPTY / LONGID / EXTENT: not supported
+                raise invalid_field_in_cdb(1)
+        if op in (Opcode.RESERVE_6, Opcode.RESERVE_10):
+            res.reserve6(nexus, cdb)
+        else:
+            res.release6(nexus, cdb)
+        return _good()
+
+    def _pr_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        res = self.reservations
+        if res is None:
+            raise self._no_opcode()
+        alloc = int.from_bytes(cdb[7:9], "big")
+        out: bytes = res.reserve_in(nexus, cdb)
+        return _good(_alloc(out, alloc))
+
+    def _pr_out(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        res = self.reservations
+        if res is None:
+            raise self._no_opcode()
+        plen = int.from_bytes(cdb[5:9], "big")
+        raw = None if data is None else memoryview(data)[:plen]
+        posts = res.reserve_out(nexus, cdb, raw)
+        for post in posts:
+            self.post_unit_attention(post.asc_ascq, post.nexuses, exclude=nexus)
+        return _good()
+
+    def _extended_copy(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        xc = self.xcopy
+        if xc is None or cdb[1] & 0x1F:
+            raise self._no_opcode() if xc is None else invalid_field_in_cdb(1, 4)
+        plen = int.from_bytes(cdb[10:14], "big")
+        raw = memoryview(data or b"")
+        if len(raw) < plen:
+            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
+
+        async def run() -> ScsiResult:
+            await xc.extended_copy(nexus, cdb, raw[:plen])
+            return _good()
+
+        return run()
+
+    def _receive_copy_results(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        xc = self.xcopy
+        if xc is None:
+            raise self._no_opcode()
+        alloc = int.from_bytes(cdb[10:14], "big")
+        out: bytes = xc.receive_copy_results(nexus, cdb)
+        return _good(_alloc(out, alloc))
+
+    # ----- transport helper --------------------------------------------------
+
+    def data_out_length(self, cdb: bytes) -> int:
+        """Bytes of Data-Out this CDB transfers (0 when none or when the
+        CDB is too short to say)."""
+        try:
+            return self._data_out_length(cdb)
+        except (IndexError, struct.error):
+            return 0
+
+    def _data_out_length(self, cdb: bytes) -> int:
+        op = cdb[0]
+        shift = self._shift
+        if op in (Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16, Opcode.ORWRITE_16,
+                  Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16):
+            return self._lba_len(cdb)[2] << shift
+        if op == Opcode.WRITE_6:
+            return (cdb[4] or 256) << shift
+        if op in (Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16):
+            flags, _, n, _ = self._lba_len(cdb)
+            bytchk = (flags >> 1) & 3
+            return n << shift if bytchk == 1 else (self.block_size if bytchk == 3 and n else 0)
+        if op == Opcode.WRITE_SAME_10:
+            return self.block_size
+        if op == Opcode.WRITE_SAME_16:
+            return 0 if cdb[1] & 0x01 else self.block_size
+        if op == Opcode.COMPARE_AND_WRITE:
+            return (2 * cdb[13]) << shift
+        if op in (Opcode.UNMAP, Opcode.MODE_SELECT_10):
+            return int.from_bytes(cdb[7:9], "big")
+        if op == Opcode.MODE_SELECT_6:
+            return cdb[4]
+        if op == Opcode.PERSISTENT_RESERVE_OUT:
+            return int.from_bytes(cdb[5:9], "big")
+        if op == Opcode.EXTENDED_COPY:
+            return int.from_bytes(cdb[10:14], "big")
+        return 0

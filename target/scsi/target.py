@@ -1,0 +1,240 @@
+"""The SCSI target device (SAM-5 §4.6): routes commands to logical units,
+answers for LUNs that do not exist, serves REPORT LUNS, tracks I_T nexuses
+for unit attentions, and relays task management to the units.
+
+Nothing here knows iSCSI: the transport builds a :class:`Nexus` per session
+and calls :meth:`ScsiTarget.execute`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from iscsi.scsi.constants import Opcode, SenseKey, Status
+from iscsi.scsi.sense import (
+    INVALID_FIELD_IN_CDB,
+    LOGICAL_UNIT_NOT_SUPPORTED,
+    POWER_ON_RESET,
+    CheckCondition,
+    SenseData,
+    illegal_request,
+    invalid_field_in_cdb,
+)
+
+from .lu import LogicalUnit
+from .types import SIMPLE, Buffer, Nexus, ScsiResult
+from .vpd import missing_lun_inquiry
+
+
+
+def _optional(name: str) -> Any:
+    """E2's modules (xcopy, alua) are optional until they exist; without
+    them their commands answer INVALID COMMAND OPERATION CODE."""
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.{name}":
+            raise
+        return None
+
+
+_xcopy = _optional("xcopy")
+_alua = _optional("alua")
+
+#: (group id, relative target port ids, asymmetric access state)
+PortGroup = tuple[int, list[int], int]
+
+
+def encode_lun(lun: int) -> bytes:
+    """8-byte LUN (SAM-5 §4.7): peripheral device addressing below 256,
+    flat space addressing up to 16383."""
+    if lun < 256:
+        return bytes((0, lun)) + bytes(6)
+    if lun < 0x4000:
+        return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
+    raise ValueError(f"LUN {lun} cannot be encoded in flat space addressing (max 16383)")
+
+
+class ScsiTarget:
+    """A SCSI target device with the given logical units.
+
+    ``name`` (the iSCSI target name) seeds stable NAA and serial numbers of
+    units that have none configured; ``target_port_groups`` is handed to
+    alua.py for REPORT TARGET PORT GROUPS.
+    """
+
+    def __init__(
+        self,
+        luns: Mapping[int, LogicalUnit],
+        target_port_groups: Iterable[PortGroup] | None = None,
+        *,
+        name: str = "",
+    ) -> None:
+        self.name = name
+        self.luns: dict[int, LogicalUnit] = dict(luns)
+        self._nexuses: dict[str, Nexus] = {}
+        self.port_groups = list(target_port_groups or [])
+        self.xcopy: Any = None
+        self.alua: Any = None
+        if _xcopy is not None:
+            self.xcopy = _xcopy.XCopyManager(self.lookup_lu)
+        if _alua is not None:
+            self.alua = self._make_alua()
+        for lun, lu in self.luns.items():
+            self._attach(lun, lu)
+
+    def _make_alua(self) -> Any:
+        """Build E2's ALUA object, tolerating the constructor it settles on."""
+        cls: Callable[..., Any] | None = getattr(_alua, "Alua", None) or getattr(_alua, "ALUA", None)
+        if cls is None:
+            return None
+        try:
+            return cls(self.port_groups or None)
+        except TypeError:
+            return cls()
+
+    def _attach(self, lun: int, lu: LogicalUnit) -> None:
+        lu.bind(self.name, lun)
+        lu.xcopy = self.xcopy
+        if self.alua is not None and hasattr(self.alua, "report_target_port_groups"):
+            lu.alua = self.alua
+        for nexus in self._nexuses.values():
+            lu.add_nexus(nexus)
+
+    def add_lun(self, lun: int, lu: LogicalUnit) -> None:
+        """Add a logical unit at runtime; every nexus is told REPORTED LUNS
+        DATA HAS CHANGED (SPC-4 §6.33) through the other units."""
+        self.luns[lun] = lu
+        self._attach(lun, lu)
+        for other in self.luns.values():
+            if other is not lu:
+                other.post_unit_attention((0x3F, 0x0E))
+
+    def lookup_lu(self, naa: bytes) -> LogicalUnit | None:
+        """The unit whose NAA designator is ``naa`` (for EXTENDED COPY
+        identification target descriptors)."""
+        for lu in self.luns.values():
+            if lu.config.naa_wwn == bytes(naa):
+                return lu
+        return None
+
+    # ----- nexus bookkeeping -------------------------------------------------
+
+    def add_nexus(self, nexus: Nexus) -> None:
+        """A new I_T nexus: each unit gets POWER ON/RESET pending for it."""
+        self._nexuses[nexus.key] = nexus
+        for lu in self.luns.values():
+            lu.add_nexus(nexus)
+
+    def nexus_lost(self, nexus: Nexus) -> None:
+        """I_T nexus loss (session ended): SPC-2 reservations, PREVENT and
+        pending unit attentions of that nexus go away."""
+        self._nexuses.pop(nexus.key, None)
+        for lu in self.luns.values():
+            lu.nexus_lost(nexus)
+
+    # ----- task management ---------------------------------------------------
+
+    def abort_task_set(self, nexus: Nexus, lun: int) -> None:
+        """ABORT TASK SET (SAM-5 §7.3)."""
+        lu = self.luns.get(lun)
+        if lu is not None:
+            lu.abort_task_set(nexus)
+
+    def clear_task_set(self, nexus: Nexus, lun: int) -> None:
+        """CLEAR TASK SET (SAM-5 §7.5)."""
+        lu = self.luns.get(lun)
+        if lu is not None:
+            lu.clear_task_set(nexus)
+
+    def clear_aca(self, nexus: Nexus, lun: int) -> None:
+        """CLEAR ACA (SAM-5 §7.4)."""
+        lu = self.luns.get(lun)
+        if lu is not None:
+            lu.clear_aca(nexus)
+
+    def lu_reset(self, nexus: Nexus, lun: int) -> None:
+        """LOGICAL UNIT RESET (SAM-5 §7.7): the unit posts BUS DEVICE
+        RESET FUNCTION OCCURRED to every nexus."""
+        lu = self.luns.get(lun)
+        if lu is not None:
+            lu.reset((0x29, 0x03))
+
+    def target_reset(self, nexus: Nexus, cold: bool) -> None:
+        """TARGET WARM/COLD RESET (RFC 7143 §11.5.1): every unit is reset;
+        a cold reset reports POWER ON OCCURRED."""
+        for lu in self.luns.values():
+            lu.reset((0x29, 0x01) if cold else POWER_ON_RESET)
+
+    # ----- command entry point --------------------------------------------------
+
+    def data_out_length(self, lun: int, cdb: bytes) -> int:
+        """Bytes of Data-Out the CDB asks for (0 for a missing LUN)."""
+        lu = self.luns.get(lun)
+        if lu is None or not cdb:
+            return 0
+        return lu.data_out_length(cdb)
+
+    async def execute(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes,
+        data_out: Buffer | None = None,
+        attr: int = SIMPLE,
+        *,
+        expected_length: int | None = None,
+    ) -> ScsiResult:
+        """Execute one command. A nexus not seen before is added first (its
+        first command reports POWER ON/RESET, SPC-4 §5.14)."""
+        if nexus.key not in self._nexuses:
+            self.add_nexus(nexus)
+        if not cdb:
+            return self._check(illegal_request(INVALID_FIELD_IN_CDB, 0).sense)
+        op = cdb[0]
+        if op == Opcode.REPORT_LUNS:
+            try:
+                return self._report_luns(cdb)
+            except CheckCondition as exc:
+                return self._check(exc.sense)
+        lu = self.luns.get(lun)
+        if lu is None:
+            return self._missing_lun(cdb)
+        return await lu.execute(nexus, cdb, data_out, attr, expected_length=expected_length)
+
+    @staticmethod
+    def _check(sense: SenseData) -> ScsiResult:
+        return ScsiResult(Status.CHECK_CONDITION, sense.encode_fixed(), None)
+
+    def _missing_lun(self, cdb: bytes) -> ScsiResult:
+        """SPC-4 §4.6 / §6.4.2: INQUIRY answers with peripheral qualifier
+        011b, REQUEST SENSE reports LOGICAL UNIT NOT SUPPORTED as data,
+        anything else is CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED."""
+        op = cdb[0]
+        sense = SenseData(SenseKey.ILLEGAL_REQUEST, *LOGICAL_UNIT_NOT_SUPPORTED)
+        if op == Opcode.INQUIRY and len(cdb) >= 6:
+            alloc = int.from_bytes(cdb[3:5], "big")
+            return ScsiResult(Status.GOOD, b"", missing_lun_inquiry()[:alloc])
+        if op == Opcode.REQUEST_SENSE and len(cdb) >= 6:
+            raw = sense.encode_descriptor() if cdb[1] & 0x01 else sense.encode_fixed()
+            return ScsiResult(Status.GOOD, b"", raw[: cdb[4]])
+        return self._check(sense)
+
+    def _report_luns(self, cdb: bytes) -> ScsiResult:
+        """REPORT LUNS, SPC-4 §6.33: SELECT REPORT 0 and 2 list every
+        logical unit, 1 (well-known LUNs only) lists none."""
+        if len(cdb) < 12:
+            raise invalid_field_in_cdb(0)
+        select = cdb[2]
+        alloc = int.from_bytes(cdb[6:10], "big")
+        if select not in (0x00, 0x01, 0x02):
+            raise invalid_field_in_cdb(2)
+        if alloc < 16:
+            raise invalid_field_in_cdb(6)
+        luns = [] if select == 0x01 else sorted(self.luns)
+        body = b"".join(encode_lun(n) for n in luns)
+        data = struct.pack(">I4x", len(body)) + body
+        return ScsiResult(Status.GOOD, b"", data[:alloc])
