@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Union
 
 from .constants import BHS_LEN, DEFAULT_MAX_RECV_DATA_SEGMENT_LENGTH, Opcode
 from .digest import crc32c, digest_value
@@ -32,7 +31,7 @@ from .errors import (
 )
 from .pdu import PDU, decode_header_and_data
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 #: Placement callback: (header bytes, data segment length) -> a writable
 #: memoryview of exactly that length to receive the payload into, or None to
@@ -260,6 +259,11 @@ class PDUReader:
         dd = 4 if (self.data_digest and dlen) else 0
         total = head_len + dlen + pad + dd
         dest = self.placement(hdr, dlen) if (self.placement is not None and dlen) else None
+        if dest is not None and (dest.nbytes != dlen or dest.readonly or dest.itemsize != 1):
+            # A bug in the caller's callback, not bad input from the peer.
+            raise ValueError(f"placement returned {dest.nbytes} bytes "
+                             f"({'read-only' if dest.readonly else 'writable'}, "
+                             f"format {dest.format!r}) for a {dlen}-byte data segment")
         if avail < total and (dlen >= _DIRECT_THRESHOLD or dest is not None):
             # Switch to direct mode: the payload goes to its own buffer.
             self._start_direct(hdr, ahs, dlen, pad + dd, dest, start + head_len, head_len)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from .constants import (
     BHS_LEN,
@@ -36,7 +36,7 @@ from .constants import (
 from .digest import digest_bytes
 from .errors import InvalidPDUField, PDUFormatError, UnsupportedOpcode
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 _I_BIT = 0x40
@@ -881,9 +881,30 @@ def decode_pdu(raw: Buffer, *, header_digest: bool = False, data_digest: bool = 
 
 
 __all__ = [
-    "PDU", "NopOut", "NopIn", "ScsiCommand", "ScsiResponse", "TaskMgmtRequest",
-    "TaskMgmtResponse", "LoginRequest", "LoginResponse", "TextRequest", "TextResponse",
-    "DataOut", "DataIn", "R2T", "LogoutRequest", "LogoutResponse", "SnackRequest",
-    "AsyncMessage", "Reject", "PDU_CLASSES", "decode_header_and_data", "decode_pdu",
-    "encode_lun", "decode_lun", "iter_ahs", "Buffer",
+    "PDU",
+    "PDU_CLASSES",
+    "R2T",
+    "AsyncMessage",
+    "Buffer",
+    "DataIn",
+    "DataOut",
+    "LoginRequest",
+    "LoginResponse",
+    "LogoutRequest",
+    "LogoutResponse",
+    "NopIn",
+    "NopOut",
+    "Reject",
+    "ScsiCommand",
+    "ScsiResponse",
+    "SnackRequest",
+    "TaskMgmtRequest",
+    "TaskMgmtResponse",
+    "TextRequest",
+    "TextResponse",
+    "decode_header_and_data",
+    "decode_lun",
+    "decode_pdu",
+    "encode_lun",
+    "iter_ahs",
 ]

@@ -80,7 +80,7 @@ class Task:
 
     __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "received", "unsolicited_end",
                  "next_r2t_offset", "r2ts", "r2tsn", "aborted", "immediate", "done",
-                 "future", "executing")
+                 "future", "executing", "unsol_next")
 
     def __init__(self, cmd: ScsiCommand, buf: bytearray | None) -> None:
         self.itt = cmd.itt
@@ -91,7 +91,7 @@ class Task:
         self.received = 0
         self.unsolicited_end = 0
         self.next_r2t_offset = 0
-        #: ttt -> [buffer offset, length, next expected offset]
+        #: ttt -> [buffer offset, length, next expected offset, next DataSN]
         self.r2ts: dict[int, list[int]] = {}
         self.r2tsn = 0
         self.aborted = False
@@ -99,6 +99,8 @@ class Task:
         self.done = False
         self.executing = False
         self.future: asyncio.Future[None] | None = None
+        #: (next offset, next DataSN) of the unsolicited Data-Out sequence.
+        self.unsol_next = (len(cmd.data), 0)
 
 
 class TargetConnection(asyncio.BufferedProtocol):
@@ -128,6 +130,9 @@ class TargetConnection(asyncio.BufferedProtocol):
         self._ttt = 0x1000
         self._ttt_map: dict[int, Task] = {}
         self._placed: tuple[int, bytearray] | None = None
+        #: ITTs of writes failed mid-transfer: their remaining Data-Out is
+        #: dropped silently (insertion-ordered, bounded).
+        self._dead_itts: dict[int, None] = {}
         self._buffered_bytes = 0
         self._out: list[Buffer] = []
         self._flush_scheduled = False
@@ -466,6 +471,7 @@ class TargetConnection(asyncio.BufferedProtocol):
     def _scsi_command(self, cmd: ScsiCommand, buf: bytearray | None) -> None:
         sess = self.session
         assert sess is not None
+        self._dead_itts.pop(cmd.itt, None)
         if cmd.itt in self.tasks:
             # §11.3.4: an ITT must be unique among outstanding tasks.
             self._release(buf)
@@ -515,7 +521,7 @@ class TargetConnection(asyncio.BufferedProtocol):
             offset = task.next_r2t_offset
             length = min(self.max_burst, task.edtl - offset)
             ttt = self._new_ttt()
-            task.r2ts[ttt] = [offset, length, offset]
+            task.r2ts[ttt] = [offset, length, offset, 0]
             self._ttt_map[ttt] = task
             task.next_r2t_offset = offset + length
             self.send(R2T(lun=task.cmd.lun, itt=task.itt, ttt=ttt, statsn=self.statsn,
@@ -523,8 +529,23 @@ class TargetConnection(asyncio.BufferedProtocol):
                           buffer_offset=offset, desired_data_transfer_length=length))
             task.r2tsn += 1
 
+    def _fail_data(self, task: Task, reason: str) -> None:
+        """End a write whose Data-Out sequence is broken: ABORTED COMMAND,
+        DATA PHASE ERROR (4B/00); later Data-Out for it is ignored."""
+        log.warning("%s: ITT 0x%08x: %s", self.peer, task.itt, reason)
+        for ttt in task.r2ts:
+            self._ttt_map.pop(ttt, None)
+        task.r2ts.clear()
+        self._dead_itts[task.itt] = None
+        if len(self._dead_itts) > 256:
+            del self._dead_itts[next(iter(self._dead_itts))]
+        task.executing = True
+        self._finish(task, Status.CHECK_CONDITION, _DATA_PHASE_ERROR_SENSE, None)
+
     def _data_out(self, pdu: DataOut) -> None:
         task = self.tasks.get(pdu.itt)
+        if task is None and pdu.itt in self._dead_itts:
+            return  # the rest of a write we already failed
         hdr = pdu.to_bytes()[:48] if task is None else b""
         if task is None or task.buf is None or task.executing:
             # Data for a task we do not know (or one already complete):
@@ -533,17 +554,30 @@ class TargetConnection(asyncio.BufferedProtocol):
             return
         n = len(pdu.data)
         offset = pdu.buffer_offset
+        # DataPDUInOrder/DataSequenceInOrder=Yes (the only values we accept)
+        # and ERL 0: within a sequence DataSN counts from 0 and offsets are
+        # contiguous. A sequence error cannot be recovered at ERL 0; the
+        # task ends with CHECK CONDITION and the connection carries on
+        # (RFC 7143 §7.1.4, §11.7.5), like tgt does.
         if pdu.ttt == RESERVED_TAG:
-            if offset + n > task.unsolicited_end:
-                self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+            if offset + n > task.unsolicited_end or offset != task.unsol_next[0] or \
+                    pdu.datasn != task.unsol_next[1]:
+                self._fail_data(task, f"unsolicited Data-Out out of order (offset {offset}, "
+                                      f"DataSN {pdu.datasn})")
                 return
+            task.unsol_next = (offset + n, pdu.datasn + 1)
         else:
             r2t = task.r2ts.get(pdu.ttt)
             if r2t is None or self._ttt_map.get(pdu.ttt) is not task or \
                     offset < r2t[0] or offset + n > r2t[0] + r2t[1]:
                 self.send_reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
                 return
+            if offset != r2t[2] or pdu.datasn != r2t[3]:
+                self._fail_data(task, f"Data-Out out of order (offset {offset}, DataSN "
+                                      f"{pdu.datasn}; expected {r2t[2]}, {r2t[3]})")
+                return
             r2t[2] = offset + n
+            r2t[3] += 1
             if pdu.final or r2t[2] >= r2t[0] + r2t[1]:
                 del task.r2ts[pdu.ttt]
                 self._ttt_map.pop(pdu.ttt, None)
@@ -807,3 +841,6 @@ _HW_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 
 # iSCSI ExpectedDataTransferLength is shorter than the CDB's transfer.
 _INVALID_FIELD_IN_IU_SENSE = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03, 0,
                                     0, 0, 0])
+# ABORTED COMMAND, DATA PHASE ERROR (4B/00): a broken Data-Out sequence.
+_DATA_PHASE_ERROR_SENSE = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0,
+                                 0, 0])

@@ -208,3 +208,5 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
              login.target_name or "discovery", "Discovery" if discovery else "Normal",
              sess.tsih, login.cid, params)
     conn.login_complete(sess, params)
+    if rt is not None and login.leading:
+        rt.scsi.add_nexus(server.nexus_for(conn))

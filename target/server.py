@@ -54,9 +54,9 @@ def open_lun(spec: LunSpec) -> Any:
     if not os.path.exists(spec.path):
         raise BackendError(f"{spec.path}: no such file or device")
     if spec.backend in ("raw", "file", "block"):
-        from target.backends.raw import open_raw
+        from target.backends import raw
 
-        return open_raw(spec.path, read_only=spec.read_only, write_through=not spec.write_cache)
+        return raw.open(spec.path, read_only=spec.read_only, write_through=not spec.write_cache)
     from target.backends.registry import open_image
 
     fmt = None if spec.backend in ("auto", "iso") else spec.backend
@@ -97,7 +97,7 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
         for b in backends.values():
             b.close()
         raise
-    scsi = ScsiTarget(luns)
+    scsi = ScsiTarget(luns, name=spec.name)
     return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns))
 
 

@@ -441,3 +441,12 @@ def test_get_buffer_is_never_empty() -> None:
         buf[:n] = raw[pos : pos + n]
         pos += n
         r.buffer_updated(n)
+
+
+def test_placement_of_the_wrong_size_is_a_caller_bug() -> None:
+    r = PDUReader(placement=lambda hdr, dlen: memoryview(bytearray(dlen + 1)))
+    with pytest.raises(ValueError, match="placement returned 6 bytes"):
+        r.feed(wire(NopOut(itt=1, data=b"12345")))
+    r = PDUReader(placement=lambda hdr, dlen: memoryview(bytes(dlen)))
+    with pytest.raises(ValueError, match="read-only"):
+        r.feed(wire(NopOut(itt=1, data=b"12345")))

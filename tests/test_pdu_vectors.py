@@ -34,7 +34,12 @@ from iscsi.constants import (
     TMResponse,
 )
 from iscsi.digest import crc32c, digest_bytes, digest_value
-from iscsi.errors import InvalidPDUField, PDUFormatError, ProtocolError, UnsupportedOpcode
+from iscsi.errors import (
+    InvalidPDUField,
+    PDUFormatError,
+    ProtocolError,
+    UnsupportedOpcode,
+)
 from iscsi.pdu import (
     PDU,
     PDU_CLASSES,
@@ -915,7 +920,8 @@ def test_bad_data_digest_names_reject_reason() -> None:
     vec[-5] ^= 0x80  # a padding byte: padding is covered by the data digest
     with pytest.raises(DataDigestError) as ei:
         decode_pdu(bytes(vec), header_digest=True, data_digest=True)
-    assert ei.value.reject_reason == RejectReason.DATA_DIGEST_ERROR == 0x02
+    assert ei.value.reject_reason == RejectReason.DATA_DIGEST_ERROR
+    assert int(RejectReason.DATA_DIGEST_ERROR) == 0x02
     assert not ei.value.drop_connection
     assert ei.value.header == h(*VECTORS["nop_out"][1])
 

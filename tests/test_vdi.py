@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from target.backends import registry, vdi
 from target.backends.base import BackendError, Extent
+from target.backends.registry import ImageBackend
 from tests.images import (
     MiB,
     apply_ops,
@@ -81,7 +83,7 @@ def test_qemu_made_read_bit_exact(tmp_path: Path, static: str) -> None:
         f.write(bytes(MiB))
     img_path = tmp_path / "q.vdi"
     qemu_img("convert", "-f", "raw", "-O", "vdi", "-o", f"static={static}", raw, img_path)
-    with registry.open_image(str(img_path), read_only=True) as img:
+    with closing(registry.open_image(str(img_path), read_only=True)) as img:
         assert img.info().subformat == ("fixed" if static == "on" else "dynamic")
         compare_with_raw(img, raw)
         exts = list(img.extents(0, img.size))
@@ -144,10 +146,11 @@ def test_differencing_chain(tmp_path: Path) -> None:
     child = str(tmp_path / "child.vdi")
     registry.create_image(child, "vdi", 0, backing="base.vdi")
     assert os.path.exists(child + ".parent")
-    with registry.open_image(child) as img:
+    with closing(registry.open_image(child)) as img:
         info = img.info()
         assert info.subformat == "differencing" and img.parent is not None
-        assert info.parent_uuid == img.parent.info().uuid  # type: ignore[union-attr]
+        assert isinstance(img.parent, ImageBackend)
+        assert info.parent_uuid == img.parent.info().uuid
         assert_same(img, model)
         apply_ops(random_ops(SIZE, 12, 30, max_len=MiB), img, model)
         img.discard(2 * MiB, MiB)  # a discarded block reads zero, not the parent
@@ -156,7 +159,7 @@ def test_differencing_chain(tmp_path: Path) -> None:
         assert list(img.extents(2 * MiB, MiB)) == [Extent(2 * MiB, MiB, False)]
     # Without the sidecar the parent is found by UUID in the directory.
     os.unlink(child + ".parent")
-    with registry.open_image(child, read_only=True) as img:
+    with closing(registry.open_image(child, read_only=True)) as img:
         assert_same(img, model)
     with vdi.open(base, read_only=True) as img:
         assert_same(img, base_model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_qemu_made_read_bit_exact(tmp_path: Path, sub: str) -> None:
         f.write(bytes(2 * MiB))
     q = tmp_path / "q.vhd"
     qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", f"subformat={sub}", raw, q)
-    with registry.open_image(str(q), read_only=True, fmt="vhd") as img:
+    with closing(registry.open_image(str(q), read_only=True, fmt="vhd")) as img:
         assert img.size == SIZE and img.info().subformat == sub
         compare_with_raw(img, raw)
         if sub == "dynamic":
@@ -144,10 +145,11 @@ def test_differencing_chain(tmp_path: Path) -> None:
     sub.mkdir()
     child = str(sub / "child.vhd")
     registry.create_image(child, "vhd", 0, backing="../base.vhd")
-    with registry.open_image(child) as img:
+    with closing(registry.open_image(child)) as img:
         info = img.info()
         assert info.subformat == "differencing"
-        assert info.parent_uuid == registry.open_image(base, read_only=True).info().uuid
+        with closing(registry.open_image(base, read_only=True)) as parent:
+            assert info.parent_uuid == parent.info().uuid
         assert info.extra["parent_name"] == "base.vhd"
         assert_same(img, model)
         # Unaligned-in-block writes: the sector bitmap decides child vs parent.
@@ -155,7 +157,7 @@ def test_differencing_chain(tmp_path: Path) -> None:
         img.write_zeroes(MiB, 4096)
         model[MiB : MiB + 4096] = bytes(4096)
         assert_same(img, model)
-    with registry.open_image(child, read_only=True) as img:
+    with closing(registry.open_image(child, read_only=True)) as img:
         assert_same(img, model)
         assert sum(e.length for e in img.extents(0, SIZE)) == SIZE
     # A different parent with the same name: refused by its unique id.

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from .base import Backend, BackendError, Buffer, Extent, MediumError, SECTOR
 from .raw import pread_into, punch_hole, pwrite_all
-from .registry import ImageBackend, ImageInfo, check_range, merge_extents
+from .registry import ImageBackend, ImageInfo, check_range, merge_extents, parse_size
 
 __all__ = ["NAME", "ParallelsImage", "create", "open", "probe"]
 
@@ -396,9 +396,9 @@ def create(
         raise BackendError(f"{path}: parallels images cannot have a backing file")
     opts = dict(options or {})
     try:
-        cs = int(opts.pop("cluster_size", str(DEFAULT_CLUSTER)), 0)
-    except ValueError as e:
-        raise BackendError(f"{path}: parallels cluster_size is not a number: {e}") from None
+        cs = parse_size(opts.pop("cluster_size", str(DEFAULT_CLUSTER)), "cluster_size")
+    except BackendError as e:
+        raise BackendError(f"{path}: parallels: {e}") from None
     if opts:
         raise BackendError(f"{path}: unknown parallels option(s): {', '.join(sorted(opts))}")
     if cs < SECTOR or cs % SECTOR or cs > 1 << 30:

@@ -42,6 +42,7 @@ from .registry import (
     cluster_pieces,
     merge_extents,
     open_backing,
+    parse_size,
 )
 
 __all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
@@ -893,10 +894,10 @@ def _parse_options(path: str, options: dict[str, str] | None) -> tuple[int, int,
     if version is None:
         raise BackendError(f"{path}: qcow2 compat={compat!r}: expected 0.10 or 1.1")
     try:
-        cs = int(opts.pop("cluster_size", "65536"), 0)
-        refbits = int(opts.pop("refcount_bits", "16"), 0)
-    except ValueError as e:
-        raise BackendError(f"{path}: qcow2 option is not a number: {e}") from None
+        cs = parse_size(opts.pop("cluster_size", "65536"), "cluster_size")
+        refbits = parse_size(opts.pop("refcount_bits", "16"), "refcount_bits")
+    except BackendError as e:
+        raise BackendError(f"{path}: qcow2: {e}") from None
     if cs < 512 or cs > 1 << MAX_CLUSTER_BITS or cs & (cs - 1):
         raise BackendError(f"{path}: qcow2 cluster_size {cs} must be a power of two in 512..2M")
     if refbits < 1 or refbits > 64 or refbits & (refbits - 1):

@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol, cast
@@ -40,9 +40,11 @@ __all__ = [
     "cluster_pieces",
     "create_image",
     "detect",
+    "formats",
     "merge_extents",
     "open_backing",
     "open_image",
+    "parse_size",
     "resolve_backing",
 ]
 
@@ -154,7 +156,27 @@ def cluster_pieces(offset: int, length: int, cluster: int) -> Iterator[tuple[int
         pos += n
 
 
-def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse a size option as qemu-img writes them: ``65536``, ``64k``,
+    ``2M``, ``1G`` (binary multiples); BackendError when malformed."""
+    t = text.strip().lower()
+    if t.endswith("ib"):
+        t = t[:-2]
+    unit = t[-1:] if t[-1:].isalpha() else ""
+    try:
+        value = int(t[: len(t) - len(unit)], 0)
+        mult = _SUFFIXES[unit]
+    except (ValueError, KeyError):
+        raise BackendError(f"{what} {text!r} is not a size (e.g. 65536, 64k, 2M)") from None
+    if value < 0:
+        raise BackendError(f"{what} {text!r} is negative")
+    return value * mult
+
+
+def merge_extents(extents: Iterable[Extent]) -> Iterator[Extent]:
     """Join adjacent extents with the same ``mapped`` state."""
     cur: Extent | None = None
     for e in extents:
@@ -196,9 +218,14 @@ class FormatModule(Protocol):
         ...
 
 
-#: Registered formats by name. Filled at import time from the modules below;
-#: ``raw`` is last on purpose: it accepts anything, so it is the fallback.
-FORMATS: dict[str, FormatModule] = {}
+#: Registered formats by name, ``raw`` last (it accepts anything, so it is
+#: the fallback). Filled on first use - detect/open_image/create_image or
+#: reading ``registry.FORMATS`` - not at import time: format modules import
+#: this module, and loading them from here at import would make the import
+#: order matter.
+FORMATS: dict[str, FormatModule]
+_FORMATS: dict[str, FormatModule] = {}
+_loaded = False
 
 _FORMAT_NAMES = ("qcow2", "parallels", "vdi", "vhd", "vmdk", "raw")
 
@@ -230,7 +257,7 @@ def _read_head(path: str) -> bytes:
 def detect(path: str) -> str:
     """Return the format name of the image at ``path`` (by content)."""
     head = _read_head(path)
-    for name, mod in FORMATS.items():
+    for name, mod in formats().items():
         if name == "raw":
             continue
         if mod.probe(head, path):
@@ -239,9 +266,9 @@ def detect(path: str) -> str:
 
 
 def _format(fmt: str, path: str) -> FormatModule:
-    mod = FORMATS.get(fmt)
+    mod = formats().get(fmt)
     if mod is None:
-        known = ", ".join(sorted(FORMATS))
+        known = ", ".join(sorted(formats()))
         raise BackendError(f"{path}: unknown image format {fmt!r} (known: {known})")
     return mod
 
@@ -323,7 +350,7 @@ def open_backing(child_path: str, backing: str, backing_format: str | None) -> I
     if not os.path.exists(ppath):
         raise BackendError(f"{child_path}: backing file {backing!r} not found (looked for {ppath})")
     fmt = backing_format or None
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in formats():
         raise BackendError(f"{child_path}: backing file {backing!r} has unsupported format {fmt!r}")
     return open_image(ppath, read_only=True, fmt=fmt)
 
@@ -354,6 +381,26 @@ def create_image(
     mod.create(path, size, backing=backing, backing_format=backing_format, options=options)
 
 
+def formats() -> dict[str, FormatModule]:
+    """The registered formats (loading the format modules on first call)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _load_formats()
+        except BaseException:
+            _loaded = False
+            raise
+    return _FORMATS
+
+
+def __getattr__(name: str) -> object:
+    # PEP 562: ``registry.FORMATS`` loads the formats when first read.
+    if name == "FORMATS":
+        return formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _load_formats() -> None:
     for name in _FORMAT_NAMES:
         full = f"{__package__}.{name}"
@@ -365,7 +412,4 @@ def _load_formats() -> None:
             if e.name == full:
                 continue
             raise
-        FORMATS[name] = cast(FormatModule, mod)
-
-
-_load_formats()
+        _FORMATS[name] = cast(FormatModule, mod)

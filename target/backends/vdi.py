@@ -70,7 +70,7 @@ import struct
 import sys
 import uuid
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 from .registry import ImageBackend, ImageInfo, open_backing, resolve_backing
@@ -159,6 +159,9 @@ class MappedImage(ImageBackend):
         self._wt = write_through
         self.parent = parent
         self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
 
     @property
     def size(self) -> int:
@@ -689,7 +692,7 @@ class VdiImage(MappedImage):
             self._close_parent()
 
 
-def open(path: str, *, read_only: bool, write_through: bool = False) -> VdiImage:  # noqa: A001
+def open(path: str, *, read_only: bool, write_through: bool = False) -> VdiImage:
     """Open a VDI image (and, for a differencing image, its parent chain)."""
     try:
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)

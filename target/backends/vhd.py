@@ -502,8 +502,7 @@ class VhdImage(MappedImage):
         self._bitmaps.pop(blk, None)
         total = self._bitmap_size + self._bs
         last = max(filter(BAT_FREE.__gt__, self._bat), default=-1)
-        if last < e:
-            last = e  # the freed block itself was the last one
+        last = max(last, e)  # the freed block itself was the last one
         if last * SECTOR + total != self._footer_at:
             return  # not our dense layout: leave the hole (space leaks)
         if last != e:
@@ -532,7 +531,7 @@ class VhdImage(MappedImage):
             self._close_parent()
 
 
-def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage:  # noqa: A001
+def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage:
     """Open a VHD image (and the parent chain of a differencing disk)."""
     try:
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)

@@ -569,7 +569,7 @@ def _read_sparse_header(path: str, fd: int) -> _Header:
     return hdr
 
 
-def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImage:  # noqa: A001
+def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImage:
     """Open a VMDK (descriptor or monolithic sparse file) and its extents."""
     try:
         desc_fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
@@ -605,7 +605,8 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
             if size > MAX_DESCRIPTOR or not probe(head, path):
                 raise BackendError(f"{path}: not a VMDK: no KDMV magic and no text descriptor")
             raw = pread_exact(desc_fd, size, 0, path, "VMDK descriptor")
-            text = raw.decode("utf-8", errors="replace")
+            # qemu pads descriptor files with NULs: the text ends at the first.
+            text = raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
         desc = _parse_descriptor(path, text)
         ctype = desc.keys.get("createType", "")
         if ctype in ("vmfsSparse", "vmfsRaw", "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "seSparse"):
@@ -620,7 +621,12 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
                 read_only = True  # RDONLY/NOACCESS parts make the disk read-only
             if line.kind in ("FLAT", "VMFS", "SPARSE"):
                 assert line.file is not None
-                fpath = resolve_backing(path, line.file)
+                if own_hdr is not None and line.kind == "SPARSE" and len(desc.extents) == 1:
+                    # An embedded descriptor describes its own file, whatever
+                    # the file has been renamed to since.
+                    fpath = path
+                else:
+                    fpath = resolve_backing(path, line.file)
                 real = os.path.realpath(fpath)
                 fd = fds.get(real)
                 if fd is None:
@@ -679,7 +685,8 @@ def _sparse_layout(capacity: int, with_desc: bool, zeroed: bool) -> tuple[_Heade
     hosted sparse extent, laid out like VMware/qemu: header, descriptor,
     redundant GD + GTs, GD + GTs, grains from a grain-aligned overhead."""
     grain = DEFAULT_GRAIN
-    n_gt = -(-(-(-capacity // grain)) // GTES)
+    grains = -(-capacity // grain)
+    n_gt = -(-grains // GTES)
     gd_sectors = align_up(4 * n_gt, SECTOR) // SECTOR
     gt_sectors = align_up(4 * GTES, SECTOR) // SECTOR
     desc_off, desc_size = (1, DESC_SECTORS) if with_desc else (0, 0)
