@@ -605,19 +605,19 @@ class TargetConnection(asyncio.BufferedProtocol):
         cmd = task.cmd
         nexus = self.server.nexus_for(self)
         data_out: Buffer | None = None
-        underflow = 0
+        underflow = overflow = 0
         try:
-            # SPC-4 / FCP-4 residual rules, as libiscsi's residual tests
-            # check them: the CDB asks for ``want`` bytes, the iSCSI header
-            # promised ``have``. More wanted than promised is refused before
-            # anything is written; less wanted writes only what the CDB asks.
+            # Residuals (RFC 7143 §11.4.5, FCP-4 §9.4.2 as libiscsi tests
+            # them): the CDB asks for ``want`` bytes, the iSCSI header
+            # promised ``have``. With less promised the command runs on the
+            # bytes that came (the device keeps the rest of a partial block)
+            # and reports overflow; with more, only ``want`` bytes are used.
             want = rt.scsi.data_out_length(task.lun, cmd.cdb)
             have = task.edtl if cmd.write else 0
             if want > have:
-                self._finish(task, Status.CHECK_CONDITION, _INVALID_FIELD_IN_IU_SENSE, None,
-                             overflow=want - have)
-                return
-            if cmd.write:
+                overflow = want - have
+                data_out = memoryview(task.buf) if task.buf is not None else memoryview(b"")
+            elif cmd.write:
                 assert task.buf is not None
                 underflow = have - want
                 data_out = memoryview(task.buf)[:want]
@@ -628,9 +628,10 @@ class TargetConnection(asyncio.BufferedProtocol):
             return
         data = result.data
         if cmd.write:
-            self._finish(task, result.status, result.sense, None, underflow=underflow)
+            self._finish(task, result.status, result.sense, None, underflow=underflow,
+                         overflow=overflow)
         else:
-            self._finish(task, result.status, result.sense, data)
+            self._finish(task, result.status, result.sense, data, overflow=overflow)
 
     def _finish(self, task: Task, status: int, sense: bytes, data: Buffer | None, *,
                 overflow: int = 0, underflow: int = 0) -> None:
@@ -837,10 +838,6 @@ class TargetConnection(asyncio.BufferedProtocol):
 
 # Fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (44/00).
 _HW_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
-# ILLEGAL REQUEST, INVALID FIELD IN COMMAND INFORMATION UNIT (0E/03): the
-# iSCSI ExpectedDataTransferLength is shorter than the CDB's transfer.
-_INVALID_FIELD_IN_IU_SENSE = bytes([0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x0E, 0x03, 0,
-                                    0, 0, 0])
 # ABORTED COMMAND, DATA PHASE ERROR (4B/00): a broken Data-Out sequence.
 _DATA_PHASE_ERROR_SENSE = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0,
                                  0, 0])

@@ -185,7 +185,7 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
             tsih=login.tsih, isid=login.isid, initiator_name=initiator,
             target_name=login.target_name or "", discovery=discovery,
             portal_group_tag=conn.portal_group_tag,
-            queue_depth=rt.spec.limits.queue_depth if rt is not None else 1,
+            queue_depth=rt.spec.limits.queue_depth if rt is not None else 8,
             expcmdsn=req.cmdsn, params=params, target=rt)
         server.sessions[sess.tsih] = sess
         server.release_tsih(sess.tsih)

@@ -45,7 +45,9 @@ class Session:
     def maxcmdsn(self) -> int:
         """ExpCmdSN - 1 + free slots: the window closes as commands queue up
         and reopens as they complete, never moving backwards."""
-        return sn_add(self.expcmdsn, max(self.queue_depth - self.active, 0) - 1)
+        # May equal ExpCmdSN - 1 (window closed), so plain modular
+        # arithmetic rather than an RFC 1982 addition.
+        return (self.expcmdsn - 1 + max(self.queue_depth - self.active, 0)) & 0xFFFFFFFF
 
     @property
     def initiator_port(self) -> str:

@@ -170,6 +170,20 @@ def test_writes_into_qemu_made_compressed_image(tmp_path: Path) -> None:
     qemu_compare(p, "qcow2", _write_model(p, model))
 
 
+def test_huge_sparse_disk_discard_is_cheap(tmp_path: Path) -> None:
+    p = tmp_path / "huge.qcow2"
+    size = 1 << 40
+    registry.create_image(str(p), "qcow2", size)
+    with registry.open_image(str(p)) as img:
+        img.write(size - 4096, b"\x0c" * 4096)
+        img.write(0, b"\x0d" * 512)
+        img.discard(0, size)  # skips the 2047 L1 entries without a table
+        assert bytes(img.read(size - 8192, 8192)) == bytes(8192)
+        assert bytes(img.read(0, 512)) == bytes(512)
+        assert list(img.extents(0, size)) == [Extent(0, size, False)]
+    qemu_check(p, "qcow2")
+
+
 def test_create_options_refused(tmp_path: Path) -> None:
     p = str(tmp_path / "x.qcow2")
     for opts in ({"cluster_size": "1000"}, {"compat": "2.0"}, {"lazy_refcounts": "on"}, {"bogus": "1"},

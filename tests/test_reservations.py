@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from iscsi.scsi.constants import PRType, SenseKey
 from iscsi.scsi.sense import CheckCondition
+from target.scsi.alua import AccessState, Alua, TargetPortGroup
 from target.scsi.reservations import (
     PROutResult,
     ReservationConflict,
@@ -723,3 +724,96 @@ def test_write_failure_rolls_back(tmp_path: Path) -> None:
         out(r, A, REGISTER, 0, 0xA, aptpl=True)
     assert exc.value.sense.key == SenseKey.HARDWARE_ERROR
     assert r.registrations == [] and not r.aptpl
+
+
+# --- target port groups (alua.py): REPORT TARGET PORT GROUPS decoding ------------
+
+def rtpg_cdb(fmt: int = 0, alloc: int = 4096) -> bytes:
+    return bytes([0xA3, (fmt << 5) | 0x0A, 0, 0, 0, 0]) + alloc.to_bytes(4, "big") + bytes(2)
+
+
+def decode_rtpg(data: bytes, extended: bool = False) -> list[tuple[int, bool, int, int, int, list[int]]]:
+    """(group, pref, state, supported bits, status, ports) per descriptor,
+    the way libiscsi and scsi_dh_alua walk the list."""
+    total = struct.unpack_from(">I", data)[0] + 4
+    assert total == len(data)
+    pos = 8 if extended else 4
+    groups = []
+    while pos < total:
+        b0, sup, gid, status, count = struct.unpack_from(">BBHxBxB", data, pos)
+        ports = [struct.unpack_from(">H", data, pos + 8 + 4 * i + 2)[0] for i in range(count)]
+        groups.append((gid, bool(b0 & 0x80), b0 & 0x0F, sup, status, ports))
+        pos += 8 + 4 * count
+    assert pos == total
+    return groups
+
+
+def test_rtpg_default_single_group() -> None:
+    alua = Alua()
+    data = alua.report_target_port_groups(A, rtpg_cdb())
+    assert decode_rtpg(data) == [(1, False, 0, 0xCF, 0, [1])]
+
+
+def test_rtpg_several_groups_both_formats() -> None:
+    alua = Alua(
+        [
+            (1, [1, 2], 0),
+            (2, [3], AccessState.STANDBY),
+            TargetPortGroup(7, (4, 5, 6), AccessState.ACTIVE_NON_OPTIMIZED, preferred=True),
+        ],
+        implicit_transition_time=30,
+    )
+    expected = [
+        (1, False, 0, 0xCF, 0, [1, 2]),
+        (2, False, 2, 0xCF, 0, [3]),
+        (7, True, 1, 0xCF, 0, [4, 5, 6]),
+    ]
+    plain = alua.report_target_port_groups(A, rtpg_cdb(0))
+    assert decode_rtpg(plain) == expected
+    ext = alua.report_target_port_groups(A, rtpg_cdb(1))
+    assert ext[4] == 0x10 and ext[5] == 30
+    assert decode_rtpg(ext, extended=True) == expected
+    assert ext[8:] == plain[4:]
+    # ALLOCATION LENGTH cuts, RETURN DATA LENGTH still tells the whole size.
+    short = alua.report_target_port_groups(A, rtpg_cdb(0, alloc=4))
+    assert short == plain[:4]
+    with pytest.raises(CheckCondition) as exc:
+        alua.report_target_port_groups(A, rtpg_cdb(2))
+    assert exc.value.sense.asc_ascq == (0x24, 0x00) and exc.value.sense.field_pointer == 1
+
+
+def test_alua_state_change_and_access_checks() -> None:
+    alua = Alua([(1, [1], 0), (2, [2], 0)])
+    assert alua.set_state(2, AccessState.STANDBY) == (0x2A, 0x06)
+    groups = decode_rtpg(alua.report_target_port_groups(A, rtpg_cdb()))
+    assert groups[1][2] == AccessState.STANDBY and groups[1][4] == 0x02  # implicit change
+    alua.check_access(A, READ10)  # port 1: active/optimized
+    with pytest.raises(CheckCondition) as exc:
+        alua.check_access(A2, READ10)  # port 2: standby
+    assert (exc.value.sense.key, exc.value.sense.asc_ascq) == (SenseKey.NOT_READY, (0x04, 0x0B))
+    alua.check_access(A2, INQUIRY)
+    alua.check_access(A2, rtpg_cdb())
+    alua.set_state(2, AccessState.UNAVAILABLE)
+    with pytest.raises(CheckCondition) as exc:
+        alua.check_access(A2, MODE_SENSE6)
+    assert exc.value.sense.asc_ascq == (0x04, 0x0C)
+    alua.set_state(2, AccessState.TRANSITIONING)
+    with pytest.raises(CheckCondition) as exc:
+        alua.check_access(A2, TUR)
+    assert exc.value.sense.asc_ascq == (0x04, 0x0A)
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [(1, [1], 0), (1, [2], 0)],  # group twice
+        [(1, [1], 0), (2, [1], 0)],  # port in two groups
+        [(1, [0], 0)],  # relative port 0 is reserved
+        [(1, [1], 9)],  # no such state
+        [(70000, [1], 0)],
+        [],
+    ],
+)
+def test_alua_bad_configuration(groups: list[tuple[int, list[int], int]]) -> None:
+    with pytest.raises(ValueError):
+        Alua(groups)

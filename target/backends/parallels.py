@@ -12,6 +12,9 @@ field is set while the image is open read-write (parallels.txt: 0x746F6E59)
 and restored on close; an image found "in use" was not closed cleanly and
 only opens read-only.
 
+The header's "empty image" flag (bit 0 of flags) is ignored, as qemu does:
+the BAT is authoritative.
+
 Out of scope (refused with a one-line message): descriptor-based images
 (DiskDescriptor.xml with "plain"/"expanded" data files), writing to images
 with a format extension cluster (dirty bitmaps we would not keep in step).

@@ -793,23 +793,35 @@ class Qcow2Image(ImageBackend):
         # Without a parent an unallocated cluster reads as zeroes; with one,
         # v3 says so with the zero flag; v2 has to write zeroes.
         zero_entry = 0 if self.parent is None else (OFLAG_ZERO if self.version >= 3 else -1)
-        for gc, inner, n, at in cluster_pieces(offset, length, cs):
-            entry = self._entry(gc)
-            kind, host = self._classify(entry)
-            whole = n == cs or (inner == 0 and offset + at + n >= self._size)
-            reads_zero = kind == ZERO or (kind == UNALLOC and self.parent is None)
-            if reads_zero and not (whole and host):
+        span = cs * self._l2n
+        pos, end = offset, offset + length
+        while pos < end:
+            # One L2 table's worth at a time; a range with no L2 table and
+            # no parent already reads as zeroes (a whole-disk UNMAP is quick).
+            stop = min(end, (pos // span + 1) * span)
+            if zero_entry == 0 and self._l2_table(pos // span) is None:
+                pos = stop
                 continue
-            if not whole or zero_entry < 0:
-                partial.append((offset + at, n))
-                continue
-            updates[gc] = zero_entry
-            if kind != UNALLOC:
-                frees.append(entry)
-        if updates:
-            self._update_l2(updates)
-        for entry in frees:
-            self._release(entry)
+            for gc, inner, n, at in cluster_pieces(pos, stop - pos, cs):
+                entry = self._entry(gc)
+                kind, host = self._classify(entry)
+                whole = n == cs or (inner == 0 and pos + at + n >= self._size)
+                reads_zero = kind == ZERO or (kind == UNALLOC and self.parent is None)
+                if reads_zero and not (whole and host):
+                    continue
+                if not whole or zero_entry < 0:
+                    partial.append((pos + at, n))
+                    continue
+                updates[gc] = zero_entry
+                if kind != UNALLOC:
+                    frees.append(entry)
+            if updates:
+                self._update_l2(updates)  # unmap first ...
+            for entry in frees:
+                self._release(entry)  # ... then drop the references
+            updates.clear()
+            frees.clear()
+            pos = stop
         for off, n in partial:
             Backend.write_zeroes(self, off, n)
 

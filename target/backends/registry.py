@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Protocol, cast
+from typing import Protocol, Self, cast
 
 from .base import Backend, BackendError, Buffer, Extent, SECTOR
 
@@ -84,6 +84,9 @@ class ImageBackend(Backend):
     """
 
     parent: Backend | None = None
+
+    def __enter__(self) -> Self:
+        return self
 
     @abc.abstractmethod
     def info(self) -> ImageInfo:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -38,6 +39,7 @@ from iscsi.scsi.sense import (
     LBA_OUT_OF_RANGE,
     LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
     MEDIUM_NOT_PRESENT,
+    MEDIUM_NOT_PRESENT_TRAY_CLOSED,
     MEDIUM_NOT_PRESENT_TRAY_OPEN,
     MEDIUM_REMOVAL_PREVENTED,
     MODE_PARAMETERS_CHANGED,
@@ -384,6 +386,8 @@ class LogicalUnit:
                 ua = self._pop_ua(nexus)
                 if ua is not None:
                     raise CheckCondition(SenseKey.UNIT_ATTENTION, *ua)
+            if self.alua is not None:
+                self.alua.check_access(nexus, cdb)
             res = self.reservations
             if res is not None and res.conflict(nexus, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
@@ -413,7 +417,9 @@ class LogicalUnit:
     def _ready(self) -> None:
         """NOT READY for medium access when stopped or without medium."""
         if not self.medium_present:
-            raise not_ready(MEDIUM_NOT_PRESENT_TRAY_OPEN if self.tray_open else MEDIUM_NOT_PRESENT)
+            if self.tray_open:
+                raise not_ready(MEDIUM_NOT_PRESENT_TRAY_OPEN)
+            raise not_ready(MEDIUM_NOT_PRESENT_TRAY_CLOSED if self.config.removable else MEDIUM_NOT_PRESENT)
         if not self.started:
             raise not_ready(LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED)
 
@@ -887,7 +893,18 @@ class LogicalUnit:
             lbprz=self.thin and self.backend.zero_after_discard,
             tpgs=self.alua is not None,
             copy_manager=self.xcopy is not None,
+            third_party_copy=self._tpc_page(),
         )
+
+    def _tpc_page(self) -> bytes | None:
+        """VPD 8Fh from E2's copy manager, when there is one."""
+        if self.xcopy is None:
+            return None
+        build = getattr(sys.modules.get(type(self.xcopy).__module__), "third_party_copy_vpd", None)
+        if build is None:
+            return None
+        page: bytes = build(int(self.config.device_type) & 0x1F)
+        return page
 
     def _inquiry(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """INQUIRY, SPC-4 §6.4: standard data or a VPD page."""

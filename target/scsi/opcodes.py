@@ -115,6 +115,7 @@ RESERVATION_OPS: tuple[OpInfo, ...] = (
 XCOPY_OPS: tuple[OpInfo, ...] = (
     OpInfo(Opcode.EXTENDED_COPY, 0x00, _u(0x83, 0x00, *(0,) * 8, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
     OpInfo(Opcode.RECEIVE_COPY_RESULTS, 0x00, _u(0x84, 0x00, 0xFF, *(0,) * 7, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
+    OpInfo(Opcode.RECEIVE_COPY_RESULTS, 0x01, _u(0x84, 0x01, 0xFF, *(0,) * 7, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
     OpInfo(Opcode.RECEIVE_COPY_RESULTS, 0x03, _u(0x84, 0x03, 0, *(0,) * 7, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
     OpInfo(Opcode.RECEIVE_COPY_RESULTS, 0x04, _u(0x84, 0x04, 0xFF, *(0,) * 7, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0)),
 )
@@ -124,7 +125,8 @@ ALUA_OPS: tuple[OpInfo, ...] = (
     OpInfo(
         Opcode.MAINTENANCE_IN,
         MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
-        _u(0xA3, 0x0A, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
+        # byte 1: PARAMETER DATA FORMAT (length / extended) + service action
+        _u(0xA3, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0),
     ),
 )
 

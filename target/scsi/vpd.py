@@ -24,6 +24,9 @@ VERSION_SBC3 = 0x04C0
 #: SPC-4 §7.6.4.6 / §7.8.6.1: protocol identifier of iSCSI.
 PROTOCOL_ISCSI = 0x5
 
+#: SPC-4 §7.8.17 Third-party Copy VPD page.
+THIRD_PARTY_COPY = 0x8F
+
 _STD_HEAD = struct.Struct(">BBBBBBBB8s16s4s")
 _BLOCK_LIMITS = struct.Struct(">BBHIIIIIIIQIIIII")  # bytes 4..63
 
@@ -38,6 +41,8 @@ class InquiryInfo:
     lbprz: bool
     tpgs: bool
     copy_manager: bool
+    #: Third-party Copy VPD page 8Fh (from xcopy.py) when a copy manager exists.
+    third_party_copy: bytes | None = None
 
 
 def _ascii(text: str, width: int) -> bytes:
@@ -81,7 +86,9 @@ def missing_lun_inquiry() -> bytes:
 
 def supported_pages(info: InquiryInfo) -> list[int]:
     """VPD page codes reported in page 00h, ascending (SPC-4 §7.8.14)."""
-    pages = [VPDPage.SUPPORTED_PAGES, VPDPage.UNIT_SERIAL_NUMBER, VPDPage.DEVICE_IDENTIFICATION]
+    pages: list[int] = [VPDPage.SUPPORTED_PAGES, VPDPage.UNIT_SERIAL_NUMBER, VPDPage.DEVICE_IDENTIFICATION]
+    if info.third_party_copy is not None:
+        pages.append(THIRD_PARTY_COPY)
     if info.config.device_type == PeripheralType.DISK:
         pages += [VPDPage.BLOCK_LIMITS, VPDPage.BLOCK_DEVICE_CHARACTERISTICS, VPDPage.LOGICAL_BLOCK_PROVISIONING]
     return [int(p) for p in pages]
@@ -168,6 +175,8 @@ def vpd_page(code: int, info: InquiryInfo, nexus: Nexus | None) -> bytes | None:
         return _page(dtype, code, cfg.serial.encode("ascii", "replace"))
     if code == VPDPage.DEVICE_IDENTIFICATION:
         return _page(dtype, code, b"".join(device_identification(info, nexus)))
+    if code == THIRD_PARTY_COPY and info.third_party_copy is not None:
+        return info.third_party_copy
     if code == VPDPage.BLOCK_LIMITS:
         return _page(dtype, code, block_limits(info))
     if code == VPDPage.BLOCK_DEVICE_CHARACTERISTICS:

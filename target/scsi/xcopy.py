@@ -57,7 +57,9 @@ __all__ = [
 #: Copy manager limits reported by OPERATING PARAMETERS and VPD 8Fh.
 MAX_TARGET_DESCRIPTORS = 8
 MAX_SEGMENT_DESCRIPTORS = 32
-MAX_DESCRIPTOR_LIST_LENGTH = 1024
+#: Room for the maximum counts of both descriptor kinds (E4h: 32 bytes,
+#: 02h: 28 bytes); a longer list is a PARAMETER LIST LENGTH ERROR.
+MAX_DESCRIPTOR_LIST_LENGTH = MAX_TARGET_DESCRIPTORS * 32 + MAX_SEGMENT_DESCRIPTORS * 28
 #: 65535 blocks of 4096 bytes fit: a 02h segment never exceeds it.
 MAX_SEGMENT_LENGTH = 256 << 20
 MAX_INLINE_DATA_LENGTH = 0
