@@ -26,24 +26,24 @@ from enum import Enum
 from urllib.parse import quote, unquote
 
 __all__ = [
-    "MAX_NAME_BYTES",
-    "DEFAULT_PORT",
-    "MAX_URL_LUN",
     "AIOISCSI_IQN_PREFIX",
+    "DEFAULT_PORT",
+    "ISCSIURL",
+    "MAX_NAME_BYTES",
+    "MAX_URL_LUN",
     "InvalidName",
     "NameType",
-    "normalize_name",
-    "validate_name",
+    "Portal",
+    "default_initiator_name",
+    "format_portal",
+    "format_url",
+    "generate_iqn",
     "name_type",
     "names_equal",
-    "generate_iqn",
-    "default_initiator_name",
-    "Portal",
+    "normalize_name",
     "parse_portal",
-    "format_portal",
-    "ISCSIURL",
     "parse_url",
-    "format_url",
+    "validate_name",
 ]
 
 # RFC 7143 §4.2.7.1: "iSCSI names ... MUST NOT be larger than 223 bytes".
@@ -116,7 +116,7 @@ def _stringprep(s: str) -> str:
     return out
 
 
-_IQN = re.compile(r"iqn\.([0-9]{4})-([0-9]{2})\.([^.:]+(?:\.[^.:]+)*)(?::(.*))?\Z", re.S)
+_IQN = re.compile(r"iqn\.([0-9]{4})-([0-9]{2})\.([^.:]+(?:\.[^.:]+)*)(?::(.*))?\Z", re.DOTALL)
 _EUI = re.compile(r"eui\.[0-9a-f]{16}\Z")
 _NAA = re.compile(r"naa\.(?:[0-9a-f]{16}|[0-9a-f]{32})\Z")
 

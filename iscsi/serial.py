@@ -17,21 +17,21 @@ Nothing here reads the clock or does I/O.
 from __future__ import annotations
 
 __all__ = [
-    "SERIAL_BITS",
-    "SERIAL_MOD",
-    "SERIAL_HALF",
     "RESERVED_TAG",
-    "SerialUndefined",
-    "sn_add",
-    "sn_diff",
-    "sn_lt",
-    "sn_le",
-    "sn_gt",
-    "sn_ge",
-    "sn_in_range",
+    "SERIAL_BITS",
+    "SERIAL_HALF",
+    "SERIAL_MOD",
     "CmdWindow",
     "SequenceCounter",
+    "SerialUndefined",
     "TagAllocator",
+    "sn_add",
+    "sn_diff",
+    "sn_ge",
+    "sn_gt",
+    "sn_in_range",
+    "sn_le",
+    "sn_lt",
 ]
 
 SERIAL_BITS = 32
@@ -280,7 +280,7 @@ class TagAllocator:
     §11.7.4) and skips tags still in use after the counter wraps.
     """
 
-    __slots__ = ("_next", "_in_use", "_limit")
+    __slots__ = ("_in_use", "_limit", "_next")
 
     def __init__(self, start: int = 0, *, limit: int | None = None) -> None:
         """``start`` is the first candidate tag; ``limit`` caps the number of

@@ -67,7 +67,7 @@ class _Writable(Protocol):
 
 def _run(tool: str, args: list[str]) -> str:
     exe = require_tool(tool)
-    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([exe, *args], check=False, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise AssertionError(
             f"{tool} {' '.join(args)} failed with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
@@ -115,6 +115,7 @@ def qemu_check(path: StrPath, fmt: str) -> dict[str, Any]:
     exe = require_tool("qemu-img")
     proc = subprocess.run(
         [exe, "check", "-f", fmt, "--output=json", os.fspath(path)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -135,6 +136,7 @@ def qemu_compare(a: StrPath, fmt_a: str, b: StrPath, fmt_b: str = "raw") -> None
     exe = require_tool("qemu-img")
     proc = subprocess.run(
         [exe, "compare", "-f", fmt_a, "-F", fmt_b, os.fspath(a), os.fspath(b)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -229,7 +230,7 @@ def test_cdb_round_trip(
     assert len(cdb) == C.cdb_length(cdb[0])
     assert parser(cdb) == obj
     assert C.parse_cdb(cdb) == obj
-    assert parser(memoryview(cdb)) == obj  # zero-copy input accepted
+    assert parser(memoryview(cdb)) == obj  # type: ignore[arg-type]  # zero-copy input accepted
     # Every truncation is a CDBTooShort, never IndexError/struct.error.
     for n in range(len(cdb)):
         with pytest.raises(CDBTooShort):
@@ -311,7 +312,7 @@ def test_rw_convenience_builders() -> None:
     assert C.parse_rw(C.build_write_same(5, 10)).data_out_blocks == 1
     assert C.build_write_same(0, 1, ndob=True)[0] == Opcode.WRITE_SAME_16
     assert C.parse_rw(C.build_orwrite16(1, 2, fua=True)).fua
-    for bad in (
+    bads: tuple[Callable[[], object], ...] = (
         lambda: C.build_write_same(0, 1, anchor=True),
         lambda: C.build_write_same(0, 1, ndob=True, size=10),
         lambda: C.build_verify(0, 1, size=6),
@@ -325,7 +326,8 @@ def test_rw_convenience_builders() -> None:
         lambda: C.build_rw(RWCommand(RWKind.WRITE, Opcode.READ_10, 0, 1)),
         lambda: C.build_rw(RWCommand(RWKind.READ, Opcode.INQUIRY, 0, 1)),
         lambda: C.build_rw(RWCommand(RWKind.READ, Opcode.READ_10, 0, 1, unmap=True)),
-    ):
+    )
+    for bad in bads:
         with pytest.raises(ValueError):
             bad()
 
@@ -626,3 +628,14 @@ def test_vpd_pages() -> None:
     rawb2 = C.build_vpd_logical_block_provisioning(lbp)
     assert rawb2 == bytes.fromhex("00 b2 0004 00 e4 02 00")
     assert C.parse_vpd_logical_block_provisioning(rawb2) == lbp
+
+
+def test_check_control() -> None:
+    assert C.check_control(C.build_read(0, 1)) == 0
+    cdb = bytearray(C.build_read(0, 1, size=16))
+    cdb[15] = 0x04
+    e = _err(InvalidCDBField, C.check_control, bytes(cdb))
+    assert (e.field_offset, e.bit) == (15, 2)
+    assert C.check_control(bytes(cdb), naca_supported=True) == 0x04
+    _err(CDBTooShort, C.check_control, C.build_read(0, 1)[:9])
+    _err(UnsupportedOpcode, C.check_control, b"\x7f" + bytes(31))

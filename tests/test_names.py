@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from iscsi.names import (
-    MAX_NAME_BYTES,
     ISCSIURL,
+    MAX_NAME_BYTES,
     InvalidName,
     NameType,
     Portal,

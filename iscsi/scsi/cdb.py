@@ -25,13 +25,22 @@ All multi-byte fields are big-endian (SPC-4 §3.5.3). Layouts are precompiled
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable, NamedTuple, Sequence, TypeAlias, Union
+from typing import NamedTuple, TypeAlias
 
-from .constants import MaintenanceIn, Opcode, PRInAction, PROutAction, PRType, ServiceActionIn16, VPDPage
+from .constants import (
+    MaintenanceIn,
+    Opcode,
+    PRInAction,
+    PROutAction,
+    PRType,
+    ServiceActionIn16,
+    VPDPage,
+)
 
-Buffer: TypeAlias = Union[bytes, bytearray, memoryview]
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 # --- errors -------------------------------------------------------------------
 
@@ -180,6 +189,21 @@ def cdb_length(opcode: int) -> int:
             f"opcode {opcode:#04x} (group {opcode >> 5}) has no fixed CDB length",
             field_offset=0,
         ) from None
+
+
+def check_control(cdb: Buffer, *, naca_supported: bool = False) -> int:
+    """Return the CONTROL byte (the last byte of a fixed-length CDB, SAM-5
+    §5.2) and refuse NACA = 1 when ACA is not supported: SAM-5 §5.9.1 asks
+    for INVALID FIELD IN CDB pointing at the NACA bit (bit 2)."""
+    if not cdb:
+        raise CDBTooShort("empty CDB", field_offset=0)
+    size = cdb_length(cdb[0])
+    if len(cdb) < size:
+        raise CDBTooShort(f"{_name(cdb[0])} CDB is {len(cdb)} bytes, needs {size}", field_offset=0)
+    control = cdb[size - 1]
+    if control & 0x04 and not naca_supported:
+        raise InvalidCDBField("NACA=1 but ACA is not supported", field_offset=size - 1, bit=2)
+    return control
 
 
 def _name(op: int) -> str:
@@ -1596,35 +1620,7 @@ def parse_get_event_status_notification(cdb: Buffer) -> GetEventStatusNotificati
 
 # --- dispatch -----------------------------------------------------------------------
 
-ParsedCDB: TypeAlias = Union[
-    RWCommand,
-    Inquiry,
-    TestUnitReady,
-    RequestSense,
-    ReportLuns,
-    ReadCapacity10,
-    ReadCapacity16,
-    GetLbaStatus,
-    Unmap,
-    SynchronizeCache,
-    PreFetch,
-    ModeSense,
-    ModeSelect,
-    StartStopUnit,
-    PreventAllowMediumRemoval,
-    ReserveRelease,
-    PersistentReserveIn,
-    PersistentReserveOut,
-    ReportSupportedOpcodes,
-    ReportSupportedTMFs,
-    ReportTargetPortGroups,
-    ReadDefectData,
-    ExtendedCopy,
-    ReceiveCopyResults,
-    ReadToc,
-    GetConfiguration,
-    GetEventStatusNotification,
-]
+ParsedCDB: TypeAlias = RWCommand | Inquiry | TestUnitReady | RequestSense | ReportLuns | ReadCapacity10 | ReadCapacity16 | GetLbaStatus | Unmap | SynchronizeCache | PreFetch | ModeSense | ModeSelect | StartStopUnit | PreventAllowMediumRemoval | ReserveRelease | PersistentReserveIn | PersistentReserveOut | ReportSupportedOpcodes | ReportSupportedTMFs | ReportTargetPortGroups | ReadDefectData | ExtendedCopy | ReceiveCopyResults | ReadToc | GetConfiguration | GetEventStatusNotification
 
 _PARSERS: dict[int, Callable[[Buffer], ParsedCDB]] = {
     Opcode.INQUIRY: parse_inquiry,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .base import Backend, BackendError, Buffer, Extent, SECTOR
+from .base import SECTOR, Backend, BackendError, Buffer, Extent
 
 __all__ = ["MemoryBackend"]
 

@@ -28,7 +28,7 @@ import struct
 from array import array
 from collections.abc import Iterator
 
-from .base import Backend, BackendError, Buffer, Extent, MediumError, SECTOR
+from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 from .raw import pread_into, punch_hole, pwrite_all
 from .registry import ImageBackend, ImageInfo, check_range, merge_extents, parse_size
 

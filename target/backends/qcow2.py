@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import Backend, BackendError, Buffer, Extent, MediumError, SECTOR
+from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 from .raw import pread_into, punch_hole, pwrite_all
 from .registry import (
     ImageBackend,
@@ -116,7 +116,7 @@ def _be_bytes(a: array[int], lo: int = 0, hi: int | None = None) -> bytes:
 class _RefBlock:
     """One refcount block (a cluster of refcount_bits-wide entries)."""
 
-    __slots__ = ("offset", "bits", "arr", "raw")
+    __slots__ = ("arr", "bits", "offset", "raw")
 
     # For sub-byte widths: 1 where a byte holds at least one zero entry.
     _HAS_ZERO: ClassVar[dict[int, bytes]] = {}
@@ -451,8 +451,7 @@ class Qcow2Image(ImageBackend):
         except OSError as e:
             raise MediumError(f"{self.path}: write error at {offset}: {e.strerror or e}") from None
         end = offset + len(data)
-        if end > self._file_size:
-            self._file_size = end
+        self._file_size = max(self._file_size, end)
 
     def _l2_table(self, l1i: int) -> array[int] | None:
         if l1i >= self._l1_size:

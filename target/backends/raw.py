@@ -37,7 +37,7 @@ import stat
 import struct
 from collections.abc import Iterator
 
-from .base import Backend, BackendError, Buffer, Extent, MediumError, SECTOR
+from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 from .registry import ImageBackend, ImageInfo, check_range
 
 __all__ = ["NAME", "RawFileBackend", "create", "open", "probe", "punch_hole"]

@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol, Self, cast
 
-from .base import Backend, BackendError, Buffer, Extent, SECTOR
+from .base import SECTOR, Backend, BackendError, Buffer, Extent
 
 __all__ = [
     "FORMATS",
+    "MAX_CHAIN_DEPTH",
+    "PROBE_SIZE",
     "FormatModule",
     "ImageBackend",
     "ImageInfo",
-    "MAX_CHAIN_DEPTH",
-    "PROBE_SIZE",
     "check_range",
     "cluster_pieces",
     "create_image",
@@ -166,8 +166,7 @@ def parse_size(text: str, what: str = "size") -> int:
     """Parse a size option as qemu-img writes them: ``65536``, ``64k``,
     ``2M``, ``1G`` (binary multiples); BackendError when malformed."""
     t = text.strip().lower()
-    if t.endswith("ib"):
-        t = t[:-2]
+    t = t.removesuffix("ib")
     unit = t[-1:] if t[-1:].isalpha() else ""
     try:
         value = int(t[: len(t) - len(unit)], 0)
