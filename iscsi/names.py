@@ -112,11 +112,15 @@ def _stringprep(s: str) -> str:
         if any(stringprep.in_table_d2(c) for c in out):
             raise InvalidName("iSCSI name mixes right-to-left and left-to-right text")
         if not (stringprep.in_table_d1(out[0]) and stringprep.in_table_d1(out[-1])):
-            raise InvalidName("right-to-left iSCSI name must start and end with an RTL character")
+            raise InvalidName(
+                "right-to-left iSCSI name must start and end with an RTL character"
+            )
     return out
 
 
-_IQN = re.compile(r"iqn\.([0-9]{4})-([0-9]{2})\.([^.:]+(?:\.[^.:]+)*)(?::(.*))?\Z", re.DOTALL)
+_IQN = re.compile(
+    r"iqn\.([0-9]{4})-([0-9]{2})\.([^.:]+(?:\.[^.:]+)*)(?::(.*))?\Z", re.DOTALL
+)
 _EUI = re.compile(r"eui\.[0-9a-f]{16}\Z")
 _NAA = re.compile(r"naa\.(?:[0-9a-f]{16}|[0-9a-f]{32})\Z")
 
@@ -243,7 +247,9 @@ def default_initiator_name(
         seed = None
     if seed is None:
         seed = "host:" + (hostname if hostname is not None else platform.node())
-    digest = hashlib.sha256(b"aioiscsi-initiator-name\0" + seed.encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(
+        b"aioiscsi-initiator-name\0" + seed.encode("utf-8")
+    ).hexdigest()
     return normalize_name(f"{prefix}:01:{digest[:12]}")
 
 
@@ -334,7 +340,9 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> Portal:
     tpgt: int | None = None
     if sep:
         if not tag.isdigit() or not tag.isascii():
-            raise ValueError(f"{what}: portal group tag {tag!r} is not a decimal number")
+            raise ValueError(
+                f"{what}: portal group tag {tag!r} is not a decimal number"
+            )
         tpgt = int(tag)
         if tpgt > 0xFFFF:
             raise ValueError(f"{what}: portal group tag {tpgt} outside 0..65535")
@@ -441,10 +449,14 @@ def parse_url(url: str) -> ISCSIURL:
             raise ValueError(f"iSCSI URL {url!r}: empty target name")
         if lsep:
             if not lun_text.isdigit() or not lun_text.isascii():
-                raise ValueError(f"iSCSI URL {url!r}: LUN {lun_text!r} is not a decimal number")
+                raise ValueError(
+                    f"iSCSI URL {url!r}: LUN {lun_text!r} is not a decimal number"
+                )
             lun = int(lun_text)
             if lun > MAX_URL_LUN:
-                raise ValueError(f"iSCSI URL {url!r}: LUN {lun} outside 0..{MAX_URL_LUN}")
+                raise ValueError(
+                    f"iSCSI URL {url!r}: LUN {lun} outside 0..{MAX_URL_LUN}"
+                )
 
     target_user: str | None = None
     target_password: str | None = None
@@ -470,7 +482,15 @@ def parse_url(url: str) -> ISCSIURL:
             else:
                 raise ValueError(f"iSCSI URL {url!r}: unknown query key {key!r}")
     return ISCSIURL(
-        host, port, target, lun, user, password, target_user, target_password, header_digest
+        host,
+        port,
+        target,
+        lun,
+        user,
+        password,
+        target_user,
+        target_password,
+        header_digest,
     )
 
 
@@ -492,7 +512,9 @@ def format_url(u: ISCSIURL) -> str:
         if u.password:
             out.append("%" + quote(u.password, safe=""))
         elif ":" in u.user:
-            raise ValueError(f"user name {u.user!r} with ':' needs a password in an iSCSI URL")
+            raise ValueError(
+                f"user name {u.user!r} with ':' needs a password in an iSCSI URL"
+            )
         out.append("@")
     elif u.password:
         raise ValueError("a password needs a user name")
@@ -520,7 +542,9 @@ def format_url(u: ISCSIURL) -> str:
         query.append("target_password=" + quote(u.target_password, safe=""))
     if u.header_digest is not None:
         if u.header_digest not in _DIGESTS:
-            raise ValueError(f"header_digest must be crc32c or none, not {u.header_digest!r}")
+            raise ValueError(
+                f"header_digest must be crc32c or none, not {u.header_digest!r}"
+            )
         query.append("header_digest=" + u.header_digest)
     if query:
         out.append("?" + "&".join(query))

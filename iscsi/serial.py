@@ -74,7 +74,9 @@ def sn_diff(a: int, b: int) -> int:
     _check(b, "b")
     d = (a - b) & _MASK
     if d == SERIAL_HALF:
-        raise SerialUndefined(f"serial numbers {a:#x} and {b:#x} are 2**31 apart; order undefined")
+        raise SerialUndefined(
+            f"serial numbers {a:#x} and {b:#x} are 2**31 apart; order undefined"
+        )
     return d - SERIAL_MOD if d > SERIAL_HALF else d
 
 

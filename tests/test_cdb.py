@@ -59,11 +59,13 @@ def test_write16_vector() -> None:
         "00"  # control
     )
     assert C.build_write(1 << 40, 65536, fua=True, protect=3) == cdb
-    assert C.parse_rw(cdb) == RWCommand(RWKind.WRITE, 0x8A, 1 << 40, 65536, False, True, 0, 3)
+    assert C.parse_rw(cdb) == RWCommand(
+        RWKind.WRITE, 0x8A, 1 << 40, 65536, False, True, 0, 3
+    )
 
 
 def test_read6_zero_means_256() -> None:
-    cdb = bytes.fromhex("08" "1f" "ffff" "00" "00")  # LBA 0x1fffff, length 0 = 256
+    cdb = bytes.fromhex("081fffff0000")  # LBA 0x1fffff, length 0 = 256
     r = C.parse_rw(cdb)
     assert (r.lba, r.blocks) == (0x1FFFFF, 256)
     assert C.build_read(0x1FFFFF, 256, size=6) == cdb
@@ -75,13 +77,13 @@ def test_read6_zero_means_256() -> None:
 
 
 def test_inquiry_vector() -> None:
-    cdb = bytes.fromhex("12" "01" "83" "0400" "00")  # EVPD, page 83h, alloc 1024
+    cdb = bytes.fromhex("120183040000")  # EVPD, page 83h, alloc 1024
     assert C.build_inquiry(evpd=True, page_code=0x83, allocation_length=1024) == cdb
     assert C.parse_inquiry(cdb) == C.Inquiry(True, 0x83, 1024)
 
 
 def test_read_capacity16_vector() -> None:
-    cdb = bytes.fromhex("9e" "10" "0000000000000000" "00000020" "00" "00")
+    cdb = bytes.fromhex("9e100000000000000000000000200000")
     assert C.build_read_capacity16() == cdb
     assert C.parse_cdb(cdb) == C.ReadCapacity16(32, 0, False)
 
@@ -93,25 +95,29 @@ def test_report_luns_vector() -> None:
 
 
 def test_compare_and_write_vector() -> None:
-    cdb = bytes.fromhex("89" "10" "0000000000000064" "000000" "01" "00" "00")
+    cdb = bytes.fromhex("89100000000000000064000000010000")
     assert C.build_compare_and_write(100, 1, dpo=True) == cdb
     r = C.parse_rw(cdb)
-    assert r.kind is RWKind.COMPARE_AND_WRITE and r.lba == 100 and r.blocks == 1 and r.dpo
+    assert (
+        r.kind is RWKind.COMPARE_AND_WRITE and r.lba == 100 and r.blocks == 1 and r.dpo
+    )
     assert r.data_out_blocks == 2
 
 
 def test_write_same16_unmap_vector() -> None:
-    cdb = bytes.fromhex("93" "19" "0000000000000010" "00000100" "00" "00")  # ANCHOR|UNMAP|NDOB
+    cdb = bytes.fromhex("93190000000000000010000001000000")  # ANCHOR|UNMAP|NDOB
     assert C.build_write_same(16, 256, unmap=True, anchor=True, ndob=True) == cdb
     r = C.parse_rw(cdb)
     assert (r.unmap, r.anchor, r.ndob, r.data_out_blocks) == (True, True, True, 0)
 
 
 def test_pr_out_vectors() -> None:
-    cdb = bytes.fromhex("5f" "01" "03" "0000" "00000018" "00")  # RESERVE, LU_SCOPE, EA
+    cdb = bytes.fromhex("5f010300000000001800")  # RESERVE, LU_SCOPE, EA
     assert (
         C.build_persistent_reserve_out(
-            service_action=PROutAction.RESERVE, pr_type=PRType.EXCLUSIVE_ACCESS, parameter_list_length=24
+            service_action=PROutAction.RESERVE,
+            pr_type=PRType.EXCLUSIVE_ACCESS,
+            parameter_list_length=24,
         )
         == cdb
     )
@@ -125,7 +131,9 @@ def test_pr_out_vectors() -> None:
         "0000"
     )
     p = C.parse_pr_out_parameters(data)
-    assert p == C.PRParameters(0x0123456789ABCDEF, 0xFEDCBA9876543210, False, True, True)
+    assert p == C.PRParameters(
+        0x0123456789ABCDEF, 0xFEDCBA9876543210, False, True, True
+    )
     assert C.build_pr_out_parameters(**dataclasses.asdict(p)) == data
 
 
@@ -133,97 +141,350 @@ def test_pr_out_vectors() -> None:
 
 
 def _ok_pr_out(x: C.PersistentReserveOut) -> bool:
-    if x.service_action in (PROutAction.RESERVE, PROutAction.RELEASE, PROutAction.PREEMPT, PROutAction.PREEMPT_AND_ABORT):
+    if x.service_action in (
+        PROutAction.RESERVE,
+        PROutAction.RELEASE,
+        PROutAction.PREEMPT,
+        PROutAction.PREEMPT_AND_ABORT,
+    ):
         return x.scope == 0 and x.pr_type in {t.value for t in PRType}
     return True
 
 
-ROUND_TRIPS: list[tuple[Callable[..., bytes], Callable[[bytes], Any], st.SearchStrategy[Any]]] = [
-    (C.build_inquiry, C.parse_inquiry, st.one_of(
-        st.builds(C.Inquiry, evpd=st.just(True), page_code=u8, allocation_length=u16),
-        st.builds(C.Inquiry, evpd=st.just(False), page_code=st.just(0), allocation_length=u16),
-    )),
+ROUND_TRIPS: list[
+    tuple[Callable[..., bytes], Callable[[bytes], Any], st.SearchStrategy[Any]]
+] = [
+    (
+        C.build_inquiry,
+        C.parse_inquiry,
+        st.one_of(
+            st.builds(
+                C.Inquiry, evpd=st.just(True), page_code=u8, allocation_length=u16
+            ),
+            st.builds(
+                C.Inquiry,
+                evpd=st.just(False),
+                page_code=st.just(0),
+                allocation_length=u16,
+            ),
+        ),
+    ),
     (C.build_test_unit_ready, C.parse_test_unit_ready, st.just(C.TestUnitReady())),
-    (C.build_request_sense, C.parse_request_sense, st.builds(C.RequestSense, desc=b, allocation_length=u8)),
-    (C.build_report_luns, C.parse_report_luns,
-     st.builds(C.ReportLuns, select_report=u8, allocation_length=st.integers(16, 0xFFFFFFFF))),
-    (C.build_read_capacity10, C.parse_read_capacity10, st.one_of(
-        st.builds(C.ReadCapacity10, lba=u32, pmi=st.just(True)),
-        st.just(C.ReadCapacity10(0, False)),
-    )),
-    (C.build_read_capacity16, C.parse_read_capacity16, st.one_of(
-        st.builds(C.ReadCapacity16, allocation_length=u32, lba=u64, pmi=st.just(True)),
-        st.builds(C.ReadCapacity16, allocation_length=u32, lba=st.just(0), pmi=st.just(False)),
-    )),
-    (C.build_get_lba_status, C.parse_get_lba_status, st.builds(C.GetLbaStatus, lba=u64, allocation_length=u32)),
-    (C.build_unmap, C.parse_unmap, st.builds(
-        C.Unmap, parameter_list_length=st.one_of(st.just(0), st.integers(8, 0xFFFF)), anchor=b,
-        group=st.integers(0, 63))),
-    (C.build_synchronize_cache, C.parse_synchronize_cache, st.one_of(
-        st.builds(C.SynchronizeCache, lba=u32, blocks=u16, immed=b, group=st.integers(0, 63), cdb_size=st.just(10)),
-        st.builds(C.SynchronizeCache, lba=u64, blocks=u32, immed=b, group=st.integers(0, 63), cdb_size=st.just(16)),
-    )),
-    (C.build_pre_fetch, C.parse_pre_fetch, st.one_of(
-        st.builds(C.PreFetch, lba=u32, blocks=u16, immed=b, group=st.integers(0, 63), cdb_size=st.just(10)),
-        st.builds(C.PreFetch, lba=u64, blocks=u32, immed=b, group=st.integers(0, 63), cdb_size=st.just(16)),
-    )),
-    (C.build_mode_sense, C.parse_mode_sense, st.one_of(
-        st.builds(C.ModeSense, page_code=st.integers(0, 63), subpage_code=u8, pc=st.integers(0, 3), dbd=b,
-                  llbaa=st.just(False), allocation_length=u8, cdb_size=st.just(6)),
-        st.builds(C.ModeSense, page_code=st.integers(0, 63), subpage_code=u8, pc=st.integers(0, 3), dbd=b,
-                  llbaa=b, allocation_length=u16, cdb_size=st.just(10)),
-    )),
-    (C.build_mode_select, C.parse_mode_select, st.one_of(
-        st.builds(C.ModeSelect, parameter_list_length=u8, pf=b, sp=b, cdb_size=st.just(6)),
-        st.builds(C.ModeSelect, parameter_list_length=u16, pf=b, sp=b, cdb_size=st.just(10)),
-    )),
-    (C.build_start_stop_unit, C.parse_start_stop_unit, st.builds(
-        C.StartStopUnit, start=b, loej=b, immed=b, no_flush=b, power_condition=st.integers(0, 15),
-        power_condition_modifier=st.integers(0, 15))),
-    (C.build_prevent_allow_medium_removal, C.parse_prevent_allow_medium_removal,
-     st.builds(C.PreventAllowMediumRemoval, prevent=st.integers(0, 3))),
-    (C.build_reserve_release, C.parse_reserve_release, st.one_of(
-        st.builds(C.ReserveRelease, release=b, cdb_size=st.just(6), third_party=b,
-                  third_party_device_id=st.integers(0, 7), longid=st.just(False), parameter_list_length=st.just(0)),
-        st.builds(C.ReserveRelease, release=b, cdb_size=st.just(10), third_party=b,
-                  third_party_device_id=u8, longid=b, parameter_list_length=u16),
-    )),
-    (C.build_persistent_reserve_in, C.parse_persistent_reserve_in, st.builds(
-        C.PersistentReserveIn, service_action=st.sampled_from(list(PRInAction)), allocation_length=u16)),
-    (C.build_persistent_reserve_out, C.parse_persistent_reserve_out, st.builds(
-        C.PersistentReserveOut, service_action=st.sampled_from(list(PROutAction)), scope=st.integers(0, 15),
-        pr_type=st.integers(0, 15), parameter_list_length=u32).filter(_ok_pr_out)),
-    (C.build_report_supported_opcodes, C.parse_report_supported_opcodes, st.builds(
-        C.ReportSupportedOpcodes, reporting_options=st.integers(0, 3), requested_opcode=u8,
-        requested_service_action=u16, rctd=b, allocation_length=u32)),
-    (C.build_report_supported_tmfs, C.parse_report_supported_tmfs, st.builds(
-        C.ReportSupportedTMFs, repd=b, allocation_length=st.integers(4, 0xFFFFFFFF))),
-    (C.build_report_target_port_groups, C.parse_report_target_port_groups, st.builds(
-        C.ReportTargetPortGroups, parameter_data_format=st.integers(0, 1), allocation_length=u32)),
-    (C.build_read_defect_data, C.parse_read_defect_data, st.one_of(
-        st.builds(C.ReadDefectData, req_plist=b, req_glist=b, defect_list_format=st.integers(0, 7),
-                  allocation_length=u16, address_descriptor_index=st.just(0), cdb_size=st.just(10)),
-        st.builds(C.ReadDefectData, req_plist=b, req_glist=b, defect_list_format=st.integers(0, 7),
-                  allocation_length=u32, address_descriptor_index=u32, cdb_size=st.just(12)),
-    )),
-    (C.build_extended_copy, C.parse_extended_copy, st.builds(
-        C.ExtendedCopy, parameter_list_length=u32, service_action=st.integers(0, 31))),
-    (C.build_receive_copy_results, C.parse_receive_copy_results, st.builds(
-        C.ReceiveCopyResults, service_action=st.integers(0, 31), list_identifier=u8, allocation_length=u32)),
-    (C.build_read_toc, C.parse_read_toc, st.builds(
-        C.ReadToc, msf=b, toc_format=st.integers(0, 5), track_session_number=u8, allocation_length=u16)),
-    (C.build_get_configuration, C.parse_get_configuration, st.builds(
-        C.GetConfiguration, rt=st.integers(0, 2), starting_feature=u16, allocation_length=u16)),
-    (C.build_get_event_status_notification, C.parse_get_event_status_notification, st.builds(
-        C.GetEventStatusNotification, polled=b, notification_class_request=u8, allocation_length=u16)),
+    (
+        C.build_request_sense,
+        C.parse_request_sense,
+        st.builds(C.RequestSense, desc=b, allocation_length=u8),
+    ),
+    (
+        C.build_report_luns,
+        C.parse_report_luns,
+        st.builds(
+            C.ReportLuns,
+            select_report=u8,
+            allocation_length=st.integers(16, 0xFFFFFFFF),
+        ),
+    ),
+    (
+        C.build_read_capacity10,
+        C.parse_read_capacity10,
+        st.one_of(
+            st.builds(C.ReadCapacity10, lba=u32, pmi=st.just(True)),
+            st.just(C.ReadCapacity10(0, False)),
+        ),
+    ),
+    (
+        C.build_read_capacity16,
+        C.parse_read_capacity16,
+        st.one_of(
+            st.builds(
+                C.ReadCapacity16, allocation_length=u32, lba=u64, pmi=st.just(True)
+            ),
+            st.builds(
+                C.ReadCapacity16,
+                allocation_length=u32,
+                lba=st.just(0),
+                pmi=st.just(False),
+            ),
+        ),
+    ),
+    (
+        C.build_get_lba_status,
+        C.parse_get_lba_status,
+        st.builds(C.GetLbaStatus, lba=u64, allocation_length=u32),
+    ),
+    (
+        C.build_unmap,
+        C.parse_unmap,
+        st.builds(
+            C.Unmap,
+            parameter_list_length=st.one_of(st.just(0), st.integers(8, 0xFFFF)),
+            anchor=b,
+            group=st.integers(0, 63),
+        ),
+    ),
+    (
+        C.build_synchronize_cache,
+        C.parse_synchronize_cache,
+        st.one_of(
+            st.builds(
+                C.SynchronizeCache,
+                lba=u32,
+                blocks=u16,
+                immed=b,
+                group=st.integers(0, 63),
+                cdb_size=st.just(10),
+            ),
+            st.builds(
+                C.SynchronizeCache,
+                lba=u64,
+                blocks=u32,
+                immed=b,
+                group=st.integers(0, 63),
+                cdb_size=st.just(16),
+            ),
+        ),
+    ),
+    (
+        C.build_pre_fetch,
+        C.parse_pre_fetch,
+        st.one_of(
+            st.builds(
+                C.PreFetch,
+                lba=u32,
+                blocks=u16,
+                immed=b,
+                group=st.integers(0, 63),
+                cdb_size=st.just(10),
+            ),
+            st.builds(
+                C.PreFetch,
+                lba=u64,
+                blocks=u32,
+                immed=b,
+                group=st.integers(0, 63),
+                cdb_size=st.just(16),
+            ),
+        ),
+    ),
+    (
+        C.build_mode_sense,
+        C.parse_mode_sense,
+        st.one_of(
+            st.builds(
+                C.ModeSense,
+                page_code=st.integers(0, 63),
+                subpage_code=u8,
+                pc=st.integers(0, 3),
+                dbd=b,
+                llbaa=st.just(False),
+                allocation_length=u8,
+                cdb_size=st.just(6),
+            ),
+            st.builds(
+                C.ModeSense,
+                page_code=st.integers(0, 63),
+                subpage_code=u8,
+                pc=st.integers(0, 3),
+                dbd=b,
+                llbaa=b,
+                allocation_length=u16,
+                cdb_size=st.just(10),
+            ),
+        ),
+    ),
+    (
+        C.build_mode_select,
+        C.parse_mode_select,
+        st.one_of(
+            st.builds(
+                C.ModeSelect, parameter_list_length=u8, pf=b, sp=b, cdb_size=st.just(6)
+            ),
+            st.builds(
+                C.ModeSelect,
+                parameter_list_length=u16,
+                pf=b,
+                sp=b,
+                cdb_size=st.just(10),
+            ),
+        ),
+    ),
+    (
+        C.build_start_stop_unit,
+        C.parse_start_stop_unit,
+        st.builds(
+            C.StartStopUnit,
+            start=b,
+            loej=b,
+            immed=b,
+            no_flush=b,
+            power_condition=st.integers(0, 15),
+            power_condition_modifier=st.integers(0, 15),
+        ),
+    ),
+    (
+        C.build_prevent_allow_medium_removal,
+        C.parse_prevent_allow_medium_removal,
+        st.builds(C.PreventAllowMediumRemoval, prevent=st.integers(0, 3)),
+    ),
+    (
+        C.build_reserve_release,
+        C.parse_reserve_release,
+        st.one_of(
+            st.builds(
+                C.ReserveRelease,
+                release=b,
+                cdb_size=st.just(6),
+                third_party=b,
+                third_party_device_id=st.integers(0, 7),
+                longid=st.just(False),
+                parameter_list_length=st.just(0),
+            ),
+            st.builds(
+                C.ReserveRelease,
+                release=b,
+                cdb_size=st.just(10),
+                third_party=b,
+                third_party_device_id=u8,
+                longid=b,
+                parameter_list_length=u16,
+            ),
+        ),
+    ),
+    (
+        C.build_persistent_reserve_in,
+        C.parse_persistent_reserve_in,
+        st.builds(
+            C.PersistentReserveIn,
+            service_action=st.sampled_from(list(PRInAction)),
+            allocation_length=u16,
+        ),
+    ),
+    (
+        C.build_persistent_reserve_out,
+        C.parse_persistent_reserve_out,
+        st.builds(
+            C.PersistentReserveOut,
+            service_action=st.sampled_from(list(PROutAction)),
+            scope=st.integers(0, 15),
+            pr_type=st.integers(0, 15),
+            parameter_list_length=u32,
+        ).filter(_ok_pr_out),
+    ),
+    (
+        C.build_report_supported_opcodes,
+        C.parse_report_supported_opcodes,
+        st.builds(
+            C.ReportSupportedOpcodes,
+            reporting_options=st.integers(0, 3),
+            requested_opcode=u8,
+            requested_service_action=u16,
+            rctd=b,
+            allocation_length=u32,
+        ),
+    ),
+    (
+        C.build_report_supported_tmfs,
+        C.parse_report_supported_tmfs,
+        st.builds(
+            C.ReportSupportedTMFs, repd=b, allocation_length=st.integers(4, 0xFFFFFFFF)
+        ),
+    ),
+    (
+        C.build_report_target_port_groups,
+        C.parse_report_target_port_groups,
+        st.builds(
+            C.ReportTargetPortGroups,
+            parameter_data_format=st.integers(0, 1),
+            allocation_length=u32,
+        ),
+    ),
+    (
+        C.build_read_defect_data,
+        C.parse_read_defect_data,
+        st.one_of(
+            st.builds(
+                C.ReadDefectData,
+                req_plist=b,
+                req_glist=b,
+                defect_list_format=st.integers(0, 7),
+                allocation_length=u16,
+                address_descriptor_index=st.just(0),
+                cdb_size=st.just(10),
+            ),
+            st.builds(
+                C.ReadDefectData,
+                req_plist=b,
+                req_glist=b,
+                defect_list_format=st.integers(0, 7),
+                allocation_length=u32,
+                address_descriptor_index=u32,
+                cdb_size=st.just(12),
+            ),
+        ),
+    ),
+    (
+        C.build_extended_copy,
+        C.parse_extended_copy,
+        st.builds(
+            C.ExtendedCopy, parameter_list_length=u32, service_action=st.integers(0, 31)
+        ),
+    ),
+    (
+        C.build_receive_copy_results,
+        C.parse_receive_copy_results,
+        st.builds(
+            C.ReceiveCopyResults,
+            service_action=st.integers(0, 31),
+            list_identifier=u8,
+            allocation_length=u32,
+        ),
+    ),
+    (
+        C.build_read_toc,
+        C.parse_read_toc,
+        st.builds(
+            C.ReadToc,
+            msf=b,
+            toc_format=st.integers(0, 5),
+            track_session_number=u8,
+            allocation_length=u16,
+        ),
+    ),
+    (
+        C.build_get_configuration,
+        C.parse_get_configuration,
+        st.builds(
+            C.GetConfiguration,
+            rt=st.integers(0, 2),
+            starting_feature=u16,
+            allocation_length=u16,
+        ),
+    ),
+    (
+        C.build_get_event_status_notification,
+        C.parse_get_event_status_notification,
+        st.builds(
+            C.GetEventStatusNotification,
+            polled=b,
+            notification_class_request=u8,
+            allocation_length=u16,
+        ),
+    ),
 ]
 
 
-@pytest.mark.parametrize("builder, parser, strategy", ROUND_TRIPS, ids=[p.__name__ for _, p, _ in ROUND_TRIPS])
+@pytest.mark.parametrize(
+    "builder, parser, strategy",
+    ROUND_TRIPS,
+    ids=[p.__name__ for _, p, _ in ROUND_TRIPS],
+)
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_cdb_round_trip(
-    builder: Callable[..., bytes], parser: Callable[[bytes], Any], strategy: st.SearchStrategy[Any], data: st.DataObject
+    builder: Callable[..., bytes],
+    parser: Callable[[bytes], Any],
+    strategy: st.SearchStrategy[Any],
+    data: st.DataObject,
 ) -> None:
     obj = data.draw(strategy)
     cdb = builder(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
@@ -242,25 +503,47 @@ def _rw_strategy() -> st.SearchStrategy[RWCommand]:
     p = st.integers(0, 7)
 
     defaults: dict[str, Any] = {
-        "dpo": False, "fua": False, "group": 0, "protect": 0, "bytchk": 0, "unmap": False, "anchor": False,
+        "dpo": False,
+        "fua": False,
+        "group": 0,
+        "protect": 0,
+        "bytchk": 0,
+        "unmap": False,
+        "anchor": False,
         "ndob": False,
     }
 
-    def sized(op: int, kind: RWKind, lba_bits: int, len_bits: int, **kw: st.SearchStrategy[Any]) -> st.SearchStrategy[RWCommand]:
+    def sized(
+        op: int,
+        kind: RWKind,
+        lba_bits: int,
+        len_bits: int,
+        **kw: st.SearchStrategy[Any],
+    ) -> st.SearchStrategy[RWCommand]:
         # Every field explicit: builds() would otherwise invent values for
         # fields the opcode cannot carry.
         fields = {k: kw.get(k, st.just(v)) for k, v in defaults.items()}
         return st.builds(
-            RWCommand, st.just(kind), st.just(op), st.integers(0, (1 << lba_bits) - 1),
-            st.integers(0, (1 << len_bits) - 1), **fields,
+            RWCommand,
+            st.just(kind),
+            st.just(op),
+            st.integers(0, (1 << lba_bits) - 1),
+            st.integers(0, (1 << len_bits) - 1),
+            **fields,
         )
 
     out: list[st.SearchStrategy[RWCommand]] = []
     for op, kind in ((Opcode.READ_6, RWKind.READ), (Opcode.WRITE_6, RWKind.WRITE)):
-        out.append(st.builds(
-            RWCommand, st.just(kind), st.just(op), st.integers(0, (1 << 21) - 1), st.integers(1, 256),
-            **{k: st.just(v) for k, v in defaults.items()},
-        ))
+        out.append(
+            st.builds(
+                RWCommand,
+                st.just(kind),
+                st.just(op),
+                st.integers(0, (1 << 21) - 1),
+                st.integers(1, 256),
+                **{k: st.just(v) for k, v in defaults.items()},
+            )
+        )
     for kind, ops in (
         (RWKind.READ, (Opcode.READ_10, Opcode.READ_12, Opcode.READ_16)),
         (RWKind.WRITE, (Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16)),
@@ -268,21 +551,72 @@ def _rw_strategy() -> st.SearchStrategy[RWCommand]:
         for op, (lb, lnb) in zip(ops, ((32, 16), (32, 32), (64, 32))):
             out.append(sized(op, kind, lb, lnb, dpo=b, fua=b, group=g, protect=p))
     for kind, ops, bytchk in (
-        (RWKind.VERIFY, (Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16), st.sampled_from([0, 1, 3])),
-        (RWKind.WRITE_AND_VERIFY,
-         (Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16),
-         st.sampled_from([0, 1])),
+        (
+            RWKind.VERIFY,
+            (Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16),
+            st.sampled_from([0, 1, 3]),
+        ),
+        (
+            RWKind.WRITE_AND_VERIFY,
+            (
+                Opcode.WRITE_AND_VERIFY_10,
+                Opcode.WRITE_AND_VERIFY_12,
+                Opcode.WRITE_AND_VERIFY_16,
+            ),
+            st.sampled_from([0, 1]),
+        ),
     ):
         for op, (lb, lnb) in zip(ops, ((32, 16), (32, 32), (64, 32))):
-            out.append(sized(op, kind, lb, lnb, dpo=b, group=g, protect=p, bytchk=bytchk))
+            out.append(
+                sized(op, kind, lb, lnb, dpo=b, group=g, protect=p, bytchk=bytchk)
+            )
     unmap_anchor = st.sampled_from([(False, False), (True, False), (True, True)])
-    out.append(unmap_anchor.flatmap(lambda ua: sized(
-        Opcode.WRITE_SAME_10, RWKind.WRITE_SAME, 32, 16, group=g, protect=p, unmap=st.just(ua[0]), anchor=st.just(ua[1]))))
-    out.append(unmap_anchor.flatmap(lambda ua: sized(
-        Opcode.WRITE_SAME_16, RWKind.WRITE_SAME, 64, 32, group=g, protect=p, unmap=st.just(ua[0]),
-        anchor=st.just(ua[1]), ndob=b)))
-    out.append(sized(Opcode.COMPARE_AND_WRITE, RWKind.COMPARE_AND_WRITE, 64, 8, dpo=b, fua=b, group=g, protect=p))
-    out.append(sized(Opcode.ORWRITE_16, RWKind.ORWRITE, 64, 32, dpo=b, fua=b, group=g, protect=p))
+    out.append(
+        unmap_anchor.flatmap(
+            lambda ua: sized(
+                Opcode.WRITE_SAME_10,
+                RWKind.WRITE_SAME,
+                32,
+                16,
+                group=g,
+                protect=p,
+                unmap=st.just(ua[0]),
+                anchor=st.just(ua[1]),
+            )
+        )
+    )
+    out.append(
+        unmap_anchor.flatmap(
+            lambda ua: sized(
+                Opcode.WRITE_SAME_16,
+                RWKind.WRITE_SAME,
+                64,
+                32,
+                group=g,
+                protect=p,
+                unmap=st.just(ua[0]),
+                anchor=st.just(ua[1]),
+                ndob=b,
+            )
+        )
+    )
+    out.append(
+        sized(
+            Opcode.COMPARE_AND_WRITE,
+            RWKind.COMPARE_AND_WRITE,
+            64,
+            8,
+            dpo=b,
+            fua=b,
+            group=g,
+            protect=p,
+        )
+    )
+    out.append(
+        sized(
+            Opcode.ORWRITE_16, RWKind.ORWRITE, 64, 32, dpo=b, fua=b, group=g, protect=p
+        )
+    )
     return st.one_of(out)
 
 
@@ -290,7 +624,9 @@ def _rw_strategy() -> st.SearchStrategy[RWCommand]:
 @given(_rw_strategy())
 def test_rw_round_trip(cmd: RWCommand) -> None:
     cdb = C.build_rw(cmd)
-    assert len(cdb) == (16 if cmd.opcode == Opcode.COMPARE_AND_WRITE else C.cdb_length(cmd.opcode))
+    assert len(cdb) == (
+        16 if cmd.opcode == Opcode.COMPARE_AND_WRITE else C.cdb_length(cmd.opcode)
+    )
     assert C.parse_rw(cdb) == cmd
     assert C.parse_cdb(cdb) == cmd
     assert C.is_rw(cdb[0])
@@ -346,10 +682,18 @@ def _err(exc_type: type[CDBError], fn: Callable[[bytes], Any], cdb: bytes) -> CD
     [
         (bytes.fromhex("12 00 83 0060 00"), 2, None),  # page code without EVPD
         (bytes.fromhex("12 02 00 0060 00"), 1, 1),  # CMDDT
-        (bytes.fromhex("a0 00 00 000000 0000000f 00 00"), 6, None),  # REPORT LUNS alloc < 16
+        (
+            bytes.fromhex("a0 00 00 000000 0000000f 00 00"),
+            6,
+            None,
+        ),  # REPORT LUNS alloc < 16
         (bytes.fromhex("25 00 00000001 0000 00 00"), 2, None),  # RC10 LBA without PMI
         (bytes.fromhex("9e 10 0000000000000001 00000020 00 00"), 2, None),
-        (bytes.fromhex("41 10 00000000 00 0001 00"), 1, 4),  # WRITE SAME ANCHOR w/o UNMAP
+        (
+            bytes.fromhex("41 10 00000000 00 0001 00"),
+            1,
+            4,
+        ),  # WRITE SAME ANCHOR w/o UNMAP
         (bytes.fromhex("2f 04 00000000 00 0001 00"), 1, 2),  # VERIFY BYTCHK=10b
         (bytes.fromhex("2e 06 00000000 00 0001 00"), 1, 2),  # W&V BYTCHK=11b
         (bytes.fromhex("5e 1f 0000000000 0010 00"), 1, 4),  # PR IN bad SA
@@ -363,8 +707,16 @@ def _err(exc_type: type[CDBError], fn: Callable[[bytes], Any], cdb: bytes) -> CD
         (bytes.fromhex("57 01 00 00 000000 0000 00"), 1, 0),  # RELEASE(10) extent
         (bytes.fromhex("43 00 06 000000 00 0100 00"), 2, 3),  # READ TOC format 6
         (bytes.fromhex("46 03 0000 000000 0008 00"), 1, 1),  # GET CONFIGURATION RT=3
-        (bytes.fromhex("9e 1f 0000000000000000 00000020 00 00"), 1, 4),  # unknown SAI(16) SA
-        (bytes.fromhex("a3 1f 00 00 0000 00001000 00 00"), 1, 4),  # unknown MAINTENANCE IN SA
+        (
+            bytes.fromhex("9e 1f 0000000000000000 00000020 00 00"),
+            1,
+            4,
+        ),  # unknown SAI(16) SA
+        (
+            bytes.fromhex("a3 1f 00 00 0000 00001000 00 00"),
+            1,
+            4,
+        ),  # unknown MAINTENANCE IN SA
     ],
 )
 def test_invalid_field_pointer(cdb: bytes, offset: int, bit: int | None) -> None:
@@ -393,11 +745,17 @@ def test_unsupported_opcode_and_short() -> None:
 
 
 def test_parameter_list_errors() -> None:
-    e = _err(ParameterListLengthError, C.parse_unmap, bytes.fromhex("42 00 00000000 00 0004 00"))
+    e = _err(
+        ParameterListLengthError,
+        C.parse_unmap,
+        bytes.fromhex("42 00 00000000 00 0004 00"),
+    )
     assert e.asc == 0x1A and e.sense_key_specific() == b"\x00\x00\x00"
     _err(ParameterListLengthError, C.parse_pr_out_parameters, bytes(23))
     _err(ParameterListLengthError, C.parse_pr_out_parameters, bytes(28))
-    withspec = C.build_pr_out_parameters(reservation_key=1, spec_i_pt=True, additional=b"\x00\x00\x00\x00")
+    withspec = C.build_pr_out_parameters(
+        reservation_key=1, spec_i_pt=True, additional=b"\x00\x00\x00\x00"
+    )
     assert C.parse_pr_out_parameters(withspec).additional == b"\x00\x00\x00\x00"
     with pytest.raises(ValueError):
         C.build_pr_out_parameters(additional=b"x")
@@ -443,7 +801,9 @@ def test_unmap_parameter_list() -> None:
     descs = [(0, 8), (1 << 40, 0xFFFFFFFF)]
     data = C.build_unmap_parameter_list(descs)
     assert data[:8] == bytes.fromhex("0026 0020 00000000")
-    assert C.parse_unmap_parameter_list(data) == tuple(C.UnmapDescriptor(*d) for d in descs)
+    assert C.parse_unmap_parameter_list(data) == tuple(
+        C.UnmapDescriptor(*d) for d in descs
+    )
     assert C.parse_unmap_parameter_list(b"") == ()
     assert C.parse_unmap_parameter_list(C.build_unmap_parameter_list([])) == ()
     with pytest.raises(ParameterListLengthError):
@@ -458,10 +818,14 @@ def test_unmap_parameter_list() -> None:
 
 @given(st.lists(st.tuples(u64, u32), max_size=50))
 def test_unmap_list_round_trip(descs: list[tuple[int, int]]) -> None:
-    assert C.parse_unmap_parameter_list(C.build_unmap_parameter_list(descs)) == tuple(descs)
+    assert C.parse_unmap_parameter_list(C.build_unmap_parameter_list(descs)) == tuple(
+        descs
+    )
 
 
-@given(st.lists(st.tuples(u64, u32, st.integers(0, 15)), max_size=30), st.integers(0, 40))
+@given(
+    st.lists(st.tuples(u64, u32, st.integers(0, 15)), max_size=30), st.integers(0, 40)
+)
 def test_lba_status_round_trip(descs: list[tuple[int, int, int]], cut: int) -> None:
     data = C.build_lba_status_data(descs)
     assert C.parse_lba_status_data(data) == tuple(descs)
@@ -478,9 +842,16 @@ def test_lba_status_short() -> None:
 
 def test_read_capacity_data() -> None:
     d10 = C.parse_read_capacity10_data(bytes.fromhex("0001ffff 00000200"))
-    assert (d10.last_lba, d10.block_length, d10.blocks, d10.needs_rc16) == (0x1FFFF, 512, 0x20000, False)
+    assert (d10.last_lba, d10.block_length, d10.blocks, d10.needs_rc16) == (
+        0x1FFFF,
+        512,
+        0x20000,
+        False,
+    )
     assert C.build_read_capacity10_data(1 << 40, 512)[:4] == b"\xff\xff\xff\xff"
-    assert C.parse_read_capacity10_data(C.build_read_capacity10_data(1 << 40, 512)).needs_rc16
+    assert C.parse_read_capacity10_data(
+        C.build_read_capacity10_data(1 << 40, 512)
+    ).needs_rc16
     raw = bytes.fromhex(
         "00000000ffffffff"  # last LBA
         "00001000"  # 4096-byte blocks
@@ -499,10 +870,20 @@ def test_read_capacity_data() -> None:
         C.parse_read_capacity10_data(b"\x00" * 7)
 
 
-@given(st.builds(
-    C.ReadCapacity16Data, last_lba=u64, block_length=u32, prot_en=b, p_type=st.integers(0, 7),
-    p_i_exponent=st.integers(0, 15), lbppbe=st.integers(0, 15), lbpme=b, lbprz=b,
-    lowest_aligned_lba=st.integers(0, 0x3FFF)))
+@given(
+    st.builds(
+        C.ReadCapacity16Data,
+        last_lba=u64,
+        block_length=u32,
+        prot_en=b,
+        p_type=st.integers(0, 7),
+        p_i_exponent=st.integers(0, 15),
+        lbppbe=st.integers(0, 15),
+        lbpme=b,
+        lbprz=b,
+        lowest_aligned_lba=st.integers(0, 0x3FFF),
+    )
+)
 def test_read_capacity16_round_trip(d: C.ReadCapacity16Data) -> None:
     assert C.parse_read_capacity16_data(C.build_read_capacity16_data(d)) == d
 
@@ -515,12 +896,19 @@ def test_luns() -> None:
     assert C.decode_lun(bytes.fromhex("4005000000000000")) == 5  # flat space
     with pytest.raises(ValueError):
         C.encode_lun(16384)
-    for raw in ("c000000000000000", "8001000000000000", "0100000000000000", "0001000100000000"):
+    for raw in (
+        "c000000000000000",
+        "8001000000000000",
+        "0100000000000000",
+        "0001000100000000",
+    ):
         with pytest.raises(SCSIDataError, match="unsupported"):
             C.decode_lun(bytes.fromhex(raw))
     with pytest.raises(SCSIDataError):
         C.decode_lun(bytes(7))
-    data = bytes.fromhex("00000018 00000000" "0000000000000000" "4101000000000000" "c000000000000000")
+    data = bytes.fromhex(
+        "00000018 0000000000000000000000004101000000000000c000000000000000"
+    )
     r = C.parse_report_luns_data(data)
     assert r.luns == (0, 257) and r.unsupported == (bytes.fromhex("c000000000000000"),)
     assert not r.truncated
@@ -539,20 +927,36 @@ def test_report_luns_round_trip(luns: list[int]) -> None:
 
 
 def test_standard_inquiry() -> None:
-    raw = bytes.fromhex(
-        "00"  # qualifier 0, direct access
-        "80"  # RMB
-        "06"  # SPC-4
-        "12"  # HISUP, response data format 2
-        "1f"  # additional length 31
-        "18"  # TPGS=1 (implicit ALUA), 3PC
-        "10"  # MULTIP
-        "02"  # CMDQUE
-    ) + b"LIO-ORG " + b"disk0           " + b"4.0 "
+    raw = (
+        bytes.fromhex(
+            "00"  # qualifier 0, direct access
+            "80"  # RMB
+            "06"  # SPC-4
+            "12"  # HISUP, response data format 2
+            "1f"  # additional length 31
+            "18"  # TPGS=1 (implicit ALUA), 3PC
+            "10"  # MULTIP
+            "02"  # CMDQUE
+        )
+        + b"LIO-ORG "
+        + b"disk0           "
+        + b"4.0 "
+    )
     inq = C.parse_standard_inquiry(raw)
     assert inq == C.StandardInquiry(
-        peripheral_type=0, qualifier=0, rmb=True, version=6, hisup=True, response_data_format=2,
-        tpgs=1, three_pc=True, multip=True, cmdque=True, vendor="LIO-ORG", product="disk0", revision="4.0",
+        peripheral_type=0,
+        qualifier=0,
+        rmb=True,
+        version=6,
+        hisup=True,
+        response_data_format=2,
+        tpgs=1,
+        three_pc=True,
+        multip=True,
+        cmdque=True,
+        vendor="LIO-ORG",
+        product="disk0",
+        revision="4.0",
     )
     assert C.build_standard_inquiry(inq) == raw
     # Truncated to the header: text fields empty, no exception.
@@ -567,14 +971,35 @@ def test_standard_inquiry() -> None:
     assert C.parse_standard_inquiry(out) == with_vd
 
 
-_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=8)
+_text = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=8
+)
 
 
-@given(st.builds(
-    C.StandardInquiry, peripheral_type=st.integers(0, 31), qualifier=st.integers(0, 7), rmb=b, version=u8,
-    normaca=b, hisup=b, response_data_format=st.integers(0, 15), sccs=b, acc=b, tpgs=st.integers(0, 3),
-    three_pc=b, protect=b, encserv=b, multip=b, cmdque=b, vendor=_text, product=_text, revision=_text.map(lambda s: s[:4]),
-    version_descriptors=st.lists(st.integers(1, 0xFFFF), max_size=8).map(tuple)))
+@given(
+    st.builds(
+        C.StandardInquiry,
+        peripheral_type=st.integers(0, 31),
+        qualifier=st.integers(0, 7),
+        rmb=b,
+        version=u8,
+        normaca=b,
+        hisup=b,
+        response_data_format=st.integers(0, 15),
+        sccs=b,
+        acc=b,
+        tpgs=st.integers(0, 3),
+        three_pc=b,
+        protect=b,
+        encserv=b,
+        multip=b,
+        cmdque=b,
+        vendor=_text,
+        product=_text,
+        revision=_text.map(lambda s: s[:4]),
+        version_descriptors=st.lists(st.integers(1, 0xFFFF), max_size=8).map(tuple),
+    )
+)
 def test_standard_inquiry_round_trip(inq: C.StandardInquiry) -> None:
     assert C.parse_standard_inquiry(C.build_standard_inquiry(inq)) == inq
 
@@ -592,14 +1017,25 @@ def test_vpd_pages() -> None:
     assert page.truncated and page.payload == b"\x00\x80"
 
     designators = (
-        C.Designator(C.DesignatorType.NAA, bytes.fromhex("6001405abcdef0123456789abcdef012")),
-        C.Designator(C.DesignatorType.T10_VENDOR_ID, b"LIO-ORG disk0", code_set=C.CodeSet.ASCII),
         C.Designator(
-            C.DesignatorType.SCSI_NAME_STRING, b"iqn.2026-11.org.aioiscsi:t,t,0x1\0\0\0\0",
-            code_set=C.CodeSet.UTF8, association=C.Association.TARGET_PORT,
-            protocol_identifier=C.PROTOCOL_ID_ISCSI, piv=True,
+            C.DesignatorType.NAA, bytes.fromhex("6001405abcdef0123456789abcdef012")
         ),
-        C.Designator(C.DesignatorType.RELATIVE_TARGET_PORT, b"\x00\x00\x00\x01", association=C.Association.TARGET_PORT),
+        C.Designator(
+            C.DesignatorType.T10_VENDOR_ID, b"LIO-ORG disk0", code_set=C.CodeSet.ASCII
+        ),
+        C.Designator(
+            C.DesignatorType.SCSI_NAME_STRING,
+            b"iqn.2026-11.org.aioiscsi:t,t,0x1\0\0\0\0",
+            code_set=C.CodeSet.UTF8,
+            association=C.Association.TARGET_PORT,
+            protocol_identifier=C.PROTOCOL_ID_ISCSI,
+            piv=True,
+        ),
+        C.Designator(
+            C.DesignatorType.RELATIVE_TARGET_PORT,
+            b"\x00\x00\x00\x01",
+            association=C.Association.TARGET_PORT,
+        ),
     )
     raw83 = C.build_vpd_device_identification(designators)
     assert raw83[4:8] == bytes.fromhex("01 03 00 10")
@@ -609,10 +1045,17 @@ def test_vpd_pages() -> None:
     assert C.parse_vpd_device_identification(raw83[:30]) == designators[:1]
 
     bl = C.BlockLimits(
-        wsnz=True, max_compare_and_write_length=1, optimal_transfer_length_granularity=8,
-        max_transfer_length=2048, optimal_transfer_length=256, max_unmap_lba_count=0xFFFFFFFF,
-        max_unmap_block_descriptor_count=64, optimal_unmap_granularity=8, ugavalid=True,
-        unmap_granularity_alignment=0, max_write_same_length=1 << 20,
+        wsnz=True,
+        max_compare_and_write_length=1,
+        optimal_transfer_length_granularity=8,
+        max_transfer_length=2048,
+        optimal_transfer_length=256,
+        max_unmap_lba_count=0xFFFFFFFF,
+        max_unmap_block_descriptor_count=64,
+        optimal_unmap_granularity=8,
+        ugavalid=True,
+        unmap_granularity_alignment=0,
+        max_write_same_length=1 << 20,
     )
     rawb0 = C.build_vpd_block_limits(bl)
     assert len(rawb0) == 64 and rawb0[1] == 0xB0 and rawb0[2:4] == b"\x00\x3c"
@@ -621,10 +1064,19 @@ def test_vpd_pages() -> None:
     assert C.parse_vpd_block_limits(old).max_unmap_lba_count == 0
     assert C.parse_vpd_block_limits(old).max_transfer_length == 2048
 
-    bdc = C.BlockDeviceCharacteristics(medium_rotation_rate=1, nominal_form_factor=3, wacereq=1, fuab=True)
-    assert C.parse_vpd_block_device_characteristics(C.build_vpd_block_device_characteristics(bdc)) == bdc
+    bdc = C.BlockDeviceCharacteristics(
+        medium_rotation_rate=1, nominal_form_factor=3, wacereq=1, fuab=True
+    )
+    assert (
+        C.parse_vpd_block_device_characteristics(
+            C.build_vpd_block_device_characteristics(bdc)
+        )
+        == bdc
+    )
 
-    lbp = C.LogicalBlockProvisioning(lbpu=True, lbpws=True, lbpws10=True, lbprz=1, provisioning_type=2)
+    lbp = C.LogicalBlockProvisioning(
+        lbpu=True, lbpws=True, lbpws10=True, lbprz=1, provisioning_type=2
+    )
     rawb2 = C.build_vpd_logical_block_provisioning(lbp)
     assert rawb2 == bytes.fromhex("00 b2 0004 00 e4 02 00")
     assert C.parse_vpd_logical_block_provisioning(rawb2) == lbp

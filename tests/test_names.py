@@ -39,7 +39,11 @@ from iscsi.names import (
             "iqn.2001-04.com.example:storage:diskarrays-sn-a8675309",
             NameType.IQN,
         ),
-        ("iqn.1991-05.com.microsoft:host.dom.local", "iqn.1991-05.com.microsoft:host.dom.local", NameType.IQN),
+        (
+            "iqn.1991-05.com.microsoft:host.dom.local",
+            "iqn.1991-05.com.microsoft:host.dom.local",
+            NameType.IQN,
+        ),
         ("eui.02004567A425678D", "eui.02004567a425678d", NameType.EUI),
         ("naa.52004567BA64678D", "naa.52004567ba64678d", NameType.NAA),
         (
@@ -49,11 +53,27 @@ from iscsi.names import (
         ),
         ("IQN.2001-04.COM.EXAMPLE", "iqn.2001-04.com.example", NameType.IQN),
         # Non-ASCII: case folding + NFKC (fullwidth 'Ａ' -> 'a').
-        ("iqn.2001-04.com.example:\uff21bc", "iqn.2001-04.com.example:abc", NameType.IQN),
-        ("iqn.2001-04.com.example:stra\u00dfe", "iqn.2001-04.com.example:strasse", NameType.IQN),
-        ("iqn.2001-04.com.example:caf\u00c9", "iqn.2001-04.com.example:caf\u00e9", NameType.IQN),
+        (
+            "iqn.2001-04.com.example:\uff21bc",
+            "iqn.2001-04.com.example:abc",
+            NameType.IQN,
+        ),
+        (
+            "iqn.2001-04.com.example:stra\u00dfe",
+            "iqn.2001-04.com.example:strasse",
+            NameType.IQN,
+        ),
+        (
+            "iqn.2001-04.com.example:caf\u00c9",
+            "iqn.2001-04.com.example:caf\u00e9",
+            NameType.IQN,
+        ),
         # B.1: soft hyphen maps to nothing.
-        ("iqn.2001-04.com.example:a\u00adb", "iqn.2001-04.com.example:ab", NameType.IQN),
+        (
+            "iqn.2001-04.com.example:a\u00adb",
+            "iqn.2001-04.com.example:ab",
+            NameType.IQN,
+        ),
     ],
 )
 def test_valid_names(name: str, expected: str, kind: NameType) -> None:
@@ -138,7 +158,10 @@ def test_generate_iqn() -> None:
         "iqn.2026-11.org.aioiscsi:server-1.example.com.disk0"
     )
     assert generate_iqn(hostname="h") == "iqn.2026-11.org.aioiscsi:h"
-    assert generate_iqn("my disk/1", hostname="h") == "iqn.2026-11.org.aioiscsi:h.my-disk-1"
+    assert (
+        generate_iqn("my disk/1", hostname="h")
+        == "iqn.2026-11.org.aioiscsi:h.my-disk-1"
+    )
     validate_name(generate_iqn("x"), require_normalized=True)
     with pytest.raises(InvalidName, match="more than"):
         generate_iqn("x" * 300, hostname="h")
@@ -249,9 +272,16 @@ def test_parse_url_forms() -> None:
     u = parse_url(
         "iscsi://u%p@h/t/3?target_user=tu&target_password=t%26p&header_digest=crc32c"
     )
-    assert (u.target_user, u.target_password, u.header_digest) == ("tu", "t&p", "crc32c")
+    assert (u.target_user, u.target_password, u.header_digest) == (
+        "tu",
+        "t&p",
+        "crc32c",
+    )
     assert parse_url("iscsi://h/t%2Fx/1").target == "t/x"
-    assert parse_url("iscsi://u@h").user == "u" and parse_url("iscsi://u@h").password is None
+    assert (
+        parse_url("iscsi://u@h").user == "u"
+        and parse_url("iscsi://u@h").password is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -301,7 +331,9 @@ def test_format_url() -> None:
             format_url(bad)
 
 
-_hostnames = st.from_regex(r"[a-z0-9]([a-z0-9\-]{0,10}[a-z0-9])?(\.[a-z0-9]{1,5}){0,2}", fullmatch=True)
+_hostnames = st.from_regex(
+    r"[a-z0-9]([a-z0-9\-]{0,10}[a-z0-9])?(\.[a-z0-9]{1,5}){0,2}", fullmatch=True
+)
 _ipv4 = st.ip_addresses(v=4).map(str)
 _ipv6 = st.ip_addresses(v=6).map(str)
 _secret = st.one_of(st.none(), st.text(min_size=1, max_size=20))
@@ -355,7 +387,11 @@ def test_url_round_trip(
         assert ipaddress.IPv6Address(parse_url(s).host)
 
 
-@given(host=st.one_of(_hostnames, _ipv4, _ipv6), port=st.integers(1, 65535), tpgt=st.one_of(st.none(), st.integers(0, 65535)))
+@given(
+    host=st.one_of(_hostnames, _ipv4, _ipv6),
+    port=st.integers(1, 65535),
+    tpgt=st.one_of(st.none(), st.integers(0, 65535)),
+)
 def test_portal_round_trip(host: str, port: int, tpgt: int | None) -> None:
     p = Portal(host, port, tpgt)
     assert parse_portal(str(p)) == p

@@ -13,7 +13,9 @@ the portal accepts TCP connections) -- never a fixed sleep.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,6 +28,7 @@ from tests.tools import require_tool
 IQN = "iqn.2024-01.org.aioiscsi.test:disk"
 _READY_DEADLINE = 15.0
 _POLL = 0.02
+_SOCKET_DIR = "/var/run/tgtd"
 
 
 def free_port() -> int:
@@ -33,6 +36,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _free_control_port() -> int:
+    """A tgtd management channel number (1..32767) no running tgtd holds.
+
+    tgtd locks ``/var/run/tgtd/socket.N.lock``; a lock we can take right now
+    is free (we drop it at once, fcntl locks are per process).
+    """
+    os.makedirs(_SOCKET_DIR, exist_ok=True)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        n = rng.randint(1000, 32767)
+        try:
+            fd = os.open(f"{_SOCKET_DIR}/socket.{n}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        else:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+            return n
+        finally:
+            os.close(fd)
+    raise RuntimeError("no free tgtd control port")
 
 
 def _port_accepts(port: int) -> bool:
@@ -76,7 +105,7 @@ class Tgtd:
             with open(self.backing, "wb") as f:
                 f.truncate(self.config.size)
         self.port = free_port()
-        self.control = self.port  # unique for as long as we hold the port
+        self.control = _free_control_port()
         self.iqn = IQN
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"tgtd-{self.port}.log"
@@ -172,7 +201,7 @@ class Tgtd:
         self.kill()
         for suffix in ("", ".lock"):
             try:
-                os.unlink(f"/var/run/tgtd/socket.{self.control}{suffix}")
+                os.unlink(f"{_SOCKET_DIR}/socket.{self.control}{suffix}")
             except OSError:
                 pass
 

@@ -105,7 +105,9 @@ class ParameterListError(CDBError):
 
     asc = 0x26
 
-    def __init__(self, message: str, *, field_offset: int = 0, bit: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, field_offset: int = 0, bit: int | None = None
+    ) -> None:
         super().__init__(message, field_offset=field_offset, bit=bit, in_cdb=False)
 
 
@@ -199,10 +201,14 @@ def check_control(cdb: Buffer, *, naca_supported: bool = False) -> int:
         raise CDBTooShort("empty CDB", field_offset=0)
     size = cdb_length(cdb[0])
     if len(cdb) < size:
-        raise CDBTooShort(f"{_name(cdb[0])} CDB is {len(cdb)} bytes, needs {size}", field_offset=0)
+        raise CDBTooShort(
+            f"{_name(cdb[0])} CDB is {len(cdb)} bytes, needs {size}", field_offset=0
+        )
     control = cdb[size - 1]
     if control & 0x04 and not naca_supported:
-        raise InvalidCDBField("NACA=1 but ACA is not supported", field_offset=size - 1, bit=2)
+        raise InvalidCDBField(
+            "NACA=1 but ACA is not supported", field_offset=size - 1, bit=2
+        )
     return control
 
 
@@ -222,14 +228,18 @@ def _check(cdb: Buffer, ops: int | tuple[int, ...], size: int) -> int:
         expect = _name(ops) if isinstance(ops, int) else "/".join(_name(o) for o in ops)
         raise CDBError(f"{_name(op)} is not a {expect} CDB", field_offset=0)
     if len(cdb) < size:
-        raise CDBTooShort(f"{_name(op)} CDB is {len(cdb)} bytes, needs {size}", field_offset=0)
+        raise CDBTooShort(
+            f"{_name(op)} CDB is {len(cdb)} bytes, needs {size}", field_offset=0
+        )
     return op
 
 
 def _check_sa(cdb: Buffer, op: int, sa: int, size: int, what: str) -> None:
     _check(cdb, op, size)
     if cdb[1] & 0x1F != sa:
-        raise CDBError(f"service action {cdb[1] & 0x1F:#04x} is not {what}", field_offset=1, bit=4)
+        raise CDBError(
+            f"service action {cdb[1] & 0x1F:#04x} is not {what}", field_offset=1, bit=4
+        )
 
 
 def _u(value: int, bits: int, name: str) -> int:
@@ -349,26 +359,47 @@ _new_tuple = tuple.__new__
 
 
 def _rw_short(cdb: Buffer, need: int) -> CDBTooShort:
-    return CDBTooShort(f"{_name(cdb[0])} CDB is {len(cdb)} bytes, needs {need}", field_offset=0)
+    return CDBTooShort(
+        f"{_name(cdb[0])} CDB is {len(cdb)} bytes, needs {need}", field_offset=0
+    )
 
 
-def _rw_finish(kind: RWKind, op: int, b1: int, lba: int, n: int, group: int, is16: bool) -> RWCommand:
+def _rw_finish(
+    kind: RWKind, op: int, b1: int, lba: int, n: int, group: int, is16: bool
+) -> RWCommand:
     protect = b1 >> 5
     if kind is _READ or kind is _WRITE or kind is _ORW or kind is _CAW:
-        return RWCommand(kind, op, lba, n, bool(b1 & 0x10), bool(b1 & 0x08), group, protect)
+        return RWCommand(
+            kind, op, lba, n, bool(b1 & 0x10), bool(b1 & 0x08), group, protect
+        )
     if kind is _WS:
         anchor = bool(b1 & 0x10)
         unmap = bool(b1 & 0x08)
         if anchor and not unmap:
             # SBC-3 §5.42/§5.43: ANCHOR without UNMAP is an invalid field.
-            raise InvalidCDBField("WRITE SAME with ANCHOR=1 needs UNMAP=1", field_offset=1, bit=4)
+            raise InvalidCDBField(
+                "WRITE SAME with ANCHOR=1 needs UNMAP=1", field_offset=1, bit=4
+            )
         return RWCommand(
-            kind, op, lba, n, False, False, group, protect, 0, unmap, anchor, is16 and bool(b1 & 1)
+            kind,
+            op,
+            lba,
+            n,
+            False,
+            False,
+            group,
+            protect,
+            0,
+            unmap,
+            anchor,
+            is16 and bool(b1 & 1),
         )
     bytchk = (b1 >> 1) & 3
     # SBC-4: BYTCHK 10b is reserved for VERIFY; 1xb for WRITE AND VERIFY.
     if bytchk == 2 or (bytchk == 3 and kind is _WAV):
-        raise InvalidCDBField(f"{_name(op)}: reserved BYTCHK value {bytchk}", field_offset=1, bit=2)
+        raise InvalidCDBField(
+            f"{_name(op)}: reserved BYTCHK value {bytchk}", field_offset=1, bit=2
+        )
     return RWCommand(kind, op, lba, n, bool(b1 & 0x10), False, group, protect, bytchk)
 
 
@@ -387,7 +418,21 @@ def _rw10(cdb: Buffer) -> RWCommand:
     kind = _RW_KIND_INT[op]
     if kind is _READ or kind is _WRITE:  # the hot case, inlined
         return _new_tuple(
-            RWCommand, (kind, op, lba, n, b1 & 0x10 != 0, b1 & 0x08 != 0, g & 0x3F, b1 >> 5, 0, False, False, False)
+            RWCommand,
+            (
+                kind,
+                op,
+                lba,
+                n,
+                b1 & 0x10 != 0,
+                b1 & 0x08 != 0,
+                g & 0x3F,
+                b1 >> 5,
+                0,
+                False,
+                False,
+                False,
+            ),
         )
     return _rw_finish(kind, op, b1, lba, n, g & 0x3F, False)
 
@@ -399,7 +444,21 @@ def _rw12(cdb: Buffer) -> RWCommand:
     kind = _RW_KIND_INT[op]
     if kind is _READ or kind is _WRITE:  # the hot case, inlined
         return _new_tuple(
-            RWCommand, (kind, op, lba, n, b1 & 0x10 != 0, b1 & 0x08 != 0, g & 0x3F, b1 >> 5, 0, False, False, False)
+            RWCommand,
+            (
+                kind,
+                op,
+                lba,
+                n,
+                b1 & 0x10 != 0,
+                b1 & 0x08 != 0,
+                g & 0x3F,
+                b1 >> 5,
+                0,
+                False,
+                False,
+                False,
+            ),
         )
     return _rw_finish(kind, op, b1, lba, n, g & 0x3F, False)
 
@@ -411,7 +470,21 @@ def _rw16(cdb: Buffer) -> RWCommand:
     kind = _RW_KIND_INT[op]
     if kind is _READ or kind is _WRITE:  # the hot case, inlined
         return _new_tuple(
-            RWCommand, (kind, op, lba, n, b1 & 0x10 != 0, b1 & 0x08 != 0, g & 0x3F, b1 >> 5, 0, False, False, False)
+            RWCommand,
+            (
+                kind,
+                op,
+                lba,
+                n,
+                b1 & 0x10 != 0,
+                b1 & 0x08 != 0,
+                g & 0x3F,
+                b1 >> 5,
+                0,
+                False,
+                False,
+                False,
+            ),
         )
     return _rw_finish(kind, op, b1, lba, n, g & 0x3F, True)
 
@@ -447,7 +520,9 @@ def parse_rw(cdb: Buffer) -> RWCommand:
         raise CDBTooShort("empty CDB", field_offset=0)
     parser = _RW_PARSERS.get(cdb[0])
     if parser is None:
-        raise UnsupportedOpcode(f"{_name(cdb[0])} is not a read/write command", field_offset=0)
+        raise UnsupportedOpcode(
+            f"{_name(cdb[0])} is not a read/write command", field_offset=0
+        )
     return parser(cdb)
 
 
@@ -486,7 +561,12 @@ def build_rw(cmd: RWCommand) -> bytes:
     _u(cmd.group, 6, "group")
     if op == Opcode.COMPARE_AND_WRITE:
         return _SCAW.pack(
-            op, _rw_byte1(cmd, 16), _u(cmd.lba, 64, "lba"), _u(cmd.blocks, 8, "blocks"), cmd.group, 0
+            op,
+            _rw_byte1(cmd, 16),
+            _u(cmd.lba, 64, "lba"),
+            _u(cmd.blocks, 8, "blocks"),
+            cmd.group,
+            0,
         )
     size = cdb_length(op)
     if size == 6:
@@ -498,15 +578,31 @@ def build_rw(cmd: RWCommand) -> bytes:
         return _S6.pack(op, lba >> 16, lba & 0xFFFF, cmd.blocks & 0xFF, 0)
     b1 = _rw_byte1(cmd, size)
     if size == 10:
-        return _S10.pack(op, b1, _u(cmd.lba, 32, "lba"), cmd.group, _u(cmd.blocks, 16, "blocks"), 0)
+        return _S10.pack(
+            op, b1, _u(cmd.lba, 32, "lba"), cmd.group, _u(cmd.blocks, 16, "blocks"), 0
+        )
     if size == 12:
-        return _S12.pack(op, b1, _u(cmd.lba, 32, "lba"), _u(cmd.blocks, 32, "blocks"), cmd.group, 0)
-    return _S16.pack(op, b1, _u(cmd.lba, 64, "lba"), _u(cmd.blocks, 32, "blocks"), cmd.group, 0)
+        return _S12.pack(
+            op, b1, _u(cmd.lba, 32, "lba"), _u(cmd.blocks, 32, "blocks"), cmd.group, 0
+        )
+    return _S16.pack(
+        op, b1, _u(cmd.lba, 64, "lba"), _u(cmd.blocks, 32, "blocks"), cmd.group, 0
+    )
 
 
 _SIZED: dict[RWKind, dict[int, Opcode]] = {
-    RWKind.READ: {6: Opcode.READ_6, 10: Opcode.READ_10, 12: Opcode.READ_12, 16: Opcode.READ_16},
-    RWKind.WRITE: {6: Opcode.WRITE_6, 10: Opcode.WRITE_10, 12: Opcode.WRITE_12, 16: Opcode.WRITE_16},
+    RWKind.READ: {
+        6: Opcode.READ_6,
+        10: Opcode.READ_10,
+        12: Opcode.READ_12,
+        16: Opcode.READ_16,
+    },
+    RWKind.WRITE: {
+        6: Opcode.WRITE_6,
+        10: Opcode.WRITE_10,
+        12: Opcode.WRITE_12,
+        16: Opcode.WRITE_16,
+    },
     RWKind.VERIFY: {10: Opcode.VERIFY_10, 12: Opcode.VERIFY_12, 16: Opcode.VERIFY_16},
     RWKind.WRITE_AND_VERIFY: {
         10: Opcode.WRITE_AND_VERIFY_10,
@@ -525,7 +621,9 @@ def _pick(kind: RWKind, size: int | None, lba: int, blocks: int) -> int:
     try:
         return sizes[size]
     except KeyError:
-        raise ValueError(f"{kind.name} has no {size}-byte CDB (have {sorted(sizes)})") from None
+        raise ValueError(
+            f"{kind.name} has no {size}-byte CDB (have {sorted(sizes)})"
+        ) from None
 
 
 def build_read(
@@ -570,7 +668,9 @@ def build_verify(
 ) -> bytes:
     """VERIFY(10/12/16) (SBC-3 §5.33-§5.35); ``protect`` is VRPROTECT."""
     op = _pick(RWKind.VERIFY, size, lba, blocks)
-    return build_rw(RWCommand(RWKind.VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk))
+    return build_rw(
+        RWCommand(RWKind.VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk)
+    )
 
 
 def build_write_and_verify(
@@ -586,7 +686,9 @@ def build_write_and_verify(
     """WRITE AND VERIFY(10/12/16) (SBC-3 §5.38-§5.40)."""
     op = _pick(RWKind.WRITE_AND_VERIFY, size, lba, blocks)
     return build_rw(
-        RWCommand(RWKind.WRITE_AND_VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk)
+        RWCommand(
+            RWKind.WRITE_AND_VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk
+        )
     )
 
 
@@ -606,24 +708,62 @@ def build_write_same(
         size = 16
     op = _pick(RWKind.WRITE_SAME, size, lba, blocks)
     return build_rw(
-        RWCommand(RWKind.WRITE_SAME, op, lba, blocks, False, False, group, protect, 0, unmap, anchor, ndob)
+        RWCommand(
+            RWKind.WRITE_SAME,
+            op,
+            lba,
+            blocks,
+            False,
+            False,
+            group,
+            protect,
+            0,
+            unmap,
+            anchor,
+            ndob,
+        )
     )
 
 
 def build_compare_and_write(
-    lba: int, blocks: int, *, dpo: bool = False, fua: bool = False, group: int = 0, protect: int = 0
+    lba: int,
+    blocks: int,
+    *,
+    dpo: bool = False,
+    fua: bool = False,
+    group: int = 0,
+    protect: int = 0,
 ) -> bytes:
     """COMPARE AND WRITE (SBC-3 §5.2): ``blocks`` is NUMBER OF LOGICAL BLOCKS (≤ 255)."""
     return build_rw(
-        RWCommand(RWKind.COMPARE_AND_WRITE, Opcode.COMPARE_AND_WRITE, lba, blocks, dpo, fua, group, protect)
+        RWCommand(
+            RWKind.COMPARE_AND_WRITE,
+            Opcode.COMPARE_AND_WRITE,
+            lba,
+            blocks,
+            dpo,
+            fua,
+            group,
+            protect,
+        )
     )
 
 
 def build_orwrite16(
-    lba: int, blocks: int, *, dpo: bool = False, fua: bool = False, group: int = 0, protect: int = 0
+    lba: int,
+    blocks: int,
+    *,
+    dpo: bool = False,
+    fua: bool = False,
+    group: int = 0,
+    protect: int = 0,
 ) -> bytes:
     """ORWRITE(16) (SBC-3 §5.9)."""
-    return build_rw(RWCommand(RWKind.ORWRITE, Opcode.ORWRITE_16, lba, blocks, dpo, fua, group, protect))
+    return build_rw(
+        RWCommand(
+            RWKind.ORWRITE, Opcode.ORWRITE_16, lba, blocks, dpo, fua, group, protect
+        )
+    )
 
 
 # --- SPC commands ---------------------------------------------------------------
@@ -640,12 +780,18 @@ class Inquiry:
     allocation_length: int = 96
 
 
-def build_inquiry(*, evpd: bool = False, page_code: int = 0, allocation_length: int = 96) -> bytes:
+def build_inquiry(
+    *, evpd: bool = False, page_code: int = 0, allocation_length: int = 96
+) -> bytes:
     """INQUIRY CDB; ``page_code`` needs ``evpd`` (SPC-4 §6.4.1)."""
     if page_code and not evpd:
         raise ValueError("INQUIRY page_code needs evpd=True")
     return _SINQ.pack(
-        Opcode.INQUIRY, _bit(evpd, 0), _u(page_code, 8, "page_code"), _u(allocation_length, 16, "allocation_length"), 0
+        Opcode.INQUIRY,
+        _bit(evpd, 0),
+        _u(page_code, 8, "page_code"),
+        _u(allocation_length, 16, "allocation_length"),
+        0,
     )
 
 
@@ -693,7 +839,12 @@ class RequestSense:
 
 def build_request_sense(*, desc: bool = False, allocation_length: int = 252) -> bytes:
     """REQUEST SENSE CDB; ``desc`` asks for descriptor-format sense."""
-    return _SRS.pack(Opcode.REQUEST_SENSE, _bit(desc, 0), _u(allocation_length, 8, "allocation_length"), 0)
+    return _SRS.pack(
+        Opcode.REQUEST_SENSE,
+        _bit(desc, 0),
+        _u(allocation_length, 8, "allocation_length"),
+        0,
+    )
 
 
 def parse_request_sense(cdb: Buffer) -> RequestSense:
@@ -714,12 +865,17 @@ class ReportLuns:
     allocation_length: int = 4096
 
 
-def build_report_luns(*, select_report: int = 0, allocation_length: int = 4096) -> bytes:
+def build_report_luns(
+    *, select_report: int = 0, allocation_length: int = 4096
+) -> bytes:
     """REPORT LUNS CDB; allocation length must be at least 16."""
     if allocation_length < 16:
         raise ValueError("REPORT LUNS allocation_length must be >= 16 (SPC-4 §6.27)")
     return _SRL.pack(
-        Opcode.REPORT_LUNS, _u(select_report, 8, "select_report"), _u(allocation_length, 32, "allocation_length"), 0
+        Opcode.REPORT_LUNS,
+        _u(select_report, 8, "select_report"),
+        _u(allocation_length, 32, "allocation_length"),
+        0,
     )
 
 
@@ -728,7 +884,9 @@ def parse_report_luns(cdb: Buffer) -> ReportLuns:
     _check(cdb, Opcode.REPORT_LUNS, 12)
     _, sel, alloc, _ = _SRL.unpack_from(cdb)
     if alloc < 16:
-        raise InvalidCDBField(f"REPORT LUNS allocation length {alloc} < 16", field_offset=6)
+        raise InvalidCDBField(
+            f"REPORT LUNS allocation length {alloc} < 16", field_offset=6
+        )
     return ReportLuns(sel, alloc)
 
 
@@ -769,7 +927,9 @@ class ReadCapacity16:
     pmi: bool = False
 
 
-def build_read_capacity16(*, allocation_length: int = 32, lba: int = 0, pmi: bool = False) -> bytes:
+def build_read_capacity16(
+    *, allocation_length: int = 32, lba: int = 0, pmi: bool = False
+) -> bytes:
     """READ CAPACITY(16) CDB."""
     if lba and not pmi:
         raise ValueError("READ CAPACITY(16) lba needs pmi=True")
@@ -785,7 +945,13 @@ def build_read_capacity16(*, allocation_length: int = 32, lba: int = 0, pmi: boo
 
 def parse_read_capacity16(cdb: Buffer) -> ReadCapacity16:
     """Parse READ CAPACITY(16)."""
-    _check_sa(cdb, Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16, 16, "READ CAPACITY(16)")
+    _check_sa(
+        cdb,
+        Opcode.SERVICE_ACTION_IN_16,
+        ServiceActionIn16.READ_CAPACITY_16,
+        16,
+        "READ CAPACITY(16)",
+    )
     _, _, lba, alloc, b14, _ = _S16.unpack_from(cdb)
     pmi = bool(b14 & 1)
     if lba and not pmi:
@@ -815,7 +981,13 @@ def build_get_lba_status(*, lba: int = 0, allocation_length: int = 24) -> bytes:
 
 def parse_get_lba_status(cdb: Buffer) -> GetLbaStatus:
     """Parse GET LBA STATUS."""
-    _check_sa(cdb, Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS, 16, "GET LBA STATUS")
+    _check_sa(
+        cdb,
+        Opcode.SERVICE_ACTION_IN_16,
+        ServiceActionIn16.GET_LBA_STATUS,
+        16,
+        "GET LBA STATUS",
+    )
     _, _, lba, alloc, _, _ = _S16.unpack_from(cdb)
     return GetLbaStatus(lba, alloc)
 
@@ -829,10 +1001,17 @@ class Unmap:
     group: int = 0
 
 
-def build_unmap(*, parameter_list_length: int = 0, anchor: bool = False, group: int = 0) -> bytes:
+def build_unmap(
+    *, parameter_list_length: int = 0, anchor: bool = False, group: int = 0
+) -> bytes:
     """UNMAP CDB; see :func:`build_unmap_parameter_list` for the data."""
     return _S10.pack(
-        Opcode.UNMAP, _bit(anchor, 0), 0, _u(group, 6, "group"), _u(parameter_list_length, 16, "parameter_list_length"), 0
+        Opcode.UNMAP,
+        _bit(anchor, 0),
+        0,
+        _u(group, 6, "group"),
+        _u(parameter_list_length, 16, "parameter_list_length"),
+        0,
     )
 
 
@@ -867,12 +1046,18 @@ class PreFetch:
     cdb_size: int = 10
 
 
-def _build_range(op10: int, op16: int, lba: int, blocks: int, immed: bool, group: int, cdb_size: int) -> bytes:
+def _build_range(
+    op10: int, op16: int, lba: int, blocks: int, immed: bool, group: int, cdb_size: int
+) -> bytes:
     _u(group, 6, "group")
     if cdb_size == 10:
-        return _S10.pack(op10, _bit(immed, 1), _u(lba, 32, "lba"), group, _u(blocks, 16, "blocks"), 0)
+        return _S10.pack(
+            op10, _bit(immed, 1), _u(lba, 32, "lba"), group, _u(blocks, 16, "blocks"), 0
+        )
     if cdb_size == 16:
-        return _S16.pack(op16, _bit(immed, 1), _u(lba, 64, "lba"), _u(blocks, 32, "blocks"), group, 0)
+        return _S16.pack(
+            op16, _bit(immed, 1), _u(lba, 64, "lba"), _u(blocks, 32, "blocks"), group, 0
+        )
     raise ValueError(f"cdb_size must be 10 or 16, not {cdb_size}")
 
 
@@ -888,24 +1073,44 @@ def _parse_range(cdb: Buffer, op10: int, op16: int) -> tuple[int, int, bool, int
 
 
 def build_synchronize_cache(
-    *, lba: int = 0, blocks: int = 0, immed: bool = False, group: int = 0, cdb_size: int = 10
+    *,
+    lba: int = 0,
+    blocks: int = 0,
+    immed: bool = False,
+    group: int = 0,
+    cdb_size: int = 10,
 ) -> bytes:
     """SYNCHRONIZE CACHE(10) or (16) CDB."""
     return _build_range(
-        Opcode.SYNCHRONIZE_CACHE_10, Opcode.SYNCHRONIZE_CACHE_16, lba, blocks, immed, group, cdb_size
+        Opcode.SYNCHRONIZE_CACHE_10,
+        Opcode.SYNCHRONIZE_CACHE_16,
+        lba,
+        blocks,
+        immed,
+        group,
+        cdb_size,
     )
 
 
 def parse_synchronize_cache(cdb: Buffer) -> SynchronizeCache:
     """Parse SYNCHRONIZE CACHE(10/16)."""
-    return SynchronizeCache(*_parse_range(cdb, Opcode.SYNCHRONIZE_CACHE_10, Opcode.SYNCHRONIZE_CACHE_16))
+    return SynchronizeCache(
+        *_parse_range(cdb, Opcode.SYNCHRONIZE_CACHE_10, Opcode.SYNCHRONIZE_CACHE_16)
+    )
 
 
 def build_pre_fetch(
-    *, lba: int = 0, blocks: int = 0, immed: bool = False, group: int = 0, cdb_size: int = 10
+    *,
+    lba: int = 0,
+    blocks: int = 0,
+    immed: bool = False,
+    group: int = 0,
+    cdb_size: int = 10,
 ) -> bytes:
     """PRE-FETCH(10) or (16) CDB."""
-    return _build_range(Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16, lba, blocks, immed, group, cdb_size)
+    return _build_range(
+        Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16, lba, blocks, immed, group, cdb_size
+    )
 
 
 def parse_pre_fetch(cdb: Buffer) -> PreFetch:
@@ -947,7 +1152,12 @@ def build_mode_sense(
         if llbaa:
             raise ValueError("LLBAA exists only in MODE SENSE(10)")
         return _SMS6.pack(
-            Opcode.MODE_SENSE_6, _bit(dbd, 3), b2, subpage_code, _u(allocation_length, 8, "allocation_length"), 0
+            Opcode.MODE_SENSE_6,
+            _bit(dbd, 3),
+            b2,
+            subpage_code,
+            _u(allocation_length, 8, "allocation_length"),
+            0,
         )
     if cdb_size == 10:
         return _SMS10.pack(
@@ -988,14 +1198,28 @@ class ModeSelect:
 
 
 def build_mode_select(
-    *, parameter_list_length: int = 0, pf: bool = True, sp: bool = False, cdb_size: int = 6
+    *,
+    parameter_list_length: int = 0,
+    pf: bool = True,
+    sp: bool = False,
+    cdb_size: int = 6,
 ) -> bytes:
     """MODE SELECT(6) or (10) CDB."""
     b1 = _bit(pf, 4) | _bit(sp, 0)
     if cdb_size == 6:
-        return _SMSEL6.pack(Opcode.MODE_SELECT_6, b1, _u(parameter_list_length, 8, "parameter_list_length"), 0)
+        return _SMSEL6.pack(
+            Opcode.MODE_SELECT_6,
+            b1,
+            _u(parameter_list_length, 8, "parameter_list_length"),
+            0,
+        )
     if cdb_size == 10:
-        return _SMSEL10.pack(Opcode.MODE_SELECT_10, b1, _u(parameter_list_length, 16, "parameter_list_length"), 0)
+        return _SMSEL10.pack(
+            Opcode.MODE_SELECT_10,
+            b1,
+            _u(parameter_list_length, 16, "parameter_list_length"),
+            0,
+        )
     raise ValueError(f"cdb_size must be 6 or 10, not {cdb_size}")
 
 
@@ -1038,9 +1262,18 @@ def build_start_stop_unit(
     power_condition_modifier: int = 0,
 ) -> bytes:
     """START STOP UNIT CDB."""
-    b4 = (_u(power_condition, 4, "power_condition") << 4) | _bit(no_flush, 2) | _bit(loej, 1) | _bit(start, 0)
+    b4 = (
+        (_u(power_condition, 4, "power_condition") << 4)
+        | _bit(no_flush, 2)
+        | _bit(loej, 1)
+        | _bit(start, 0)
+    )
     return _SSSU.pack(
-        Opcode.START_STOP_UNIT, _bit(immed, 0), _u(power_condition_modifier, 4, "power_condition_modifier"), b4, 0
+        Opcode.START_STOP_UNIT,
+        _bit(immed, 0),
+        _u(power_condition_modifier, 4, "power_condition_modifier"),
+        b4,
+        0,
     )
 
 
@@ -1048,7 +1281,9 @@ def parse_start_stop_unit(cdb: Buffer) -> StartStopUnit:
     """Parse START STOP UNIT."""
     _check(cdb, Opcode.START_STOP_UNIT, 6)
     _, b1, b3, b4, _ = _SSSU.unpack_from(cdb)
-    return StartStopUnit(bool(b4 & 1), bool(b4 & 2), bool(b1 & 1), bool(b4 & 4), b4 >> 4, b3 & 0x0F)
+    return StartStopUnit(
+        bool(b4 & 1), bool(b4 & 2), bool(b1 & 1), bool(b4 & 4), b4 >> 4, b3 & 0x0F
+    )
 
 
 _SPAMR = struct.Struct(">B3xBB")
@@ -1063,7 +1298,9 @@ class PreventAllowMediumRemoval:
 
 def build_prevent_allow_medium_removal(*, prevent: int = 0) -> bytes:
     """PREVENT ALLOW MEDIUM REMOVAL CDB (``prevent`` 0..3)."""
-    return _SPAMR.pack(Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, _u(prevent, 2, "prevent"), 0)
+    return _SPAMR.pack(
+        Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, _u(prevent, 2, "prevent"), 0
+    )
 
 
 def parse_prevent_allow_medium_removal(cdb: Buffer) -> PreventAllowMediumRemoval:
@@ -1107,9 +1344,13 @@ def build_reserve_release(
     """RESERVE(6/10) or, with ``release``, RELEASE(6/10) CDB."""
     if cdb_size == 6:
         if longid or parameter_list_length:
-            raise ValueError("LONGID and parameter_list_length exist only in the 10-byte form")
+            raise ValueError(
+                "LONGID and parameter_list_length exist only in the 10-byte form"
+            )
         op = Opcode.RELEASE_6 if release else Opcode.RESERVE_6
-        b1 = _bit(third_party, 4) | (_u(third_party_device_id, 3, "third_party_device_id") << 1)
+        b1 = _bit(third_party, 4) | (
+            _u(third_party_device_id, 3, "third_party_device_id") << 1
+        )
         return _SRES6.pack(op, b1, 0, 0, 0)
     if cdb_size == 10:
         op = Opcode.RELEASE_10 if release else Opcode.RESERVE_10
@@ -1126,18 +1367,28 @@ def build_reserve_release(
 
 def parse_reserve_release(cdb: Buffer) -> ReserveRelease:
     """Parse RESERVE/RELEASE (6/10)."""
-    op = _check(cdb, (Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10), 1)
+    op = _check(
+        cdb,
+        (Opcode.RESERVE_6, Opcode.RELEASE_6, Opcode.RESERVE_10, Opcode.RELEASE_10),
+        1,
+    )
     release = op in (Opcode.RELEASE_6, Opcode.RELEASE_10)
     if op in (Opcode.RESERVE_6, Opcode.RELEASE_6):
         _check(cdb, op, 6)
         _, b1, _, _, _ = _SRES6.unpack_from(cdb)
         if b1 & 1:
-            raise InvalidCDBField(f"{_name(op)}: extent reservations are not supported", field_offset=1, bit=0)
+            raise InvalidCDBField(
+                f"{_name(op)}: extent reservations are not supported",
+                field_offset=1,
+                bit=0,
+            )
         return ReserveRelease(release, 6, bool(b1 & 0x10), (b1 >> 1) & 7, False, 0)
     _check(cdb, op, 10)
     _, b1, _, dev, n, _ = _SRES10.unpack_from(cdb)
     if b1 & 1:
-        raise InvalidCDBField(f"{_name(op)}: extent reservations are not supported", field_offset=1, bit=0)
+        raise InvalidCDBField(
+            f"{_name(op)}: extent reservations are not supported", field_offset=1, bit=0
+        )
     return ReserveRelease(release, 10, bool(b1 & 0x10), dev, bool(b1 & 2), n)
 
 
@@ -1173,12 +1424,21 @@ def parse_persistent_reserve_in(cdb: Buffer) -> PersistentReserveIn:
     try:
         action = PRInAction(sa)
     except ValueError:
-        raise InvalidCDBField(f"PERSISTENT RESERVE IN service action {sa:#x} unknown", field_offset=1, bit=4) from None
+        raise InvalidCDBField(
+            f"PERSISTENT RESERVE IN service action {sa:#x} unknown",
+            field_offset=1,
+            bit=4,
+        ) from None
     return PersistentReserveIn(action, alloc)
 
 
 _PR_SCOPED = frozenset(
-    (PROutAction.RESERVE, PROutAction.RELEASE, PROutAction.PREEMPT, PROutAction.PREEMPT_AND_ABORT)
+    (
+        PROutAction.RESERVE,
+        PROutAction.RELEASE,
+        PROutAction.PREEMPT,
+        PROutAction.PREEMPT_AND_ABORT,
+    )
 )
 
 
@@ -1222,15 +1482,27 @@ def parse_persistent_reserve_out(cdb: Buffer) -> PersistentReserveOut:
     try:
         action = PROutAction(sa)
     except ValueError:
-        raise InvalidCDBField(f"PERSISTENT RESERVE OUT service action {sa:#x} unknown", field_offset=1, bit=4) from None
+        raise InvalidCDBField(
+            f"PERSISTENT RESERVE OUT service action {sa:#x} unknown",
+            field_offset=1,
+            bit=4,
+        ) from None
     scope, pr_type = b2 >> 4, b2 & 0x0F
     if action in _PR_SCOPED:
         if scope != 0:
-            raise InvalidCDBField(f"PERSISTENT RESERVE OUT scope {scope} is not LU_SCOPE", field_offset=2, bit=7)
+            raise InvalidCDBField(
+                f"PERSISTENT RESERVE OUT scope {scope} is not LU_SCOPE",
+                field_offset=2,
+                bit=7,
+            )
         try:
             PRType(pr_type)
         except ValueError:
-            raise InvalidCDBField(f"PERSISTENT RESERVE OUT type {pr_type:#x} unknown", field_offset=2, bit=3) from None
+            raise InvalidCDBField(
+                f"PERSISTENT RESERVE OUT type {pr_type:#x} unknown",
+                field_offset=2,
+                bit=3,
+            ) from None
     return PersistentReserveOut(action, scope, pr_type, n)
 
 
@@ -1268,7 +1540,12 @@ def build_pr_out_parameters(
         raise ValueError("additional parameter data needs spec_i_pt=True")
     b20 = _bit(spec_i_pt, 3) | _bit(all_tg_pt, 2) | _bit(aptpl, 0)
     return (
-        _SPRPARAM.pack(_u(reservation_key, 64, "reservation_key"), _u(service_action_key, 64, "service_action_key"), b20, 0)
+        _SPRPARAM.pack(
+            _u(reservation_key, 64, "reservation_key"),
+            _u(service_action_key, 64, "service_action_key"),
+            b20,
+            0,
+        )
         + additional
     )
 
@@ -1280,7 +1557,9 @@ def parse_pr_out_parameters(data: Buffer) -> PRParameters:
     LIST LENGTH ERROR (SPC-4 §6.16.3).
     """
     if len(data) < 24:
-        raise ParameterListLengthError(f"PERSISTENT RESERVE OUT parameter list is {len(data)} bytes, needs 24")
+        raise ParameterListLengthError(
+            f"PERSISTENT RESERVE OUT parameter list is {len(data)} bytes, needs 24"
+        )
     rk, sak, b20, _ = _SPRPARAM.unpack_from(data)
     spec = bool(b20 & 8)
     if not spec and len(data) != 24:
@@ -1326,12 +1605,20 @@ def build_report_supported_opcodes(
 def parse_report_supported_opcodes(cdb: Buffer) -> ReportSupportedOpcodes:
     """Parse REPORT SUPPORTED OPERATION CODES; reserved reporting options are invalid."""
     _check_sa(
-        cdb, Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES, 12, "REPORT SUPPORTED OPERATION CODES"
+        cdb,
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
+        12,
+        "REPORT SUPPORTED OPERATION CODES",
     )
     _, _, b2, rop, rsa, alloc, _ = _SMAINT_IN.unpack_from(cdb)
     opts = b2 & 7
     if opts > 3:
-        raise InvalidCDBField(f"REPORT SUPPORTED OPERATION CODES reporting options {opts} reserved", field_offset=2, bit=2)
+        raise InvalidCDBField(
+            f"REPORT SUPPORTED OPERATION CODES reporting options {opts} reserved",
+            field_offset=2,
+            bit=2,
+        )
     return ReportSupportedOpcodes(opts, rop, rsa, bool(b2 & 0x80), alloc)
 
 
@@ -1343,7 +1630,9 @@ class ReportSupportedTMFs:
     allocation_length: int = 16
 
 
-def build_report_supported_tmfs(*, repd: bool = False, allocation_length: int = 16) -> bytes:
+def build_report_supported_tmfs(
+    *, repd: bool = False, allocation_length: int = 16
+) -> bytes:
     """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS CDB (allocation length >= 4)."""
     if allocation_length < 4:
         raise ValueError("allocation_length must be >= 4 (SPC-4 §6.36)")
@@ -1381,11 +1670,14 @@ class ReportTargetPortGroups:
     allocation_length: int = 1024
 
 
-def build_report_target_port_groups(*, parameter_data_format: int = 0, allocation_length: int = 1024) -> bytes:
+def build_report_target_port_groups(
+    *, parameter_data_format: int = 0, allocation_length: int = 1024
+) -> bytes:
     """REPORT TARGET PORT GROUPS CDB (format 0 = length only, 1 = extended)."""
     return _SMAINT_IN.pack(
         Opcode.MAINTENANCE_IN,
-        (_u(parameter_data_format, 3, "parameter_data_format") << 5) | MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
+        (_u(parameter_data_format, 3, "parameter_data_format") << 5)
+        | MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
         0,
         0,
         0,
@@ -1396,11 +1688,21 @@ def build_report_target_port_groups(*, parameter_data_format: int = 0, allocatio
 
 def parse_report_target_port_groups(cdb: Buffer) -> ReportTargetPortGroups:
     """Parse REPORT TARGET PORT GROUPS."""
-    _check_sa(cdb, Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_TARGET_PORT_GROUPS, 12, "REPORT TARGET PORT GROUPS")
+    _check_sa(
+        cdb,
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
+        12,
+        "REPORT TARGET PORT GROUPS",
+    )
     _, b1, _, _, _, alloc, _ = _SMAINT_IN.unpack_from(cdb)
     fmt = b1 >> 5
     if fmt > 1:
-        raise InvalidCDBField(f"REPORT TARGET PORT GROUPS parameter data format {fmt} reserved", field_offset=1, bit=7)
+        raise InvalidCDBField(
+            f"REPORT TARGET PORT GROUPS parameter data format {fmt} reserved",
+            field_offset=1,
+            bit=7,
+        )
     return ReportTargetPortGroups(fmt, alloc)
 
 
@@ -1429,11 +1731,22 @@ def build_read_defect_data(
     cdb_size: int = 10,
 ) -> bytes:
     """READ DEFECT DATA(10) or (12) CDB (descriptor index only in the 12-byte form)."""
-    b = _bit(req_plist, 4) | _bit(req_glist, 3) | _u(defect_list_format, 3, "defect_list_format")
+    b = (
+        _bit(req_plist, 4)
+        | _bit(req_glist, 3)
+        | _u(defect_list_format, 3, "defect_list_format")
+    )
     if cdb_size == 10:
         if address_descriptor_index:
-            raise ValueError("address_descriptor_index exists only in READ DEFECT DATA(12)")
-        return _SRDD10.pack(Opcode.READ_DEFECT_DATA_10, b, _u(allocation_length, 16, "allocation_length"), 0)
+            raise ValueError(
+                "address_descriptor_index exists only in READ DEFECT DATA(12)"
+            )
+        return _SRDD10.pack(
+            Opcode.READ_DEFECT_DATA_10,
+            b,
+            _u(allocation_length, 16, "allocation_length"),
+            0,
+        )
     if cdb_size == 12:
         return _S12.pack(
             Opcode.READ_DEFECT_DATA_12,
@@ -1470,7 +1783,9 @@ class ExtendedCopy:
     service_action: int = 0
 
 
-def build_extended_copy(*, parameter_list_length: int = 0, service_action: int = 0) -> bytes:
+def build_extended_copy(
+    *, parameter_list_length: int = 0, service_action: int = 0
+) -> bytes:
     """EXTENDED COPY CDB (the parameter list is not built here)."""
     return _SXCOPY.pack(
         Opcode.EXTENDED_COPY,
@@ -1534,7 +1849,11 @@ class ReadToc:
 
 
 def build_read_toc(
-    *, msf: bool = False, toc_format: int = 0, track_session_number: int = 0, allocation_length: int = 804
+    *,
+    msf: bool = False,
+    toc_format: int = 0,
+    track_session_number: int = 0,
+    allocation_length: int = 804,
 ) -> bytes:
     """READ TOC/PMA/ATIP CDB."""
     return _STOC.pack(
@@ -1566,7 +1885,9 @@ class GetConfiguration:
     allocation_length: int = 8
 
 
-def build_get_configuration(*, rt: int = 0, starting_feature: int = 0, allocation_length: int = 8) -> bytes:
+def build_get_configuration(
+    *, rt: int = 0, starting_feature: int = 0, allocation_length: int = 8
+) -> bytes:
     """GET CONFIGURATION CDB."""
     if rt == 3:
         raise ValueError("GET CONFIGURATION rt=3 is reserved")
@@ -1599,7 +1920,10 @@ class GetEventStatusNotification:
 
 
 def build_get_event_status_notification(
-    *, polled: bool = True, notification_class_request: int = 0, allocation_length: int = 8
+    *,
+    polled: bool = True,
+    notification_class_request: int = 0,
+    allocation_length: int = 8,
 ) -> bytes:
     """GET EVENT STATUS NOTIFICATION CDB."""
     return _SGESN.pack(
@@ -1620,7 +1944,35 @@ def parse_get_event_status_notification(cdb: Buffer) -> GetEventStatusNotificati
 
 # --- dispatch -----------------------------------------------------------------------
 
-ParsedCDB: TypeAlias = RWCommand | Inquiry | TestUnitReady | RequestSense | ReportLuns | ReadCapacity10 | ReadCapacity16 | GetLbaStatus | Unmap | SynchronizeCache | PreFetch | ModeSense | ModeSelect | StartStopUnit | PreventAllowMediumRemoval | ReserveRelease | PersistentReserveIn | PersistentReserveOut | ReportSupportedOpcodes | ReportSupportedTMFs | ReportTargetPortGroups | ReadDefectData | ExtendedCopy | ReceiveCopyResults | ReadToc | GetConfiguration | GetEventStatusNotification
+ParsedCDB: TypeAlias = (
+    RWCommand
+    | Inquiry
+    | TestUnitReady
+    | RequestSense
+    | ReportLuns
+    | ReadCapacity10
+    | ReadCapacity16
+    | GetLbaStatus
+    | Unmap
+    | SynchronizeCache
+    | PreFetch
+    | ModeSense
+    | ModeSelect
+    | StartStopUnit
+    | PreventAllowMediumRemoval
+    | ReserveRelease
+    | PersistentReserveIn
+    | PersistentReserveOut
+    | ReportSupportedOpcodes
+    | ReportSupportedTMFs
+    | ReportTargetPortGroups
+    | ReadDefectData
+    | ExtendedCopy
+    | ReceiveCopyResults
+    | ReadToc
+    | GetConfiguration
+    | GetEventStatusNotification
+)
 
 _PARSERS: dict[int, Callable[[Buffer], ParsedCDB]] = {
     Opcode.INQUIRY: parse_inquiry,
@@ -1656,11 +2008,26 @@ _PARSERS: dict[int, Callable[[Buffer], ParsedCDB]] = {
 _PARSERS.update(_RW_PARSERS)
 
 _SA_PARSERS: dict[tuple[int, int], Callable[[Buffer], ParsedCDB]] = {
-    (Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16): parse_read_capacity16,
-    (Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS): parse_get_lba_status,
-    (Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES): parse_report_supported_opcodes,
-    (Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS): parse_report_supported_tmfs,
-    (Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_TARGET_PORT_GROUPS): parse_report_target_port_groups,
+    (
+        Opcode.SERVICE_ACTION_IN_16,
+        ServiceActionIn16.READ_CAPACITY_16,
+    ): parse_read_capacity16,
+    (
+        Opcode.SERVICE_ACTION_IN_16,
+        ServiceActionIn16.GET_LBA_STATUS,
+    ): parse_get_lba_status,
+    (
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
+    ): parse_report_supported_opcodes,
+    (
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS,
+    ): parse_report_supported_tmfs,
+    (
+        Opcode.MAINTENANCE_IN,
+        MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
+    ): parse_report_target_port_groups,
 }
 _SA_OPCODES = frozenset(op for op, _ in _SA_PARSERS)
 
@@ -1685,7 +2052,9 @@ def parse_cdb(cdb: Buffer) -> ParsedCDB:
         sa_parser = _SA_PARSERS.get((op, cdb[1] & 0x1F))
         if sa_parser is None:
             raise InvalidCDBField(
-                f"{_name(op)} service action {cdb[1] & 0x1F:#04x} not supported", field_offset=1, bit=4
+                f"{_name(op)} service action {cdb[1] & 0x1F:#04x} not supported",
+                field_offset=1,
+                bit=4,
             )
         return sa_parser(cdb)
     raise UnsupportedOpcode(f"{_name(op)} is not supported", field_offset=0)
@@ -1708,11 +2077,15 @@ def build_unmap_parameter_list(descriptors: Sequence[tuple[int, int]]) -> bytes:
     """Encode UNMAP parameter data: 8-byte header + 16-byte descriptors."""
     n = len(descriptors)
     if 8 + 16 * n > 0xFFFF:
-        raise ValueError(f"{n} UNMAP descriptors do not fit a 16-bit parameter list length")
+        raise ValueError(
+            f"{n} UNMAP descriptors do not fit a 16-bit parameter list length"
+        )
     out = bytearray(8 + 16 * n)
     _SUNMAP_HDR.pack_into(out, 0, 6 + 16 * n, 16 * n)
     for i, (lba, blocks) in enumerate(descriptors):
-        _SUNMAP_DESC.pack_into(out, 8 + 16 * i, _u(lba, 64, "lba"), _u(blocks, 32, "blocks"))
+        _SUNMAP_DESC.pack_into(
+            out, 8 + 16 * i, _u(lba, 64, "lba"), _u(blocks, 32, "blocks")
+        )
     return bytes(out)
 
 
@@ -1729,13 +2102,19 @@ def parse_unmap_parameter_list(data: Buffer) -> tuple[UnmapDescriptor, ...]:
     if len(data) == 0:
         return ()
     if len(data) < 8:
-        raise ParameterListLengthError(f"UNMAP parameter list of {len(data)} bytes is shorter than 8")
+        raise ParameterListLengthError(
+            f"UNMAP parameter list of {len(data)} bytes is shorter than 8"
+        )
     data_len, bd_len = _SUNMAP_HDR.unpack_from(data)
     if data_len + 2 > len(data):
-        raise ParameterListError(f"UNMAP DATA LENGTH {data_len} exceeds the {len(data)} bytes sent", field_offset=0)
+        raise ParameterListError(
+            f"UNMAP DATA LENGTH {data_len} exceeds the {len(data)} bytes sent",
+            field_offset=0,
+        )
     if bd_len + 8 > len(data):
         raise ParameterListError(
-            f"UNMAP BLOCK DESCRIPTOR DATA LENGTH {bd_len} exceeds the {len(data)} bytes sent", field_offset=2
+            f"UNMAP BLOCK DESCRIPTOR DATA LENGTH {bd_len} exceeds the {len(data)} bytes sent",
+            field_offset=2,
         )
     count = bd_len // 16
     view = memoryview(data)[8 : 8 + 16 * count]
@@ -1770,7 +2149,13 @@ def build_lba_status_data(descriptors: Sequence[tuple[int, int, int]]) -> bytes:
     out = bytearray(8 + 16 * n)
     _SLBAS_HDR.pack_into(out, 0, 4 + 16 * n)
     for i, (lba, blocks, status) in enumerate(descriptors):
-        _SLBAS_DESC.pack_into(out, 8 + 16 * i, _u(lba, 64, "lba"), _u(blocks, 32, "blocks"), _u(status, 4, "status"))
+        _SLBAS_DESC.pack_into(
+            out,
+            8 + 16 * i,
+            _u(lba, 64, "lba"),
+            _u(blocks, 32, "blocks"),
+            _u(status, 4, "status"),
+        )
     return bytes(out)
 
 
@@ -1783,7 +2168,10 @@ def parse_lba_status_data(data: Buffer) -> tuple[LbaStatusDescriptor, ...]:
     end = min(len(data), 4 + plen)
     count = max(0, end - 8) // 16
     view = memoryview(data)[8 : 8 + 16 * count]
-    return tuple(LbaStatusDescriptor(lba, n, st & 0x0F) for lba, n, st in _SLBAS_DESC.iter_unpack(view))
+    return tuple(
+        LbaStatusDescriptor(lba, n, st & 0x0F)
+        for lba, n, st in _SLBAS_DESC.iter_unpack(view)
+    )
 
 
 # --- returned data: READ CAPACITY ---------------------------------------------------
@@ -1812,7 +2200,10 @@ class ReadCapacity10Data:
 
 def build_read_capacity10_data(last_lba: int, block_length: int) -> bytes:
     """Encode READ CAPACITY(10) data; pass 0xffffffff if the LBA is too large."""
-    return _SRC10DATA.pack(_u(min(last_lba, 0xFFFFFFFF), 32, "last_lba"), _u(block_length, 32, "block_length"))
+    return _SRC10DATA.pack(
+        _u(min(last_lba, 0xFFFFFFFF), 32, "last_lba"),
+        _u(block_length, 32, "block_length"),
+    )
 
 
 def parse_read_capacity10_data(data: Buffer) -> ReadCapacity10Data:
@@ -1851,18 +2242,38 @@ def build_read_capacity16_data(d: ReadCapacity16Data) -> bytes:
     """Encode 32 bytes of READ CAPACITY(16) data."""
     b12 = (_u(d.p_type, 3, "p_type") << 1) | _bit(d.prot_en, 0)
     b13 = (_u(d.p_i_exponent, 4, "p_i_exponent") << 4) | _u(d.lbppbe, 4, "lbppbe")
-    w14 = _bit(d.lbpme, 15) | _bit(d.lbprz, 14) | _u(d.lowest_aligned_lba, 14, "lowest_aligned_lba")
-    return _SRC16DATA.pack(_u(d.last_lba, 64, "last_lba"), _u(d.block_length, 32, "block_length"), b12, b13, w14)
+    w14 = (
+        _bit(d.lbpme, 15)
+        | _bit(d.lbprz, 14)
+        | _u(d.lowest_aligned_lba, 14, "lowest_aligned_lba")
+    )
+    return _SRC16DATA.pack(
+        _u(d.last_lba, 64, "last_lba"),
+        _u(d.block_length, 32, "block_length"),
+        b12,
+        b13,
+        w14,
+    )
 
 
 def parse_read_capacity16_data(data: Buffer) -> ReadCapacity16Data:
     """Decode READ CAPACITY(16) data (at least 12 bytes; missing tail reads as 0)."""
     if len(data) < 12:
-        raise SCSIDataError(f"READ CAPACITY(16) data is {len(data)} bytes, needs at least 12")
+        raise SCSIDataError(
+            f"READ CAPACITY(16) data is {len(data)} bytes, needs at least 12"
+        )
     buf = bytes(data[:32]).ljust(32, b"\0")
     lba, bl, b12, b13, w14 = _SRC16DATA.unpack(buf)
     return ReadCapacity16Data(
-        lba, bl, bool(b12 & 1), (b12 >> 1) & 7, b13 >> 4, b13 & 0x0F, bool(w14 & 0x8000), bool(w14 & 0x4000), w14 & 0x3FFF
+        lba,
+        bl,
+        bool(b12 & 1),
+        (b12 >> 1) & 7,
+        b13 >> 4,
+        b13 & 0x0F,
+        bool(w14 & 0x8000),
+        bool(w14 & 0x4000),
+        w14 & 0x3FFF,
     )
 
 
@@ -1903,7 +2314,9 @@ def decode_lun(raw: Buffer) -> int:
         raise SCSIDataError(f"a LUN is 8 bytes, not {len(raw)}")
     lun = _lun_from_u64(int.from_bytes(raw, "big"))
     if lun is None:
-        raise SCSIDataError(f"LUN {bytes(raw).hex()} uses an unsupported address method")
+        raise SCSIDataError(
+            f"LUN {bytes(raw).hex()} uses an unsupported address method"
+        )
     return lun
 
 
@@ -1928,7 +2341,11 @@ _SU64 = struct.Struct(">Q")
 
 def build_report_luns_data(luns: Sequence[int]) -> bytes:
     """Encode REPORT LUNS parameter data for ``luns``."""
-    return (8 * len(luns)).to_bytes(4, "big") + bytes(4) + b"".join(encode_lun(x) for x in luns)
+    return (
+        (8 * len(luns)).to_bytes(4, "big")
+        + bytes(4)
+        + b"".join(encode_lun(x) for x in luns)
+    )
 
 
 def parse_report_luns_data(data: Buffer) -> ReportLunsData:
@@ -1995,9 +2412,15 @@ def _pad(text: str, n: int, name: str) -> bytes:
 
 def build_standard_inquiry(inq: StandardInquiry) -> bytes:
     """Encode standard INQUIRY data: 36 bytes, or 74 with version descriptors."""
-    b0 = (_u(inq.qualifier, 3, "qualifier") << 5) | _u(inq.peripheral_type, 5, "peripheral_type")
+    b0 = (_u(inq.qualifier, 3, "qualifier") << 5) | _u(
+        inq.peripheral_type, 5, "peripheral_type"
+    )
     b1 = _bit(inq.rmb, 7)
-    b3 = _bit(inq.normaca, 5) | _bit(inq.hisup, 4) | _u(inq.response_data_format, 4, "response_data_format")
+    b3 = (
+        _bit(inq.normaca, 5)
+        | _bit(inq.hisup, 4)
+        | _u(inq.response_data_format, 4, "response_data_format")
+    )
     b5 = (
         _bit(inq.sccs, 7)
         | _bit(inq.acc, 6)
@@ -2010,11 +2433,20 @@ def build_standard_inquiry(inq: StandardInquiry) -> bytes:
     if len(inq.version_descriptors) > 8:
         raise ValueError("at most 8 version descriptors")
     total = 74 if inq.version_descriptors else 36
-    head = _SINQHDR.pack(b0, b1, _u(inq.version, 8, "version"), b3, total - 5, b5, b6, b7)
-    body = _pad(inq.vendor, 8, "vendor") + _pad(inq.product, 16, "product") + _pad(inq.revision, 4, "revision")
+    head = _SINQHDR.pack(
+        b0, b1, _u(inq.version, 8, "version"), b3, total - 5, b5, b6, b7
+    )
+    body = (
+        _pad(inq.vendor, 8, "vendor")
+        + _pad(inq.product, 16, "product")
+        + _pad(inq.revision, 4, "revision")
+    )
     if not inq.version_descriptors:
         return head + body
-    vd = b"".join(_u(v, 16, "version descriptor").to_bytes(2, "big") for v in inq.version_descriptors)
+    vd = b"".join(
+        _u(v, 16, "version descriptor").to_bytes(2, "big")
+        for v in inq.version_descriptors
+    )
     return head + body + bytes(22) + vd.ljust(16, b"\0")
 
 
@@ -2075,10 +2507,19 @@ class VPDPageData:
         return self.page_length > len(self.payload)
 
 
-def build_vpd_page(page_code: int, payload: bytes, *, peripheral_type: int = 0, qualifier: int = 0) -> bytes:
+def build_vpd_page(
+    page_code: int, payload: bytes, *, peripheral_type: int = 0, qualifier: int = 0
+) -> bytes:
     """Wrap ``payload`` in the 4-byte VPD page header."""
-    b0 = (_u(qualifier, 3, "qualifier") << 5) | _u(peripheral_type, 5, "peripheral_type")
-    return _SVPDHDR.pack(b0, _u(page_code, 8, "page_code"), _u(len(payload), 16, "page length")) + payload
+    b0 = (_u(qualifier, 3, "qualifier") << 5) | _u(
+        peripheral_type, 5, "peripheral_type"
+    )
+    return (
+        _SVPDHDR.pack(
+            b0, _u(page_code, 8, "page_code"), _u(len(payload), 16, "page length")
+        )
+        + payload
+    )
 
 
 def parse_vpd_page(data: Buffer, page_code: int | None = None) -> VPDPageData:
@@ -2091,10 +2532,14 @@ def parse_vpd_page(data: Buffer, page_code: int | None = None) -> VPDPageData:
     return VPDPageData(pc, bytes(data[4 : 4 + plen]), b0 & 0x1F, b0 >> 5, plen)
 
 
-def build_vpd_supported_pages(pages: Sequence[int], *, peripheral_type: int = 0) -> bytes:
+def build_vpd_supported_pages(
+    pages: Sequence[int], *, peripheral_type: int = 0
+) -> bytes:
     """VPD page 00h: the list of supported page codes (ascending, SPC-4 §7.8.13)."""
     return build_vpd_page(
-        VPDPage.SUPPORTED_PAGES, bytes(sorted(_u(p, 8, "page") for p in pages)), peripheral_type=peripheral_type
+        VPDPage.SUPPORTED_PAGES,
+        bytes(sorted(_u(p, 8, "page") for p in pages)),
+        peripheral_type=peripheral_type,
     )
 
 
@@ -2109,12 +2554,18 @@ def build_vpd_unit_serial(serial: str, *, peripheral_type: int = 0) -> bytes:
         raw = serial.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError(f"serial {serial!r} is not ASCII") from None
-    return build_vpd_page(VPDPage.UNIT_SERIAL_NUMBER, raw, peripheral_type=peripheral_type)
+    return build_vpd_page(
+        VPDPage.UNIT_SERIAL_NUMBER, raw, peripheral_type=peripheral_type
+    )
 
 
 def parse_vpd_unit_serial(data: Buffer) -> str:
     """Decode VPD page 80h (surrounding spaces removed)."""
-    return parse_vpd_page(data, VPDPage.UNIT_SERIAL_NUMBER).payload.decode("ascii", "replace").strip(" \0")
+    return (
+        parse_vpd_page(data, VPDPage.UNIT_SERIAL_NUMBER)
+        .payload.decode("ascii", "replace")
+        .strip(" \0")
+    )
 
 
 _SDESIG = struct.Struct(">BBxB")
@@ -2137,16 +2588,26 @@ class Designator:
         return self.value.rstrip(b"\0").decode("utf-8", "replace")
 
 
-def build_vpd_device_identification(designators: Sequence[Designator], *, peripheral_type: int = 0) -> bytes:
+def build_vpd_device_identification(
+    designators: Sequence[Designator], *, peripheral_type: int = 0
+) -> bytes:
     """VPD page 83h from designators."""
     parts = []
     for d in designators:
         if len(d.value) > 255:
             raise ValueError(f"designator of {len(d.value)} bytes is longer than 255")
-        b0 = (_u(d.protocol_identifier, 4, "protocol_identifier") << 4) | _u(d.code_set, 4, "code_set")
-        b1 = _bit(d.piv, 7) | (_u(d.association, 2, "association") << 4) | _u(d.designator_type, 4, "designator_type")
+        b0 = (_u(d.protocol_identifier, 4, "protocol_identifier") << 4) | _u(
+            d.code_set, 4, "code_set"
+        )
+        b1 = (
+            _bit(d.piv, 7)
+            | (_u(d.association, 2, "association") << 4)
+            | _u(d.designator_type, 4, "designator_type")
+        )
         parts.append(_SDESIG.pack(b0, b1, len(d.value)) + d.value)
-    return build_vpd_page(VPDPage.DEVICE_IDENTIFICATION, b"".join(parts), peripheral_type=peripheral_type)
+    return build_vpd_page(
+        VPDPage.DEVICE_IDENTIFICATION, b"".join(parts), peripheral_type=peripheral_type
+    )
 
 
 def parse_vpd_device_identification(data: Buffer) -> tuple[Designator, ...]:
@@ -2199,17 +2660,24 @@ def build_vpd_block_limits(bl: BlockLimits, *, peripheral_type: int = 0) -> byte
     body = _SBLKLIM.pack(
         _bit(bl.wsnz, 0),
         _u(bl.max_compare_and_write_length, 8, "max_compare_and_write_length"),
-        _u(bl.optimal_transfer_length_granularity, 16, "optimal_transfer_length_granularity"),
+        _u(
+            bl.optimal_transfer_length_granularity,
+            16,
+            "optimal_transfer_length_granularity",
+        ),
         _u(bl.max_transfer_length, 32, "max_transfer_length"),
         _u(bl.optimal_transfer_length, 32, "optimal_transfer_length"),
         _u(bl.max_prefetch_length, 32, "max_prefetch_length"),
         _u(bl.max_unmap_lba_count, 32, "max_unmap_lba_count"),
         _u(bl.max_unmap_block_descriptor_count, 32, "max_unmap_block_descriptor_count"),
         _u(bl.optimal_unmap_granularity, 32, "optimal_unmap_granularity"),
-        _bit(bl.ugavalid, 31) | _u(bl.unmap_granularity_alignment, 31, "unmap_granularity_alignment"),
+        _bit(bl.ugavalid, 31)
+        | _u(bl.unmap_granularity_alignment, 31, "unmap_granularity_alignment"),
         _u(bl.max_write_same_length, 64, "max_write_same_length"),
     )
-    return build_vpd_page(VPDPage.BLOCK_LIMITS, body.ljust(0x3C, b"\0"), peripheral_type=peripheral_type)
+    return build_vpd_page(
+        VPDPage.BLOCK_LIMITS, body.ljust(0x3C, b"\0"), peripheral_type=peripheral_type
+    )
 
 
 def parse_vpd_block_limits(data: Buffer) -> BlockLimits:
@@ -2217,7 +2685,18 @@ def parse_vpd_block_limits(data: Buffer) -> BlockLimits:
     payload = parse_vpd_page(data, VPDPage.BLOCK_LIMITS).payload
     f = _SBLKLIM.unpack(payload[: _SBLKLIM.size].ljust(_SBLKLIM.size, b"\0"))
     return BlockLimits(
-        bool(f[0] & 1), f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], bool(f[9] >> 31), f[9] & 0x7FFFFFFF, f[10]
+        bool(f[0] & 1),
+        f[1],
+        f[2],
+        f[3],
+        f[4],
+        f[5],
+        f[6],
+        f[7],
+        f[8],
+        bool(f[9] >> 31),
+        f[9] & 0x7FFFFFFF,
+        f[10],
     )
 
 
@@ -2245,18 +2724,25 @@ def build_vpd_block_device_characteristics(
     body = _SBDC.pack(
         _u(bdc.medium_rotation_rate, 16, "medium_rotation_rate"),
         _u(bdc.product_type, 8, "product_type"),
-        (_u(bdc.wabereq, 2, "wabereq") << 6) | (_u(bdc.wacereq, 2, "wacereq") << 4)
+        (_u(bdc.wabereq, 2, "wabereq") << 6)
+        | (_u(bdc.wacereq, 2, "wacereq") << 4)
         | _u(bdc.nominal_form_factor, 4, "nominal_form_factor"),
         _bit(bdc.fuab, 1) | _bit(bdc.vbuls, 0),
     )
-    return build_vpd_page(VPDPage.BLOCK_DEVICE_CHARACTERISTICS, body.ljust(0x3C, b"\0"), peripheral_type=peripheral_type)
+    return build_vpd_page(
+        VPDPage.BLOCK_DEVICE_CHARACTERISTICS,
+        body.ljust(0x3C, b"\0"),
+        peripheral_type=peripheral_type,
+    )
 
 
 def parse_vpd_block_device_characteristics(data: Buffer) -> BlockDeviceCharacteristics:
     """Decode VPD page B1h."""
     payload = parse_vpd_page(data, VPDPage.BLOCK_DEVICE_CHARACTERISTICS).payload
     rate, ptype, b7, b8 = _SBDC.unpack(payload[: _SBDC.size].ljust(_SBDC.size, b"\0"))
-    return BlockDeviceCharacteristics(rate, ptype, b7 >> 6, (b7 >> 4) & 3, b7 & 0x0F, bool(b8 & 2), bool(b8 & 1))
+    return BlockDeviceCharacteristics(
+        rate, ptype, b7 >> 6, (b7 >> 4) & 3, b7 & 0x0F, bool(b8 & 2), bool(b8 & 1)
+    )
 
 
 _SLBP = struct.Struct(">BBBB")
@@ -2279,18 +2765,28 @@ class LogicalBlockProvisioning:
     threshold_percentage: int = 0
 
 
-def build_vpd_logical_block_provisioning(lbp: LogicalBlockProvisioning, *, peripheral_type: int = 0) -> bytes:
+def build_vpd_logical_block_provisioning(
+    lbp: LogicalBlockProvisioning, *, peripheral_type: int = 0
+) -> bytes:
     """Encode VPD page B2h (no provisioning group descriptor)."""
     if lbp.dp:
-        raise ValueError("dp=True needs a provisioning group descriptor, not supported here")
+        raise ValueError(
+            "dp=True needs a provisioning group descriptor, not supported here"
+        )
     body = _SLBP.pack(
         _u(lbp.threshold_exponent, 8, "threshold_exponent"),
-        _bit(lbp.lbpu, 7) | _bit(lbp.lbpws, 6) | _bit(lbp.lbpws10, 5) | (_u(lbp.lbprz, 3, "lbprz") << 2)
+        _bit(lbp.lbpu, 7)
+        | _bit(lbp.lbpws, 6)
+        | _bit(lbp.lbpws10, 5)
+        | (_u(lbp.lbprz, 3, "lbprz") << 2)
         | _bit(lbp.anc_sup, 1),
-        (_u(lbp.minimum_percentage, 5, "minimum_percentage") << 3) | _u(lbp.provisioning_type, 3, "provisioning_type"),
+        (_u(lbp.minimum_percentage, 5, "minimum_percentage") << 3)
+        | _u(lbp.provisioning_type, 3, "provisioning_type"),
         _u(lbp.threshold_percentage, 8, "threshold_percentage"),
     )
-    return build_vpd_page(VPDPage.LOGICAL_BLOCK_PROVISIONING, body, peripheral_type=peripheral_type)
+    return build_vpd_page(
+        VPDPage.LOGICAL_BLOCK_PROVISIONING, body, peripheral_type=peripheral_type
+    )
 
 
 def parse_vpd_logical_block_provisioning(data: Buffer) -> LogicalBlockProvisioning:
@@ -2298,5 +2794,14 @@ def parse_vpd_logical_block_provisioning(data: Buffer) -> LogicalBlockProvisioni
     payload = parse_vpd_page(data, VPDPage.LOGICAL_BLOCK_PROVISIONING).payload
     te, b5, b6, tp = _SLBP.unpack(payload[:4].ljust(4, b"\0"))
     return LogicalBlockProvisioning(
-        te, bool(b5 & 0x80), bool(b5 & 0x40), bool(b5 & 0x20), (b5 >> 2) & 7, bool(b5 & 2), bool(b5 & 1), b6 >> 3, b6 & 7, tp
+        te,
+        bool(b5 & 0x80),
+        bool(b5 & 0x40),
+        bool(b5 & 0x20),
+        (b5 >> 2) & 7,
+        bool(b5 & 2),
+        bool(b5 & 1),
+        b6 >> 3,
+        b6 & 7,
+        tp,
     )
