@@ -47,10 +47,11 @@ def iscsi_perf(url: str, seconds: int, blocks: int, random: bool) -> tuple[float
     cmd = ["iscsi-perf", "-m", "32", "-t", str(seconds), "-b", str(blocks)]
     if random:
         cmd.append("-r")
-    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 60).stdout
+    proc = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 60)
+    out = proc.stdout + proc.stderr
     m = re.findall(r"iops average (\d+) \((\d+) MB/s\)", out)
     if not m:
-        raise RuntimeError(f"iscsi-perf gave no result:\n{out[-500:]}")
+        raise RuntimeError(f"iscsi-perf {url} gave no result:\n{out[-800:]}")
     iops, mbs = m[-1]
     return float(iops), float(mbs)
 

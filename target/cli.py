@@ -40,7 +40,8 @@ def _portals(values: list[str] | None, default: str) -> tuple[tuple[str, int], .
     out = []
     for text in values or [default]:
         try:
-            host, port, _ = parse_portal(text)
+            portal = parse_portal(text)
+            host, port = portal.host, portal.port
         except ValueError as exc:
             raise CLIError(f"--portal {text}: {exc} (use HOST:PORT or [V6ADDR]:PORT)") from None
         out.append((host, port))

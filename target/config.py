@@ -274,7 +274,8 @@ def _portal(r: _Reader, text: Any, where: str) -> tuple[str, int]:
     if not isinstance(text, str):
         raise r.fail(where, f"{text!r} is not allowed (\"host:port\" or \"[v6]:port\")")
     try:
-        host, port, _tag = parse_portal(text)
+        portal = parse_portal(text)
+        host, port = portal.host, portal.port
     except ValueError as exc:
         raise r.fail(where, f"{text!r}: {exc}") from None
     return host, port

@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from iscsi.constants import (
     RESERVED_TAG,
@@ -146,8 +146,9 @@ class TargetConnection(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ I/O
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but
+        # provide the same methods.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # DESIGN.md: never let Nagle delay a response.

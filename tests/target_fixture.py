@@ -16,13 +16,22 @@ from target.server import TargetServer
 TARGET_NAME = "iqn.2026-11.org.aioiscsi.test:disk"
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """The loop production uses: uvloop when installed (DESIGN.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class RunningTarget:
     """A target server running on its own event loop thread."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.server = TargetServer(config)
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)

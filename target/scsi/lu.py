@@ -151,6 +151,8 @@ class LogicalUnit:
     def __init__(self, backend: Backend, config: LUConfig | None = None) -> None:
         self.backend = backend
         self.config = config if config is not None else LUConfig()
+        if self.config.max_transfer_blocks <= 0:
+            self.config.max_transfer_blocks = max(1, self.config.max_transfer_bytes // self.config.block_size)
         self.lun = 0
         self.target_name = ""
         bs = self.config.block_size
@@ -640,15 +642,19 @@ class LogicalUnit:
             raise invalid_field_in_cdb(1, 2)
         if n > self.config.max_compare_write_blocks:
             raise invalid_field_in_cdb(13)
+        shift = self._shift
+        size = n << shift
+        if el is not None and el != 2 * size:
+            # Data-Out must be exactly the verify + write instances (SBC-3
+            # §5.2); libiscsi sends 256 blocks, which NLB (one byte) wraps to 0.
+            raise invalid_field_in_cdb(13)
         self._ready()
         self._writable()
         self._range(lba, n)
         if n == 0:
             return _good()
-        shift = self._shift
-        size = n << shift
         got = 0 if data is None else len(data)
-        if (el is not None and el != 2 * size) or got < 2 * size:
+        if got < 2 * size:
             raise invalid_field_in_cdb(13)
         assert data is not None
         mv = memoryview(data)
@@ -705,14 +711,15 @@ class LogicalUnit:
             block = bytes(data)
         if n == 0:
             return _good()
-        zero = ndob or block.count(0) == bs
         shift = self._shift
         off, size = lba << shift, n << shift
-        if zero:
-            if flags & 0x08 and self.thin and self.backend.zero_after_discard:
-                self.backend.discard(off, size)
-            else:
-                self.backend.write_zeroes(off, size)
+        if flags & 0x08 and self.thin:
+            # UNMAP=1 on a unit with LBPWS: deallocate whatever the data
+            # block holds; with LBPRZ the range then reads as zeroes
+            # (SBC-3 §4.7.3.4, §5.43).
+            self.backend.discard(off, size)
+        elif ndob or block.count(0) == bs:
+            self.backend.write_zeroes(off, size)
         else:
             per = max(1, (1 << 20) >> shift)
             chunk = block * min(n, per)

@@ -129,7 +129,9 @@ class LUConfig:
     removable: bool = False
     state_dir: str | None = None
     thin: bool | None = None
-    max_transfer_blocks: int = 0x4000
+    #: 0: derived from ``max_transfer_bytes`` by :meth:`resolve`.
+    max_transfer_blocks: int = 0
+    max_transfer_bytes: int = 32 << 20
     optimal_transfer_granularity: int = 8
     optimal_transfer_blocks: int = 0x800
     max_unmap_blocks: int = 0x40000
@@ -151,4 +153,6 @@ class LUConfig:
             raise ValueError(f"naa_wwn {self.naa_wwn.hex()} is not a 16-byte NAA 6 designator")
         if self.block_size not in (512, 1024, 2048, 4096):
             raise ValueError(f"block_size {self.block_size} is not 512, 1024, 2048 or 4096")
+        if self.max_transfer_blocks <= 0:
+            self.max_transfer_blocks = max(1, self.max_transfer_bytes // self.block_size)
         return self

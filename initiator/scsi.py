@@ -1,0 +1,336 @@
+"""Typed SCSI commands on one logical unit of a :class:`Session`.
+
+CDBs are built and returned data parsed by :mod:`iscsi.scsi.cdb`; this module
+adds the transport (``Session.execute``), turns CHECK CONDITION into
+:class:`SCSICheckCondition` (sense key, ASC/ASCQ and their names), retries
+what SAM-5 says is safe to retry (UNIT ATTENTION: the command was not
+executed, §5.3.1; BUSY and TASK SET FULL), and remembers the block size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from iscsi.pdu import Buffer
+from iscsi.scsi import cdb as C
+from iscsi.scsi.constants import PRInAction, PROutAction, SenseKey, Status, VPDPage
+from iscsi.scsi.sense import SenseData, SenseDecodeError, asc_name
+
+from .errors import InitiatorError, LUNNotFound, TargetProtocolError
+from .session import ScsiResult, Session
+
+#: INQUIRY/VPD allocation length used by default (SPC-4 allows 65535).
+_ALLOC = 4096
+_UA_RETRIES = 8
+_BUSY_RETRIES = 10
+T = TypeVar("T")
+
+
+class SCSIStatusError(InitiatorError):
+    """A command ended with a status other than GOOD (and other than CHECK
+    CONDITION, which is :class:`SCSICheckCondition`)."""
+
+    def __init__(self, status: int, what: str) -> None:
+        try:
+            name = Status(status).name.replace("_", " ")
+        except ValueError:
+            name = f"status 0x{status:02x}"
+        self.status = status
+        super().__init__(f"{what}: {name}")
+
+
+class SCSICheckCondition(SCSIStatusError):
+    """CHECK CONDITION with its decoded sense data (SPC-4 §4.5).
+
+    Attributes: ``sense`` (SenseData or None if undecodable), ``raw_sense``,
+    ``key``, ``asc``, ``ascq`` and the names ``key_name`` / ``asc_name``.
+    """
+
+    def __init__(self, raw_sense: bytes, what: str) -> None:
+        self.raw_sense = raw_sense
+        try:
+            self.sense: SenseData | None = SenseData.decode(raw_sense)
+        except SenseDecodeError:
+            self.sense = None
+        s = self.sense
+        self.key = s.key if s is not None else 0
+        self.asc = s.asc if s is not None else 0
+        self.ascq = s.ascq if s is not None else 0
+        try:
+            self.key_name = SenseKey(self.key).name.replace("_", " ")
+        except ValueError:
+            self.key_name = f"sense key 0x{self.key:x}"
+        self.asc_name = asc_name(self.asc, self.ascq)
+        super().__init__(Status.CHECK_CONDITION, what)
+        detail = (f"{self.key_name}, {self.asc_name} (ASC 0x{self.asc:02x} ASCQ 0x{self.ascq:02x})"
+                  if s is not None else f"undecodable sense data {raw_sense[:18].hex()}")
+        self.args = (f"{what}: CHECK CONDITION: {detail}",)
+
+
+def check(result: ScsiResult, what: str) -> ScsiResult:
+    """Raise the typed exception for a non-GOOD result; return it otherwise."""
+    if result.good:
+        return result
+    if result.status == Status.CHECK_CONDITION:
+        raise SCSICheckCondition(result.sense, what)
+    raise SCSIStatusError(result.status, what)
+
+
+def _is_unit_attention(result: ScsiResult) -> bool:
+    s = result.sense
+    # Fixed format: key in byte 2; descriptor format: byte 1 (SPC-4 §4.5).
+    if result.status != Status.CHECK_CONDITION or len(s) < 3:
+        return False
+    key = s[2] if (s[0] & 0x7F) in (0x70, 0x71) else s[1]
+    return key & 0x0F == SenseKey.UNIT_ATTENTION
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """READ CAPACITY data in one place (SBC-3 §5.15, §5.16)."""
+
+    blocks: int
+    block_size: int
+    physical_block_size: int
+    lbpme: bool = False  # thin provisioning enabled
+    lbprz: bool = False  # unmapped blocks read as zero
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self.blocks * self.block_size
+
+
+class LUN:
+    """One logical unit: typed SCSI commands over a session.
+
+    ``block_size`` is learnt from :meth:`read_capacity` (call it, or use
+    :meth:`open`, before block I/O).
+    """
+
+    def __init__(self, session: Session, lun: int) -> None:
+        self.session = session
+        self.lun = lun
+        self.capacity: Capacity | None = None
+
+    @classmethod
+    async def open(cls, session: Session, lun: int) -> LUN:
+        """A LUN object with its capacity read; :class:`LUNNotFound` if the
+        target has no such LU (INQUIRY peripheral qualifier 011b)."""
+        unit = cls(session, lun)
+        inq = await unit.inquiry()
+        if inq.qualifier == 3:
+            raise LUNNotFound(f"LUN {lun} does not exist on {session.target_name}")
+        await unit.read_capacity()
+        return unit
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes."""
+        if self.capacity is None:
+            raise InitiatorError("block size unknown: call read_capacity() first")
+        return self.capacity.block_size
+
+    # ------------------------------------------------------------- core
+
+    async def execute(self, cdb: bytes, *, data_out: Buffer | None = None,
+                      data_in_length: int = 0, data_in: Buffer | None = None,
+                      check_status: bool = True, what: str | None = None) -> ScsiResult:
+        """Run any CDB; with ``check_status`` a non-GOOD status raises.
+
+        UNIT ATTENTION is retried (the command was not executed, SAM-5
+        §5.3.1) as are BUSY and TASK SET FULL with a short backoff.
+        """
+        dest: Buffer | int | None = data_in if data_in is not None else (data_in_length or None)
+        delay = 0.001
+        ua = busy = 0
+        while True:
+            result = await self.session.execute(self.lun, cdb, data_out=data_out, data_in=dest)
+            if _is_unit_attention(result) and ua < _UA_RETRIES:
+                ua += 1
+                continue
+            if result.status in (Status.BUSY, Status.TASK_SET_FULL) and busy < _BUSY_RETRIES:
+                busy += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            if check_status:
+                check(result, what or _opname(cdb))
+            return result
+
+    # ------------------------------------------------------- SPC commands
+
+    async def inquiry(self) -> C.StandardInquiry:
+        """Standard INQUIRY data (SPC-4 §6.4.2)."""
+        r = await self.execute(C.build_inquiry(allocation_length=255), data_in_length=255)
+        return _parse(C.parse_standard_inquiry, r)
+
+    async def inquiry_vpd(self, page: int, allocation_length: int = _ALLOC) -> bytes:
+        """The raw bytes of VPD ``page`` (SPC-4 §7.8), header included."""
+        r = await self.execute(C.build_inquiry(evpd=True, page_code=page,
+                                               allocation_length=allocation_length),
+                               data_in_length=allocation_length)
+        data = bytes(r.data or b"")
+        _parse(lambda d: C.parse_vpd_page(d, page), r)
+        return data
+
+    async def vpd_pages(self) -> tuple[int, ...]:
+        """Supported VPD page codes (page 00h)."""
+        return C.parse_vpd_supported_pages(await self.inquiry_vpd(VPDPage.SUPPORTED_PAGES))
+
+    async def unit_serial_number(self) -> str:
+        """VPD page 80h."""
+        return C.parse_vpd_unit_serial(await self.inquiry_vpd(VPDPage.UNIT_SERIAL_NUMBER))
+
+    async def device_identification(self) -> tuple[C.Designator, ...]:
+        """VPD page 83h designators."""
+        return C.parse_vpd_device_identification(
+            await self.inquiry_vpd(VPDPage.DEVICE_IDENTIFICATION))
+
+    async def block_limits(self) -> C.BlockLimits | None:
+        """VPD page B0h, or None if the LU does not have it."""
+        if VPDPage.BLOCK_LIMITS not in await self.vpd_pages():
+            return None
+        return C.parse_vpd_block_limits(await self.inquiry_vpd(VPDPage.BLOCK_LIMITS))
+
+    async def logical_block_provisioning(self) -> C.LogicalBlockProvisioning | None:
+        """VPD page B2h, or None if the LU does not have it."""
+        if VPDPage.LOGICAL_BLOCK_PROVISIONING not in await self.vpd_pages():
+            return None
+        return C.parse_vpd_logical_block_provisioning(
+            await self.inquiry_vpd(VPDPage.LOGICAL_BLOCK_PROVISIONING))
+
+    async def test_unit_ready(self) -> None:
+        """TEST UNIT READY; raises :class:`SCSICheckCondition` if not ready."""
+        await self.execute(C.build_test_unit_ready())
+
+    async def report_luns(self) -> list[int]:
+        """REPORT LUNS (SPC-4 §6.27), growing the allocation if truncated."""
+        alloc = 4096
+        while True:
+            r = await self.execute(C.build_report_luns(allocation_length=alloc),
+                                   data_in_length=alloc)
+            data = _parse(C.parse_report_luns_data, r)
+            if not data.truncated or alloc >= 1 << 20:
+                return sorted(data.luns)
+            alloc = min(data.list_length + 8, 1 << 20)
+
+    async def persistent_reserve_in(self, action: int = PRInAction.READ_KEYS,
+                                    allocation_length: int = _ALLOC) -> bytes:
+        """PERSISTENT RESERVE IN (SPC-4 §6.15); the raw parameter data."""
+        r = await self.execute(C.build_persistent_reserve_in(
+            service_action=action, allocation_length=allocation_length),
+            data_in_length=allocation_length)
+        return bytes(r.data or b"")
+
+    async def persistent_reserve_out(self, action: int = PROutAction.REGISTER, *,
+                                     reservation_key: int = 0, service_action_key: int = 0,
+                                     pr_type: int = 0, scope: int = 0, aptpl: bool = False,
+                                     all_tg_pt: bool = False) -> None:
+        """PERSISTENT RESERVE OUT (SPC-4 §6.16) with the basic parameter list."""
+        params = C.build_pr_out_parameters(reservation_key=reservation_key,
+                                           service_action_key=service_action_key,
+                                           all_tg_pt=all_tg_pt, aptpl=aptpl)
+        await self.execute(C.build_persistent_reserve_out(
+            service_action=action, scope=scope, pr_type=pr_type,
+            parameter_list_length=len(params)), data_out=params)
+
+    # ------------------------------------------------------- SBC commands
+
+    async def read_capacity(self) -> Capacity:
+        """READ CAPACITY(16), falling back to (10) where (16) is unsupported."""
+        try:
+            r = await self.execute(C.build_read_capacity16(), data_in_length=32)
+            d16 = _parse(C.parse_read_capacity16_data, r)
+            cap = Capacity(d16.blocks, d16.block_length, d16.physical_block_length,
+                           d16.lbpme, d16.lbprz)
+        except SCSICheckCondition as exc:
+            if exc.key != SenseKey.ILLEGAL_REQUEST:
+                raise
+            r = await self.execute(C.build_read_capacity10(), data_in_length=8)
+            d10 = _parse(C.parse_read_capacity10_data, r)
+            cap = Capacity(d10.blocks, d10.block_length, d10.block_length)
+        if cap.block_size <= 0:
+            raise TargetProtocolError(f"LUN {self.lun} reports a block size of {cap.block_size}")
+        self.capacity = cap
+        return cap
+
+    async def read(self, lba: int, blocks: int, buffer: Buffer | None = None, *,
+                   fua: bool = False) -> memoryview:
+        """READ(10/16) ``blocks`` blocks at ``lba``; into ``buffer`` when given
+        (Data-In lands there directly). Returns the bytes transferred."""
+        length = blocks * self.block_size
+        if buffer is not None and memoryview(buffer).nbytes != length:
+            raise ValueError(f"buffer is {memoryview(buffer).nbytes} bytes, the read {length}")
+        r = await self.execute(C.build_read(lba, blocks, fua=fua), data_in=buffer,
+                               data_in_length=length)
+        if r.data is None:
+            return memoryview(b"")
+        return r.data
+
+    async def write(self, lba: int, data: Buffer, *, fua: bool = False) -> None:
+        """WRITE(10/16) ``data`` (a whole number of blocks) at ``lba``."""
+        n = memoryview(data).nbytes
+        blocks, rest = divmod(n, self.block_size)
+        if rest:
+            raise ValueError(f"write of {n} bytes is not a multiple of {self.block_size}")
+        await self.execute(C.build_write(lba, blocks, fua=fua), data_out=data)
+
+    async def write_same(self, lba: int, blocks: int, data: Buffer | None = None, *,
+                         unmap: bool = False) -> None:
+        """WRITE SAME(16) one block of ``data`` (zeros if None) to ``blocks``
+        blocks; ``unmap`` lets a thin LU deallocate them (SBC-3 §5.43)."""
+        block = data if data is not None else bytes(self.block_size)
+        if memoryview(block).nbytes != self.block_size:
+            raise ValueError("WRITE SAME takes exactly one block of data")
+        await self.execute(C.build_write_same(lba, blocks, size=16, unmap=unmap), data_out=block)
+
+    async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """UNMAP (SBC-3 §5.28) the (lba, blocks) ranges."""
+        params = C.build_unmap_parameter_list(list(ranges))
+        await self.execute(C.build_unmap(parameter_list_length=len(params)), data_out=params)
+
+    async def synchronize_cache(self, lba: int = 0, blocks: int = 0) -> None:
+        """SYNCHRONIZE CACHE(10); blocks 0 means to the end of the LU."""
+        size = 16 if lba >= 1 << 32 or blocks >= 1 << 16 else 10
+        await self.execute(C.build_synchronize_cache(lba=lba, blocks=blocks, cdb_size=size))
+
+    async def compare_and_write(self, lba: int, compare: Buffer, write: Buffer) -> None:
+        """COMPARE AND WRITE (SBC-3 §5.2): atomically write ``write`` if the
+        blocks equal ``compare``; a mismatch raises SCSICheckCondition with
+        sense key MISCOMPARE."""
+        n = memoryview(compare).nbytes
+        if memoryview(write).nbytes != n or n % self.block_size:
+            raise ValueError("compare and write buffers must be equal whole blocks")
+        await self.execute(C.build_compare_and_write(lba, n // self.block_size),
+                           data_out=bytes(compare) + bytes(write))
+
+    async def get_lba_status(self, lba: int, allocation_length: int = 4096
+                             ) -> tuple[C.LbaStatusDescriptor, ...]:
+        """GET LBA STATUS (SBC-3 §5.4): provisioning status from ``lba`` on."""
+        r = await self.execute(C.build_get_lba_status(lba=lba,
+                                                      allocation_length=allocation_length),
+                               data_in_length=allocation_length)
+        return _parse(C.parse_lba_status_data, r)
+
+
+def _parse(fn: Callable[[memoryview], T], r: ScsiResult) -> T:
+    try:
+        return fn(r.data if r.data is not None else memoryview(b""))
+    except (ValueError, IndexError) as exc:
+        raise TargetProtocolError(f"malformed SCSI data from the target: {exc}") from None
+
+
+def _opname(cdb: bytes) -> str:
+    from iscsi.scsi.constants import Opcode
+
+    try:
+        return Opcode(cdb[0]).name.replace("_", " ")
+    except (ValueError, IndexError):
+        return f"opcode 0x{cdb[0]:02x}" if cdb else "empty CDB"
+
+
+__all__ = ["LUN", "Capacity", "SCSICheckCondition", "SCSIStatusError", "check"]
