@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any
 
-from iscsi.names import InvalidName, generate_iqn, normalize_name, parse_portal
+from iscsi.names import InvalidName, generate_iqn, normalize_name
 
 from .config import (
     ChapConfig,
@@ -27,6 +27,7 @@ from .config import (
     ServerConfig,
     TargetSpec,
     load_config,
+    parse_listen,
 )
 
 DEMO_SIZE = 64 << 20
@@ -40,8 +41,7 @@ def _portals(values: list[str] | None, default: str) -> tuple[tuple[str, int], .
     out = []
     for text in values or [default]:
         try:
-            portal = parse_portal(text)
-            host, port = portal.host, portal.port
+            host, port = parse_listen(text)
         except ValueError as exc:
             raise CLIError(f"--portal {text}: {exc} (use HOST:PORT or [V6ADDR]:PORT)") from None
         out.append((host, port))

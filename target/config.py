@@ -270,15 +270,22 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
     )
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """A listening address ``host:port`` / ``[v6]:port``; unlike a
+    TargetAddress, port 0 is allowed and means "any free port"."""
+    if text.endswith(":0"):
+        return parse_portal(text[:-2] + ":1").host, 0
+    portal = parse_portal(text)
+    return portal.host, portal.port
+
+
 def _portal(r: _Reader, text: Any, where: str) -> tuple[str, int]:
     if not isinstance(text, str):
         raise r.fail(where, f"{text!r} is not allowed (\"host:port\" or \"[v6]:port\")")
     try:
-        portal = parse_portal(text)
-        host, port = portal.host, portal.port
+        return parse_listen(text)
     except ValueError as exc:
         raise r.fail(where, f"{text!r}: {exc}") from None
-    return host, port
 
 
 def load_toml(path: str) -> ServerConfig:

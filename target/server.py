@@ -356,16 +356,18 @@ def _fmt_portal(host: str, port: int) -> str:
 async def serve(config: ServerConfig, *, ready: Any = None) -> int:
     """Run a server until SIGINT/SIGTERM; returns the exit status."""
     server = TargetServer(config)
-    await server.start()
-    if ready is not None:
-        ready(server)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Handlers first: a signal that arrives while we start must still stop
+    # us cleanly (exit 0 after logging sessions out).
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
+    await server.start()
+    if ready is not None:
+        ready(server)
     await stop.wait()
     log.info("signal received: stopping")
     await server.stop()
