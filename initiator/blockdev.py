@@ -342,6 +342,7 @@ class LUNFile(io.RawIOBase):
         self._runner = runner
         self._writable = writable
         self._pos = 0
+        self._stopped = False
 
     @classmethod
     def open(cls, url: str, mode: str = "rb", options: SessionOptions | None = None) -> LUNFile:
@@ -415,7 +416,7 @@ class LUNFile(io.RawIOBase):
         return n
 
     def flush(self) -> None:
-        if not self.closed and self._writable:
+        if not self.closed and self._writable and not self._stopped:
             self._runner.call(self._dev.flush())
 
     def close(self) -> None:
@@ -427,6 +428,7 @@ class LUNFile(io.RawIOBase):
             try:
                 self._runner.call(self._dev.close())
             finally:
+                self._stopped = True
                 self._runner.stop()
                 super().close()
 

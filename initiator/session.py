@@ -119,9 +119,11 @@ class SessionOptions:
     #: Mutual CHAP: the name and secret the target must prove.
     target_chap_user: str | None = None
     target_chap_secret: str | None = None
-    #: CHAP_A values offered, in preference order (IANA: 7 SHA-256, 6 SHA-1,
-    #: 5 MD5, 8 SHA3-256).
-    chap_algorithms: tuple[int, ...] = (7, 8, 6, 5)
+    #: CHAP_A values offered, in preference order (IANA: 5 MD5, 6 SHA-1,
+    #: 7 SHA-256, 8 SHA3-256). MD5 only by default, like open-iscsi's
+    #: ``chap_algs``: tgt 1.0.x accepts 7 but computes SHA-1 for it, so
+    #: offering 7 first breaks CHAP against tgt.
+    chap_algorithms: tuple[int, ...] = (5,)
     header_digest: str = "None,CRC32C"
     data_digest: str = "None,CRC32C"
     max_recv_data_segment_length: int = 262144

@@ -622,7 +622,8 @@ class TargetConnection(asyncio.BufferedProtocol):
                 assert task.buf is not None
                 underflow = have - want
                 data_out = memoryview(task.buf)[:want]
-            result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr)
+            result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
+                                           expected_length=task.edtl)
         except Exception:  # the SCSI layer must never take the target down
             log.exception("%s: SCSI command %s failed", self.peer, cmd.cdb[:1].hex())
             self._finish(task, Status.CHECK_CONDITION, _HW_ERROR_SENSE, None)

@@ -67,6 +67,7 @@ def open_lun(spec: LunSpec) -> Any:
 def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
     """Open every LUN of ``spec`` and build its SCSI device emulation."""
     from target.scsi.lu import LogicalUnit
+    from target.scsi.mmc import CdromUnit
     from target.scsi.target import ScsiTarget
     from iscsi.scsi.constants import PeripheralType
     from target.scsi.types import LUConfig
@@ -92,7 +93,7 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
                 state_dir=os.path.join(state_dir, _safe(spec.name), str(ls.lun))
                 if state_dir else None,
             ).resolve(spec.name, ls.lun)
-            luns[ls.lun] = LogicalUnit(backend, cfg)
+            luns[ls.lun] = CdromUnit(backend, cfg) if cdrom else LogicalUnit(backend, cfg)
     except Exception:
         for b in backends.values():
             b.close()

@@ -414,6 +414,10 @@ async def test_compare_and_write(rig: Rig) -> None:
     res = await rig.run(caw(0, 3), bytes(4 * BS), expected_length=4 * BS)
     assert res.sense is not None and res.sense.key == ILLEGAL
     assert (await rig.run(caw(BLOCKS, 1), bytes(2 * BS))).key_asc == LBA_OOB
+    # 256 blocks wrap NLB to 0: the Data-Out size gives it away (libiscsi)
+    res = await rig.run(caw(0, 0), bytes(512 * BS), expected_length=512 * BS)
+    assert res.key_asc == INVALID_CDB
+    assert (await rig.run(caw(0, 0), None, expected_length=0)).status == Status.GOOD
 
 
 def test_first_difference() -> None:
@@ -459,6 +463,10 @@ async def test_write_same_unmap_and_get_lba_status(rig: Rig) -> None:
     assert (lba, count, status) == (0, chunk, 1)  # deallocated
     lba, count, status = struct.unpack_from(">QIB", gls, 24)
     assert (lba, status) == (chunk, 0)
+    # UNMAP=1 deallocates even when the data block is not zero (LBPRZ)
+    await rig.run(ws16(0, chunk), b"\x01" * BS)
+    assert (await rig.run(ws16(0, chunk, 0x08), b"\xff" * BS)).status == Status.GOOD
+    assert (await rig.run(rw16(0x88, 0, chunk))).data == bytes(chunk * BS)
     # NDOB: no Data-Out at all
     assert (await rig.run(ws16(chunk, chunk, 0x09))).status == Status.GOOD
     assert (await rig.run([0x9E, 0x12] + list(struct.pack(">Q", BLOCKS)) + [0, 0, 0, 24, 0, 0])).key_asc == LBA_OOB

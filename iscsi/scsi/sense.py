@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from .constants import SenseKey
 
 __all__ = [
+    "CheckCondition",
     "SenseData",
     "SenseDecodeError",
-    "CheckCondition",
     "asc_name",
+    "data_protect",
     "illegal_request",
     "invalid_field_in_cdb",
     "invalid_field_in_parameter_list",
-    "unit_attention",
-    "not_ready",
-    "data_protect",
     "medium_error",
     "miscompare",
+    "not_ready",
+    "unit_attention",
 ]
 
 AscAscq = tuple[int, int]

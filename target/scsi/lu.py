@@ -60,8 +60,15 @@ from target.backends.base import Backend, BackendError
 
 from . import modes as _modes
 from .modes import ModePages, disk_pages
-from .opcodes import ALUA_OPS, DISK_OPS, RESERVATION_OPS, XCOPY_OPS, OpInfo
-from .opcodes import report_supported_opcodes, report_supported_tmfs
+from .opcodes import (
+    ALUA_OPS,
+    DISK_OPS,
+    RESERVATION_OPS,
+    XCOPY_OPS,
+    OpInfo,
+    report_supported_opcodes,
+    report_supported_tmfs,
+)
 from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
 from .vpd import InquiryInfo, standard_inquiry, vpd_page
 
@@ -1072,9 +1079,8 @@ class LogicalUnit:
         if res is None:
             raise self._no_opcode()
         op = cdb[0]
-        if op == Opcode.RESERVE_10 or op == Opcode.RELEASE_10:
-            if cdb[1] & 0x13:  # 3RDPTY / LONGID / EXTENT: not supported
-                raise invalid_field_in_cdb(1)
+        if op in (Opcode.RESERVE_10, Opcode.RELEASE_10) and cdb[1] & 0x13:
+            raise invalid_field_in_cdb(1)  # 3RDPTY / LONGID / EXTENT: not supported
         if op in (Opcode.RESERVE_6, Opcode.RESERVE_10):
             res.reserve6(nexus, cdb)
         else:

@@ -15,7 +15,10 @@ import struct
 from collections.abc import Awaitable
 
 from iscsi.scsi.constants import Opcode, PeripheralType
-from iscsi.scsi.sense import NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED, invalid_field_in_cdb
+from iscsi.scsi.sense import (
+    NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED,
+    invalid_field_in_cdb,
+)
 from target.backends.base import Backend, BackendError
 
 from .lu import LogicalUnit

@@ -234,7 +234,7 @@ def mode_sense(
         if llbaa:
             bd = struct.pack(">QII", num_blocks, 0, block_size)
         else:
-            nb = num_blocks if num_blocks <= 0xFFFFFFFF else 0xFFFFFFFF
+            nb = min(num_blocks, 4294967295)
             # short LBA descriptor, SBC-3 §6.4.2: NUMBER OF BLOCKS saturates
             bd = struct.pack(">IBBH", nb, 0, block_size >> 16, block_size & 0xFFFF)
     if ten:
@@ -291,16 +291,16 @@ def check_mode_select_cdb(cdb: bytes) -> bool:
 
 
 __all__ = [
+    "PC_CHANGEABLE",
+    "PC_CURRENT",
+    "PC_DEFAULT",
+    "PC_SAVED",
     "CheckCondition",
     "ModePages",
     "PageDef",
     "cdrom_pages",
+    "check_mode_select_cdb",
     "disk_pages",
     "mode_sense",
     "parse_mode_select",
-    "check_mode_select_cdb",
-    "PC_CURRENT",
-    "PC_CHANGEABLE",
-    "PC_DEFAULT",
-    "PC_SAVED",
 ]

@@ -29,7 +29,6 @@ from .types import SIMPLE, Buffer, Nexus, ScsiResult
 from .vpd import missing_lun_inquiry
 
 
-
 def _optional(name: str) -> Any:
     """E2's modules (xcopy, alua) are optional until they exist; without
     them their commands answer INVALID COMMAND OPERATION CODE."""
