@@ -68,7 +68,7 @@ PAYLOAD_SIZE = (3 << 20) + 123
 RAW_PREFIX = 1 << 20
 
 #: Bump when the initramfs layout or /init changes, to invalidate caches.
-_BUILD_VERSION = "4"
+_BUILD_VERSION = "5"
 _SAFE = re.compile(r"[A-Za-z0-9._:,@+/-]+\Z")
 _RESULT = re.compile(r"^AIOISCSI-RESULT (\S+) (ok|fail)\b ?(.*)$")
 #: x86 COMMAND_LINE_SIZE is 2048; keep a margin for the fixed words.
@@ -334,6 +334,8 @@ disks() { ls /sys/block | grep '^sd' ; }
 result() { echo "AIOISCSI-RESULT $*"; }
 
 scenario() {
+    # local: the caller's loop counter must survive the polling loop below.
+    local s name before rc dev i d size sess hdg ddg raw file
     s="s$1"
     name=$(get $s.name)
     before=" $(disks | tr '\n' ' ') "
@@ -575,7 +577,7 @@ def qemu_command(image: VmImage, scenarios: Sequence[Scenario], *,
     return [qemu, *accel, "-smp", "1", "-m", str(memory_mb),
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", append,
-            "-netdev", "user,id=n0", "-device", "e1000,netdev=n0"]
+            "-netdev", "user,id=n0", "-device", "e1000,netdev=n0,romfile="]
 
 
 def run_vm(image: VmImage, scenarios: Sequence[Scenario], *, timeout: float = 240,

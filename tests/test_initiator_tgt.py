@@ -281,6 +281,7 @@ async def test_recovery_after_target_killed_and_restarted(tgt: Tgtd) -> None:
     stripe = size // stripes
     progress = 0
     killed = asyncio.Event()
+    inflight: list[int] = []
 
     async def writer(k: int) -> None:
         nonlocal progress
@@ -296,12 +297,14 @@ async def test_recovery_after_target_killed_and_restarted(tgt: Tgtd) -> None:
     async def killer() -> None:
         while progress < 8 * MiB:
             await asyncio.sleep(0.005)  # polls the progress counter
+        inflight.append(s.in_flight)
         await asyncio.to_thread(tgt.kill)
         killed.set()
         await asyncio.to_thread(tgt.start)
 
     await asyncio.gather(killer(), *(writer(k) for k in range(stripes)))
     assert killed.is_set()
+    assert inflight[0] > 0, "the target must die with commands in flight"
     assert s.recoveries >= 1
     assert await dev.read(0, size) == model
     await s.logout()

@@ -34,7 +34,7 @@ def test_iscsi_test_cu_all(tmp_path: pytest.TempPathFactory) -> None:
     config = make_config([LunSpec(lun=0, path=str(img), backend="raw")])
     with running_target(config) as target:
         url = target.url()
-        proc = subprocess.run([tool, "-d", "-n", url, url], capture_output=True, text=True,
+        proc = subprocess.run([tool, "-d", "-n", "--test=ALL", url, url], capture_output=True, text=True,
                               timeout=900)
     out = proc.stdout + proc.stderr
     ran, passed, failed = _counts(out)
