@@ -1,0 +1,38 @@
+"""The aioiscsi initiator: remote LUNs as Python objects, block devices, files.
+
+Quick start::
+
+    from initiator import BlockDevice, discover, run
+
+    async def main() -> None:
+        for target in await discover("192.0.2.10"):
+            print(target.name, *target.portals)
+        async with await BlockDevice.open("iscsi://192.0.2.10/iqn.2004-01.org.example:disk/1") as dev:
+            print(await dev.read(0, 512))
+
+    run(main())
+"""
+
+from __future__ import annotations
+
+from .blockdev import BlockDevice, LUNFile
+from .errors import (
+    ConnectionLost,
+    InitiatorError,
+    LoginFailed,
+    LoginRefused,
+    LUNNotFound,
+    PortalUnreachable,
+    SessionFailed,
+    TargetProtocolError,
+)
+from .login import DiscoveredTarget
+from .scsi import LUN, Capacity, SCSICheckCondition, SCSIStatusError
+from .session import ScsiResult, Session, SessionOptions, discover, run
+
+__all__ = [
+    "BlockDevice", "Capacity", "ConnectionLost", "DiscoveredTarget", "InitiatorError",
+    "LUN", "LUNFile", "LUNNotFound", "LoginFailed", "LoginRefused", "PortalUnreachable",
+    "SCSICheckCondition", "SCSIStatusError", "ScsiResult", "Session", "SessionFailed",
+    "SessionOptions", "TargetProtocolError", "discover", "run",
+]

@@ -76,6 +76,7 @@ async def cmd_discover(args: argparse.Namespace) -> int:
 
 
 _TYPES = {int(v): v.name.lower().replace("_", "-") for v in PeripheralType}
+_TYPES[0x0C] = "storage-array-controller"
 
 
 async def _describe_lun(session: Session, lun_no: int) -> str:
@@ -83,7 +84,7 @@ async def _describe_lun(session: Session, lun_no: int) -> str:
     inq = await lun.inquiry()
     kind = _TYPES.get(inq.peripheral_type, f"type-{inq.peripheral_type}")
     line = f"  lun {lun_no}: {kind} {inq.vendor} {inq.product} {inq.revision}".rstrip()
-    if inq.peripheral_type in (PeripheralType.DIRECT_ACCESS, PeripheralType.CDROM):
+    if inq.peripheral_type in (PeripheralType.DISK, PeripheralType.CDROM):
         try:
             cap = await lun.read_capacity()
         except SCSICheckCondition as exc:
@@ -99,9 +100,9 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     names = [u.target] if u.target else [t.name for t in await discover(u.host, u.port, opts)]
     for name in names:
         assert name is not None
-        print(name)
         async with await Session.connect(u.host, u.port, name, opts) as s:
             luns = await LUN(s, 0).report_luns()
+            print(name)
             if u.lun is not None:
                 if u.lun not in luns:
                     raise LUNNotFound(f"LUN {u.lun} does not exist on {name} (it has {luns})")
@@ -149,7 +150,7 @@ async def cmd_inquiry(args: argparse.Namespace) -> int:
                 print(f"block limits: max transfer {bl.max_transfer_length} blocks, "
                       f"optimal {bl.optimal_transfer_length}, max unmap "
                       f"{bl.max_unmap_lba_count} blocks")
-        if inq.peripheral_type == PeripheralType.DIRECT_ACCESS:
+        if inq.peripheral_type == PeripheralType.DISK:
             cap = await lun.read_capacity()
             print(f"capacity: {cap.size} bytes ({cap.blocks} x {cap.block_size} B), "
                   f"thin: {cap.lbpme}, unmapped reads zero: {cap.lbprz}")
@@ -367,9 +368,10 @@ class _FileWriter(_Writer):
 
 async def cmd_copy(args: argparse.Namespace) -> int:
     opts = _options(args)
-    src_dev = dst_dev = None
-    src: _Source
-    dst: _Writer
+    src_dev: BlockDevice | None = None
+    dst_dev: BlockDevice | None = None
+    src: _Source | None = None
+    dst: _Writer | None = None
     try:
         if args.src.startswith("iscsi://"):
             src_dev = await BlockDevice.open(args.src, _with_creds(args.src, _options(args)))
@@ -403,9 +405,9 @@ async def cmd_copy(args: argparse.Namespace) -> int:
         for dev in (src_dev, dst_dev):
             if dev is not None:
                 await dev.close()
-        if isinstance(src, _FileSource) if "src" in locals() else False:
+        if isinstance(src, _FileSource):
             src.close()
-        if isinstance(dst, _FileWriter) if "dst" in locals() else False:
+        if isinstance(dst, _FileWriter):
             dst.close()
     return 0
 
@@ -493,6 +495,39 @@ async def bench(dev: BlockDevice, *, rw: str = "read", pattern: str = "rand",
     return BenchResult(rw, pattern, block_size, depth, ops, loop.time() - start)
 
 
+# ------------------------------------------------------------------- attach
+
+
+async def cmd_attach(args: argparse.Namespace) -> int:
+    import signal
+
+    from .nbd import serve_until
+
+    dev = await BlockDevice.open(args.url, _with_creds(args.url, _options(args)))
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def _stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop)
+
+    def ready(uri: str) -> None:
+        # The one line a script waits for; nbd-client/nbdinfo take this URI.
+        print(uri, flush=True)
+
+    try:
+        await serve_until(dev, args.nbd, stop, name=args.name, read_only=args.read_only,
+                          ready=ready)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await dev.close()
+    return 0
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -521,6 +556,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     c.set_defaults(func=cmd_copy)
+    a = sub.add_parser("attach", help="serve a LUN as an NBD export until interrupted")
+    a.add_argument("url", metavar="URL")
+    a.add_argument("--nbd", required=True, metavar="unix:PATH|HOST:PORT",
+                   help="where to listen (e.g. unix:/run/lun1.sock or 127.0.0.1:10809)")
+    a.add_argument("--name", default="", help="export name (default: empty)")
+    a.add_argument("--read-only", action="store_true")
+    a.set_defaults(func=cmd_attach)
     b = sub.add_parser("bench", help="measure IOPS and MB/s")
     b.add_argument("url", metavar="URL")
     b.add_argument("--rw", choices=("read", "write"), default="read")
@@ -543,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Recovery chatter is for -v; failures are reported as one line.
         logging.getLogger("initiator").setLevel(logging.ERROR)
     try:
-        return run(args.func(args))
+        code: int = run(args.func(args))
+        return code
     except InitiatorError as exc:
         hint = f" -- try: {exc.hint}" if exc.hint else ""
         print(f"{PROG}: {exc}{hint}", file=sys.stderr)

@@ -357,6 +357,8 @@ class Session:
         self.on_async_event: Callable[[int, bytes], None] | None = None
         #: Number of times the session was re-established after a failure.
         self.recoveries = 0
+        #: Number of the target's NOP-In pings we answered.
+        self.target_pings = 0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -420,7 +422,12 @@ class Session:
                 self._loop.create_connection(lambda: _Connection(self), host, port),
                 self.options.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {self.options.connect_timeout:g} s"
+            elif exc.errno:
+                reason = os.strerror(exc.errno).lower()
+            else:
+                reason = exc.strerror or str(exc)
             raise PortalUnreachable(f"cannot connect to portal {where}: {reason}") from exc
         self._conn = conn
         try:
@@ -580,7 +587,7 @@ class Session:
             raise InitiatorError("a discovery session cannot run SCSI commands")
         fut: asyncio.Future[ScsiResult] = self._loop.create_future()
         self._seq += 1
-        task = _Task(self._alloc_itt(), encode_lun(lun), cdb, attr, data_out, data_in, fut,
+        task = _Task(RESERVED_TAG, encode_lun(lun), cdb, attr, data_out, data_in, fut,
                      self._seq, internal)
         self._luns_used.add(lun)
         (self._urgent if internal else self._queue).append(task)
@@ -637,6 +644,9 @@ class Session:
 
     def _issue(self, task: _Task) -> None:
         p = self.params
+        # Tags are per issue: a command reissued after recovery gets a fresh
+        # one, and a queued command never holds a tag another may take.
+        task.itt = self._alloc_itt()
         task.cmdsn = self._cmdsn
         self._cmdsn = sn_add(self._cmdsn, 1)
         task.received = 0
@@ -809,6 +819,7 @@ class Session:
         if pdu.ttt != RESERVED_TAG:
             # §11.18.1: the target's ping; answer with its TTT and data,
             # ITT reserved, immediate, CmdSN not advanced.
+            self.target_pings += 1
             self._send([NopOut(itt=RESERVED_TAG, ttt=pdu.ttt, lun=pdu.lun, cmdsn=self._cmdsn,
                                expstatsn=self._exp_statsn, immediate=True, data=bytes(pdu.data))])
 

@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_DIR = REPO / ".cache" / "linux-vm"
@@ -68,7 +69,7 @@ PAYLOAD_SIZE = (3 << 20) + 123
 RAW_PREFIX = 1 << 20
 
 #: Bump when the initramfs layout or /init changes, to invalidate caches.
-_BUILD_VERSION = "5"
+_BUILD_VERSION = "6"
 _SAFE = re.compile(r"[A-Za-z0-9._:,@+/-]+\Z")
 _RESULT = re.compile(r"^AIOISCSI-RESULT (\S+) (ok|fail)\b ?(.*)$")
 #: x86 COMMAND_LINE_SIZE is 2048; keep a margin for the fixed words.
@@ -151,7 +152,7 @@ class Cpio:
             self._record(f, "TRAILER!!!", 0, b"", 0, 0)
 
     @staticmethod
-    def _record(f: "_Writable", name: str, mode: int, data: bytes, ino: int, rdev: int) -> None:
+    def _record(f: BinaryIO, name: str, mode: int, data: bytes, ino: int, rdev: int) -> None:
         bname = name.encode() + b"\0"
         nlink = 2 if stat.S_ISDIR(mode) else 1
         fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0,
@@ -162,11 +163,6 @@ class Cpio:
         f.write(b"\0" * (-(len(header) + len(bname)) % 4))
         f.write(data)
         f.write(b"\0" * (-len(data) % 4))
-
-
-class _Writable:  # pragma: no cover - typing helper only
-    def write(self, data: bytes) -> int:
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------
@@ -332,6 +328,11 @@ ip link set eth0 up
 disks() { ls /sys/block | grep '^sd' ; }
 
 result() { echo "AIOISCSI-RESULT $*"; }
+# A failure also shows the kernel's last words (quiet hides them otherwise).
+fail() {
+    result "$1 fail $2"
+    dmesg | tail -n 15 | sed 's/^/AIOISCSI-DMESG /'
+}
 
 scenario() {
     # local: the caller's loop counter must survive the polling loop below.
@@ -345,10 +346,13 @@ scenario() {
     [ -n "$(get $s.muser)" ] && set -- "$@" -U "$(get $s.muser)" -W "$(get $s.msecret)"
     [ -n "$(get $s.hd)" ] && set -- "$@" -P "node.conn[0].iscsi.HeaderDigest=$(get $s.hd)"
     [ -n "$(get $s.dd)" ] && set -- "$@" -P "node.conn[0].iscsi.DataDigest=$(get $s.dd)"
+    # If the target dies mid-test, fail the I/O after 20 s instead of the
+    # default 120 s of session recovery, well inside the host's hard limit.
+    set -- "$@" -P "node.session.timeo.replacement_timeout=20"
     timeout "$(get logintimeout)" iscsistart "$@" > /tmp/$s.log 2>&1
     rc=$?
     if [ $rc -ne 0 ]; then
-        result "$name fail login rc=$rc $(tail -n 4 /tmp/$s.log | tr '\n' '|')"
+        fail "$name" "login rc=$rc $(tail -n 4 /tmp/$s.log | tr '\n' '|')"
         return
     fi
     dev=""
@@ -361,7 +365,7 @@ scenario() {
         i=$((i+1))
     done
     if [ -z "$dev" ]; then
-        result "$name fail no-disk $(dmesg | tail -n 5 | tr '\n' '|')"
+        fail "$name" "no-disk"
         return
     fi
     size=$(cat /sys/block/$dev/size)
@@ -372,15 +376,15 @@ scenario() {
     # An absolute path: busybox-static's shell prefers its own applets (its
     # mke2fs makes ext2 only) whatever PATH says.
     if ! /usr/sbin/mke2fs -q -F -t ext4 /dev/$dev > /tmp/$s.mkfs 2>&1; then
-        result "$name fail mkfs $(tail -n 3 /tmp/$s.mkfs | tr '\n' '|')"
+        fail "$name" "mkfs $(tail -n 3 /tmp/$s.mkfs | tr '\n' '|')"
         return
     fi
-    mount -t ext4 /dev/$dev /mnt || { result "$name fail mount"; return; }
-    cp /payload /mnt/payload && sync || { result "$name fail write"; umount /mnt; return; }
-    umount /mnt || { result "$name fail umount"; return; }
+    mount -t ext4 /dev/$dev /mnt || { fail "$name" "mount"; return; }
+    cp /payload /mnt/payload && sync || { fail "$name" "write"; umount /mnt; return; }
+    umount /mnt || { fail "$name" "umount"; return; }
     blockdev --flushbufs /dev/$dev
     echo 3 > /proc/sys/vm/drop_caches
-    mount -t ext4 -o ro /dev/$dev /mnt || { result "$name fail remount"; return; }
+    mount -t ext4 -o ro /dev/$dev /mnt || { fail "$name" "remount"; return; }
     file=$(sha256sum /mnt/payload | cut -d' ' -f1)
     umount /mnt
     result "$name ok dev=$dev size=$size hd=$hdg dd=$ddg raw=$raw file=$file"
@@ -434,7 +438,6 @@ def build_initramfs(cache_dir: Path = CACHE_DIR) -> VmImage:
     cpio.file("init", _INIT.encode(), 0o755)
 
     # busybox at /bin/busybox with a link per applet (it dispatches on argv[0]).
-    cpio.file("bin/busybox", Path(busybox).read_bytes(), 0o755)
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
                              check=True).stdout.split()
     for applet in applets:
@@ -444,8 +447,10 @@ def build_initramfs(cache_dir: Path = CACHE_DIR) -> VmImage:
 
     # Dynamic binaries keep their libraries at the paths ldd names; the loader
     # finds them through LD_LIBRARY_PATH set in /init (there is no ld.so.cache).
-    for binary, dest in ((iscsistart, "usr/sbin/iscsistart"), (mke2fs, "usr/sbin/mke2fs")):
+    for binary, dest in ((iscsistart, "usr/sbin/iscsistart"), (mke2fs, "usr/sbin/mke2fs"),
+                         (busybox, "bin/busybox")):
         cpio.file(dest, Path(binary).read_bytes(), 0o755)
+        # Debian's busybox-static has none; a dynamic busybox works too.
         for lib in shared_libraries(binary):
             if lib.lstrip("/") not in cpio:
                 cpio.file(lib, Path(lib).read_bytes(), 0o755)
@@ -465,11 +470,16 @@ def build_initramfs(cache_dir: Path = CACHE_DIR) -> VmImage:
     os.close(fd)
     try:
         cpio.write(Path(tmp))
+        os.chmod(tmp, 0o644)
         # Atomic: a parallel test run sees either nothing or the whole file.
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    # Older builds (other kernel, other inputs) are ~20 MB each: drop them.
+    for old in cache_dir.glob("initramfs-*.cpio"):
+        if old != out:
+            old.unlink(missing_ok=True)
     return VmImage(kernel, out, version)
 
 
@@ -552,12 +562,16 @@ def parse_console(console: str) -> dict[str, ScenarioResult]:
 
 def qemu_command(image: VmImage, scenarios: Sequence[Scenario], *,
                  initiator: str = DEFAULT_INITIATOR, login_timeout: int = 60,
-                 memory_mb: int = 512) -> list[str]:
-    """The qemu-system-x86_64 argv booting ``image`` with ``scenarios``."""
+                 memory_mb: int = 512, verbose: bool = False) -> list[str]:
+    """The qemu-system-x86_64 argv booting ``image`` with ``scenarios``.
+
+    ``verbose`` puts every kernel message (SCSI, iSCSI, ext4) on the console,
+    for debugging a target against the kernel; normally only warnings show.
+    """
     names = [s.name for s in scenarios]
     if len(set(names)) != len(names):
         raise ValueError(f"scenario names must be unique: {names}")
-    words = ["console=ttyS0", "panic=-1", "quiet", "loglevel=4",
+    words = ["console=ttyS0", "panic=-1", *(["loglevel=7"] if verbose else ["quiet", "loglevel=4"]),
              _word("n", len(scenarios)), _word("initiator", initiator),
              _word("guest", GUEST_ADDRESS), _word("logintimeout", login_timeout),
              _word("rawblocks", RAW_PREFIX // 65536)]
@@ -582,13 +596,14 @@ def qemu_command(image: VmImage, scenarios: Sequence[Scenario], *,
 
 def run_vm(image: VmImage, scenarios: Sequence[Scenario], *, timeout: float = 240,
            log_path: Path | None = None, initiator: str = DEFAULT_INITIATOR,
-           login_timeout: int = 60) -> VmRun:
+           login_timeout: int = 60, verbose: bool = False) -> VmRun:
     """Boot the guest, run ``scenarios`` in order, and collect the results.
 
     ``timeout`` is a hard limit on the whole boot: QEMU is killed when it
     passes and the partial console is returned with ``timed_out=True``.
     """
-    argv = qemu_command(image, scenarios, initiator=initiator, login_timeout=login_timeout)
+    argv = qemu_command(image, scenarios, initiator=initiator, login_timeout=login_timeout,
+                        verbose=verbose)
     timed_out = False
     returncode: int | None
     try:

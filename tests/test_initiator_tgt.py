@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -322,3 +322,166 @@ async def test_replacement_timeout_fails_commands(tgt: Tgtd) -> None:
     assert time.monotonic() - start < 30
     with pytest.raises(SessionFailed):
         await lun.read(0, 1)
+
+
+# ------------------------------------------------------------------- CLI
+
+
+def _fill(path_or_url: str, chunks: list[tuple[int, bytes]]) -> None:
+    with LUNFile.open(path_or_url, "r+b", _opts()) as f:
+        for off, data in chunks:
+            f.seek(off)
+            f.write(data)
+
+
+@pytest.mark.parametrize("thin", [False, True])
+def test_cli_copy_out_equals_backing_file(tmp_path: Path, thin: bool,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from initiator.cli import main
+
+    with Tgtd(tmp_path, TgtConfig(thin=thin, size=32 * MiB)) as t:
+        rng = random.Random(11)
+        _fill(t.url(), [(rng.randrange(0, 31 * MiB), rng.randbytes(rng.randint(1, MiB)))
+                        for _ in range(12)])
+        out = tmp_path / "out.img"
+        assert main(["copy", t.url(), str(out), "--no-progress"]) == 0
+        assert out.read_bytes() == t.backing.read_bytes()
+        err = capsys.readouterr().err
+        assert "copied 32.0 MiB" in err and "skipped" in err
+
+
+def test_cli_copy_file_into_lun(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from initiator.cli import main
+
+    src = tmp_path / "src.img"
+    rng = random.Random(12)
+    with open(src, "wb") as f:
+        f.truncate(16 * MiB)  # mostly a hole, which must still zero the LUN
+        f.seek(3 * MiB)
+        f.write(rng.randbytes(2 * MiB))
+    with Tgtd(tmp_path, TgtConfig(size=16 * MiB)) as t:
+        with open(t.backing, "r+b") as f:  # old data the copy must overwrite
+            f.write(b"\xff" * (16 * MiB))
+        assert main(["copy", str(src), t.url(), "--progress"]) == 0
+        assert t.backing.read_bytes() == src.read_bytes()
+    assert "100.0%" in capsys.readouterr().err
+
+
+def test_cli_discover_ls_inquiry(tgt: Tgtd, capsys: pytest.CaptureFixture[str]) -> None:
+    from initiator.cli import main
+
+    assert main(["discover", tgt.portal]) == 0
+    assert capsys.readouterr().out == f"{tgt.iqn} {tgt.portal},1\n"
+    assert main(["ls", f"iscsi://{tgt.portal}"]) == 0
+    out = capsys.readouterr().out
+    assert "lun 1: disk IET VIRTUAL-DISK" in out and "64.0 MiB" in out
+    assert main(["inquiry", tgt.url()]) == 0
+    out = capsys.readouterr().out
+    assert "product: VIRTUAL-DISK" in out and "capacity: 67108864 bytes" in out
+
+
+def test_cli_bench_reports_iops(tgt: Tgtd, capsys: pytest.CaptureFixture[str]) -> None:
+    from initiator.cli import main
+
+    assert main(["bench", tgt.url(), "--seconds", "0.2", "--qd", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("read rand bs=4096 qd=4:") and "IOPS" in out and "MB/s" in out
+    assert main(["bench", tgt.url(), "--rw", "write"]) == 1
+    assert "--force" in capsys.readouterr().err
+
+
+def test_cli_failures_are_one_line(chap_tgt: Tgtd, capsys: pytest.CaptureFixture[str]) -> None:
+    from initiator.cli import main
+
+    t = chap_tgt
+    cases = [
+        ([f"iscsi://127.0.0.1:{free_port()}/{t.iqn}/1"], "cannot connect to portal"),
+        ([f"iscsi://{USER}%wrong-secret-99@{t.portal}/{t.iqn}/1"], "authentication failed"),
+        ([f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}x/1"], "target not found"),
+        ([f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}/7"], "LUN 7 does not exist"),
+        (["iscsi://bad url"], "iscsi-initiator:"),
+    ]
+    for argv, words in cases:
+        assert main(["inquiry", *argv]) != 0
+        captured = capsys.readouterr()
+        lines = captured.err.splitlines()
+        assert len(lines) == 1, captured.err
+        assert words in lines[0]
+        assert captured.out == ""
+
+
+# ------------------------------------------------------------------ NOPs
+
+
+async def _until(cond: Callable[[], bool], what: str, deadline: float = 20.0) -> None:
+    """Poll ``cond`` (a bounded wait for a condition, not a sleep-to-sync)."""
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_target_nop_in_is_answered(tmp_path: Path) -> None:
+    cfg = TgtConfig(params=[("nop_interval", "1"), ("nop_count", "3")], size=MiB)
+    with Tgtd(tmp_path, cfg) as t:
+        s, lun = await _open(t)
+        async with s:
+            await _until(lambda: s.target_pings >= 2, "two NOP-Ins from tgt")
+            # Answered correctly: tgt kept the connection (it drops it after
+            # nop_count unanswered pings) and commands still work.
+            await lun.test_unit_ready()
+            assert s.recoveries == 0
+
+
+async def test_nop_timeout_recovers_a_frozen_target(tgt: Tgtd) -> None:
+    import signal
+
+    s, lun = await _open(tgt, nop_interval=0.3, nop_timeout=0.5, login_timeout=1.0,
+                         replacement_timeout=60.0)
+    await lun.write(0, b"\x01" * 512)
+    assert tgt.proc is not None
+    tgt.proc.send_signal(signal.SIGSTOP)  # alive for TCP, silent for iSCSI
+    try:
+        write = asyncio.ensure_future(lun.write(0, b"\x02" * 512))
+        await _until(lambda: s.state == "recovering" or s.state == "logging in",
+                     "NOP timeout to start recovery")
+    finally:
+        tgt.proc.send_signal(signal.SIGCONT)
+    await asyncio.wait_for(write, 30)
+    assert s.recoveries >= 1
+    assert bytes(await lun.read(0, 1)) == b"\x02" * 512
+    await s.logout()
+
+
+# ------------------------------------------------------- async messages
+
+
+async def test_async_messages_drive_recovery_and_callbacks(tgt: Tgtd) -> None:
+    # tgt cannot be made to send these, so they are injected as if received
+    # (the handling -- logout, reconnect, callback -- runs against real tgt).
+    from iscsi.constants import AsyncEvent
+    from iscsi.pdu import AsyncMessage
+
+    s, lun = await _open(tgt)
+    events: list[tuple[int, bytes]] = []
+    s.on_async_event = lambda lun_field, sense: events.append((lun_field, sense))
+    sense = bytes([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2A, 0x09, 0, 0, 0, 0])
+    s._dispatch(AsyncMessage(async_event=AsyncEvent.SCSI_ASYNC_EVENT, lun=1 << 48,
+                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn,
+                             data=len(sense).to_bytes(2, "big") + sense))
+    assert events == [(1 << 48, sense)]
+
+    s._dispatch(AsyncMessage(async_event=AsyncEvent.LOGOUT_REQUEST, parameter3=5,
+                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn))
+    await _until(lambda: s.recoveries == 1 and s.state == "full feature phase",
+                 "logout-and-reconnect")
+    await lun.write(0, b"\x03" * 512)
+
+    s._dispatch(AsyncMessage(async_event=AsyncEvent.CONNECTION_DROP, parameter2=0,
+                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn))
+    write = lun.write(0, b"\x04" * 512)
+    await asyncio.wait_for(write, 30)
+    assert s.recoveries == 2
+    assert bytes(await lun.read(0, 1)) == b"\x04" * 512
+    await s.logout()
