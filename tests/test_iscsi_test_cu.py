@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from target.backends.registry import create_image
 from target.config import LunSpec
 from tests.target_fixture import make_config, running_target
 from tests.tools import require_tool
@@ -26,12 +28,18 @@ def _counts(output: str) -> tuple[int, int, int]:
     return int(m.group(2)), int(m.group(3)), int(m.group(4))
 
 
-def test_iscsi_test_cu_all(tmp_path: pytest.TempPathFactory) -> None:
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vdi", "vhd", "vmdk"])
+def test_iscsi_test_cu_all(tmp_path: Path, fmt: str) -> None:
+    """Family ALL against a thin raw LUN (sparse: UNMAP punches holes) and
+    against dynamic images of each format (issue #5)."""
     tool = require_tool("iscsi-test-cu")
-    img = tmp_path / "thin.img"  # type: ignore[operator]
-    with open(img, "wb") as f:
-        f.truncate(128 << 20)  # sparse: UNMAP punches holes in it
-    config = make_config([LunSpec(lun=0, path=str(img), backend="raw")])
+    img = tmp_path / f"disk.{fmt}"
+    if fmt == "raw":
+        with open(img, "wb") as f:
+            f.truncate(128 << 20)
+    else:
+        create_image(str(img), fmt, 128 << 20)
+    config = make_config([LunSpec(lun=0, path=str(img), backend="auto")])
     with running_target(config) as target:
         url = target.url()
         proc = subprocess.run([tool, "-d", "-n", "--test=ALL", url, url], capture_output=True, text=True,
@@ -39,7 +47,7 @@ def test_iscsi_test_cu_all(tmp_path: pytest.TempPathFactory) -> None:
     out = proc.stdout + proc.stderr
     ran, passed, failed = _counts(out)
     skipped = len(set(re.findall(r"\[SKIPPED\] (.*)", out)))
-    print(f"\niscsi-test-cu ALL: {ran} run, {passed} passed, {failed} failed, "
+    print(f"\niscsi-test-cu ALL on {fmt}: {ran} run, {passed} passed, {failed} failed, "
           f"{skipped} distinct skip reasons")
     failures = re.findall(r"Suite (.*), Test (.*) had failures", out)
     assert failed == 0, f"failing tests: {failures}\n" + out[-4000:]

@@ -697,6 +697,11 @@ class LogicalUnit:
             raise invalid_field_in_cdb(1, 7)
         if flags & 0x10:  # ANCHOR, and ANC_SUP is 0
             raise invalid_field_in_cdb(1, 4)
+        if flags & 0x08 and not self.thin:
+            # A fully provisioned unit reports LBPWS/LBPWS10 = 0, so the
+            # UNMAP bit is refused rather than silently ignored (SBC-3
+            # §5.43; libiscsi checks the VPD B2h bits agree).
+            raise invalid_field_in_cdb(1, 3)
         self._ready()
         self._writable()
         if lba > self.num_blocks:
