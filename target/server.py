@@ -9,6 +9,7 @@ leaves the per-connection protocol to :mod:`target.connection`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -148,7 +149,7 @@ class TargetServer:
             for host, port in group.portals:
                 tag = group.tag
                 srv = await loop.create_server(
-                    lambda tag=tag: TargetConnection(self, tag),  # type: ignore[misc]
+                    functools.partial(TargetConnection, self, tag),
                     host=host or None, port=port, reuse_address=True)
                 self._servers.append(srv)
                 for sock in srv.sockets:
@@ -207,7 +208,7 @@ class TargetServer:
 
     def tasks_for_lun(self, rt: TargetRuntime, lun: int | None) -> list[Any]:
         """Every task on any session of ``rt`` addressed to ``lun`` (or all)."""
-        out = []
+        out: list[Any] = []
         for sess in rt.sessions:
             for c in sess.connections.values():
                 out.extend(t for t in c.tasks.values() if lun is None or t.lun == lun)
