@@ -23,6 +23,7 @@ from iscsi.text import decode_text, encode_text
 
 from .config import LunSpec, ServerConfig, TargetSpec
 from .connection import TargetConnection
+from .media import MediaWatcher
 from .session import Session
 
 log = logging.getLogger("aioiscsi.target")
@@ -132,6 +133,7 @@ class TargetServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._next_tsih = 1
         self._reserved_tsih: set[int] = set()
+        self.media: MediaWatcher | None = None
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
 
     # --------------------------------------------------------------- startup
@@ -157,12 +159,41 @@ class TargetServer:
                     self.bound.append((tag, addr[0], addr[1]))
         for tag, host, port in self.bound:
             log.info("listening on %s (portal group %d)", _fmt_portal(host, port), tag)
+        self.media = MediaWatcher(self)
+        self.media.start()
+
+    def change_medium(self, target: str, lun: int, path: str | None) -> bool:
+        """Put the image at ``path`` in CD/DVD LUN ``lun`` of ``target``
+        (None ejects). Returns False when the new image cannot be opened
+        (the LUN then reports no medium)."""
+        from target.backends.base import BackendError
+
+        from .media import open_medium
+
+        rt = self.targets[target]
+        unit = rt.scsi.luns[lun]
+        backend = None
+        if path is not None:
+            try:
+                backend = open_medium(path)
+            except BackendError as exc:
+                log.warning("LUN %d of %s: cannot load new medium: %s", lun, target, exc)
+        unit.change_medium(backend)  # closes the old image
+        if backend is not None:
+            rt.backends[lun] = backend
+        else:
+            rt.backends.pop(lun, None)
+        log.info("LUN %d of %s: %s", lun, target,
+                 f"medium changed to {path}" if backend is not None else "medium removed")
+        return backend is not None
 
     async def stop(self, logout_wait: float = 2.0) -> None:
         """Stop accepting, ask every initiator to log out (Async Message),
         wait briefly for them, then close and flush every backend."""
         for srv in self._servers:
             srv.close()
+        if self.media is not None:
+            self.media.stop()
         conns = [c for c in self.connections if c.session is not None and not c.closed]
         for c in conns:
             c.request_logout(int(logout_wait))

@@ -152,6 +152,10 @@ class LogicalUnit:
     management hooks.
     """
 
+    #: Commands that never report (nor clear) a pending unit attention
+    #: (SPC-4 §5.14).
+    ua_exempt: frozenset[int] = _UA_EXEMPT
+
     #: Commands this kind of unit serves (REPORT SUPPORTED OPERATION CODES).
     BASE_OPS: tuple[OpInfo, ...] = DISK_OPS
 
@@ -391,7 +395,7 @@ class LogicalUnit:
             if cdb[need - 1] & 0x04:
                 # NACA=1 but we do not implement ACA (SAM-5 §5.9.1.2)
                 raise invalid_field_in_cdb(need - 1, 2)
-            if self._ua and op not in _UA_EXEMPT:
+            if self._ua and op not in self.ua_exempt:
                 ua = self._pop_ua(nexus)
                 if ua is not None:
                     raise CheckCondition(SenseKey.UNIT_ATTENTION, *ua)

@@ -60,6 +60,12 @@ class CdromUnit(LogicalUnit):
     """A read-only, removable MMC logical unit over a backend holding an
     ISO 9660 / UDF image (2048-byte blocks)."""
 
+    # MMC-6 §4.1.6.1 / §6.7: GET CONFIGURATION and GET EVENT STATUS
+    # NOTIFICATION report media state themselves and do not consume unit
+    # attentions, so a host polling for media events still sees 28/00.
+    ua_exempt = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE,
+                           Opcode.GET_CONFIGURATION, Opcode.GET_EVENT_STATUS_NOTIFICATION})
+
     BASE_OPS: tuple[OpInfo, ...] = CDROM_OPS
 
     def __init__(self, backend: Backend | None, config: LUConfig | None = None) -> None:
@@ -105,6 +111,9 @@ class CdromUnit(LogicalUnit):
         self.num_blocks = backend.size >> self._shift
         if old is not backend:
             old.close()
+            # Another disc: as if the tray opened and closed, so every
+            # nexus is told (28/00) and the next media event is NEW MEDIA.
+            self.medium_present = False
         self.load_medium()
 
     def load_medium(self) -> None:
