@@ -95,6 +95,8 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
                 state_dir=os.path.join(state_dir, _safe(spec.name), str(ls.lun))
                 if state_dir else None,
             ).resolve(spec.name, ls.lun)
+            if cfg.state_dir:
+                os.makedirs(cfg.state_dir, exist_ok=True)
             luns[ls.lun] = CdromUnit(backend, cfg) if cdrom else LogicalUnit(backend, cfg)
     except Exception:
         for b in backends.values():
