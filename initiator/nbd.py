@@ -1,16 +1,31 @@
-"""Serve a LUN over NBD (the Network Block Device protocol, fixed newstyle).
+"""Serve a LUN over NBD, the Network Block Device protocol (fixed newstyle).
 
-``nbd-client`` turns the export into /dev/nbdX where the kernel module exists;
-libnbd's ``nbdinfo``/``nbdcopy``/``nbdfuse`` and ``qemu-img`` talk to it
-directly. Implemented from the NBD protocol document (proto.md of the NBD
-project): fixed-newstyle handshake with NO_ZEROES, options EXPORT_NAME, INFO,
-GO, LIST, ABORT and STRUCTURED_REPLY; commands READ, WRITE (with FUA), FLUSH,
-TRIM, WRITE_ZEROES, CACHE and DISC; block size constraints advertised with
-NBD_INFO_BLOCK_SIZE; structured replies for reads and errors once negotiated.
+``nbd-client`` turns the export into /dev/nbdX where the kernel module
+exists; libnbd's ``nbdinfo``/``nbdcopy``/``nbdfuse`` and ``qemu-img``/``qemu-io``
+talk to it directly. Written from the protocol document (doc/proto.md of the
+NBD project, cited below as "proto.md §section"):
 
-Requests are served concurrently (the initiator keeps many SCSI commands in
-flight); replies go out whole, in one write each, in completion order, as the
-protocol allows.
+* Handshake: fixed newstyle with NO_ZEROES; options EXPORT_NAME, INFO, GO
+  (NBD_INFO_EXPORT, _NAME, _DESCRIPTION, _BLOCK_SIZE), LIST, ABORT,
+  STRUCTURED_REPLY, LIST_META_CONTEXT/SET_META_CONTEXT ("base:allocation");
+  anything else gets NBD_REP_ERR_UNSUP.
+* Transmission: READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES and
+  BLOCK_STATUS; FUA is a flush after the command; structured replies
+  (OFFSET_DATA, NONE, ERROR, BLOCK_STATUS) once negotiated, simple ones
+  otherwise.
+
+The data path follows DESIGN.md: an ``asyncio.BufferedProtocol`` reads
+request headers into a small staging buffer and a WRITE payload straight into
+its own buffer; requests run concurrently (the initiator keeps many SCSI
+commands in flight) and replies go out in completion order, which proto.md
+§Transmission allows, gathered into one ``writelines`` per loop iteration.
+Reading stops while too many requests or bytes are in flight, or while the
+client does not read our replies, so a client cannot grow our memory without
+bound.
+
+The exported device is anything with the :class:`ExportDevice` shape; an
+iSCSI :class:`~initiator.blockdev.BlockDevice` is adapted by
+:class:`BlockDeviceExport`.
 """
 
 from __future__ import annotations
@@ -18,29 +33,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import ipaddress
 import logging
 import os
+import socket
+import stat
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
-from iscsi.pdu import Buffer
-
-from .blockdev import BlockDevice
-from .errors import InitiatorError
-from .scsi import SCSICheckCondition, SCSIStatusError
+if TYPE_CHECKING:
+    from .blockdev import BlockDevice
 
 log = logging.getLogger("initiator.nbd")
 
-NBDMAGIC = 0x4E42444D41474943
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
+BytesLike = bytes | bytearray | memoryview
+
+# --------------------------------------------------------------- constants
+# proto.md §Values. Magic numbers first (§Newstyle negotiation, §Request message).
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
 STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
-# Handshake flags.
+# Handshake flags (server) and client flags.
 FLAG_FIXED_NEWSTYLE = 1 << 0
 FLAG_NO_ZEROES = 1 << 1
+FLAG_C_FIXED_NEWSTYLE = 1 << 0
+FLAG_C_NO_ZEROES = 1 << 1
+
 # Transmission flags.
 TF_HAS_FLAGS = 1 << 0
 TF_READ_ONLY = 1 << 1
@@ -49,7 +73,9 @@ TF_SEND_FUA = 1 << 3
 TF_SEND_TRIM = 1 << 5
 TF_SEND_WRITE_ZEROES = 1 << 6
 TF_SEND_DF = 1 << 7
+TF_CAN_MULTI_CONN = 1 << 8
 TF_SEND_CACHE = 1 << 10
+
 # Options.
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
@@ -58,19 +84,28 @@ OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
-# Option replies.
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
+
+# Option reply types.
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
 REP_ERR_UNKNOWN = (1 << 31) + 6
-# Info types.
+REP_ERR_SHUTDOWN = (1 << 31) + 7
+REP_ERR_TOO_BIG = (1 << 31) + 9
+
+# NBD_INFO types.
 INFO_EXPORT = 0
 INFO_NAME = 1
 INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
-# Commands and their flags.
+
+# Commands and command flags.
 CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
@@ -78,63 +113,280 @@ CMD_FLUSH = 3
 CMD_TRIM = 4
 CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
 CMD_FLAG_DF = 1 << 2
-# Structured reply types / flags.
-REPLY_FLAG_DONE = 1
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAG_FAST_ZERO = 1 << 4
+
+# Structured reply flags and types.
+REPLY_FLAG_DONE = 1 << 0
 REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_BLOCK_STATUS = 5
 REPLY_TYPE_ERROR = (1 << 15) + 1
 
+# base:allocation status flags (proto.md §`base:allocation` metadata context).
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+META_BASE_ALLOCATION = "base:allocation"
+#: Our one metadata context ID for base:allocation (any nonzero value would do).
+META_ID_ALLOCATION = 1
+
+# Error values (proto.md §Error values): a fixed subset of Linux errno values.
+NBD_EPERM = errno.EPERM
+NBD_EIO = errno.EIO
+NBD_ENOMEM = errno.ENOMEM
+NBD_EINVAL = errno.EINVAL
+NBD_ENOSPC = errno.ENOSPC
+NBD_EOVERFLOW = errno.EOVERFLOW
+NBD_ENOTSUP = errno.ENOTSUP
+NBD_ESHUTDOWN = errno.ESHUTDOWN
+_NBD_ERRNOS = frozenset((NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC,
+                         NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN))
+
+#: Largest READ/WRITE payload (proto.md §Size constraints: 32 MiB is what
+#: clients expect to be allowed; more may be treated as denial of service).
+MAX_PAYLOAD = 32 << 20
+#: Largest option payload we read; bigger ones are skipped and refused with
+#: NBD_REP_ERR_TOO_BIG (strings are at most 4096 bytes, proto.md §Conventions).
+MAX_OPTION = 64 << 10
+#: Most metadata queries in one option.
+MAX_META_QUERIES = 128
+#: Most extents in one NBD_REPLY_TYPE_BLOCK_STATUS chunk (proto.md: SHOULD
+#: NOT exceed 2^20).
+MAX_EXTENTS = 1 << 20
+#: Per-connection bounds on concurrent requests and bytes they hold.
+MAX_INFLIGHT = 128
+MAX_INFLIGHT_BYTES = 64 << 20
+
+_STAGING = 128 << 10
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_HELLO = struct.Struct(">QQH")
 _OPT_HDR = struct.Struct(">QII")
 _OPT_REPLY = struct.Struct(">QIII")
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
-_STRUCT = struct.Struct(">IHHQI")
-_U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
-_U16 = struct.Struct(">H")
-
-#: Largest request we accept (the protocol suggests 32 MiB as the common max).
-MAX_REQUEST = 32 << 20
-#: Largest option payload we read.
-MAX_OPTION = 64 << 10
+_CHUNK = struct.Struct(">IHHQI")
+_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + 64-bit offset (OFFSET_DATA)
+_CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
+_INFO_EXPORT = struct.Struct(">HQH")
+_INFO_BLOCK_SIZE = struct.Struct(">HIII")
+_EXPORT_REPLY = struct.Struct(">QH")  # NBD_OPT_EXPORT_NAME answer (size, flags)
+_EXTENT = struct.Struct(">II")
 
 
-class NBDProtocolError(Exception):
-    """The client broke the NBD protocol; the connection is dropped."""
+# ------------------------------------------------------------ device shape
 
 
-def _errno_of(exc: BaseException) -> int:
+class ExportDevice(Protocol):
+    """What an export needs from a device (byte offsets throughout).
+
+    ``read``/``write`` take any byte offset and length inside ``size``;
+    ``discard`` is advisory; ``write_zeroes`` must leave the range reading
+    as zeros and may deallocate it when ``may_trim``. Two optional members
+    are looked up with ``getattr``: ``async block_status(offset, length) ->
+    Sequence[(length, mapped)]`` (consecutive extents from ``offset``;
+    without it every block is reported allocated) and
+    ``unmapped_reads_zero: bool`` (whether unmapped extents read as zeros,
+    like SBC-3 LBPRZ; default False).
+    """
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes."""
+
+    @property
+    def read_only(self) -> bool:
+        """True if writes must be refused."""
+
+    async def read(self, offset: int, length: int) -> BytesLike:
+        """``length`` bytes at ``offset``."""
+
+    async def write(self, offset: int, data: BytesLike) -> object:
+        """Write ``data`` at ``offset``."""
+
+    async def flush(self) -> None:
+        """Make completed writes durable."""
+
+    async def discard(self, offset: int, length: int) -> object:
+        """Hint that the range is no longer needed."""
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        """Zero the range (deallocating it is allowed when ``may_trim``)."""
+
+
+BlockStatusFn = Callable[[int, int], Awaitable[Sequence[tuple[int, bool]]]]
+
+
+class BlockDeviceExport:
+    """Adapts an iSCSI :class:`~initiator.blockdev.BlockDevice` to
+    :class:`ExportDevice`: WRITE ZEROES may unmap when the LU is thin
+    (LBPME) and the client allows holes; block status comes from GET LBA
+    STATUS (SBC-3 §5.4) when the LU is thin."""
+
+    def __init__(self, device: BlockDevice, *, read_only: bool = False) -> None:
+        self.device = device
+        self._read_only = read_only
+        self._lba_status = bool(device.capacity.lbpme)
+
+    @property
+    def size(self) -> int:
+        """Size in bytes."""
+        return self.device.size
+
+    @property
+    def block_size(self) -> int:
+        """Logical block size in bytes."""
+        return self.device.block_size
+
+    @property
+    def read_only(self) -> bool:
+        """True if this export refuses writes."""
+        return self._read_only
+
+    @property
+    def unmapped_reads_zero(self) -> bool:
+        """SBC-3 LBPRZ: deallocated blocks read as zeros."""
+        return bool(self.device.capacity.lbprz)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """Read bytes."""
+        return await self.device.read(offset, length)
+
+    async def write(self, offset: int, data: BytesLike) -> object:
+        """Write bytes."""
+        return await self.device.write(offset, data)
+
+    async def flush(self) -> None:
+        """SYNCHRONIZE CACHE."""
+        await self.device.flush()
+
+    async def discard(self, offset: int, length: int) -> object:
+        """UNMAP the whole blocks of the range."""
+        return await self.device.discard(offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
+        """WRITE SAME of zeros, with UNMAP only on a thin LU when allowed."""
+        await self.device.write_zeroes(offset, length,
+                                       unmap=may_trim and self.device.capacity.lbpme)
+
+    async def block_status(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Allocation from GET LBA STATUS; everything mapped if the LU is
+        not thin or refuses the command."""
+        if not self._lba_status or length <= 0:
+            return [(length, True)]
+        from .scsi import SCSICheckCondition  # only the iSCSI path needs it
+
+        bs = self.block_size
+        try:
+            descriptors = await self.device.lun.get_lba_status(offset // bs)
+        except SCSICheckCondition as exc:
+            if exc.key == 0x5:  # ILLEGAL REQUEST: the LU lacks GET LBA STATUS
+                self._lba_status = False
+                return [(length, True)]
+            raise
+        end = offset + length
+        out: list[tuple[int, bool]] = []
+        pos = offset
+        for d in descriptors:
+            start = max(d.lba * bs, pos)
+            stop = min((d.lba + d.blocks) * bs, end)
+            if start > pos:
+                out.append((start - pos, True))  # not described: assume mapped
+            if stop > start:
+                out.append((stop - start, d.status == 0))  # 0 = mapped (SBC-3 table 51)
+                pos = stop
+            if pos >= end:
+                break
+        return out or [(length, True)]
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error value for a failed command (proto.md §Error values)."""
     if isinstance(exc, PermissionError):
-        return errno.EPERM
+        return NBD_EPERM
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = exc.errno
+        if code in _NBD_ERRNOS:
+            return code
+        if code in (errno.EROFS, errno.EACCES):
+            return NBD_EPERM
+        if code in (errno.EDQUOT, errno.EFBIG):  # proto.md: map these to ENOSPC
+            return NBD_ENOSPC
+        return NBD_EIO
     if isinstance(exc, ValueError):
-        return errno.EINVAL
-    if isinstance(exc, SCSICheckCondition):
-        # DATA PROTECT = write protected, ILLEGAL REQUEST = out of range etc.
-        return {0x7: errno.EPERM, 0x5: errno.EINVAL, 0xD: errno.ENOSPC}.get(exc.key, errno.EIO)
-    if isinstance(exc, SCSIStatusError | InitiatorError):
-        return errno.EIO
-    return errno.EIO
+        return NBD_EINVAL
+    # initiator.scsi.SCSICheckCondition carries the sense key (SPC-4 §4.5.6);
+    # read it by duck typing so this module does not need the iSCSI stack.
+    key = getattr(exc, "key", None)
+    if isinstance(key, int):
+        asc = getattr(exc, "asc", 0)
+        if key == 0x7:  # DATA PROTECT
+            # ASC 27h/07h: SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 §4.7.3.6)
+            return NBD_ENOSPC if (asc, getattr(exc, "ascq", 0)) == (0x27, 0x07) else NBD_EPERM
+        if key == 0x5:  # ILLEGAL REQUEST (e.g. LBA out of range)
+            return NBD_EINVAL
+        if key == 0xD:  # VOLUME OVERFLOW
+            return NBD_ENOSPC
+    return NBD_EIO
+
+
+def _pow2_or(value: int, default: int, limit: int) -> int:
+    return value if 0 < value <= limit and value & (value - 1) == 0 else default
+
+
+# ------------------------------------------------------------------ server
 
 
 class NBDServer:
-    """Serves one BlockDevice to any number of NBD clients."""
+    """Serves one device as one export to any number of NBD clients.
 
-    def __init__(self, device: BlockDevice, *, name: str = "", description: str = "",
-                 read_only: bool = False) -> None:
+    Use :func:`serve_nbd`, or construct and :meth:`start`. :meth:`close`
+    stops listening, lets each connection finish the requests it has in
+    flight, and closes it; :meth:`wait_closed` waits for that.
+    """
+
+    def __init__(self, device: ExportDevice, *, export_name: str = "",
+                 description: str = "", read_only: bool | None = None,
+                 max_payload: int = MAX_PAYLOAD) -> None:
         self.device = device
-        self.name = name
+        self.export_name = export_name
         self.description = description
-        self.read_only = read_only
+        self.read_only = device.read_only if read_only is None else read_only
+        self.max_payload = max_payload
+        bs = device.block_size
+        # proto.md §Size constraints: powers of two, minimum <= 64 KiB,
+        # preferred >= max(minimum, 512). A byte-addressed device could take
+        # minimum 1, but the LU's block size is what avoids read-modify-write.
+        self.minimum_block = _pow2_or(bs, 1, 1 << 16)
+        self.preferred_block = max(_pow2_or(bs, 4096, max_payload), 4096, self.minimum_block)
+        self.uri = ""
         self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._unix_path: str | None = None
+        self._unix_ino: tuple[int, int] | None = None
+        self._conns: set[_Connection] = set()
+        self._closing = False
 
     @property
-    def transmission_flags(self) -> int:
-        """What this export supports (NBD transmission flags)."""
-        flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_CACHE | TF_SEND_DF
+    def connections(self) -> int:
+        """Number of open client connections."""
+        return len(self._conns)
+
+    def transmission_flags(self, structured: bool) -> int:
+        """The export's NBD transmission flags (proto.md §Transmission flags)."""
+        # CAN_MULTI_CONN: we keep no cache per connection and FLUSH flushes
+        # the whole device, so a flush on one connection covers all of them.
+        flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_CACHE | TF_CAN_MULTI_CONN
+        if structured:
+            flags |= TF_SEND_DF  # we always answer a read with one chunk
         if self.read_only:
             flags |= TF_READ_ONLY
         else:
@@ -142,256 +394,707 @@ class NBDServer:
         return flags
 
     async def start(self, listen: str) -> str:
-        """Listen on ``unix:PATH`` or ``HOST:PORT``; returns the address as
-        an NBD URI (``nbd+unix:///?socket=PATH`` or ``nbd://HOST:PORT``)."""
+        """Listen on ``unix:PATH`` or ``HOST:PORT`` (port 0 picks one) and
+        return the export's URI (``nbd+unix:///NAME?socket=PATH`` or
+        ``nbd://HOST:PORT/NAME``), also kept in :attr:`uri`."""
+        loop = asyncio.get_running_loop()
+        name = self.export_name
         if listen.startswith("unix:"):
             path = listen[5:]
+            if not path:
+                raise ValueError("unix: needs a socket path, e.g. unix:/run/lun.sock")
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            self._server = await asyncio.start_unix_server(self._client, path)
-            return f"nbd+unix:///{self.name}?socket={path}"
-        host, _, port = listen.rpartition(":")
+                # Replace a stale socket, but never a file that is not one.
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            self._server = await loop.create_unix_server(self._new_connection, path)
+            st = os.lstat(path)
+            self._unix_path, self._unix_ino = path, (st.st_dev, st.st_ino)
+            self.uri = f"nbd+unix:///{name}?socket={path}"
+            return self.uri
+        host, sep, port_text = listen.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"{listen!r}: listen on unix:PATH or HOST:PORT")
         host = host.strip("[]") or "127.0.0.1"
-        self._server = await asyncio.start_server(self._client, host, int(port))
-        sock = self._server.sockets[0]
-        actual = sock.getsockname()[1]
+        with contextlib.suppress(ValueError):
+            if not ipaddress.ip_address(host).is_loopback:
+                log.warning("NBD has no authentication: %s exposes the LUN beyond "
+                            "this host", listen)
+        self._server = await loop.create_server(self._new_connection, host, int(port_text))
+        port = self._server.sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        return f"nbd://{shown}:{actual}/{self.name}"
+        self.uri = f"nbd://{shown}:{port}/{name}"
+        return self.uri
 
-    async def close(self) -> None:
-        """Stop listening and drop every client."""
+    def _new_connection(self) -> _Connection:
+        conn = _Connection(self)
+        self._conns.add(conn)
+        conn.finished.add_done_callback(lambda _f: self._conns.discard(conn))
+        return conn
+
+    def close(self) -> None:
+        """Stop listening; connections finish their in-flight requests and
+        close (proto.md §Terminating the transmission phase)."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
+        for conn in list(self._conns):
+            conn.shutdown()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                st = os.lstat(self._unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_ino:
+                    os.unlink(self._unix_path)
+            self._unix_path = None
+
+    async def wait_closed(self) -> None:
+        """Wait until every connection has finished and closed."""
+        while self._conns:
+            await asyncio.gather(*(c.finished for c in list(self._conns)),
+                                 return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
-        for task in list(self._clients):
-            task.cancel()
-        await asyncio.gather(*self._clients, return_exceptions=True)
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
-        try:
-            conn = _Conn(self, reader, writer)
-            await conn.run()
-        except (NBDProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
-            log.info("NBD client dropped: %s", exc or type(exc).__name__)
-        finally:
-            self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def __aenter__(self) -> NBDServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
 
 
-class _Conn:
-    def __init__(self, server: NBDServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-        self.server = server
-        self.dev = server.device
-        self.reader = reader
-        self.writer = writer
-        self.structured = False
-        self.no_zeroes = False
-        self.inflight: set[asyncio.Task[None]] = set()
-
-    # ------------------------------------------------------------ handshake
-
-    async def run(self) -> None:
-        self.writer.write(_U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT)
-                          + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-        (cflags,) = _U32.unpack(await self.reader.readexactly(4))
-        if not cflags & FLAG_FIXED_NEWSTYLE:
-            raise NBDProtocolError("client does not speak fixed newstyle")
-        self.no_zeroes = bool(cflags & FLAG_NO_ZEROES)
-        if await self._options():
-            await self._transmission()
-
-    def _reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
-        self.writer.write(_OPT_REPLY.pack(REPLY_MAGIC, opt, rtype, len(data)) + data)
-
-    async def _options(self) -> bool:
-        """Option haggling; True when transmission starts."""
-        while True:
-            magic, opt, length = _OPT_HDR.unpack(await self.reader.readexactly(16))
-            if magic != IHAVEOPT:
-                raise NBDProtocolError(f"bad option magic {magic:#x}")
-            if length > MAX_OPTION:
-                raise NBDProtocolError(f"option of {length} bytes")
-            data = await self.reader.readexactly(length)
-            if opt == OPT_EXPORT_NAME:
-                if data.decode("utf-8", "replace") != self.server.name:
-                    # No error reply exists for EXPORT_NAME: close.
-                    raise NBDProtocolError(f"unknown export {data!r}")
-                tail = b"" if self.no_zeroes else bytes(124)
-                self.writer.write(_U64.pack(self.dev.size)
-                                  + _U16.pack(self.server.transmission_flags) + tail)
-                return True
-            if opt == OPT_ABORT:
-                self._reply(opt, REP_ACK)
-                await self.writer.drain()
-                return False
-            if opt == OPT_LIST:
-                name = self.server.name.encode()
-                self._reply(opt, REP_SERVER, _U32.pack(len(name)) + name)
-                self._reply(opt, REP_ACK)
-            elif opt == OPT_STRUCTURED_REPLY:
-                if length:
-                    self._reply(opt, REP_ERR_INVALID)
-                else:
-                    self.structured = True
-                    self._reply(opt, REP_ACK)
-            elif opt in (OPT_INFO, OPT_GO):
-                if self._info(opt, data) and opt == OPT_GO:
-                    await self.writer.drain()
-                    return True
-            else:
-                self._reply(opt, REP_ERR_UNSUP)
-            await self.writer.drain()
-
-    def _info(self, opt: int, data: bytes) -> bool:
-        if len(data) < 6:
-            self._reply(opt, REP_ERR_INVALID)
-            return False
-        (nlen,) = _U32.unpack_from(data)
-        if 4 + nlen + 2 > len(data):
-            self._reply(opt, REP_ERR_INVALID)
-            return False
-        name = data[4 : 4 + nlen].decode("utf-8", "replace")
-        (nreq,) = _U16.unpack_from(data, 4 + nlen)
-        if len(data) != 4 + nlen + 2 + 2 * nreq:
-            self._reply(opt, REP_ERR_INVALID)
-            return False
-        if name != self.server.name:
-            self._reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
-            return False
-        bs = self.dev.block_size
-        # Minimum 1: BlockDevice does read-modify-write for unaligned edges.
-        self._reply(opt, REP_INFO, _U16.pack(INFO_EXPORT) + _U64.pack(self.dev.size)
-                    + _U16.pack(self.server.transmission_flags))
-        self._reply(opt, REP_INFO, _U16.pack(INFO_BLOCK_SIZE) + _U32.pack(1)
-                    + _U32.pack(max(bs, 4096)) + _U32.pack(MAX_REQUEST))
-        if self.server.description:
-            self._reply(opt, REP_INFO, _U16.pack(INFO_DESCRIPTION)
-                        + self.server.description.encode())
-        self._reply(opt, REP_ACK)
-        return True
-
-    # ---------------------------------------------------------- transmission
-
-    async def _transmission(self) -> None:
-        try:
-            while True:
-                hdr = await self.reader.readexactly(_REQUEST.size)
-                magic, flags, cmd, cookie, offset, length = _REQUEST.unpack(hdr)
-                if magic != REQUEST_MAGIC:
-                    raise NBDProtocolError(f"bad request magic {magic:#x}")
-                if cmd == CMD_DISC:
-                    break
-                payload: bytes | None = None
-                if cmd == CMD_WRITE:
-                    if length > MAX_REQUEST:
-                        raise NBDProtocolError(f"write of {length} bytes")
-                    payload = await self.reader.readexactly(length)
-                task = asyncio.ensure_future(self._serve(flags, cmd, cookie, offset, length,
-                                                         payload))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
-        finally:
-            # NBD_CMD_DISC: finish what is in flight, then flush (proto.md).
-            if self.inflight:
-                await asyncio.gather(*self.inflight, return_exceptions=True)
-            with contextlib.suppress(InitiatorError):
-                if not self.server.read_only:
-                    await self.dev.flush()
-
-    async def _serve(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
-                     payload: bytes | None) -> None:
-        try:
-            data = await self._execute(flags, cmd, offset, length, payload)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # every failure becomes an NBD error reply
-            log.info("NBD command %d at %d+%d failed: %s", cmd, offset, length, exc)
-            self._error(cookie, _errno_of(exc), str(exc))
-            return
-        if data is None:
-            self._done(cookie)
-        elif self.structured:
-            hdr = _STRUCT.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
-                               cookie, 8 + len(data)) + _U64.pack(offset)
-            self.writer.writelines([hdr, data])
-        else:
-            self.writer.writelines([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data])
-        await self.writer.drain()
-
-    async def _execute(self, flags: int, cmd: int, offset: int, length: int,
-                       payload: bytes | None) -> Buffer | None:
-        dev = self.dev
-        if offset + length > dev.size:
-            raise ValueError(f"request {offset}+{length} beyond the end ({dev.size})")
-        writing = cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
-        if writing and self.server.read_only:
-            raise PermissionError("read-only export")
-        fua = bool(flags & CMD_FLAG_FUA)
-        if cmd == CMD_READ:
-            if length > MAX_REQUEST:
-                raise ValueError(f"read of {length} bytes")
-            buf = bytearray(length)
-            await dev.readinto(offset, buf)
-            return buf
-        if cmd == CMD_WRITE:
-            assert payload is not None
-            await dev.write(offset, payload, fua=fua)
-        elif cmd == CMD_FLUSH:
-            await dev.flush()
-        elif cmd == CMD_TRIM:
-            await dev.discard(offset, length)
-            if fua:
-                await dev.flush()
-        elif cmd == CMD_WRITE_ZEROES:
-            # NO_HOLE asks for allocated zeros; otherwise let a thin LU unmap.
-            await dev.write_zeroes(offset, length,
-                                   unmap=not flags & CMD_FLAG_NO_HOLE and dev.capacity.lbpme)
-            if fua:
-                await dev.flush()
-        elif cmd == CMD_CACHE:
-            pass  # a prefetch hint; the target's cache is not ours to fill
-        else:
-            raise ValueError(f"unknown NBD command {cmd}")
-        return None
-
-    def _done(self, cookie: int) -> None:
-        if self.structured:
-            self.writer.write(_STRUCT.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                           REPLY_TYPE_NONE, cookie, 0))
-        else:
-            self.writer.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-
-    def _error(self, cookie: int, code: int, message: str) -> None:
-        if self.structured:
-            msg = message.encode()[:4096]
-            self.writer.write(_STRUCT.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                           REPLY_TYPE_ERROR, cookie, 6 + len(msg))
-                              + _U32.pack(code) + _U16.pack(len(msg)) + msg)
-        else:
-            self.writer.write(_SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie))
+async def serve_nbd(device: ExportDevice, listen: str, *, export_name: str = "",
+                    description: str = "", read_only: bool | None = None,
+                    ready: Callable[[str], object] | None = None) -> NBDServer:
+    """Serve ``device`` on ``listen`` (``unix:PATH`` or ``HOST:PORT``);
+    ``ready`` is called with the export's URI once it accepts clients."""
+    server = NBDServer(device, export_name=export_name, description=description,
+                       read_only=read_only)
+    uri = await server.start(listen)
+    if ready is not None:
+        ready(uri)
+    return server
 
 
 async def serve_until(device: BlockDevice, listen: str, stop: Awaitable[object], *,
                       name: str = "", read_only: bool = False,
-                      ready: Callable[[str], None] | None = None) -> None:
-    """Serve ``device`` on ``listen`` until ``stop`` completes, then close
-    clients and flush (the CLI's ``attach``)."""
-    server = NBDServer(device, name=name, read_only=read_only)
-    uri = await server.start(listen)
-    if ready is not None:
-        ready(uri)
+                      ready: Callable[[str], object] | None = None) -> None:
+    """Serve an iSCSI BlockDevice until ``stop`` completes, then close the
+    clients and flush (``iscsi-initiator attach --nbd``)."""
+    export = BlockDeviceExport(device, read_only=read_only)
+    server = await serve_nbd(export, listen, export_name=name, ready=ready)
     try:
         await stop
     finally:
-        await server.close()
+        server.close()
+        await server.wait_closed()
         if not read_only:
             await device.flush()
 
 
-__all__ = ["NBDServer", "NBDProtocolError", "serve_until"]
+# -------------------------------------------------------------- connection
+
+_HANDSHAKE, _OPTIONS, _TRANSMISSION, _DONE = range(4)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client: handshake, option haggling, then transmission."""
+
+    def __init__(self, server: NBDServer) -> None:
+        self.server = server
+        self.dev = server.device
+        self.loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.state = _HANDSHAKE
+        # Receive side: headers land in a staging buffer; a WRITE payload
+        # goes straight into its own bytearray (DESIGN.md: data path).
+        self._buf = bytearray(_STAGING)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._payload: bytearray | None = None
+        self._payload_fill = 0
+        self._payload_req: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._sink = 0  # bytes still to discard (refused oversized payload)
+        self._after_sink: Callable[[], None] | None = None
+        # Negotiated state.
+        self.no_zeroes = False
+        self.structured = False
+        self.meta_allocation = False
+        self.block_size_agreed = False
+        # In flight.
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._inflight_bytes = 0
+        self._dirty = False
+        # Send side: replies finished in one loop iteration go out in one
+        # writelines call.
+        self._out: list[BytesLike] = []
+        self._flush_scheduled = False
+        self._write_paused = False
+        self._reading_paused = False
+        self._shutting_down = False
+        self._lost = False
+        self._finishing = False
+
+    # ---------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have
+        # the same methods.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # DESIGN.md: never let Nagle hold a reply back.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # proto.md §Newstyle negotiation: "NBDMAGIC", "IHAVEOPT", handshake flags.
+        self._send([_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)])
+        if self.server._closing:
+            self.shutdown()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self.state = _DONE
+        self._out.clear()
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        # DESIGN.md flow control: a client that does not read its replies
+        # stops being read.
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+        self._process()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._payload is not None:
+            return memoryview(self._payload)[self._payload_fill:]
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start:
+            # Keep the unparsed tail (a partial header, at most one option) at
+            # the front so the staging buffer always has room.
+            n = self._end - self._start
+            self._buf[:n] = bytes(self._view[self._start : self._end])  # may overlap
+            self._start, self._end = 0, n
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload is not None:
+            self._payload_fill += nbytes
+            if self._payload_fill == len(self._payload):
+                self._payload_done()
+        else:
+            self._end += nbytes
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; in-flight work still completes
+
+    # ------------------------------------------------------------- parsing
+
+    def _blocked(self) -> bool:
+        return (self._write_paused or self._shutting_down
+                or len(self._inflight) >= MAX_INFLIGHT
+                or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
+
+    def _update_reading(self) -> None:
+        if self.transport is None or self._lost:
+            return
+        want_pause = self._blocked() or self.state == _DONE
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _process(self) -> None:
+        """Consume as much staged input as the current state allows."""
+        while self._payload is None and self.state != _DONE and not self._blocked():
+            avail = self._end - self._start
+            if self._sink:
+                n = min(avail, self._sink)
+                self._start += n
+                self._sink -= n
+                if self._sink:
+                    break
+                after, self._after_sink = self._after_sink, None
+                if after is not None:
+                    after()
+                continue
+            if self.state == _TRANSMISSION:
+                if avail < _REQUEST.size:
+                    break
+                self._request()
+            elif self.state == _OPTIONS:
+                if avail < _OPT_HDR.size:
+                    break
+                magic, opt, length = _OPT_HDR.unpack_from(self._buf, self._start)
+                if magic != IHAVEOPT:
+                    self._hard_disconnect(f"bad option magic {magic:#x}")
+                    break
+                if length > MAX_OPTION:
+                    self._start += _OPT_HDR.size
+                    self._sink = length
+                    self._after_sink = functools.partial(
+                        self._opt_reply, opt, REP_ERR_TOO_BIG, b"option data too large")
+                    continue
+                if avail < _OPT_HDR.size + length:
+                    break
+                begin = self._start + _OPT_HDR.size
+                data = bytes(self._view[begin : begin + length])
+                self._start = begin + length
+                self._option(opt, data)
+            elif self.state == _HANDSHAKE:
+                if avail < 4:
+                    break
+                (cflags,) = _U32.unpack_from(self._buf, self._start)
+                self._start += 4
+                if cflags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
+                    # proto.md §Client flags: unknown flags MUST drop the connection.
+                    self._hard_disconnect(f"unknown client flags {cflags:#x}")
+                    break
+                # A client without FIXED_NEWSTYLE is honoured anyway (proto.md
+                # allows it); it will only ever send NBD_OPT_EXPORT_NAME.
+                self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
+                self.state = _OPTIONS
+        self._update_reading()
+
+    # ------------------------------------------------------ option haggling
+
+    def _opt_reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
+        self._send([_OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rtype, len(data)), data])
+
+    def _option(self, opt: int, data: bytes) -> None:
+        if opt == OPT_EXPORT_NAME:
+            self._export_name(data)
+        elif opt == OPT_ABORT:
+            # proto.md: the server MUST reply with ACK, then the client drops.
+            self._opt_reply(opt, REP_ACK)
+            self._hard_disconnect(None)
+        elif opt == OPT_LIST:
+            if data:
+                self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
+                return
+            name = self.server.export_name.encode()
+            self._opt_reply(opt, REP_SERVER,
+                            _U32.pack(len(name)) + name + self.server.description.encode())
+            self._opt_reply(opt, REP_ACK)
+        elif opt == OPT_STRUCTURED_REPLY:
+            if data:
+                self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
+                return
+            self.structured = True
+            self._opt_reply(opt, REP_ACK)
+        elif opt in (OPT_INFO, OPT_GO):
+            self._info_or_go(opt, data)
+        elif opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            self._meta_context(opt, data)
+        else:
+            # STARTTLS included: we run without TLS (proto.md §NOTLS mode).
+            self._opt_reply(opt, REP_ERR_UNSUP, f"option {opt} is not supported".encode())
+
+    def _export_name(self, data: bytes) -> None:
+        name = data.decode("utf-8", "replace")
+        if name != self.server.export_name:
+            # No error reply exists for EXPORT_NAME: the session must end.
+            self._hard_disconnect(f"client asked for unknown export {name!r}")
+            return
+        reply = _EXPORT_REPLY.pack(self.dev.size, self.server.transmission_flags(self.structured))
+        self._send([reply] if self.no_zeroes else [reply, bytes(124)])
+        self._enter_transmission()
+
+    def _info_or_go(self, opt: int, data: bytes) -> None:
+        # proto.md §NBD_OPT_INFO and NBD_OPT_GO: name length, name, count of
+        # information requests, the requests (16 bits each).
+        if len(data) < 6:
+            self._opt_reply(opt, REP_ERR_INVALID, b"option data too short")
+            return
+        (nlen,) = _U32.unpack_from(data)
+        if nlen > len(data) - 6:
+            self._opt_reply(opt, REP_ERR_INVALID, b"export name overruns the option")
+            return
+        (nreq,) = _U16.unpack_from(data, 4 + nlen)
+        if len(data) != 6 + nlen + 2 * nreq:
+            self._opt_reply(opt, REP_ERR_INVALID, b"information request list has the wrong size")
+            return
+        name = self._name(opt, data[4 : 4 + nlen])
+        if name is None:
+            return
+        requests = {_U16.unpack_from(data, 6 + nlen + 2 * i)[0] for i in range(nreq)}
+        size = self.dev.size
+        srv = self.server
+        self._opt_reply(opt, REP_INFO, _INFO_EXPORT.pack(
+            INFO_EXPORT, size, srv.transmission_flags(self.structured)))
+        # Sent even unrequested: the client is free to ignore it, and
+        # nbdinfo/qemu show it.
+        self._opt_reply(opt, REP_INFO, _INFO_BLOCK_SIZE.pack(
+            INFO_BLOCK_SIZE, srv.minimum_block, srv.preferred_block, srv.max_payload))
+        if INFO_NAME in requests:
+            self._opt_reply(opt, REP_INFO, _U16.pack(INFO_NAME) + srv.export_name.encode())
+        if INFO_DESCRIPTION in requests and srv.description:
+            self._opt_reply(opt, REP_INFO,
+                            _U16.pack(INFO_DESCRIPTION) + srv.description.encode())
+        self._opt_reply(opt, REP_ACK)
+        if opt == OPT_GO:
+            # proto.md §Size constraints: a GO that asked for block sizes
+            # binds the client to them, so misaligned requests are errors.
+            self.block_size_agreed = INFO_BLOCK_SIZE in requests
+            self._enter_transmission()
+
+    def _name(self, opt: int, raw: bytes) -> str | None:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._opt_reply(opt, REP_ERR_INVALID, b"export name is not UTF-8")
+            return None
+        if name != self.server.export_name:
+            self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
+            return None
+        return name
+
+    def _meta_context(self, opt: int, data: bytes) -> None:
+        setting = opt == OPT_SET_META_CONTEXT
+        if setting:
+            self.meta_allocation = False  # replaced even when the option fails
+            if not self.structured:
+                self._opt_reply(opt, REP_ERR_INVALID, b"negotiate structured replies first")
+                return
+        queries = self._meta_queries(opt, data)
+        if queries is None:
+            return
+        if setting:
+            # "base:" selects nothing on SET; unknown leaves/namespaces are ignored.
+            self.meta_allocation = META_BASE_ALLOCATION in queries
+            chosen = self.meta_allocation
+            ctx_id = META_ID_ALLOCATION
+        else:
+            chosen = not queries or bool({"base:", META_BASE_ALLOCATION} & set(queries))
+            ctx_id = 0  # proto.md: reserved in LIST replies
+        if chosen:
+            self._opt_reply(opt, REP_META_CONTEXT,
+                            _U32.pack(ctx_id) + META_BASE_ALLOCATION.encode())
+        self._opt_reply(opt, REP_ACK)
+
+    def _meta_queries(self, opt: int, data: bytes) -> list[str] | None:
+        if len(data) < 8:
+            self._opt_reply(opt, REP_ERR_INVALID, b"option data too short")
+            return None
+        (nlen,) = _U32.unpack_from(data)
+        if nlen > len(data) - 8:
+            self._opt_reply(opt, REP_ERR_INVALID, b"export name overruns the option")
+            return None
+        if self._name(opt, data[4 : 4 + nlen]) is None:
+            return None
+        pos = 4 + nlen
+        (count,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if count > MAX_META_QUERIES:
+            self._opt_reply(opt, REP_ERR_TOO_BIG, b"too many metadata queries")
+            return None
+        queries: list[str] = []
+        for _ in range(count):
+            if pos + 4 > len(data):
+                self._opt_reply(opt, REP_ERR_INVALID, b"query overruns the option")
+                return None
+            (qlen,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if qlen > len(data) - pos:
+                self._opt_reply(opt, REP_ERR_INVALID, b"query overruns the option")
+                return None
+            try:
+                query = data[pos : pos + qlen].decode("utf-8")
+            except UnicodeDecodeError:
+                self._opt_reply(opt, REP_ERR_INVALID, b"query is not UTF-8")
+                return None
+            pos += qlen
+            if ":" not in query:
+                self._opt_reply(opt, REP_ERR_INVALID, b"query lacks a namespace")
+                return None
+            queries.append(query)
+        if pos != len(data):
+            self._opt_reply(opt, REP_ERR_INVALID, b"trailing bytes after the queries")
+            return None
+        return queries
+
+    def _enter_transmission(self) -> None:
+        self.state = _TRANSMISSION
+        if not self.structured:
+            self.meta_allocation = False
+
+    # --------------------------------------------------------- transmission
+
+    def _request(self) -> None:
+        magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(self._buf, self._start)
+        self._start += _REQUEST.size
+        if magic != REQUEST_MAGIC:
+            # Without a valid header the stream cannot be resynchronised.
+            self._hard_disconnect(f"bad request magic {magic:#x}")
+            return
+        if cmd == CMD_DISC:
+            # proto.md: finish outstanding requests, then close; no reply.
+            self.state = _DONE
+            self._maybe_finish()
+            return
+        if cmd != CMD_WRITE:
+            self._dispatch(flags, cmd, cookie, offset, length, None)
+            return
+        if length > self.server.max_payload:
+            # Skip the payload to stay in step, then refuse (proto.md §Size
+            # constraints: clients MUST NOT exceed the maximum payload).
+            self._sink = length
+            self._after_sink = lambda: self._error(
+                cookie, cmd, NBD_EINVAL,
+                f"write of {length} bytes exceeds the maximum payload {self.server.max_payload}")
+            return
+        payload = bytearray(length)
+        have = min(self._end - self._start, length)
+        payload[:have] = self._view[self._start : self._start + have]
+        self._start += have
+        self._payload_req = (flags, cmd, cookie, offset, length)
+        self._payload = payload
+        self._payload_fill = have
+        if have == length:
+            self._payload_done()
+
+    def _payload_done(self) -> None:
+        payload, self._payload = self._payload, None
+        flags, cmd, cookie, offset, _length = self._payload_req
+        self._dispatch(flags, cmd, cookie, offset, len(payload or b""), payload)
+
+    def _check(self, flags: int, cmd: int, offset: int, length: int) -> tuple[int, str] | None:
+        """Synchronous validation; the error value and message, or None."""
+        srv = self.server
+        allowed = CMD_FLAG_FUA  # valid on every command (proto.md §Command flags)
+        if cmd == CMD_READ:
+            allowed |= CMD_FLAG_DF if self.structured else 0
+        elif cmd == CMD_WRITE_ZEROES:
+            allowed |= CMD_FLAG_NO_HOLE
+        elif cmd == CMD_BLOCK_STATUS:
+            allowed |= CMD_FLAG_REQ_ONE
+        elif cmd not in (CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE):
+            return NBD_EINVAL, f"unknown command {cmd}"
+        if flags & ~allowed:
+            return NBD_EINVAL, f"command flags {flags:#x} are not valid for command {cmd}"
+        writing = cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
+        if writing and srv.read_only:
+            return NBD_EPERM, "the export is read-only"
+        if cmd == CMD_FLUSH:
+            return None
+        if offset + length > self.dev.size:
+            # proto.md §Error values: ENOSPC for writes past the end, EINVAL
+            # for reads, trims and status queries.
+            code = NBD_ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else NBD_EINVAL
+            return code, f"{offset}+{length} is beyond the end of the export ({self.dev.size})"
+        if cmd == CMD_READ and length > srv.max_payload:
+            return (NBD_EOVERFLOW if self.structured else NBD_EINVAL,
+                    f"read of {length} bytes exceeds the maximum payload {srv.max_payload}")
+        if cmd == CMD_BLOCK_STATUS:
+            if not self.meta_allocation:
+                return NBD_EINVAL, "no metadata context was negotiated"
+            if not length:
+                return NBD_EINVAL, "block status of an empty range"
+        elif self.block_size_agreed and (offset | length) % srv.minimum_block:
+            return NBD_EINVAL, (f"{offset}+{length} is not aligned to the minimum block "
+                                f"size {srv.minimum_block}")
+        return None
+
+    def _dispatch(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                  payload: bytearray | None) -> None:
+        bad = self._check(flags, cmd, offset, length)
+        if bad is not None:
+            self._error(cookie, cmd, *bad)
+            return
+        if cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            self._dirty = True
+        cost = length if cmd in (CMD_READ, CMD_WRITE) else 0
+        task = self.loop.create_task(self._execute(flags, cmd, cookie, offset, length, payload))
+        self._inflight.add(task)
+        self._inflight_bytes += cost
+        if cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+            self._writes.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, cost))
+
+    def _task_done(self, task: asyncio.Task[None], cost: int) -> None:
+        self._inflight.discard(task)
+        self._writes.discard(task)
+        self._inflight_bytes -= cost
+        self._update_reading()
+        self._process()
+        self._maybe_finish()
+
+    async def _execute(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                       payload: bytearray | None) -> None:
+        dev = self.dev
+        try:
+            if cmd == CMD_READ:
+                data = await dev.read(offset, length) if length else b""
+                if len(data) != length:
+                    raise OSError(errno.EIO, f"device returned {len(data)} of {length} bytes")
+                self._read_reply(cookie, offset, data)
+                return
+            if cmd == CMD_WRITE:
+                assert payload is not None
+                if length:
+                    await dev.write(offset, payload)
+            elif cmd == CMD_FLUSH:
+                # proto.md §Ordering: writes already answered must be durable;
+                # we also wait for writes received before this flush.
+                if self._writes:
+                    await asyncio.wait(list(self._writes))
+                await dev.flush()
+            elif cmd == CMD_TRIM:
+                if length:
+                    await dev.discard(offset, length)
+            elif cmd == CMD_WRITE_ZEROES:
+                if length:
+                    await dev.write_zeroes(offset, length,
+                                           may_trim=not flags & CMD_FLAG_NO_HOLE)
+            elif cmd == CMD_BLOCK_STATUS:
+                await self._block_status(flags, cookie, offset, length)
+                return
+            # CMD_CACHE: a prefetch hint; there is no cache of ours to fill.
+            if flags & CMD_FLAG_FUA and cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES):
+                # proto.md §Ordering: no reply to FUA before the data is durable.
+                await dev.flush()
+            self._ok(cookie)
+        except Exception as exc:  # every device failure becomes an NBD error
+            code = nbd_errno(exc)
+            log.info("NBD command %d at %d+%d failed (errno %d): %s", cmd, offset, length,
+                     code, exc)
+            self._error(cookie, cmd, code, str(exc) or type(exc).__name__)
+
+    async def _block_status(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        fn: BlockStatusFn | None = getattr(self.dev, "block_status", None)
+        extents: Sequence[tuple[int, bool]] = (
+            await fn(offset, length) if fn is not None else [(length, True)])
+        zero = bool(getattr(self.dev, "unmapped_reads_zero", False))
+        unmapped = STATE_HOLE | (STATE_ZERO if zero else 0)
+        limit = 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS
+        # Clip to the request and merge neighbours with the same status
+        # (proto.md §NBD_CMD_BLOCK_STATUS: consecutive, nonzero, SHOULD differ).
+        out: list[list[int]] = []
+        left = length
+        for ext_len, mapped in extents:
+            if left <= 0:
+                break
+            n = min(int(ext_len), left)
+            if n <= 0:
+                continue
+            status = 0 if mapped else unmapped
+            if out and out[-1][1] == status:
+                out[-1][0] += n
+            elif len(out) == limit:
+                break
+            else:
+                out.append([n, status])
+            left -= n
+        if not out:
+            out = [[length, 0]]  # status 0 is always safe (proto.md)
+        body = b"".join(_EXTENT.pack(n, s) for n, s in out)
+        self._send([_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+                                cookie, 4 + len(body)), _U32.pack(META_ID_ALLOCATION), body])
+
+    # -------------------------------------------------------------- replies
+
+    def _read_reply(self, cookie: int, offset: int, data: BytesLike) -> None:
+        if not self.structured:
+            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data])
+        elif not len(data):
+            self._ok(cookie)  # OFFSET_DATA must carry at least one byte
+        else:
+            self._send([_CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                           REPLY_TYPE_OFFSET_DATA, cookie, 8 + len(data),
+                                           offset), data])
+
+    def _ok(self, cookie: int) -> None:
+        if self.structured:
+            self._send([_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
+                                    cookie, 0)])
+        else:
+            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)])
+
+    def _error(self, cookie: int, cmd: int, code: int, message: str) -> None:
+        if code not in _NBD_ERRNOS:
+            code = NBD_EIO
+        if self.structured:
+            # proto.md: errors SHOULD be structured (they carry a message),
+            # and a READ MUST NOT get a simple reply.
+            msg = message.encode("utf-8", "replace")[:4096]
+            self._send([_CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+                                          REPLY_TYPE_ERROR, cookie, 6 + len(msg), code,
+                                          len(msg)), msg])
+        else:
+            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie)])
+
+    def _send(self, parts: list[BytesLike]) -> None:
+        if self.transport is None or self._lost or self.transport.is_closing():
+            return
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    # ---------------------------------------------------------------- ending
+
+    def _hard_disconnect(self, why: str | None) -> None:
+        if why:
+            log.info("NBD client dropped: %s", why)
+        self.state = _DONE
+        self._payload = None
+        self._sink = 0
+        self._maybe_finish()
+
+    def shutdown(self) -> None:
+        """Server shutdown: stop reading; close once in-flight work is done."""
+        self._shutting_down = True
+        if self.state != _TRANSMISSION:
+            self.state = _DONE  # nothing in flight during the handshake
+        self._update_reading()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        ending = self.state == _DONE or self._shutting_down
+        if not ending or self._inflight or self._finishing:
+            return
+        self._finishing = True
+        self.loop.create_task(self._finish())
+
+    async def _finish(self) -> None:
+        try:
+            if self._dirty and not self.server.read_only:
+                # Clients that disconnect without NBD_CMD_FLUSH still get their
+                # completed writes made durable.
+                try:
+                    await self.dev.flush()
+                except Exception as exc:
+                    log.warning("NBD: flush at disconnect failed: %s", exc)
+            self._flush_out()
+            if self.transport is not None and not self._lost:
+                self.transport.close()
+        finally:
+            if not self.finished.done():
+                self.finished.set_result(None)
+
+
+__all__ = [
+    "BlockDeviceExport",
+    "ExportDevice",
+    "MAX_PAYLOAD",
+    "NBDServer",
+    "nbd_errno",
+    "serve_nbd",
+    "serve_until",
+]

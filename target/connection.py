@@ -170,12 +170,25 @@ class TargetConnection(asyncio.BufferedProtocol):
         for h in (self._login_timer, self._nop_timer):
             if h is not None:
                 h.cancel()
-        for task in self.tasks.values():
-            task.aborted = True
-        self.tasks.clear()
-        self._ttt_map.clear()
+        self.end_tasks()
         if self.session is not None:
             self.server.connection_closed(self)
+
+    def end_tasks(self) -> None:
+        """At ErrorRecoveryLevel 0 the tasks of a connection end with it
+        (RFC 7143 §7.1.4, §6.3.5): their CmdSN slots go back to the session
+        (which may live on in other connections) and a TMF waiting for one
+        of them is released. Whoever removes a task from ``tasks`` gives its
+        slot back; a task still executing is then not counted again."""
+        sess = self.session
+        for task in self.tasks.values():
+            task.aborted = True
+            if not task.immediate and sess is not None:
+                sess.complete()
+            if task.future is not None and not task.future.done():
+                task.future.set_result(None)
+        self.tasks.clear()
+        self._ttt_map.clear()
 
     def pause_writing(self) -> None:
         # DESIGN.md: a peer that does not read must not grow our buffers.
@@ -596,8 +609,13 @@ class TargetConnection(asyncio.BufferedProtocol):
 
     def _execute(self, task: Task) -> None:
         task.executing = True
-        coro = self._run(task)
-        asyncio.ensure_future(coro)
+        fut = asyncio.ensure_future(self._run(task))
+        # The server keeps a reference (a bare ensure_future may be garbage
+        # collected mid-run) and waits for these on shutdown, so in-flight
+        # writes reach the backend before it is flushed (issue #3).
+        inflight = self.server.inflight
+        inflight.add(fut)
+        fut.add_done_callback(inflight.discard)
 
     async def _run(self, task: Task) -> None:
         sess = self.session
@@ -638,18 +656,23 @@ class TargetConnection(asyncio.BufferedProtocol):
     def _finish(self, task: Task, status: int, sense: bytes, data: Buffer | None, *,
                 overflow: int = 0, underflow: int = 0) -> None:
         """Send Data-In and/or the SCSI Response for a completed task."""
-        self.tasks.pop(task.itt, None)
+        owned = self.tasks.get(task.itt) is task
+        if owned:
+            del self.tasks[task.itt]
         if task.buf is not None:
             self._release(task.buf)
             task.buf = None
+        # A TMF waiting for this task may come from another connection or
+        # session: release it even when ours is gone (its response is sent
+        # from a later loop turn, after the slot below is returned).
+        if task.future is not None and not task.future.done():
+            task.future.set_result(None)
         sess = self.session
-        if sess is None or self.closed:
+        if sess is None:
             return
-        if not task.immediate:
+        if owned and not task.immediate:
             sess.complete()
-        if task.aborted:
-            if task.future is not None and not task.future.done():
-                task.future.set_result(None)
+        if task.aborted or self.closed:
             return
         edtl = task.edtl
         if data is not None:
@@ -749,10 +772,12 @@ class TargetConnection(asyncio.BufferedProtocol):
             response = TMResponse.TASK_ALLEGIANCE_REASSIGNMENT_NOT_SUPPORTED
         else:
             response = TMResponse.FUNCTION_NOT_SUPPORTED
-        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET, TMFunction.LOGICAL_UNIT_RESET,
-                  TMFunction.ABORT_TASK, TMFunction.I_T_NEXUS_RESET) and \
-                lun not in rt.scsi_luns and fn != TMFunction.ABORT_TASK and \
-                fn != TMFunction.I_T_NEXUS_RESET:
+        # The functions addressed to a logical unit answer "LUN does not
+        # exist" for a LUN we do not have (RFC 7143 §11.6.1) -- CLEAR ACA
+        # included (it names a LUN, SAM-5 §7.4).
+        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET,
+                  TMFunction.LOGICAL_UNIT_RESET, TMFunction.CLEAR_ACA) and \
+                lun not in rt.scsi_luns:
             response = TMResponse.LUN_DOES_NOT_EXIST
         waits = [self._abort_task(t) for t in affected]
         pending = [w for w in waits if w is not None]

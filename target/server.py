@@ -28,6 +28,9 @@ from .session import Session
 
 log = logging.getLogger("aioiscsi.target")
 
+#: Seconds stop() waits for executing SCSI commands before flushing.
+INFLIGHT_WAIT = 30.0
+
 
 @dataclass
 class TargetRuntime:
@@ -137,6 +140,9 @@ class TargetServer:
         self._reserved_tsih: set[int] = set()
         self.media: MediaWatcher | None = None
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
+        #: SCSI commands executing (asyncio futures); stop() waits for them.
+        self.inflight: set[asyncio.Future[None]] = set()
+        self._stopped = False
 
     # --------------------------------------------------------------- startup
     def open(self) -> None:
@@ -191,7 +197,11 @@ class TargetServer:
 
     async def stop(self, logout_wait: float = 2.0) -> None:
         """Stop accepting, ask every initiator to log out (Async Message),
-        wait briefly for them, then close and flush every backend."""
+        wait briefly for them, let commands already executing finish, then
+        flush and close every backend. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         for srv in self._servers:
             srv.close()
         if self.media is not None:
@@ -204,6 +214,15 @@ class TargetServer:
             await asyncio.sleep(0.05)
         for c in list(self.connections):
             c.close("target shutting down")
+        if self.inflight:
+            # A write the backend is still executing must land before the
+            # flush below, or an acknowledged-looking write could be lost
+            # (DESIGN.md: nothing acknowledged is lost). Bounded, so a hung
+            # backend cannot keep the process from exiting.
+            _, pending = await asyncio.wait(set(self.inflight), timeout=INFLIGHT_WAIT)
+            if pending:
+                log.warning("%d command(s) still executing after %.0f s; flushing anyway",
+                            len(pending), INFLIGHT_WAIT)
         for rt in self.targets.values():
             for b in rt.backends.values():
                 await asyncio.to_thread(b.flush)

@@ -65,7 +65,10 @@ class Session:
         if immediate:
             run()
             return True
-        if cmdsn == self.expcmdsn:
+        # ExpCmdSN itself lies outside the window when the window is closed
+        # (MaxCmdSN = ExpCmdSN - 1, RFC 7143 §4.2.2.1): such a command is
+        # ignored like any other beyond MaxCmdSN.
+        if cmdsn == self.expcmdsn and self.active < self.queue_depth:
             self.expcmdsn = sn_add(self.expcmdsn, 1)
             self.active += 1
             run()
