@@ -395,6 +395,12 @@ class TargetConnection(asyncio.BufferedProtocol):
         elif op == Opcode.TASK_MGMT_REQUEST:
             assert isinstance(pdu, TaskMgmtRequest)
             self._expstatsn(pdu.expstatsn)
+            if sess.discovery:
+                # A discovery session has no tasks to manage (RFC 7143
+                # §4.3: Text and Logout only), like SCSI commands above.
+                self._consume_cmdsn(pdu.cmdsn, pdu.immediate)
+                self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+                return
             if sess.admit(pdu.cmdsn, pdu.immediate, self, lambda: self._tmf(pdu)) \
                     and not pdu.immediate:
                 sess.complete()
@@ -438,6 +444,11 @@ class TargetConnection(asyncio.BufferedProtocol):
             # The answer to our NOP-In ping (§11.18.1).
             if pdu.ttt == self._nop_ttt:
                 self._nop_ttt = None
+                # Answered: the next ping is due one NOP interval of
+                # silence from now, not when the answer's timeout expires.
+                if self._nop_timer is not None:
+                    self._nop_timer.cancel()
+                self._schedule_nop()
             if not pdu.immediate:
                 self._consume_cmdsn(pdu.cmdsn, False)
             return
@@ -494,6 +505,21 @@ class TargetConnection(asyncio.BufferedProtocol):
                 sess.complete()
             return
         edtl = cmd.expected_data_transfer_length
+        imm = len(cmd.data)
+        if imm and cmd.write and (not self.immediate_data or imm > min(edtl, self.first_burst)):
+            # Immediate data with ImmediateData=No (§13.11), or more of it
+            # than the command transfers or FirstBurstLength allows
+            # (§13.14): a protocol error. The command is rejected whole and
+            # not executed (§11.17.1); its CmdSN slot is freed and any
+            # Data-Out following it is dropped.
+            log.warning("%s: ITT 0x%08x: %d bytes of immediate data not allowed", self.peer,
+                        cmd.itt, imm)
+            self._release(buf)
+            if not cmd.immediate:
+                sess.complete()
+            self._drop_later_data(cmd.itt)
+            self.send_reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            return
         if cmd.write and edtl:
             if buf is None:
                 if edtl > MAX_WRITE_BUFFER or self._buffered_bytes + edtl > CONNECTION_BUFFER_BUDGET:
@@ -507,10 +533,7 @@ class TargetConnection(asyncio.BufferedProtocol):
                     buf[: len(cmd.data)] = cmd.data
             task = Task(cmd, buf)
             self.tasks[cmd.itt] = task
-            immediate_len = len(cmd.data)
-            if immediate_len and not self.immediate_data:
-                # ImmediateData=No was negotiated (§13.11).
-                self.send_reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            immediate_len = imm
             task.received = immediate_len
             # Unsolicited data may follow up to FirstBurstLength unless
             # InitialR2T=Yes or the F bit says none follows (§13.10, §13.14).
@@ -550,11 +573,16 @@ class TargetConnection(asyncio.BufferedProtocol):
         for ttt in task.r2ts:
             self._ttt_map.pop(ttt, None)
         task.r2ts.clear()
-        self._dead_itts[task.itt] = None
-        if len(self._dead_itts) > 256:
-            del self._dead_itts[next(iter(self._dead_itts))]
+        self._drop_later_data(task.itt)
         task.executing = True
         self._finish(task, Status.CHECK_CONDITION, _DATA_PHASE_ERROR_SENSE, None)
+
+    def _drop_later_data(self, itt: int) -> None:
+        """Data-Out still arriving for ``itt`` (a failed, rejected or aborted
+        write) is dropped silently; the set is insertion-ordered and bounded."""
+        self._dead_itts[itt] = None
+        if len(self._dead_itts) > 256:
+            del self._dead_itts[next(iter(self._dead_itts))]
 
     def _data_out(self, pdu: DataOut) -> None:
         task = self.tasks.get(pdu.itt)
@@ -742,20 +770,31 @@ class TargetConnection(asyncio.BufferedProtocol):
         rt = sess.target
         nexus = self.server.nexus_for(self)
         response = TMResponse.FUNCTION_COMPLETE
-        affected: list[Task] = []
-        if fn == TMFunction.ABORT_TASK:
-            task = self.tasks.get(pdu.referenced_task_tag)
-            if task is None:
+        # (owning connection, task): a TMF reaches tasks on every connection
+        # of its session (ABORT TASK, ABORT TASK SET, I_T NEXUS RESET) or of
+        # every session (CLEAR TASK SET, the resets), and each must be
+        # removed from the connection -- and CmdSN window -- it belongs to.
+        affected: list[tuple[TargetConnection, Task]] = []
+        mine = [(c, t) for c in list(sess.connections.values()) for t in c.tasks.values()]
+        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET,
+                  TMFunction.LOGICAL_UNIT_RESET, TMFunction.CLEAR_ACA) and \
+                lun not in rt.scsi_luns:
+            # The functions addressed to a logical unit answer "LUN does
+            # not exist" for a LUN we do not have (RFC 7143 §11.6.1) --
+            # CLEAR ACA included (it names a LUN, SAM-5 §7.4).
+            response = TMResponse.LUN_DOES_NOT_EXIST
+        elif fn == TMFunction.ABORT_TASK:
+            affected = [(c, t) for c, t in mine if t.itt == pdu.referenced_task_tag]
+            if not affected:
                 response = TMResponse.TASK_DOES_NOT_EXIST
-            else:
-                affected = [task]
-        elif fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET):
-            affected = [t for t in self.tasks.values() if t.lun == lun]
-            if rt is not None:
-                if fn == TMFunction.ABORT_TASK_SET:
-                    rt.scsi.abort_task_set(nexus, lun)
-                else:
-                    rt.scsi.clear_task_set(nexus, lun)
+        elif fn == TMFunction.ABORT_TASK_SET:
+            # SAM-5 §7.3: the tasks of this I_T nexus on the LU.
+            affected = [(c, t) for c, t in mine if t.lun == lun]
+            rt.scsi.abort_task_set(nexus, lun)
+        elif fn == TMFunction.CLEAR_TASK_SET:
+            # SAM-5 §7.5: every task in the (shared) task set of the LU.
+            affected = self.server.tasks_for_lun(rt, lun)
+            rt.scsi.clear_task_set(nexus, lun)
         elif fn == TMFunction.LOGICAL_UNIT_RESET:
             affected = self.server.tasks_for_lun(rt, lun)
             rt.scsi.lu_reset(nexus, lun)
@@ -765,21 +804,14 @@ class TargetConnection(asyncio.BufferedProtocol):
         elif fn == TMFunction.CLEAR_ACA:
             rt.scsi.clear_aca(nexus, lun)
         elif fn == TMFunction.I_T_NEXUS_RESET:
-            affected = list(self.tasks.values())
+            affected = mine
             rt.scsi.nexus_lost(nexus)
         elif fn == TMFunction.TASK_REASSIGN:
             # ErrorRecoveryLevel 0: reassignment is not supported (§11.5.1).
             response = TMResponse.TASK_ALLEGIANCE_REASSIGNMENT_NOT_SUPPORTED
         else:
             response = TMResponse.FUNCTION_NOT_SUPPORTED
-        # The functions addressed to a logical unit answer "LUN does not
-        # exist" for a LUN we do not have (RFC 7143 §11.6.1) -- CLEAR ACA
-        # included (it names a LUN, SAM-5 §7.4).
-        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET,
-                  TMFunction.LOGICAL_UNIT_RESET, TMFunction.CLEAR_ACA) and \
-                lun not in rt.scsi_luns:
-            response = TMResponse.LUN_DOES_NOT_EXIST
-        waits = [self._abort_task(t) for t in affected]
+        waits = [owner._abort_task(t) for owner, t in affected]
         pending = [w for w in waits if w is not None]
 
         def respond() -> None:
@@ -803,19 +835,24 @@ class TargetConnection(asyncio.BufferedProtocol):
             asyncio.ensure_future(wait_then_respond())
 
     def _abort_task(self, task: Task) -> asyncio.Future[None] | None:
-        """Abort ``task``; returns a future if it is still executing."""
+        """Abort ``task``, one of this connection's; returns a future if it
+        is still executing."""
         task.aborted = True
-        conn = self
         if not task.executing:
-            conn.tasks.pop(task.itt, None)
+            if self.tasks.get(task.itt) is task:
+                del self.tasks[task.itt]
+                if not task.immediate and self.session is not None:
+                    self.session.complete()
             for ttt in task.r2ts:
-                conn._ttt_map.pop(ttt, None)
+                self._ttt_map.pop(ttt, None)
             task.r2ts.clear()
             if task.buf is not None:
-                conn._release(task.buf)
+                self._release(task.buf)
                 task.buf = None
-            if not task.immediate and conn.session is not None:
-                conn.session.complete()
+            # Data-Out already on its way when the task was aborted is
+            # expected, not an error: drop it silently, like the rest of a
+            # write failed mid-transfer.
+            self._drop_later_data(task.itt)
             return None
         if task.future is None:
             task.future = self.loop.create_future()

@@ -199,6 +199,9 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
             # ERL 0 and the connection is dropped (§6.3.5, §7.1.4).
             log.info("%s: reinstating connection CID %d", conn.peer, login.cid)
             del sess.connections[login.cid]
+            # Its tasks end here, while it still knows its session, so their
+            # CmdSN slots return to the window the new connection uses.
+            old_conn.end_tasks()
             old_conn.session = None
             old_conn.abort("connection reinstated")
     conn.cid = login.cid

@@ -258,12 +258,14 @@ class TargetServer:
                                       relative_port_id=tpgt, target_port_group=tpgt)
         return sess.nexus
 
-    def tasks_for_lun(self, rt: TargetRuntime, lun: int | None) -> list[Any]:
-        """Every task on any session of ``rt`` addressed to ``lun`` (or all)."""
-        out: list[Any] = []
+    def tasks_for_lun(self, rt: TargetRuntime,
+                      lun: int | None) -> list[tuple[TargetConnection, Any]]:
+        """Every task on any session of ``rt`` addressed to ``lun`` (or all),
+        with the connection that owns it (which must do the aborting)."""
+        out: list[tuple[TargetConnection, Any]] = []
         for sess in rt.sessions:
             for c in sess.connections.values():
-                out.extend(t for t in c.tasks.values() if lun is None or t.lun == lun)
+                out.extend((c, t) for t in c.tasks.values() if lun is None or t.lun == lun)
         return out
 
     def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:

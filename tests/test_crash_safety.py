@@ -247,6 +247,7 @@ def _start_target(img: str) -> tuple[subprocess.Popen[str], str]:
 @pytest.mark.parametrize("fmt", DYNAMIC)
 def test_sigkill_target_during_iscsi_writes(tmp_path: Path, fmt: str) -> None:
     from initiator.blockdev import LUNFile
+    from initiator.session import SessionOptions
 
     seed = 7
     img = str(tmp_path / f"served.{fmt}")
@@ -259,7 +260,8 @@ def test_sigkill_target_during_iscsi_writes(tmp_path: Path, fmt: str) -> None:
     flushed = 0
     last_started = 0
     try:
-        f = LUNFile.open(url, "r+b")
+        # No waiting for the dead target to come back: fail the I/O at once.
+        f = LUNFile.open(url, "r+b", SessionOptions(replacement_timeout=0.5, connect_timeout=2.0))
         killer = threading.Thread(target=lambda: (reached.wait(30), proc.kill()))
         killer.start()
         try:

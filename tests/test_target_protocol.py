@@ -17,7 +17,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -110,7 +110,7 @@ class Client(RawClient):
         self.tsih = resp.tsih
         return resp
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def itt(self) -> int:
@@ -630,9 +630,11 @@ def test_nop_out_ping_is_echoed(target: RunningTarget) -> None:
 
 
 def test_target_pings_idle_initiator_and_keeps_answered_connection() -> None:
-    cfg = with_nop(make_config([MEM]), 0.3, 5.0)
+    # A timeout longer than the client's socket timeout (10 s): the next
+    # ping must follow an answered one after the interval, not the timeout.
+    cfg = with_nop(make_config([MEM]), 0.3, 30.0)
     with running_target(cfg) as t, connect(t) as c:
-        for _ in range(2):
+        for _ in range(3):
             nop = c.recv()
             # §11.19: a target ping has ITT 0xffffffff and a real TTT.
             assert isinstance(nop, NopIn) and nop.itt == RESERVED_TAG
@@ -719,13 +721,14 @@ def test_abort_task_of_write_waiting_for_data() -> None:
         assert not seen and rsp.response == TMResponse.FUNCTION_COMPLETE
         # The aborted task's CmdSN slot is free again (§4.2.2.1).
         assert before is not None and sn_gt(rsp.maxcmdsn, before)
-        # An aborted task gets no SCSI Response: the ping answer is next,
-        # and its late data is not taken as a write.
+        # An aborted task gets no SCSI Response: the ping answer is next.
+        # Its Data-Out still in flight is dropped without a word (and is
+        # not taken as a write).
         c.ping()
-        c.data_out(itt, r2t.ttt, bytes(1024), 0, 1024)
-        pdu = c.recv()
-        assert isinstance(pdu, Reject) and pdu.rejected_itt == itt
+        c.data_out(itt, r2t.ttt, pattern(1024, 11), 0, 1024)
         c.ping()
+        got, _, _ = c.read(0, 2)
+        assert got == bytes(1024)
 
 
 def test_abort_task_unknown_tag(target: RunningTarget) -> None:
@@ -750,9 +753,10 @@ def test_abort_and_clear_task_set(fn: TMFunction) -> None:
         assert rsp.maxcmdsn == sn_add(rsp.expcmdsn, 8 - 1)
         c.ping()
         for itt, r2t in opened:
-            c.data_out(itt, r2t.ttt, bytes(1024), 0, 1024)
-            pdu = c.recv()
-            assert isinstance(pdu, Reject) and pdu.rejected_itt == itt
+            c.data_out(itt, r2t.ttt, pattern(1024, 12), 0, 1024)
+        c.ping()
+        for i in range(3):
+            assert c.read(i * 4, 2)[0] == bytes(1024)
         # The session carries on.
         assert c.tur().status == GOOD
 
@@ -785,7 +789,7 @@ def test_reset_gives_unit_attention_to_other_nexus(target: RunningTarget,
         b.clear_ua()
         _, rsp = tmf_response(a, a.tmf(fn, lun=0))
         assert rsp.response == TMResponse.FUNCTION_COMPLETE
-        # SAM-5 §7.7 / §6.? : every other I_T nexus sees a UNIT ATTENTION
+        # SAM-5 §7.7: every other I_T nexus sees a UNIT ATTENTION
         # with ASC 29h (power on, reset or bus device reset occurred).
         rsp2 = b.tur()
         assert rsp2.status == CHECK_CONDITION
@@ -819,7 +823,7 @@ def test_tmf_response_waits_for_executing_task(target: RunningTarget) -> None:
                 break
         assert gate.waiting() == 1
         tmf_itt = c.tmf(TMFunction.ABORT_TASK, ref=itt)
-        # The TMF cannot be answered while the task still runs (§4.2.3.? /
+        # The TMF cannot be answered while the task still runs (RFC 7143
         # §11.6: the response follows the end of the affected tasks).
         c.ping()
         gate.release()
@@ -1061,7 +1065,7 @@ def test_send_targets_lists_every_portal_and_tag() -> None:
             assert pairs == [("TargetName", T2_NAME), ("TargetAddress", v6)]
             pairs, _ = send_targets(c, "iqn.2026-11.org.aioiscsi.test:nosuch")
             assert pairs == []
-            # SCSI commands have no place in a discovery session (§4.? ):
+            # SCSI commands have no place in a discovery session (§4.3):
             # rejected, and the session goes on.
             itt = c.command(TUR)
             rej = c.recv()
@@ -1131,3 +1135,66 @@ def test_logout_of_another_connection(target: RunningTarget) -> None:
             assert c1.logout().response == LogoutResponseCode.SUCCESS
             assert c1.closed_by_peer()
         assert t.call(lambda: len(t.server.sessions)) == 0
+
+
+def test_lu_reset_aborts_tasks_of_other_sessions() -> None:
+    with running_target(make_config([MEM], limits=R2T_LIMITS)) as t, \
+            connect(t, isid=0x400000000071, offers=R2T_OFFERS) as a, \
+            connect(t, isid=0x400000000072, offers=R2T_OFFERS) as b:
+        a.clear_ua()
+        b.clear_ua()
+        itt, r2t = open_write(b, 50)
+        a_open = open_write(a, 60)
+        _, rsp = tmf_response(a, a.tmf(TMFunction.LOGICAL_UNIT_RESET))
+        assert rsp.response == TMResponse.FUNCTION_COMPLETE
+        # A's own window is whole again, with its aborted write gone.
+        assert rsp.maxcmdsn == sn_add(rsp.expcmdsn, 8 - 1)
+        c_data = pattern(1024, 13)
+        a.data_out(a_open[0], a_open[1].ttt, c_data, 0, 1024)
+        a.ping()
+        # B's write was aborted by the reset (SAM-5 §7.7): its data is
+        # dropped, no response comes for it, and its CmdSN slot is free.
+        b.data_out(itt, r2t.ttt, c_data, 0, 1024)
+        nop = b.ping()
+        assert nop.maxcmdsn == sn_add(nop.expcmdsn, 8 - 1)
+        rsp2 = b.tur()
+        assert rsp2.status == CHECK_CONDITION and sense_of(rsp2).asc == 0x29
+        assert b.read(50, 2)[0] == bytes(1024)
+        a.clear_ua()
+        assert a.read(60, 2)[0] == bytes(1024)
+
+
+def test_tmf_on_discovery_session_is_rejected() -> None:
+    with running_target(two_group_config()) as t, Client(t.host, t.port) as c:
+        c.login(None)
+        itt = c.tmf(TMFunction.ABORT_TASK_SET)
+        rej = c.recv()
+        assert isinstance(rej, Reject) and rej.rejected_itt == itt
+        pairs, _ = send_targets(c, T2_NAME)
+        assert pairs[0] == ("TargetName", T2_NAME)
+
+
+@pytest.mark.parametrize("case", ["immediatedata-no", "beyond-first-burst"])
+def test_disallowed_immediate_data_rejects_the_command(case: str) -> None:
+    if case == "immediatedata-no":
+        limits = Limits(immediate_data=False, queue_depth=8)
+        offers = {"ImmediateData": "No"}
+        data = pattern(1024, 14)
+    else:
+        limits = Limits(first_burst_length=4096, max_recv_data_segment_length=65536,
+                        queue_depth=8)
+        offers = {"FirstBurstLength": "4096"}
+        data = pattern(8192, 15)
+    with running_target(make_config([MEM], limits=limits)) as t, \
+            connect(t, offers=offers) as c:
+        c.clear_ua()
+        itt = c.command(build_write(0, len(data) // BLOCK, size=10), edtl=len(data),
+                        write=True, data=data)
+        # Protocol error (§13.11 / §13.14): the command is rejected and not
+        # executed -- no R2T, no SCSI Response -- and its slot is free.
+        rej = c.recv()
+        assert isinstance(rej, Reject) and rej.reason == RejectReason.PROTOCOL_ERROR
+        assert rej.rejected_itt == itt
+        nop = c.ping()
+        assert nop.maxcmdsn == sn_add(nop.expcmdsn, 8 - 1)
+        assert c.read(0, len(data) // BLOCK)[0] == bytes(len(data))
