@@ -832,7 +832,9 @@ class TargetConnection(asyncio.BufferedProtocol):
             async def wait_then_respond() -> None:
                 await asyncio.gather(*pending, return_exceptions=True)
                 respond()
-            asyncio.ensure_future(wait_then_respond())
+            fut = asyncio.ensure_future(wait_then_respond())
+            self.server.inflight.add(fut)  # keep a reference until it is done
+            fut.add_done_callback(self.server.inflight.discard)
 
     def _abort_task(self, task: Task) -> asyncio.Future[None] | None:
         """Abort ``task``, one of this connection's; returns a future if it
