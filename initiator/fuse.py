@@ -20,8 +20,11 @@ authors test it.
 Caveats: pyfuse3 holds one session per process, so one FUSE export per
 process. Code in the process that owns the export must not do blocking I/O on
 the exported file from the asyncio loop's thread (it would wait on itself);
-use a thread (``asyncio.to_thread``) or another process. pyfuse3 has no
-fallocate handler, so a loop device on the file cannot pass discards down.
+use a thread (``asyncio.to_thread``) or another process. Detach a loop
+device (``losetup -d``) before closing the export: the unmount is lazy, and a
+loop device still holding the file would wait for answers nobody gives.
+pyfuse3 has no fallocate handler, so a loop device on the file cannot pass
+discards down.
 
 pyfuse3 is the optional extra ``fuse`` (``pip install 'aioiscsi[fuse]'``; it
 builds against libfuse3: Debian ``libfuse3-dev pkg-config fuse3``).
@@ -41,7 +44,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from .nbd import BlockDeviceExport, ExportDevice, nbd_errno
 
@@ -147,7 +150,7 @@ class FuseExport:
         if self._thread is not None:
             await asyncio.wrap_future(self._stopped)
 
-    async def __aenter__(self) -> FuseExport:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -168,14 +171,14 @@ class FuseExport:
                 options.add("allow_other")
             try:
                 pyfuse3.init(_operations(self, pyfuse3), self.mountpoint, options)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 -- reported to start()
                 self._started.set_exception(
                     RuntimeError(f"cannot mount FUSE on {self.mountpoint}: {exc} "
                                  "(is /dev/fuse usable and fusermount3 installed?)"))
                 return
             try:
                 trio.run(self._trio_main)
-            except BaseException as exc:  # the loop died: report, then unmount
+            except BaseException as exc:  # noqa: BLE001 -- the loop died: report, unmount
                 log.error("FUSE loop for %s failed: %s", self.mountpoint, exc)
                 if not self._started.done():
                     self._started.set_exception(exc)
@@ -198,7 +201,11 @@ class FuseExport:
         """Run ``coro`` on the device's asyncio loop; await it from trio."""
         trio, pyfuse3 = self._trio, self._pyfuse3
         assert self._loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError as exc:  # the device's loop is closed: nothing can answer
+            coro.close()
+            raise pyfuse3.FUSEError(errno.EIO) from exc
         done = trio.Event()
         token = trio.lowlevel.current_trio_token()
 
@@ -350,5 +357,11 @@ async def serve_fuse_until(device: BlockDevice, mountpoint: str, stop: Awaitable
             await device.flush()
 
 
-__all__ = ["FILE_INODE", "FuseExport", "MISSING_PYFUSE3", "load_pyfuse3", "serve_fuse",
-           "serve_fuse_until"]
+__all__ = [
+    "FILE_INODE",
+    "MISSING_PYFUSE3",
+    "FuseExport",
+    "load_pyfuse3",
+    "serve_fuse",
+    "serve_fuse_until",
+]

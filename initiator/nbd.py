@@ -41,7 +41,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, Self, cast
 
 if TYPE_CHECKING:
     from .blockdev import BlockDevice
@@ -455,7 +455,7 @@ class NBDServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> NBDServer:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -574,7 +574,8 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
             return memoryview(self._payload)[self._payload_fill:]
-        if self._start == self._end:
+        if self._start == self._end or self.state == _DONE:
+            # (After DISC or a protocol error, late bytes are dropped.)
             self._start = self._end = 0
         elif self._start:
             # Keep the unparsed tail (a partial header, at most one option) at
@@ -964,7 +965,7 @@ class _Connection(asyncio.BufferedProtocol):
                 # proto.md §Ordering: no reply to FUA before the data is durable.
                 await dev.flush()
             self._ok(cookie)
-        except Exception as exc:  # every device failure becomes an NBD error
+        except Exception as exc:  # noqa: BLE001 -- every device failure becomes an NBD error
             code = nbd_errno(exc)
             log.info("NBD command %d at %d+%d failed (errno %d): %s", cmd, offset, length,
                      code, exc)
@@ -1079,7 +1080,7 @@ class _Connection(asyncio.BufferedProtocol):
                 # completed writes made durable.
                 try:
                     await self.dev.flush()
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 -- nobody is left to tell
                     log.warning("NBD: flush at disconnect failed: %s", exc)
             self._flush_out()
             if self.transport is not None and not self._lost:
@@ -1090,9 +1091,9 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 __all__ = [
+    "MAX_PAYLOAD",
     "BlockDeviceExport",
     "ExportDevice",
-    "MAX_PAYLOAD",
     "NBDServer",
     "nbd_errno",
     "serve_nbd",

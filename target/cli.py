@@ -3,6 +3,7 @@
     iscsi-target serve IMAGE [IMAGE ...] [--portal HOST:PORT] [--name IQN]
     iscsi-target serve --config FILE        (TOML, or an IET ietd.conf)
     iscsi-target demo                       (creates and serves demo/demo.img)
+    iscsi-target image create|info|check|convert|commit|snapshot ...
 
 Every failure is one line on stderr saying what is wrong and what to do,
 with a non-zero exit status.
@@ -19,6 +20,7 @@ from typing import Any
 
 from iscsi.names import InvalidName, generate_iqn, normalize_name
 
+from . import image_cli
 from .config import (
     ChapConfig,
     ConfigError,
@@ -72,7 +74,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
         luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
-                            block_size=args.block_size, write_cache=not args.write_through))
+                            block_size=args.block_size, write_cache=not args.write_through,
+                            mode=args.mode))
     label = os.path.splitext(os.path.basename(args.images[0]))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
@@ -204,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write-through", action="store_true",
                    help="host I/O cache off: every write is durable before it is acknowledged")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--mode", default="normal",
+                   choices=("normal", "writethrough", "immutable", "multiattach", "shareable",
+                            "readonly"),
+                   help="VirtualBox write mode (immutable: writes vanish at restart; "
+                        "multiattach: each initiator sees only its own writes)")
     p.add_argument("--chap", metavar="USER:SECRET", help="require one-way CHAP")
     p.add_argument("--mutual-chap", metavar="USER:SECRET",
                    help="target credentials for mutual CHAP")
@@ -211,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", metavar="DIR",
                    help="where persistent reservations (APTPL) are kept")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    image_cli.add_subparser(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
     d.add_argument("--portal", "-p", action="append", metavar="HOST:PORT")
     d.add_argument("--dir", default="demo", help="where the demo image lives (default ./demo)")
     d.add_argument("-v", "--verbose", action="count", default=0)
     args = parser.parse_args(argv)
+    if args.command == "image":
+        return image_cli.run(args)
     _setup_logging(args.verbose)
     try:
         if args.command == "demo":
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"created {path} ({_human(DEMO_SIZE)} demo disk)", flush=True)
             ns = argparse.Namespace(
                 config=None, images=[path], read_only=False, block_size=512, write_through=False,
-                name=generate_iqn("demo"), chap=None, mutual_chap=None,
+                name=generate_iqn("demo"), chap=None, mutual_chap=None, mode="normal",
                 portal=args.portal or ["127.0.0.1:3260"], nop_interval=30.0, state_dir=None)
             return run_server(config_from_args(ns))
         return run_server(config_from_args(args))

@@ -69,6 +69,11 @@ class LunSpec:
     revision: str = "0001"
     write_cache: bool = True
     device_type: str = "auto"
+    #: VirtualBox write mode: normal, writethrough, immutable, multiattach,
+    #: shareable, readonly (target/backends/modes.py).
+    mode: str = "normal"
+    #: Name of the bandwidth group this LUN's transfers are charged to.
+    bandwidth_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class ServerConfig:
     login_timeout: float = 15.0
     state_dir: str | None = None
     source: str = "<command line>"
+    #: (name, bytes per second or None for unlimited) of each bandwidth group.
+    bandwidth_groups: tuple[tuple[str, int | None], ...] = ()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.I)
@@ -211,11 +218,25 @@ def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
     )
 
 
+def _limit(r: _Reader, value: Any, where: str) -> int:
+    """A bandwidth limit: a number of MB/s, or "20M", "500K", "100m" (bits),
+    as VBoxManage bandwidthctl takes it."""
+    from target.backends.bandwidth import parse_limit
+    from target.backends.base import BackendError
+
+    try:
+        return parse_limit(str(value))
+    except BackendError:
+        raise r.fail(where, f"{value!r} is not allowed (e.g. 20M, 500K, 100m; a plain number "
+                     "is MB/s)") from None
+
+
 def _resolve(base: str, path: str) -> str:
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
 
 
+_MODES = ("normal", "writethrough", "immutable", "multiattach", "shareable", "readonly")
 _BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd",
              "parallels", "iso")
 
@@ -224,7 +245,8 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
     if not isinstance(table, dict):
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
-             "vendor", "product", "revision", "write_cache", "device_type"}
+             "vendor", "product", "revision", "write_cache", "device_type", "mode",
+             "bandwidth_group"}
     r.check_keys(table, known, where + ".")
     w = where + "."
     backend = r.get(table, "backend", w, str, "auto")
@@ -258,7 +280,11 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
     device_type = r.get(table, "device_type", w, str, "auto")
     if device_type not in ("auto", "disk", "cdrom"):
         raise r.fail(f"{w}device_type", f"{device_type!r} is not allowed (auto, disk, cdrom)")
+    mode = r.get(table, "mode", w, str, "normal")
+    if mode.replace("-", "").lower() not in _MODES:
+        raise r.fail(f"{w}mode", f"{mode!r} is not allowed ({', '.join(_MODES)})")
     return LunSpec(
+        mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),
         lun=r.int_in(table, "lun", w, index, 0, 16383),
         path=_resolve(base, path) if path else "",
         backend=backend, size=size,
@@ -304,7 +330,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
     """Build a ServerConfig from a parsed TOML document."""
     r = _Reader(source)
     base = os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else os.getcwd()
-    r.check_keys(doc, {"server", "discovery", "portal_group", "target"}, "")
+    r.check_keys(doc, {"server", "discovery", "portal_group", "target", "bandwidth_group"}, "")
     server = doc.get("server", {})
     if not isinstance(server, dict):
         raise r.fail("server", "must be a table")
@@ -380,8 +406,28 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
             allow=tuple(allow), chap=_chap(r, t.get("chap"), f"{w}chap"),
             limits=_limits(r, limits_t, f"{w}limits."),
         ))
+    bw: dict[str, int | None] = {}
+    for i, g in enumerate(r.get(doc, "bandwidth_group", "", list, [], "an array of tables")):
+        w = f"bandwidth_group[{i}]."
+        if not isinstance(g, dict):
+            raise r.fail(w[:-1], "must be a table {name, limit}")
+        r.check_keys(g, {"name", "limit"}, w)
+        gname = r.get(g, "name", w, str, None)
+        if not gname:
+            raise r.fail(f"{w}name", "missing")
+        if gname in bw:
+            raise r.fail(f"{w}name", f"{gname!r} is defined twice")
+        limit = g.get("limit")
+        bw[gname] = None if limit is None else _limit(r, limit, f"{w}limit")
+    for i, t in enumerate(targets):
+        for j, lun in enumerate(t.luns):
+            if lun.bandwidth_group is not None and lun.bandwidth_group not in bw:
+                raise r.fail(f"target[{i}].lun[{j}].bandwidth_group",
+                             f"{lun.bandwidth_group!r} is not a defined [[bandwidth_group]] "
+                             f"(defined: {', '.join(bw) or 'none'})")
     state_dir = r.get(server, "state_dir", "server.", str, None)
     return ServerConfig(
+        bandwidth_groups=tuple(bw.items()),
         targets=tuple(targets), portal_groups=tuple(groups[k] for k in sorted(groups)),
         discovery_chap=_chap(r, discovery.get("chap"), "discovery.chap"),
         nop_interval=float(r.get(server, "nop_interval", "server.", float, 30.0)),

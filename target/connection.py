@@ -59,6 +59,8 @@ from iscsi.pdu import (
 from iscsi.scsi.constants import Status
 from iscsi.serial import sn_add
 
+from target.backends.modes import initiator_scope
+
 from .session import Session
 
 if TYPE_CHECKING:
@@ -668,8 +670,14 @@ class TargetConnection(asyncio.BufferedProtocol):
                 assert task.buf is not None
                 underflow = have - want
                 data_out = memoryview(task.buf)[:want]
-            result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
-                                           expected_length=task.edtl)
+            throttle = rt.throttles.get(task.lun)
+            if throttle is not None:
+                await throttle()  # the LUN's bandwidth group is over its limit
+            # Multiattach LUNs pick the initiator's own differencing image
+            # from this context variable (target/backends/modes.py).
+            with initiator_scope(sess.initiator_name):
+                result = await rt.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
+                                               expected_length=task.edtl)
         except Exception:  # the SCSI layer must never take the target down
             log.exception("%s: SCSI command %s failed", self.peer, cmd.cdb[:1].hex())
             self._finish(task, Status.CHECK_CONDITION, _HW_ERROR_SENSE, None)

@@ -19,6 +19,7 @@ map at it" leaves) is a *leak*, harmless and reported separately.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -217,7 +218,6 @@ def _check_qcow2(path: str, fd: int, res: CheckResult, progress: Progress) -> No
     l2_seen: set[int] = set()
     l2_list: list[tuple[int, str]] = []
     active_l1: list[tuple[int, int]] = []
-    l2_size = cs // l2_entry
     for t_off, t_n, label in l1_tables:
         if not t_n or t_off % cs or t_off + t_n * 8 > file_size:
             continue
@@ -413,7 +413,7 @@ def _check_vhd(path: str, fd: int, res: CheckResult, progress: Progress) -> None
             _add(res.errors, f"block {blk} at {start:#x} ends past the footer ({body_end})")
         spans.append((start, end, blk))
     spans.sort()
-    for (s0, e0, b0), (s1, _e1, b1) in zip(spans, spans[1:]):
+    for (s0, e0, b0), (s1, _e1, b1) in itertools.pairwise(spans):
         if s1 < e0:
             _add(res.errors, f"blocks {b0} and {b1} overlap in the file (at {s0:#x} and {s1:#x})")
     res.allocated = len(spans)
@@ -429,7 +429,7 @@ def _check_vhd(path: str, fd: int, res: CheckResult, progress: Progress) -> None
 # VMDK (VMware Virtual Disk Format 1.1)
 
 _VMDK_HDR = struct.Struct("<IIIQQQQIQQQ?cccc")
-_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]+)"(?:\s+(\d+))?', re.M)
+_EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)\s+"([^"]+)"(?:\s+(\d+))?', re.MULTILINE)
 
 
 def _check_vmdk(path: str, fd: int, res: CheckResult, progress: Progress) -> None:

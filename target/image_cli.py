@@ -17,6 +17,7 @@ with ``-p``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -171,7 +172,7 @@ def own_ranges(img: ImageBackend) -> list[tuple[int, int, str]]:
 
     out: list[tuple[int, int, str]] = []
     ia, ib = [0], [0]
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         if a >= b:
             continue
         m1 = state_at(with_mapped, a, ia)
@@ -355,8 +356,7 @@ def _print_info(d: dict[str, Any], out: TextIO, indent: str = "") -> None:
     if "backing-filename" in d:
         fmt = f" ({d['backing-filename-format']})" if "backing-filename-format" in d else ""
         out.write(f"{indent}backing file: {d['backing-filename']}{fmt}\n")
-    for k, v in sorted(d.get("format-specific", {}).items()):
-        out.write(f"{indent}    {k}: {v}\n")
+    out.writelines(f"{indent}    {k}: {v}\n" for k, v in sorted(d.get("format-specific", {}).items()))
 
 
 # ---------------------------------------------------------------------------
@@ -502,12 +502,9 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
             "cluster-size": res.block_size,
         }, indent=4) + "\n")
     else:
-        for e in errors:
-            out.write(f"ERROR {e}\n")
-        for leak in res.leaks:
-            out.write(f"Leaked: {leak}\n")
-        for note in res.notes:
-            out.write(f"Note: {note}\n")
+        out.writelines(f"ERROR {e}\n" for e in errors)
+        out.writelines(f"Leaked: {leak}\n" for leak in res.leaks)
+        out.writelines(f"Note: {note}\n" for note in res.notes)
         if not res.checked:
             out.write(f"{args.path}: {res.format} image, nothing to check\n")
         elif errors:

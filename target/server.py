@@ -22,6 +22,8 @@ from iscsi.pdu import PDU, LoginRequest, TextRequest
 from iscsi.text import decode_text, encode_text
 
 from .config import LunSpec, ServerConfig, TargetSpec
+from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
+
 from .connection import TargetConnection
 from .media import MediaWatcher
 from .session import Session
@@ -41,15 +43,20 @@ class TargetRuntime:
     backends: dict[int, Any]
     scsi_luns: frozenset[int] = frozenset()
     sessions: set[Session] = field(default_factory=set)
+    #: LUN -> coroutine function to await before each command (bandwidth).
+    throttles: dict[int, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
 
-def open_lun(spec: LunSpec) -> Any:
-    """Open the backend a LUN spec names (raises BackendError in one line)."""
+def open_lun(spec: LunSpec, state_dir: str | None = None) -> Any:
+    """Open the backend a LUN spec names, in its write mode (raises
+    BackendError in one line). ``state_dir`` keeps the differencing images
+    of immutable and multiattach LUNs."""
     from target.backends.base import BackendError
+    from target.backends.modes import open_with_mode
 
     if spec.backend == "memory":
         from target.backends.memory import MemoryBackend
@@ -58,19 +65,17 @@ def open_lun(spec: LunSpec) -> Any:
         return MemoryBackend(spec.size)
     if not os.path.exists(spec.path):
         raise BackendError(f"{spec.path}: no such file or device")
-    if spec.backend in ("raw", "file", "block"):
-        from target.backends import raw
-
-        return raw.open(spec.path, read_only=spec.read_only, write_through=not spec.write_cache)
-    from target.backends.registry import open_image
-
-    fmt = None if spec.backend in ("auto", "iso") else spec.backend
-    return open_image(spec.path, read_only=spec.read_only, write_through=not spec.write_cache,
-                      fmt=fmt)
+    fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,
+                                                                         spec.backend)
+    return open_with_mode(spec.path, spec.mode, state_dir=state_dir, fmt=fmt,
+                          read_only=spec.read_only, write_cache=spec.write_cache)
 
 
-def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
-    """Open every LUN of ``spec`` and build its SCSI device emulation."""
+def build_target(spec: TargetSpec, state_dir: str | None,
+                 bandwidth: BandwidthGroups | None = None) -> TargetRuntime:
+    """Open every LUN of ``spec`` and build its SCSI device emulation.
+    LUNs in a bandwidth group are wrapped so their transfers share its
+    limit (the transport awaits ``throttle`` before each command)."""
     from target.scsi.lu import LogicalUnit
     from target.scsi.mmc import CdromUnit
     from target.scsi.target import ScsiTarget
@@ -79,9 +84,15 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
 
     luns: dict[int, Any] = {}
     backends: dict[int, Any] = {}
+    throttles: dict[int, Any] = {}
     try:
         for ls in spec.luns:
-            backend = open_lun(ls)
+            lun_state = os.path.join(state_dir, _safe(spec.name), str(ls.lun)) if state_dir \
+                else None
+            backend = open_lun(ls, lun_state)
+            if ls.bandwidth_group is not None and bandwidth is not None:
+                backend = ThrottledBackend(backend, bandwidth.get(ls.bandwidth_group))
+                throttles[ls.lun] = backend.throttle
             backends[ls.lun] = backend
             cdrom = ls.device_type == "cdrom" or (ls.device_type == "auto" and _is_iso(ls))
             # Serial and NAA WWN are derived from target name + LUN unless
@@ -95,8 +106,7 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
                 write_through=not ls.write_cache,
                 device_type=PeripheralType.CDROM if cdrom else PeripheralType.DISK,
                 removable=cdrom,
-                state_dir=os.path.join(state_dir, _safe(spec.name), str(ls.lun))
-                if state_dir else None,
+                state_dir=lun_state,
             ).resolve(spec.name, ls.lun)
             if cfg.state_dir:
                 os.makedirs(cfg.state_dir, exist_ok=True)
@@ -106,7 +116,8 @@ def build_target(spec: TargetSpec, state_dir: str | None) -> TargetRuntime:
             b.close()
         raise
     scsi = ScsiTarget(luns, name=spec.name)
-    return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns))
+    return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns),
+                         throttles=throttles)
 
 
 def _is_iso(ls: LunSpec) -> bool:
@@ -139,6 +150,7 @@ class TargetServer:
         self._next_tsih = 1
         self._reserved_tsih: set[int] = set()
         self.media: MediaWatcher | None = None
+        self.bandwidth = BandwidthGroups()
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
         #: SCSI commands executing (asyncio futures); stop() waits for them.
         self.inflight: set[asyncio.Future[None]] = set()
@@ -147,8 +159,37 @@ class TargetServer:
     # --------------------------------------------------------------- startup
     def open(self) -> None:
         """Open every LUN (errors are one line: BackendError)."""
+        for name, limit in self.config.bandwidth_groups:
+            self.bandwidth.add(name, limit)
         for spec in self.config.targets:
-            self.targets[spec.name] = build_target(spec, self.config.state_dir)
+            self.targets[spec.name] = build_target(spec, self.config.state_dir, self.bandwidth)
+
+    def set_bandwidth(self, group: str, limit: int | str | None) -> None:
+        """Change a bandwidth group's limit while serving (VirtualBox's
+        ``bandwidthctl set``); None = unlimited, 0 = paused."""
+        self.bandwidth.set(group, limit)
+        log.info("bandwidth group %s: limit %s", group, "unlimited" if limit is None else limit)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration file and apply what can change
+        while serving (bandwidth limits); other changes need a restart."""
+        from target.backends.base import BackendError
+
+        from .config import ConfigError, load_config
+
+        try:
+            fresh = load_config(self.config.source)
+        except ConfigError as exc:
+            log.warning("reload refused: %s", exc)
+            return
+        for name, limit in fresh.bandwidth_groups:
+            try:
+                current = self.bandwidth.get(name).limit
+            except BackendError:
+                log.warning("reload: new bandwidth group %s needs a restart", name)
+                continue
+            if current != limit:
+                self.set_bandwidth(name, limit)
 
     async def start(self) -> None:
         """Open LUNs if needed and listen on every portal."""
@@ -422,6 +463,11 @@ async def serve(config: ServerConfig, *, ready: Any = None) -> int:
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     await server.start()
+    if os.path.exists(config.source):
+        try:
+            loop.add_signal_handler(signal.SIGHUP, server.reload)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
+            pass
     if ready is not None:
         ready(server)
     await stop.wait()

@@ -193,7 +193,7 @@ async def test_bad_mountpoint(tmp_path: Path) -> None:
 
 
 def _run(*cmd: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, f"{cmd}: {proc.stderr}"
     return proc.stdout
 

@@ -4,6 +4,7 @@ qemu-img check agrees with our check on damaged images)."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -41,7 +42,7 @@ def qfmt(fmt: str) -> str:
 def run(*argv: str) -> tuple[int, str]:
     """Run the CLI in-process; return (exit status, stdout)."""
     out = io.StringIO()
-    parser = image_cli.argparse.ArgumentParser()
+    parser = argparse.ArgumentParser()
     image_cli._fill_parser(parser)
     args = parser.parse_args(list(argv))
     rc = image_cli.run(args, out)
@@ -98,7 +99,7 @@ def test_main_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_add_subparser_hooks_into_a_parent_cli(tmp_path: Path) -> None:
-    parser = image_cli.argparse.ArgumentParser(prog="iscsi-target")
+    parser = argparse.ArgumentParser(prog="iscsi-target")
     sub = parser.add_subparsers(dest="command", required=True)
     image_cli.add_subparser(sub)
     p = str(tmp_path / "h.vhd")
@@ -296,7 +297,7 @@ def test_check_finds_shared_qcow2_cluster(tmp_path: Path) -> None:
     with open_image(p, read_only=False) as img:
         img.write(0, b"\x01" * 65536)
         img.write(65536, b"\x02" * 65536)
-    cs, l2, entries = _qcow2_l2_entries(p)
+    _, l2, entries = _qcow2_l2_entries(p)
     with open(p, "r+b") as f:
         f.seek(l2 + 8)
         f.write(struct.pack(">Q", entries[0]))  # entry 1 now aliases entry 0's cluster
@@ -310,7 +311,7 @@ def test_check_reports_qcow2_leak_without_error(tmp_path: Path) -> None:
     assert run("create", "-f", "qcow2", p, "4M")[0] == 0
     with open_image(p, read_only=False) as img:
         img.write(0, b"\x01" * 65536)
-    cs, l2, entries = _qcow2_l2_entries(p)
+    _, l2, _ = _qcow2_l2_entries(p)
     with open(p, "r+b") as f:
         f.seek(l2)
         f.write(bytes(8))  # unmap the cluster: its refcount stays 1
@@ -362,7 +363,7 @@ def test_check_agrees_with_qemu_on_damage(tmp_path: Path) -> None:
     qemu_img("create", "-f", "qcow2", p, "4M")
     qemu_io(p, "qcow2", "write -P 1 0 64k", "write -P 2 64k 64k")
     assert run("check", p)[0] == 0
-    cs, l2, entries = _qcow2_l2_entries(p)
+    _, l2, entries = _qcow2_l2_entries(p)
     with open(p, "r+b") as f:
         f.seek(l2 + 8)
         f.write(struct.pack(">Q", entries[0]))

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -736,7 +736,8 @@ async def test_garbage_never_crashes_the_server(served: tuple[NBDServer, Path],
         elif i % 3 and i % 2:
             blob = struct.pack(">I", REQUEST_MAGIC) + blob  # a plausible request header
         c.w.write(blob)
-        c.request(DISC, 0) if i % 3 else None
+        if i % 3:
+            c.request(DISC, 0)
         c.w.write_eof()
         await asyncio.wait_for(c.r.read(), 10)  # whatever comes, until EOF
         c.close()
@@ -871,7 +872,8 @@ async def test_nbdfuse_file_reads_writes_and_flushes(served: tuple[NBDServer, Pa
         nbdfuse, "-P", str(pidfile), f"{mnt}/disk", server.uri,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        # nbdfuse writes its pidfile once the mount serves (bounded wait).
+        # nbdfuse writes its pidfile once the mount serves: poll for it with a
+        # deadline (as tests/tgt.py does for tgtd), there is no other signal.
         for _ in range(1000):
             if pidfile.exists() and pidfile.read_text().strip() or proc.returncode is not None:
                 break

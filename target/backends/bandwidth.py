@@ -31,6 +31,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Self
 
 from .base import Backend, BackendError, Buffer, Extent
 
@@ -240,6 +241,9 @@ class ThrottledBackend(Backend):
         self.group = group
         self.blocking = blocking
         self.path = inner.path
+
+    def __enter__(self) -> Self:
+        return self
 
     async def throttle(self) -> None:
         """Wait until the group allows the next transfer."""

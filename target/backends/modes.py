@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
+from typing import Self
 
 from .base import Backend, BackendError, Buffer, Extent
 from .registry import ImageBackend, create_image, formats, open_image
@@ -203,6 +204,9 @@ class DelegatingBackend(Backend):
         self.inner = inner
         self.path = inner.path
 
+    def __enter__(self) -> Self:
+        return self
+
     @property
     def size(self) -> int:
         return self.inner.size
@@ -340,6 +344,9 @@ class PerInitiatorBackend(Backend):
         except BaseException:
             self._dir.cleanup()
             raise
+
+    def __enter__(self) -> Self:
+        return self
 
     # -- the hook -------------------------------------------------------------
 
