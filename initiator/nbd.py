@@ -1037,7 +1037,9 @@ class _Connection(asyncio.BufferedProtocol):
     def _send(self, parts: list[BytesLike]) -> None:
         if self.transport is None or self._lost or self.transport.is_closing():
             return
-        self._out.extend(parts)
+        # Never queue empty buffers: CPython 3.12's sendmsg-based writelines
+        # keeps a trailing empty one forever, so close() never completes.
+        self._out.extend(p for p in parts if len(p))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush_out)

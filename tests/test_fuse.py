@@ -251,3 +251,45 @@ async def test_loop_device_ext4_round_trip(tmp_path: Path) -> None:
     assert mem.data[1024 + 56 : 1024 + 58] == b"\x53\xef"  # ext4 superblock magic
     async with await serve_fuse(mem, str(mnt)) as export:
         await asyncio.to_thread(second, export.path)
+
+
+@pytest.mark.interop
+async def test_serve_fuse_until_on_a_tgt_lun(tmp_path: Path) -> None:
+    """The CLI's path: an iSCSI BlockDevice (tgt) mounted until told to
+    stop; writes through the file land in tgt's backing file."""
+    _need_fuse()
+    from initiator.blockdev import BlockDevice
+    from initiator.fuse import serve_fuse_until
+    from initiator.session import Session, SessionOptions
+    from tests.tgt import TgtConfig, Tgtd
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    patch = random.Random(2).randbytes(200 * KiB)
+    with Tgtd(tmp_path, TgtConfig(size=4 * MiB)) as tgt:
+        s = await Session.connect("127.0.0.1", tgt.port, tgt.iqn,
+                                  SessionOptions(nop_interval=None))
+        try:
+            dev = await BlockDevice.from_session(s, 1)
+            stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            serving = asyncio.ensure_future(serve_fuse_until(dev, str(mnt), stop,
+                                                             ready=ready.set_result))
+            path = await asyncio.wait_for(ready, 30)
+
+            def io() -> None:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    assert os.fstat(fd).st_size == 4 * MiB
+                    os.pwrite(fd, patch, 100_000)  # unaligned: read-modify-write
+                    assert os.pread(fd, len(patch), 100_000) == patch
+                finally:
+                    os.close(fd)
+
+            await asyncio.to_thread(io)
+            stop.set_result(None)
+            await asyncio.wait_for(serving, 30)
+            assert not os.path.ismount(mnt)
+            assert tgt.backing.read_bytes()[100_000 : 100_000 + len(patch)] == patch
+        finally:
+            await s.logout()
