@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iscsi.constants import RESERVED_TAG
+from iscsi.discovery import select_targets, send_targets_answer
 from iscsi.errors import ProtocolError
+from iscsi.names import Portal
 from iscsi.pdu import PDU, LoginRequest, TextRequest
 from iscsi.text import decode_text, encode_text
 
@@ -347,43 +349,28 @@ class TargetServer:
             log.info("%s: session TSIH %d of %s ended", conn.peer, sess.tsih, sess.initiator_name)
 
     # ---------------------------------------------------------- discovery
-    def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[str]:
-        """TargetAddress values (RFC 7143 §13.9) for every portal of every
-        portal group of ``spec``; wildcard listeners report the address the
-        initiator reached us on."""
-        out: list[str] = []
+    def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[Portal]:
+        """Every portal of every portal group of ``spec`` (RFC 7143 §13.9);
+        wildcard listeners report the address the initiator reached us on."""
+        out: list[Portal] = []
         for tag, host, port in self.bound:
             if tag not in spec.portal_groups:
                 continue
             if host in ("0.0.0.0", "::", ""):
                 host = conn.local[0]
-            entry = f"{_fmt_portal(host, port)},{tag}"
-            if entry not in out:
-                out.append(entry)
+            portal = Portal(host, port, tag)
+            if portal not in out:
+                out.append(portal)
         return out
 
     def send_targets(self, conn: TargetConnection, value: str, initiator: str,
                      session_target: str | None) -> list[tuple[str, str]]:
         """The SendTargets answer (RFC 7143 §12.3): only targets this
         initiator may log in to, each with all its portals."""
-        if value == "All":
-            if session_target is not None:
-                names = [session_target]  # only discovery sessions may ask for All
-            else:
-                names = list(self.targets)
-        elif value == "":
-            names = [session_target] if session_target else []
-        else:
-            names = [value] if value in self.targets else []
-        pairs: list[tuple[str, str]] = []
-        for name in names:
-            rt = self.targets.get(name)
-            if rt is None or not rt.spec.allows(initiator):
-                continue
-            pairs.append(("TargetName", name))
-            for addr in self.portals_for(rt.spec, conn):
-                pairs.append(("TargetAddress", addr))
-        return pairs
+        names = select_targets(value, self.targets, session_target)
+        return send_targets_answer(
+            (name, self.portals_for(self.targets[name].spec, conn)) for name in names
+            if name in self.targets and self.targets[name].spec.allows(initiator))
 
     def handle_text(self, conn: TargetConnection, req: TextRequest) -> None:
         """Text Request in full feature phase: SendTargets; anything else is
