@@ -19,6 +19,7 @@ from typing import Any
 from iscsi.constants import RESERVED_TAG
 from iscsi.discovery import select_targets, send_targets_answer
 from iscsi.errors import ProtocolError
+from iscsi.memory import tune_malloc
 from iscsi.names import Portal
 from iscsi.pdu import PDU, LoginRequest, TextRequest
 from iscsi.text import decode_text, encode_text
@@ -195,6 +196,7 @@ class TargetServer:
 
     async def start(self) -> None:
         """Open LUNs if needed and listen on every portal."""
+        tune_malloc()  # per-command buffers without page-fault churn
         if not self.targets:
             self.open()
         loop = asyncio.get_running_loop()
