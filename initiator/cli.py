@@ -1,4 +1,4 @@
-"""``iscsi-initiator``: discover, list, inquire, copy and benchmark LUNs.
+"""``iscsi-initiator``: discover, list, inquire, copy, benchmark, attach and detach LUNs.
 
 Every failure prints one line -- what went wrong and what to try -- and exits
 non-zero; ``-v`` adds logging for the details.
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import stat
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from iscsi.names import parse_portal, parse_url
 from iscsi.scsi.cdb import ProvisioningStatus
@@ -22,6 +26,7 @@ from iscsi.scsi.constants import PeripheralType, SenseKey
 
 from .blockdev import BlockDevice, options_from_url
 from .errors import InitiatorError, LUNNotFound
+from .login import DiscoveredTarget
 from .scsi import LUN, SCSICheckCondition
 from .session import Session, SessionOptions, discover, run
 
@@ -56,6 +61,12 @@ def _with_creds(url: str, opts: SessionOptions) -> SessionOptions:
 # ------------------------------------------------------------- discover, ls
 
 
+async def _discover(host: str, port: int, opts: SessionOptions) -> list[DiscoveredTarget]:
+    # The URL's credentials are usually the target's: let a portal without
+    # discovery CHAP answer without them (see discover()).
+    return await discover(host, port, opts, chap_optional=True)
+
+
 async def cmd_discover(args: argparse.Namespace) -> int:
     text = args.portal
     if text.startswith("iscsi://"):
@@ -65,7 +76,7 @@ async def cmd_discover(args: argparse.Namespace) -> int:
     else:
         p = parse_portal(text)
         host, port, opts = p.host, p.port, _options(args)
-    targets = await discover(host, port, opts)
+    targets = await _discover(host, port, opts)
     if not targets:
         print(f"{PROG}: the portal {text} lists no targets", file=sys.stderr)
         return 1
@@ -97,16 +108,16 @@ async def _describe_lun(session: Session, lun_no: int) -> str:
 async def cmd_ls(args: argparse.Namespace) -> int:
     u = parse_url(args.url)
     opts = _with_creds(args.url, _options(args))
-    names = [u.target] if u.target else [t.name for t in await discover(u.host, u.port, opts)]
+    names = [u.target] if u.target else [t.name for t in await _discover(u.host, u.port, opts)]
     for name in names:
         assert name is not None
         async with await Session.connect(u.host, u.port, name, opts) as s:
             luns = await LUN(s, 0).report_luns()
-            print(name)
             if u.lun is not None:
                 if u.lun not in luns:
                     raise LUNNotFound(f"LUN {u.lun} does not exist on {name} (it has {luns})")
                 luns = [u.lun]
+            print(name)
             for n in luns:
                 print(await _describe_lun(s, n))
     return 0
@@ -495,36 +506,265 @@ async def bench(dev: BlockDevice, *, rw: str = "read", pattern: str = "rand",
     return BenchResult(rw, pattern, block_size, depth, ops, loop.time() - start)
 
 
-# ------------------------------------------------------------------- attach
+# ------------------------------------------------------------ attach, detach
+#
+# An attach serves until Ctrl-C/SIGTERM or until ``iscsi-initiator detach``
+# asks it over its control socket: a Unix socket in a private directory,
+# named after the export, speaking one line each way ("detach" -> "ok ..." or
+# "error ..."). A socket rather than a pid file because detach then learns
+# whether the flush and the logout succeeded, and a stale socket cannot
+# point at an unrelated process the way a reused pid can.
+
+_CONTROL_TIMEOUT = 2.0
+
+
+def runtime_dir() -> str:
+    """Where attach keeps its control sockets (mode 0700)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "aioiscsi")
+    return os.path.join(tempfile.gettempdir(), f"aioiscsi-{os.getuid()}")
+
+
+def export_key(*, nbd: str | None = None, fuse: str | None = None) -> str:
+    """The canonical name of an export (Unix paths made absolute; a TCP
+    address as written, so detach must spell it the same way)."""
+    if fuse is not None:
+        return "fuse:" + os.path.abspath(fuse)
+    if nbd is None:
+        raise ValueError("an export is an NBD address or a FUSE mountpoint")
+    if nbd.startswith("unix:"):
+        return "unix:" + os.path.abspath(nbd[5:])
+    return "tcp:" + nbd
+
+
+def control_path(key: str) -> str:
+    """The control socket of the attach serving export ``key`` (hashed: a
+    Unix socket path must stay under 108 bytes)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"attach-{digest}.sock")
+
+
+def _public_url(url: str) -> str:
+    """The URL without its CHAP credentials (for messages and status)."""
+    u = parse_url(url)
+    host = f"[{u.host}]" if ":" in u.host else u.host
+    return f"iscsi://{host}:{u.port}/{u.target}/{u.lun}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+async def _ask(path: str, command: str, timeout: float) -> str:
+    """Send one command line to an attach's control socket; its answer."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path),
+                                            _CONTROL_TIMEOUT)
+    try:
+        writer.write(command.encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line.endswith(b"\n"):
+        raise InitiatorError("the attach closed its control connection without an answer",
+                             hint="it may have crashed; check its output")
+    return line.decode(errors="replace").rstrip("\n")
+
+
+class _Control:
+    """The attach side of the control socket."""
+
+    def __init__(self, path: str, describe: Callable[[], str], stop: Callable[[], None]) -> None:
+        self.path = path
+        self.describe = describe
+        self.stop = stop
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.server: asyncio.AbstractServer | None = None
+        self.clients: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Listen; refuse when another attach already serves this export."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        if os.path.exists(self.path):
+            try:
+                await _ask(self.path, "status", _CONTROL_TIMEOUT)
+            except (OSError, TimeoutError, InitiatorError):
+                os.unlink(self.path)  # stale: its attach is gone
+            else:
+                raise InitiatorError(f"another attach already uses the control socket "
+                                     f"{self.path}", hint="detach it first, or pick another "
+                                     "export address or --control")
+        self.server = await asyncio.start_unix_server(self._client, self.path)
+        os.chmod(self.path, 0o600)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.clients.add(task)
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10.0)
+            command = line.decode(errors="replace").strip()
+            if command == "status":
+                reply = "ok " + self.describe()
+            elif command == "detach":
+                self.stop()
+                reply = await asyncio.shield(self.done)
+            else:
+                reply = f"error unknown control command {command!r} (detach, status)"
+            writer.write(reply.encode() + b"\n")
+            await writer.drain()
+        except (OSError, TimeoutError, UnicodeError):
+            pass  # a client that went away gets no answer
+        finally:
+            writer.close()
+            if task is not None:
+                self.clients.discard(task)
+
+    async def finish(self, outcome: str) -> None:
+        """Answer waiting detach requests with ``outcome``, then close."""
+        if not self.done.done():
+            self.done.set_result(outcome)
+        if self.clients:
+            await asyncio.wait(list(self.clients), timeout=5.0)
+        if self.server is not None:
+            self.server.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
 
 
 async def cmd_attach(args: argparse.Namespace) -> int:
     import signal
 
-    from .nbd import serve_until
-
-    dev = await BlockDevice.open(args.url, _with_creds(args.url, _options(args)))
+    where = args.nbd if args.nbd is not None else args.fuse
+    path = args.control or control_path(export_key(nbd=args.nbd, fuse=args.fuse))
+    opts = _with_creds(args.url, _options(args))
+    # An attach stays up for hours: idle NOP-Out pings (RFC 7143 §11.18)
+    # notice a dead connection before the next I/O does.
+    opts.nop_interval = SessionOptions().nop_interval
+    dev = await BlockDevice.open(args.url, opts)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
+    public = _public_url(args.url)
 
     def _stop() -> None:
         if not stop.done():
             stop.set_result(None)
 
+    control: _Control | None = None
+    candidate = _Control(
+        path, lambda: f"attached {public} on {where} (session {dev.lun.session.state})", _stop)
+    try:
+        await candidate.start()
+        control = candidate
+    except (OSError, InitiatorError) as exc:
+        if args.control or isinstance(exc, InitiatorError):
+            await dev.close()
+            raise
+        # Without a usable runtime directory, Ctrl-C/SIGTERM still detach.
+        print(f"{PROG}: no control socket ({_one_line(exc)}); detach with Ctrl-C or SIGTERM",
+              file=sys.stderr)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop)
 
     def ready(uri: str) -> None:
-        # The one line a script waits for; nbd-client/nbdinfo take this URI.
+        # The one stdout line a script waits for: the NBD URI (nbdinfo,
+        # nbd-client and qemu take it) or the FUSE file's path.
         print(uri, flush=True)
+        how = f"{PROG} detach {where}" + (f" --control {path}" if args.control else "")
+        print(f"{PROG}: attached {public}; detach with: {how}", file=sys.stderr, flush=True)
 
+    error: BaseException | None = None
     try:
-        await serve_until(dev, args.nbd, stop, name=args.name, read_only=args.read_only,
-                          ready=ready)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await dev.close()
+        if args.nbd is not None:
+            from .nbd import serve_until
+
+            await serve_until(dev, args.nbd, stop, name=args.name or "",
+                              read_only=args.read_only, ready=ready)
+        else:
+            from .fuse import serve_fuse_until
+
+            await serve_fuse_until(dev, args.fuse, stop, name=args.name or "lun",
+                                   read_only=args.read_only, ready=ready)
+    except BaseException as exc:  # noqa: BLE001 -- reported to detach, then re-raised
+        error = exc
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    try:
+        await dev.close()  # logs out (RFC 7143 §11.14)
+    except InitiatorError as exc:
+        error = error or exc
+    if control is not None:
+        await control.finish(
+            f"error {_one_line(error)}" if error is not None else
+            f"ok detached {public} from {where}: flushed and logged out")
+    if error is not None:
+        raise error
+    return 0
+
+
+async def _running_attaches() -> list[tuple[str, str]]:
+    """(control socket, status) of every live attach; stale sockets go."""
+    out: list[tuple[str, str]] = []
+    d = runtime_dir()
+    try:
+        names = sorted(os.listdir(d))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not (name.startswith("attach-") and name.endswith(".sock")):
+            continue
+        path = os.path.join(d, name)
+        try:
+            answer = await _ask(path, "status", _CONTROL_TIMEOUT)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        except (OSError, TimeoutError, InitiatorError):
+            continue
+        out.append((path, answer.removeprefix("ok ")))
+    return out
+
+
+async def cmd_detach(args: argparse.Namespace) -> int:
+    if args.control:
+        path, what = args.control, args.control
+    elif args.export:
+        key = (export_key(fuse=args.export) if os.path.isdir(args.export)
+               else export_key(nbd=args.export))
+        path, what = control_path(key), args.export
+    else:
+        running = await _running_attaches()
+        if not running:
+            raise InitiatorError("no attach is running",
+                                 hint=f"start one with '{PROG} attach URL --nbd ...'")
+        if len(running) > 1:
+            listed = "; ".join(status for _, status in running)
+            raise InitiatorError(f"{len(running)} attaches are running ({listed})",
+                                 hint="name the export: detach unix:PATH, HOST:PORT or "
+                                 "MOUNTPOINT")
+        path, what = running[0][0], running[0][1]
+    try:
+        answer = await _ask(path, "detach", args.timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        if os.path.exists(path) and not args.control:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise InitiatorError(f"no attach is running for {what}",
+                             hint="give the --nbd address or --fuse mountpoint exactly as "
+                             "attach was given it") from None
+    except TimeoutError:
+        raise InitiatorError(f"the attach for {what} did not finish within {args.timeout:g} s",
+                             hint="the target may be unreachable; the attach keeps trying "
+                             "until its --replacement-timeout") from None
+    status, _, text = answer.partition(" ")
+    if status != "ok":
+        raise InitiatorError(f"detach of {what} failed: {text}",
+                             hint="data written since the last flush may not be on the target")
+    print(text)
     return 0
 
 
@@ -556,13 +796,29 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     c.set_defaults(func=cmd_copy)
-    a = sub.add_parser("attach", help="serve a LUN as an NBD export until interrupted")
+    a = sub.add_parser("attach", help="serve a LUN as an NBD export (or a FUSE file) until "
+                       "detached or interrupted")
     a.add_argument("url", metavar="URL")
-    a.add_argument("--nbd", required=True, metavar="unix:PATH|HOST:PORT",
-                   help="where to listen (e.g. unix:/run/lun1.sock or 127.0.0.1:10809)")
-    a.add_argument("--name", default="", help="export name (default: empty)")
+    where = a.add_mutually_exclusive_group(required=True)
+    where.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
+                       help="NBD listen address (e.g. unix:/run/lun1.sock or 127.0.0.1:10809)")
+    where.add_argument("--fuse", metavar="MOUNTPOINT",
+                       help="show the LUN as the file MOUNTPOINT/lun (needs pyfuse3)")
+    a.add_argument("--name", default=None,
+                   help="NBD export name (default: empty) or FUSE file name (default: lun)")
     a.add_argument("--read-only", action="store_true")
+    a.add_argument("--control", metavar="PATH",
+                   help="control socket 'detach' talks to (default: in $XDG_RUNTIME_DIR/"
+                   "aioiscsi, named after the export)")
     a.set_defaults(func=cmd_attach)
+    dt = sub.add_parser("detach", help="stop an attach: flush, log out, close the export")
+    dt.add_argument("export", nargs="?", metavar="EXPORT",
+                    help="the attach's --nbd address or --fuse mountpoint (default: the "
+                    "only attach running)")
+    dt.add_argument("--control", metavar="PATH", help="the attach's control socket")
+    dt.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="how long to wait for the flush and logout (default 60)")
+    dt.set_defaults(func=cmd_detach)
     b = sub.add_parser("bench", help="measure IOPS and MB/s")
     b.add_argument("url", metavar="URL")
     b.add_argument("--rw", choices=("read", "write"), default="read")

@@ -10,6 +10,7 @@ executed, §5.3.1; BUSY and TASK SET FULL), and remembers the block size.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -102,6 +103,56 @@ class Capacity:
     def size(self) -> int:
         """Capacity in bytes."""
         return self.blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class PRKeys:
+    """PERSISTENT RESERVE IN / READ KEYS data (SPC-4 §6.15.2)."""
+
+    generation: int
+    keys: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PRReservation:
+    """PERSISTENT RESERVE IN / READ RESERVATION data (SPC-4 §6.15.3);
+    ``key`` is None when no persistent reservation is held."""
+
+    generation: int
+    key: int | None = None
+    scope: int = 0
+    pr_type: int = 0
+
+
+_PR_HEADER = struct.Struct(">II")
+_PR_RESERVATION = struct.Struct(">QIBB")
+
+
+def parse_pr_keys(data: Buffer) -> PRKeys:
+    """Decode READ KEYS parameter data; keys beyond the returned bytes (a
+    short allocation length) are left out."""
+    mv = memoryview(data).cast("B")
+    if mv.nbytes < 8:
+        raise ValueError(f"READ KEYS data is {mv.nbytes} bytes, under its 8-byte header")
+    generation, length = _PR_HEADER.unpack_from(mv)
+    body = mv[8 : 8 + min(length, mv.nbytes - 8)]
+    n = body.nbytes // 8
+    keys = struct.unpack(f">{n}Q", body[: n * 8]) if n else ()
+    return PRKeys(generation, tuple(keys))
+
+
+def parse_pr_reservation(data: Buffer) -> PRReservation:
+    """Decode READ RESERVATION parameter data."""
+    mv = memoryview(data).cast("B")
+    if mv.nbytes < 8:
+        raise ValueError(f"READ RESERVATION data is {mv.nbytes} bytes, under its 8-byte header")
+    generation, length = _PR_HEADER.unpack_from(mv)
+    if length == 0:
+        return PRReservation(generation)
+    if length < 0x10 or mv.nbytes < 8 + _PR_RESERVATION.size:
+        raise ValueError(f"READ RESERVATION descriptor is truncated ({length} bytes)")
+    key, _obsolete, _reserved, scope_type = _PR_RESERVATION.unpack_from(mv, 8)
+    return PRReservation(generation, key, scope_type >> 4, scope_type & 0x0F)
 
 
 class LUN:
@@ -226,6 +277,20 @@ class LUN:
             data_in_length=allocation_length)
         return bytes(r.data or b"")
 
+    async def read_keys(self) -> PRKeys:
+        """The registered reservation keys (PERSISTENT RESERVE IN, READ KEYS)."""
+        r = await self.execute(C.build_persistent_reserve_in(
+            service_action=PRInAction.READ_KEYS, allocation_length=_ALLOC),
+            data_in_length=_ALLOC)
+        return _parse(parse_pr_keys, r)
+
+    async def read_reservation(self) -> PRReservation:
+        """The persistent reservation held, if any (READ RESERVATION)."""
+        r = await self.execute(C.build_persistent_reserve_in(
+            service_action=PRInAction.READ_RESERVATION, allocation_length=_ALLOC),
+            data_in_length=_ALLOC)
+        return _parse(parse_pr_reservation, r)
+
     async def persistent_reserve_out(self, action: int = PROutAction.REGISTER, *,
                                      reservation_key: int = 0, service_action_key: int = 0,
                                      pr_type: int = 0, scope: int = 0, aptpl: bool = False,
@@ -333,4 +398,5 @@ def _opname(cdb: bytes) -> str:
         return f"opcode 0x{cdb[0]:02x}" if cdb else "empty CDB"
 
 
-__all__ = ["LUN", "Capacity", "SCSICheckCondition", "SCSIStatusError", "check"]
+__all__ = ["LUN", "Capacity", "PRKeys", "PRReservation", "SCSICheckCondition",
+           "SCSIStatusError", "check", "parse_pr_keys", "parse_pr_reservation"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -40,6 +41,7 @@ from iscsi.constants import (
     RESERVED_TAG,
     AsyncEvent,
     ISCSIResponse,
+    LoginStatus,
     LogoutReason,
     LogoutResponseCode,
     Opcode,
@@ -76,6 +78,7 @@ from .errors import (
     ConnectionLost,
     InitiatorError,
     LoginFailed,
+    LoginRefused,
     PortalUnreachable,
     SessionFailed,
     TargetProtocolError,
@@ -1094,9 +1097,35 @@ def _describe(exc: BaseException) -> str:
 
 
 async def discover(host: str, port: int = 3260, options: SessionOptions | None = None,
-                   which: str = "All") -> list[DiscoveredTarget]:
+                   which: str = "All", *, chap_optional: bool = False
+                   ) -> list[DiscoveredTarget]:
     """SendTargets discovery (with discovery CHAP when ``options`` has
-    credentials): log in to a discovery session, ask, log out."""
+    credentials): log in to a discovery session, ask, log out.
+
+    With credentials we insist on CHAP. ``chap_optional`` relaxes that for
+    one-way CHAP: when the portal refuses our CHAP (many targets protect
+    only normal sessions, so the credentials in a URL are the target's), try
+    once more without. Nothing is lost by it: one-way CHAP proves us to the
+    target, never the target to us. Mutual CHAP is never dropped; if both
+    attempts fail the first refusal is raised.
+    """
+    try:
+        return await _discover_once(host, port, options, which)
+    except LoginRefused as exc:
+        o = options
+        if (not chap_optional or o is None or o.chap_user is None
+                or o.target_chap_user is not None
+                or exc.status != LoginStatus.AUTHENTICATION_FAILURE):
+            raise
+        plain = dataclasses.replace(o, chap_user=None, chap_secret=None)
+        try:
+            return await _discover_once(host, port, plain, which)
+        except LoginRefused:
+            raise exc from None
+
+
+async def _discover_once(host: str, port: int, options: SessionOptions | None,
+                         which: str) -> list[DiscoveredTarget]:
     session = Session(host, port, None, options, discovery=True)
     await session._start()
     try:

@@ -35,6 +35,7 @@ from .constants import (
 )
 from .digest import digest_bytes
 from .errors import InvalidPDUField, PDUFormatError, UnsupportedOpcode
+from .scsi.cdb import lun_from_u64, lun_to_u64
 
 Buffer = bytes | bytearray | memoryview
 
@@ -72,13 +73,9 @@ def encode_lun(lun: int) -> int:
 
     LUNs below 256 use peripheral device addressing (byte 1), larger ones
     the flat space addressing method (01b in the top bits), as Linux and
-    libiscsi do.
+    libiscsi do. (The encoding itself lives in :mod:`iscsi.scsi.cdb`.)
     """
-    if not 0 <= lun < 16384:
-        raise ValueError(f"LUN {lun} is outside 0..16383")
-    if lun < 256:
-        return lun << 48
-    return (0x4000 | lun) << 48
+    return lun_to_u64(lun)
 
 
 def decode_lun(raw: int) -> int:
@@ -87,15 +84,8 @@ def decode_lun(raw: int) -> int:
     Other addressing methods return the raw value, which never matches a
     configured LUN, so the target answers LOGICAL UNIT NOT SUPPORTED.
     """
-    top = raw >> 48
-    method = top >> 14
-    if raw & 0xFFFFFFFFFFFF:
-        return raw
-    if method == 0:
-        return top & 0xFF if (top >> 8) == 0 else raw
-    if method == 1:
-        return top & 0x3FFF
-    return raw
+    lun = lun_from_u64(raw)
+    return raw if lun is None else lun
 
 
 def _len(data: Buffer) -> int:

@@ -131,7 +131,10 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.tasks: dict[int, Task] = {}
         self._ttt = 0x1000
         self._ttt_map: dict[int, Task] = {}
-        self._placed: tuple[int, bytearray] | None = None
+        #: Write buffers the placement callback made for SCSI Commands whose
+        #: immediate data is being received, by ITT, until the command is
+        #: handled (several may be parsed from one receive).
+        self._placed: dict[int, bytearray] = {}
         #: ITTs of writes failed mid-transfer: their remaining Data-Out is
         #: dropped silently (insertion-ordered, bounded).
         self._dead_itts: dict[int, None] = {}
@@ -273,6 +276,10 @@ class TargetConnection(asyncio.BufferedProtocol):
         """Answer a decoding error as the RFC says. Returns True if the
         connection goes on."""
         log.warning("%s: protocol error: %s", self.peer, exc)
+        if exc.header is not None and len(exc.header) >= 20:
+            # A command that failed to decode after its immediate data was
+            # placed: give its buffer back.
+            self._release(self._placed.pop(_U32.unpack_from(exc.header, 16)[0], None))
         if self._login is not None and not self._login_done:
             # During login any malformed PDU ends the login (RFC 7143 §6.3).
             self._login_reject(exc)
@@ -379,13 +386,12 @@ class TargetConnection(asyncio.BufferedProtocol):
         elif op == Opcode.SCSI_COMMAND:
             assert isinstance(pdu, ScsiCommand)
             self._expstatsn(pdu.expstatsn)
+            buf = self._placed.pop(pdu.itt, None)
             if sess.discovery:
+                self._release(buf)
                 self._consume_cmdsn(pdu.cmdsn, pdu.immediate)
                 self.send_reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
                 return
-            placed = self._placed
-            self._placed = None
-            buf = placed[1] if placed is not None and placed[0] == pdu.itt else None
             if not sess.admit(pdu.cmdsn, pdu.immediate, self,
                               lambda: self._scsi_command(pdu, buf)):
                 log.info("%s: CmdSN %d outside window [%d, %d]; ignored (RFC 7143 §4.2.2.1)",
@@ -487,7 +493,9 @@ class TargetConnection(asyncio.BufferedProtocol):
                 return None
             buf = bytearray(edtl)
             self._buffered_bytes += edtl
-            self._placed = (_U32.unpack_from(hdr, 16)[0], buf)
+            itt = _U32.unpack_from(hdr, 16)[0]
+            self._release(self._placed.pop(itt, None))  # a duplicate ITT: keep one
+            self._placed[itt] = buf
             return memoryview(buf)[:dlen]
         return None
 

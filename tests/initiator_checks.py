@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -145,6 +146,7 @@ async def verified_stream_across_crash(s: Session, dev: BlockDevice, kill: Calla
     stripe = size // stripes
     progress = 0
     inflight: list[int] = []
+    finished: list[int] = []
 
     async def writer(k: int) -> None:
         nonlocal progress
@@ -156,12 +158,18 @@ async def verified_stream_across_crash(s: Session, dev: BlockDevice, kill: Calla
             await dev.write(off, buf)
             model[off : off + n] = buf
             progress += n
+        finished.append(k)
 
     async def killer() -> None:
-        while progress < 8 * MiB:
-            await asyncio.sleep(0.005)  # polls the progress counter
+        # Polls until 8 MiB went by and commands are in flight.
+        while progress < 8 * MiB or s.in_flight == 0:
+            if len(finished) == stripes:
+                raise AssertionError("the write stream ended before the target was killed")
+            await asyncio.sleep(0.001)
         inflight.append(s.in_flight)
-        await asyncio.to_thread(kill)
+        # Killed from the loop's thread, blocking it: the commands counted
+        # above cannot complete before the target is dead.
+        kill()
         await asyncio.to_thread(start)
 
     await asyncio.gather(killer(), *(writer(k) for k in range(stripes)))
@@ -197,9 +205,9 @@ def cli_failures_are_one_line(cases: Sequence[tuple[Sequence[str], str]],
         assert main(list(argv)) != 0, argv
         captured = capsys.readouterr()
         lines = captured.err.splitlines()
-        assert len(lines) == 1, captured.err
-        assert words in lines[0], lines[0]
-        assert captured.out == ""
+        assert len(lines) == 1, (argv, captured.err)
+        assert words in lines[0], (argv, lines[0])
+        assert captured.out == "", (argv, captured.out)
 
 
 # ------------------------------------------------------- our target process
@@ -268,7 +276,7 @@ class TargetProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> TargetProcess:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

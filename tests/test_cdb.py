@@ -151,6 +151,23 @@ def _ok_pr_out(x: C.PersistentReserveOut) -> bool:
     return True
 
 
+def _cache_range(cls: type[Any]) -> st.SearchStrategy[Any]:
+    """SYNCHRONIZE CACHE / PRE-FETCH: the same fields in both sizes."""
+    return st.one_of(
+        *(
+            st.builds(
+                cls,
+                lba=lba,
+                blocks=blocks,
+                immed=b,
+                group=st.integers(0, 63),
+                cdb_size=st.just(size),
+            )
+            for size, lba, blocks in ((10, u32, u16), (16, u64, u32))
+        )
+    )
+
+
 ROUND_TRIPS: list[
     tuple[Callable[..., bytes], Callable[[bytes], Any], st.SearchStrategy[Any]]
 ] = [
@@ -225,46 +242,12 @@ ROUND_TRIPS: list[
     (
         C.build_synchronize_cache,
         C.parse_synchronize_cache,
-        st.one_of(
-            st.builds(
-                C.SynchronizeCache,
-                lba=u32,
-                blocks=u16,
-                immed=b,
-                group=st.integers(0, 63),
-                cdb_size=st.just(10),
-            ),
-            st.builds(
-                C.SynchronizeCache,
-                lba=u64,
-                blocks=u32,
-                immed=b,
-                group=st.integers(0, 63),
-                cdb_size=st.just(16),
-            ),
-        ),
+        _cache_range(C.SynchronizeCache),
     ),
     (
         C.build_pre_fetch,
         C.parse_pre_fetch,
-        st.one_of(
-            st.builds(
-                C.PreFetch,
-                lba=u32,
-                blocks=u16,
-                immed=b,
-                group=st.integers(0, 63),
-                cdb_size=st.just(10),
-            ),
-            st.builds(
-                C.PreFetch,
-                lba=u64,
-                blocks=u32,
-                immed=b,
-                group=st.integers(0, 63),
-                cdb_size=st.just(16),
-            ),
-        ),
+        _cache_range(C.PreFetch),
     ),
     (
         C.build_mode_sense,

@@ -12,38 +12,43 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from initiator.blockdev import BlockDevice, LUNFile
-from initiator.errors import LoginRefused, PortalUnreachable, SessionFailed
+from initiator.blockdev import BlockDevice
+from initiator.errors import LoginRefused, PortalUnreachable
 from initiator.scsi import LUN, SCSICheckCondition
-from initiator.session import Session, SessionOptions, discover
+from initiator.session import Session, discover
 from iscsi.constants import LoginStatus
 from iscsi.scsi.cdb import ProvisioningStatus
+from tests.initiator_checks import (
+    LONG,
+    MiB,
+    cli_failures_are_one_line,
+    fill,
+    lun_file_roundtrip,
+    random_write_verify,
+    replacement_timeout_fails,
+    unaligned_writes_sharing_a_block,
+    until,
+    verified_stream_across_crash,
+    write_same_roundtrip,
+)
+from tests.initiator_checks import opts as _opts
 from tests.tgt import TgtConfig, Tgtd, free_port
 
 pytestmark = pytest.mark.interop
 
-MiB = 1 << 20
 USER, SECRET = "alice", "alice-secret-1"
 TUSER, TSECRET = "target1", "target-secret-2"
-LONG = os.environ.get("AIOISCSI_LONG", "") not in ("", "0")
 
 
 @pytest.fixture
 def tgt(tmp_path: Path) -> Iterator[Tgtd]:
     with Tgtd(tmp_path) as t:
         yield t
-
-
-def _opts(**kw: object) -> SessionOptions:
-    opts = SessionOptions(nop_interval=None, replacement_timeout=30.0)
-    for k, v in kw.items():
-        setattr(opts, k, v)
-    return opts
 
 
 async def _open(t: Tgtd, **kw: object) -> tuple[Session, LUN]:
@@ -128,7 +133,7 @@ async def test_chap_missing_credentials_refused(chap_tgt: Tgtd) -> None:
 async def test_chap_mutual(tmp_path: Path) -> None:
     cfg = TgtConfig(incoming=(USER, SECRET), outgoing=(TUSER, TSECRET))
     with Tgtd(tmp_path, cfg) as t:
-        s, lun = await _open(t, chap_user=USER, chap_secret=SECRET,
+        s, _lun = await _open(t, chap_user=USER, chap_secret=SECRET,
                              target_chap_user=TUSER, target_chap_secret=TSECRET)
         await s.logout()
         # The target proving the wrong secret must be refused by us.
@@ -167,59 +172,23 @@ async def test_digests(tmp_path: Path, header: bool, data: bool) -> None:
 
 async def test_random_write_verify_against_model(tgt: Tgtd) -> None:
     total = (256 if LONG else 64) * MiB
-    size = tgt.config.size
-    rng = random.Random(4)
-    model = bytearray(size)
     s = await Session.connect("127.0.0.1", tgt.port, tgt.iqn, _opts())
     async with s:
         dev = await BlockDevice.from_session(s, 1)
-        written = 0
-        # Concurrent writers on disjoint stripes so the model is exact.
-        stripes = 8
-        stripe = size // stripes
-
-        async def writer(k: int, budget: int) -> None:
-            nonlocal written
-            base = k * stripe
-            done = 0
-            while done < budget:
-                n = rng.randint(1, 1 * MiB)
-                off = base + rng.randrange(0, stripe - n)
-                buf = rng.randbytes(n)
-                await dev.write(off, buf)
-                model[off : off + n] = buf
-                done += n
-            written += done
-
-        await asyncio.gather(*(writer(k, total // stripes) for k in range(stripes)))
-        assert written >= total
-        # Random unaligned reads, then the whole device.
-        for _ in range(64):
-            n = rng.randint(1, 2 * MiB)
-            off = rng.randrange(0, size - n)
-            assert await dev.read(off, n) == model[off : off + n]
-        assert await dev.read(0, size) == model
-        await dev.flush()
-    with open(tgt.backing, "rb") as f:
-        assert f.read() == model
+        model = await random_write_verify(dev, total)
+    assert tgt.backing.read_bytes() == model
 
 
 async def test_unaligned_writes_sharing_a_block(tgt: Tgtd) -> None:
     s = await Session.connect("127.0.0.1", tgt.port, tgt.iqn, _opts())
     async with s:
-        dev = await BlockDevice.from_session(s, 1)
-        # 64 writers each own 8 bytes of the same two blocks.
-        await asyncio.gather(*(dev.write(300 + 8 * i, bytes([i]) * 8) for i in range(64)))
-        got = await dev.read(300, 512)
-        assert got == b"".join(bytes([i]) * 8 for i in range(64))
+        await unaligned_writes_sharing_a_block(await BlockDevice.from_session(s, 1))
 
 
 async def test_write_same_compare_and_write(tgt: Tgtd) -> None:
     s, lun = await _open(tgt)
     async with s:
-        await lun.write_same(10, 20, b"\xab" * 512)
-        assert bytes(await lun.read(10, 20)) == b"\xab" * 512 * 20
-        await lun.synchronize_cache()
+        await write_same_roundtrip(lun)
         try:
             await lun.compare_and_write(10, b"\xab" * 512, b"\xcd" * 512)
         except SCSICheckCondition as exc:
@@ -254,84 +223,26 @@ async def test_unmap_thin(tmp_path: Path) -> None:
 
 
 def test_lun_file_sync_wrapper(tgt: Tgtd) -> None:
-    with LUNFile.open(tgt.url(), "r+b", _opts()) as f:
-        assert f.seek(0, os.SEEK_END) == tgt.config.size
-        f.seek(1000)
-        assert f.write(b"hello, lun") == 10
-        f.seek(-10, os.SEEK_CUR)
-        assert f.read(10) == b"hello, lun"
-        f.seek(tgt.config.size - 3)
-        assert f.read(10) == bytes(3)
-        assert f.read(10) == b""
-    with open(tgt.backing, "rb") as raw:
-        raw.seek(1000)
-        assert raw.read(10) == b"hello, lun"
+    lun_file_roundtrip(tgt.url(), tgt.config.size, tgt.backing)
 
 
 # -------------------------------------------------------------- recovery
 
 
 async def test_recovery_after_target_killed_and_restarted(tgt: Tgtd) -> None:
-    size = tgt.config.size
-    rng = random.Random(7)
-    model = bytearray(size)
     s = await Session.connect("127.0.0.1", tgt.port, tgt.iqn, _opts(replacement_timeout=60.0))
     dev = await BlockDevice.from_session(s, 1)
-    stripes = 8
-    stripe = size // stripes
-    progress = 0
-    killed = asyncio.Event()
-    inflight: list[int] = []
-
-    async def writer(k: int) -> None:
-        nonlocal progress
-        base = k * stripe
-        for _ in range(40):
-            n = rng.randint(4096, 512 * 1024)
-            off = base + rng.randrange(0, stripe - n)
-            buf = rng.randbytes(n)
-            await dev.write(off, buf)
-            model[off : off + n] = buf
-            progress += n
-
-    async def killer() -> None:
-        while progress < 8 * MiB:
-            await asyncio.sleep(0.005)  # polls the progress counter
-        inflight.append(s.in_flight)
-        await asyncio.to_thread(tgt.kill)
-        killed.set()
-        await asyncio.to_thread(tgt.start)
-
-    await asyncio.gather(killer(), *(writer(k) for k in range(stripes)))
-    assert killed.is_set()
-    assert inflight[0] > 0, "the target must die with commands in flight"
-    assert s.recoveries >= 1
-    assert await dev.read(0, size) == model
+    model = await verified_stream_across_crash(s, dev, tgt.kill, tgt.start)
     await s.logout()
-    with open(tgt.backing, "rb") as f:
-        assert f.read() == model
+    assert tgt.backing.read_bytes() == model
 
 
 async def test_replacement_timeout_fails_commands(tgt: Tgtd) -> None:
-    s, lun = await _open(tgt, replacement_timeout=3.0)
-    await lun.write(0, b"\1" * 512)
-    await asyncio.to_thread(tgt.kill)
-    start = time.monotonic()
-    with pytest.raises(SessionFailed, match="replacement timeout"):
-        await lun.write(0, b"\2" * 512)
-    assert time.monotonic() - start < 30
-    with pytest.raises(SessionFailed):
-        await lun.read(0, 1)
+    _s, lun = await _open(tgt, replacement_timeout=3.0)
+    await replacement_timeout_fails(lun, tgt.kill)
 
 
 # ------------------------------------------------------------------- CLI
-
-
-def _fill(path_or_url: str, chunks: list[tuple[int, bytes]]) -> None:
-    with LUNFile.open(path_or_url, "r+b", _opts()) as f:
-        for off, data in chunks:
-            f.seek(off)
-            f.write(data)
 
 
 @pytest.mark.parametrize("thin", [False, True])
@@ -341,7 +252,7 @@ def test_cli_copy_out_equals_backing_file(tmp_path: Path, thin: bool,
 
     with Tgtd(tmp_path, TgtConfig(thin=thin, size=32 * MiB)) as t:
         rng = random.Random(11)
-        _fill(t.url(), [(rng.randrange(0, 31 * MiB), rng.randbytes(rng.randint(1, MiB)))
+        fill(t.url(), [(rng.randrange(0, 31 * MiB), rng.randbytes(rng.randint(1, MiB)))
                         for _ in range(12)])
         out = tmp_path / "out.img"
         assert main(["copy", t.url(), str(out), "--no-progress"]) == 0
@@ -391,35 +302,18 @@ def test_cli_bench_reports_iops(tgt: Tgtd, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cli_failures_are_one_line(chap_tgt: Tgtd, capsys: pytest.CaptureFixture[str]) -> None:
-    from initiator.cli import main
-
     t = chap_tgt
-    cases = [
-        ([f"iscsi://127.0.0.1:{free_port()}/{t.iqn}/1"], "cannot connect to portal"),
-        ([f"iscsi://{USER}%wrong-secret-99@{t.portal}/{t.iqn}/1"], "authentication failed"),
-        ([f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}x/1"], "target not found"),
-        ([f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}/7"], "LUN 7 does not exist"),
-        (["iscsi://bad url"], "iscsi-initiator:"),
-    ]
-    for argv, words in cases:
-        assert main(["inquiry", *argv]) != 0
-        captured = capsys.readouterr()
-        lines = captured.err.splitlines()
-        assert len(lines) == 1, captured.err
-        assert words in lines[0]
-        assert captured.out == ""
+    cli_failures_are_one_line([
+        (["inquiry", f"iscsi://127.0.0.1:{free_port()}/{t.iqn}/1"], "cannot connect to portal"),
+        (["inquiry", f"iscsi://{USER}%wrong-secret-99@{t.portal}/{t.iqn}/1"],
+         "authentication failed"),
+        (["inquiry", f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}x/1"], "target not found"),
+        (["inquiry", f"iscsi://{USER}%{SECRET}@{t.portal}/{t.iqn}/7"], "LUN 7 does not exist"),
+        (["inquiry", "iscsi://bad url"], "iscsi-initiator:"),
+    ], capsys)
 
 
 # ------------------------------------------------------------------ NOPs
-
-
-async def _until(cond: Callable[[], bool], what: str, deadline: float = 20.0) -> None:
-    """Poll ``cond`` (a bounded wait for a condition, not a sleep-to-sync)."""
-    end = time.monotonic() + deadline
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def test_target_nop_in_is_answered(tmp_path: Path) -> None:
@@ -427,7 +321,7 @@ async def test_target_nop_in_is_answered(tmp_path: Path) -> None:
     with Tgtd(tmp_path, cfg) as t:
         s, lun = await _open(t)
         async with s:
-            await _until(lambda: s.target_pings >= 2, "two NOP-Ins from tgt")
+            await until(lambda: s.target_pings >= 2, "two NOP-Ins from tgt")
             # Answered correctly: tgt kept the connection (it drops it after
             # nop_count unanswered pings) and commands still work.
             await lun.test_unit_ready()
@@ -444,7 +338,7 @@ async def test_nop_timeout_recovers_a_frozen_target(tgt: Tgtd) -> None:
     tgt.proc.send_signal(signal.SIGSTOP)  # alive for TCP, silent for iSCSI
     try:
         write = asyncio.ensure_future(lun.write(0, b"\x02" * 512))
-        await _until(lambda: s.state == "recovering" or s.state == "logging in",
+        await until(lambda: s.state == "recovering" or s.state == "logging in",
                      "NOP timeout to start recovery")
     finally:
         tgt.proc.send_signal(signal.SIGCONT)
@@ -474,7 +368,7 @@ async def test_async_messages_drive_recovery_and_callbacks(tgt: Tgtd) -> None:
 
     s._dispatch(AsyncMessage(async_event=AsyncEvent.LOGOUT_REQUEST, parameter3=5,
                              statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn))
-    await _until(lambda: s.recoveries == 1 and s.state == "full feature phase",
+    await until(lambda: s.recoveries == 1 and s.state == "full feature phase",
                  "logout-and-reconnect")
     await lun.write(0, b"\x03" * 512)
 

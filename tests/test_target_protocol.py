@@ -1198,3 +1198,26 @@ def test_disallowed_immediate_data_rejects_the_command(case: str) -> None:
         nop = c.ping()
         assert nop.maxcmdsn == sn_add(nop.expcmdsn, 8 - 1)
         assert c.read(0, len(data) // BLOCK)[0] == bytes(len(data))
+
+
+def test_write_buffers_are_released_when_commands_arrive_together() -> None:
+    """Several SCSI Commands with immediate data parsed from one receive
+    each keep their own buffer, and all of them are released (a leak here
+    ends in TASK SET FULL for the rest of the connection)."""
+    with running_target(make_config([LunSpec(lun=0, path="", backend="memory",
+                                             size=8 << 20)])) as t:
+        with RawClient(t.host, t.port) as c:
+            c.login(TARGET_NAME)
+            burst = b""
+            for i in range(8):
+                cdb = bytes([0x2A, 0]) + (i * 8).to_bytes(4, "big") + bytes([0, 0, 8, 0])
+                burst += ScsiCommand(itt=100 + i, cdb=cdb, write=True,
+                                     expected_data_transfer_length=4096,
+                                     cmdsn=c.next_cmdsn(), data=bytes([i]) * 4096).to_bytes()
+            c.send_raw(burst)  # one send: the target parses them together
+            seen = set()
+            while len(seen) < 8:
+                pdu = c.recv()
+                if isinstance(pdu, ScsiResponse):
+                    seen.add(pdu.itt)
+            assert t.call(lambda: [x._buffered_bytes for x in t.server.connections]) == [0]

@@ -411,82 +411,52 @@ def _rw6(cdb: Buffer) -> RWCommand:
     return RWCommand(_RW_KIND_INT[op], op, ((b1 & 0x1F) << 16) | lo, n or 256)
 
 
-def _rw10(cdb: Buffer) -> RWCommand:
-    if len(cdb) < 10:
-        raise _rw_short(cdb, 10)
-    op, b1, lba, g, n, _ = _S10.unpack_from(cdb)
-    kind = _RW_KIND_INT[op]
-    if kind is _READ or kind is _WRITE:  # the hot case, inlined
-        return _new_tuple(
-            RWCommand,
-            (
-                kind,
-                op,
-                lba,
-                n,
-                b1 & 0x10 != 0,
-                b1 & 0x08 != 0,
-                g & 0x3F,
-                b1 >> 5,
-                0,
-                False,
-                False,
-                False,
-            ),
-        )
-    return _rw_finish(kind, op, b1, lba, n, g & 0x3F, False)
+# OPERATION CODE, byte 1, LBA and TRANSFER LENGTH of the 10/12/16-byte
+# READ/WRITE-family CDBs (SBC-3 §5); GROUP NUMBER is read by index, since
+# the 10-byte form has it before the length and the others after.
+_SRW10 = struct.Struct(">BBIxH")
+_SRW12 = struct.Struct(">BBII")
+_SRW16 = struct.Struct(">BBQI")
 
 
-def _rw12(cdb: Buffer) -> RWCommand:
-    if len(cdb) < 12:
-        raise _rw_short(cdb, 12)
-    op, b1, lba, n, g, _ = _S12.unpack_from(cdb)
-    kind = _RW_KIND_INT[op]
-    if kind is _READ or kind is _WRITE:  # the hot case, inlined
-        return _new_tuple(
-            RWCommand,
-            (
-                kind,
-                op,
-                lba,
-                n,
-                b1 & 0x10 != 0,
-                b1 & 0x08 != 0,
-                g & 0x3F,
-                b1 >> 5,
-                0,
-                False,
-                False,
-                False,
-            ),
-        )
-    return _rw_finish(kind, op, b1, lba, n, g & 0x3F, False)
+def _rw_parser(
+    size: int, layout: struct.Struct, group_at: int
+) -> Callable[[Buffer], RWCommand]:
+    """The parser of one size of READ/WRITE-family CDB (10, 12 or 16)."""
+    unpack_from = layout.unpack_from
+    is16 = size == 16
+
+    def parse(cdb: Buffer) -> RWCommand:
+        if len(cdb) < size:
+            raise _rw_short(cdb, size)
+        op, b1, lba, n = unpack_from(cdb)
+        kind = _RW_KIND_INT[op]
+        if kind is _READ or kind is _WRITE:  # the hot case, inlined
+            return _new_tuple(
+                RWCommand,
+                (
+                    kind,
+                    op,
+                    lba,
+                    n,
+                    b1 & 0x10 != 0,
+                    b1 & 0x08 != 0,
+                    cdb[group_at] & 0x3F,
+                    b1 >> 5,
+                    0,
+                    False,
+                    False,
+                    False,
+                ),
+            )
+        return _rw_finish(kind, op, b1, lba, n, cdb[group_at] & 0x3F, is16)
+
+    return parse
 
 
-def _rw16(cdb: Buffer) -> RWCommand:
-    if len(cdb) < 16:
-        raise _rw_short(cdb, 16)
-    op, b1, lba, n, g, _ = _S16.unpack_from(cdb)
-    kind = _RW_KIND_INT[op]
-    if kind is _READ or kind is _WRITE:  # the hot case, inlined
-        return _new_tuple(
-            RWCommand,
-            (
-                kind,
-                op,
-                lba,
-                n,
-                b1 & 0x10 != 0,
-                b1 & 0x08 != 0,
-                g & 0x3F,
-                b1 >> 5,
-                0,
-                False,
-                False,
-                False,
-            ),
-        )
-    return _rw_finish(kind, op, b1, lba, n, g & 0x3F, True)
+_rw10 = _rw_parser(10, _SRW10, 6)
+_rw12 = _rw_parser(12, _SRW12, 10)
+_rw16 = _rw_parser(16, _SRW16, 14)
 
 
 def _caw(cdb: Buffer) -> RWCommand:
@@ -1025,8 +995,9 @@ def parse_unmap(cdb: Buffer) -> Unmap:
 
 
 @dataclass(frozen=True, slots=True)
-class SynchronizeCache:
-    """SYNCHRONIZE CACHE(10/16) (SBC-3 §5.22-§5.23); ``blocks`` 0 = to the end."""
+class _CacheRange:
+    """The fields SYNCHRONIZE CACHE and PRE-FETCH share: the same layout
+    in both sizes (SBC-3 §5.9-§5.10, §5.22-§5.23); ``blocks`` 0 = to the end."""
 
     lba: int = 0
     blocks: int = 0
@@ -1036,14 +1007,13 @@ class SynchronizeCache:
 
 
 @dataclass(frozen=True, slots=True)
-class PreFetch:
-    """PRE-FETCH(10/16) (SBC-3 §5.9-§5.10); ``blocks`` 0 = to the end."""
+class SynchronizeCache(_CacheRange):
+    """SYNCHRONIZE CACHE(10/16) (SBC-3 §5.22-§5.23); ``blocks`` 0 = to the end."""
 
-    lba: int = 0
-    blocks: int = 0
-    immed: bool = False
-    group: int = 0
-    cdb_size: int = 10
+
+@dataclass(frozen=True, slots=True)
+class PreFetch(_CacheRange):
+    """PRE-FETCH(10/16) (SBC-3 §5.9-§5.10); ``blocks`` 0 = to the end."""
 
 
 def _build_range(
@@ -2281,18 +2251,26 @@ def parse_read_capacity16_data(data: Buffer) -> ReadCapacity16Data:
 
 MAX_LUN = 0x3FFF  # largest single-level LUN in flat space addressing
 
+# The one implementation of single-level SAM LUN encoding in the project:
+# iscsi.pdu (the 64-bit LUN field of a BHS, as an int) and target.scsi
+# (REPORT LUNS data) use these functions.
 
-def encode_lun(lun: int) -> bytes:
-    """Encode a LUN as 8 bytes: peripheral device addressing for 0..255,
-    flat space addressing for 256..16383 (SAM-5 §4.7.7, §4.7.9)."""
+
+def lun_to_u64(lun: int) -> int:
+    """The 8-byte LUN of ``lun`` as a big-endian 64-bit integer: peripheral
+    device addressing (bus 0) for 0..255, flat space addressing (01b) for
+    256..16383 (SAM-5 §4.7.7, §4.7.9), as Linux and libiscsi do."""
     if not 0 <= lun <= MAX_LUN:
         raise ValueError(f"LUN {lun!r} outside 0..{MAX_LUN}")
     if lun < 256:
-        return bytes((0, lun)) + bytes(6)
-    return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
+        return lun << 48
+    return (0x4000 | lun) << 48
 
 
-def _lun_from_u64(v: int) -> int | None:
+def lun_from_u64(v: int) -> int | None:
+    """The LUN number of a single-level 8-byte LUN given as a 64-bit
+    integer, or None for other address methods (logical unit, extended),
+    a non-zero bus identifier or a second..fourth level."""
     if v & 0xFFFFFFFFFFFF:  # second..fourth level present: not single level
         return None
     b0, b1 = v >> 56, (v >> 48) & 0xFF
@@ -2304,6 +2282,12 @@ def _lun_from_u64(v: int) -> int | None:
     return None
 
 
+def encode_lun(lun: int) -> bytes:
+    """Encode a LUN as 8 bytes: peripheral device addressing for 0..255,
+    flat space addressing for 256..16383 (SAM-5 §4.7.7, §4.7.9)."""
+    return lun_to_u64(lun).to_bytes(8, "big")
+
+
 def decode_lun(raw: Buffer) -> int:
     """Decode an 8-byte single-level LUN (peripheral or flat addressing).
 
@@ -2312,7 +2296,7 @@ def decode_lun(raw: Buffer) -> int:
     """
     if len(raw) != 8:
         raise SCSIDataError(f"a LUN is 8 bytes, not {len(raw)}")
-    lun = _lun_from_u64(int.from_bytes(raw, "big"))
+    lun = lun_from_u64(int.from_bytes(raw, "big"))
     if lun is None:
         raise SCSIDataError(
             f"LUN {bytes(raw).hex()} uses an unsupported address method"
@@ -2357,7 +2341,7 @@ def parse_report_luns_data(data: Buffer) -> ReportLunsData:
     luns: list[int] = []
     other: list[bytes] = []
     for (v,) in _SU64.iter_unpack(memoryview(data)[8:end]):
-        lun = _lun_from_u64(v)
+        lun = lun_from_u64(v)
         if lun is None:
             other.append(v.to_bytes(8, "big"))
         else:

@@ -9,10 +9,11 @@ and calls :meth:`ScsiTarget.execute`.
 from __future__ import annotations
 
 import importlib
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from iscsi.scsi.cdb import build_report_luns_data
+from iscsi.scsi.cdb import encode_lun as encode_lun  # re-exported: one SAM LUN codec
 from iscsi.scsi.constants import Opcode, SenseKey, Status
 from iscsi.scsi.sense import (
     INVALID_FIELD_IN_CDB,
@@ -45,16 +46,6 @@ _alua = _optional("alua")
 
 #: (group id, relative target port ids, asymmetric access state)
 PortGroup = tuple[int, list[int], int]
-
-
-def encode_lun(lun: int) -> bytes:
-    """8-byte LUN (SAM-5 §4.7): peripheral device addressing below 256,
-    flat space addressing up to 16383."""
-    if lun < 256:
-        return bytes((0, lun)) + bytes(6)
-    if lun < 0x4000:
-        return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
-    raise ValueError(f"LUN {lun} cannot be encoded in flat space addressing (max 16383)")
 
 
 class ScsiTarget:
@@ -234,6 +225,5 @@ class ScsiTarget:
         if alloc < 16:
             raise invalid_field_in_cdb(6)
         luns = [] if select == 0x01 else sorted(self.luns)
-        body = b"".join(encode_lun(n) for n in luns)
-        data = struct.pack(">I4x", len(body)) + body
+        data = build_report_luns_data(luns)
         return ScsiResult(Status.GOOD, b"", data[:alloc])
