@@ -52,6 +52,7 @@ from iscsi.constants import (
 from iscsi.errors import ProtocolError
 from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
+from iscsi.memory import tune_malloc
 from iscsi.pdu import (
     PDU,
     R2T,
@@ -374,6 +375,7 @@ class Session:
         portal does not accept connections, :class:`LoginRefused` with the
         target's status, or :class:`LoginFailed`.
         """
+        tune_malloc()  # Data-In buffers reused without page faults
         session = cls(host, port, target_name, options)
         await session._start()
         return session
