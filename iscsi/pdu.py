@@ -393,8 +393,22 @@ class TaskMgmtResponse(PDU):
 # Login (RFC 7143 §11.12, §11.13)
 
 
+def _fc_bits(final: bool, cont: bool) -> int:
+    # Byte 1 of Login and Text PDUs: F (T for Login) and C, §11.10-§11.13.
+    return (_F_BIT if final else 0) | (0x40 if cont else 0)
+
+
+def _split_fc(b1: int, hdr: bytes, what: str, f: str = "F") -> tuple[bool, bool]:
+    """(F/T, C) of a Login or Text PDU; both set is a protocol error
+    (§11.10.2, §11.12.2)."""
+    final, cont = bool(b1 & _F_BIT), bool(b1 & 0x40)
+    if final and cont:
+        raise InvalidPDUField(f"{what} with both {f} and C bits set", header=hdr)
+    return final, cont
+
+
 def _stage_bits(transit: bool, cont: bool, csg: int, nsg: int) -> int:
-    return (_F_BIT if transit else 0) | (0x40 if cont else 0) | ((csg & 3) << 2) | (nsg & 3)
+    return _fc_bits(transit, cont) | ((csg & 3) << 2) | (nsg & 3)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -427,23 +441,25 @@ class LoginRequest(PDU):
     def _decode(cls, hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
         (_, b1, vmax, vmin, _, isid_hi, isid_lo, tsih, itt, cid, _, cmdsn,
          expstatsn) = _LOGIN_REQ.unpack(hdr)
-        transit, cont = bool(b1 & _F_BIT), bool(b1 & 0x40)
-        csg, nsg = (b1 >> 2) & 3, b1 & 3
-        _check_stages(transit, cont, csg, nsg, hdr)
+        transit, cont, csg, nsg = _check_stages(b1, hdr)
         return cls(itt=itt, transit=transit, cont=cont, csg=csg, nsg=nsg, version_max=vmax,
                    version_min=vmin, isid=isid_hi << 32 | isid_lo, tsih=tsih, cid=cid,
                    cmdsn=cmdsn, expstatsn=expstatsn, data=data)
 
 
-def _check_stages(transit: bool, cont: bool, csg: int, nsg: int, hdr: bytes) -> None:
+def _check_stages(b1: int, hdr: bytes, check: bool = True) -> tuple[bool, bool, int, int]:
+    """(T, C, CSG, NSG) of a Login PDU's byte 1, checked unless ``check`` is False."""
+    csg, nsg = (b1 >> 2) & 3, b1 & 3
+    if not check:
+        return bool(b1 & _F_BIT), bool(b1 & 0x40), csg, nsg
     # §11.12.2: T and C must not both be set; stage 2 is reserved; CSG
     # cannot be Full Feature Phase.
-    if transit and cont:
-        raise InvalidPDUField("Login PDU with both T and C bits set", header=hdr)
+    transit, cont = _split_fc(b1, hdr, "Login PDU", "T")
     if csg == 2 or csg == 3:
         raise InvalidPDUField(f"Login PDU with invalid CSG {csg}", header=hdr)
     if transit and (nsg == 2 or nsg <= csg):
         raise InvalidPDUField(f"Login PDU with invalid NSG {nsg} from CSG {csg}", header=hdr)
+    return transit, cont, csg, nsg
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -482,10 +498,8 @@ class LoginResponse(PDU):
     def _decode(cls, hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
         (_, b1, vmax, vact, _, isid_hi, isid_lo, tsih, itt, statsn, expcmdsn, maxcmdsn, scls,
          sdet) = _LOGIN_RSP.unpack(hdr)
-        transit, cont = bool(b1 & _F_BIT), bool(b1 & 0x40)
-        csg, nsg = (b1 >> 2) & 3, b1 & 3
-        if scls == 0:
-            _check_stages(transit, cont, csg, nsg, hdr)
+        # A failed login's stage bits are not checked (§11.13.5).
+        transit, cont, csg, nsg = _check_stages(b1, hdr, check=scls == 0)
         return cls(itt=itt, transit=transit, cont=cont, csg=csg, nsg=nsg, version_max=vmax,
                    version_active=vact, isid=isid_hi << 32 | isid_lo, tsih=tsih, statsn=statsn,
                    expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, status_class=scls, status_detail=sdet,
@@ -510,16 +524,14 @@ class TextRequest(PDU):
     immediate: bool = False
 
     def _header(self, ahs_words: int, dlen: int) -> bytes:
-        b1 = (_F_BIT if self.final else 0) | (0x40 if self.cont else 0)
+        b1 = _fc_bits(self.final, self.cont)
         return _TEXT_REQ.pack(_byte0(0x04, self.immediate), b1, 0, 0, ahs_words << 24 | dlen,
                               self.lun, self.itt, self.ttt, self.cmdsn, self.expstatsn)
 
     @classmethod
     def _decode(cls, hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
         b0, b1, _, _, _, lun, itt, ttt, cmdsn, expstatsn = _TEXT_REQ.unpack(hdr)
-        final, cont = bool(b1 & _F_BIT), bool(b1 & 0x40)
-        if final and cont:
-            raise InvalidPDUField("Text Request with both F and C bits set", header=hdr)
+        final, cont = _split_fc(b1, hdr, "Text Request")
         _check_tag(itt, "Text Request ITT", hdr)
         return cls(itt=itt, final=final, cont=cont, ttt=ttt, lun=lun, cmdsn=cmdsn,
                    expstatsn=expstatsn, immediate=bool(b0 & _I_BIT), data=data)
@@ -539,16 +551,14 @@ class TextResponse(PDU):
     maxcmdsn: int = 0
 
     def _header(self, ahs_words: int, dlen: int) -> bytes:
-        b1 = (_F_BIT if self.final else 0) | (0x40 if self.cont else 0)
+        b1 = _fc_bits(self.final, self.cont)
         return _TEXT_RSP.pack(0x24, b1, 0, 0, ahs_words << 24 | dlen, self.lun, self.itt,
                               self.ttt, self.statsn, self.expcmdsn, self.maxcmdsn)
 
     @classmethod
     def _decode(cls, hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
         _, b1, _, _, _, lun, itt, ttt, statsn, expcmdsn, maxcmdsn = _TEXT_RSP.unpack(hdr)
-        final, cont = bool(b1 & _F_BIT), bool(b1 & 0x40)
-        if final and cont:
-            raise InvalidPDUField("Text Response with both F and C bits set", header=hdr)
+        final, cont = _split_fc(b1, hdr, "Text Response")
         return cls(itt=itt, final=final, cont=cont, ttt=ttt, lun=lun, statsn=statsn,
                    expcmdsn=expcmdsn, maxcmdsn=maxcmdsn, data=data)
 

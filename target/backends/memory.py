@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent
+from .registry import cluster_pieces
 
 __all__ = ["MemoryBackend"]
 
@@ -42,10 +43,6 @@ class MemoryBackend(Backend):
         return True
 
     @property
-    def zero_after_discard(self) -> bool:
-        return True
-
-    @property
     def allocated(self) -> int:
         """Bytes of RAM held by chunks."""
         return len(self._chunks) * self._chunk
@@ -58,14 +55,7 @@ class MemoryBackend(Backend):
 
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(chunk index, offset in chunk, length, offset in request)."""
-        cs = self._chunk
-        pos = offset
-        end = offset + length
-        while pos < end:
-            idx, inner = divmod(pos, cs)
-            n = min(cs - inner, end - pos)
-            yield idx, inner, n, pos - offset
-            pos += n
+        return cluster_pieces(offset, length, self._chunk)
 
     def read(self, offset: int, length: int) -> Buffer:
         self._check(offset, length)

@@ -22,15 +22,32 @@ with a format extension cluster (dirty bitmaps we would not keep in step).
 
 from __future__ import annotations
 
-import builtins
 import os
 import struct
 from array import array
 from collections.abc import Iterator
 
-from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
-from .raw import pread_into, punch_hole, pwrite_all
-from .registry import ImageBackend, ImageInfo, check_range, merge_extents, parse_size
+from .base import SECTOR, Backend, BackendError, Buffer, MediumError
+from .raw import punch_hole
+from .registry import (
+    CreateRequest,
+    ImageInfo,
+    align_up,
+    cluster_pieces,
+    create_file,
+    image_creator,
+    open_file,
+    parse_size,
+)
+from .vdi import (
+    RUN_DATA,
+    RUN_ZERO,
+    MappedImage,
+    Run,
+    RunWriter,
+    pread_exact,
+    pwrite_all,
+)
 
 __all__ = ["NAME", "ParallelsImage", "create", "open", "probe"]
 
@@ -52,29 +69,20 @@ def _is_descriptor(head: bytes) -> bool:
     return head.lstrip()[:5] == b"<?xml" and b"<Parallels_disk_image" in head
 
 
-class ParallelsImage(ImageBackend):
+class ParallelsImage(MappedImage):
     """An open Parallels expandable image."""
 
     _cs: int
-    _size: int
     _mult: int
     _data_start: int
     _end_slot: int
+    # A cluster the BAT points at past the end of the file reads as zeroes.
+    _short_reads_zero = True
 
     def __init__(self, path: str, *, read_only: bool = False, write_through: bool = False) -> None:
-        self.path = path
-        self._read_only = read_only
-        self._fd = -1
+        super().__init__(path, 0, read_only=read_only, write_through=write_through, parent=None)
         self._restore_in_use: int | None = None
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        if write_through and not read_only:
-            flags |= os.O_DSYNC
-        try:
-            self._fd = os.open(path, flags | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise BackendError(f"{path}: no such file") from None
-        except OSError as e:
-            raise BackendError(f"{path}: cannot open: {e.strerror or e}") from None
+        self._fd = open_file(path, read_only=read_only, write_through=write_through)
         try:
             self._open()
         except BaseException:
@@ -84,23 +92,12 @@ class ParallelsImage(ImageBackend):
     def _bad(self, why: str) -> BackendError:
         return BackendError(f"{self.path}: parallels: {why}")
 
-    def _pread(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        try:
-            pread_into(self._fd, memoryview(buf), offset)
-        except OSError as e:
-            raise MediumError(f"{self.path}: read error at {offset}: {e.strerror or e}") from None
-        return buf
-
     def _write(self, data: Buffer, offset: int) -> None:
-        try:
-            pwrite_all(self._fd, data, offset)
-        except OSError as e:
-            raise MediumError(f"{self.path}: write error at {offset}: {e.strerror or e}") from None
+        pwrite_all(self._fd, data, offset, self.path)
 
     def _open(self) -> None:
         file_size = os.fstat(self._fd).st_size
-        head = self._pread(0, min(file_size, 64 * 1024))
+        head = pread_exact(self._fd, min(file_size, 64 * 1024), 0, self.path, "header")
         if _is_descriptor(bytes(head)):
             raise self._bad(
                 "this is a DiskDescriptor.xml; descriptor-based (plain/expanded) images are not "
@@ -132,14 +129,14 @@ class ParallelsImage(ImageBackend):
         if data_off == 0:
             if self._ext:
                 raise self._bad("data_off is 0 in a WithouFreSpacExt image")
-            data_start = -(-bat_end // SECTOR) * SECTOR
+            data_start = align_up(bat_end, SECTOR)
         else:
             data_start = data_off * SECTOR
         if data_start < bat_end:
             raise self._bad(f"data area at {data_start} overlaps the BAT")
         self._data_start = data_start
         bat: array[int] = array("I")
-        bat.frombytes(self._pread(_HDR.size, nb_bat * 4))
+        bat.frombytes(pread_exact(self._fd, nb_bat * 4, _HDR.size, self.path, "BAT"))
         if _BIG_ENDIAN_HOST:
             bat.byteswap()
         self._bat = bat
@@ -181,19 +178,7 @@ class ParallelsImage(ImageBackend):
     # -- properties -------------------------------------------------------------
 
     @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
     def thin(self) -> bool:
-        return True
-
-    @property
-    def zero_after_discard(self) -> bool:
         return True
 
     @property
@@ -217,47 +202,19 @@ class ParallelsImage(ImageBackend):
 
     # -- mapping ----------------------------------------------------------------
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        # Clusters of 63 sectors exist (parallels.txt), so no bit tricks.
-        cs = self._cs
+    def _host(self, idx: int) -> int:
+        return self._bat[idx] * self._mult
+
+    def _runs(self, offset: int, length: int) -> Iterator[Run]:
+        # The cluster walk of cluster_pieces, inlined: this is the read path.
+        cs, bat, mult, fd = self._cs, self._bat, self._mult, self._fd
         pos, end = offset, offset + length
         while pos < end:
             idx, inner = divmod(pos, cs)
             n = min(cs - inner, end - pos)
-            yield idx, inner, n, pos - offset
+            host = bat[idx] * mult
+            yield Run(n, RUN_DATA, fd, host + inner) if host else Run(n, RUN_ZERO)
             pos += n
-
-    def _host(self, idx: int) -> int:
-        return self._bat[idx] * self._mult
-
-    def read(self, offset: int, length: int) -> Buffer:
-        check_range(self, offset, length)
-        out = bytearray(length)
-        mv = memoryview(out)
-        run_host = run_at = run_len = 0
-        for idx, inner, n, at in self._pieces(offset, length):
-            host = self._host(idx)
-            if host == 0:
-                continue
-            h = host + inner
-            if run_len and run_host + run_len == h and run_at + run_len == at:
-                run_len += n
-                continue
-            self._fill(mv, run_host, run_at, run_len)
-            run_host, run_at, run_len = h, at, n
-        self._fill(mv, run_host, run_at, run_len)
-        return out
-
-    def _fill(self, mv: memoryview, host: int, at: int, n: int) -> None:
-        if n:
-            try:
-                pread_into(self._fd, mv[at : at + n], host)
-            except OSError as e:
-                raise MediumError(f"{self.path}: read error at {host}: {e.strerror or e}") from None
-
-    def _check_writable(self) -> None:
-        if self._read_only:
-            raise BackendError(f"{self.path}: opened read-only")
 
     def _alloc_slot(self) -> int:
         if self._free:
@@ -274,21 +231,14 @@ class ParallelsImage(ImageBackend):
         self._write(_U32.pack(value), _HDR.size + idx * 4)
 
     def write(self, offset: int, data: Buffer) -> None:
-        self._check_writable()
         view = memoryview(data).cast("B")
-        check_range(self, offset, len(view))
+        self._check_write(offset, len(view))
         cs = self._cs
-        run_host = run_at = run_len = 0
-        for idx, inner, n, at in self._pieces(offset, len(view)):
+        runs = RunWriter(lambda host, at, n: self._write(view[at : at + n], host))
+        for idx, inner, n, at in cluster_pieces(offset, len(view), cs):
             host = self._host(idx)
             if host:
-                h = host + inner
-                if run_len and run_host + run_len == h and run_at + run_len == at:
-                    run_len += n
-                    continue
-                if run_len:
-                    self._write(view[run_at : run_at + run_len], run_host)
-                run_host, run_at, run_len = h, at, n
+                runs.add(host + inner, at, n)
                 continue
             buf: Buffer
             if n == cs:
@@ -300,15 +250,13 @@ class ParallelsImage(ImageBackend):
             new = self._data_start + self._alloc_slot() * cs
             self._write(buf, new)  # data first, then the BAT entry
             self._set_bat(idx, new)
-        if run_len:
-            self._write(view[run_at : run_at + run_len], run_host)
+        runs.flush()
 
     def discard(self, offset: int, length: int) -> None:
-        self._check_writable()
-        check_range(self, offset, length)
+        self._check_write(offset, length)
         cs = self._cs
         freed: list[int] = []
-        for idx, inner, n, at in self._pieces(offset, length):
+        for idx, inner, n, at in cluster_pieces(offset, length, cs):
             host = self._host(idx)
             if host == 0:
                 continue
@@ -345,30 +293,13 @@ class ParallelsImage(ImageBackend):
     def write_zeroes(self, offset: int, length: int) -> None:
         self.discard(offset, length)
 
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        return merge_extents(
-            Extent(offset + at, n, self._bat[idx] != 0) for idx, _, n, at in self._pieces(offset, length)
-        )
-
-    def flush(self) -> None:
-        if self._read_only:
-            return
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            raise MediumError(f"{self.path}: flush failed: {e.strerror or e}") from None
-
     def close(self) -> None:
-        if self._fd < 0:
-            return
         try:
-            if self._restore_in_use is not None:
+            if self._restore_in_use is not None and not self._closed and self._fd >= 0:
                 self._write(_U32.pack(self._restore_in_use), _IN_USE_OFFSET)
                 os.fdatasync(self._fd)
         finally:
-            os.close(self._fd)
-            self._fd = -1
+            super().close()
 
 
 # -- registry format interface ---------------------------------------------
@@ -385,42 +316,35 @@ def open(path: str, *, read_only: bool = False, write_through: bool = False) -> 
     return ParallelsImage(path, read_only=read_only, write_through=write_through)
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create an empty expandable image ("WithouFreSpacExt"). Option
     ``cluster_size`` (bytes, a multiple of 512; default 1 MiB)."""
-    if backing is not None:
-        raise BackendError(f"{path}: parallels images cannot have a backing file")
-    opts = dict(options or {})
+    path, size = req.path, req.size
+    req.refuse_backing(NAME)
+    opts = req.checked_options({"cluster_size"})
     try:
-        cs = parse_size(opts.pop("cluster_size", str(DEFAULT_CLUSTER)), "cluster_size")
+        cs = parse_size(opts.get("cluster_size", str(DEFAULT_CLUSTER)), "cluster_size")
     except BackendError as e:
         raise BackendError(f"{path}: parallels: {e}") from None
-    if opts:
-        raise BackendError(f"{path}: unknown parallels option(s): {', '.join(sorted(opts))}")
     if cs < SECTOR or cs % SECTOR or cs > 1 << 30:
         raise BackendError(f"{path}: parallels cluster_size {cs} must be a multiple of 512 up to 1 GiB")
-    if size <= 0 or size % SECTOR:
-        raise BackendError(f"{path}: size {size} is not a positive multiple of {SECTOR}")
+    req.check_size(size)
     nb_sectors = size // SECTOR
     nb_bat = -(-size // cs)
-    data_start = -(-(_HDR.size + nb_bat * 4) // cs) * cs
+    data_start = align_up(_HDR.size + nb_bat * 4, cs)
     if nb_bat > 0xFFFFFFFF or data_start // SECTOR > 0xFFFFFFFF:
         raise BackendError(f"{path}: size {size} is too large for a Parallels image")
     header = _HDR.pack(
         MAGIC_EXT, 2, HEADS, nb_sectors // (HEADS * SECTORS_PER_TRACK), cs // SECTOR, nb_bat,
         nb_sectors, 0, data_start // SECTOR, 0, 0,
     )
+    fd = create_file(path)
     try:
-        with builtins.open(path, "wb") as f:
-            f.write(header)
-            f.truncate(data_start)
-            os.fsync(f.fileno())
+        pwrite_all(fd, header, 0, path)
+        os.ftruncate(fd, data_start)
+        os.fsync(fd)
     except OSError as e:
         raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+    finally:
+        os.close(fd)

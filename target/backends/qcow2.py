@@ -33,17 +33,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
-from .raw import pread_into, punch_hole, pwrite_all
+from .base import SECTOR, Backend, BackendError, Buffer, MediumError
+from .raw import pread_padded, punch_hole, pwrite_all
 from .registry import (
-    ImageBackend,
+    CreateRequest,
     ImageInfo,
-    check_range,
     cluster_pieces,
-    merge_extents,
+    create_file,
+    image_creator,
     open_backing,
+    open_file,
     parse_size,
 )
+from .vdi import RUN_BYTES, RUN_DATA, RUN_PARENT, RUN_ZERO, MappedImage, Run, RunWriter
+from .vdi import pwrite_all as pwrite_medium
 
 __all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
 
@@ -195,7 +198,7 @@ class _Extensions:
     feature_names: dict[int, str] = field(default_factory=dict)
 
 
-class Qcow2Image(ImageBackend):
+class Qcow2Image(MappedImage):
     """An open qcow2 image (see the module docstring for what is supported)."""
 
     version: int
@@ -209,20 +212,14 @@ class Qcow2Image(ImageBackend):
     _rt_off: int
     _rt_clusters: int
     _l2n: int
+    # A cluster allocated past the end of the file (preallocated, never
+    # written) reads as zeroes.
+    _short_reads_zero = True
 
     def __init__(self, path: str, *, read_only: bool = False, write_through: bool = False) -> None:
-        self.path = path
-        self._read_only = read_only
-        self._fd = -1
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        if write_through and not read_only:
-            flags |= os.O_DSYNC
-        try:
-            self._fd = os.open(path, flags | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise BackendError(f"{path}: no such file") from None
-        except OSError as e:
-            raise BackendError(f"{path}: cannot open: {e.strerror or e}") from None
+        super().__init__(path, 0, read_only=read_only, write_through=write_through, parent=None)
+        # O_DSYNC orders the writes below on the disk (module docstring).
+        self._fd = open_file(path, read_only=read_only, write_through=write_through)
         try:
             self._parse_header()
             self._load_tables()
@@ -238,12 +235,7 @@ class Qcow2Image(ImageBackend):
         return BackendError(f"{self.path}: qcow2: {why}")
 
     def _pread(self, offset: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        try:
-            pread_into(self._fd, memoryview(buf), offset)
-        except OSError as e:
-            raise MediumError(f"{self.path}: read error at {offset}: {e.strerror or e}") from None
-        return buf
+        return pread_padded(self._fd, offset, length, self.path)
 
     def _parse_header(self) -> None:
         file_size = os.fstat(self._fd).st_size
@@ -396,14 +388,6 @@ class Qcow2Image(ImageBackend):
     # -- properties -----------------------------------------------------------
 
     @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def read_only(self) -> bool:
-        return self._read_only
-
-    @property
     def thin(self) -> bool:
         # v2 with a backing file cannot say "zero" without writing zeroes.
         return self.version >= 3 or self.parent is None
@@ -446,10 +430,7 @@ class Qcow2Image(ImageBackend):
     # -- low-level metadata I/O -----------------------------------------------
 
     def _meta_write(self, data: Buffer, offset: int) -> None:
-        try:
-            pwrite_all(self._fd, data, offset)
-        except OSError as e:
-            raise MediumError(f"{self.path}: write error at {offset}: {e.strerror or e}") from None
+        pwrite_medium(self._fd, data, offset, self.path)
         end = offset + len(data)
         self._file_size = max(self._file_size, end)
 
@@ -507,45 +488,41 @@ class Qcow2Image(ImageBackend):
         self._last_compressed = (entry, out)
         return out
 
-    # -- reads ----------------------------------------------------------------
+    # -- reads (MappedImage) ----------------------------------------------------
 
-    def read(self, offset: int, length: int) -> Buffer:
-        check_range(self, offset, length)
-        out = bytearray(length)
-        mv = memoryview(out)
-        run_kind = -1
-        run_host = run_at = run_len = 0
-        for gc, inner, n, at in cluster_pieces(offset, length, self._cs):
-            entry = self._entry(gc)
-            kind, host = self._classify(entry)
-            if kind == NORMAL:
-                host += inner
-            elif kind == UNALLOC and self.parent is None:
-                kind = ZERO
-            if run_len and kind == run_kind and (kind == UNALLOC or run_host + run_len == host):
-                run_len += n
+    def _runs(self, offset: int, length: int) -> Iterator[Run]:
+        cs = self._cs
+        span = cs * self._l2n
+        free_kind = RUN_PARENT if self.parent is not None else RUN_ZERO
+        pos, end = offset, offset + length
+        while pos < end:
+            l1i = pos // span
+            stop = min(end, (l1i + 1) * span)
+            table = self._l2_table(l1i)
+            if table is None:
+                # No L2 table: one run for its whole span (a whole-disk GET
+                # LBA STATUS or read of an empty image is quick).
+                yield Run(stop - pos, free_kind)
+                pos = stop
                 continue
-            self._fill(mv, offset, run_kind, run_host, run_at, run_len)
-            run_len = 0
-            if kind == COMPRESSED:
-                mv[at : at + n] = self._decompress(entry)[inner : inner + n]
-            elif kind != ZERO:
-                run_kind, run_host, run_at, run_len = kind, host, at, n
-        self._fill(mv, offset, run_kind, run_host, run_at, run_len)
-        return out
-
-    def _fill(self, mv: memoryview, offset: int, kind: int, host: int, at: int, n: int) -> None:
-        if n == 0:
-            return
-        if kind == NORMAL:
-            # One preadv per run of host-contiguous clusters; past EOF the
-            # zeroed buffer stands (a preallocated but unwritten tail).
-            try:
-                pread_into(self._fd, mv[at : at + n], host)
-            except OSError as e:
-                raise MediumError(f"{self.path}: read error at {host}: {e.strerror or e}") from None
-        elif kind == UNALLOC:
-            mv[at : at + n] = self._read_backing(offset + at, n)
+            # The cluster walk of cluster_pieces inlined, entries taken from
+            # the one L2 table: this is the read path.
+            first = l1i * self._l2n
+            while pos < stop:
+                gc, inner = divmod(pos, cs)
+                n = min(cs - inner, stop - pos)
+                entry = table[gc - first]
+                kind, host = self._classify(entry)
+                if kind == NORMAL:
+                    yield Run(n, RUN_DATA, self._fd, host + inner)
+                elif kind == UNALLOC:
+                    yield Run(n, free_kind)
+                elif kind == ZERO:
+                    yield Run(n, RUN_ZERO)
+                else:
+                    data = memoryview(self._decompress(entry))[inner : inner + n]
+                    yield Run(n, RUN_BYTES, data=data)
+                pos += n
 
     # -- refcounts --------------------------------------------------------------
 
@@ -694,10 +671,6 @@ class Qcow2Image(ImageBackend):
 
     # -- writes ---------------------------------------------------------------
 
-    def _check_writable(self) -> None:
-        if self._read_only:
-            raise BackendError(f"{self.path}: opened read-only")
-
     def _cluster_base(self, gc: int, kind: int, entry: int, host: int) -> bytearray:
         """The current contents of guest cluster ``gc`` (for copy-on-write
         of a partial write)."""
@@ -711,24 +684,17 @@ class Qcow2Image(ImageBackend):
         return bytearray(cs)
 
     def write(self, offset: int, data: Buffer) -> None:
-        self._check_writable()
         view = memoryview(data).cast("B")
-        check_range(self, offset, len(view))
+        self._check_write(offset, len(view))
         cs = self._cs
         updates: dict[int, int] = {}
         frees: list[int] = []
-        run_host = run_at = run_len = 0
+        runs = RunWriter(lambda host, at, n: self._meta_write(view[at : at + n], host))
         for gc, inner, n, at in cluster_pieces(offset, len(view), cs):
             entry = self._entry(gc)
             kind, host = self._classify(entry)
             if kind == NORMAL and (entry & OFLAG_COPIED or self._refcount(host >> self._cb) == 1):
-                h = host + inner
-                if run_len and run_host + run_len == h and run_at + run_len == at:
-                    run_len += n
-                    continue
-                if run_len:
-                    self._meta_write(view[run_at : run_at + run_len], run_host)
-                run_host, run_at, run_len = h, at, n
+                runs.add(host + inner, at, n)
                 continue
             buf: Buffer
             if n == cs:
@@ -748,8 +714,7 @@ class Qcow2Image(ImageBackend):
             updates[gc] = (c * cs) | OFLAG_COPIED
             if kind in (NORMAL, COMPRESSED) or host:
                 frees.append(entry)
-        if run_len:
-            self._meta_write(view[run_at : run_at + run_len], run_host)
+        runs.flush()
         if updates:
             self._update_l2(updates)  # ... then the mapping
         for entry in frees:
@@ -783,8 +748,8 @@ class Qcow2Image(ImageBackend):
             self._meta_write(_be_bytes(table, lo, hi), off + lo * 8)
 
     def _zero_range(self, offset: int, length: int) -> None:
-        """Make [offset, +length) read as zeroes, deallocating whole clusters."""
-        check_range(self, offset, length)
+        """Make [offset, +length) read as zeroes, deallocating whole clusters
+        (the caller has checked the range)."""
         cs = self._cs
         updates: dict[int, int] = {}
         frees: list[int] = []
@@ -825,63 +790,12 @@ class Qcow2Image(ImageBackend):
             Backend.write_zeroes(self, off, n)
 
     def discard(self, offset: int, length: int) -> None:
-        self._check_writable()
+        self._check_write(offset, length)
         self._zero_range(offset, length)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self._check_writable()
+        self._check_write(offset, length)
         self._zero_range(offset, length)
-
-    def flush(self) -> None:
-        if self._read_only:
-            return
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            raise MediumError(f"{self.path}: flush failed: {e.strerror or e}") from None
-
-    # -- extents ----------------------------------------------------------------
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        return merge_extents(self._raw_extents(offset, length))
-
-    def _raw_extents(self, offset: int, length: int) -> Iterator[Extent]:
-        cs = self._cs
-        span = cs * self._l2n
-        pos = offset
-        end = offset + length
-        while pos < end:
-            l1i = pos // span
-            if self._l2_table(l1i) is None:
-                stop = min(end, (l1i + 1) * span)
-                yield from self._backing_extents(pos, stop - pos)
-                pos = stop
-                continue
-            stop = min(end, (l1i + 1) * span)
-            run_start, run_kind = pos, -1
-            for gc, _, n, at in cluster_pieces(pos, stop - pos, cs):
-                kind = self._classify(self._entry(gc))[0]
-                if kind == COMPRESSED:
-                    kind = NORMAL
-                if kind != run_kind and run_kind >= 0:
-                    yield from self._kind_extent(run_kind, run_start, pos + at - run_start)
-                    run_start = pos + at
-                run_kind = kind
-            yield from self._kind_extent(run_kind, run_start, stop - run_start)
-            pos = stop
-
-    def _kind_extent(self, kind: int, offset: int, length: int) -> Iterator[Extent]:
-        if kind == UNALLOC:
-            yield from self._backing_extents(offset, length)
-        else:
-            yield Extent(offset, length, kind == NORMAL)
-
-    def close(self) -> None:
-        self._close_parent()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
 
 # -- registry format interface -------------------------------------------------
@@ -925,18 +839,15 @@ def _parse_options(path: str, options: dict[str, str] | None) -> tuple[int, int,
     return version, cs, refbits
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create an empty qcow2 image. Options: ``compat`` (1.1 = v3, the
     default, or 0.10 = v2), ``cluster_size`` (default 64 KiB),
     ``refcount_bits`` (default 16)."""
-    version, cs, refbits = _parse_options(path, options)
+    path, size = req.path, req.size
+    version, cs, refbits = _parse_options(path, req.options)
+    backing = req.backing
+    backing_format = req.backing_format
     if size < 0:
         raise BackendError(f"{path}: negative size")
     cb = cs.bit_length() - 1
@@ -990,10 +901,7 @@ def create(
         for c in range(i * rb_entries, min(total, (i + 1) * rb_entries)):
             block.set(c - i * rb_entries, 1)
         blocks += block.to_bytes()
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+    fd = create_file(path)
     try:
         os.ftruncate(fd, total * cs)
         pwrite_all(fd, head, 0)

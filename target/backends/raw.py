@@ -38,7 +38,17 @@ import struct
 from collections.abc import Iterator
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
-from .registry import ImageBackend, ImageInfo, check_range
+from .registry import (
+    CreateRequest,
+    ImageBackend,
+    ImageInfo,
+    align_up,
+    check_range,
+    create_file,
+    image_creator,
+    open_file,
+    sync_files,
+)
 
 __all__ = ["NAME", "RawFileBackend", "create", "open", "probe", "punch_hole"]
 
@@ -97,6 +107,17 @@ def pwrite_all(fd: int, data: Buffer, offset: int) -> None:
         offset += n
 
 
+def pread_padded(fd: int, offset: int, length: int, path: str) -> bytearray:
+    """``length`` bytes from ``offset``, zeroes past the end of the file;
+    an OS error becomes a one-line MediumError naming ``path``."""
+    buf = bytearray(length)
+    try:
+        pread_into(fd, memoryview(buf), offset)
+    except OSError as e:
+        raise MediumError(f"{path}: read error at {offset}: {e.strerror or e}") from None
+    return buf
+
+
 def pread_into(fd: int, buf: memoryview, offset: int) -> int:
     """Fill ``buf`` from ``offset``; bytes past end of file stay as they
     are (callers pass zeroed buffers). Returns the bytes read."""
@@ -118,15 +139,7 @@ class RawFileBackend(ImageBackend):
         self._write_through = write_through
         self._map: mmap.mmap | None = None
         self._mapped = 0
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        if write_through and not read_only:
-            flags |= os.O_DSYNC
-        try:
-            self._fd = os.open(path, flags | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise BackendError(f"{path}: no such file") from None
-        except OSError as e:
-            raise BackendError(f"{path}: cannot open: {e.strerror or e}") from None
+        self._fd = open_file(path, read_only=read_only, write_through=write_through)
         try:
             st = os.fstat(self._fd)
             self._block = stat.S_ISBLK(st.st_mode)
@@ -138,7 +151,7 @@ class RawFileBackend(ImageBackend):
             else:
                 # A file whose length is not a whole number of sectors is
                 # served rounded up; the tail reads as zeroes.
-                self._size = -(-st.st_size // SECTOR) * SECTOR
+                self._size = align_up(st.st_size, SECTOR)
                 self._can_discard = _fallocate is not None
                 self._remap(st.st_size)
         except BaseException:
@@ -230,12 +243,7 @@ class RawFileBackend(ImageBackend):
                     self._remap(fsize)
             if self._map is not None and end <= self._mapped:
                 return memoryview(self._map)[offset:end]
-        buf = bytearray(length)
-        try:
-            pread_into(self._fd, memoryview(buf), offset)
-        except OSError as e:
-            raise MediumError(f"{self.path}: read error at {offset}: {e.strerror or e}") from None
-        return buf
+        return pread_padded(self._fd, offset, length, self.path)
 
     def _check_writable(self) -> None:
         if self._read_only:
@@ -250,12 +258,8 @@ class RawFileBackend(ImageBackend):
             raise MediumError(f"{self.path}: write error at {offset}: {e.strerror or e}") from None
 
     def flush(self) -> None:
-        if self._read_only:
-            return
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            raise MediumError(f"{self.path}: flush failed: {e.strerror or e}") from None
+        if not self._read_only:
+            sync_files(self.path, (self._fd,))
 
     def _ioctl_range(self, req: int, offset: int, length: int) -> bool:
         try:
@@ -369,28 +373,16 @@ def open(path: str, *, read_only: bool = False, write_through: bool = False) -> 
     return RawFileBackend(path, read_only=read_only, write_through=write_through)
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create a sparse raw file of ``size`` bytes. Option
     ``preallocation=falloc|full`` allocates the blocks up front."""
-    if backing is not None:
-        raise BackendError(f"{path}: raw images cannot have a backing file")
-    opts = dict(options or {})
-    prealloc = opts.pop("preallocation", "off")
-    if opts:
-        raise BackendError(f"{path}: unknown raw option(s): {', '.join(sorted(opts))}")
+    path, size = req.path, req.size
+    req.refuse_backing(NAME)
+    prealloc = req.checked_options({"preallocation"}).get("preallocation", "off")
     if prealloc not in ("off", "falloc", "full"):
         raise BackendError(f"{path}: preallocation={prealloc!r}: expected off, falloc or full")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+    fd = create_file(path)
     try:
         os.ftruncate(fd, size)
         if prealloc == "falloc":

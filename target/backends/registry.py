@@ -22,30 +22,39 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Protocol, Self, cast
 
-from .base import SECTOR, Backend, BackendError, Buffer, Extent
+from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 
 __all__ = [
     "FORMATS",
     "MAX_CHAIN_DEPTH",
     "PROBE_SIZE",
+    "CreateFunction",
+    "CreateRequest",
     "FormatModule",
     "ImageBackend",
     "ImageInfo",
+    "align_up",
+    "check_options",
     "check_range",
     "cluster_pieces",
+    "create_file",
     "create_image",
     "detect",
     "formats",
+    "image_creator",
     "merge_extents",
     "open_backing",
+    "open_file",
     "open_image",
+    "parent_for_create",
     "parse_size",
     "resolve_backing",
+    "sync_files",
 ]
 
 #: Bytes handed to ``probe``.
@@ -144,19 +153,157 @@ def check_range(backend: Backend, offset: int, length: int) -> None:
         )
 
 
+def align_up(value: int, to: int) -> int:
+    """Round ``value`` up to a multiple of ``to``."""
+    return -(-value // to) * to
+
+
+# -- helpers for format modules: opening and creating files ------------------
+
+
+def open_file(path: str, *, read_only: bool, write_through: bool = False) -> int:
+    """Open an image file for a format module; a BackendError when it
+    cannot be. ``write_through`` opens it ``O_DSYNC`` (each write durable
+    when it returns, in the same syscall)."""
+    flags = os.O_RDONLY if read_only else os.O_RDWR
+    if write_through and not read_only:
+        flags |= os.O_DSYNC
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BackendError(f"{path}: no such file") from None
+    except OSError as e:
+        raise BackendError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def create_file(path: str) -> int:
+    """Create (or truncate) the file of a new image; returns the fd."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
+
+
+# -- the create entry point of format modules --------------------------------
+
+
+class CreateFunction(Protocol):
+    """The ``create`` every format module exposes (see :func:`image_creator`)."""
+
+    def __call__(
+        self,
+        path: str,
+        size: int,
+        *,
+        backing: str | None = None,
+        backing_format: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        """Create a new, empty image of ``size`` bytes at ``path``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """The arguments of a format module's ``create``, with the checks every
+    format makes of them."""
+
+    path: str
+    size: int
+    backing: str | None = None
+    backing_format: str | None = None
+    options: dict[str, str] | None = field(default=None, hash=False)
+
+    def checked_options(self, allowed: set[str]) -> dict[str, str]:
+        """A copy of the options (or {}), unknown keys refused."""
+        return check_options(self.path, self.options, allowed)
+
+    def refuse_backing(self, fmt: str) -> None:
+        """Refuse a backing file for a format that cannot have one."""
+        if self.backing is not None:
+            raise BackendError(f"{self.path}: {fmt} images cannot have a backing file")
+
+    def check_size(self, size: int, what: str = "image") -> None:
+        """Refuse a size that is not a positive multiple of SECTOR (formats
+        pass the size they settled on: 0 may have become the parent's)."""
+        _check_size(self.path, size, what)
+
+
+def _check_size(path: str, size: int, what: str) -> None:
+    if size <= 0 or size % SECTOR:
+        raise BackendError(f"{path}: {what} size {size} must be a positive multiple of {SECTOR}")
+
+
+def image_creator(impl: Callable[[CreateRequest], None]) -> CreateFunction:
+    """Turn ``impl(request)`` into a format module's public ``create``
+    (one signature for all formats, the docstring of ``impl``)."""
+
+    def create(
+        path: str,
+        size: int,
+        *,
+        backing: str | None = None,
+        backing_format: str | None = None,
+        options: dict[str, str] | None = None,
+    ) -> None:
+        impl(CreateRequest(path, size, backing, backing_format, options))
+
+    create.__doc__ = impl.__doc__
+    create.__module__ = impl.__module__
+    create.__name__ = create.__qualname__ = impl.__name__
+    return create
+
+
+def check_options(path: str, options: dict[str, str] | None, allowed: set[str]) -> dict[str, str]:
+    """Return a copy of the create ``options`` (or {}) after refusing
+    unknown keys."""
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise BackendError(
+            f"{path}: unknown create option(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})"
+        )
+    return opts
+
+
+def parent_for_create(
+    path: str, backing: str, backing_format: str | None, fmt: str, what: str
+) -> tuple[ImageInfo, int]:
+    """For formats whose child must be of the parent's own format (VDI,
+    VHD, VMDK): check ``backing_format``, open the parent read-only and
+    return its info and size. ``what`` names the child in messages ("a
+    differencing VDI")."""
+    if backing_format not in (None, fmt):
+        raise BackendError(f"{path}: {what} needs a {fmt.upper()} parent, not {backing_format}")
+    parent = open_backing(path, backing, fmt)
+    try:
+        return parent.info(), parent.size
+    finally:
+        parent.close()
+
+
 def cluster_pieces(offset: int, length: int, cluster: int) -> Iterator[tuple[int, int, int, int]]:
-    """Split [offset, offset+length) at ``cluster`` boundaries (a power of
-    two): yields (cluster index, offset in cluster, length, offset in the
-    request) for each piece."""
-    mask = cluster - 1
-    shift = cluster.bit_length() - 1
+    """Split [offset, offset+length) at ``cluster`` boundaries (any
+    positive size: Parallels has clusters of 63 sectors): yields (cluster
+    index, offset in cluster, length, offset in the request) per piece."""
     pos = offset
     end = offset + length
     while pos < end:
-        inner = pos & mask
+        idx, inner = divmod(pos, cluster)
         n = min(cluster - inner, end - pos)
-        yield pos >> shift, inner, n, pos - offset
+        yield idx, inner, n, pos - offset
         pos += n
+
+
+def sync_files(path: str, fds: Iterable[int]) -> None:
+    """Make completed writes to ``fds`` durable (SYNCHRONIZE CACHE, FUA).
+    ``fdatasync`` is enough: it also flushes the file size and whatever
+    else reading the data back needs. An error is a MediumError."""
+    try:
+        for fd in fds:
+            os.fdatasync(fd)
+    except OSError as e:
+        raise MediumError(f"{path}: flush failed: {e.strerror or e}") from None
 
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -207,17 +354,8 @@ class FormatModule(Protocol):
         """Open an image of this format."""
         ...
 
-    def create(
-        self,
-        path: str,
-        size: int,
-        *,
-        backing: str | None = None,
-        backing_format: str | None = None,
-        options: dict[str, str] | None = None,
-    ) -> None:
-        """Create a new, empty image of ``size`` bytes."""
-        ...
+    #: Create a new, empty image of ``size`` bytes (made by :func:`image_creator`).
+    create: CreateFunction
 
 
 #: Registered formats by name, ``raw`` last (it accepts anything, so it is
@@ -378,8 +516,7 @@ def create_image(
                     size = parent.size
                 if backing_format is None and isinstance(parent, ImageBackend):
                     backing_format = parent.info().format
-    if size <= 0 or size % SECTOR:
-        raise BackendError(f"{path}: image size {size} is not a positive multiple of {SECTOR}")
+    _check_size(path, size, "image")
     mod.create(path, size, backing=backing, backing_format=backing_format, options=options)
 
 

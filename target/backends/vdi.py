@@ -1,10 +1,12 @@
 """VirtualBox VDI images (fixed, dynamic and differencing), read and write.
 
 Also home of :class:`MappedImage`, the block-mapped image engine that the
-VDI, VHD and VMDK backends share: a format only says, for a virtual range,
-which runs are stored where (``_runs``); the engine coalesces the runs into
-as few ``preadv`` calls as possible, falls through to the parent image for
-unallocated runs, and answers ``extents``.
+VDI, VHD, VMDK, qcow2 and Parallels backends share: a format only says, for
+a virtual range, which runs are stored where (``_runs``); the engine
+coalesces the runs into as few ``preadv`` calls as possible, falls through
+to the parent image for unallocated runs, and answers ``extents``, range
+checks, ``flush`` and ``close``. :class:`RunWriter` does the same
+coalescing for the in-place part of writes.
 
 VDI layout (VirtualBox "VDI 1.1", little-endian; the same structure qemu's
 docs and block/vdi.c describe):
@@ -69,16 +71,63 @@ import os
 import struct
 import sys
 import uuid
-from collections.abc import Iterator
-from typing import NamedTuple, Self
+from collections.abc import Callable, Iterable, Iterator
+from typing import ClassVar, NamedTuple, Self
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
-from .registry import ImageBackend, ImageInfo, open_backing, resolve_backing
+from .raw import pread_into
+from .raw import pwrite_all as _pwrite_fd
+from .registry import (
+    CreateRequest,
+    ImageBackend,
+    ImageInfo,
+    align_up,
+    check_options,
+    check_range,
+    cluster_pieces,
+    create_file,
+    image_creator,
+    merge_extents,
+    open_backing,
+    open_file,
+    parent_for_create,
+    resolve_backing,
+    sync_files,
+)
+
+__all__ = [
+    "BLOCK_FREE",
+    "BLOCK_ZERO",
+    "DEFAULT_BLOCK",
+    "NAME",
+    "RUN_BYTES",
+    "RUN_DATA",
+    "RUN_PARENT",
+    "RUN_ZERO",
+    "SIGNATURE",
+    "TYPE_DIFF",
+    "TYPE_DYNAMIC",
+    "TYPE_FIXED",
+    "TYPE_UNDO",
+    "VERSION_1_1",
+    "MappedImage",
+    "Run",
+    "RunWriter",
+    "VdiImage",
+    # align_up and check_options moved to registry; still importable here.
+    "align_up",
+    "check_options",
+    "create",
+    "open",
+    "pread_exact",
+    "probe",
+    "pwrite_all",
+]
 
 NAME = "vdi"
 
 # ---------------------------------------------------------------------------
-# The shared engine (also used by vhd.py and vmdk.py)
+# The shared engine (also used by vhd.py, vmdk.py, qcow2.py and parallels.py)
 # ---------------------------------------------------------------------------
 
 #: Run kinds returned by ``MappedImage._runs``.
@@ -112,37 +161,60 @@ def pread_exact(fd: int, length: int, pos: int, path: str, what: str) -> bytes:
 
 
 def pwrite_all(fd: int, data: Buffer, pos: int, path: str) -> None:
-    """Write all of ``data`` at ``pos`` (retrying short writes)."""
-    mv = memoryview(data).cast("B")
-    done = 0
+    """Write all of ``data`` at ``pos`` (retrying short writes); an OS
+    error becomes a one-line MediumError naming ``path``."""
     try:
-        while done < len(mv):
-            done += os.pwrite(fd, mv[done:], pos + done)
+        _pwrite_fd(fd, data, pos)
     except OSError as e:
-        raise MediumError(f"{path}: write at {pos + done} failed: {e.strerror}") from None
+        raise MediumError(f"{path}: write at {pos} failed: {e.strerror or e}") from None
 
 
-def align_up(value: int, to: int) -> int:
-    """Round ``value`` up to a multiple of ``to``."""
-    return -(-value // to) * to
+class RunWriter:
+    """Pieces of one write request that follow each other both in the
+    request and in the file become one pwrite. The in-place half of a
+    dynamic format's write feeds ``add``; pieces that need a new block go
+    their own way in between; ``flush`` writes what is pending."""
 
+    __slots__ = ("_at", "_emit", "_n", "_pos")
 
-def check_options(path: str, options: dict[str, str] | None, allowed: set[str]) -> dict[str, str]:
-    """Return ``options`` (or {}) after refusing unknown keys."""
-    opts = dict(options or {})
-    unknown = sorted(set(opts) - allowed)
-    if unknown:
-        raise BackendError(
-            f"{path}: unknown create option(s) {', '.join(unknown)} (known: {', '.join(sorted(allowed))})"
-        )
-    return opts
+    def __init__(self, emit: Callable[[int, int, int], None]) -> None:
+        """``emit(file position, offset in the request, length)`` writes."""
+        self._emit = emit
+        self._pos = self._at = self._n = 0
+
+    def add(self, pos: int, at: int, n: int) -> None:
+        """Queue ``n`` bytes from request offset ``at`` for file position ``pos``."""
+        if self._n and self._pos + self._n == pos and self._at + self._n == at:
+            self._n += n
+            return
+        self.flush()
+        self._pos, self._at, self._n = pos, at, n
+
+    def flush(self) -> None:
+        """Write the pending run, if any."""
+        if self._n:
+            self._emit(self._pos, self._at, self._n)
+            self._n = 0
 
 
 class MappedImage(ImageBackend):
     """A virtual disk made of runs that are stored, zero, or inherited.
 
     Subclasses implement ``_runs`` (and writes); reads, parent fall-through,
-    read coalescing and ``extents`` live here."""
+    read coalescing, ``extents``, range checks, ``flush`` and ``close`` of
+    the files ``_files`` names live here. Formats that allocate in fixed
+    blocks (``_bs`` bytes) get ``discard``/``write_zeroes`` through
+    ``_zero_range`` by implementing ``_drop_block`` and ``_block_reads_zero``.
+    """
+
+    #: The image file, for the formats that have one (-1: none or closed).
+    _fd: int = -1
+    #: Block size of the formats that use ``_zero_range``.
+    _bs: int = 0
+    #: A data run ending past the end of its file reads as zeroes there
+    #: (qcow2 and Parallels: a preallocated, never written tail); for the
+    #: other formats that is a truncated image and a MediumError.
+    _short_reads_zero: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -155,8 +227,8 @@ class MappedImage(ImageBackend):
     ) -> None:
         self.path = path
         self._size = size
-        self._ro = read_only
-        self._wt = write_through
+        self._read_only = read_only
+        self._write_through = write_through
         self.parent = parent
         self._closed = False
 
@@ -169,24 +241,26 @@ class MappedImage(ImageBackend):
 
     @property
     def read_only(self) -> bool:
-        return self._ro
+        return self._read_only
 
     @abc.abstractmethod
     def _runs(self, offset: int, length: int) -> Iterator[Run]:
         """Yield runs covering exactly [offset, offset+length) in order."""
 
+    def _files(self) -> Iterable[int]:
+        """The descriptors this image owns (flushed and closed here)."""
+        return (self._fd,) if self._fd >= 0 else ()
+
     def _check_range(self, offset: int, length: int) -> None:
         if self._closed:
             raise BackendError(f"{self.path}: image is closed")
         if offset < 0 or length < 0 or offset + length > self._size:
-            raise BackendError(
-                f"{self.path}: access {offset}+{length} is outside the virtual size {self._size}"
-            )
+            check_range(self, offset, length)  # raises, with the message
 
     def _check_write(self, offset: int, length: int) -> None:
         self._check_range(offset, length)
-        if self._ro:
-            raise BackendError(f"{self.path}: image is open read-only")
+        if self._read_only:
+            raise BackendError(f"{self.path}: opened read-only")
 
     def _parent_read(self, offset: int, length: int) -> Buffer | None:
         """The parent's bytes for a range (shorter or None past its end)."""
@@ -200,9 +274,11 @@ class MappedImage(ImageBackend):
         if run.kind == RUN_DATA:
             try:
                 got = os.preadv(run.fd, [out], run.pos)
+                if 0 < got < n:  # a short read: finish it (or hit the end)
+                    got += pread_into(run.fd, out[got:], run.pos + got)
             except OSError as e:
-                raise MediumError(f"{self.path}: read at {run.pos} failed: {e.strerror}") from None
-            if got != n:
+                raise MediumError(f"{self.path}: read error at {run.pos}: {e.strerror or e}") from None
+            if got != n and not self._short_reads_zero:
                 raise MediumError(
                     f"{self.path}: image file ends inside allocated data at {run.pos + got} (truncated?)"
                 )
@@ -234,60 +310,113 @@ class MappedImage(ImageBackend):
                     return data
             if first.kind == RUN_BYTES and first.data is not None:
                 return first.data
+            if first.kind == RUN_ZERO:
+                return bytearray(length)
         out = bytearray(length)
         mv = memoryview(out)
         # Coalesce: neighbouring DATA runs contiguous in one file become
-        # one preadv; neighbouring PARENT runs one parent read.
+        # one preadv; neighbouring PARENT runs one parent read. (The run
+        # length is tracked apart: NamedTuple._replace per run is slow.)
         cur = first
         cur_start = 0
-        pos = first.length
+        cur_len = pos = first.length
         for run in runs:
-            if run.kind == cur.kind and (
-                (run.kind == RUN_DATA and run.fd == cur.fd and run.pos == cur.pos + cur.length)
-                or run.kind in (RUN_ZERO, RUN_PARENT)
+            kind = run.kind
+            if kind == cur.kind and (
+                (kind == RUN_DATA and run.fd == cur.fd and run.pos == cur.pos + cur_len)
+                or kind == RUN_ZERO
+                or kind == RUN_PARENT
             ):
-                cur = cur._replace(length=cur.length + run.length)
+                cur_len += run.length
             else:
-                self._fill(mv[cur_start : cur_start + cur.length], offset + cur_start, cur)
-                cur, cur_start = run, pos
+                self._fill(mv[cur_start : cur_start + cur_len], offset + cur_start, cur)
+                cur, cur_start, cur_len = run, pos, run.length
             pos += run.length
-        self._fill(mv[cur_start : cur_start + cur.length], offset + cur_start, cur)
+        self._fill(mv[cur_start : cur_start + cur_len], offset + cur_start, cur)
         return out
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         self._check_range(offset, length)
+        return merge_extents(self._run_extents(offset, length))
 
-        def raw() -> Iterator[Extent]:
-            pos = offset
-            for run in self._runs(offset, length):
-                if run.kind == RUN_PARENT and self.parent is not None:
-                    psize = self.parent.size
-                    inside = max(0, min(run.length, psize - pos))
-                    if inside:
-                        yield from self.parent.extents(pos, inside)
-                    if inside < run.length:
-                        yield Extent(pos + inside, run.length - inside, False)
-                else:
-                    yield Extent(pos, run.length, run.kind in (RUN_DATA, RUN_BYTES))
-                pos += run.length
-
-        pending: Extent | None = None
-        for ext in raw():
-            if pending is not None and pending.mapped == ext.mapped:
-                pending = Extent(pending.offset, pending.length + ext.length, ext.mapped)
-                continue
-            if pending is not None:
-                yield pending
-            pending = ext
-        if pending is not None:
-            yield pending
+    def _run_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        # Runs of one state are joined here already: an Extent per run
+        # would cost more than the walk itself for small clusters.
+        pos = start = offset
+        state: bool | None = None  # mapped-ness of the pending run
+        for run in self._runs(offset, length):
+            kind = run.kind
+            if kind == RUN_PARENT:
+                if state is not None:
+                    yield Extent(start, pos - start, state)
+                    state = None
+                yield from self._backing_extents(pos, run.length)
+            else:
+                mapped = kind == RUN_DATA or kind == RUN_BYTES
+                if mapped is not state:
+                    if state is not None:
+                        yield Extent(start, pos - start, state)
+                    start, state = pos, mapped
+            pos += run.length
+        if state is not None:
+            yield Extent(start, pos - start, state)
 
     def _after_write(self, *fds: int) -> None:
         """write_through: make each write durable before it is acknowledged."""
-        if self._wt:
+        if self._write_through:
             for fd in fds:
                 os.fdatasync(fd)
 
+    # -- whole-block deallocation (VDI, VHD) ---------------------------------
+
+    def _drop_block(self, blk: int) -> None:
+        """Deallocate block ``blk`` so that it reads as zeroes."""
+        raise NotImplementedError
+
+    def _block_reads_zero(self, blk: int) -> bool:
+        """True when block ``blk`` already reads as zeroes."""
+        raise NotImplementedError
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_write(offset, length)
+        if self.thin:
+            self._zero_range(offset, length)
+        # Not thin: no zero promise, nothing to do (SBC-3 5.28).
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self.thin:
+            self._zero_range(offset, length)
+        else:
+            super().write_zeroes(offset, length)
+
+    def _zero_range(self, offset: int, length: int) -> None:
+        """Whole blocks are dropped; parts of blocks that do not read as
+        zeroes already are written with zeroes."""
+        self._check_write(offset, length)
+        size = self._size
+        for blk, within, n, at in cluster_pieces(offset, length, self._bs):
+            if n == min(self._bs, size - blk * self._bs):
+                self._drop_block(blk)
+            elif not self._block_reads_zero(blk):
+                self.write(offset + at, bytes(n))
+        self._after_write(*self._files())
+
+    # -- flush / close -------------------------------------------------------
+
+    def flush(self) -> None:
+        if not self._closed and not self._read_only:
+            sync_files(self.path, self._files())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for fd in set(self._files()):
+                os.close(fd)
+        finally:
+            self._fd = -1
+            self._close_parent()
 
 
 # ---------------------------------------------------------------------------
@@ -467,10 +596,6 @@ class VdiImage(MappedImage):
     def thin(self) -> bool:
         return self._hdr.image_type != TYPE_FIXED
 
-    @property
-    def zero_after_discard(self) -> bool:
-        return self.thin
-
     def info(self) -> ImageInfo:
         hdr = self._hdr
         diff = hdr.image_type == TYPE_DIFF
@@ -494,6 +619,7 @@ class VdiImage(MappedImage):
 
     # -- mapping ---------------------------------------------------------
     def _runs(self, offset: int, length: int) -> Iterator[Run]:
+        # The block walk of cluster_pieces, inlined: this is the read path.
         bs = self._bs
         bmap = self._bmap
         base = self._hdr.off_data + self._hdr.block_extra
@@ -513,7 +639,8 @@ class VdiImage(MappedImage):
                 yield Run(n, free_kind)
             pos += n
 
-    def _block_reads_zero(self, e: int) -> bool:
+    def _block_reads_zero(self, blk: int) -> bool:
+        e = self._bmap[blk]
         return e == BLOCK_ZERO or (e == BLOCK_FREE and self.parent is None)
 
     # -- metadata writes -------------------------------------------------
@@ -541,47 +668,18 @@ class VdiImage(MappedImage):
         if not len(mv):
             return
         self._mark_modified()
-        bs = self._bs
         base = self._hdr.off_data + self._hdr.block_extra
-        pos = 0
-        # Pending in-place write: contiguous pieces become one pwritev.
-        pend_at = -1
-        pend: list[memoryview] = []
-        pend_len = 0
-        while pos < len(mv):
-            blk, within = divmod(offset + pos, bs)
-            n = min(bs - within, len(mv) - pos)
-            piece = mv[pos : pos + n]
+        # In-place pieces contiguous in the file become one pwrite.
+        runs = RunWriter(lambda host, at, n: pwrite_all(self._fd, mv[at : at + n], host, self.path))
+        for blk, within, n, at in cluster_pieces(offset, len(mv), self._bs):
             e = self._bmap[blk]
             if e < BLOCK_ZERO:
-                host = base + e * self._stride + within
-                if pend and host == pend_at + pend_len:
-                    pend.append(piece)
-                    pend_len += n
-                else:
-                    self._flush_pending(pend_at, pend)
-                    pend_at, pend, pend_len = host, [piece], n
+                runs.add(base + e * self._stride + within, at, n)
             else:
-                self._flush_pending(pend_at, pend)
-                pend, pend_len = [], 0
-                self._allocate(blk, within, piece, e)
-            pos += n
-        self._flush_pending(pend_at, pend)
+                runs.flush()
+                self._allocate(blk, within, mv[at : at + n], e)
+        runs.flush()
         self._after_write(self._fd)
-
-    def _flush_pending(self, at: int, pieces: list[memoryview]) -> None:
-        if not pieces:
-            return
-        if len(pieces) == 1:
-            pwrite_all(self._fd, pieces[0], at, self.path)
-            return
-        total = sum(len(p) for p in pieces)
-        try:
-            done = os.pwritev(self._fd, pieces, at)
-        except OSError as e:
-            raise MediumError(f"{self.path}: write at {at} failed: {e.strerror}") from None
-        if done != total:
-            pwrite_all(self._fd, b"".join(pieces)[done:], at + done, self.path)
 
     def _allocate(self, blk: int, within: int, piece: memoryview, entry: int) -> None:
         """Give virtual block ``blk`` a new physical block at the end of the
@@ -613,46 +711,14 @@ class VdiImage(MappedImage):
             buf[ex + within : ex + within + len(piece)] = piece
             pwrite_all(self._fd, buf, start, self.path)
         self._file_size = max(self._file_size, start + self._stride)
-        if self._wt:
+        if self._write_through:
             os.fdatasync(self._fd)  # data durable before the map points at it
         self._set_allocated(idx + 1)
         self._set_entry(blk, idx)
 
-    def flush(self) -> None:
-        if not self._closed and not self._ro:
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
-                raise MediumError(f"{self.path}: fsync failed: {e.strerror}") from None
-
-    # -- discard / zeroes --------------------------------------------------
-    def discard(self, offset: int, length: int) -> None:
-        if self._hdr.image_type == TYPE_FIXED:
-            self._check_write(offset, length)
-            return  # not thin, no zero promise: nothing to do (SBC-3 5.28)
-        self._zero_range(offset, length)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        if self._hdr.image_type == TYPE_FIXED:
-            super().write_zeroes(offset, length)
-            return
-        self._zero_range(offset, length)
-
-    def _zero_range(self, offset: int, length: int) -> None:
-        self._check_write(offset, length)
-        bs = self._bs
-        end = offset + length
-        pos = offset
-        while pos < end:
-            blk, within = divmod(pos, bs)
-            blen = min(bs, self._size - blk * bs)
-            n = min(blen - within, end - pos)
-            if n == blen:
-                self._discard_block(blk)
-            elif not self._block_reads_zero(self._bmap[blk]):
-                self.write(pos, bytes(n))
-            pos += n
-        self._after_write(self._fd)
+    # -- discard / zeroes (MappedImage._zero_range) ----------------------
+    def _drop_block(self, blk: int) -> None:
+        self._discard_block(blk)
 
     def _discard_block(self, blk: int) -> None:
         e = self._bmap[blk]
@@ -673,7 +739,7 @@ class VdiImage(MappedImage):
             if mover >= 0:
                 block = pread_exact(self._fd, stride, off_data + last * stride, self.path, "VDI block")
                 pwrite_all(self._fd, block, off_data + e * stride, self.path)
-                if self._wt:
+                if self._write_through:
                     os.fdatasync(self._fd)
                 self._set_entry(mover, e)
         self._set_allocated(last)
@@ -682,22 +748,10 @@ class VdiImage(MappedImage):
             os.ftruncate(self._fd, new_end)
             self._file_size = new_end
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            os.close(self._fd)
-        finally:
-            self._close_parent()
-
 
 def open(path: str, *, read_only: bool, write_through: bool = False) -> VdiImage:
     """Open a VDI image (and, for a differencing image, its parent chain)."""
-    try:
-        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot open: {e.strerror}") from None
+    fd = open_file(path, read_only=read_only)
     parent: ImageBackend | None = None
     try:
         file_size = os.fstat(fd).st_size
@@ -740,33 +794,22 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VdiImage
         raise
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create a VDI: options {"type": "dynamic" (default) | "fixed"}; with
     ``backing`` a differencing image of that VDI (size 0 = the parent's)."""
-    opts = check_options(path, options, {"type"})
+    path, size = req.path, req.size
+    opts = req.checked_options({"type"})
+    backing = req.backing
     kind = opts.get("type", "dynamic")
     if kind not in ("dynamic", "fixed"):
         raise BackendError(f"{path}: VDI type must be dynamic or fixed, not {kind!r}")
     link = parent_modify = uuid.UUID(int=0)
     itype = TYPE_FIXED if kind == "fixed" else TYPE_DYNAMIC
     if backing is not None:
-        if backing_format not in (None, NAME):
-            raise BackendError(f"{path}: a differencing VDI needs a VDI parent, not {backing_format}")
         if kind == "fixed":
             raise BackendError(f"{path}: a differencing VDI cannot be fixed")
-        parent = open_backing(path, backing, NAME)
-        try:
-            pinfo = parent.info()
-            psize = parent.size
-        finally:
-            parent.close()
+        pinfo, psize = parent_for_create(path, backing, req.backing_format, NAME, "a differencing VDI")
         if size == 0:
             size = psize
         if size != psize:
@@ -775,8 +818,7 @@ def create(
         link = uuid.UUID(pinfo.uuid)
         parent_modify = uuid.UUID(pinfo.extra["modify_uuid"])
         itype = TYPE_DIFF
-    if size <= 0 or size % SECTOR:
-        raise BackendError(f"{path}: VDI size {size} must be a positive multiple of {SECTOR}")
+    req.check_size(size, "VDI")
     bs = DEFAULT_BLOCK
     blocks = -(-size // bs)
     if blocks > _MAX_BLOCKS:
@@ -798,10 +840,7 @@ def create(
     if sys.byteorder != "little":
         bmap.byteswap()
     body = bmap.tobytes()
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror}") from None
+    fd = create_file(path)
     try:
         pwrite_all(fd, hdr, 0, path)
         pwrite_all(fd, body + bytes(off_data - off_bmap - len(body)), off_bmap, path)

@@ -54,15 +54,25 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from .base import SECTOR, BackendError, Buffer, MediumError
-from .registry import ImageBackend, ImageInfo, open_backing, resolve_backing
+from .registry import (
+    CreateRequest,
+    ImageBackend,
+    ImageInfo,
+    align_up,
+    cluster_pieces,
+    create_file,
+    image_creator,
+    open_backing,
+    open_file,
+    parent_for_create,
+    resolve_backing,
+)
 from .vdi import (
     RUN_DATA,
     RUN_PARENT,
     RUN_ZERO,
     MappedImage,
     Run,
-    align_up,
-    check_options,
     pread_exact,
     pwrite_all,
 )
@@ -294,10 +304,6 @@ class VhdImage(MappedImage):
     def thin(self) -> bool:
         return self._footer.disk_type == TYPE_DYNAMIC
 
-    @property
-    def zero_after_discard(self) -> bool:
-        return self.thin
-
     def info(self) -> ImageInfo:
         f = self._footer
         c, h, s = f.geometry
@@ -391,12 +397,8 @@ class VhdImage(MappedImage):
             buf = bytearray(self.read(start, stop - start))
             buf[offset - start : offset - start + len(mv)] = mv
             offset, mv = start, memoryview(buf)
-        bs = self._bs
-        pos = 0
-        while pos < len(mv):
-            blk, within = divmod(offset + pos, bs)
-            n = min(bs - within, len(mv) - pos)
-            piece = mv[pos : pos + n]
+        for blk, within, n, at in cluster_pieces(offset, len(mv), self._bs):
+            piece = mv[at : at + n]
             e = self._bat[blk]
             if e == BAT_FREE:
                 self._allocate(blk, within, piece)
@@ -404,7 +406,6 @@ class VhdImage(MappedImage):
                 pwrite_all(self._fd, piece, e * SECTOR + self._bitmap_size + within, self.path)
                 if self._footer.disk_type == TYPE_DIFF:
                     self._set_bits(blk, e, within, n)
-            pos += n
         self._after_write(self._fd)
 
     def _bits_for(self, within: int, n: int) -> int:
@@ -418,7 +419,7 @@ class VhdImage(MappedImage):
         if bits & mask == mask:
             return
         bits |= mask
-        if self._wt:
+        if self._write_through:
             os.fdatasync(self._fd)  # the data before the bits that expose it
         pwrite_all(self._fd, bits.to_bytes(self._bitmap_size, "big"), entry * SECTOR, self.path)
         self._bitmaps[blk] = bits
@@ -449,7 +450,7 @@ class VhdImage(MappedImage):
             pwrite_all(self._fd, buf, new_off, self.path)
         self._file_size = max(self._file_size, new_off + total + SECTOR)
         self._footer_at = new_off + total
-        if self._wt:
+        if self._write_through:
             os.fdatasync(self._fd)
         # 3. The BAT entry last.
         self._set_bat(blk, new_off // SECTOR)
@@ -460,41 +461,13 @@ class VhdImage(MappedImage):
         self._bat[blk] = value
         pwrite_all(self._fd, _U32.pack(value), self._dyn.table_offset + 4 * blk, self.path)
 
-    def flush(self) -> None:
-        if not self._closed and not self._ro:
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
-                raise MediumError(f"{self.path}: fsync failed: {e.strerror}") from None
+    # -- discard / zeroes (MappedImage._zero_range; dynamic disks only) -------
+    def _drop_block(self, blk: int) -> None:
+        if self._bat[blk] != BAT_FREE:
+            self._unmap_block(blk)
 
-    # -- discard / zeroes -------------------------------------------------------
-    def discard(self, offset: int, length: int) -> None:
-        self._check_write(offset, length)
-        if self.thin:
-            self._zero_range(offset, length)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        if self.thin:
-            self._zero_range(offset, length)
-        else:
-            super().write_zeroes(offset, length)
-
-    def _zero_range(self, offset: int, length: int) -> None:
-        self._check_write(offset, length)
-        bs = self._bs
-        end = offset + length
-        pos = offset
-        while pos < end:
-            blk, within = divmod(pos, bs)
-            blen = min(bs, self._size - blk * bs)
-            n = min(blen - within, end - pos)
-            if self._bat[blk] != BAT_FREE:
-                if n == blen:
-                    self._unmap_block(blk)
-                else:
-                    self.write(pos, bytes(n))
-            pos += n
-        self._after_write(self._fd)
+    def _block_reads_zero(self, blk: int) -> bool:
+        return self._bat[blk] == BAT_FREE
 
     def _unmap_block(self, blk: int) -> None:
         e = self._bat[blk]
@@ -509,34 +482,22 @@ class VhdImage(MappedImage):
             mover = self._bat.index(last)
             block = pread_exact(self._fd, total, last * SECTOR, self.path, "VHD block")
             pwrite_all(self._fd, block, e * SECTOR, self.path)
-            if self._wt:
+            if self._write_through:
                 os.fdatasync(self._fd)
             self._set_bat(mover, e)
             self._bitmaps.pop(mover, None)
         new_end = last * SECTOR
         pwrite_all(self._fd, self._footer_raw, new_end, self.path)
-        if self._wt:
+        if self._write_through:
             os.fdatasync(self._fd)
         os.ftruncate(self._fd, new_end + SECTOR)
         self._footer_at = new_end
         self._file_size = new_end + SECTOR
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            os.close(self._fd)
-        finally:
-            self._close_parent()
-
 
 def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage:
     """Open a VHD image (and the parent chain of a differencing disk)."""
-    try:
-        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot open: {e.strerror}") from None
+    fd = open_file(path, read_only=read_only)
     parent: ImageBackend | None = None
     try:
         file_size = os.fstat(fd).st_size
@@ -624,18 +585,14 @@ def _locator_entry(code: bytes, data: bytes, at: int) -> tuple[bytes, bytes]:
     return _LOC.pack(code, space // SECTOR, len(data), 0, at), data + bytes(space - len(data))
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create a VHD: options {"type": "dynamic" (default) | "fixed",
     "force_size": "on" | "off" (default off: round up to CHS geometry)};
     with ``backing`` a differencing disk of that VHD."""
-    opts = check_options(path, options, {"type", "force_size", "subformat"})
+    path, size = req.path, req.size
+    opts = req.checked_options({"type", "force_size", "subformat"})
+    backing = req.backing
     kind = opts.get("type", opts.get("subformat", "dynamic"))
     if kind not in ("dynamic", "fixed"):
         raise BackendError(f"{path}: VHD type must be dynamic or fixed, not {kind!r}")
@@ -648,16 +605,9 @@ def create(
     parent_name = ""
     locators: list[tuple[bytes, bytes]] = []
     if backing is not None:
-        if backing_format not in (None, NAME):
-            raise BackendError(f"{path}: a differencing VHD needs a VHD parent, not {backing_format}")
         if kind == "fixed":
             raise BackendError(f"{path}: a differencing VHD cannot be fixed")
-        parent = open_backing(path, backing, NAME)
-        try:
-            pinfo = parent.info()
-            psize = parent.size
-        finally:
-            parent.close()
+        pinfo, psize = parent_for_create(path, backing, req.backing_format, NAME, "a differencing VHD")
         if size == 0 or size == chs_size(psize) and force == "off":
             size = psize
         if size != psize:
@@ -674,8 +624,7 @@ def create(
         locators = [(b"W2ru", rel_win.encode("utf-16-le")), (b"W2ku", full.encode("utf-16-le"))]
         dtype = TYPE_DIFF
         force = "on"  # the parent's size is already what readers see
-    if size <= 0 or size % SECTOR:
-        raise BackendError(f"{path}: VHD size {size} must be a positive multiple of {SECTOR}")
+    req.check_size(size, "VHD")
     if force == "off":
         size = chs_size(size)
     geometry = chs_geometry(size // SECTOR)
@@ -683,10 +632,7 @@ def create(
     bs = DEFAULT_BLOCK
     footer = _Footer(2, NO_OFFSET if dtype == TYPE_FIXED else 512, now, CREATOR_APP, size, geometry,
                      dtype, uuid.uuid4())
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror}") from None
+    fd = create_file(path)
     try:
         if dtype == TYPE_FIXED:
             os.ftruncate(fd, size)

@@ -39,11 +39,23 @@ import re
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .base import SECTOR, BackendError, Buffer, MediumError
-from .registry import ImageBackend, ImageInfo, open_backing, resolve_backing
+from .registry import (
+    CreateRequest,
+    ImageBackend,
+    ImageInfo,
+    align_up,
+    cluster_pieces,
+    create_file,
+    image_creator,
+    open_backing,
+    open_file,
+    parent_for_create,
+    resolve_backing,
+)
 from .vdi import (
     RUN_BYTES,
     RUN_DATA,
@@ -51,8 +63,6 @@ from .vdi import (
     RUN_ZERO,
     MappedImage,
     Run,
-    align_up,
-    check_options,
     pread_exact,
     pwrite_all,
 )
@@ -381,18 +391,24 @@ class VmdkImage(MappedImage):
                 hi = mid - 1
         return lo
 
-    def _runs(self, offset: int, length: int) -> Iterator[Run]:
+    def _extent_pieces(self, offset: int, length: int) -> Iterator[tuple[_Extent, int, int, int]]:
+        """Split [offset, offset+length) at extent boundaries: yields
+        (extent, offset in the extent, length, virtual offset)."""
         end = offset + length
         pos = offset
         i = self._extent_at(pos)
-        free_kind = RUN_PARENT if self.parent is not None else RUN_ZERO
         while pos < end:
             ext = self._extents[i]
             rel = pos - ext.start
             n = min(ext.length - rel, end - pos)
-            if n <= 0:
-                i += 1
-                continue
+            if n > 0:
+                yield ext, rel, n, pos
+                pos += n
+            i += 1
+
+    def _runs(self, offset: int, length: int) -> Iterator[Run]:
+        free_kind = RUN_PARENT if self.parent is not None else RUN_ZERO
+        for ext, rel, n, pos in self._extent_pieces(offset, length):
             kind = ext.line.kind
             if ext.line.access == "NOACCESS":
                 raise MediumError(f"{self.path}: read of NOACCESS extent {ext.line.file or ''} at {pos}")
@@ -402,11 +418,7 @@ class VmdkImage(MappedImage):
                 yield Run(n, RUN_DATA, ext.fd, ext.file_offset + rel)
             else:
                 sp = ext.sparse
-                gb = sp.grain_bytes
-                done = 0
-                while done < n:
-                    g, within = divmod(rel + done, gb)
-                    m = min(gb - within, n - done)
+                for g, within, m, _ in cluster_pieces(rel, n, sp.grain_bytes):
                     e = sp.entry(g)
                     if e == 0:
                         yield Run(m, free_kind)
@@ -416,9 +428,6 @@ class VmdkImage(MappedImage):
                         yield Run(m, RUN_BYTES, data=memoryview(sp.grain_data(e))[within : within + m])
                     else:
                         yield Run(m, RUN_DATA, sp.fd, e * SECTOR + within)
-                    done += m
-            pos += n
-            i += 1
 
     # -- writes -------------------------------------------------------------
     def _check_write(self, offset: int, length: int) -> None:
@@ -461,17 +470,8 @@ class VmdkImage(MappedImage):
         if not len(mv):
             return
         self._update_cid()
-        pos = offset
-        end = offset + len(mv)
-        i = self._extent_at(pos)
         touched: set[int] = set()
-        while pos < end:
-            ext = self._extents[i]
-            rel = pos - ext.start
-            n = min(ext.length - rel, end - pos)
-            if n <= 0:
-                i += 1
-                continue
+        for ext, rel, n, pos in self._extent_pieces(offset, len(mv)):
             piece = mv[pos - offset : pos - offset + n]
             if ext.line.access != "RW" or ext.line.kind == "ZERO":
                 raise BackendError(
@@ -482,23 +482,16 @@ class VmdkImage(MappedImage):
             else:
                 self._write_sparse(ext, ext.sparse, rel, piece)
             touched.add(ext.fd)
-            pos += n
-            i += 1
         self._after_write(*touched)
 
     def _write_sparse(self, ext: _Extent, sp: _Sparse, rel: int, piece: memoryview) -> None:
-        gb = sp.grain_bytes
-        done = 0
-        while done < len(piece):
-            g, within = divmod(rel + done, gb)
-            m = min(gb - within, len(piece) - done)
+        for g, within, m, done in cluster_pieces(rel, len(piece), sp.grain_bytes):
             part = piece[done : done + m]
             e = sp.entry(g)
             if e > 1:
                 pwrite_all(sp.fd, part, e * SECTOR + within, self.path)
             else:
                 self._allocate_grain(ext, sp, g, within, part, e)
-            done += m
 
     def _allocate_grain(self, ext: _Extent, sp: _Sparse, g: int, within: int, part: memoryview, e: int) -> None:
         gb = sp.grain_bytes
@@ -517,7 +510,7 @@ class VmdkImage(MappedImage):
             buf[within : within + len(part)] = part
             pwrite_all(sp.fd, buf, at, self.path)
         sp.file_end = at + gb
-        if self._wt:
+        if self._write_through:
             os.fdatasync(sp.fd)  # the grain is durable before a GTE points at it
         sp.set_entry(g, at // SECTOR)
 
@@ -529,24 +522,8 @@ class VmdkImage(MappedImage):
                 super().write_zeroes(pos, run.length)
             pos += run.length
 
-    def flush(self) -> None:
-        if self._closed or self._ro:
-            return
-        try:
-            for fd in self._fds.values():
-                os.fsync(fd)
-        except OSError as e:
-            raise MediumError(f"{self.path}: fsync failed: {e.strerror}") from None
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            for fd in set(self._fds.values()) | {self._desc_fd}:
-                os.close(fd)
-        finally:
-            self._close_parent()
+    def _files(self) -> Iterable[int]:
+        return set(self._fds.values()) | {self._desc_fd}
 
 
 # ---------------------------------------------------------------------------
@@ -571,10 +548,7 @@ def _read_sparse_header(path: str, fd: int) -> _Header:
 
 def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImage:
     """Open a VMDK (descriptor or monolithic sparse file) and its extents."""
-    try:
-        desc_fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot open: {e.strerror}") from None
+    desc_fd = open_file(path, read_only=read_only)
     fds: dict[str, int] = {os.path.realpath(path): desc_fd}
     parent: ImageBackend | None = None
     try:
@@ -709,10 +683,7 @@ def _sparse_layout(capacity: int, with_desc: bool, zeroed: bool) -> tuple[_Heade
 
 def _write_sparse(path: str, capacity: int, desc_text: str | None, zeroed: bool) -> None:
     hdr, rgd_bytes, gd_bytes = _sparse_layout(capacity, desc_text is not None, zeroed)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror}") from None
+    fd = create_file(path)
     try:
         os.ftruncate(fd, hdr.overhead * SECTOR)
         pwrite_all(fd, _header_bytes(hdr), 0, path)
@@ -749,21 +720,17 @@ def _descriptor(ctype: str, cid: int, pcid: int, hint: str | None, lines: list[s
     return "\n".join(out)
 
 
-def create(
-    path: str,
-    size: int,
-    *,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    options: dict[str, str] | None = None,
-) -> None:
+@image_creator
+def create(req: CreateRequest) -> None:
     """Create a VMDK. Options: ``subformat`` (monolithicSparse default,
     monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat),
     ``adapter_type`` (ide, lsilogic, buslogic, legacyESX), ``zeroed_grain``
     (on/off), ``extent_size`` (bytes per extent of the twoGbMaxExtent kinds,
     default 2 GiB). ``backing`` (a VMDK) records parentCID and
     parentFileNameHint; only sparse subformats can have one."""
-    opts = check_options(path, options, {"subformat", "adapter_type", "zeroed_grain", "extent_size"})
+    path, size = req.path, req.size
+    opts = req.checked_options({"subformat", "adapter_type", "zeroed_grain", "extent_size"})
+    backing = req.backing
     sub = opts.get("subformat", "monolithicSparse")
     if sub not in SUBFORMATS:
         if sub == "streamOptimized":
@@ -782,22 +749,15 @@ def create(
     pcid = NO_PARENT
     hint: str | None = None
     if backing is not None:
-        if backing_format not in (None, NAME):
-            raise BackendError(f"{path}: a VMDK's parent must be a VMDK, not {backing_format}")
         if "Flat" in sub:
             raise BackendError(f"{path}: a {sub} VMDK cannot have a backing file")
-        parent = open_backing(path, backing, NAME)
-        try:
-            pcid = int(parent.info().extra.get("cid", "ffffffff"), 16)
-            psize = parent.size
-        finally:
-            parent.close()
+        pinfo, psize = parent_for_create(path, backing, req.backing_format, NAME, "a VMDK")
+        pcid = int(pinfo.extra.get("cid", "ffffffff"), 16)
         if size == 0:
             size = psize
         full = resolve_backing(path, backing)
         hint = os.path.relpath(full, os.path.dirname(os.path.abspath(path)))
-    if size <= 0 or size % SECTOR:
-        raise BackendError(f"{path}: VMDK size {size} must be a positive multiple of {SECTOR}")
+    req.check_size(size, "VMDK")
     cid = random.randrange(0, 0xFFFFFFFE)
     sectors = size // SECTOR
     base = path[:-5] if path.lower().endswith(".vmdk") else path

@@ -1083,10 +1083,15 @@ class LogicalUnit:
     def _no_opcode(self) -> CheckCondition:
         return illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
 
-    def _reserve_release(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        res = self.reservations
-        if res is None:
+    def _optional(self, manager: Any) -> Any:
+        """``manager`` (reservations, xcopy), or INVALID COMMAND OPERATION
+        CODE when this unit was built without it."""
+        if manager is None:
             raise self._no_opcode()
+        return manager
+
+    def _reserve_release(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        res = self._optional(self.reservations)
         op = cdb[0]
         if op in (Opcode.RESERVE_10, Opcode.RELEASE_10) and cdb[1] & 0x13:
             raise invalid_field_in_cdb(1)  # 3RDPTY / LONGID / EXTENT: not supported
@@ -1097,17 +1102,13 @@ class LogicalUnit:
         return _good()
 
     def _pr_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        res = self.reservations
-        if res is None:
-            raise self._no_opcode()
+        res = self._optional(self.reservations)
         alloc = int.from_bytes(cdb[7:9], "big")
         out: bytes = res.reserve_in(nexus, cdb)
         return _good(_alloc(out, alloc))
 
     def _pr_out(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        res = self.reservations
-        if res is None:
-            raise self._no_opcode()
+        res = self._optional(self.reservations)
         plen = int.from_bytes(cdb[5:9], "big")
         raw = None if data is None else memoryview(data)[:plen]
         posts = res.reserve_out(nexus, cdb, raw)
@@ -1116,9 +1117,9 @@ class LogicalUnit:
         return _good()
 
     def _extended_copy(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        xc = self.xcopy
-        if xc is None or cdb[1] & 0x1F:
-            raise self._no_opcode() if xc is None else invalid_field_in_cdb(1, 4)
+        xc = self._optional(self.xcopy)
+        if cdb[1] & 0x1F:
+            raise invalid_field_in_cdb(1, 4)
         plen = int.from_bytes(cdb[10:14], "big")
         raw = memoryview(data or b"")
         if len(raw) < plen:
@@ -1131,9 +1132,7 @@ class LogicalUnit:
         return run()
 
     def _receive_copy_results(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        xc = self.xcopy
-        if xc is None:
-            raise self._no_opcode()
+        xc = self._optional(self.xcopy)
         alloc = int.from_bytes(cdb[10:14], "big")
         out: bytes = xc.receive_copy_results(nexus, cdb)
         return _good(_alloc(out, alloc))

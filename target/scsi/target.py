@@ -12,8 +12,7 @@ import importlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from iscsi.scsi.cdb import build_report_luns_data
-from iscsi.scsi.cdb import encode_lun as encode_lun  # re-exported: one SAM LUN codec
+from iscsi.scsi.cdb import build_report_luns_data, encode_lun
 from iscsi.scsi.constants import Opcode, SenseKey, Status
 from iscsi.scsi.sense import (
     INVALID_FIELD_IN_CDB,
@@ -40,6 +39,8 @@ def _optional(name: str) -> Any:
             raise
         return None
 
+
+__all__ = ["PortGroup", "ScsiTarget", "encode_lun"]  # encode_lun: the one in iscsi.scsi.cdb
 
 _xcopy = _optional("xcopy")
 _alua = _optional("alua")
