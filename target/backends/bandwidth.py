@@ -30,10 +30,9 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Self
+from collections.abc import Callable
 
-from .base import Backend, BackendError, Buffer, Extent
+from .base import Backend, BackendError, Buffer, DelegatingBackend
 
 __all__ = [
     "BandwidthGroup",
@@ -229,41 +228,23 @@ class BandwidthGroups:
         return [(n, g.limit) for n, g in sorted(self._groups.items())]
 
 
-class ThrottledBackend(Backend):
+class ThrottledBackend(DelegatingBackend):
     """A backend whose reads and writes are charged to a bandwidth group.
 
     With ``blocking=False`` (the target) the asyncio caller awaits
     :meth:`throttle` before each transfer; with ``blocking=True`` the wrapper
-    waits in ``read``/``write`` (threads, benchmarks)."""
+    waits in ``read``/``write`` (threads, benchmarks). UNMAP and WRITE SAME
+    move no data over the wire, so they are not charged (VirtualBox limits
+    transferred bytes)."""
 
     def __init__(self, inner: Backend, group: BandwidthGroup, *, blocking: bool = False) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.group = group
         self.blocking = blocking
-        self.path = inner.path
-
-    def __enter__(self) -> Self:
-        return self
 
     async def throttle(self) -> None:
         """Wait until the group allows the next transfer."""
         await self.group.wait()
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    @property
-    def thin(self) -> bool:
-        return self.inner.thin
-
-    @property
-    def zero_after_discard(self) -> bool:
-        return self.inner.zero_after_discard
 
     def read(self, offset: int, length: int) -> Buffer:
         if self.blocking:
@@ -277,20 +258,3 @@ class ThrottledBackend(Backend):
             self.group.wait_blocking()
         self.inner.write(offset, data)
         self.group.charge(memoryview(data).nbytes)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    # UNMAP and WRITE SAME move no data over the wire, so they are not
-    # charged (VirtualBox limits transferred bytes).
-    def discard(self, offset: int, length: int) -> None:
-        self.inner.discard(offset, length)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self.inner.write_zeroes(offset, length)
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return self.inner.extents(offset, length)
-
-    def close(self) -> None:
-        self.inner.close()

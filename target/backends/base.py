@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 SECTOR = 512
 
@@ -115,3 +116,51 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DelegatingBackend(Backend):
+    """A backend that forwards everything to ``inner`` (base for wrappers)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.path = inner.path
+
+    def __enter__(self) -> Self:
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.inner.read_only
+
+    @property
+    def thin(self) -> bool:
+        return self.inner.thin
+
+    @property
+    def zero_after_discard(self) -> bool:
+        return self.inner.zero_after_discard
+
+    def read(self, offset: int, length: int) -> Buffer:
+        return self.inner.read(offset, length)
+
+    def write(self, offset: int, data: Buffer) -> None:
+        self.inner.write(offset, data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self.inner.discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.inner.write_zeroes(offset, length)
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        return self.inner.extents(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -49,7 +49,7 @@ import threading
 from collections.abc import Iterator
 from typing import Self
 
-from .base import Backend, BackendError, Buffer, Extent
+from .base import Backend, BackendError, Buffer, DelegatingBackend, Extent
 from .registry import ImageBackend, create_image, formats, open_image
 
 __all__ = [
@@ -195,54 +195,6 @@ def _remove_image(path: str) -> None:
     for p in (path, path + ".parent"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-
-
-class DelegatingBackend(Backend):
-    """A backend that forwards everything to ``inner`` (base for wrappers)."""
-
-    def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.path = inner.path
-
-    def __enter__(self) -> Self:
-        return self
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def read_only(self) -> bool:
-        return self.inner.read_only
-
-    @property
-    def thin(self) -> bool:
-        return self.inner.thin
-
-    @property
-    def zero_after_discard(self) -> bool:
-        return self.inner.zero_after_discard
-
-    def read(self, offset: int, length: int) -> Buffer:
-        return self.inner.read(offset, length)
-
-    def write(self, offset: int, data: Buffer) -> None:
-        self.inner.write(offset, data)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def discard(self, offset: int, length: int) -> None:
-        self.inner.discard(offset, length)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        self.inner.write_zeroes(offset, length)
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return self.inner.extents(offset, length)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class _StateDir:
