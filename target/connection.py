@@ -56,7 +56,8 @@ from iscsi.pdu import (
     TextResponse,
     decode_lun,
 )
-from iscsi.scsi.constants import Status
+from iscsi.scsi.constants import SenseKey, Status
+from iscsi.scsi.sense import SenseData
 from iscsi.serial import sn_add
 
 from target.backends.modes import initiator_scope
@@ -918,8 +919,8 @@ class TargetConnection(asyncio.BufferedProtocol):
                                maxcmdsn=sess.maxcmdsn, data=data))
 
 
-# Fixed-format sense: HARDWARE ERROR, INTERNAL TARGET FAILURE (44/00).
-_HW_ERROR_SENSE = bytes([0x70, 0, 0x04, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x44, 0x00, 0, 0, 0, 0])
-# ABORTED COMMAND, DATA PHASE ERROR (4B/00): a broken Data-Out sequence.
-_DATA_PHASE_ERROR_SENSE = bytes([0x70, 0, 0x0B, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4B, 0x00, 0, 0,
-                                 0, 0])
+# The two sense answers the transport itself gives (SPC-4 Annex D):
+# HARDWARE ERROR, INTERNAL TARGET FAILURE when the SCSI layer raised, and
+# ABORTED COMMAND, DATA PHASE ERROR for a broken Data-Out sequence.
+_HW_ERROR_SENSE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00).encode_fixed()
+_DATA_PHASE_ERROR_SENSE = SenseData(SenseKey.ABORTED_COMMAND, 0x4B, 0x00).encode_fixed()

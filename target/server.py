@@ -20,7 +20,7 @@ from iscsi.constants import RESERVED_TAG
 from iscsi.discovery import select_targets, send_targets_answer
 from iscsi.errors import ProtocolError
 from iscsi.memory import tune_malloc
-from iscsi.names import Portal
+from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest, TextRequest
 from iscsi.text import decode_text, encode_text
 
@@ -211,7 +211,7 @@ class TargetServer:
                     addr = sock.getsockname()
                     self.bound.append((tag, addr[0], addr[1]))
         for tag, host, port in self.bound:
-            log.info("listening on %s (portal group %d)", _fmt_portal(host, port), tag)
+            log.info("listening on %s (portal group %d)", format_portal(host, port), tag)
         self.media = MediaWatcher(self)
         self.media.start()
 
@@ -433,10 +433,6 @@ class TargetServer:
         from .login_glue import reject_login
 
         reject_login(self, conn, exc)
-
-
-def _fmt_portal(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServerConfig, *, ready: Any = None) -> int:
