@@ -472,12 +472,24 @@ class TargetLoginPolicy(Protocol):
         SESSION_TYPE_NOT_SUPPORTED to refuse discovery."""
         ...
 
-    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
-        """Whether a connection may join session (isid, tsih) (else 0x020A)."""
+    def session_exists(self, isid: int, tsih: int, initiator_name: str,
+                       target_name: str | None) -> bool:
+        """Whether a connection may join session (isid, tsih) (else 0x020A).
+
+        ``target_name`` is the TargetName of this login (None for a
+        Discovery session). A session exists for this login only when the
+        ISID, InitiatorName, *and* target (or session type) all match: a
+        non-leading login names one I_T nexus, and RFC 7143 §6.3.5 lets it
+        join or reinstate only that nexus. The login has already been
+        authenticated and authorized against the named target, so matching
+        the target here is what makes that check count.
+        """
         ...
 
-    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
-        """A fresh non-zero TSIH for a new session."""
+    def allocate_tsih(self, isid: int, initiator_name: str,
+                      target_name: str | None = None) -> int:
+        """A fresh non-zero TSIH for a new session of ``initiator_name``
+        with ``target_name`` (None: Discovery)."""
         ...
 
 
@@ -503,7 +515,8 @@ class SimpleLoginPolicy:
     targets: dict[str, TargetEntry] = field(default_factory=dict)
     discovery: bool = True
     discovery_authentication: TargetAuth | None = None
-    sessions: set[tuple[int, int]] = field(default_factory=set)
+    #: (ISID, TSIH) -> (InitiatorName, TargetName or None for discovery).
+    sessions: dict[tuple[int, int], tuple[str, str | None]] = field(default_factory=dict)
     next_tsih: int = 1
 
     def find_target(self, name: str) -> LoginTarget | None:
@@ -517,15 +530,19 @@ class SimpleLoginPolicy:
                              LoginStatus.SESSION_TYPE_NOT_SUPPORTED)
         return self.discovery_authentication
 
-    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
-        """True for a session created by :meth:`allocate_tsih`."""
-        return (isid, tsih) in self.sessions
+    def session_exists(self, isid: int, tsih: int, initiator_name: str,
+                       target_name: str | None) -> bool:
+        """True for a session of this initiator and target created by
+        :meth:`allocate_tsih`."""
+        return self.sessions.get((isid, tsih)) == (initiator_name, target_name)
 
-    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
-        """Hand out TSIHs 1, 2, ... (never 0, §11.12.6)."""
+    def allocate_tsih(self, isid: int, initiator_name: str,
+                      target_name: str | None = None) -> int:
+        """Hand out TSIHs 1, 2, ... (never 0, §11.12.6). Predictable: for
+        tests and examples; a server should pick them at random."""
         tsih = self.next_tsih
         self.next_tsih = self.next_tsih % 0xFFFF + 1
-        self.sessions.add((isid, tsih))
+        self.sessions[(isid, tsih)] = (initiator_name, target_name)
         return tsih
 
 
@@ -656,9 +673,16 @@ class TargetLogin:
         tsih = req.tsih
         if transit and nsg is _FFP and self.leading:
             # §11.13.4: a new session's TSIH appears only in the final response.
-            tsih = _call(self.policy.allocate_tsih, self.isid, self.initiator_name or "")
+            tsih = _call(self.policy.allocate_tsih, self.isid, self.initiator_name or "",
+                         self.target_name if self.session_type == "Normal" else None)
             if not 0 < tsih <= 0xFFFF:
                 raise LoginError(f"policy gave invalid TSIH {tsih}", LoginStatus.TARGET_ERROR)
+        elif transit and nsg is _FFP and not _call(
+                self.policy.session_exists, self.isid, req.tsih, self.initiator_name or "",
+                self.target_name if self.session_type == "Normal" else None):
+            # The session may have ended while this connection authenticated.
+            raise LoginError(f"no session with TSIH {req.tsih}",
+                             LoginStatus.SESSION_DOES_NOT_EXIST)
         if transit and nsg is _FFP:
             assert self.negotiator is not None
             self.negotiator.finish()
@@ -771,8 +795,9 @@ class TargetLogin:
             local.update(target.offers)
             if target.alias:
                 local["TargetAlias"] = target.alias
-        if not self.leading and not _call(self.policy.session_exists, self.isid,
-                                          req.tsih, name):
+        if not self.leading and not _call(
+                self.policy.session_exists, self.isid, req.tsih, name,
+                self.target_name if session_type == "Normal" else None):
             raise LoginError(f"no session with TSIH {req.tsih}",
                              LoginStatus.SESSION_DOES_NOT_EXIST)
         self._auth = auth

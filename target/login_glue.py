@@ -105,10 +105,20 @@ class _Policy:
     def discovery_auth(self, initiator_name: str) -> TargetAuth | None:
         return target_auth(self.server.config.discovery_chap)
 
-    def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
+    def session_exists(self, isid: int, tsih: int, initiator_name: str,
+                       target_name: str | None) -> bool:
         sess = self.server.sessions.get(tsih)
+        # A non-leading login joins exactly one I_T nexus (RFC 7143 §6.3.5):
+        # the same initiator port (name + ISID), the same target -- whose
+        # CHAP and ACL this login has just passed -- and the same portal
+        # group (all connections of a session share one, §4.4.1). Anything
+        # else is "session does not exist", never a way into another
+        # target's session.
         if sess is None or sess.closed or sess.isid != isid or \
-                sess.initiator_name != initiator_name:
+                sess.initiator_name != initiator_name or \
+                sess.discovery != (target_name is None) or \
+                (target_name is not None and sess.target_name != target_name) or \
+                sess.portal_group_tag != self.conn.portal_group_tag:
             return False
         login = self.login
         cid = login.cid if login is not None else -1
@@ -118,7 +128,8 @@ class _Policy:
                              LoginStatus.TOO_MANY_CONNECTIONS)
         return True
 
-    def allocate_tsih(self, isid: int, initiator_name: str) -> int:
+    def allocate_tsih(self, isid: int, initiator_name: str,
+                      target_name: str | None = None) -> int:
         return self.server.allocate_tsih()
 
 
@@ -192,6 +203,9 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
         if rt is not None:
             rt.sessions.add(sess)
     else:
+        # The login checked the session (same initiator port, target and
+        # portal group) just before its final response, on this same turn
+        # of the loop, so it is still there.
         sess = server.sessions[login.tsih]
         old_conn = sess.connections.get(login.cid)
         if old_conn is not None:

@@ -12,13 +12,15 @@ import asyncio
 import functools
 import logging
 import os
+import secrets
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from iscsi.constants import RESERVED_TAG
 from iscsi.discovery import select_targets, send_targets_answer
-from iscsi.errors import ProtocolError
+from iscsi.constants import LoginStatus
+from iscsi.errors import LoginError, ProtocolError
 from iscsi.memory import tune_malloc
 from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest, TextRequest
@@ -150,7 +152,6 @@ class TargetServer:
         self.connections: set[TargetConnection] = set()
         self.sessions: dict[int, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
-        self._next_tsih = 1
         self._reserved_tsih: set[int] = set()
         self.media: MediaWatcher | None = None
         self.bandwidth = BandwidthGroups()
@@ -280,9 +281,14 @@ class TargetServer:
     def allocate_tsih(self) -> int:
         """A TSIH not in use or reserved by a login in progress (never 0,
         RFC 7143 §11.12.6)."""
+        # Random, not 1, 2, 3...: a TSIH is one of the three things a
+        # non-leading login must name to reach a session, so it should not
+        # be guessable from one's own (defence in depth beside the target
+        # and authentication checks in the login policy).
+        if len(self.sessions) + len(self._reserved_tsih) >= 0xFFFF:
+            raise LoginError("no free TSIH: 65535 sessions exist", LoginStatus.OUT_OF_RESOURCES)
         while True:
-            tsih = self._next_tsih
-            self._next_tsih = self._next_tsih % 0xFFFF + 1
+            tsih = secrets.randbelow(0xFFFF) + 1
             if tsih not in self.sessions and tsih not in self._reserved_tsih:
                 self._reserved_tsih.add(tsih)
                 return tsih

@@ -68,10 +68,10 @@ class RawClient:
             return True
 
     def login(self, target: str | None, *, initiator: str = INITIATOR,
-              chap: ChapAuth | None = None, isid: int = 0x400000000001, tsih: int = 0,
+              chap: ChapAuth | None = None, isid: int = 0x400000000001, tsih: int = 0, cid: int = 0, cmdsn: int = 0,
               offers: Mapping[str, str | None] | None = None) -> LoginResponse:
         """Log in; returns the final response (raises LoginError on refusal)."""
-        login = InitiatorLogin(initiator, target, isid, tsih=tsih, auth=chap,
+        login = InitiatorLogin(initiator, target, isid, tsih=tsih, cid=cid, cmdsn=cmdsn, auth=chap,
                                offers=offers or {})
         req: LoginRequest | None = login.start()
         resp: LoginResponse | None = None

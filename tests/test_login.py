@@ -449,9 +449,26 @@ def test_session_does_not_exist() -> None:
     rejected(policy(), LoginStatus.SESSION_DOES_NOT_EXIST, tsih=42)
 
 
+def test_non_leading_login_for_another_target_is_refused() -> None:
+    """A connection naming a session's ISID and TSIH but a different target
+    (one with no CHAP) must not join it (RFC 7143 §6.3.5)."""
+    other = "iqn.2026-11.org.example:open"
+    pol = SimpleLoginPolicy(targets={TGT: TargetEntry(TGT, auth=TargetAuth(USER)),
+                                     other: TargetEntry(other)})
+    ini, tgt = make(pol, auth=ChapAuth("alice", b"alice-secret-1234"))
+    pump(ini, tgt)
+    assert tgt.complete
+    ini2 = InitiatorLogin(INI, other, ISID, tsih=ini.tsih, cid=1)
+    tgt2 = TargetLogin(pol, 7)
+    with pytest.raises(LoginRejected) as info:
+        pump(ini2, tgt2)
+    assert info.value.login_status == LoginStatus.SESSION_DOES_NOT_EXIST
+    assert not tgt2.complete
+
+
 def test_leading_only_key_on_non_leading_login() -> None:
     pol = policy()
-    pol.sessions.add((ISID, 9))
+    pol.sessions[(ISID, 9)] = (INI, TGT)
     tgt = _fresh_target(pol)
     r = tgt.receive(_req([("InitiatorName", INI), ("TargetName", TGT),
                           ("MaxBurstLength", "65536")], csg=OP, nsg=FFP, transit=True,
@@ -483,7 +500,8 @@ def test_policy_failures(exc: Exception, status: LoginStatus) -> None:
 
 def test_too_many_connections_from_policy() -> None:
     class Full(SimpleLoginPolicy):
-        def session_exists(self, isid: int, tsih: int, initiator_name: str) -> bool:
+        def session_exists(self, isid: int, tsih: int, initiator_name: str,
+                           target_name: str | None) -> bool:
             raise LoginError("session full", LoginStatus.TOO_MANY_CONNECTIONS)
 
     rejected(Full(targets={TGT: TargetEntry(TGT)}), LoginStatus.TOO_MANY_CONNECTIONS, tsih=3)
