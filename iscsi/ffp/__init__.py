@@ -1,0 +1,13 @@
+"""The full-feature phase of RFC 7143, sans-I/O, for both roles.
+
+Shape (as h11/aioquic): an engine object is fed decoded PDUs together with
+``now`` (seconds, any monotonic origin chosen by the caller); it returns
+events for its owner and queues PDUs, which the owner takes as wire buffers
+with :meth:`~iscsi.ffp.common.Outbox.take` and writes with one
+``writelines``. Time only enters through ``now`` arguments:
+``get_timer()`` says when the engine next wants ``handle_timer(now)``.
+
+Modules: :mod:`.common` (shared pieces: outbox, timers, burst splitting),
+:mod:`.target` (the target's connection/session engine),
+:mod:`.initiator` (the initiator's session engine).
+"""
