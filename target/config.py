@@ -112,6 +112,9 @@ class ServerConfig:
     nop_timeout: float = 30.0
     login_timeout: float = 15.0
     state_dir: str | None = None
+    #: Bytes of write data all sessions together may hold in flight; a
+    #: command beyond it gets TASK SET FULL (the initiator retries).
+    write_budget: int = 256 << 20
     source: str = "<command line>"
     #: (name, bytes per second or None for unlimited) of each bandwidth group.
     bandwidth_groups: tuple[tuple[str, int | None], ...] = ()
@@ -335,7 +338,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
     if not isinstance(server, dict):
         raise r.fail("server", "must be a table")
     r.check_keys(server, {"portals", "nop_interval", "nop_timeout", "login_timeout",
-                          "state_dir"}, "server.")
+                          "state_dir", "write_budget"}, "server.")
     groups: dict[int, PortalGroup] = {}
     portals = r.get(server, "portals", "server.", list, None, "a list of \"host:port\"")
     if portals is not None:
@@ -434,7 +437,20 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         nop_timeout=float(r.get(server, "nop_timeout", "server.", float, 30.0)),
         login_timeout=float(r.get(server, "login_timeout", "server.", float, 15.0)),
         state_dir=_resolve(base, state_dir) if state_dir else None, source=source,
+        write_budget=_budget(r, server.get("write_budget", 256 << 20)),
     )
+
+
+def _budget(r: _Reader, value: object) -> int:
+    """``[server] write_budget``: a size ("256M") or a byte count, at
+    least one 64 MiB write so the largest command can run."""
+    try:
+        n = parse_size(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise r.fail("server.write_budget", str(exc)) from None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 64 << 20:
+        raise r.fail("server.write_budget", f"{value!r} is not allowed (a size of at least 64M)")
+    return n
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
 
 from .config import ChapConfig, Limits, TargetSpec
+from iscsi.ffp.window import CmdSNWindow
+
 from .session import Session
 
 if TYPE_CHECKING:
@@ -143,7 +145,8 @@ def make_target_login(server: TargetServer, conn: TargetConnection) -> TargetLog
 
 def handle_login(server: TargetServer, conn: TargetConnection, req: LoginRequest) -> None:
     """Feed one Login Request; send the response; act on the outcome."""
-    login: TargetLogin = conn._login
+    login = conn.login
+    assert login is not None
     resp = login.receive(req)
     conn.send(resp)
     if login.failed_status is not None:
@@ -196,8 +199,8 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
             tsih=login.tsih, isid=login.isid, initiator_name=initiator,
             target_name=login.target_name or "", discovery=discovery,
             portal_group_tag=conn.portal_group_tag,
-            queue_depth=rt.spec.limits.queue_depth if rt is not None else 8,
-            expcmdsn=req.cmdsn, params=params, target=rt)
+            window=CmdSNWindow(req.cmdsn, rt.spec.limits.queue_depth if rt is not None else 8),
+            params=params, target=rt)
         server.sessions[sess.tsih] = sess
         server.release_tsih(sess.tsih)
         if rt is not None:
@@ -221,6 +224,8 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
     conn.cid = login.cid
     sess.connections[login.cid] = conn
     conn.statsn = login.next_statsn
+    # The policy holds the connection: break that cycle now the login is done.
+    conn.login = None
     log.info("%s: login: %s to %s (%s session, TSIH %d, CID %d): %s", conn.peer, initiator,
              login.target_name or "discovery", "Discovery" if discovery else "Normal",
              sess.tsih, login.cid, params)

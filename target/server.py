@@ -17,14 +17,17 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
-from iscsi.constants import RESERVED_TAG
+from iscsi.constants import LogoutReason, LogoutResponseCode, TMFunction, TMResponse
 from iscsi.discovery import select_targets, send_targets_answer
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.memory import tune_malloc
 from iscsi.names import Portal, format_portal
-from iscsi.pdu import PDU, LoginRequest, TextRequest
-from iscsi.text import decode_text, encode_text
+from iscsi.ffp.target import LogoutRequested, ManageTasks, Task, WriteBudget
+from iscsi.pdu import PDU, Buffer, LoginRequest
+from iscsi.text import encode_text
+from target.backends.modes import initiator_scope
+from target.scsi.types import Nexus
 
 from .config import LunSpec, ServerConfig, TargetSpec
 from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
@@ -54,6 +57,48 @@ class TargetRuntime:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    async def run_command(self, nexus: Nexus, initiator_name: str, task: Task) -> CommandResult:
+        """Run one SCSI command on its LUN: bandwidth group first, then the
+        device emulation in the initiator's scope (multiattach LUNs pick
+        the initiator's own differencing image from it)."""
+        cmd = task.cmd
+        # Residuals (RFC 7143 §11.4.5, FCP-4 §9.4.2 as libiscsi tests them):
+        # the CDB asks for ``want`` bytes, the iSCSI header promised
+        # ``have``. With less promised the command runs on the bytes that
+        # came (the device keeps the rest of a partial block) and reports
+        # overflow; with more, only ``want`` bytes are used.
+        want = self.scsi.data_out_length(task.lun, cmd.cdb)
+        have = task.edtl if cmd.write else 0
+        data_out: memoryview | None = None
+        overflow = underflow = 0
+        if want > have:
+            overflow = want - have
+            data_out = task.data_out()
+        elif cmd.write:
+            underflow = have - want
+            data_out = task.data_out()[:want]
+        throttle = self.throttles.get(task.lun)
+        if throttle is not None:
+            await throttle()  # the LUN's bandwidth group is over its limit
+        with initiator_scope(initiator_name):
+            result = await self.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
+                                             expected_length=task.edtl)
+        if not cmd.write:
+            underflow = 0
+        return CommandResult(result.status, result.sense, None if cmd.write else result.data,
+                             overflow, underflow)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished SCSI command as the transport reports it."""
+
+    status: int
+    sense: bytes
+    data: Buffer | None
+    overflow: int = 0
+    underflow: int = 0
 
 
 def open_lun(spec: LunSpec, state_dir: str | None = None) -> Any:
@@ -158,6 +203,8 @@ class TargetServer:
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
         #: SCSI commands executing (asyncio futures); stop() waits for them.
         self.inflight: set[asyncio.Future[None]] = set()
+        #: All sessions' write data in flight shares this budget.
+        self.write_budget = WriteBudget(config.write_budget)
         self._stopped = False
 
     # --------------------------------------------------------------- startup
@@ -310,13 +357,15 @@ class TargetServer:
         return sess.nexus
 
     def tasks_for_lun(self, rt: TargetRuntime,
-                      lun: int | None) -> list[tuple[TargetConnection, Any]]:
+                      lun: int | None) -> list[tuple[TargetConnection, Task]]:
         """Every task on any session of ``rt`` addressed to ``lun`` (or all),
         with the connection that owns it (which must do the aborting)."""
-        out: list[tuple[TargetConnection, Any]] = []
+        out: list[tuple[TargetConnection, Task]] = []
         for sess in rt.sessions:
             for c in sess.connections.values():
-                out.extend((c, t) for t in c.tasks.values() if lun is None or t.lun == lun)
+                if c.engine is not None:
+                    out.extend((c, t) for t in c.engine.tasks.values()
+                               if lun is None or t.lun == lun)
         return out
 
     def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
@@ -380,39 +429,115 @@ class TargetServer:
             (name, self.portals_for(self.targets[name].spec, conn)) for name in names
             if name in self.targets and self.targets[name].spec.allows(initiator))
 
-    def handle_text(self, conn: TargetConnection, req: TextRequest) -> None:
-        """Text Request in full feature phase: SendTargets; anything else is
-        answered NotUnderstood/Reject per key (RFC 7143 §6.2)."""
+    def answer_text(self, conn: TargetConnection, pairs: list[tuple[str, str]]) -> bytes:
+        """Text Request in full feature phase: SendTargets; any other key is
+        answered NotUnderstood (X- keys) or Reject (RFC 7143 §6.2)."""
         sess = conn.session
         assert sess is not None
-        pending = getattr(conn, "_text_pending", None)
-        if req.ttt != RESERVED_TAG and pending is not None and pending[0] == req.ttt:
-            rest = pending[1]
-        else:
-            try:
-                pairs = decode_text(bytes(req.data))
-            except ProtocolError as exc:
-                conn.send_reject(exc.reject_reason or 4, req.to_bytes()[:48])
+        answer: list[tuple[str, str]] = []
+        for key, value in pairs:
+            if key == "SendTargets":
+                answer.extend(self.send_targets(
+                    conn, value, sess.initiator_name,
+                    None if sess.discovery else sess.target_name))
+            elif key.startswith(("X-", "X#")):
+                answer.append((key, "NotUnderstood"))
+            else:
+                answer.append((key, "Reject"))
+        return encode_text(answer)
+
+    def logout(self, conn: TargetConnection, ev: LogoutRequested) -> None:
+        """A Logout Request's turn came (RFC 7143 §11.14): answer it and end
+        the session or the named connection."""
+        sess = conn.session
+        engine = conn.engine
+        assert sess is not None and engine is not None
+        if ev.reason == LogoutReason.CLOSE_CONNECTION and ev.cid not in sess.connections:
+            engine.logout_answer(ev.itt, LogoutResponseCode.CID_NOT_FOUND)
+            return
+        engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS)
+        log.info("%s: %s logged out (%s)", conn.peer, sess.initiator_name,
+                 "session" if ev.reason == LogoutReason.CLOSE_SESSION else "connection")
+        if ev.reason == LogoutReason.CLOSE_SESSION:
+            self.end_session(sess, keep=conn)
+        other = sess.connections.get(ev.cid, conn)
+        other.close()
+        if other is not conn and ev.reason == LogoutReason.CLOSE_SESSION:
+            conn.close()
+
+    def manage_tasks(self, conn: TargetConnection, ev: ManageTasks) -> None:
+        """Carry out a Task Management Function (RFC 7143 §11.5, SAM-5 §7)
+        across the tasks it reaches, then answer once every affected task
+        has ended (§4.2.3.3), so the initiator can rely on them being gone."""
+        sess = conn.session
+        assert sess is not None and sess.target is not None and conn.engine is not None
+        rt = sess.target
+        fn, lun = ev.function, ev.lun
+        nexus = self.nexus_for(conn)
+        response = TMResponse.FUNCTION_COMPLETE
+        # (owning connection, task): a TMF reaches tasks on every connection
+        # of its session (ABORT TASK, ABORT TASK SET, I_T NEXUS RESET) or of
+        # every session (CLEAR TASK SET, the resets), and each must leave the
+        # connection -- and CmdSN window -- it belongs to.
+        mine = [(c, t) for c in list(sess.connections.values()) if c.engine is not None
+                for t in c.engine.tasks.values()]
+        affected: list[tuple[TargetConnection, Task]] = []
+        if fn in (TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_TASK_SET,
+                  TMFunction.LOGICAL_UNIT_RESET, TMFunction.CLEAR_ACA) and \
+                lun not in rt.scsi_luns:
+            # Functions addressed to a logical unit answer "LUN does not
+            # exist" for one we do not have (§11.6.1), CLEAR ACA included
+            # (it names a LUN, SAM-5 §7.4).
+            response = TMResponse.LUN_DOES_NOT_EXIST
+        elif fn == TMFunction.ABORT_TASK:
+            affected = [(c, t) for c, t in mine if t.itt == ev.referenced_task_tag]
+            if not affected:
+                response = TMResponse.TASK_DOES_NOT_EXIST
+        elif fn == TMFunction.ABORT_TASK_SET:
+            affected = [(c, t) for c, t in mine if t.lun == lun]  # SAM-5 §7.3
+            rt.scsi.abort_task_set(nexus, lun)
+        elif fn == TMFunction.CLEAR_TASK_SET:
+            affected = self.tasks_for_lun(rt, lun)  # the shared task set, SAM-5 §7.5
+            rt.scsi.clear_task_set(nexus, lun)
+        elif fn == TMFunction.LOGICAL_UNIT_RESET:
+            affected = self.tasks_for_lun(rt, lun)
+            rt.scsi.lu_reset(nexus, lun)
+        elif fn in (TMFunction.TARGET_WARM_RESET, TMFunction.TARGET_COLD_RESET):
+            affected = self.tasks_for_lun(rt, None)
+            rt.scsi.target_reset(nexus, fn == TMFunction.TARGET_COLD_RESET)
+        elif fn == TMFunction.CLEAR_ACA:
+            rt.scsi.clear_aca(nexus, lun)
+        elif fn == TMFunction.I_T_NEXUS_RESET:
+            affected = mine
+            rt.scsi.nexus_lost(nexus)
+        pending: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+        for owner, task in affected:
+            assert owner.engine is not None
+            if owner.engine.abort_task(task):
+                if not isinstance(task.waiter, asyncio.Future):
+                    task.waiter = loop.create_future()
+                pending.append(task.waiter)
+
+        def respond() -> None:
+            if sess.closed or conn.closed or conn.engine is None:
                 return
-            answer: list[tuple[str, str]] = []
-            for key, value in pairs:
-                if key == "SendTargets":
-                    answer.extend(self.send_targets(
-                        conn, value, sess.initiator_name,
-                        None if sess.discovery else sess.target_name))
-                elif key.startswith(("X-", "X#")):
-                    answer.append((key, "NotUnderstood"))
-                else:
-                    answer.append((key, "Reject"))
-            rest = encode_text(answer)
-        limit = conn.max_xmit
-        if len(rest) > limit:
-            ttt = conn._new_ttt()
-            conn._text_pending = (ttt, rest[limit:])  # type: ignore[attr-defined]
-            conn.send_text_response(req, rest[:limit], final=False, ttt=ttt)
-        else:
-            conn._text_pending = None  # type: ignore[attr-defined]
-            conn.send_text_response(req, rest)
+            conn.engine.tmf_done(ev.itt, response)
+            conn._schedule_flush()
+            if fn == TMFunction.TARGET_COLD_RESET and response == TMResponse.FUNCTION_COMPLETE:
+                # A cold reset also ends every session (§11.5.1).
+                self.drop_all_sessions(rt)
+
+        if not pending:
+            respond()
+            return
+
+        async def wait_then_respond() -> None:
+            await asyncio.gather(*pending, return_exceptions=True)
+            respond()
+        fut = asyncio.ensure_future(wait_then_respond())
+        self.inflight.add(fut)  # keep a reference until it is done
+        fut.add_done_callback(self.inflight.discard)
 
     # --------------------------------------------------------------- login
     def new_login(self, conn: TargetConnection) -> Any:

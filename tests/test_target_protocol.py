@@ -1220,4 +1220,4 @@ def test_write_buffers_are_released_when_commands_arrive_together() -> None:
                 pdu = c.recv()
                 if isinstance(pdu, ScsiResponse):
                     seen.add(pdu.itt)
-            assert t.call(lambda: [x._buffered_bytes for x in t.server.connections]) == [0]
+            assert t.call(lambda: t.server.write_budget.used) == 0

@@ -1,0 +1,770 @@
+"""The target's full-feature phase for one connection, sans-I/O.
+
+:class:`TargetConnectionEngine` is fed decoded PDUs (and ``now``) after the
+login completes. It keeps the connection's StatSN, the session's CmdSN
+window (shared by the session's connections), the write tasks' R2T and
+Data-Out sequencing, Data-In splitting with phase-collapsed status, NOP
+pings, Text continuation and the Reject answers, and returns events for
+what only its owner can do: run a SCSI command, manage tasks across
+connections, answer a Text Request, end a logout, close the connection.
+The owner reports back with :meth:`~TargetConnectionEngine.command_done`,
+:meth:`~TargetConnectionEngine.tmf_done`,
+:meth:`~TargetConnectionEngine.text_answer` and
+:meth:`~TargetConnectionEngine.logout_answer`; everything to send is in
+:attr:`~TargetConnectionEngine.outbox`.
+
+Write data is received straight into the task's buffer through
+:meth:`~TargetConnectionEngine.placement`, and that buffer is allocated
+when the data arrives, never when the command is parsed. All sessions'
+write buffers draw on one :class:`WriteBudget`, so a hostile initiator can
+make us refuse work (TASK SET FULL) but never make us grow.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..constants import (
+    RESERVED_TAG,
+    AsyncEvent,
+    ISCSIResponse,
+    LogoutReason,
+    LogoutResponseCode,
+    Opcode,
+    RejectReason,
+    TMFunction,
+    TMResponse,
+)
+from ..errors import ProtocolError
+from ..pdu import (
+    PDU,
+    AsyncMessage,
+    Buffer,
+    DataIn,
+    DataOut,
+    LogoutRequest,
+    LogoutResponse,
+    NopIn,
+    NopOut,
+    R2T,
+    Reject,
+    ScsiCommand,
+    ScsiResponse,
+    TaskMgmtRequest,
+    TaskMgmtResponse,
+    TextRequest,
+    TextResponse,
+    decode_lun,
+)
+from ..scsi.constants import SenseKey, Status
+from ..scsi.sense import SenseData
+from ..serial import sn_add
+from ..text import decode_text
+from .common import Deadlines, Outbox, segments
+from .window import CmdSNWindow
+
+_U32 = struct.Struct(">I")
+#: Largest write one command may carry (VPD B0h advertises less).
+MAX_WRITE_BUFFER = 64 << 20
+#: Default budget for all sessions' write data in flight.
+DEFAULT_WRITE_BUDGET = 256 << 20
+#: Text Request data accumulated across continuations (§11.10.2) is capped.
+MAX_TEXT_REQUEST = 64 << 10
+#: ITTs of failed writes whose late Data-Out is dropped silently.
+_DEAD_ITTS = 256
+
+# The sense answers the transport gives itself (SPC-4 Annex D): ABORTED
+# COMMAND, DATA PHASE ERROR for a broken Data-Out sequence.
+DATA_PHASE_ERROR_SENSE = SenseData(SenseKey.ABORTED_COMMAND, 0x4B, 0x00).encode_fixed()
+HW_ERROR_SENSE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00).encode_fixed()
+
+
+class WriteBudget:
+    """Bytes of write data all sessions may hold in flight at once."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = DEFAULT_WRITE_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, n: int) -> bool:
+        """Take ``n`` bytes if they fit; False otherwise."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes."""
+        self.used = max(0, self.used - n)
+
+
+@dataclass(frozen=True)
+class TargetParams:
+    """What the engine needs of the negotiated parameters (RFC 7143 §13)."""
+
+    max_xmit: int = 8192           # the initiator's MaxRecvDataSegmentLength
+    max_burst: int = 262144
+    first_burst: int = 65536
+    initial_r2t: bool = True
+    immediate_data: bool = True
+    max_outstanding_r2t: int = 1
+    header_digest: bool = False
+    data_digest: bool = False
+
+
+class Task:
+    """A SCSI command in flight on this connection."""
+
+    __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
+                 "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
+                 "immediate", "executing", "unsol_next", "waiter")
+
+    def __init__(self, cmd: ScsiCommand) -> None:
+        self.itt = cmd.itt
+        self.lun = decode_lun(cmd.lun)
+        self.cmd = cmd
+        self.edtl = cmd.expected_data_transfer_length
+        #: Write buffer, allocated when the first data arrives.
+        self.buf: bytearray | None = None
+        #: Bytes of the write budget this task holds.
+        self.reserved = 0
+        self.received = 0
+        self.unsolicited_end = 0
+        self.next_r2t_offset = 0
+        #: ttt -> [buffer offset, length, next expected offset, next DataSN]
+        self.r2ts: dict[int, list[int]] = {}
+        self.r2tsn = 0
+        self.aborted = False
+        self.immediate = cmd.immediate
+        self.executing = False
+        #: (next offset, next DataSN) of the unsolicited Data-Out sequence.
+        self.unsol_next = (0, 0)
+        #: The owner's handle (e.g. a future a TMF waits on).
+        self.waiter: object | None = None
+
+    def data_out(self) -> memoryview:
+        """The write data received (empty for a command without any)."""
+        return memoryview(self.buf) if self.buf is not None else memoryview(b"")
+
+
+# ------------------------------------------------------------------ events
+@dataclass(slots=True)
+class ExecuteCommand:
+    """Run this SCSI command; answer with ``command_done``."""
+
+    task: Task
+
+
+@dataclass(slots=True)
+class ManageTasks:
+    """A Task Management Function for the owner to carry out across the
+    session's (or target's) tasks; answer with ``tmf_done``."""
+
+    itt: int
+    function: int
+    lun: int
+    referenced_task_tag: int
+
+
+@dataclass(slots=True)
+class TextRequested:
+    """A complete Text Request (continuations joined, keys decoded);
+    answer with ``text_answer``."""
+
+    itt: int
+    pairs: list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class LogoutRequested:
+    """A Logout Request reached its turn; answer with ``logout_answer``."""
+
+    itt: int
+    reason: int
+    cid: int
+
+
+@dataclass(slots=True)
+class CloseConnection:
+    """The connection must end (``abort``: at once, without a goodbye)."""
+
+    reason: str
+    abort: bool = True
+
+
+Event = ExecuteCommand | ManageTasks | TextRequested | LogoutRequested | CloseConnection
+
+
+class TargetConnectionEngine:
+    """Full-feature phase of one target connection.
+
+    Args:
+        window: the session's CmdSN window (shared by its connections).
+        params: the negotiated parameters of this connection.
+        statsn: the StatSN of the next response (after the login's).
+        now: the caller's clock.
+        discovery: a Discovery session takes Text and Logout only (§4.3).
+        budget: the server-wide write budget.
+        nop_interval / nop_timeout: NOP-In pings to an idle initiator
+            (0 disables); the connection ends when one goes unanswered.
+    """
+
+    def __init__(self, window: CmdSNWindow, params: TargetParams, *, statsn: int, now: float,
+                 discovery: bool = False, budget: WriteBudget | None = None,
+                 nop_interval: float = 0.0, nop_timeout: float = 30.0) -> None:
+        self.window = window
+        self.params = params
+        self.statsn = statsn & 0xFFFFFFFF
+        self.discovery = discovery
+        self.budget = budget if budget is not None else WriteBudget()
+        self.outbox = Outbox(params.header_digest, params.data_digest)
+        self.tasks: dict[int, Task] = {}
+        self.closed = False
+        self.nop_interval = nop_interval
+        self.nop_timeout = nop_timeout
+        self._ttt = 0x1000
+        self._ttt_map: dict[int, Task] = {}
+        self._dead_itts: dict[int, None] = {}
+        self._events: list[Event] = []
+        self._timers = Deadlines()
+        self._nop_ttt: int | None = None
+        self._last_rx = now
+        #: (ttt, data still to send) of a Text answer split over responses.
+        self._text_out: tuple[int, bytes] | None = None
+        #: (itt, data so far) of a Text Request arriving in continuations.
+        self._text_in: tuple[int, bytearray] | None = None
+        if nop_interval > 0:
+            self._timers.set("nop", now + nop_interval)
+        self._handlers: dict[int, Callable[[PDU], None]] = {
+            Opcode.SCSI_COMMAND: self._on_command,  # type: ignore[dict-item]
+            Opcode.SCSI_DATA_OUT: self._on_data_out,  # type: ignore[dict-item]
+            Opcode.NOP_OUT: self._on_nop_out,  # type: ignore[dict-item]
+            Opcode.TASK_MGMT_REQUEST: self._on_tmf,  # type: ignore[dict-item]
+            Opcode.TEXT_REQUEST: self._on_text,  # type: ignore[dict-item]
+            Opcode.LOGOUT_REQUEST: self._on_logout,  # type: ignore[dict-item]
+            Opcode.SNACK_REQUEST: self._on_snack,
+        }
+
+    # ------------------------------------------------------------ feeding
+    def receive_pdu(self, pdu: PDU, now: float) -> list[Event]:
+        """Handle one PDU from the initiator; returns the owner's events."""
+        self._last_rx = now
+        if not self.closed:
+            handler = self._handlers.get(pdu.opcode)
+            if handler is None:
+                # Target opcodes, or a Login Request in full feature phase
+                # (§6.3: login is only the first thing on a connection).
+                self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+            else:
+                handler(pdu)
+        return self.take_events()
+
+    def protocol_error(self, exc: ProtocolError) -> list[Event]:
+        """A PDU that failed to decode: Reject it (§11.17.1) and end the
+        connection when the error says so (a digest error at ERL 0, a
+        framing error: the stream cannot be trusted)."""
+        if exc.header is not None and len(exc.header) >= 20:
+            # A command whose immediate data was placed but that failed to
+            # decode: give its reservation back.
+            itt = _U32.unpack_from(exc.header, 16)[0]
+            task = self.tasks.get(itt)
+            if task is not None and not task.executing and exc.header[0] & 0x3F == Opcode.SCSI_COMMAND:
+                self._drop(task)
+        if exc.reject_reason is not None and exc.header is not None:
+            self.reject(exc.reject_reason, exc.header)
+        if exc.drop_connection:
+            self._events.append(CloseConnection(str(exc)))
+        return self.take_events()
+
+    def take_events(self) -> list[Event]:
+        """Events produced since the last call."""
+        ev, self._events = self._events, []
+        return ev
+
+    # -------------------------------------------------------------- timers
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due, or None."""
+        return None if self.closed else self._timers.next()
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Run whatever is due at ``now``: the NOP-In ping and its timeout."""
+        for name in self._timers.expired(now):
+            if name == "nop":
+                self._nop_due(now)
+        return self.take_events()
+
+    def _nop_due(self, now: float) -> None:
+        if self._nop_ttt is not None:
+            self._events.append(CloseConnection(
+                f"no NOP-Out answer within {self.nop_timeout:.0f} s"))
+            return
+        idle = now - self._last_rx
+        if idle >= self.nop_interval:
+            self._nop_ttt = self._new_ttt()
+            self.outbox.add(NopIn(itt=RESERVED_TAG, ttt=self._nop_ttt, statsn=self.statsn,
+                                  expcmdsn=self.window.expcmdsn, maxcmdsn=self.window.maxcmdsn))
+            self._timers.set("nop", now + self.nop_timeout)
+        else:
+            self._timers.set("nop", self._last_rx + self.nop_interval)
+
+    # ------------------------------------------------------------- helpers
+    def _next_statsn(self) -> int:
+        sn = self.statsn
+        self.statsn = sn_add(sn, 1)
+        return sn
+
+    def _new_ttt(self) -> int:
+        self._ttt = (self._ttt + 1) & 0xFFFFFFFF
+        if self._ttt == RESERVED_TAG:
+            self._ttt = 1
+        return self._ttt
+
+    def reject(self, reason: int, header: Buffer) -> None:
+        """Send a Reject carrying the offending header (§11.17)."""
+        w = self.window
+        self.outbox.add(Reject(reason=reason, statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                               maxcmdsn=w.maxcmdsn, data=bytes(header[:48])))
+
+    def _consume(self, cmdsn: int, immediate: bool) -> None:
+        """A PDU answered without running still advances CmdSN in order."""
+        w = self.window
+        if not immediate:
+            w.admit(cmdsn, False, w.release)
+
+    def _admit(self, pdu: ScsiCommand | NopOut | TaskMgmtRequest | TextRequest | LogoutRequest,
+               run: Callable[[], None], keeps_slot: bool = False) -> None:
+        """Deliver ``pdu`` in CmdSN order. Unless ``keeps_slot`` (a SCSI
+        command holds its slot until it completes), the slot returns as
+        soon as ``run`` has run -- not when the PDU is held (a held PDU
+        takes no slot), so the window cannot leak."""
+        w = self.window
+        if pdu.immediate or keeps_slot:
+            go = run
+        else:
+            def go() -> None:
+                if not self.closed:
+                    run()
+                w.release()
+        if not w.admit(pdu.cmdsn, pdu.immediate, go):
+            # §4.2.2.1: outside the window, silently ignored.
+            return
+
+    # ---------------------------------------------------------------- NOP
+    def _on_nop_out(self, pdu: NopOut) -> None:
+        if pdu.ttt != RESERVED_TAG:
+            # The answer to our NOP-In ping (§11.18.1).
+            if pdu.ttt == self._nop_ttt:
+                self._nop_ttt = None
+                if self.nop_interval > 0:
+                    self._timers.set("nop", self._last_rx + self.nop_interval)
+            self._consume(pdu.cmdsn, pdu.immediate)
+            return
+        if pdu.itt == RESERVED_TAG:
+            # A ping that asks for no answer; it carries CmdSN but does not
+            # advance it (it must be immediate, §11.18.2).
+            return
+        data = bytes(pdu.data)
+
+        def answer() -> None:
+            w = self.window
+            self.outbox.add(NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun,
+                                  statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                  maxcmdsn=w.maxcmdsn, data=data))
+        self._admit(pdu, answer)
+
+    # -------------------------------------------------------- SCSI command
+    def placement(self, hdr: bytes, dlen: int) -> memoryview | None:
+        """Where the payload of a PDU whose header is ``hdr`` should land:
+        a write's immediate data or Data-Out go straight into the task's
+        buffer (allocated now, as its data arrives)."""
+        op = hdr[0] & 0x3F
+        if op == Opcode.SCSI_DATA_OUT:
+            task = self.tasks.get(_U32.unpack_from(hdr, 16)[0])
+            if task is None or task.executing or not task.reserved:
+                return None
+            offset = _U32.unpack_from(hdr, 40)[0]
+            if offset + dlen > task.edtl:
+                return None
+            if task.buf is None:
+                task.buf = bytearray(task.edtl)
+            return memoryview(task.buf)[offset : offset + dlen]
+        return None
+
+    def _on_command(self, cmd: ScsiCommand) -> None:
+        if self.discovery:
+            # A Discovery session carries Text and Logout only (§4.3).
+            self._consume(cmd.cmdsn, cmd.immediate)
+            self.reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            return
+        self._dead_itts.pop(cmd.itt, None)
+        self._admit(cmd, lambda: self._start_command(cmd), keeps_slot=True)
+
+    def _start_command(self, cmd: ScsiCommand) -> None:
+        if self.closed:
+            if not cmd.immediate:
+                self.window.release()
+            return
+        p = self.params
+        if cmd.itt in self.tasks:
+            # §11.3.4: an ITT must be unique among outstanding tasks.
+            self.reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            if not cmd.immediate:
+                self.window.release()
+            return
+        edtl = cmd.expected_data_transfer_length
+        imm = len(cmd.data)
+        if imm and (not cmd.write or not p.immediate_data or imm > min(edtl, p.first_burst)):
+            # Immediate data with ImmediateData=No (§13.11), on a command
+            # that does not write, or more than the command transfers or
+            # FirstBurstLength allows (§13.14): the command is rejected
+            # whole and not executed (§11.17.1); Data-Out after it is dropped.
+            if not cmd.immediate:
+                self.window.release()
+            self._drop_later_data(cmd.itt)
+            self.reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
+            return
+        task = Task(cmd)
+        self.tasks[cmd.itt] = task
+        if not (cmd.write and edtl):
+            # No data to receive (a W bit with EDTL 0 is no data at all).
+            self._execute(task)
+            return
+        if edtl > MAX_WRITE_BUFFER or not self.budget.reserve(edtl):
+            # More write data in flight than the budget allows: TASK SET
+            # FULL (SAM-5 §5.3.1); the initiator retries later.
+            self._drop_later_data(cmd.itt)
+            self._respond(task, Status.TASK_SET_FULL, b"", None)
+            return
+        task.reserved = edtl
+        if imm:
+            task.buf = bytearray(edtl)
+            task.buf[:imm] = cmd.data
+        task.received = imm
+        task.unsol_next = (imm, 0)
+        # Unsolicited data may follow up to FirstBurstLength unless
+        # InitialR2T=Yes or the F bit says none follows (§13.10, §13.14).
+        task.unsolicited_end = imm if p.initial_r2t or cmd.final else min(edtl, p.first_burst)
+        task.next_r2t_offset = task.unsolicited_end
+        if task.received >= edtl:
+            self._execute(task)
+        else:
+            self._issue_r2ts(task)
+
+    def _execute(self, task: Task) -> None:
+        task.executing = True
+        self._events.append(ExecuteCommand(task))
+
+    def _issue_r2ts(self, task: Task) -> None:
+        p = self.params
+        w = self.window
+        while len(task.r2ts) < p.max_outstanding_r2t and task.next_r2t_offset < task.edtl:
+            offset = task.next_r2t_offset
+            length = min(p.max_burst, task.edtl - offset)
+            ttt = self._new_ttt()
+            task.r2ts[ttt] = [offset, length, offset, 0]
+            self._ttt_map[ttt] = task
+            task.next_r2t_offset = offset + length
+            self.outbox.add(R2T(lun=task.cmd.lun, itt=task.itt, ttt=ttt, statsn=self.statsn,
+                                expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn, r2tsn=task.r2tsn,
+                                buffer_offset=offset, desired_data_transfer_length=length))
+            task.r2tsn += 1
+
+    def _drop_later_data(self, itt: int) -> None:
+        """Data-Out still arriving for ``itt`` (a failed, rejected or
+        aborted write) is dropped silently; bounded."""
+        self._dead_itts[itt] = None
+        if len(self._dead_itts) > _DEAD_ITTS:
+            del self._dead_itts[next(iter(self._dead_itts))]
+
+    def _fail_data(self, task: Task) -> None:
+        """A broken Data-Out sequence cannot be recovered at ERL 0: the task
+        ends with CHECK CONDITION, DATA PHASE ERROR (4B/00) and the
+        connection carries on (§7.1.4, §11.7.5)."""
+        self._forget_r2ts(task)
+        self._drop_later_data(task.itt)
+        task.executing = True
+        self._respond(task, Status.CHECK_CONDITION, DATA_PHASE_ERROR_SENSE, None)
+
+    def _forget_r2ts(self, task: Task) -> None:
+        for ttt in task.r2ts:
+            self._ttt_map.pop(ttt, None)
+        task.r2ts.clear()
+
+    def _on_data_out(self, pdu: DataOut) -> None:
+        task = self.tasks.get(pdu.itt)
+        if task is None and pdu.itt in self._dead_itts:
+            return  # the rest of a write we already failed or aborted
+        if task is None or not task.reserved or task.executing:
+            # Data for a task we do not know or that is complete: Reject,
+            # Invalid PDU Field (§11.7.4).
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
+            return
+        n = len(pdu.data)
+        offset = pdu.buffer_offset
+        # DataPDUInOrder/DataSequenceInOrder=Yes (the only values we accept)
+        # and ERL 0: within a sequence DataSN counts from 0 and offsets are
+        # contiguous.
+        if pdu.ttt == RESERVED_TAG:
+            if offset + n > task.unsolicited_end or offset != task.unsol_next[0] or \
+                    pdu.datasn != task.unsol_next[1]:
+                self._fail_data(task)
+                return
+            task.unsol_next = (offset + n, pdu.datasn + 1)
+        else:
+            r2t = task.r2ts.get(pdu.ttt)
+            if r2t is None or self._ttt_map.get(pdu.ttt) is not task or \
+                    offset < r2t[0] or offset + n > r2t[0] + r2t[1]:
+                self.reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
+                return
+            if offset != r2t[2] or pdu.datasn != r2t[3]:
+                self._fail_data(task)
+                return
+            r2t[2] = offset + n
+            r2t[3] += 1
+            if pdu.final or r2t[2] >= r2t[0] + r2t[1]:
+                del task.r2ts[pdu.ttt]
+                self._ttt_map.pop(pdu.ttt, None)
+        data = pdu.data
+        if task.buf is None:
+            task.buf = bytearray(task.edtl)
+        if not (isinstance(data, memoryview) and data.obj is task.buf):
+            task.buf[offset : offset + n] = data  # not placed (small PDU path)
+        task.received += n
+        if task.received >= task.edtl:
+            self._forget_r2ts(task)
+            self._execute(task)
+        elif pdu.ttt != RESERVED_TAG:
+            self._issue_r2ts(task)
+
+    # ------------------------------------------------------------- status
+    def command_done(self, task: Task, status: int, sense: Buffer, data: Buffer | None, *,
+                     overflow: int = 0, underflow: int = 0) -> None:
+        """The SCSI layer finished ``task``: send Data-In and/or the SCSI
+        Response, give back its window slot and write budget."""
+        self._respond(task, status, sense, data, overflow=overflow, underflow=underflow)
+
+    def _release_task(self, task: Task) -> bool:
+        """Forget ``task``; True if it was still ours (its slot returns)."""
+        owned = self.tasks.get(task.itt) is task
+        if owned:
+            del self.tasks[task.itt]
+            if not task.immediate:
+                self.window.release()
+        if task.reserved:
+            self.budget.release(task.reserved)
+            task.reserved = 0
+        task.buf = None
+        return owned
+
+    def _respond(self, task: Task, status: int, sense: Buffer, data: Buffer | None, *,
+                 overflow: int = 0, underflow: int = 0) -> None:
+        self._release_task(task)
+        if task.aborted or self.closed:
+            return
+        edtl = task.edtl
+        if data is not None:
+            mv = data if isinstance(data, memoryview) else memoryview(data)
+            length = mv.nbytes
+            if length > edtl:
+                overflow, mv = length - edtl, mv[:edtl]
+            elif length < edtl:
+                underflow = edtl - length
+            if mv.nbytes:
+                good = status == Status.GOOD and not sense
+                self._data_in(task, mv, status if good else None, overflow, underflow)
+                if good:
+                    return
+        elif not task.cmd.write and edtl:
+            underflow = edtl
+        # The residual field is 32 bits (§11.4.5): a CDB asking for more
+        # than 4 GiB beyond the EDTL still gets an answer.
+        residual = min(overflow or underflow, 0xFFFFFFFF)
+        w = self.window
+        self.outbox.add(ScsiResponse(
+            itt=task.itt, response=ISCSIResponse.COMMAND_COMPLETED, status=status,
+            statsn=self._next_statsn(), expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
+            expdatasn=0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
+            residual_count=residual, data=ScsiResponse.sense_segment(sense)))
+
+    def _data_in(self, task: Task, mv: memoryview, status: int | None, overflow: int,
+                 underflow: int) -> None:
+        """Split ``mv`` into Data-In PDUs of at most the initiator's
+        MaxRecvDataSegmentLength, F at every MaxBurstLength boundary
+        (§11.7.1), status in the last one when ``status`` is given
+        (phase collapse, §11.7.4)."""
+        w = self.window
+        p = self.params
+        lun, itt = task.cmd.lun, task.itt
+        add = self.outbox.add
+        residual = min(overflow or underflow, 0xFFFFFFFF)
+        total = mv.nbytes
+        for datasn, (offset, n, final) in enumerate(segments(0, total, p.max_xmit, p.max_burst)):
+            with_status = status is not None and offset + n >= total
+            add(DataIn(
+                itt=itt, final=final, status_present=with_status,
+                status=status if with_status and status is not None else 0, lun=lun,
+                statsn=self._next_statsn() if with_status else 0,
+                expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn, datasn=datasn, buffer_offset=offset,
+                residual_overflow=with_status and bool(overflow),
+                residual_underflow=with_status and bool(underflow),
+                residual_count=residual if with_status else 0,
+                data=mv[offset : offset + n]))
+
+    # ------------------------------------------------------ task management
+    def _on_tmf(self, pdu: TaskMgmtRequest) -> None:
+        if self.discovery:
+            # A discovery session has no tasks to manage (§4.3).
+            self._consume(pdu.cmdsn, pdu.immediate)
+            self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+            return
+
+        def run() -> None:
+            fn = pdu.function
+            if fn == TMFunction.TASK_REASSIGN:
+                # ErrorRecoveryLevel 0: reassignment is not supported (§11.5.1).
+                self.tmf_done(pdu.itt, TMResponse.TASK_ALLEGIANCE_REASSIGNMENT_NOT_SUPPORTED)
+            elif fn not in _TMF_FUNCTIONS:
+                self.tmf_done(pdu.itt, TMResponse.FUNCTION_NOT_SUPPORTED)
+            else:
+                self._events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
+                                                pdu.referenced_task_tag))
+        self._admit(pdu, run)
+
+    def abort_task(self, task: Task) -> bool:
+        """Abort one of this connection's tasks (for a TMF). Returns True
+        when it is executing: the owner waits for ``command_done`` before
+        answering the TMF (§4.2.3.3: the response follows the end of
+        every affected task)."""
+        task.aborted = True
+        if task.executing:
+            return True
+        self._forget_r2ts(task)
+        self._release_task(task)
+        # Data-Out already on its way is expected, not an error.
+        self._drop_later_data(task.itt)
+        return False
+
+    def tmf_done(self, itt: int, response: int) -> None:
+        """Send the Task Management Function Response."""
+        if self.closed:
+            return
+        w = self.window
+        self.outbox.add(TaskMgmtResponse(itt=itt, response=response, statsn=self._next_statsn(),
+                                         expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn))
+
+    # ---------------------------------------------------------------- text
+    def _on_text(self, pdu: TextRequest) -> None:
+        def run() -> None:
+            if pdu.ttt != RESERVED_TAG:
+                pending = self._text_out
+                if pending is not None and pending[0] == pdu.ttt:
+                    # The initiator asks for the rest of our answer (§11.11.1).
+                    self._text_out = None
+                    self.text_answer(pdu.itt, pending[1])
+                    return
+                if self._text_in is None or self._text_in[0] != pdu.itt:
+                    self.reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
+                    return
+            acc = self._text_in[1] if self._text_in is not None and \
+                self._text_in[0] == pdu.itt else bytearray()
+            acc += pdu.data
+            if len(acc) > MAX_TEXT_REQUEST:
+                self._text_in = None
+                self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+                return
+            if pdu.cont:
+                # More of the request follows: an empty response with a TTT
+                # asks for it (§11.10.2).
+                self._text_in = (pdu.itt, acc)
+                w = self.window
+                self.outbox.add(TextResponse(itt=pdu.itt, final=False, ttt=self._new_ttt(),
+                                             statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                             maxcmdsn=w.maxcmdsn))
+                return
+            self._text_in = None
+            try:
+                pairs = decode_text(bytes(acc))
+            except ProtocolError as exc:
+                self.reject(exc.reject_reason or RejectReason.PROTOCOL_ERROR,
+                            pdu.to_bytes()[:48])
+                return
+            self._events.append(TextRequested(pdu.itt, pairs))
+        self._admit(pdu, run)
+
+    def text_answer(self, itt: int, data: bytes) -> None:
+        """Send a Text Response, split over several when longer than the
+        initiator takes at once (C bit and a TTT, §11.11.1)."""
+        if self.closed:
+            return
+        w = self.window
+        limit = self.params.max_xmit
+        final = len(data) <= limit
+        ttt = RESERVED_TAG
+        if not final:
+            ttt = self._new_ttt()
+            self._text_out = (ttt, data[limit:])
+            data = data[:limit]
+        self.outbox.add(TextResponse(itt=itt, final=final, cont=not final, ttt=ttt,
+                                     statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                     maxcmdsn=w.maxcmdsn, data=data))
+
+    # -------------------------------------------------------------- logout
+    def _on_logout(self, pdu: LogoutRequest) -> None:
+        def run() -> None:
+            if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+                self.logout_answer(pdu.itt, LogoutResponseCode.RECOVERY_NOT_SUPPORTED)
+            else:
+                self._events.append(LogoutRequested(pdu.itt, pdu.reason, pdu.cid))
+        self._admit(pdu, run)
+
+    def logout_answer(self, itt: int, code: int) -> None:
+        """Send the Logout Response (§11.15); Time2Wait/Time2Retain 0 at ERL 0."""
+        w = self.window
+        self.outbox.add(LogoutResponse(itt=itt, response=code, statsn=self._next_statsn(),
+                                       expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
+                                       time2wait=0, time2retain=0))
+
+    def request_logout(self, wait: int) -> None:
+        """Ask the initiator to log out (Async Message, event 1, §11.9.1)."""
+        if self.closed:
+            return
+        w = self.window
+        self.outbox.add(AsyncMessage(statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                     maxcmdsn=w.maxcmdsn, async_event=AsyncEvent.LOGOUT_REQUEST,
+                                     parameter3=wait))
+
+    # --------------------------------------------------------------- SNACK
+    def _on_snack(self, pdu: PDU) -> None:
+        # ErrorRecoveryLevel 0 (what we negotiate): SNACK is not supported.
+        self.reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu.to_bytes()[:48])
+
+    # ---------------------------------------------------------------- end
+    def close(self) -> list[Task]:
+        """The connection ended: at ERL 0 its tasks end with it (§7.1.4);
+        their slots and write budget return. Returns the tasks that were
+        still executing (the owner releases whoever waits on them)."""
+        self.closed = True
+        running = []
+        for task in list(self.tasks.values()):
+            task.aborted = True
+            if task.executing:
+                running.append(task)
+            self._release_task(task)
+        self._ttt_map.clear()
+        self._timers = Deadlines()
+        return running
+
+    def _drop(self, task: Task) -> None:
+        self._forget_r2ts(task)
+        self._release_task(task)
+
+
+_TMF_FUNCTIONS = frozenset({
+    TMFunction.ABORT_TASK, TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_ACA,
+    TMFunction.CLEAR_TASK_SET, TMFunction.LOGICAL_UNIT_RESET, TMFunction.TARGET_WARM_RESET,
+    TMFunction.TARGET_COLD_RESET, TMFunction.I_T_NEXUS_RESET,
+})
