@@ -15,6 +15,7 @@ returned (an mmap view for raw files).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -41,7 +42,7 @@ from iscsi.pdu import PDU, Buffer, LoginRequest, Reject
 from iscsi.scsi.constants import Status
 
 if TYPE_CHECKING:
-    from .server import TargetServer
+    from .server import CommandResult, TargetServer
     from .session import Session
 
 log = logging.getLogger("aioiscsi.target")
@@ -295,7 +296,10 @@ class TargetConnection(asyncio.BufferedProtocol):
     def _on_execute(self, ev: ExecuteCommand) -> None:
         sess = self.session
         assert sess is not None and sess.target is not None
-        fut = asyncio.ensure_future(self._run(ev.task))
+        task = ev.task
+        fut = asyncio.ensure_future(sess.target.run_command(
+            self.server.nexus_for(self), sess.initiator_name, task))
+        fut.add_done_callback(functools.partial(self._ran, task))
         # The server keeps a reference (a bare ensure_future may be garbage
         # collected mid-run) and waits for these on shutdown, so in-flight
         # writes reach the backend before it is flushed.
@@ -303,18 +307,14 @@ class TargetConnection(asyncio.BufferedProtocol):
         inflight.add(fut)
         fut.add_done_callback(inflight.discard)
 
-    async def _run(self, task: Task) -> None:
-        sess = self.session
-        assert sess is not None and sess.target is not None
+    def _ran(self, task: Task, fut: asyncio.Future[CommandResult]) -> None:
         try:
-            result = await sess.target.run_command(self.server.nexus_for(self),
-                                                   sess.initiator_name, task)
+            status, sense, data, overflow, underflow = fut.result()
         except Exception:  # the SCSI layer must never take the target down
             log.exception("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex())
             self._done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
             return
-        self._done(task, result.status, result.sense, result.data, result.overflow,
-                   result.underflow)
+        self._done(task, status, sense, data, overflow, underflow)
 
     def _done(self, task: Task, status: int, sense: bytes, data: Buffer | None,
               overflow: int = 0, underflow: int = 0) -> None:

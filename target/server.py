@@ -85,20 +85,14 @@ class TargetRuntime:
             result = await self.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
                                              expected_length=task.edtl)
         if not cmd.write:
-            underflow = 0
-        return CommandResult(result.status, result.sense, None if cmd.write else result.data,
-                             overflow, underflow)
+            return result.status, result.sense, result.data, overflow, 0
+        return result.status, result.sense, None, overflow, underflow
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """A finished SCSI command as the transport reports it."""
-
-    status: int
-    sense: bytes
-    data: Buffer | None
-    overflow: int = 0
-    underflow: int = 0
+#: A finished SCSI command as the transport reports it: (status, sense,
+#: Data-In or None, residual overflow, residual underflow). A tuple: one is
+#: built per command on the hot path.
+CommandResult = tuple[int, bytes, "Buffer | None", int, int]
 
 
 def open_lun(spec: LunSpec, state_dir: str | None = None) -> Any:
@@ -202,7 +196,7 @@ class TargetServer:
         self.bandwidth = BandwidthGroups()
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
         #: SCSI commands executing (asyncio futures); stop() waits for them.
-        self.inflight: set[asyncio.Future[None]] = set()
+        self.inflight: set[asyncio.Future[Any]] = set()
         #: All sessions' write data in flight shares this budget.
         self.write_budget = WriteBudget(config.write_budget)
         self._stopped = False
