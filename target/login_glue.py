@@ -201,10 +201,7 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
             portal_group_tag=conn.portal_group_tag,
             window=CmdSNWindow(req.cmdsn, rt.spec.limits.queue_depth if rt is not None else 8),
             params=params, target=rt)
-        server.sessions[sess.tsih] = sess
-        server.release_tsih(sess.tsih)
-        if rt is not None:
-            rt.sessions.add(sess)
+        server.sessions.add(sess)
     else:
         # The login checked the session (same initiator port, target and
         # portal group) just before its final response, on this same turn

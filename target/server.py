@@ -12,15 +12,13 @@ import asyncio
 import functools
 import logging
 import os
-import secrets
 import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from iscsi.constants import LogoutReason, LogoutResponseCode, TMFunction, TMResponse
 from iscsi.discovery import select_targets, send_targets_answer
-from iscsi.constants import LoginStatus
-from iscsi.errors import LoginError, ProtocolError
+from iscsi.errors import ProtocolError
 from iscsi.memory import tune_malloc
 from iscsi.names import Portal, format_portal
 from iscsi.ffp.target import LogoutRequested, ManageTasks, Task, WriteBudget
@@ -34,7 +32,7 @@ from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
 
 from .connection import TargetConnection
 from .media import MediaWatcher
-from .session import Session
+from .session import Session, SessionTable
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -92,7 +90,7 @@ class TargetRuntime:
 #: A finished SCSI command as the transport reports it: (status, sense,
 #: Data-In or None, residual overflow, residual underflow). A tuple: one is
 #: built per command on the hot path.
-CommandResult = tuple[int, bytes, "Buffer | None", int, int]
+CommandResult = tuple[int, bytes, Buffer | None, int, int]
 
 
 def open_lun(spec: LunSpec, state_dir: str | None = None) -> Any:
@@ -189,9 +187,8 @@ class TargetServer:
         self.config = config
         self.targets: dict[str, TargetRuntime] = {}
         self.connections: set[TargetConnection] = set()
-        self.sessions: dict[int, Session] = {}
+        self.sessions = SessionTable()
         self._servers: list[asyncio.AbstractServer] = []
-        self._reserved_tsih: set[int] = set()
         self.media: MediaWatcher | None = None
         self.bandwidth = BandwidthGroups()
         self.bound: list[tuple[int, str, int]] = []  # (tpgt, host, port) actually bound
@@ -320,35 +317,17 @@ class TargetServer:
 
     # ------------------------------------------------------------ sessions
     def allocate_tsih(self) -> int:
-        """A TSIH not in use or reserved by a login in progress (never 0,
-        RFC 7143 §11.12.6)."""
-        # Random, not 1, 2, 3...: a TSIH is one of the three things a
-        # non-leading login must name to reach a session, so it should not
-        # be guessable from one's own (defence in depth beside the target
-        # and authentication checks in the login policy).
-        if len(self.sessions) + len(self._reserved_tsih) >= 0xFFFF:
-            raise LoginError("no free TSIH: 65535 sessions exist", LoginStatus.OUT_OF_RESOURCES)
-        while True:
-            tsih = secrets.randbelow(0xFFFF) + 1
-            if tsih not in self.sessions and tsih not in self._reserved_tsih:
-                self._reserved_tsih.add(tsih)
-                return tsih
+        """A fresh TSIH (see :meth:`SessionTable.allocate_tsih`)."""
+        return self.sessions.allocate_tsih()
 
     def release_tsih(self, tsih: int) -> None:
         """The login that reserved ``tsih`` has made its session."""
-        self._reserved_tsih.discard(tsih)
+        self.sessions.release_tsih(tsih)
 
-    def nexus_for(self, conn: TargetConnection) -> Any:
+    def nexus_for(self, conn: TargetConnection) -> Nexus:
         """The SCSI I_T nexus of a connection's session."""
-        from target.scsi.types import Nexus
-
-        sess = conn.session
-        assert sess is not None
-        if sess.nexus is None:
-            tpgt = sess.portal_group_tag
-            sess.nexus = Nexus.create(sess.initiator_name, sess.isid, sess.target_name, tpgt,
-                                      relative_port_id=tpgt, target_port_group=tpgt)
-        return sess.nexus
+        assert conn.session is not None
+        return conn.session.get_nexus()
 
     def tasks_for_lun(self, rt: TargetRuntime,
                       lun: int | None) -> list[tuple[TargetConnection, Task]]:
@@ -363,41 +342,17 @@ class TargetServer:
         return out
 
     def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
-        """Close a session and all its connections (except ``keep``, which
-        closes itself after its last response)."""
-        if sess.closed:
-            return
-        sess.closed = True
-        self.sessions.pop(sess.tsih, None)
-        if sess.target is not None:
-            sess.target.sessions.discard(sess)
-            if not sess.discovery and sess.nexus is not None:
-                sess.target.scsi.nexus_lost(sess.nexus)
-        for c in list(sess.connections.values()):
-            if c is not keep:
-                c.close()
+        """Close a session and all its connections (except ``keep``)."""
+        self.sessions.end(sess, keep)
 
     def drop_all_sessions(self, rt: TargetRuntime) -> None:
         """After TARGET COLD RESET every session of the target ends."""
         for sess in list(rt.sessions):
-            self.end_session(sess)
+            self.sessions.end(sess)
 
     def connection_closed(self, conn: TargetConnection) -> None:
-        """A connection went away: at ERL 0 its session ends with it when it
-        was the last one (RFC 7143 §7.1.4)."""
-        sess = conn.session
-        if sess is None:
-            return
-        if sess.connections.get(conn.cid) is conn:
-            del sess.connections[conn.cid]
-        if not sess.connections and not sess.closed:
-            sess.closed = True
-            self.sessions.pop(sess.tsih, None)
-            if sess.target is not None:
-                sess.target.sessions.discard(sess)
-                if not sess.discovery and sess.nexus is not None:
-                    sess.target.scsi.nexus_lost(sess.nexus)
-            log.info("%s: session TSIH %d of %s ended", conn.peer, sess.tsih, sess.initiator_name)
+        """A connection went away (see :meth:`SessionTable.connection_closed`)."""
+        self.sessions.connection_closed(conn)
 
     # ---------------------------------------------------------- discovery
     def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[Portal]:

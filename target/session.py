@@ -8,17 +8,23 @@ queue depth (RFC 7143 §4.2.2.1).
 
 from __future__ import annotations
 
+import logging
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from iscsi.constants import LoginStatus
+from iscsi.errors import LoginError
 from iscsi.ffp.window import CmdSNWindow
 from iscsi.keys import NegotiatedParams
+from target.scsi.types import Nexus
 
 if TYPE_CHECKING:
-    from target.scsi.types import Nexus
-
     from .connection import TargetConnection
     from .server import TargetRuntime
+
+log = logging.getLogger("aioiscsi.target")
 
 
 @dataclass(eq=False)
@@ -43,3 +49,96 @@ class Session:
     def initiator_port(self) -> str:
         """The SCSI initiator port name (RFC 7143 §4.4.2)."""
         return f"{self.initiator_name},i,0x{self.isid:012x}"
+
+    def get_nexus(self) -> Nexus:
+        """The SCSI I_T nexus of this session (built on first use)."""
+        if self.nexus is None:
+            tpgt = self.portal_group_tag
+            self.nexus = Nexus.create(self.initiator_name, self.isid, self.target_name, tpgt,
+                                      relative_port_id=tpgt, target_port_group=tpgt)
+        return self.nexus
+
+
+class SessionTable:
+    """Every session of the server by TSIH: allocation, lookup, ending.
+
+    One owner for the rules: a TSIH is never 0 and never reused while a
+    session or a login in progress holds it (RFC 7143 §11.12.6); a session
+    ends with its last connection at ERL 0 (§7.1.4), and its I_T nexus is
+    then lost to the SCSI layer (its reservations' unit attentions)."""
+
+    def __init__(self) -> None:
+        self._by_tsih: dict[int, Session] = {}
+        self._reserved: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._by_tsih)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._by_tsih.values()))
+
+    def values(self) -> list[Session]:
+        """The live sessions."""
+        return list(self._by_tsih.values())
+
+    def get(self, tsih: int) -> Session | None:
+        """The session with ``tsih``, or None."""
+        return self._by_tsih.get(tsih)
+
+    def __getitem__(self, tsih: int) -> Session:
+        return self._by_tsih[tsih]
+
+    def allocate_tsih(self) -> int:
+        """A TSIH not in use or reserved by a login in progress."""
+        # Random, not 1, 2, 3...: a TSIH is one of the three things a
+        # non-leading login must name to reach a session, so it should not
+        # be guessable from one's own (defence in depth beside the target
+        # and authentication checks in the login policy).
+        if len(self._by_tsih) + len(self._reserved) >= 0xFFFF:
+            raise LoginError("no free TSIH: 65535 sessions exist", LoginStatus.OUT_OF_RESOURCES)
+        while True:
+            tsih = secrets.randbelow(0xFFFF) + 1
+            if tsih not in self._by_tsih and tsih not in self._reserved:
+                self._reserved.add(tsih)
+                return tsih
+
+    def release_tsih(self, tsih: int) -> None:
+        """The login that reserved ``tsih`` made its session (or failed)."""
+        self._reserved.discard(tsih)
+
+    def add(self, sess: Session) -> None:
+        """Register a new session under its TSIH."""
+        self._by_tsih[sess.tsih] = sess
+        self._reserved.discard(sess.tsih)
+        if sess.target is not None:
+            sess.target.sessions.add(sess)
+
+    def end(self, sess: Session, keep: TargetConnection | None = None) -> None:
+        """Close a session and all its connections (except ``keep``, which
+        closes itself after its last response)."""
+        if self._forget(sess):
+            for c in list(sess.connections.values()):
+                if c is not keep:
+                    c.close()
+
+    def _forget(self, sess: Session) -> bool:
+        if sess.closed:
+            return False
+        sess.closed = True
+        self._by_tsih.pop(sess.tsih, None)
+        if sess.target is not None:
+            sess.target.sessions.discard(sess)
+            if not sess.discovery and sess.nexus is not None:
+                sess.target.scsi.nexus_lost(sess.nexus)
+        return True
+
+    def connection_closed(self, conn: TargetConnection) -> None:
+        """A connection went away: at ERL 0 its session ends with it when it
+        was the last one (RFC 7143 §7.1.4)."""
+        sess = conn.session
+        if sess is None:
+            return
+        if sess.connections.get(conn.cid) is conn:
+            del sess.connections[conn.cid]
+        if not sess.connections and self._forget(sess):
+            log.info("%s: session TSIH %d of %s ended", conn.peer, sess.tsih, sess.initiator_name)

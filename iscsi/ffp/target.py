@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..constants import (
     RESERVED_TAG,
@@ -63,13 +62,22 @@ from ..scsi.sense import SenseData
 from ..serial import sn_add
 from ..text import decode_text
 from .common import Deadlines, Outbox, segments
+from .target_tasks import (
+    CloseConnection,
+    Event,
+    ExecuteCommand,
+    LogoutRequested,
+    ManageTasks,
+    TargetParams,
+    Task,
+    TextRequested,
+    WriteBudget,
+)
 from .window import CmdSNWindow
 
 _U32 = struct.Struct(">I")
 #: Largest write one command may carry (VPD B0h advertises less).
 MAX_WRITE_BUFFER = 64 << 20
-#: Default budget for all sessions' write data in flight.
-DEFAULT_WRITE_BUDGET = 256 << 20
 #: Text Request data accumulated across continuations (§11.10.2) is capped.
 MAX_TEXT_REQUEST = 64 << 10
 #: ITTs of failed writes whose late Data-Out is dropped silently.
@@ -79,124 +87,6 @@ _DEAD_ITTS = 256
 # COMMAND, DATA PHASE ERROR for a broken Data-Out sequence.
 DATA_PHASE_ERROR_SENSE = SenseData(SenseKey.ABORTED_COMMAND, 0x4B, 0x00).encode_fixed()
 HW_ERROR_SENSE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00).encode_fixed()
-
-
-class WriteBudget:
-    """Bytes of write data all sessions may hold in flight at once."""
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int = DEFAULT_WRITE_BUDGET) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def reserve(self, n: int) -> bool:
-        """Take ``n`` bytes if they fit; False otherwise."""
-        if self.used + n > self.limit:
-            return False
-        self.used += n
-        return True
-
-    def release(self, n: int) -> None:
-        """Give back ``n`` bytes."""
-        self.used = max(0, self.used - n)
-
-
-@dataclass(frozen=True)
-class TargetParams:
-    """What the engine needs of the negotiated parameters (RFC 7143 §13)."""
-
-    max_xmit: int = 8192           # the initiator's MaxRecvDataSegmentLength
-    max_burst: int = 262144
-    first_burst: int = 65536
-    initial_r2t: bool = True
-    immediate_data: bool = True
-    max_outstanding_r2t: int = 1
-    header_digest: bool = False
-    data_digest: bool = False
-
-
-class Task:
-    """A SCSI command in flight on this connection."""
-
-    __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
-                 "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
-                 "immediate", "executing", "unsol_next", "waiter")
-
-    def __init__(self, cmd: ScsiCommand) -> None:
-        self.itt = cmd.itt
-        self.lun = decode_lun(cmd.lun)
-        self.cmd = cmd
-        self.edtl = cmd.expected_data_transfer_length
-        #: Write buffer, allocated when the first data arrives.
-        self.buf: bytearray | None = None
-        #: Bytes of the write budget this task holds.
-        self.reserved = 0
-        self.received = 0
-        self.unsolicited_end = 0
-        self.next_r2t_offset = 0
-        #: ttt -> [buffer offset, length, next expected offset, next DataSN]
-        self.r2ts: dict[int, list[int]] = {}
-        self.r2tsn = 0
-        self.aborted = False
-        self.immediate = cmd.immediate
-        self.executing = False
-        #: (next offset, next DataSN) of the unsolicited Data-Out sequence.
-        self.unsol_next = (0, 0)
-        #: The owner's handle (e.g. a future a TMF waits on).
-        self.waiter: object | None = None
-
-    def data_out(self) -> memoryview:
-        """The write data received (empty for a command without any)."""
-        return memoryview(self.buf) if self.buf is not None else memoryview(b"")
-
-
-# ------------------------------------------------------------------ events
-@dataclass(slots=True)
-class ExecuteCommand:
-    """Run this SCSI command; answer with ``command_done``."""
-
-    task: Task
-
-
-@dataclass(slots=True)
-class ManageTasks:
-    """A Task Management Function for the owner to carry out across the
-    session's (or target's) tasks; answer with ``tmf_done``."""
-
-    itt: int
-    function: int
-    lun: int
-    referenced_task_tag: int
-
-
-@dataclass(slots=True)
-class TextRequested:
-    """A complete Text Request (continuations joined, keys decoded);
-    answer with ``text_answer``."""
-
-    itt: int
-    pairs: list[tuple[str, str]]
-
-
-@dataclass(slots=True)
-class LogoutRequested:
-    """A Logout Request reached its turn; answer with ``logout_answer``."""
-
-    itt: int
-    reason: int
-    cid: int
-
-
-@dataclass(slots=True)
-class CloseConnection:
-    """The connection must end (``abort``: at once, without a goodbye)."""
-
-    reason: str
-    abort: bool = True
-
-
-Event = ExecuteCommand | ManageTasks | TextRequested | LogoutRequested | CloseConnection
 
 
 class TargetConnectionEngine:
@@ -768,3 +658,9 @@ _TMF_FUNCTIONS = frozenset({
     TMFunction.CLEAR_TASK_SET, TMFunction.LOGICAL_UNIT_RESET, TMFunction.TARGET_WARM_RESET,
     TMFunction.TARGET_COLD_RESET, TMFunction.I_T_NEXUS_RESET,
 })
+
+__all__ = [
+    "DATA_PHASE_ERROR_SENSE", "HW_ERROR_SENSE", "MAX_WRITE_BUFFER", "CloseConnection", "Event",
+    "ExecuteCommand", "LogoutRequested", "ManageTasks", "TargetConnectionEngine", "TargetParams",
+    "Task", "TextRequested", "WriteBudget",
+]
