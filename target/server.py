@@ -440,7 +440,7 @@ class TargetServer:
             response = TMResponse.LUN_DOES_NOT_EXIST
         elif fn == TMFunction.ABORT_TASK:
             affected = [(c, t) for c, t in mine if t.itt == ev.referenced_task_tag]
-            if not affected:
+            if not affected and not sess.window.cancel(ev.refcmdsn, ev.cmdsn):
                 response = TMResponse.TASK_DOES_NOT_EXIST
         elif fn == TMFunction.ABORT_TASK_SET:
             affected = [(c, t) for c, t in mine if t.lun == lun]  # SAM-5 §7.3

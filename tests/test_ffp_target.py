@@ -336,3 +336,19 @@ def test_data_out_for_unknown_task_is_rejected() -> None:
     e.receive_pdu(DataOut(itt=77, ttt=5, data=bytes(16)), 0.0)
     (rej,) = sent(e)
     assert isinstance(rej, Reject) and rej.reason == RejectReason.INVALID_PDU_FIELD
+
+
+def test_abort_task_of_a_command_not_yet_received() -> None:
+    """RFC 7143 §11.5.1: RefCmdSN within the window and below the TMF's
+    CmdSN is considered received: "Function complete", and the command is
+    ignored if it arrives after all."""
+    w = CmdSNWindow(1, 8)
+    assert w.cancel(1, before=2)
+    assert w.expcmdsn == 2 and w.active == 0  # the window moved on
+    assert not w.cancel(40, before=41)  # outside the window
+    assert not w.cancel(3, before=3)  # not below the TMF's own CmdSN
+    ran: list[int] = []
+    assert w.cancel(3, before=4)
+    assert w.admit(3, False, lambda: ran.append(3)) is False  # taken: ignored
+    w.admit(2, False, lambda: ran.append(2))
+    assert ran == [2] and w.expcmdsn == 4

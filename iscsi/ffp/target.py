@@ -521,7 +521,8 @@ class TargetConnectionEngine:
                 self.tmf_done(pdu.itt, TMResponse.FUNCTION_NOT_SUPPORTED)
             else:
                 self._events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
-                                                pdu.referenced_task_tag))
+                                                pdu.referenced_task_tag, pdu.refcmdsn,
+                                                pdu.cmdsn))
         self._admit(pdu, run)
 
     def abort_task(self, task: Task) -> bool:

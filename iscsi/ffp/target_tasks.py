@@ -99,6 +99,10 @@ class ManageTasks:
     function: int
     lun: int
     referenced_task_tag: int
+    #: RefCmdSN and the TMF's own CmdSN (ABORT TASK of a task not yet
+    #: received, RFC 7143 §11.5.1).
+    refcmdsn: int = 0
+    cmdsn: int = 0
 
 
 @dataclass(slots=True)

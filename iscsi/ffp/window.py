@@ -50,6 +50,7 @@ class CmdSNWindow:
         if immediate:
             run()
             return True
+
         # ExpCmdSN itself lies outside the window when it is closed
         # (MaxCmdSN = ExpCmdSN - 1).
         if cmdsn == self.expcmdsn and self.active < self.depth:
@@ -74,6 +75,22 @@ class CmdSNWindow:
             self.active -= 1
         while self.expcmdsn in self.held and self.active < self.depth:
             self._run(self.held.pop(self.expcmdsn))
+
+    def cancel(self, cmdsn: int, before: int) -> bool:
+        """ABORT TASK for a task that does not exist (RFC 7143 §11.5.1):
+        when ``cmdsn`` is within the window, below ``before`` (the TMF's own
+        CmdSN) and has not run, it is considered received -- it will never
+        run -- and the answer is "Function complete" (True). Otherwise the
+        answer is "Task does not exist" (False)."""
+        if not (sn_le(self.expcmdsn, cmdsn) and sn_le(cmdsn, self.maxcmdsn)
+                and sn_lt(cmdsn, before)):
+            return False
+        # It takes its turn in order and does nothing; the command itself,
+        # should it still arrive, finds its CmdSN taken and is ignored.
+        self.held[cmdsn] = self.release
+        while self.expcmdsn in self.held and self.active < self.depth:
+            self._run(self.held.pop(self.expcmdsn))
+        return True
 
     def is_stale(self, cmdsn: int) -> bool:
         """True for a CmdSN below ExpCmdSN (a duplicate)."""
