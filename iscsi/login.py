@@ -74,6 +74,15 @@ _OP = Stage.LOGIN_OPERATIONAL_NEGOTIATION
 _FFP = Stage.FULL_FEATURE_PHASE
 _VALID_STAGES = (0, 1, 3)
 
+#: The login's stage machine as data (RFC 7143 §6.3, §11.12.3): the stage a
+#: Login PDU may be sent in (CSG) -> the stages it may ask to move to
+#: (NSG with T=1). Stages only move forward; the operational stage may be
+#: skipped, the security stage only at the start.
+TRANSITIONS: Mapping[Stage, frozenset[Stage]] = {
+    _SEC: frozenset({_OP, _FFP}),
+    _OP: frozenset({_FFP}),
+}
+
 
 class LoginRejected(LoginError):
     """The target answered with a non-zero Status-Class.
@@ -345,7 +354,7 @@ class InitiatorLogin:
             if not self._asked_transit:
                 raise LoginError("target set T without the initiator asking (§11.13.3)")
             nsg = Stage(resp.nsg) if resp.nsg in _VALID_STAGES else None
-            if nsg is None or nsg <= stage or nsg > self._final[1]:
+            if nsg is None or nsg not in TRANSITIONS.get(stage, ()) or nsg > self._final[1]:
                 raise LoginError(f"target chose invalid NSG {resp.nsg}")
             if stage is _SEC and not self._auth_done():
                 raise AuthenticationError("target left the security stage before CHAP completed")
@@ -727,24 +736,22 @@ class TargetLogin:
         assert neg is not None
         auth_pairs = [(k, v) for k, v in pairs if is_auth_key(k)]
         other = [(k, v) for k, v in pairs if not is_auth_key(k)]
-        if self._stage is _SEC:
-            return self._security(req, neg, other, auth_pairs)
-        if auth_pairs:
+        if auth_pairs and self._stage is not _SEC:
             raise LoginError(f"{auth_pairs[0][0]} outside the security stage",
                              LoginStatus.INITIATOR_ERROR)
-        return self._operational(req, neg, other)
+        return self._STAGE_HANDLERS[self._stage](self, req, neg, other, auth_pairs)
 
     def _check_stages(self, req: LoginRequest) -> None:
         if req.transit and req.cont:
             raise LoginError("T and C both set", LoginStatus.INVALID_DURING_LOGIN)
-        if req.csg not in (0, 1):
+        if req.csg not in TRANSITIONS:
             raise LoginError(f"invalid CSG {req.csg}", LoginStatus.INVALID_DURING_LOGIN)
         if req.csg != self._stage:
             raise LoginError(
                 f"request in stage {_stage_name(req.csg)} while in {_stage_name(self._stage)}",
                 LoginStatus.INVALID_DURING_LOGIN,
             )
-        if req.transit and (req.nsg not in (1, 3) or req.nsg <= req.csg):
+        if req.transit and req.nsg not in TRANSITIONS[Stage(req.csg)]:
             raise LoginError(f"invalid transition {req.csg}->{req.nsg}",
                              LoginStatus.INVALID_DURING_LOGIN)
 
@@ -759,7 +766,7 @@ class TargetLogin:
             )
         self.isid, self.tsih_request, self.cid = req.isid, req.tsih, req.cid
         self.leading = req.tsih == 0
-        if req.csg not in (0, 1):
+        if req.csg not in TRANSITIONS:
             raise LoginError(f"invalid CSG {req.csg}", LoginStatus.INVALID_DURING_LOGIN)
         self._stage = Stage(req.csg)
 
@@ -855,7 +862,8 @@ class TargetLogin:
             nsg = _OP
         return self._send(req, out, True, nsg)
 
-    def _operational(self, req: LoginRequest, neg: Negotiator, other: list[Pair]) -> LoginResponse:
+    def _operational(self, req: LoginRequest, neg: Negotiator, other: list[Pair],
+                     auth_pairs: list[Pair]) -> LoginResponse:
         out = neg.respond(other, _OP)
         out += neg.offers(_OP)
         if not req.transit:
@@ -864,3 +872,10 @@ class TargetLogin:
         if extra or neg.pending:
             return self._send(req, out + extra, False, _FFP)
         return self._send(req, out, True, _FFP)
+
+    #: What the target does with a complete request, by current stage.
+    _STAGE_HANDLERS: Mapping[Stage, Callable[
+        [TargetLogin, LoginRequest, Negotiator, list[Pair], list[Pair]], LoginResponse]] = {
+        _SEC: _security,
+        _OP: _operational,
+    }
