@@ -16,7 +16,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from target.backends.base import BackendError
+from target.backends.base import Backend, BackendError
 
 if TYPE_CHECKING:
     from .server import TargetServer
@@ -84,7 +84,7 @@ class MediaWatcher:
         return changed
 
 
-def open_medium(path: str) -> object:
+def open_medium(path: str) -> Backend:
     """Open an ISO image read-only (raises BackendError in one line)."""
     from target.backends import raw
 

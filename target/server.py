@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from iscsi.constants import LogoutReason, LogoutResponseCode, TMFunction, TMResponse
@@ -25,6 +26,9 @@ from iscsi.ffp.target import LogoutRequested, ManageTasks, Task, WriteBudget
 from iscsi.pdu import PDU, Buffer, LoginRequest
 from iscsi.text import encode_text
 from target.backends.modes import initiator_scope
+from iscsi.login import TargetLogin
+from target.backends.base import Backend
+from target.scsi.target import ScsiTarget
 from target.scsi.types import Nexus
 
 from .config import LunSpec, ServerConfig, TargetSpec
@@ -45,12 +49,12 @@ class TargetRuntime:
     """A configured target with its opened LUNs."""
 
     spec: TargetSpec
-    scsi: Any  # target.scsi.target.ScsiTarget
-    backends: dict[int, Any]
+    scsi: ScsiTarget
+    backends: dict[int, Backend]
     scsi_luns: frozenset[int] = frozenset()
     sessions: set[Session] = field(default_factory=set)
     #: LUN -> coroutine function to await before each command (bandwidth).
-    throttles: dict[int, Any] = field(default_factory=dict)
+    throttles: dict[int, Callable[[], Awaitable[None]]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -93,7 +97,7 @@ class TargetRuntime:
 CommandResult = tuple[int, bytes, Buffer | None, int, int]
 
 
-def open_lun(spec: LunSpec, state_dir: str | None = None) -> Any:
+def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
     """Open the backend a LUN spec names, in its write mode (raises
     BackendError in one line). ``state_dir`` keeps the differencing images
     of immutable and multiattach LUNs."""
@@ -125,8 +129,8 @@ def build_target(spec: TargetSpec, state_dir: str | None,
     from target.scsi.types import LUConfig
 
     luns: dict[int, Any] = {}
-    backends: dict[int, Any] = {}
-    throttles: dict[int, Any] = {}
+    backends: dict[int, Backend] = {}
+    throttles: dict[int, Callable[[], Awaitable[None]]] = {}
     try:
         for ls in spec.luns:
             lun_state = os.path.join(state_dir, _safe(spec.name), str(ls.lun)) if state_dir \
@@ -262,8 +266,13 @@ class TargetServer:
 
         from .media import open_medium
 
+        from target.scsi.mmc import CdromUnit
+
         rt = self.targets[target]
         unit = rt.scsi.luns[lun]
+        if not isinstance(unit, CdromUnit):
+            log.warning("LUN %d of %s is not a CD/DVD: no medium to change", lun, target)
+            return False
         backend = None
         if path is not None:
             try:
@@ -489,7 +498,7 @@ class TargetServer:
         fut.add_done_callback(self.inflight.discard)
 
     # --------------------------------------------------------------- login
-    def new_login(self, conn: TargetConnection) -> Any:
+    def new_login(self, conn: TargetConnection) -> TargetLogin:
         """Create the sans-I/O login state machine for a new connection."""
         from .login_glue import make_target_login
 
