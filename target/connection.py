@@ -41,6 +41,8 @@ from iscsi.login import TargetLogin
 from iscsi.pdu import PDU, Buffer, LoginRequest, Reject
 from iscsi.scsi.constants import Status
 
+from .inline import run_inline
+
 if TYPE_CHECKING:
     from .server import CommandResult, TargetServer
     from .session import Session
@@ -290,30 +292,35 @@ class TargetConnection(asyncio.BufferedProtocol):
             for other in list(sess.connections.values()):
                 if other is not self and other.engine is not None and not other.closed:
                     pending = other.engine.take_events()
-                    if pending or other.engine.outbox:
+                    if pending:
                         other._events(pending)
+                    elif other.engine.outbox:
+                        other._schedule_flush()
 
     def _on_execute(self, ev: ExecuteCommand) -> None:
         sess = self.session
         assert sess is not None and sess.target is not None
         task = ev.task
-        fut = asyncio.ensure_future(sess.target.run_command(
-            self.server.nexus_for(self), sess.initiator_name, task))
-        fut.add_done_callback(functools.partial(self._ran, task))
-        # The server keeps a reference (a bare ensure_future may be garbage
-        # collected mid-run) and waits for these on shutdown, so in-flight
-        # writes reach the backend before it is flushed.
-        inflight = self.server.inflight
-        inflight.add(fut)
-        fut.add_done_callback(inflight.discard)
+        # Stepped at once: a command the backend answers synchronously (an
+        # mmap read) completes here, without a Task (target/inline.py).
+        fut = run_inline(sess.target.run_command(self.server.nexus_for(self),
+                                                 sess.initiator_name, task),
+                         functools.partial(self._ran, task), self.loop)
+        if fut is not None:
+            # Still running: the server waits for these on shutdown, so
+            # in-flight writes reach the backend before it is flushed.
+            inflight = self.server.inflight
+            inflight.add(fut)
+            fut.add_done_callback(inflight.discard)
 
-    def _ran(self, task: Task, fut: asyncio.Future[CommandResult]) -> None:
-        try:
-            status, sense, data, overflow, underflow = fut.result()
-        except Exception:  # the SCSI layer must never take the target down
-            log.exception("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex())
+    def _ran(self, task: Task, result: CommandResult | None, exc: BaseException | None) -> None:
+        if result is None:
+            # The SCSI layer must never take the target down.
+            log.error("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex(),
+                      exc_info=exc)
             self._done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
             return
+        status, sense, data, overflow, underflow = result
         self._done(task, status, sense, data, overflow, underflow)
 
     def _done(self, task: Task, status: int, sense: bytes, data: Buffer | None,
@@ -323,8 +330,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         if engine is None:
             return
         engine.command_done(task, status, sense, data, overflow=overflow, underflow=underflow)
-        if engine.outbox:
-            self._schedule_flush()
+        # Its window slot may let held commands run: their events now.
+        self._events(engine.take_events())
 
     def _on_tmf(self, ev: ManageTasks) -> None:
         self.server.manage_tasks(self, ev)
