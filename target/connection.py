@@ -282,8 +282,9 @@ class TargetConnection(asyncio.BufferedProtocol):
     def _events(self, events: list[Event]) -> None:
         for ev in events:
             _HANDLERS[type(ev)](self, ev)
-        if self.engine is not None and self.engine.outbox:
-            self._schedule_flush()
+        if not self._flush_scheduled and self.engine is not None and self.engine.outbox.buffers:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         sess = self.session
         if sess is not None and len(sess.connections) > 1:
             # A command this PDU let through the session's CmdSN window may
@@ -303,9 +304,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         task = ev.task
         # Stepped at once: a command the backend answers synchronously (an
         # mmap read) completes here, without a Task (target/inline.py).
-        fut = run_inline(sess.target.run_command(self.server.nexus_for(self),
-                                                 sess.initiator_name, task),
-                         functools.partial(self._ran, task), self.loop)
+        fut = run_inline(sess.target.run_command(sess.get_nexus(), sess.initiator_name, task),
+                         functools.partial(self._done, task), self.loop)
         if fut is not None:
             # Still running: the server waits for these on shutdown, so
             # in-flight writes reach the backend before it is flushed.
@@ -313,25 +313,27 @@ class TargetConnection(asyncio.BufferedProtocol):
             inflight.add(fut)
             fut.add_done_callback(inflight.discard)
 
-    def _ran(self, task: Task, result: CommandResult | None, exc: BaseException | None) -> None:
+    def _done(self, task: Task, result: CommandResult | None, exc: BaseException | None) -> None:
+        if task.waiter is not None:
+            _wake(task)
+        engine = self.engine
+        if engine is None:
+            return
         if result is None:
             # The SCSI layer must never take the target down.
             log.error("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex(),
                       exc_info=exc)
-            self._done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
-            return
-        status, sense, data, overflow, underflow = result
-        self._done(task, status, sense, data, overflow, underflow)
-
-    def _done(self, task: Task, status: int, sense: bytes, data: Buffer | None,
-              overflow: int = 0, underflow: int = 0) -> None:
-        _wake(task)
-        engine = self.engine
-        if engine is None:
-            return
-        engine.command_done(task, status, sense, data, overflow=overflow, underflow=underflow)
-        # Its window slot may let held commands run: their events now.
-        self._events(engine.take_events())
+            engine.command_done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
+        else:
+            status, sense, data, overflow, underflow = result
+            engine.command_done(task, status, sense, data, overflow=overflow,
+                                underflow=underflow)
+        if engine.events:
+            # Its window slot let held commands run.
+            self._events(engine.take_events())
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _on_tmf(self, ev: ManageTasks) -> None:
         self.server.manage_tasks(self, ev)

@@ -31,15 +31,20 @@ def run_inline(coro: Coroutine[Any, Any, T], on_done: Done[T],
     # a context variable it sets (the initiator's scope) never leaks into
     # the protocol callbacks that run while it waits.
     ctx = contextvars.copy_context()
-    # Whether on_done ran; the future handed to the caller if it did not.
-    finished = False
-    waiter: asyncio.Future[None] | None = None
+    # Common case first: the coroutine finishes in its first step.
+    try:
+        yielded = ctx.run(coro.send, None)
+    except StopIteration as stop:
+        on_done(stop.value, None)
+        return None
+    except BaseException as exc:  # reported to on_done, never lost
+        on_done(None, exc)
+        return None
+    waiter: asyncio.Future[None] = loop.create_future()
 
     def finish(result: T | None, exc: BaseException | None) -> None:
-        nonlocal finished
-        finished = True
         on_done(result, exc)
-        if waiter is not None and not waiter.done():
+        if not waiter.done():
             waiter.set_result(None)
 
     def step(_: object = None) -> None:
@@ -51,6 +56,9 @@ def run_inline(coro: Coroutine[Any, Any, T], on_done: Done[T],
         except BaseException as exc:  # reported to on_done, never lost
             finish(None, exc)
             return
+        wait(yielded)
+
+    def wait(yielded: Any) -> None:
         if yielded is None:
             # A bare yield (asyncio.sleep(0)): run again on the next turn.
             loop.call_soon(step)
@@ -62,8 +70,5 @@ def run_inline(coro: Coroutine[Any, Any, T], on_done: Done[T],
             coro.close()
             finish(None, RuntimeError(f"coroutine yielded {yielded!r}, not a future"))
 
-    step()
-    if finished:
-        return None
-    waiter = loop.create_future()
+    wait(yielded)
     return waiter

@@ -25,7 +25,7 @@ from iscsi.names import Portal, format_portal
 from iscsi.ffp.target import LogoutRequested, ManageTasks, Task, WriteBudget
 from iscsi.pdu import PDU, Buffer, LoginRequest
 from iscsi.text import encode_text
-from target.backends.modes import initiator_scope
+from target.backends.modes import CURRENT_INITIATOR
 from iscsi.login import TargetLogin
 from target.backends.base import Backend
 from target.scsi.target import ScsiTarget
@@ -65,12 +65,14 @@ class TargetRuntime:
         device emulation in the initiator's scope (multiattach LUNs pick
         the initiator's own differencing image from it)."""
         cmd = task.cmd
+        cdb = cmd.cdb
         # Residuals (RFC 7143 §11.4.5, FCP-4 §9.4.2 as libiscsi tests them):
         # the CDB asks for ``want`` bytes, the iSCSI header promised
         # ``have``. With less promised the command runs on the bytes that
         # came (the device keeps the rest of a partial block) and reports
-        # overflow; with more, only ``want`` bytes are used.
-        want = self.scsi.data_out_length(task.lun, cmd.cdb)
+        # overflow; with more, only ``want`` bytes are used. READs carry no
+        # Data-Out (SBC-3 §5): the common case skips the lookup.
+        want = 0 if cdb and cdb[0] in _READ_OPCODES else self.scsi.data_out_length(task.lun, cdb)
         have = task.edtl if cmd.write else 0
         data_out: memoryview | None = None
         overflow = underflow = 0
@@ -83,13 +85,21 @@ class TargetRuntime:
         throttle = self.throttles.get(task.lun)
         if throttle is not None:
             await throttle()  # the LUN's bandwidth group is over its limit
-        with initiator_scope(initiator_name):
-            result = await self.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
+        # Multiattach LUNs pick the initiator's own differencing image from
+        # this context variable (each command runs in its own context).
+        token = CURRENT_INITIATOR.set(initiator_name)
+        try:
+            result = await self.scsi.execute(nexus, task.lun, cdb, data_out, cmd.attr,
                                              expected_length=task.edtl)
+        finally:
+            CURRENT_INITIATOR.reset(token)
         if not cmd.write:
             return result.status, result.sense, result.data, overflow, 0
         return result.status, result.sense, None, overflow, underflow
 
+
+#: READ(6), READ(10), READ(12), READ(16).
+_READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
 
 #: A finished SCSI command as the transport reports it: (status, sense,
 #: Data-In or None, residual overflow, residual underflow). A tuple: one is

@@ -119,7 +119,8 @@ class TargetConnectionEngine:
         self._ttt = 0x1000
         self._ttt_map: dict[int, Task] = {}
         self._dead_itts: dict[int, None] = {}
-        self._events: list[Event] = []
+        #: Events not yet taken by the owner (see :meth:`take_events`).
+        self.events: list[Event] = []
         self._timers = Deadlines()
         self._nop_ttt: int | None = None
         self._last_rx = now
@@ -167,12 +168,12 @@ class TargetConnectionEngine:
         if exc.reject_reason is not None and exc.header is not None:
             self.reject(exc.reject_reason, exc.header)
         if exc.drop_connection:
-            self._events.append(CloseConnection(str(exc)))
+            self.events.append(CloseConnection(str(exc)))
         return self.take_events()
 
     def take_events(self) -> list[Event]:
         """Events produced since the last call."""
-        ev, self._events = self._events, []
+        ev, self.events = self.events, []
         return ev
 
     # -------------------------------------------------------------- timers
@@ -189,7 +190,7 @@ class TargetConnectionEngine:
 
     def _nop_due(self, now: float) -> None:
         if self._nop_ttt is not None:
-            self._events.append(CloseConnection(
+            self.events.append(CloseConnection(
                 f"no NOP-Out answer within {self.nop_timeout:.0f} s"))
             return
         idle = now - self._last_rx
@@ -290,7 +291,17 @@ class TargetConnectionEngine:
             self._consume(cmd.cmdsn, cmd.immediate)
             self.reject(RejectReason.PROTOCOL_ERROR, cmd.to_bytes()[:48])
             return
-        self._dead_itts.pop(cmd.itt, None)
+        if self._dead_itts:
+            self._dead_itts.pop(cmd.itt, None)
+        w = self.window
+        if not cmd.immediate and cmd.cmdsn == w.expcmdsn and w.active < w.depth \
+                and not w.held:
+            # The common case, in order with the window open: what
+            # CmdSNWindow.admit would do, without a closure per command.
+            w.expcmdsn = (w.expcmdsn + 1) & 0xFFFFFFFF
+            w.active += 1
+            self._start_command(cmd)
+            return
         self._admit(cmd, lambda: self._start_command(cmd), keeps_slot=True)
 
     def _start_command(self, cmd: ScsiCommand) -> None:
@@ -346,7 +357,7 @@ class TargetConnectionEngine:
 
     def _execute(self, task: Task) -> None:
         task.executing = True
-        self._events.append(ExecuteCommand(task))
+        self.events.append(ExecuteCommand(task))
 
     def _issue_r2ts(self, task: Task) -> None:
         p = self.params
@@ -492,6 +503,18 @@ class TargetConnectionEngine:
         add = self.outbox.add
         residual = min(overflow or underflow, 0xFFFFFFFF)
         total = mv.nbytes
+        if total <= p.max_xmit and total <= p.max_burst:
+            # One PDU (every 4 KiB read): no splitting machinery.
+            with_status = status is not None
+            add(DataIn(
+                itt=itt, final=True, status_present=with_status,
+                status=status if status is not None else 0, lun=lun,
+                statsn=self._next_statsn() if with_status else 0,
+                expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn, datasn=0, buffer_offset=0,
+                residual_overflow=with_status and bool(overflow),
+                residual_underflow=with_status and bool(underflow),
+                residual_count=residual if with_status else 0, data=mv))
+            return
         for datasn, (offset, n, final) in enumerate(segments(0, total, p.max_xmit, p.max_burst)):
             with_status = status is not None and offset + n >= total
             add(DataIn(
@@ -520,7 +543,7 @@ class TargetConnectionEngine:
             elif fn not in _TMF_FUNCTIONS:
                 self.tmf_done(pdu.itt, TMResponse.FUNCTION_NOT_SUPPORTED)
             else:
-                self._events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
+                self.events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
                                                 pdu.referenced_task_tag, pdu.refcmdsn,
                                                 pdu.cmdsn))
         self._admit(pdu, run)
@@ -583,7 +606,7 @@ class TargetConnectionEngine:
                 self.reject(exc.reject_reason or RejectReason.PROTOCOL_ERROR,
                             pdu.to_bytes()[:48])
                 return
-            self._events.append(TextRequested(pdu.itt, pairs))
+            self.events.append(TextRequested(pdu.itt, pairs))
         self._admit(pdu, run)
 
     def text_answer(self, itt: int, data: bytes) -> None:
@@ -609,7 +632,7 @@ class TargetConnectionEngine:
             if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
                 self.logout_answer(pdu.itt, LogoutResponseCode.RECOVERY_NOT_SUPPORTED)
             else:
-                self._events.append(LogoutRequested(pdu.itt, pdu.reason, pdu.cid))
+                self.events.append(LogoutRequested(pdu.itt, pdu.reason, pdu.cid))
         self._admit(pdu, run)
 
     def logout_answer(self, itt: int, code: int) -> None:
