@@ -20,7 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 from iscsi.errors import ProtocolError
 from iscsi.ffp.target import (
@@ -34,6 +34,7 @@ from iscsi.ffp.target import (
     TargetConnectionEngine,
     TargetParams,
     TextRequested,
+    WriteBudget,
 )
 from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
@@ -41,11 +42,47 @@ from iscsi.login import TargetLogin
 from iscsi.pdu import PDU, Buffer, LoginRequest, Reject
 from iscsi.scsi.constants import Status
 
-from .inline import run_inline
+from .config import ServerConfig
 
-if TYPE_CHECKING:
-    from .server import CommandResult, TargetServer
-    from .session import Session
+from .inline import run_inline
+from .runtime import CommandResult
+
+from .session import Session
+
+
+class ConnectionServer(Protocol):
+    """What a connection asks of the server it belongs to: the narrow
+    interface between the per-connection adapter and everything that spans
+    connections (sessions, logins, task management, discovery)."""
+
+    config: ServerConfig
+    write_budget: WriteBudget
+    connections: set[TargetConnection]
+    inflight: set[asyncio.Future[Any]]
+
+    def new_login(self, conn: TargetConnection) -> TargetLogin:
+        """A fresh login state machine for ``conn``."""
+
+    def handle_login(self, conn: TargetConnection, req: LoginRequest) -> None:
+        """Feed a Login Request to ``conn``'s login."""
+
+    def login_out_of_order(self, conn: TargetConnection, pdu: PDU) -> None:
+        """A non-login PDU arrived before login completed."""
+
+    def login_protocol_error(self, conn: TargetConnection, exc: ProtocolError) -> None:
+        """A malformed PDU during login."""
+
+    def connection_closed(self, conn: TargetConnection) -> None:
+        """``conn`` went away."""
+
+    def manage_tasks(self, conn: TargetConnection, ev: ManageTasks) -> None:
+        """Carry out a Task Management Function."""
+
+    def answer_text(self, conn: TargetConnection, pairs: list[tuple[str, str]]) -> bytes:
+        """The answer to a Text Request's keys."""
+
+    def logout(self, conn: TargetConnection, ev: LogoutRequested) -> None:
+        """A Logout Request's turn came."""
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -53,7 +90,7 @@ log = logging.getLogger("aioiscsi.target")
 class TargetConnection(asyncio.BufferedProtocol):
     """The per-connection protocol object."""
 
-    def __init__(self, server: TargetServer, portal_group_tag: int) -> None:
+    def __init__(self, server: ConnectionServer, portal_group_tag: int) -> None:
         self.server = server
         self.portal_group_tag = portal_group_tag
         self.loop = asyncio.get_event_loop()
@@ -156,9 +193,9 @@ class TargetConnection(asyncio.BufferedProtocol):
         """Queue a login-phase PDU; everything queued in one loop turn is
         one write."""
         self._out.extend(pdu.encode())
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _schedule_flush(self) -> None:
+    def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -221,7 +258,7 @@ class TargetConnection(asyncio.BufferedProtocol):
                 self.abort("login timeout")
                 return
         else:
-            self._events(self.engine.handle_timer(now))
+            self.deliver(self.engine.handle_timer(now))
         self._arm_timer()
 
     # --------------------------------------------------------------- errors
@@ -233,14 +270,14 @@ class TargetConnection(asyncio.BufferedProtocol):
             # During login any malformed PDU ends the login (RFC 7143 §6.3).
             self.server.login_protocol_error(self, exc)
             return False
-        self._events(self.engine.protocol_error(exc))
+        self.deliver(self.engine.protocol_error(exc))
         return not self.closed
 
     def send_reject(self, reason: int, header: bytes) -> None:
         """Send a Reject carrying the offending header (§11.17)."""
         if self.engine is not None:
             self.engine.reject(reason, header)
-            self._schedule_flush()
+            self.schedule_flush()
         else:
             self.send(Reject(reason=reason, statsn=self.statsn, data=header[:48]))
 
@@ -277,9 +314,9 @@ class TargetConnection(asyncio.BufferedProtocol):
                 # RFC 7143 §6.3: only Login Requests before login completes.
                 self.server.login_out_of_order(self, pdu)
             return
-        self._events(engine.receive_pdu(pdu, self.loop.time()))
+        self.deliver(engine.receive_pdu(pdu, self.loop.time()))
 
-    def _events(self, events: list[Event]) -> None:
+    def deliver(self, events: list[Event]) -> None:
         for ev in events:
             _HANDLERS[type(ev)](self, ev)
         if not self._flush_scheduled and self.engine is not None and self.engine.outbox.buffers:
@@ -294,9 +331,9 @@ class TargetConnection(asyncio.BufferedProtocol):
                 if other is not self and other.engine is not None and not other.closed:
                     pending = other.engine.take_events()
                     if pending:
-                        other._events(pending)
+                        other.deliver(pending)
                     elif other.engine.outbox:
-                        other._schedule_flush()
+                        other.schedule_flush()
 
     def _on_execute(self, ev: ExecuteCommand) -> None:
         sess = self.session
@@ -330,7 +367,7 @@ class TargetConnection(asyncio.BufferedProtocol):
                                 underflow=underflow)
         if engine.events:
             # Its window slot let held commands run.
-            self._events(engine.take_events())
+            self.deliver(engine.take_events())
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -356,7 +393,7 @@ class TargetConnection(asyncio.BufferedProtocol):
         """Ask the initiator to log out (Async Message, event 1, §11.9.1)."""
         if self.engine is not None and not self.closed:
             self.engine.request_logout(wait)
-            self._schedule_flush()
+            self.schedule_flush()
 
 
 def _wake(task: Task) -> None:

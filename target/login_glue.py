@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from iscsi.chap import ChapCredentials
 from iscsi.constants import LoginStatus
@@ -17,14 +17,29 @@ from iscsi.errors import LoginError, ProtocolError
 from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
 
-from .config import ChapConfig, Limits, TargetSpec
+from .config import ChapConfig, Limits, ServerConfig, TargetSpec
 from iscsi.ffp.window import CmdSNWindow
 
 from .session import Session
 
-if TYPE_CHECKING:
-    from .connection import TargetConnection
-    from .server import TargetServer
+from .connection import TargetConnection
+from .runtime import TargetRuntime
+from .session import SessionTable
+
+
+class LoginServer(Protocol):
+    """What a login needs of the server: its targets, configuration and
+    session table."""
+
+    config: ServerConfig
+    targets: dict[str, TargetRuntime]
+    sessions: SessionTable
+
+    def allocate_tsih(self) -> int:
+        """A fresh TSIH."""
+
+    def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
+        """End ``sess`` and its connections."""
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -88,7 +103,7 @@ class _Target:
 class _Policy:
     """Per-connection login policy backed by the server."""
 
-    def __init__(self, server: TargetServer, conn: TargetConnection) -> None:
+    def __init__(self, server: LoginServer, conn: TargetConnection) -> None:
         self.server = server
         self.conn = conn
         self.login: TargetLogin | None = None
@@ -135,7 +150,7 @@ class _Policy:
         return self.server.allocate_tsih()
 
 
-def make_target_login(server: TargetServer, conn: TargetConnection) -> TargetLogin:
+def make_target_login(server: LoginServer, conn: TargetConnection) -> TargetLogin:
     """A fresh login state machine for ``conn``."""
     policy = _Policy(server, conn)
     login = TargetLogin(policy, conn.portal_group_tag, initial_statsn=conn.statsn)
@@ -143,7 +158,7 @@ def make_target_login(server: TargetServer, conn: TargetConnection) -> TargetLog
     return login
 
 
-def handle_login(server: TargetServer, conn: TargetConnection, req: LoginRequest) -> None:
+def handle_login(server: LoginServer, conn: TargetConnection, req: LoginRequest) -> None:
     """Feed one Login Request; send the response; act on the outcome."""
     login = conn.login
     assert login is not None
@@ -166,7 +181,7 @@ def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse
                 login.failure_reason)
 
 
-def reject_login(server: TargetServer, conn: TargetConnection, exc: ProtocolError) -> None:
+def reject_login(server: LoginServer, conn: TargetConnection, exc: ProtocolError) -> None:
     """A malformed PDU during login: answer with a Login reject when we can
     build one (we know the ITT from the header), then close."""
     status = exc.login_status or LoginStatus.INITIATOR_ERROR
@@ -181,7 +196,7 @@ def reject_login(server: TargetServer, conn: TargetConnection, exc: ProtocolErro
     conn.close()
 
 
-def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
+def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
               req: LoginRequest) -> None:
     params = login.params
     initiator = login.initiator_name or ""
@@ -228,4 +243,4 @@ def _complete(server: TargetServer, conn: TargetConnection, login: TargetLogin,
              sess.tsih, login.cid, params)
     conn.login_complete(sess, params)
     if rt is not None and login.leading:
-        rt.scsi.add_nexus(server.nexus_for(conn))
+        rt.scsi.add_nexus(sess.get_nexus())

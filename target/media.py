@@ -14,12 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from target.backends.base import Backend, BackendError
 
-if TYPE_CHECKING:
-    from .server import TargetServer
+from .runtime import TargetRuntime
+
+
+class MediaOwner(Protocol):
+    """The server as the media watcher sees it."""
+
+    targets: dict[str, TargetRuntime]
+
+    def change_medium(self, target: str, lun: int, path: str | None) -> bool:
+        """Load ``path`` (None: eject) into a CD/DVD LUN."""
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -38,7 +46,7 @@ def _stamp(path: str) -> Stamp:
 class MediaWatcher:
     """Polls the files of every CD/DVD LUN of a server."""
 
-    def __init__(self, server: TargetServer, interval: float = 1.0) -> None:
+    def __init__(self, server: MediaOwner, interval: float = 1.0) -> None:
         self.server = server
         self.interval = interval
         self._stamps: dict[tuple[str, int], Stamp] = {}

@@ -12,17 +12,41 @@ import logging
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError
+from iscsi.ffp.target import Event, TargetConnectionEngine
 from iscsi.ffp.window import CmdSNWindow
 from iscsi.keys import NegotiatedParams
 from target.scsi.types import Nexus
 
-if TYPE_CHECKING:
-    from .connection import TargetConnection
-    from .server import TargetRuntime
+from .runtime import TargetRuntime
+
+
+class Member(Protocol):
+    """What a session needs of one of its connections."""
+
+    cid: int
+    peer: str
+    closed: bool
+    engine: TargetConnectionEngine | None
+    session: Session | None
+
+    def close(self, reason: str = "") -> None:
+        """Flush and close the connection."""
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once."""
+
+    def end_tasks(self) -> None:
+        """End the connection's tasks (ERL 0, RFC 7143 §7.1.4)."""
+
+    def deliver(self, events: list[Event]) -> None:
+        """Act on events its engine produced."""
+
+    def schedule_flush(self) -> None:
+        """Write what its engine queued on the next loop turn."""
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -42,7 +66,7 @@ class Session:
     #: The target this session logged in to (None for Discovery).
     target: TargetRuntime | None = None
     nexus: Nexus | None = None  # built on first use
-    connections: dict[int, TargetConnection] = field(default_factory=dict)
+    connections: dict[int, Member] = field(default_factory=dict)
     closed: bool = False
 
     @property
@@ -88,6 +112,10 @@ class SessionTable:
     def __getitem__(self, tsih: int) -> Session:
         return self._by_tsih[tsih]
 
+    def of_target(self, rt: TargetRuntime) -> list[Session]:
+        """The live sessions logged in to ``rt``."""
+        return [s for s in self._by_tsih.values() if s.target is rt]
+
     def allocate_tsih(self) -> int:
         """A TSIH not in use or reserved by a login in progress."""
         # Random, not 1, 2, 3...: a TSIH is one of the three things a
@@ -110,10 +138,8 @@ class SessionTable:
         """Register a new session under its TSIH."""
         self._by_tsih[sess.tsih] = sess
         self._reserved.discard(sess.tsih)
-        if sess.target is not None:
-            sess.target.sessions.add(sess)
 
-    def end(self, sess: Session, keep: TargetConnection | None = None) -> None:
+    def end(self, sess: Session, keep: Member | None = None) -> None:
         """Close a session and all its connections (except ``keep``, which
         closes itself after its last response)."""
         if self._forget(sess):
@@ -126,16 +152,13 @@ class SessionTable:
             return False
         sess.closed = True
         self._by_tsih.pop(sess.tsih, None)
-        if sess.target is not None:
-            sess.target.sessions.discard(sess)
-            if not sess.discovery and sess.nexus is not None:
-                sess.target.scsi.nexus_lost(sess.nexus)
+        if sess.target is not None and not sess.discovery and sess.nexus is not None:
+            sess.target.scsi.nexus_lost(sess.nexus)
         return True
 
-    def connection_closed(self, conn: TargetConnection) -> None:
+    def connection_closed(self, conn: Member, sess: Session | None) -> None:
         """A connection went away: at ERL 0 its session ends with it when it
         was the last one (RFC 7143 §7.1.4)."""
-        sess = conn.session
         if sess is None:
             return
         if sess.connections.get(conn.cid) is conn:

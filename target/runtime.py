@@ -1,0 +1,173 @@
+"""A configured target as the server runs it: its LUNs opened, their SCSI
+device emulation built, and the one call the transport makes to run a
+command (:meth:`TargetRuntime.run_command`).
+
+Write modes, multiattach scope and bandwidth throttles live here, on the
+LUN side, so the transport imports nothing from :mod:`target.backends`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from iscsi.ffp.target import Task
+from iscsi.pdu import Buffer
+from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
+from target.backends.base import Backend
+from target.backends.modes import CURRENT_INITIATOR
+from target.scsi.target import ScsiTarget
+from target.scsi.types import Nexus
+
+from .config import LunSpec, TargetSpec
+
+
+@dataclass
+class TargetRuntime:
+    """A configured target with its opened LUNs."""
+
+    spec: TargetSpec
+    scsi: ScsiTarget
+    backends: dict[int, Backend]
+    scsi_luns: frozenset[int] = frozenset()
+    #: LUN -> coroutine function to await before each command (bandwidth).
+    throttles: dict[int, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def run_command(self, nexus: Nexus, initiator_name: str, task: Task) -> CommandResult:
+        """Run one SCSI command on its LUN: bandwidth group first, then the
+        device emulation in the initiator's scope (multiattach LUNs pick
+        the initiator's own differencing image from it)."""
+        cmd = task.cmd
+        cdb = cmd.cdb
+        # Residuals (RFC 7143 §11.4.5, FCP-4 §9.4.2 as libiscsi tests them):
+        # the CDB asks for ``want`` bytes, the iSCSI header promised
+        # ``have``. With less promised the command runs on the bytes that
+        # came (the device keeps the rest of a partial block) and reports
+        # overflow; with more, only ``want`` bytes are used. READs carry no
+        # Data-Out (SBC-3 §5): the common case skips the lookup.
+        want = 0 if cdb and cdb[0] in _READ_OPCODES else self.scsi.data_out_length(task.lun, cdb)
+        have = task.edtl if cmd.write else 0
+        data_out: memoryview | None = None
+        overflow = underflow = 0
+        if want > have:
+            overflow = want - have
+            data_out = task.data_out()
+        elif cmd.write:
+            underflow = have - want
+            data_out = task.data_out()[:want]
+        throttle = self.throttles.get(task.lun)
+        if throttle is not None:
+            await throttle()  # the LUN's bandwidth group is over its limit
+        # Multiattach LUNs pick the initiator's own differencing image from
+        # this context variable (each command runs in its own context).
+        token = CURRENT_INITIATOR.set(initiator_name)
+        try:
+            result = await self.scsi.execute(nexus, task.lun, cdb, data_out, cmd.attr,
+                                             expected_length=task.edtl)
+        finally:
+            CURRENT_INITIATOR.reset(token)
+        if not cmd.write:
+            return result.status, result.sense, result.data, overflow, 0
+        return result.status, result.sense, None, overflow, underflow
+
+
+#: READ(6), READ(10), READ(12), READ(16).
+_READ_OPCODES = frozenset({0x08, 0x28, 0xA8, 0x88})
+
+#: A finished SCSI command as the transport reports it: (status, sense,
+#: Data-In or None, residual overflow, residual underflow). A tuple: one is
+#: built per command on the hot path.
+CommandResult = tuple[int, bytes, Buffer | None, int, int]
+
+
+def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
+    """Open the backend a LUN spec names, in its write mode (raises
+    BackendError in one line). ``state_dir`` keeps the differencing images
+    of immutable and multiattach LUNs."""
+    from target.backends.base import BackendError
+    from target.backends.modes import open_with_mode
+
+    if spec.backend == "memory":
+        from target.backends.memory import MemoryBackend
+
+        assert spec.size is not None
+        return MemoryBackend(spec.size)
+    if not os.path.exists(spec.path):
+        raise BackendError(f"{spec.path}: no such file or device")
+    fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,
+                                                                         spec.backend)
+    return open_with_mode(spec.path, spec.mode, state_dir=state_dir, fmt=fmt,
+                          read_only=spec.read_only, write_cache=spec.write_cache)
+
+
+def build_target(spec: TargetSpec, state_dir: str | None,
+                 bandwidth: BandwidthGroups | None = None) -> TargetRuntime:
+    """Open every LUN of ``spec`` and build its SCSI device emulation.
+    LUNs in a bandwidth group are wrapped so their transfers share its
+    limit (the transport awaits ``throttle`` before each command)."""
+    from iscsi.scsi.constants import PeripheralType
+    from target.scsi.lu import LogicalUnit
+    from target.scsi.mmc import CdromUnit
+    from target.scsi.target import ScsiTarget
+    from target.scsi.types import LUConfig
+
+    luns: dict[int, Any] = {}
+    backends: dict[int, Backend] = {}
+    throttles: dict[int, Callable[[], Awaitable[None]]] = {}
+    try:
+        for ls in spec.luns:
+            lun_state = os.path.join(state_dir, _safe(spec.name), str(ls.lun)) if state_dir \
+                else None
+            backend = open_lun(ls, lun_state)
+            if ls.bandwidth_group is not None and bandwidth is not None:
+                backend = ThrottledBackend(backend, bandwidth.get(ls.bandwidth_group))
+                throttles[ls.lun] = backend.throttle
+            backends[ls.lun] = backend
+            cdrom = ls.device_type == "cdrom" or (ls.device_type == "auto" and _is_iso(ls))
+            # Serial and NAA WWN are derived from target name + LUN unless
+            # configured, so they survive restarts (multipath, Windows).
+            cfg = LUConfig(
+                vendor=ls.vendor, product=ls.product if not cdrom or ls.product != "VIRTUAL-DISK"
+                else "VIRTUAL-CDROM", revision=ls.revision, serial=ls.serial,
+                naa_wwn=bytes.fromhex(ls.wwn) if ls.wwn else None,
+                block_size=2048 if cdrom else ls.block_size,
+                read_only=ls.read_only or cdrom or bool(getattr(backend, "read_only", False)),
+                write_through=not ls.write_cache,
+                device_type=PeripheralType.CDROM if cdrom else PeripheralType.DISK,
+                removable=cdrom,
+                state_dir=lun_state,
+            ).resolve(spec.name, ls.lun)
+            if cfg.state_dir:
+                os.makedirs(cfg.state_dir, exist_ok=True)
+            luns[ls.lun] = CdromUnit(backend, cfg) if cdrom else LogicalUnit(backend, cfg)
+    except Exception:
+        for b in backends.values():
+            b.close()
+        raise
+    scsi = ScsiTarget(luns, name=spec.name)
+    return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns),
+                         throttles=throttles)
+
+
+def _is_iso(ls: LunSpec) -> bool:
+    """ISO 9660 images carry "CD001" at byte 32769 (ECMA-119 §8.4)."""
+    if ls.backend not in ("auto", "iso") or not ls.path:
+        return False
+    if ls.backend == "iso":
+        return True
+    try:
+        with open(ls.path, "rb") as f:
+            f.seek(32769)
+            return f.read(5) == b"CD001"
+    except OSError:
+        return False
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
