@@ -115,17 +115,7 @@ class PDU:
         hdr = self._header(len(ahs) >> 2, dlen)
         if ahs:
             hdr += ahs
-        out: list[Buffer] = [hdr]
-        if header_digest:
-            out.append(digest_bytes(hdr))
-        if dlen:
-            out.append(data)
-            pad = _PAD[dlen & 3]
-            if pad:
-                out.append(pad)
-            if data_digest:
-                out.append(digest_bytes(data, pad))
-        return out
+        return frame(hdr, data, dlen, header_digest, data_digest)
 
     def to_bytes(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
         """The whole PDU as one bytes object (tests and logging only)."""
@@ -139,6 +129,37 @@ class PDU:
 
 def _byte0(opcode: int, immediate: bool) -> int:
     return opcode | _I_BIT if immediate else opcode
+
+
+def frame(hdr: bytes, data: Buffer, dlen: int, header_digest: bool = False,
+          data_digest: bool = False) -> list[Buffer]:
+    """The buffers of one PDU on the wire (RFC 7143 §11.1): header (+ AHS),
+    its digest, the data segment as given (never copied), padding to a
+    4-byte boundary and the data digest."""
+    out: list[Buffer] = [hdr]
+    if header_digest:
+        out.append(digest_bytes(hdr))
+    if dlen:
+        out.append(data)
+        pad = _PAD[dlen & 3]
+        if pad:
+            out.append(pad)
+        if data_digest:
+            out.append(digest_bytes(data, pad))
+    return out
+
+
+def data_in_header(*, itt: int, lun: int, dlen: int, final: bool, status: int | None,
+                   statsn: int, expcmdsn: int, maxcmdsn: int, datasn: int, buffer_offset: int,
+                   overflow: bool = False, underflow: bool = False, residual_count: int = 0,
+                   ack: bool = False, ttt: int = RESERVED_TAG) -> bytes:
+    """The 48-byte header of a SCSI Data-In (§11.7); ``status`` not None
+    sets the S bit (phase collapse, §11.7.4). The target's hot path builds
+    it directly; :class:`DataIn` encodes through it too."""
+    b1 = ((_F_BIT if final else 0) | (0x40 if ack else 0) | (0x04 if overflow else 0)
+          | (0x02 if underflow else 0) | (0x01 if status is not None else 0))
+    return _DATA_IN.pack(0x25, b1, 0, status or 0, dlen, lun, itt, ttt, statsn, expcmdsn,
+                         maxcmdsn, datasn, buffer_offset, residual_count)
 
 
 def _check_tag(value: int, name: str, hdr: bytes) -> None:
@@ -612,14 +633,13 @@ class DataIn(PDU):
     residual_count: int = 0
 
     def _header(self, ahs_words: int, dlen: int) -> bytes:
-        b1 = ((_F_BIT if self.final else 0) | (0x40 if self.ack else 0)
-              | (0x04 if self.residual_overflow else 0) | (0x02 if self.residual_underflow else 0)
-              | (0x01 if self.status_present else 0))
-        return _DATA_IN.pack(
-            0x25, b1, 0, self.status if self.status_present else 0, ahs_words << 24 | dlen,
-            self.lun, self.itt, self.ttt, self.statsn, self.expcmdsn, self.maxcmdsn,
-            self.datasn, self.buffer_offset, self.residual_count,
-        )
+        return data_in_header(
+            itt=self.itt, lun=self.lun, dlen=ahs_words << 24 | dlen, final=self.final,
+            status=self.status if self.status_present else None, statsn=self.statsn,
+            expcmdsn=self.expcmdsn, maxcmdsn=self.maxcmdsn, datasn=self.datasn,
+            buffer_offset=self.buffer_offset, overflow=self.residual_overflow,
+            underflow=self.residual_underflow, residual_count=self.residual_count,
+            ack=self.ack, ttt=self.ttt)
 
     @classmethod
     def _decode(cls, hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
@@ -903,7 +923,9 @@ __all__ = [
     "TextRequest",
     "TextResponse",
     "decode_header_and_data",
+    "data_in_header",
     "decode_lun",
+    "frame",
     "decode_pdu",
     "encode_lun",
     "iter_ahs",

@@ -55,7 +55,9 @@ from ..pdu import (
     TaskMgmtResponse,
     TextRequest,
     TextResponse,
+    data_in_header,
     decode_lun,
+    frame,
 )
 from ..scsi.constants import SenseKey, Status
 from ..scsi.sense import SenseData
@@ -504,16 +506,18 @@ class TargetConnectionEngine:
         residual = min(overflow or underflow, 0xFFFFFFFF)
         total = mv.nbytes
         if total <= p.max_xmit and total <= p.max_burst:
-            # One PDU (every 4 KiB read): no splitting machinery.
+            # One PDU (every 4 KiB read): its header built straight from the
+            # fields, without a PDU object or the splitting machinery.
             with_status = status is not None
-            add(DataIn(
-                itt=itt, final=True, status_present=with_status,
-                status=status if status is not None else 0, lun=lun,
+            ob = self.outbox
+            ob.buffers += frame(data_in_header(
+                itt=itt, lun=lun, dlen=total, final=True, status=status,
                 statsn=self._next_statsn() if with_status else 0,
                 expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn, datasn=0, buffer_offset=0,
-                residual_overflow=with_status and bool(overflow),
-                residual_underflow=with_status and bool(underflow),
-                residual_count=residual if with_status else 0, data=mv))
+                overflow=with_status and bool(overflow),
+                underflow=with_status and bool(underflow),
+                residual_count=residual if with_status else 0),
+                mv, total, ob.header_digest, ob.data_digest)
             return
         for datasn, (offset, n, final) in enumerate(segments(0, total, p.max_xmit, p.max_burst)):
             with_status = status is not None and offset + n >= total
