@@ -52,7 +52,7 @@ from iscsi.constants import (
 from iscsi.errors import ProtocolError
 from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
-from iscsi.memory import tune_malloc
+from target.malloc import tune_malloc
 from iscsi.pdu import (
     PDU,
     R2T,

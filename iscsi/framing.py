@@ -43,6 +43,12 @@ _LEN = struct.Struct(">I")  # bytes 4..7: TotalAHSLength << 24 | DataSegmentLeng
 _STAGE_SIZE = 256 * 1024
 #: Data segments at least this long are received into their own buffer.
 _DIRECT_THRESHOLD = 16 * 1024
+#: A staging buffer that holds any PDU staged whole: the largest header
+#: (BHS + AHS + digest) and a data segment just under the direct threshold
+#: with its padding and digest. A connection still logging in needs no more
+#: (login PDUs carry at most 8192 bytes, RFC 7143 §13.12), so silent
+#: connections cost little; the adapter grows it after login.
+SMALL_STAGE = 48 + 1024 + 4 + _DIRECT_THRESHOLD + 8
 #: RFC 7143 allows 255 words of AHS; we never need more than an extended CDB.
 DEFAULT_MAX_AHS = 1024
 _LOGIN_OPCODES = (Opcode.LOGIN_REQUEST, Opcode.LOGIN_RESPONSE)
@@ -59,6 +65,7 @@ class PDUReader:
         data_digest: bool = False,
         max_ahs_length: int = DEFAULT_MAX_AHS,
         placement: Placement | None = None,
+        stage_size: int = _STAGE_SIZE,
     ) -> None:
         #: The limit we declared (our MaxRecvDataSegmentLength); the adapter
         #: raises it after login. Login PDUs always get the 8192 default.
@@ -67,7 +74,10 @@ class PDUReader:
         self.data_digest = data_digest
         self.max_ahs_length = max_ahs_length
         self.placement = placement
-        self._stage = bytearray(_STAGE_SIZE)
+        if max_ahs_length + 4 + BHS_LEN + _DIRECT_THRESHOLD + 8 > stage_size:
+            raise ValueError(f"stage_size {stage_size} cannot hold a staged PDU")
+        self._stage_size = stage_size
+        self._stage = bytearray(stage_size)
         self._view = memoryview(self._stage)
         self._start = 0
         self._end = 0
@@ -84,6 +94,21 @@ class PDUReader:
         self._tail_filled = 0
         self._pending_error: ProtocolError | None = None
         self._dead: FramingError | None = None
+
+    def resize_stage(self, size: int) -> None:
+        """Use a staging buffer of ``size`` bytes from now on (after login:
+        larger receives per system call). Bytes staged but not parsed are
+        kept."""
+        if size == self._stage_size:
+            return
+        n = self._end - self._start
+        if n > size:
+            raise ValueError(f"{n} bytes staged do not fit {size}")
+        fresh = bytearray(size)
+        fresh[:n] = self._view[self._start : self._end]
+        self._stage, self._view = fresh, memoryview(fresh)
+        self._start, self._end = 0, n
+        self._stage_size = size
 
     # -- BufferedProtocol interface -----------------------------------------
     @property
@@ -214,9 +239,9 @@ class PDUReader:
             out.append(pdu)
             if pdu.opcode in _LOGIN_OPCODES:
                 break
-        if self._start == self._end and len(self._stage) != _STAGE_SIZE:
+        if self._start == self._end and len(self._stage) != self._stage_size:
             # feed() grew the stage to hold a large input; give it back.
-            self._stage = bytearray(_STAGE_SIZE)
+            self._stage = bytearray(self._stage_size)
             self._view = memoryview(self._stage)
             self._start = self._end = 0
         return out

@@ -115,6 +115,8 @@ class ServerConfig:
     #: Bytes of write data all sessions together may hold in flight; a
     #: command beyond it gets TASK SET FULL (the initiator retries).
     write_budget: int = 256 << 20
+    #: TCP connections open at once (logged in or not); more are refused.
+    max_connections: int = 1024
     source: str = "<command line>"
     #: (name, bytes per second or None for unlimited) of each bandwidth group.
     bandwidth_groups: tuple[tuple[str, int | None], ...] = ()
@@ -338,7 +340,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
     if not isinstance(server, dict):
         raise r.fail("server", "must be a table")
     r.check_keys(server, {"portals", "nop_interval", "nop_timeout", "login_timeout",
-                          "state_dir", "write_budget"}, "server.")
+                          "state_dir", "write_budget", "max_connections"}, "server.")
     groups: dict[int, PortalGroup] = {}
     portals = r.get(server, "portals", "server.", list, None, "a list of \"host:port\"")
     if portals is not None:
@@ -438,6 +440,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         login_timeout=float(r.get(server, "login_timeout", "server.", float, 15.0)),
         state_dir=_resolve(base, state_dir) if state_dir else None, source=source,
         write_budget=_budget(r, server.get("write_budget", 256 << 20)),
+        max_connections=r.int_in(server, "max_connections", "server.", 1024, 1, 1 << 20),
     )
 
 

@@ -36,7 +36,7 @@ from iscsi.ffp.target import (
     TextRequested,
     WriteBudget,
 )
-from iscsi.framing import PDUReader
+from iscsi.framing import SMALL_STAGE, PDUReader
 from iscsi.keys import NegotiatedParams
 from iscsi.login import TargetLogin
 from iscsi.pdu import PDU, Buffer, LoginRequest, Reject
@@ -72,6 +72,9 @@ class ConnectionServer(Protocol):
     def login_protocol_error(self, conn: TargetConnection, exc: ProtocolError) -> None:
         """A malformed PDU during login."""
 
+    def admit_connection(self, conn: TargetConnection) -> bool:
+        """Whether a new TCP connection may proceed (the connection limit)."""
+
     def connection_closed(self, conn: TargetConnection) -> None:
         """``conn`` went away."""
 
@@ -86,6 +89,9 @@ class ConnectionServer(Protocol):
 
 log = logging.getLogger("aioiscsi.target")
 
+#: Staging buffer once logged in: many small PDUs per system call.
+FULL_STAGE = 256 << 10
+
 
 class TargetConnection(asyncio.BufferedProtocol):
     """The per-connection protocol object."""
@@ -94,7 +100,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.server = server
         self.portal_group_tag = portal_group_tag
         self.loop = asyncio.get_event_loop()
-        self.reader = PDUReader(placement=self._placement)
+        # Small until login: a connection that never logs in costs little.
+        self.reader = PDUReader(stage_size=SMALL_STAGE)
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.local: tuple[str, int] = ("", 0)
@@ -125,10 +132,13 @@ class TargetConnection(asyncio.BufferedProtocol):
             f"{peer[0]}:{peer[1]}" if peer else "?")
         local = transport.get_extra_info("sockname")
         self.local = (local[0], local[1]) if local else ("", 0)
+        if not self.server.admit_connection(self):
+            self.closed = True
+            self.transport.abort()
+            return
         self.login = self.server.new_login(self)
         self._login_deadline = self.loop.time() + self.server.config.login_timeout
         self._arm_timer()
-        self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -137,9 +147,12 @@ class TargetConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self.end_tasks()
+        # Break the references back to us (login policy, placement
+        # callback), so a closed connection is freed by reference counting
+        # alone, without waiting for a full garbage collection.
         self.login = None
-        if self.session is not None:
-            self.server.connection_closed(self)
+        self.reader.placement = None
+        self.server.connection_closed(self)
 
     def end_tasks(self) -> None:
         """At ErrorRecoveryLevel 0 the tasks of a connection end with it
@@ -299,6 +312,8 @@ class TargetConnection(asyncio.BufferedProtocol):
             session.window, tp, statsn=self.statsn, now=self.loop.time(),
             discovery=session.discovery, budget=self.server.write_budget,
             nop_interval=cfg.nop_interval, nop_timeout=cfg.nop_timeout)
+        self.reader.placement = self._placement
+        self.reader.resize_stage(FULL_STAGE)
         self.reader.header_digest = tp.header_digest
         self.reader.data_digest = tp.data_digest
         self.reader.max_data_segment_length = params.max_recv_data_segment_length

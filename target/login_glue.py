@@ -7,6 +7,7 @@ joining or reinstating in an existing session (RFC 7143 §6.3.5).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,7 +107,19 @@ class _Policy:
     def __init__(self, server: LoginServer, conn: TargetConnection) -> None:
         self.server = server
         self.conn = conn
-        self.login: TargetLogin | None = None
+        # The login holds this policy; a weak reference back keeps the pair
+        # out of a reference cycle, so a connection that closes mid-login is
+        # freed by reference counting alone.
+        self._login: weakref.ref[TargetLogin] | None = None
+
+    @property
+    def login(self) -> TargetLogin | None:
+        """The login this policy serves (while it exists)."""
+        return self._login() if self._login is not None else None
+
+    @login.setter
+    def login(self, login: TargetLogin) -> None:
+        self._login = weakref.ref(login)
 
     def find_target(self, name: str) -> LoginTarget | None:
         rt = self.server.targets.get(name)
@@ -115,8 +128,9 @@ class _Policy:
         # Only targets in this connection's portal group are reachable here.
         if self.conn.portal_group_tag not in rt.spec.portal_groups:
             return None
-        if self.login is not None:
-            self.login.cmd_window = rt.spec.limits.queue_depth
+        login = self.login
+        if login is not None:
+            login.cmd_window = rt.spec.limits.queue_depth
         return _Target(rt.spec)
 
     def discovery_auth(self, initiator_name: str) -> TargetAuth | None:

@@ -20,7 +20,7 @@ from iscsi.discovery import select_targets, send_targets_answer
 from iscsi.errors import ProtocolError
 from iscsi.ffp.target import LogoutRequested, ManageTasks, Task, WriteBudget
 from iscsi.login import TargetLogin
-from iscsi.memory import tune_malloc
+from target.malloc import release_memory, tune_malloc
 from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest
 from iscsi.text import encode_text
@@ -38,6 +38,8 @@ log = logging.getLogger("aioiscsi.target")
 
 #: Seconds stop() waits for executing SCSI commands before flushing.
 INFLIGHT_WAIT = 30.0
+#: Closed connections between two returns of freed heap to the system.
+TRIM_EVERY = 256
 
 
 class TargetServer:
@@ -56,6 +58,10 @@ class TargetServer:
         self.inflight: set[asyncio.Future[Any]] = set()
         #: All sessions' write data in flight shares this budget.
         self.write_budget = WriteBudget(config.write_budget)
+        self._refused = 0
+        self._refused_logged = float("-inf")
+        self._closed_since_trim = 0
+        self._trim_scheduled = False
         self._stopped = False
 
     # --------------------------------------------------------------- startup
@@ -212,9 +218,37 @@ class TargetServer:
         for sess in self.sessions.of_target(rt):
             self.sessions.end(sess)
 
+    def admit_connection(self, conn: TargetConnection) -> bool:
+        """A new TCP connection: refused beyond ``max_connections`` (one log
+        line a second at most, however many are refused), so a flood of
+        connections that never log in cannot exhaust memory or descriptors."""
+        if len(self.connections) >= self.config.max_connections:
+            self._refused += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._refused_logged >= 1.0:
+                log.warning("%s: connection refused: %d connections open (server.max_connections"
+                            " = %d); %d refused since the last report", conn.peer,
+                            len(self.connections), self.config.max_connections, self._refused)
+                self._refused_logged, self._refused = now, 0
+            return False
+        self.connections.add(conn)
+        return True
+
     def connection_closed(self, conn: TargetConnection) -> None:
-        """A connection went away (see :meth:`SessionTable.connection_closed`)."""
-        self.sessions.connection_closed(conn, conn.session)
+        """A connection went away (see :meth:`SessionTable.connection_closed`).
+        After a burst of closes the freed heap goes back to the system."""
+        if conn.session is not None:
+            self.sessions.connection_closed(conn, conn.session)
+        self._closed_since_trim += 1
+        if (not self.connections or self._closed_since_trim >= TRIM_EVERY) and \
+                not self._trim_scheduled:
+            self._trim_scheduled = True
+            asyncio.get_running_loop().call_soon(self._trim)
+
+    def _trim(self) -> None:
+        self._trim_scheduled = False
+        self._closed_since_trim = 0
+        release_memory()
 
     # ---------------------------------------------------------- discovery
     def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[Portal]:

@@ -10,6 +10,12 @@ Raising the mmap threshold (and the trim threshold, so the heap keeps what
 it has) lets freed buffers be reused without page faults.
 
 Only glibc has ``mallopt``; elsewhere this does nothing.
+
+It lives beside the target, not in the sans-I/O ``iscsi`` package: it
+tunes the process, and both adapters (target and initiator) call it.
+:func:`release_memory` hands freed heap back to the system after a burst
+of connections closes, so a flood of silent connections leaves the
+resident size where it was (the high trim threshold would keep it).
 """
 
 from __future__ import annotations
@@ -21,6 +27,28 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _done = False
+_libc: ctypes.CDLL | None = None
+
+
+def _load() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            return None
+    return _libc
+
+
+def release_memory() -> bool:
+    """Return the free parts of the heap to the system (glibc
+    ``malloc_trim(0)``); True when it did anything."""
+    libc = _load()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    return bool(trim(0))
 
 
 def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
@@ -28,12 +56,9 @@ def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20)
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _load()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
