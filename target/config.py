@@ -74,6 +74,8 @@ class LunSpec:
     mode: str = "normal"
     #: Name of the bandwidth group this LUN's transfers are charged to.
     bandwidth_group: str | None = None
+    #: Multiattach: differencing images kept, one per initiator name.
+    max_overlays: int = 64
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
     if not isinstance(table, dict):
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
-             "vendor", "product", "revision", "write_cache", "device_type", "mode",
+             "vendor", "product", "revision", "write_cache", "device_type", "mode", "max_overlays",
              "bandwidth_group"}
     r.check_keys(table, known, where + ".")
     w = where + "."
@@ -290,6 +292,7 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         raise r.fail(f"{w}mode", f"{mode!r} is not allowed ({', '.join(_MODES)})")
     return LunSpec(
         mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),
+        max_overlays=r.int_in(table, "max_overlays", w, 64, 1, 100000),
         lun=r.int_in(table, "lun", w, index, 0, 16383),
         path=_resolve(base, path) if path else "",
         backend=backend, size=size,

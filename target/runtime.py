@@ -103,7 +103,8 @@ def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
     fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,
                                                                          spec.backend)
     return open_with_mode(spec.path, spec.mode, state_dir=state_dir, fmt=fmt,
-                          read_only=spec.read_only, write_cache=spec.write_cache)
+                          read_only=spec.read_only, write_cache=spec.write_cache,
+                          max_overlays=spec.max_overlays)
 
 
 def build_target(spec: TargetSpec, state_dir: str | None,

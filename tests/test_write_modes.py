@@ -20,7 +20,7 @@ from target.backends.bandwidth import (
     ThrottledBackend,
     parse_limit,
 )
-from target.backends.base import BackendError
+from target.backends.base import BackendError, OutOfResources
 from target.backends.memory import MemoryBackend
 from target.backends.modes import (
     ImmutableBackend,
@@ -314,3 +314,79 @@ def test_multiattach_configured_lun(base_vdi: str) -> None:
 @pytest.mark.interop
 def test_immutable_configured_lun(base_vdi: str, tmp_path: Path) -> None:
     _immutable_proof(base_vdi, [_lun_with_mode(base_vdi, "immutable")], str(tmp_path / "st"))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_multiattach_overlays_are_bounded(tmp_path: Path, base_vdi: str) -> None:
+    """300 initiator names: at most max_overlays overlays, open files
+    bounded, early initiators keep their data, later ones are refused with
+    OutOfResources (not a medium error for everyone)."""
+    now = [0.0]
+    fds = _open_fds()
+    with PerInitiatorBackend(base_vdi, str(tmp_path / "state"), max_overlays=64, max_open=16,
+                             clock=lambda: now[0]) as b:
+        refused = 0
+        for i in range(300):
+            now[0] += 61.0  # each name arrives after the others went idle
+            name = f"iqn.2026-01.org.example:n{i}"
+            try:
+                b.for_initiator(name).write(0, bytes([i & 0xFF]) * 512)
+            except OutOfResources as exc:
+                assert "64 multiattach overlays" in str(exc)
+                refused += 1
+        assert refused == 300 - 64
+        assert len(b.overlays()) == 64
+        assert len(b.initiators()) <= 16
+        assert _open_fds() - fds <= 16 * 4 + 4
+        # An early initiator's overlay is reopened with its data.
+        with initiator_scope("iqn.2026-01.org.example:n3"):
+            assert bytes(b.read(0, 512)) == bytes([3]) * 512
+        # A refused one stays refused; an existing one is never affected.
+        with pytest.raises(OutOfResources):
+            b.for_initiator("iqn.2026-01.org.example:n299")
+
+
+def test_busy_overlays_stay_open(tmp_path: Path, base_vdi: str) -> None:
+    """Overlays used within IDLE_CLOSE are not closed (views of their files
+    may still be on the way to the initiator), even past max_open."""
+    with PerInitiatorBackend(base_vdi, str(tmp_path / "state"), max_open=2,
+                             clock=lambda: 0.0) as b:
+        for i in range(5):
+            b.for_initiator(f"iqn.2026-01.org.example:busy{i}")
+        assert len(b.initiators()) == 5
+
+
+def test_overlay_limit_is_insufficient_resources_over_iscsi(tmp_path: Path,
+                                                           base_vdi: str) -> None:
+    from iscsi.pdu import ScsiCommand, ScsiResponse
+    from tests.rawclient import RawClient
+
+    lun = LunSpec(lun=0, path=base_vdi, mode="multiattach", max_overlays=1)
+    cfg = make_config([lun], state_dir=str(tmp_path / "st"))
+    read10 = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0])
+
+    def read_status(initiator: str) -> tuple[int, bytes]:
+        with RawClient(t.host, t.port) as c:
+            c.login(TARGET_NAME, initiator=initiator)
+            for itt in (1, 2):  # the first may report the power-on unit attention
+                c.send(ScsiCommand(itt=itt, cdb=read10, read=True,
+                                   expected_data_transfer_length=512,
+                                   cmdsn=c.next_cmdsn(), expstatsn=c.statsn))
+                while True:
+                    pdu = c.recv()
+                    if isinstance(pdu, ScsiResponse) or getattr(pdu, "status_present", False):
+                        break
+                status = pdu.status  # type: ignore[attr-defined]
+                sense = pdu.sense if isinstance(pdu, ScsiResponse) else b""
+                if not (sense and sense[2] & 0x0F == 6):
+                    return status, sense
+            return status, sense
+
+    with running_target(cfg) as t:
+        assert read_status("iqn.2026-01.org.example:first")[0] == 0
+        status, sense = read_status("iqn.2026-01.org.example:second")
+        assert status == 2 and sense[2] & 0x0F == 5 and sense[12:14] == b"\x55\x03"
+        assert read_status("iqn.2026-01.org.example:first")[0] == 0

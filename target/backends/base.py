@@ -29,6 +29,12 @@ class BackendError(Exception):
     """
 
 
+class OutOfResources(BackendError):
+    """A limit the administrator set was reached (e.g. the overlays of a
+    multiattach LUN); the SCSI answer is INSUFFICIENT RESOURCES, not a
+    medium error, and other initiators are unaffected."""
+
+
 class MediumError(BackendError):
     """An I/O error while reading or writing the medium (maps to SCSI
     MEDIUM ERROR / unrecovered read error or write fault)."""

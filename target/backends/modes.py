@@ -41,16 +41,20 @@ import contextlib
 import contextvars
 import enum
 import hashlib
+import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Self
 
-from .base import Backend, BackendError, Buffer, DelegatingBackend, Extent
+from .base import Backend, BackendError, Buffer, DelegatingBackend, Extent, OutOfResources
 from .registry import ImageBackend, create_image, formats, open_image
+
+log = logging.getLogger("aioiscsi.target")
 
 __all__ = [
     "CURRENT_INITIATOR",
@@ -263,6 +267,14 @@ class ImmutableBackend(DelegatingBackend):
             self._dir.cleanup()
 
 
+#: Overlays a multiattach LUN keeps (one per initiator name ever seen).
+DEFAULT_MAX_OVERLAYS = 64
+#: Overlay files open at once; idle ones beyond it are closed.
+DEFAULT_MAX_OPEN_OVERLAYS = 16
+#: Seconds unused before an open overlay may be closed.
+IDLE_CLOSE = 60.0
+
+
 class PerInitiatorBackend(Backend):
     """A multiattach image: one differencing child per initiator name.
 
@@ -275,11 +287,21 @@ class PerInitiatorBackend(Backend):
 
     def __init__(self, base_path: str, state_dir: str | None = None, *,
                  fmt: str | None = None, write_through: bool = False,
-                 child_format: str | None = None, reset: bool = False) -> None:
+                 child_format: str | None = None, reset: bool = False,
+                 max_overlays: int = DEFAULT_MAX_OVERLAYS,
+                 max_open: int = DEFAULT_MAX_OPEN_OVERLAYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = base_path
+        self.max_overlays = max_overlays
+        self.max_open = max_open
+        self._clock = clock
+        #: Initiator (lower-cased) -> when its overlay was last used; the
+        #: open ones are closed least recently used first.
+        self._last_use: dict[str, float] = {}
         self._wt = write_through
         self._dir = _StateDir(state_dir, "multiattach")
         self._children: dict[str, ImageBackend] = {}
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -311,13 +333,25 @@ class PerInitiatorBackend(Backend):
         ext = _EXT.get(self._child_format, self._child_format)
         return os.path.join(self._dir.path, f"{self._stem}.multiattach.{digest}.{ext}")
 
+    def overlays(self) -> list[str]:
+        """Paths of every overlay of this LUN in its state directory."""
+        prefix = f"{self._stem}.multiattach."
+        return sorted(os.path.join(self._dir.path, n) for n in os.listdir(self._dir.path)
+                      if n.startswith(prefix))
+
     def for_initiator(self, initiator: str) -> ImageBackend:
-        """The differencing image of ``initiator`` (created on first use)."""
+        """The differencing image of ``initiator`` (created on first use,
+        reopened when it was closed for being idle).
+
+        Raises :class:`OutOfResources` when creating it would exceed
+        ``max_overlays``: the new initiator is refused, the others go on.
+        """
         key = initiator.strip().lower()
         if not key:
             raise BackendError(f"{self.path}: multiattach LUN needs an initiator name")
         child = self._children.get(key)
         if child is not None:
+            self._last_use[key] = self._clock()
             return child
         with self._lock:
             if self._closed:
@@ -326,12 +360,45 @@ class PerInitiatorBackend(Backend):
             if child is None:
                 path = self.child_path(key)
                 if not os.path.exists(path):
+                    if len(self.overlays()) >= self.max_overlays:
+                        if key not in self._refused:
+                            self._refused.add(key)
+                            log.warning("%s: multiattach overlay for %s refused: %d overlays "
+                                        "exist (max_overlays); remove unused ones from %s or "
+                                        "raise the limit", self.path, initiator,
+                                        self.max_overlays, self._dir.path)
+                        raise OutOfResources(f"{self.path}: {self.max_overlays} multiattach "
+                                             f"overlays exist; none for {initiator}")
                     create_overlay(self.path, path, base_format=self._base_format,
                                    child_format=self._child_format)
+                self._close_idle()
                 child = open_image(path, read_only=False, write_through=self._wt,
                                    fmt=self._child_format)
                 self._children[key] = child
+            self._last_use[key] = self._clock()
             return child
+
+    def _close_idle(self) -> None:
+        """Keep at most ``max_open`` - 1 overlays open before opening one
+        more: close those unused for ``IDLE_CLOSE`` seconds, least recently
+        used first (they reopen on their next command). One in use more
+        recently stays open even past the bound -- its data may still be on
+        its way to the initiator as views of its file."""
+        if len(self._children) < self.max_open:
+            return
+        now = self._clock()
+        for key in sorted(self._children, key=lambda k: self._last_use.get(k, 0.0)):
+            if len(self._children) < self.max_open:
+                break
+            if now - self._last_use.get(key, 0.0) < IDLE_CLOSE:
+                break
+            child = self._children[key]
+            try:
+                child.flush()
+                child.close()
+            except BufferError:  # a view of it is still exported: keep it
+                continue
+            del self._children[key]
 
     def initiators(self) -> list[str]:
         """Initiator names (lower-cased) with an open child, sorted."""
@@ -402,7 +469,8 @@ class PerInitiatorBackend(Backend):
 def open_with_mode(path: str, mode: WriteMode | str = WriteMode.NORMAL, *,
                    state_dir: str | None = None, fmt: str | None = None,
                    read_only: bool = False, write_cache: bool = True,
-                   child_format: str | None = None) -> Backend:
+                   child_format: str | None = None,
+                   max_overlays: int = DEFAULT_MAX_OVERLAYS) -> Backend:
     """Open the image a LUN serves, in a write mode.
 
     ``state_dir`` holds the differencing images of immutable/multiattach
@@ -433,4 +501,5 @@ def open_with_mode(path: str, mode: WriteMode | str = WriteMode.NORMAL, *,
     if m is WriteMode.IMMUTABLE:
         return ImmutableBackend(path, state_dir, fmt=fmt, write_through=wt, child_format=child_format)
     assert m is WriteMode.MULTIATTACH
-    return PerInitiatorBackend(path, state_dir, fmt=fmt, write_through=wt, child_format=child_format)
+    return PerInitiatorBackend(path, state_dir, fmt=fmt, write_through=wt,
+                               child_format=child_format, max_overlays=max_overlays)

@@ -33,6 +33,7 @@ from iscsi.scsi.constants import (
     Status,
 )
 from iscsi.scsi.sense import (
+    INSUFFICIENT_RESOURCES,
     INTERNAL_TARGET_FAILURE,
     INVALID_COMMAND_OPERATION_CODE,
     INVALID_FIELD_IN_CDB,
@@ -56,7 +57,7 @@ from iscsi.scsi.sense import (
     miscompare,
     not_ready,
 )
-from target.backends.base import Backend, BackendError
+from target.backends.base import Backend, BackendError, OutOfResources
 
 from . import modes as _modes
 from .modes import ModePages, disk_pages
@@ -412,6 +413,11 @@ class LogicalUnit:
             return self.check_condition(exc.sense)
         except ReservationConflict:
             return ScsiResult(Status.RESERVATION_CONFLICT)
+        except OutOfResources:
+            # A limit the administrator set (multiattach overlays): this
+            # initiator is refused, SPC-4 INSUFFICIENT RESOURCES (55h/03h).
+            return self.check_condition(SenseData(SenseKey.ILLEGAL_REQUEST,
+                                                  *INSUFFICIENT_RESOURCES))
         except BackendError:
             asc = WRITE_ERROR if op in _WRITES else UNRECOVERED_READ_ERROR
             return self.check_condition(SenseData(SenseKey.MEDIUM_ERROR, *asc))
