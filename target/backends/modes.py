@@ -301,7 +301,8 @@ class PerInitiatorBackend(Backend):
         self._wt = write_through
         self._dir = _StateDir(state_dir, "multiattach")
         self._children: dict[str, ImageBackend] = {}
-        self._refused: set[str] = set()
+        self._refusals = 0
+        self._refusal_logged = float("-inf")
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -361,12 +362,17 @@ class PerInitiatorBackend(Backend):
                 path = self.child_path(key)
                 if not os.path.exists(path):
                     if len(self.overlays()) >= self.max_overlays:
-                        if key not in self._refused:
-                            self._refused.add(key)
+                        # One log line a minute however many names arrive
+                        # (a flood of new names must not flood the log).
+                        self._refusals += 1
+                        now = self._clock()
+                        if now - self._refusal_logged >= 60.0:
                             log.warning("%s: multiattach overlay for %s refused: %d overlays "
-                                        "exist (max_overlays); remove unused ones from %s or "
-                                        "raise the limit", self.path, initiator,
-                                        self.max_overlays, self._dir.path)
+                                        "exist (max_overlays); %d refused in all; remove "
+                                        "unused ones from %s or raise the limit", self.path,
+                                        initiator, self.max_overlays, self._refusals,
+                                        self._dir.path)
+                            self._refusal_logged = now
                         raise OutOfResources(f"{self.path}: {self.max_overlays} multiattach "
                                              f"overlays exist; none for {initiator}")
                     create_overlay(self.path, path, base_format=self._base_format,
