@@ -73,14 +73,8 @@ from .opcodes import (
 from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
 from .vpd import InquiryInfo, standard_inquiry, vpd_page
 
-try:  # E2's module; without it the reservation commands answer INVALID OPCODE
-    from .reservations import ReservationConflict
-    from .reservations import Reservations as _Reservations
-except ImportError:  # pragma: no cover - depends on development state
-    _Reservations = None  # type: ignore[assignment,misc]
-
-    class ReservationConflict(Exception):  # type: ignore[no-redef]
-        """Stand-in until reservations.py exists."""
+from .reservations import ReservationConflict
+from .reservations import Reservations as _Reservations
 
 AscAscq: TypeAlias = tuple[int, int]
 HandlerResult: TypeAlias = ScsiResult | Awaitable[ScsiResult]
@@ -178,12 +172,10 @@ class LogicalUnit:
         self.started = True
         self.medium_present = True
         self.tray_open = False
-        self.reservations: Any = None
-        if _Reservations is not None:
-            path = None
-            if self.config.state_dir:
-                path = os.path.join(self.config.state_dir, f"pr-lun{self.lun}.json")
-            self.reservations = _Reservations(path)
+        path = None
+        if self.config.state_dir:
+            path = os.path.join(self.config.state_dir, f"pr-lun{self.lun}.json")
+        self.reservations = _Reservations(path)
         self.xcopy: Any = None
         self.alua: Any = None
         self._wce = True
@@ -204,7 +196,7 @@ class LogicalUnit:
         self.lun = lun
         self.target_name = target_name
         self.config.resolve(target_name, lun)
-        if _Reservations is not None and self.config.state_dir:
+        if self.config.state_dir:
             self.reservations = _Reservations(os.path.join(self.config.state_dir, f"pr-lun{lun}.json"))
 
     @property
@@ -926,7 +918,7 @@ class LogicalUnit:
         )
 
     def _tpc_page(self) -> bytes | None:
-        """VPD 8Fh from E2's copy manager, when there is one."""
+        """VPD 8Fh (third-party copy) from the target's copy manager."""
         if self.xcopy is None:
             return None
         build = getattr(sys.modules.get(type(self.xcopy).__module__), "third_party_copy_vpd", None)
@@ -1084,7 +1076,7 @@ class LogicalUnit:
             return _good(_alloc(self.alua.report_target_port_groups(nexus, cdb), alloc))
         raise invalid_field_in_cdb(1, 4)
 
-    # ----- E2's commands ------------------------------------------------------
+    # ----- persistent reservations, third-party copy, ALUA ---------------------
 
     def _no_opcode(self) -> CheckCondition:
         return illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)

@@ -8,9 +8,7 @@ and calls :meth:`ScsiTarget.execute`.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
 
 from iscsi.scsi.cdb import build_report_luns_data, encode_lun
 from iscsi.scsi.constants import Opcode, SenseKey, Status
@@ -24,26 +22,14 @@ from iscsi.scsi.sense import (
     invalid_field_in_cdb,
 )
 
+from .alua import Alua
 from .lu import LogicalUnit
 from .types import SIMPLE, Buffer, Nexus, ScsiResult
 from .vpd import missing_lun_inquiry
-
-
-def _optional(name: str) -> Any:
-    """E2's modules (xcopy, alua) are optional until they exist; without
-    them their commands answer INVALID COMMAND OPERATION CODE."""
-    try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.{name}":
-            raise
-        return None
+from .xcopy import XCopyManager
 
 
 __all__ = ["PortGroup", "ScsiTarget", "encode_lun"]  # encode_lun: the one in iscsi.scsi.cdb
-
-_xcopy = _optional("xcopy")
-_alua = _optional("alua")
 
 #: (group id, relative target port ids, asymmetric access state)
 PortGroup = tuple[int, list[int], int]
@@ -68,30 +54,15 @@ class ScsiTarget:
         self.luns: dict[int, LogicalUnit] = dict(luns)
         self._nexuses: dict[str, Nexus] = {}
         self.port_groups = list(target_port_groups or [])
-        self.xcopy: Any = None
-        self.alua: Any = None
-        if _xcopy is not None:
-            self.xcopy = _xcopy.XCopyManager(self.lookup_lu)
-        if _alua is not None:
-            self.alua = self._make_alua()
+        self.xcopy = XCopyManager(self.lookup_lu)
+        self.alua = Alua(self.port_groups or None)
         for lun, lu in self.luns.items():
             self._attach(lun, lu)
-
-    def _make_alua(self) -> Any:
-        """Build E2's ALUA object, tolerating the constructor it settles on."""
-        cls: Callable[..., Any] | None = getattr(_alua, "Alua", None) or getattr(_alua, "ALUA", None)
-        if cls is None:
-            return None
-        try:
-            return cls(self.port_groups or None)
-        except TypeError:
-            return cls()
 
     def _attach(self, lun: int, lu: LogicalUnit) -> None:
         lu.bind(self.name, lun)
         lu.xcopy = self.xcopy
-        if self.alua is not None and hasattr(self.alua, "report_target_port_groups"):
-            lu.alua = self.alua
+        lu.alua = self.alua
         for nexus in self._nexuses.values():
             lu.add_nexus(nexus)
 
