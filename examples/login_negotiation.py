@@ -8,7 +8,7 @@ memory (no sockets), and print what was negotiated.
 from __future__ import annotations
 
 from iscsi.login import InitiatorLogin, SimpleLoginPolicy, TargetEntry, TargetLogin
-from iscsi.pdu import decode_pdu
+from iscsi.framing import decode_pdu
 
 TARGET = "iqn.2026-11.org.aioiscsi.example:disk"
 

@@ -27,6 +27,7 @@ from .errors import (
     DataSegmentTooLong,
     FramingError,
     HeaderDigestError,
+    PDUFormatError,
     ProtocolError,
 )
 from .pdu import PDU, decode_header_and_data
@@ -367,3 +368,15 @@ class PDUReader:
         if self._start:
             self._stage[:n] = self._stage[self._start : self._end]
             self._start, self._end = 0, n
+
+
+def decode_pdu(raw: Buffer, *, header_digest: bool = False, data_digest: bool = False,
+               max_data_segment_length: int = (1 << 24) - 1) -> PDU:
+    """Decode exactly one whole PDU from ``raw`` (tests, tools)."""
+    reader = PDUReader(max_data_segment_length=max_data_segment_length,
+                       header_digest=header_digest, data_digest=data_digest)
+    pdus = reader.feed(raw)
+    if len(pdus) != 1 or reader.buffered:
+        raise PDUFormatError(f"expected exactly one PDU, got {len(pdus)} "
+                             f"and {reader.buffered} bytes left over")
+    return pdus[0]

@@ -886,20 +886,6 @@ def decode_header_and_data(hdr: bytes, ahs: bytes, data: Buffer) -> PDU:
         raise PDUFormatError(f"malformed {cls.__name__}: {exc}", header=hdr) from exc
 
 
-def decode_pdu(raw: Buffer, *, header_digest: bool = False, data_digest: bool = False,
-               max_data_segment_length: int = (1 << 24) - 1) -> PDU:
-    """Decode exactly one whole PDU from ``raw`` (tests, tools)."""
-    from .framing import PDUReader
-
-    reader = PDUReader(max_data_segment_length=max_data_segment_length,
-                       header_digest=header_digest, data_digest=data_digest)
-    pdus = reader.feed(raw)
-    if len(pdus) != 1 or reader.buffered:
-        raise PDUFormatError(f"expected exactly one PDU, got {len(pdus)} "
-                             f"and {reader.buffered} bytes left over")
-    return pdus[0]
-
-
 __all__ = [
     "PDU",
     "PDU_CLASSES",
@@ -926,7 +912,6 @@ __all__ = [
     "data_in_header",
     "decode_lun",
     "frame",
-    "decode_pdu",
     "encode_lun",
     "iter_ahs",
 ]

@@ -40,6 +40,7 @@ from iscsi.errors import (
     ProtocolError,
     UnsupportedOpcode,
 )
+from iscsi.framing import decode_pdu
 from iscsi.pdu import (
     PDU,
     PDU_CLASSES,
@@ -62,7 +63,6 @@ from iscsi.pdu import (
     TextRequest,
     TextResponse,
     decode_lun,
-    decode_pdu,
     encode_lun,
 )
 
