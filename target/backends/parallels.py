@@ -39,7 +39,7 @@ from .registry import (
     open_file,
     parse_size,
 )
-from .vdi import (
+from .mapped import (
     RUN_DATA,
     RUN_ZERO,
     MappedImage,

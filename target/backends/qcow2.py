@@ -45,8 +45,8 @@ from .registry import (
     open_file,
     parse_size,
 )
-from .vdi import RUN_BYTES, RUN_DATA, RUN_PARENT, RUN_ZERO, MappedImage, Run, RunWriter
-from .vdi import pwrite_all as pwrite_medium
+from .mapped import RUN_BYTES, RUN_DATA, RUN_PARENT, RUN_ZERO, MappedImage, Run, RunWriter
+from .mapped import pwrite_all as pwrite_medium
 
 __all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
 

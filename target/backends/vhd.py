@@ -67,7 +67,7 @@ from .registry import (
     parent_for_create,
     resolve_backing,
 )
-from .vdi import (
+from .mapped import (
     RUN_DATA,
     RUN_PARENT,
     RUN_ZERO,

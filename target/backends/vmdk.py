@@ -56,7 +56,7 @@ from .registry import (
     parent_for_create,
     resolve_backing,
 )
-from .vdi import (
+from .mapped import (
     RUN_BYTES,
     RUN_DATA,
     RUN_PARENT,
