@@ -154,6 +154,8 @@ class InitiatorEngine:
         self._last_rx = self._now = now
         #: ITT -> ("ping" | "keepalive" | "logout", None) or ("tmf", function, Command | None)
         self._exchanges: dict[int, tuple[str, int, Command | None]] = {}
+        #: ITT -> LUN of each TMF outstanding.
+        self._tmf_lun: dict[int, int] = {}
         self._keepalive: tuple[int, float] | None = None
         self._text: _Text | None = None
         #: The target's NOP-In pings answered (§11.18.1).
@@ -412,6 +414,8 @@ class InitiatorEngine:
                 self.tags.discard(pdu.itt)
                 if ex[0] == "keepalive":
                     self._keepalive = None
+                    if self.nop_interval:
+                        self._timers.set("nop", self._now + self.nop_interval)
                 else:
                     self.events.append(PingAnswered(pdu.itt, bytes(pdu.data)))
         if pdu.ttt != RESERVED_TAG:
@@ -427,12 +431,13 @@ class InitiatorEngine:
                         referenced_itt: int = RESERVED_TAG) -> int:
         """Send a Task Management Function Request (§11.5, immediate); the
         answer is :class:`TaskManagementDone`."""
-        return self._tmf("tmf", function, lun, referenced_itt, None)
+        return self._tmf("tmf", function, lun, referenced_itt, self.tasks.get(referenced_itt))
 
     def _tmf(self, kind: str, function: int, lun: int, referenced_itt: int,
              cmd: Command | None) -> int:
         ref = self.tasks.get(referenced_itt)
         itt = self._exchange(kind, function, cmd)
+        self._tmf_lun[itt] = lun
         self.outbox.add(TaskMgmtRequest(
             function=function, lun=encode_lun(lun), itt=itt,
             referenced_task_tag=referenced_itt if function == TMFunction.ABORT_TASK
@@ -451,10 +456,16 @@ class InitiatorEngine:
         self.tags.discard(pdu.itt)
         self._timers.cancel(f"tmf{pdu.itt}")
         kind, function, cmd = ex
+        lun = self._tmf_lun.pop(pdu.itt, 0)
         ok = pdu.response in (TMResponse.FUNCTION_COMPLETE, TMResponse.TASK_DOES_NOT_EXIST)
         if kind == "tmf":
             if pdu.response == TMResponse.FUNCTION_COMPLETE:
-                self._aborted_by(function, pdu, "aborted")
+                if function == TMFunction.ABORT_TASK and cmd is not None \
+                        and self.tasks.get(cmd.itt) is cmd:
+                    # The aborted task gets no status (§4.2.3.3): it ends here.
+                    self._end(cmd)
+                    self.events.append(CommandFailed(cmd, "aborted", "ended by ABORT TASK"))
+                self._aborted_by(function, pdu, "aborted", lun)
             self.events.append(TaskManagementDone(pdu.itt, function, pdu.response))
             return
         assert cmd is not None
@@ -477,8 +488,6 @@ class InitiatorEngine:
                     lun: int | None = None) -> None:
         """Commands a successful TMF ended at the target get no status:
         they end here (§4.2.3.3)."""
-        if function == TMFunction.ABORT_TASK:
-            return  # the owner's ABORT TASK: handled by the owner's wait
         if function in (TMFunction.LOGICAL_UNIT_RESET, TMFunction.ABORT_TASK_SET,
                         TMFunction.CLEAR_TASK_SET):
             victims = [c for c in self.tasks.values() if lun is None or c.lun == lun]
