@@ -49,8 +49,8 @@ KiB = 1024
 def engine(depth: int = 8, **kw: object) -> InitiatorEngine:
     opts = {k: kw.pop(k) for k in list(kw) if k in (
         "nop_interval", "nop_timeout", "command_timeout", "tmf_timeout", "queue_depth")}
-    return InitiatorEngine(InitiatorParams(**kw), cmdsn=1, expcmdsn=1,  # type: ignore[arg-type]
-                           maxcmdsn=depth, exp_statsn=10, now=0.0, **opts)  # type: ignore[arg-type]
+    return InitiatorEngine(InitiatorParams(**kw), cmdsn=1, expcmdsn=1,
+                           maxcmdsn=depth, exp_statsn=10, now=0.0, **opts)
 
 
 def sent(e: InitiatorEngine) -> list[PDU]:
