@@ -1,3 +1,4 @@
+# mypy: disable-error-code="arg-type"
 """A small deliberately misbehaving iSCSI target for the initiator's tests.
 
 It logs in with the real target login state machine

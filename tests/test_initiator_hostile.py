@@ -1,3 +1,4 @@
+# mypy: disable-error-code="arg-type"
 """The initiator against a malicious target (issue 9, items 7-10): each
 violation ends the command with a clear error, in bounded time, after a
 bounded number of logins; nothing escapes into the event loop."""
@@ -27,7 +28,7 @@ def options(**kw: object) -> SessionOptions:
         "command_timeout": 2.0, "tmf_timeout": 0.5, "command_retries": RETRIES,
         "reconnect_backoff_max": 0.2, "replacement_timeout": 10.0, "login_timeout": 5.0}
     base.update(kw)
-    return SessionOptions(**base)  # type: ignore[arg-type]
+    return SessionOptions(**base)
 
 
 async def run_one(target: HostileTarget, *, write: bool, **kw: object) -> BaseException:
@@ -82,7 +83,7 @@ def close_mid_data_in(conn: HostileConnection, cmd: ScsiCommand) -> None:
     (close_mid_data_in, False)])
 async def test_violation_fails_after_bounded_paced_retries(behaviour: object,
                                                            write: bool) -> None:
-    async with HostileTarget(behaviour) as t:  # type: ignore[arg-type]
+    async with HostileTarget(behaviour) as t:
         start = time.monotonic()
         err = await run_one(t, write=write)
         elapsed = time.monotonic() - start
@@ -105,7 +106,7 @@ def good_without_data(conn: HostileConnection, cmd: ScsiCommand) -> None:
 
 @pytest.mark.parametrize("behaviour", [good_with_512_of_4096, good_without_data])
 async def test_good_status_for_missing_data_is_an_error(behaviour: object) -> None:
-    async with HostileTarget(behaviour) as t:  # type: ignore[arg-type]
+    async with HostileTarget(behaviour) as t:
         err = await run_one(t, write=False)
     assert isinstance(err, TargetProtocolError) and "4096" in str(err)
     assert t.logins == 1
