@@ -16,7 +16,8 @@ timeout, per-command timeouts and their escalation ABORT TASK -> LOGICAL
 UNIT RESET -> session recovery, the order Linux's SCSI error handler uses).
 
 Everything to send is in :attr:`~InitiatorEngine.outbox`; the owner drains
-it with one ``writelines`` per batch.
+it with one ``writelines`` per batch. The commands and events are in
+:mod:`.initiator_tasks`, the non-SCSI exchanges in :mod:`.initiator_control`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,10 @@ from collections.abc import Callable
 
 from ..constants import (
     RESERVED_TAG,
-    AsyncEvent,
     ISCSIResponse,
     LogoutReason,
     Opcode,
-    RejectReason,
     TMFunction,
-    TMResponse,
 )
 from ..errors import ProtocolError
 from ..pdu import (
@@ -43,22 +41,19 @@ from ..pdu import (
     AsyncMessage,
     DataIn,
     DataOut,
-    LogoutRequest,
     LogoutResponse,
     NopIn,
     NopOut,
     Reject,
     ScsiCommand,
     ScsiResponse,
-    TaskMgmtRequest,
     TaskMgmtResponse,
-    TextRequest,
     TextResponse,
     encode_lun,
 )
 from ..serial import CmdWindow, TagAllocator, sn_add, sn_gt
-from ..text import TextAssembler, decode_text, split_text
 from .common import Deadlines, Outbox, segments
+from .initiator_control import Control
 from .initiator_tasks import (
     AsyncNotice,
     Command,
@@ -87,17 +82,6 @@ class TargetViolation(ProtocolError):
     repair: the connection ends and the session recovers (§7.1.4.3)."""
 
     drop_connection = True
-
-
-class _Text:
-    """A Text exchange in progress (§11.10, §11.11)."""
-
-    __slots__ = ("itt", "rest", "assembler")
-
-    def __init__(self, itt: int, rest: list[bytes]) -> None:
-        self.itt = itt
-        self.rest = rest
-        self.assembler = TextAssembler()
 
 
 class InitiatorEngine:
@@ -154,10 +138,8 @@ class InitiatorEngine:
         self._last_rx = self._now = now
         #: ITT -> ("ping" | "keepalive" | "logout", None) or ("tmf", function, Command | None)
         self._exchanges: dict[int, tuple[str, int, Command | None]] = {}
-        #: ITT -> LUN of each TMF outstanding.
-        self._tmf_lun: dict[int, int] = {}
         self._keepalive: tuple[int, float] | None = None
-        self._text: _Text | None = None
+        self.control = Control(self)
         #: The target's NOP-In pings answered (§11.18.1).
         self.target_pings = 0
         if nop_interval:
@@ -166,12 +148,12 @@ class InitiatorEngine:
             Opcode.SCSI_DATA_IN: self._on_data_in,  # type: ignore[dict-item]
             Opcode.SCSI_RESPONSE: self._on_response,  # type: ignore[dict-item]
             Opcode.R2T: self._on_r2t,  # type: ignore[dict-item]
-            Opcode.NOP_IN: self._on_nop_in,  # type: ignore[dict-item]
-            Opcode.TASK_MGMT_RESPONSE: self._on_tmf_response,  # type: ignore[dict-item]
-            Opcode.TEXT_RESPONSE: self._on_text_response,  # type: ignore[dict-item]
-            Opcode.LOGOUT_RESPONSE: self._on_logout_response,  # type: ignore[dict-item]
-            Opcode.ASYNC_MESSAGE: self._on_async,  # type: ignore[dict-item]
-            Opcode.REJECT: self._on_reject,  # type: ignore[dict-item]
+            Opcode.NOP_IN: self.control.on_nop_in,  # type: ignore[dict-item]
+            Opcode.TASK_MGMT_RESPONSE: self.control.on_tmf_response,  # type: ignore[dict-item]
+            Opcode.TEXT_RESPONSE: self.control.on_text_response,  # type: ignore[dict-item]
+            Opcode.LOGOUT_RESPONSE: self.control.on_logout_response,  # type: ignore[dict-item]
+            Opcode.ASYNC_MESSAGE: self.control.on_async,  # type: ignore[dict-item]
+            Opcode.REJECT: self.control.on_reject,  # type: ignore[dict-item]
         }
 
     # ------------------------------------------------------------ feeding
@@ -391,236 +373,32 @@ class InitiatorEngine:
             return  # an ABORT TASK is on its way; send nothing more
         self._data_out(cmd, pdu.ttt, start, start + length)
 
-    # --------------------------------------------------------------- NOP
+    # ------------------------------------------- NOP, TMF, Text, Logout
     def ping(self, now: float, data: bytes = b"") -> int:
         """Send a NOP-Out ping (§11.18); the answer is :class:`PingAnswered`."""
-        itt = self._exchange("ping")
-        self.outbox.add(NopOut(itt=itt, ttt=RESERVED_TAG, lun=0, cmdsn=self.cmdsn,
-                               expstatsn=self.exp_statsn, immediate=True, data=data))
-        return itt
+        return self.control.ping(now, data)
+
+    def task_management(self, function: int, now: float, lun: int = 0,
+                        referenced_itt: int = RESERVED_TAG) -> int:
+        """Send a Task Management Function Request (§11.5, immediate); the
+        answer is :class:`TaskManagementDone`."""
+        return self.control.task_management(function, now, lun, referenced_itt)
+
+    def text(self, data: bytes, now: float) -> int:
+        """Start a Text exchange with encoded ``data`` (continuations as
+        needed, §11.10.2); the answer is :class:`TextDone`."""
+        return self.control.text(data, now)
+
+    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION) -> int:
+        """Send an immediate Logout Request (§11.14); no further command
+        is sent. The answer is :class:`LogoutDone`."""
+        return self.control.logout(now, reason)
 
     def _exchange(self, kind: str, function: int = 0, cmd: Command | None = None) -> int:
         itt = self.tags.allocate()
         self._exchanges[itt] = (kind, function, cmd)
         return itt
 
-    def _on_nop_in(self, pdu: NopIn) -> None:
-        self._window(pdu)
-        if pdu.itt != RESERVED_TAG:
-            # The answer to a ping carries a StatSN (§11.19.2).
-            self._status_seen(pdu.statsn)
-            ex = self._exchanges.pop(pdu.itt, None)
-            if ex is not None:
-                self.tags.discard(pdu.itt)
-                if ex[0] == "keepalive":
-                    self._keepalive = None
-                    if self.nop_interval:
-                        self._timers.set("nop", self._now + self.nop_interval)
-                else:
-                    self.events.append(PingAnswered(pdu.itt, bytes(pdu.data)))
-        if pdu.ttt != RESERVED_TAG:
-            # §11.18.1: the target's ping: echo its TTT and data, ITT
-            # reserved, immediate, CmdSN not advanced.
-            self.target_pings += 1
-            self.outbox.add(NopOut(itt=RESERVED_TAG, ttt=pdu.ttt, lun=pdu.lun, cmdsn=self.cmdsn,
-                                   expstatsn=self.exp_statsn, immediate=True,
-                                   data=bytes(pdu.data)))
-
-    # --------------------------------------------------------------- TMF
-    def task_management(self, function: int, now: float, lun: int = 0,
-                        referenced_itt: int = RESERVED_TAG) -> int:
-        """Send a Task Management Function Request (§11.5, immediate); the
-        answer is :class:`TaskManagementDone`."""
-        return self._tmf("tmf", function, lun, referenced_itt, self.tasks.get(referenced_itt))
-
-    def _tmf(self, kind: str, function: int, lun: int, referenced_itt: int,
-             cmd: Command | None) -> int:
-        ref = self.tasks.get(referenced_itt)
-        itt = self._exchange(kind, function, cmd)
-        self._tmf_lun[itt] = lun
-        self.outbox.add(TaskMgmtRequest(
-            function=function, lun=encode_lun(lun), itt=itt,
-            referenced_task_tag=referenced_itt if function == TMFunction.ABORT_TASK
-            else RESERVED_TAG,
-            # RefCmdSN: the referenced task's CmdSN (§11.5.4).
-            refcmdsn=ref.cmdsn if ref is not None else self.cmdsn,
-            cmdsn=self.cmdsn, expstatsn=self.exp_statsn, immediate=True))
-        return itt
-
-    def _on_tmf_response(self, pdu: TaskMgmtResponse) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu)
-        ex = self._exchanges.pop(pdu.itt, None)
-        if ex is None:
-            return
-        self.tags.discard(pdu.itt)
-        self._timers.cancel(f"tmf{pdu.itt}")
-        kind, function, cmd = ex
-        lun = self._tmf_lun.pop(pdu.itt, 0)
-        ok = pdu.response in (TMResponse.FUNCTION_COMPLETE, TMResponse.TASK_DOES_NOT_EXIST)
-        if kind == "tmf":
-            if pdu.response == TMResponse.FUNCTION_COMPLETE:
-                if function == TMFunction.ABORT_TASK and cmd is not None \
-                        and self.tasks.get(cmd.itt) is cmd:
-                    # The aborted task gets no status (§4.2.3.3): it ends here.
-                    self._end(cmd)
-                    self.events.append(CommandFailed(cmd, "aborted", "ended by ABORT TASK"))
-                self._aborted_by(function, pdu, "aborted", lun)
-            self.events.append(TaskManagementDone(pdu.itt, function, pdu.response))
-            return
-        assert cmd is not None
-        if ok:
-            # The timed-out task is gone at the target (or was never
-            # there): it fails with the timeout (Linux: eh_abort_handler).
-            self._end(cmd)
-            self.events.append(CommandFailed(cmd, "timeout", self._timeout_text(cmd)))
-            if kind == "reset":
-                self._aborted_by(TMFunction.LOGICAL_UNIT_RESET, pdu, "reset", cmd.lun)
-        elif kind == "abort":
-            # ABORT TASK refused: reset the LU (eh_device_reset_handler).
-            itt = self._tmf("reset", TMFunction.LOGICAL_UNIT_RESET, cmd.lun, RESERVED_TAG, cmd)
-            self._timers.set(f"tmf{itt}", self._now + self.tmf_timeout)
-        else:
-            self.events.append(ConnectionFailed(
-                f"LOGICAL UNIT RESET refused (response {pdu.response}) after a command timeout"))
-
-    def _aborted_by(self, function: int, pdu: TaskMgmtResponse, kind: str,
-                    lun: int | None = None) -> None:
-        """Commands a successful TMF ended at the target get no status:
-        they end here (§4.2.3.3)."""
-        if function in (TMFunction.LOGICAL_UNIT_RESET, TMFunction.ABORT_TASK_SET,
-                        TMFunction.CLEAR_TASK_SET):
-            victims = [c for c in self.tasks.values() if lun is None or c.lun == lun]
-        elif function in (TMFunction.TARGET_WARM_RESET, TMFunction.TARGET_COLD_RESET):
-            victims = list(self.tasks.values())
-        else:
-            return
-        for c in victims:
-            self._end(c)
-            self.events.append(CommandFailed(c, kind, f"ended by task management function "
-                                                      f"{function}"))
-
-    def _timeout_text(self, cmd: Command) -> str:
-        return (f"no status for CDB 0x{cmd.cdb[0]:02x} within the command timeout of "
-                f"{self.command_timeout:g} s; the task was aborted")
-
-    # -------------------------------------------------------------- text
-    def text(self, data: bytes, now: float) -> int:
-        """Start a Text exchange with encoded ``data`` (split into
-        continuations of at most MaxRecvDataSegmentLength, §11.10.2); the
-        answer is :class:`TextDone`. One exchange at a time."""
-        if self._text is not None:
-            raise RuntimeError("a Text exchange is already in progress")
-        parts = split_text(data, self.params.max_xmit) or [b""]
-        itt = self._exchange("text")
-        self._text = _Text(itt, parts)
-        self._text_pdu(RESERVED_TAG)
-        return itt
-
-    def _text_pdu(self, ttt: int) -> None:
-        t = self._text
-        assert t is not None
-        seg = t.rest.pop(0) if t.rest else b""
-        final = not t.rest
-        cmdsn = self.cmdsn
-        self.cmdsn = sn_add(cmdsn, 1)
-        self.outbox.add(TextRequest(final=final, cont=not final, itt=t.itt, ttt=ttt, cmdsn=cmdsn,
-                                    expstatsn=self.exp_statsn, data=seg))
-
-    def _on_text_response(self, pdu: TextResponse) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu)
-        t = self._text
-        if t is None or pdu.itt != t.itt:
-            return
-        if t.rest:
-            # The target took a continuation of our request (§11.10.2).
-            self._text_pdu(pdu.ttt)
-            return
-        try:
-            whole = t.assembler.feed(pdu.data, pdu.cont)
-        except ProtocolError as exc:
-            self._text_end(ExchangeFailed(t.itt, f"bad Text Response: {exc}"))
-            return
-        if whole is None:
-            if pdu.final:
-                self._text_end(ExchangeFailed(t.itt, "Text Response with both F and C bits"))
-                return
-            # §11.11.4: ask for the rest with an empty request and its TTT.
-            self._text_pdu(pdu.ttt)
-            return
-        if not pdu.final:
-            self._text_end(ExchangeFailed(t.itt, "Text Response without F or C bit"))
-            return
-        try:
-            pairs = decode_text(whole)
-        except ProtocolError as exc:
-            self._text_end(ExchangeFailed(t.itt, f"bad Text Response: {exc}"))
-            return
-        self._text_end(TextDone(t.itt, pairs))
-
-    def _text_end(self, event: TextDone | ExchangeFailed) -> None:
-        if self._text is not None:
-            self._exchanges.pop(self._text.itt, None)
-            self.tags.discard(self._text.itt)
-        self._text = None
-        self.events.append(event)
-
-    # ------------------------------------------------------------ logout
-    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION) -> int:
-        """Send an immediate Logout Request (§11.14). No further command
-        is sent; those in flight may still complete before the response
-        (:class:`LogoutDone`)."""
-        self.logging_out = True
-        itt = self._exchange("logout")
-        self.outbox.add(LogoutRequest(reason=reason, itt=itt, cid=self.cid, cmdsn=self.cmdsn,
-                                      expstatsn=self.exp_statsn, immediate=True))
-        return itt
-
-    def _on_logout_response(self, pdu: LogoutResponse) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu)
-        if self._exchanges.pop(pdu.itt, None) is not None:
-            self.tags.discard(pdu.itt)
-            self.events.append(LogoutDone(pdu.itt, pdu.response, pdu.time2wait,
-                                          pdu.time2retain))
-
-    # ---------------------------------------------------- async, reject
-    def _on_async(self, pdu: AsyncMessage) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu)
-        sense = bytes(pdu.data[2:]) if pdu.async_event == AsyncEvent.SCSI_ASYNC_EVENT \
-            and len(pdu.data) >= 2 else b""
-        self.events.append(AsyncNotice(pdu.async_event, pdu.lun, sense, pdu.parameter1,
-                                       pdu.parameter2, pdu.parameter3))
-
-    def _on_reject(self, pdu: Reject) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu)
-        try:
-            words = RejectReason(pdu.reason).name.lower().replace("_", " ")
-        except ValueError:
-            words = f"reason 0x{pdu.reason:02x}"
-        reason = f"target rejected a PDU: {words}"
-        itt = pdu.rejected_itt
-        if itt is not None:
-            cmd = self.tasks.get(itt)
-            if cmd is not None and pdu.rejected_opcode == Opcode.SCSI_COMMAND:
-                # §7.4.1 (ERL 0): a rejected command gets no response.
-                self._end(cmd)
-                self.events.append(CommandFailed(cmd, "rejected", reason))
-                return
-            if self._text is not None and self._text.itt == itt:
-                self._text_end(ExchangeFailed(itt, reason))
-                return
-            if itt in self._exchanges:
-                self._exchanges.pop(itt)
-                self.tags.discard(itt)
-                self.events.append(ExchangeFailed(itt, reason))
-                return
-        if pdu.reason == RejectReason.DATA_DIGEST_ERROR:
-            # ERL 0 cannot resend the data: recover the session (§7.8).
-            self.events.append(ConnectionFailed(reason))
 
     # ------------------------------------------------------------ timers
     def get_timer(self) -> float | None:
@@ -636,13 +414,13 @@ class InitiatorEngine:
         return t
 
     def _live(self, cmd: Command) -> bool:
-        """A command whose deadline still matters: queued or in flight,
-        and not already being aborted."""
+        """A command whose deadline still matters: in flight here, or
+        queued here (an unsent command in this heap is in this engine's
+        queue until it times out or the engine closes), and not already
+        being aborted."""
         if cmd.aborting or cmd.timed_out:
             return False
-        if cmd.sent:
-            return self.tasks.get(cmd.itt) is cmd
-        return cmd in self.queue or cmd in self.urgent
+        return not cmd.sent or self.tasks.get(cmd.itt) is cmd
 
     def handle_timer(self, now: float) -> list[Event]:
         """Run whatever is due at ``now``."""
@@ -676,7 +454,7 @@ class InitiatorEngine:
             return
         # ABORT TASK first (§11.5.1), escalating on refusal or silence.
         cmd.aborting = True
-        itt = self._tmf("abort", TMFunction.ABORT_TASK, cmd.lun, cmd.itt, cmd)
+        itt = self.control.tmf("abort", TMFunction.ABORT_TASK, cmd.lun, cmd.itt, cmd)
         self._timers.set(f"tmf{itt}", now + self.tmf_timeout)
 
     def _nop_due(self, now: float) -> None:
