@@ -477,6 +477,8 @@ class Session:
             nop_interval=None if self.discovery else o.nop_interval,
             nop_timeout=o.nop_timeout, command_timeout=o.command_timeout,
             tmf_timeout=o.tmf_timeout, queue_depth=o.queue_depth)
+        # Data-In placement straight to the engine (one call less per PDU).
+        conn.reader.placement = self._engine.placement
         log.info("logged in to %s at %s (TSIH %d): %s", self.target_name or "discovery",
                  self.portal, self.tsih, p)
 
@@ -620,11 +622,13 @@ class Session:
         if engine.outbox and conn is not None and not conn.write_paused:
             conn.send(engine.outbox.take())
         at = engine.get_timer()
-        if at != self._timer_at:
+        # Re-arm only for an earlier deadline: the oldest command's deadline
+        # moves on with nearly every completion, and a timer that fires
+        # early just finds nothing due and re-arms (no handle per batch).
+        if at is not None and (self._timer_at is None or at < self._timer_at):
             self._cancel_timer()
-            if at is not None:
-                self._timer_at = at
-                self._timer = self._loop.call_at(at, self._on_timer)
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -49,7 +49,6 @@ from ..pdu import (
     ScsiResponse,
     TaskMgmtResponse,
     TextResponse,
-    encode_lun,
 )
 from ..serial import CmdWindow, TagAllocator, sn_add, sn_gt
 from .common import Deadlines, Outbox, segments
@@ -241,7 +240,7 @@ class InitiatorEngine:
         cmd.solicited_sent = unsol
         self.tasks[cmd.itt] = cmd
         self.outbox.add(ScsiCommand(
-            itt=cmd.itt, lun=encode_lun(cmd.lun), cdb=cmd.cdb, expected_data_transfer_length=edtl,
+            itt=cmd.itt, lun=cmd.lun_field, cdb=cmd.cdb, expected_data_transfer_length=edtl,
             cmdsn=cmd.cmdsn, expstatsn=self.exp_statsn, read=cmd.data_in is not None,
             write=data_out is not None, final=unsol == imm, attr=cmd.attr,
             data=data_out[:imm] if imm and data_out is not None else b""))
@@ -254,7 +253,7 @@ class InitiatorEngine:
         (§11.7.5), F on the last (§11.7.1); payloads are views."""
         data = cmd.data_out
         assert data is not None
-        add, lun, exp = self.outbox.add, encode_lun(cmd.lun), self.exp_statsn
+        add, lun, exp = self.outbox.add, cmd.lun_field, self.exp_statsn
         for datasn, (off, n, final) in enumerate(segments(start, end, self.params.max_xmit)):
             add(DataOut(final=final, lun=lun, itt=cmd.itt, ttt=ttt, expstatsn=exp,
                         datasn=datasn, buffer_offset=off, data=data[off : off + n]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..constants import RESERVED_TAG
+from ..pdu import encode_lun
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Command:
     in ``data_in`` through :meth:`InitiatorEngine.placement`.
     """
 
-    __slots__ = ("handle", "lun", "cdb", "attr", "data_out", "data_in", "in_len", "edtl",
+    __slots__ = ("handle", "lun", "lun_field", "cdb", "attr", "data_out", "data_in", "in_len", "edtl",
                  "seq", "internal", "itt", "cmdsn", "sent", "received", "next_datasn",
                  "r2t_next", "next_r2tsn", "solicited_sent", "attempts", "violation",
                  "deadline", "timed_out", "aborting", "failure")
@@ -45,6 +46,8 @@ class Command:
                  internal: bool = False, handle: object = None) -> None:
         self.handle = handle
         self.lun = lun
+        #: The 8-byte LUN field (SAM-5 §4.7), encoded once.
+        self.lun_field = encode_lun(lun)
         self.cdb = cdb
         self.attr = attr
         self.data_out = data_out
