@@ -37,7 +37,7 @@ from iscsi.ffp.target import (
 )
 from iscsi.ffp.window import CmdSNWindow
 from iscsi.framing import PDUReader
-from iscsi.pdu import PDU, Buffer, DataIn, DataOut, ScsiCommand, TextRequest
+from iscsi.pdu import PDU, Buffer, DataIn, DataOut, ScsiCommand, TaskMgmtRequest, TextRequest
 from iscsi.text import encode_text
 
 BS = 512
@@ -340,10 +340,15 @@ def test_command_timeout_aborts_then_resets_then_recovers() -> None:
     p.ignore_tmf = True
     r2 = read(p, 1, 1, now=40.0)
     p.run(40.0)
-    p.ini.handle_timer(70.0)
+    p.ini.handle_timer(70.0)         # ABORT TASK, unanswered
     p.run(70.0)
     assert p.ini.get_timer() == 80.0
-    ev = p.ini.handle_timer(80.0)
+    assert p.ini.handle_timer(80.0) == []   # LOGICAL UNIT RESET, unanswered
+    p.run(80.0)
+    assert [x.function for x in p.seen if isinstance(x, TaskMgmtRequest)][-2:] == \
+        [TMFunction.ABORT_TASK, TMFunction.LOGICAL_UNIT_RESET]
+    assert p.ini.get_timer() == 90.0
+    ev = p.ini.handle_timer(90.0)
     assert [type(e) for e in ev] == [ConnectionFailed]
     left = p.ini.close()
     assert left == [r2] and r2.timed_out

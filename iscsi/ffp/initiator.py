@@ -435,8 +435,7 @@ class InitiatorEngine:
             if name == "nop":
                 self._nop_due(now)
             elif name.startswith("tmf"):
-                self.events.append(ConnectionFailed(
-                    "no answer to task management after a command timeout"))
+                self._tmf_silent(int(name[3:]), now)
         self._pump(now)
         return self.take_events()
 
@@ -455,6 +454,22 @@ class InitiatorEngine:
         cmd.aborting = True
         itt = self.control.tmf("abort", TMFunction.ABORT_TASK, cmd.lun, cmd.itt, cmd)
         self._timers.set(f"tmf{itt}", now + self.tmf_timeout)
+
+    def _tmf_silent(self, itt: int, now: float) -> None:
+        """No answer to the escalation's TMF: an unanswered ABORT TASK
+        escalates to LOGICAL UNIT RESET, an unanswered reset to session
+        recovery (Linux: eh_abort, eh_device_reset, then the transport's
+        session recovery)."""
+        ex = self._exchanges.pop(itt, None)
+        self.tags.discard(itt)
+        cmd = ex[2] if ex is not None else None
+        if ex is not None and ex[0] == "abort" and cmd is not None:
+            reset = self.control.tmf("reset", TMFunction.LOGICAL_UNIT_RESET, cmd.lun,
+                                     RESERVED_TAG, cmd)
+            self._timers.set(f"tmf{reset}", now + self.tmf_timeout)
+            return
+        self.events.append(ConnectionFailed(
+            "no answer to task management after a command timeout"))
 
     def _nop_due(self, now: float) -> None:
         interval = self.nop_interval
