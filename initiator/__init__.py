@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from .blockdev import BlockDevice, LUNFile
 from .errors import (
+    CommandTimedOut,
     ConnectionLost,
     InitiatorError,
     LoginFailed,
@@ -26,12 +27,12 @@ from .errors import (
     SessionFailed,
     TargetProtocolError,
 )
-from .login import DiscoveredTarget
+from iscsi.discovery import DiscoveredTarget
 from .scsi import LUN, Capacity, SCSICheckCondition, SCSIStatusError
 from .session import ScsiResult, Session, SessionOptions, discover, run
 
 __all__ = [
-    "BlockDevice", "Capacity", "ConnectionLost", "DiscoveredTarget", "InitiatorError",
+    "BlockDevice", "Capacity", "CommandTimedOut", "ConnectionLost", "DiscoveredTarget", "InitiatorError",
     "LUN", "LUNFile", "LUNNotFound", "LoginFailed", "LoginRefused", "PortalUnreachable",
     "SCSICheckCondition", "SCSIStatusError", "ScsiResult", "Session", "SessionFailed",
     "SessionOptions", "TargetProtocolError", "discover", "run",

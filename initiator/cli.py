@@ -26,7 +26,7 @@ from iscsi.scsi.constants import PeripheralType, SenseKey
 
 from .blockdev import BlockDevice, options_from_url
 from .errors import InitiatorError, LUNNotFound
-from .login import DiscoveredTarget
+from iscsi.discovery import DiscoveredTarget
 from .scsi import LUN, SCSICheckCondition
 from .session import Session, SessionOptions, discover, run
 

@@ -84,6 +84,14 @@ class TargetProtocolError(InitiatorError):
     hint = "this is a target bug or an interoperability problem; a packet capture helps"
 
 
+class CommandTimedOut(InitiatorError):
+    """A SCSI command got no status within ``SessionOptions.command_timeout``;
+    the task was aborted (ABORT TASK, then LOGICAL UNIT RESET, then session
+    recovery, the escalation Linux's SCSI error handler uses)."""
+
+    hint = "the target is overloaded or stuck; check its logs, or raise command_timeout"
+
+
 class LUNNotFound(InitiatorError):
     """The LUN does not exist on the target."""
 

@@ -1,28 +1,27 @@
-"""Driving :class:`iscsi.login.InitiatorLogin` over a live connection, and
-reading SendTargets answers.
+"""Driving :class:`iscsi.login.InitiatorLogin` over a live connection.
 
 The protocol (stages, keys, CHAP) is all in :mod:`iscsi.login`; this module
-only moves its PDUs over the session's connection and turns its exceptions
-into the initiator's one-line errors.
+only moves its PDUs over a connection given as two callables (send the
+wire buffers; await the next received PDU or failure) and turns its
+exceptions into the initiator's one-line errors. Everything it needs comes
+in as explicit arguments (:class:`LoginSettings`), nothing from the session.
+SendTargets answers are parsed by :mod:`iscsi.discovery`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from iscsi.constants import ISCSI_PORT
+from iscsi.discovery import DiscoveredTarget
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
 from iscsi.login import ChapAuth, InitiatorLogin, LoginRejected
 from iscsi.names import Portal, default_initiator_name, parse_portal
-from iscsi.pdu import LoginRequest, LoginResponse
+from iscsi.pdu import PDU, Buffer, LoginRequest, LoginResponse
 
 from .errors import LoginFailed, LoginRefused, TargetProtocolError
-
-if TYPE_CHECKING:
-    from .session import Session, _Connection
 
 
 class LoginRedirected(LoginRefused):
@@ -49,30 +48,61 @@ def _yes(flag: bool) -> str:
     return "Yes" if flag else "No"
 
 
+@dataclass(frozen=True)
+class LoginSettings:
+    """Everything one login exchange needs (RFC 7143 §6, §13)."""
+
+    #: None for a Discovery session (SessionType=Discovery, §13.21).
+    target_name: str | None
+    isid: int
+    cid: int
+    cmdsn: int
+    itt: int
+    portal: str
+    initiator_name: str | None = None
+    initiator_alias: str | None = None
+    #: Keys offered in wire syntax (HeaderDigest, MaxBurstLength, ...).
+    offers: dict[str, str] = field(default_factory=dict)
+    chap_user: str | None = None
+    chap_secret: str | None = None
+    target_chap_user: str | None = None
+    target_chap_secret: str | None = None
+    chap_algorithms: tuple[int, ...] = (5,)
+
+
+def login_offers(*, header_digest: str, data_digest: str, max_recv_data_segment_length: int,
+                 max_burst_length: int, first_burst_length: int, initial_r2t: bool,
+                 immediate_data: bool, max_outstanding_r2t: int,
+                 keys: dict[str, str]) -> dict[str, str]:
+    """The operational keys we offer (§13), ``keys`` winning."""
+    offers = {
+        "HeaderDigest": header_digest,
+        "DataDigest": data_digest,
+        "MaxRecvDataSegmentLength": str(max_recv_data_segment_length),
+        "MaxBurstLength": str(max_burst_length),
+        "FirstBurstLength": str(min(first_burst_length, max_burst_length)),
+        "InitialR2T": _yes(initial_r2t),
+        "ImmediateData": _yes(immediate_data),
+        "MaxOutstandingR2T": str(max_outstanding_r2t),
+    }
+    offers.update(keys)
+    return offers
+
+
+Send = Callable[[list[Buffer]], None]
+Receive = Callable[[], Awaitable["PDU | BaseException"]]
+
+
 class LoginDriver:
-    """One login exchange on one connection of ``session``."""
+    """One login exchange over ``send``/``receive``."""
 
-    def __init__(self, session: Session, conn: _Connection) -> None:
-        self.session = session
-        self.conn = conn
-
-    def _offers(self) -> dict[str, str]:
-        o = self.session.options
-        offers = {
-            "HeaderDigest": o.header_digest,
-            "DataDigest": o.data_digest,
-            "MaxRecvDataSegmentLength": str(o.max_recv_data_segment_length),
-            "MaxBurstLength": str(o.max_burst_length),
-            "FirstBurstLength": str(min(o.first_burst_length, o.max_burst_length)),
-            "InitialR2T": _yes(o.initial_r2t),
-            "ImmediateData": _yes(o.immediate_data),
-            "MaxOutstandingR2T": str(o.max_outstanding_r2t),
-        }
-        offers.update(o.keys)
-        return offers
+    def __init__(self, settings: LoginSettings, send: Send, receive: Receive) -> None:
+        self.settings = settings
+        self.send = send
+        self.receive = receive
 
     def _auth(self) -> ChapAuth | None:
-        o = self.session.options
+        o = self.settings
         if o.chap_user is None or o.chap_secret is None:
             if o.target_chap_user is not None:
                 raise LoginFailed("mutual CHAP needs our own CHAP user and secret too")
@@ -82,20 +112,19 @@ class LoginDriver:
 
     async def run(self) -> LoginResult:
         """Exchange Login PDUs until Full Feature Phase; raise on refusal."""
-        s = self.session
-        o = s.options
+        o = self.settings
         try:
             name = o.initiator_name or default_initiator_name()
             login = InitiatorLogin(
-                name, None if s.discovery else s.target_name, s.isid, tsih=0, cid=s._cid,
-                auth=self._auth(), offers=self._offers(), initiator_alias=o.initiator_alias,
-                cmdsn=s._cmdsn, itt=s._alloc_itt())
+                name, o.target_name, o.isid, tsih=0, cid=o.cid, auth=self._auth(),
+                offers=dict(o.offers), initiator_alias=o.initiator_alias, cmdsn=o.cmdsn,
+                itt=o.itt)
         except ValueError as exc:
             raise LoginFailed(f"bad login settings: {exc}") from exc
         req: LoginRequest | None = login.start()
         while req is not None:
-            self.conn.send(list(req.encode()))
-            item = await self.conn.login_queue.get()
+            self.send(list(req.encode()))
+            item = await self.receive()
             if isinstance(item, BaseException):
                 if isinstance(item, ProtocolError):
                     raise TargetProtocolError(f"bad PDU from the target during login: {item}")
@@ -111,20 +140,12 @@ class LoginDriver:
                     raise LoginRedirected(status, exc.target_address) from None
                 raise LoginRefused(status) from None
             except (LoginError, ProtocolError) as exc:
-                raise LoginFailed(f"login to {s.portal} failed: {exc}") from None
+                raise LoginFailed(f"login to {o.portal} failed: {exc}") from None
         return LoginResult(login.params, login.tsih, login.cmdsn, login.expcmdsn,
                            login.maxcmdsn, login.exp_statsn)
 
 
 # ------------------------------------------------------------- SendTargets
-
-
-@dataclass(frozen=True, slots=True)
-class DiscoveredTarget:
-    """One target from a SendTargets answer with all its portals."""
-
-    name: str
-    portals: tuple[Portal, ...]
 
 
 def parse_target_address(text: str, default_port: int = ISCSI_PORT) -> Portal:
@@ -137,30 +158,5 @@ def parse_target_address(text: str, default_port: int = ISCSI_PORT) -> Portal:
         raise TargetProtocolError(f"malformed TargetAddress from the target: {exc}") from None
 
 
-def parse_send_targets(pairs: Iterable[tuple[str, str]], *, default_host: str,
-                       default_port: int) -> list[DiscoveredTarget]:
-    """Group a SendTargets answer (RFC 7143 Appendix C) by target.
-
-    Each TargetName starts a record; the TargetAddress keys after it are its
-    portals. A target without TargetAddress is reached through the portal
-    the discovery session used (Appendix C.1).
-    """
-    out: list[DiscoveredTarget] = []
-    name: str | None = None
-    portals: list[Portal] = []
-
-    def close() -> None:
-        if name is not None:
-            found = tuple(portals) or (Portal(default_host, default_port, None),)
-            out.append(DiscoveredTarget(name, found))
-
-    for key, value in pairs:
-        if key == "TargetName":
-            close()
-            name, portals = value, []
-        elif key == "TargetAddress":
-            if name is None:
-                raise TargetProtocolError("SendTargets answer has TargetAddress before TargetName")
-            portals.append(parse_target_address(value, default_port))
-    close()
-    return out
+__all__ = ["DiscoveredTarget", "LoginDriver", "LoginRedirected", "LoginResult",
+           "LoginSettings", "login_offers", "parse_target_address"]

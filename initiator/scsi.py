@@ -166,6 +166,8 @@ class LUN:
         self.session = session
         self.lun = lun
         self.capacity: Capacity | None = None
+        #: DPOFUA from MODE SENSE, learnt on first use (None: not asked yet).
+        self._dpofua: bool | None = None
 
     @classmethod
     async def open(cls, session: Session, lun: int) -> LUN:
@@ -323,11 +325,33 @@ class LUN:
         self.capacity = cap
         return cap
 
+    async def fua_supported(self) -> bool:
+        """Whether the LU takes the DPO and FUA bits: DPOFUA, bit 4 of the
+        device-specific parameter in the mode parameter header (SBC-3
+        §6.4.1). Asked once with MODE SENSE(6); a LU that refuses MODE
+        SENSE is taken not to support them."""
+        if self._dpofua is None:
+            try:
+                r = await self.execute(C.build_mode_sense(page_code=0x3F, dbd=True,
+                                                          allocation_length=252),
+                                       data_in_length=252)
+            except SCSIStatusError:
+                self._dpofua = False
+            else:
+                # Header (SPC-4 §7.5.5): mode data length, medium type,
+                # device-specific parameter, block descriptor length.
+                data = r.data
+                self._dpofua = data is not None and data.nbytes >= 4 and bool(data[2] & 0x10)
+        return self._dpofua
+
     async def read(self, lba: int, blocks: int, buffer: Buffer | None = None, *,
                    fua: bool = False) -> memoryview:
         """READ(10/16) ``blocks`` blocks at ``lba``; into ``buffer`` when given
-        (Data-In lands there directly). Returns the bytes transferred."""
+        (Data-In lands there directly). Returns the bytes transferred.
+        ``fua`` is sent only where the LU advertises it (DPOFUA)."""
         length = blocks * self.block_size
+        if fua:
+            fua = await self.fua_supported()
         if buffer is not None and memoryview(buffer).nbytes != length:
             raise ValueError(f"buffer is {memoryview(buffer).nbytes} bytes, the read {length}")
         r = await self.execute(C.build_read(lba, blocks, fua=fua), data_in=buffer,
@@ -337,12 +361,20 @@ class LUN:
         return r.data
 
     async def write(self, lba: int, data: Buffer, *, fua: bool = False) -> None:
-        """WRITE(10/16) ``data`` (a whole number of blocks) at ``lba``."""
+        """WRITE(10/16) ``data`` (a whole number of blocks) at ``lba``.
+
+        ``fua`` (the data on the medium before GOOD) uses the FUA bit where
+        the LU advertises DPOFUA; elsewhere (LIO fileio refuses the bit) the
+        write is followed by SYNCHRONIZE CACHE of its range (SBC-3 §5.22),
+        which gives the same guarantee."""
         n = memoryview(data).nbytes
         blocks, rest = divmod(n, self.block_size)
         if rest:
             raise ValueError(f"write of {n} bytes is not a multiple of {self.block_size}")
-        await self.execute(C.build_write(lba, blocks, fua=fua), data_out=data)
+        with_bit = fua and await self.fua_supported()
+        await self.execute(C.build_write(lba, blocks, fua=with_bit), data_out=data)
+        if fua and not with_bit and blocks:
+            await self.synchronize_cache(lba, blocks)
 
     async def write_same(self, lba: int, blocks: int, data: Buffer | None = None, *,
                          unmap: bool = False) -> None:

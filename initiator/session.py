@@ -1,23 +1,32 @@
 """The initiator's session: an asyncio adapter around the sans-I/O core.
 
 One :class:`Session` is one iSCSI session with one TCP connection (MC/S is not
-used, like open-iscsi and libiscsi). It logs in, keeps the CmdSN window, moves
-data, answers the target's NOP-Ins and pings it when idle, and -- the point of
-an initiator that keeps a disk attached -- survives connection loss:
+used, like open-iscsi and libiscsi). The protocol of the full feature phase
+-- CmdSN window, tags, Data-Out/Data-In, R2Ts, status, NOP, TMF, Text,
+Logout, command timeouts -- lives in :class:`iscsi.ffp.initiator.InitiatorEngine`;
+this module does I/O, timers, the reconnect policy and the public API:
 
-* on connection loss, a framing error, or a NOP timeout the session logs in
-  again with the same ISID and TSIH 0, which reinstates it (RFC 7143 §6.3.5,
-  ErrorRecoveryLevel 0 "session recovery", §7.1.4.3): the target discards the
-  old session's tasks, and we reissue every command that had not completed,
-  in the order it was first issued, after clearing unit attentions with TEST
-  UNIT READY so that no old command can be retried after a newer one;
+* on connection loss, a framing error, a target protocol violation or a NOP
+  timeout the session logs in again with the same ISID and TSIH 0, which
+  reinstates it (RFC 7143 §6.3.5, ErrorRecoveryLevel 0 "session recovery",
+  §7.1.4.3): the target discards the old session's tasks, and we reissue
+  every command that had not completed, in the order it was first issued,
+  after clearing unit attentions with TEST UNIT READY so that no old command
+  can be retried after a newer one;
+* a command is sent at most ``1 + command_retries`` times; reconnects after
+  a failure that follows a login too closely are paced by an exponential
+  backoff, so a target that breaks the protocol on every login cannot make
+  us spin (issue 9 item 7);
+* a command without status after ``command_timeout`` is aborted and fails
+  with :class:`CommandTimedOut` (the engine escalates ABORT TASK, LOGICAL
+  UNIT RESET, session recovery);
 * while the session is down new commands wait; when the replacement timeout
   (default 120 s, like open-iscsi's ``replacement_timeout``) expires, every
   waiting command fails with :class:`SessionFailed`.
 
 The data path follows DESIGN.md: ``asyncio.BufferedProtocol`` with
 :class:`iscsi.framing.PDUReader`, Data-In received straight into the caller's
-buffer through the reader's placement callback, Data-Out sent as memoryview
+buffer through the engine's placement callback, Data-Out sent as memoryview
 slices of the caller's buffer, and one ``transport.writelines`` per batch of
 PDUs produced in one loop iteration. TCP_NODELAY is set.
 """
@@ -31,7 +40,6 @@ import enum
 import logging
 import os
 import socket
-import struct
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -40,42 +48,37 @@ from typing import Any, TypeVar, cast
 from iscsi.constants import (
     RESERVED_TAG,
     AsyncEvent,
-    ISCSIResponse,
     LoginStatus,
-    LogoutReason,
     LogoutResponseCode,
-    Opcode,
-    RejectReason,
     TaskAttribute,
     TMFunction,
 )
+from iscsi.discovery import DiscoveredTarget, parse_send_targets
 from iscsi.errors import ProtocolError
+from iscsi.ffp.initiator import (
+    AsyncNotice,
+    Command,
+    CommandCompleted,
+    CommandFailed,
+    ConnectionFailed,
+    Event,
+    ExchangeFailed,
+    InitiatorEngine,
+    InitiatorParams,
+    LogoutDone,
+    PingAnswered,
+    TaskManagementDone,
+    TextDone,
+)
 from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
+from iscsi.pdu import PDU, Buffer
+from iscsi.text import encode_text
+
 from target.malloc import tune_malloc
-from iscsi.pdu import (
-    PDU,
-    R2T,
-    AsyncMessage,
-    Buffer,
-    DataIn,
-    DataOut,
-    LogoutRequest,
-    LogoutResponse,
-    NopIn,
-    NopOut,
-    Reject,
-    ScsiCommand,
-    ScsiResponse,
-    TaskMgmtRequest,
-    TaskMgmtResponse,
-    TextRequest,
-    TextResponse,
-    encode_lun,
-)
-from iscsi.serial import sn_add, sn_gt, sn_le
 
 from .errors import (
+    CommandTimedOut,
     ConnectionLost,
     InitiatorError,
     LoginFailed,
@@ -85,24 +88,24 @@ from .errors import (
     TargetProtocolError,
 )
 from .login import (
-    DiscoveredTarget,
     LoginDriver,
     LoginRedirected,
-    parse_send_targets,
+    LoginSettings,
+    login_offers,
     parse_target_address,
 )
 
 log = logging.getLogger("initiator.session")
 
-_U32 = struct.Struct(">I")
-_MASK32 = 0xFFFFFFFF
-_OP_DATA_IN = int(Opcode.SCSI_DATA_IN)
 _TUR = bytes(6)
 # SAM-5 §5.3.1: CHECK CONDITION with UNIT ATTENTION (sense key 6).
 _CHECK_CONDITION = 0x02
 _UNIT_ATTENTION = 0x6
+#: A connection that lived this long before failing resets the backoff.
+_HEALTHY = 10.0
 
 T = TypeVar("T")
+Answer = PingAnswered | TaskManagementDone | TextDone | LogoutDone
 
 
 @dataclass
@@ -151,6 +154,16 @@ class SessionOptions:
     isid: int | None = None
     #: Upper bound on commands in flight besides the target's window.
     queue_depth: int = 128
+    #: Seconds from submission to status before a command is aborted and
+    #: fails with CommandTimedOut (open-iscsi/Linux: 30 s); None: no limit.
+    command_timeout: float | None = 30.0
+    #: Seconds for each task management step of that abort.
+    tmf_timeout: float = 10.0
+    #: Times a command is reissued after connection failures before it
+    #: fails (the SCSI midlayer's retries, 5 in Linux).
+    command_retries: int = 5
+    #: Upper bound of the pause between logins after repeated failures.
+    reconnect_backoff_max: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,32 +198,6 @@ class _State(enum.Enum):
     FAILED = "failed"
 
 
-class _Task:
-    """One SCSI command from submission to status (reissued as a whole on
-    session recovery)."""
-
-    __slots__ = ("itt", "lun", "cdb", "attr", "data_out", "data_in", "in_len", "edtl",
-                 "future", "seq", "cmdsn", "received", "error", "internal")
-
-    def __init__(self, itt: int, lun: int, cdb: bytes, attr: int, data_out: memoryview | None,
-                 data_in: memoryview | None, future: asyncio.Future[ScsiResult], seq: int,
-                 internal: bool) -> None:
-        self.itt = itt
-        self.lun = lun
-        self.cdb = cdb
-        self.attr = attr
-        self.data_out = data_out
-        self.data_in = data_in
-        self.in_len = data_in.nbytes if data_in is not None else 0
-        self.edtl = data_out.nbytes if data_out is not None else self.in_len
-        self.future = future
-        self.seq = seq
-        self.cmdsn = 0
-        self.received = 0
-        self.error: InitiatorError | None = None
-        self.internal = internal
-
-
 class _Connection(asyncio.BufferedProtocol):
     """One TCP connection; feeds received PDUs to its session."""
 
@@ -236,41 +223,31 @@ class _Connection(asyncio.BufferedProtocol):
         return self.reader.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        try:
-            pdus = self.reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self._error(exc)
-            return
-        self._deliver(pdus)
+        self._parse(lambda: self.reader.buffer_updated(nbytes))
 
     def resume_parsing(self) -> None:
         """Parse bytes that arrived behind the last Login Response (the
         reader stops there so digests can be switched first)."""
+        self._parse(self.reader.parse)
+
+    def _parse(self, step: Any) -> None:
         try:
-            pdus = self.reader.parse()
-        except ProtocolError as exc:
+            pdus: list[PDU] = step()
+        except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
+            # Issue 9 item 7: any error while reading (not only our
+            # ProtocolError) ends this connection, never the event loop's
+            # "Fatal error on transport".
             self._error(exc)
             return
-        self._deliver(pdus)
-
-    def _deliver(self, pdus: list[PDU]) -> None:
-        s = self.session
-        s._last_rx = s._loop.time()
         if not self.logged_in:
             for pdu in pdus:
                 self.login_queue.put_nowait(pdu)
             return
-        s._in_rx = True
         try:
-            for pdu in pdus:
-                if self.closed:
-                    break
-                s._dispatch(pdu)
-        except ProtocolError as exc:
+            self.session._deliver(self, pdus)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("error handling PDUs from %s", self.session.portal)
             self._error(exc)
-        finally:
-            s._in_rx = False
-            s._flush()
 
     def _error(self, exc: BaseException) -> None:
         if not self.logged_in:
@@ -287,7 +264,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.write_paused = False
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
-        self.session._pump()
+        self.session._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         err: BaseException = exc or ConnectionResetError("connection closed by the target")
@@ -333,36 +310,31 @@ class Session:
         self._loop = asyncio.get_running_loop()
         self._state = _State.NEW
         self._conn: _Connection | None = None
+        self._engine: InitiatorEngine | None = None
         self._cid = 0
         self._cmdsn = 1
-        self._expcmdsn = 1
-        self._maxcmdsn = 1
-        self._exp_statsn = 0
-        self._hd = False
-        self._dd = False
-        self._mxdsl = 8192
         self._next_itt = 1
         self._seq = 0
-        self._tasks: dict[int, _Task] = {}
-        self._queue: deque[_Task] = deque()
-        self._urgent: deque[_Task] = deque()
-        self._waiters: dict[int, asyncio.Future[PDU]] = {}
-        self._out: list[Buffer] = []
+        #: Commands waiting for a connection (recovery), in issue order.
+        self._backlog: deque[Command] = deque()
+        self._waiters: dict[int, asyncio.Future[Answer]] = {}
+        self._text_lock = asyncio.Lock()
         self._flush_scheduled = False
         self._in_rx = False
-        self._last_rx = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._recovery: asyncio.Task[None] | None = None
-        self._keepalive: asyncio.Task[None] | None = None
         self._failure: InitiatorError | None = None
         self._luns_used: set[int] = set()
         self._retry_delay: float | None = None
-        self._hold = False
+        self._logged_in_at = 0.0
+        #: Connection failures since the last healthy period (backoff).
+        self._failures = 0
+        self._pings = 0
         #: Called with each SCSI Async Event's sense data (AsyncEvent 0).
         self.on_async_event: Callable[[int, bytes], None] | None = None
         #: Number of times the session was re-established after a failure.
         self.recoveries = 0
-        #: Number of the target's NOP-In pings we answered.
-        self.target_pings = 0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -386,8 +358,6 @@ class Session:
         except BaseException:
             self._state = _State.CLOSED
             raise
-        if self.options.nop_interval and not self.discovery:
-            self._keepalive = self._loop.create_task(self._keepalive_loop())
 
     @property
     def portal(self) -> str:
@@ -403,7 +373,12 @@ class Session:
     @property
     def in_flight(self) -> int:
         """Commands sent and not yet completed."""
-        return len(self._tasks)
+        return len(self._engine.tasks) if self._engine is not None else 0
+
+    @property
+    def target_pings(self) -> int:
+        """Number of the target's NOP-In pings we answered."""
+        return self._pings + (self._engine.target_pings if self._engine is not None else 0)
 
     async def _establish(self) -> None:
         """Connect and log in (first time or reinstatement, same ISID),
@@ -449,32 +424,62 @@ class Session:
         if self._conn is not conn:
             raise ConnectionLost(f"connection to {where} lost during login")
         self._state = _State.READY
+        self._logged_in_at = self._loop.time()
+        engine = self._engine
+        assert engine is not None
         # Hold the ordinary queue until unit attentions are consumed.
-        self._hold = bool(self._luns_used) and not self.discovery
+        engine.hold = bool(self._luns_used) and not self.discovery
+        now = self._loop.time()
+        backlog, self._backlog = self._backlog, deque()
+        for cmd in backlog:
+            engine.submit(cmd, now)
         conn.logged_in = True
         conn.resume_parsing()
         if self._conn is not conn:
             raise ConnectionLost(f"connection to {where} lost right after login")
-        if self._hold:
+        if engine.hold:
             await self._clear_unit_attentions()
-            self._hold = False
-        self._pump()
+            engine.hold = False
+            engine.pump(self._loop.time())
+        self._schedule_flush()
 
     async def _login(self, conn: _Connection) -> None:
-        driver = LoginDriver(self, conn)
-        result = await driver.run()
-        self.params = result.params
+        o = self.options
+        itt = self._next_itt
+        self._next_itt = (itt + 1) % RESERVED_TAG or 1
+        settings = LoginSettings(
+            target_name=None if self.discovery else self.target_name, isid=self.isid,
+            cid=self._cid, cmdsn=self._cmdsn, itt=itt, portal=self.portal,
+            initiator_name=o.initiator_name, initiator_alias=o.initiator_alias,
+            offers=login_offers(
+                header_digest=o.header_digest, data_digest=o.data_digest,
+                max_recv_data_segment_length=o.max_recv_data_segment_length,
+                max_burst_length=o.max_burst_length, first_burst_length=o.first_burst_length,
+                initial_r2t=o.initial_r2t, immediate_data=o.immediate_data,
+                max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys),
+            chap_user=o.chap_user, chap_secret=o.chap_secret,
+            target_chap_user=o.target_chap_user, target_chap_secret=o.target_chap_secret,
+            chap_algorithms=o.chap_algorithms)
+        result = await LoginDriver(settings, conn.send, conn.login_queue.get).run()
+        self.params = p = result.params
         self.tsih = result.tsih
-        p = self.params
-        self._hd, self._dd = p.header_digest, p.data_digest
-        self._mxdsl = p.max_xmit_data_segment_length
         conn.reader.header_digest = p.header_digest
         conn.reader.data_digest = p.data_digest
         conn.reader.max_data_segment_length = p.max_recv_data_segment_length
         self._cmdsn = result.cmdsn
-        self._expcmdsn = result.expcmdsn
-        self._maxcmdsn = result.maxcmdsn
-        self._exp_statsn = result.exp_statsn
+        self._engine = InitiatorEngine(
+            InitiatorParams(
+                max_xmit=p.max_xmit_data_segment_length, max_burst=p.max_burst_length,
+                first_burst=p.first_burst_length, initial_r2t=p.initial_r2t,
+                immediate_data=p.immediate_data, max_outstanding_r2t=p.max_outstanding_r2t,
+                header_digest=p.header_digest, data_digest=p.data_digest),
+            cmdsn=result.cmdsn, expcmdsn=result.expcmdsn, maxcmdsn=result.maxcmdsn,
+            exp_statsn=result.exp_statsn, now=self._loop.time(), cid=self._cid,
+            nop_interval=None if self.discovery else o.nop_interval,
+            nop_timeout=o.nop_timeout, command_timeout=o.command_timeout,
+            tmf_timeout=o.tmf_timeout, queue_depth=o.queue_depth)
+        # Data-In placement straight to the engine (one call less per PDU).
+        conn.reader.placement = self._engine.placement
         log.info("logged in to %s at %s (TSIH %d): %s", self.target_name or "discovery",
                  self.portal, self.tsih, p)
 
@@ -501,23 +506,15 @@ class Session:
         was_ready = self._state is _State.READY
         self._state = _State.CLOSING
         self._stop_background()
-        conn = self._conn
-        if was_ready and conn is not None:
-            itt = self._alloc_itt()
-            fut: asyncio.Future[PDU] = self._loop.create_future()
-            self._waiters[itt] = fut
-            self._send([LogoutRequest(reason=LogoutReason.CLOSE_SESSION, itt=itt, cid=self._cid,
-                                      cmdsn=self._cmdsn, expstatsn=self._exp_statsn,
-                                      immediate=True)])
-            self._flush()
+        engine = self._engine
+        if was_ready and engine is not None and self._conn is not None:
             try:
-                rsp = await asyncio.wait_for(fut, 5.0)
-                if isinstance(rsp, LogoutResponse) and rsp.response != LogoutResponseCode.SUCCESS:
+                rsp = await self._exchange(lambda now: engine.logout(now), 5.0,
+                                           when=_State.CLOSING)
+                if isinstance(rsp, LogoutDone) and rsp.response != LogoutResponseCode.SUCCESS:
                     log.warning("logout answered with response %d", rsp.response)
             except (TimeoutError, InitiatorError):
                 log.warning("no logout response from %s; closing anyway", self.portal)
-            finally:
-                self._waiters.pop(itt, None)
         self._finish(SessionFailed("session logged out"), _State.CLOSED)
 
     async def close(self) -> None:
@@ -530,10 +527,10 @@ class Session:
         self._finish(SessionFailed("session aborted"), _State.CLOSED)
 
     def _stop_background(self) -> None:
-        for task in (self._keepalive, self._recovery):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-        self._keepalive = self._recovery = None
+        task = self._recovery
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self._recovery = None
 
     def _finish(self, error: InitiatorError, state: _State) -> None:
         self._state = state
@@ -541,13 +538,15 @@ class Session:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-        tasks = list(self._tasks.values()) + list(self._urgent) + list(self._queue)
-        self._tasks.clear()
-        self._urgent.clear()
-        self._queue.clear()
-        for task in tasks:
-            if not task.future.done():
-                task.future.set_exception(error)
+        cmds = list(self._backlog)
+        self._backlog.clear()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            self._pings += engine.target_pings
+            cmds = engine.close() + cmds
+        self._cancel_timer()
+        for cmd in cmds:
+            self._fail(cmd, error)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(error)
@@ -570,6 +569,10 @@ class Session:
         writable buffer that Data-In lands in directly, or a byte count for
         which a buffer is allocated. Bidirectional commands are not supported.
         The buffers must stay untouched until the command completes.
+        Raises :class:`CommandTimedOut` when no status arrives within
+        ``command_timeout``, :class:`TargetProtocolError` when the target
+        breaks the protocol on every retry or reports success for data it
+        did not transfer.
         """
         out_view = memoryview(data_out).cast("B") if data_out is not None else None
         in_view: memoryview | None = None
@@ -592,27 +595,18 @@ class Session:
             raise InitiatorError("a discovery session cannot run SCSI commands")
         fut: asyncio.Future[ScsiResult] = self._loop.create_future()
         self._seq += 1
-        task = _Task(RESERVED_TAG, encode_lun(lun), cdb, attr, data_out, data_in, fut,
-                     self._seq, internal)
+        cmd = Command(lun, cdb, data_out=data_out, data_in=data_in, attr=attr, seq=self._seq,
+                      internal=internal, handle=fut)
         self._luns_used.add(lun)
-        (self._urgent if internal else self._queue).append(task)
-        self._pump()
+        engine = self._engine
+        if engine is not None and (self._state is _State.READY or internal):
+            engine.submit(cmd, self._loop.time())
+            self._schedule_flush()
+        else:
+            self._backlog.append(cmd)
         return fut
 
-    def _alloc_itt(self) -> int:
-        itt = self._next_itt
-        while itt == RESERVED_TAG or itt in self._tasks or itt in self._waiters:
-            itt = (itt + 1) & _MASK32
-        self._next_itt = (itt + 1) & _MASK32
-        return itt
-
     # ----------------------------------------------------------- sending
-
-    def _send(self, pdus: list[PDU]) -> None:
-        out = self._out
-        for pdu in pdus:
-            out.extend(pdu.encode(self._hd, self._dd))
-        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._in_rx and not self._flush_scheduled:
@@ -620,223 +614,134 @@ class Session:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Write everything the engine queued with one ``writelines`` and
+        re-arm the engine's timer."""
         self._flush_scheduled = False
-        if self._out:
-            out, self._out = self._out, []
-            if self._conn is not None:
-                self._conn.send(out)
-
-    def _pump(self) -> None:
-        """Send queued commands while the CmdSN window (§4.2.2.1) allows."""
-        conn = self._conn
-        if conn is None or not conn.logged_in or conn.write_paused:
+        engine, conn = self._engine, self._conn
+        if engine is None:
             return
-        if self._state is not _State.READY and not self._urgent:
+        if engine.outbox and conn is not None and not conn.write_paused:
+            conn.send(engine.outbox.take())
+        at = engine.get_timer()
+        # Re-arm only for an earlier deadline: the oldest command's deadline
+        # moves on with nearly every completion, and a timer that fires
+        # early just finds nothing due and re-arms (no handle per batch).
+        if at is not None and (self._timer_at is None or at < self._timer_at):
+            self._cancel_timer()
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        engine = self._engine
+        if engine is None:
             return
-        limit = self.options.queue_depth
-        sent = False
-        for queue in (self._urgent, self._queue):
-            if queue is self._queue and (self._state is not _State.READY or self._hold):
-                break
-            while queue and sn_le(self._cmdsn, self._maxcmdsn) and len(self._tasks) < limit:
-                task = queue.popleft()
-                if task.future.done():
-                    continue
-                self._issue(task)
-                sent = True
-        if sent:
-            self._schedule_flush()
-
-    def _issue(self, task: _Task) -> None:
-        p = self.params
-        # Tags are per issue: a command reissued after recovery gets a fresh
-        # one, and a queued command never holds a tag another may take.
-        task.itt = self._alloc_itt()
-        task.cmdsn = self._cmdsn
-        self._cmdsn = sn_add(self._cmdsn, 1)
-        task.received = 0
-        edtl = task.edtl
-        data_out = task.data_out
-        imm = unsol = 0
-        if data_out is not None and edtl:
-            # §13.10/§13.11/§13.14: immediate data up to FirstBurstLength in
-            # the command PDU, and with InitialR2T=No unsolicited Data-Out up
-            # to FirstBurstLength in all.
-            if p.immediate_data:
-                imm = min(edtl, p.first_burst_length, self._mxdsl)
-            unsol = imm if p.initial_r2t else min(edtl, p.first_burst_length)
-        self._tasks[task.itt] = task
-        out = self._out
-        out.extend(ScsiCommand(
-            itt=task.itt, lun=task.lun, cdb=task.cdb, expected_data_transfer_length=edtl,
-            cmdsn=task.cmdsn, expstatsn=self._exp_statsn, read=task.data_in is not None,
-            write=data_out is not None, final=unsol == imm, attr=task.attr,
-            data=data_out[:imm] if imm and data_out is not None else b"",
-        ).encode(self._hd, self._dd))
-        if unsol > imm:
-            self._emit_data(task, RESERVED_TAG, imm, unsol)
-
-    def _emit_data(self, task: _Task, ttt: int, start: int, end: int) -> None:
-        """Data-Out PDUs for [start, end) of the task's buffer, each at most
-        the target's MaxRecvDataSegmentLength (§13.12), DataSN from 0 per
-        sequence (§11.7.5), F on the last (§11.7.1)."""
-        data = task.data_out
-        assert data is not None
-        out = self._out
-        step = self._mxdsl
-        datasn = 0
-        hd, dd = self._hd, self._dd
-        for off in range(start, end, step):
-            stop = min(off + step, end)
-            out.extend(DataOut(final=stop == end, lun=task.lun, itt=task.itt, ttt=ttt,
-                               expstatsn=self._exp_statsn, datasn=datasn, buffer_offset=off,
-                               data=data[off:stop]).encode(hd, dd))
-            datasn += 1
+        self._in_rx = True
+        try:
+            self._handle(engine.handle_timer(self._loop.time()))
+        finally:
+            self._in_rx = False
+        self._flush()
 
     # --------------------------------------------------------- receiving
 
     def _placement(self, hdr: bytes, dlen: int) -> memoryview | None:
-        """PDUReader hook: where a Data-In payload goes -- straight into the
-        command's buffer at its Buffer Offset (§11.7.6)."""
-        if hdr[0] & 0x3F != _OP_DATA_IN:
-            return None
-        task = self._tasks.get(_U32.unpack_from(hdr, 16)[0])
-        if task is None or task.data_in is None or task.future.done():
-            # A cancelled command's buffer is the caller's again: let the
-            # reader allocate and the payload be dropped.
-            return None
-        off = _U32.unpack_from(hdr, 40)[0]
-        if off + dlen > task.in_len:
-            return None
-        return task.data_in[off : off + dlen]
+        """PDUReader hook: Data-In lands straight in the caller's buffer."""
+        engine = self._engine
+        return engine.placement(hdr, dlen) if engine is not None else None
 
-    def _window(self, expcmdsn: int, maxcmdsn: int) -> None:
-        # §4.2.2.1: ignore a window with MaxCmdSN < ExpCmdSN - 1; only ever
-        # move ExpCmdSN and MaxCmdSN forward.
-        if sn_gt(expcmdsn, sn_add(maxcmdsn, 1)):
+    def _deliver(self, conn: _Connection, pdus: list[PDU]) -> None:
+        engine = self._engine
+        if engine is None or conn is not self._conn:
             return
-        if sn_gt(expcmdsn, self._expcmdsn):
-            self._expcmdsn = expcmdsn
-        if sn_gt(maxcmdsn, self._maxcmdsn):
-            self._maxcmdsn = maxcmdsn
-            self._pump()
-
-    def _status_seen(self, statsn: int) -> None:
-        nxt = sn_add(statsn, 1)
-        if sn_gt(nxt, self._exp_statsn):
-            self._exp_statsn = nxt
+        now = self._loop.time()
+        self._in_rx = True
+        try:
+            for pdu in pdus:
+                if self._engine is not engine:
+                    break
+                self._handle(engine.receive_pdu(pdu, now))
+        finally:
+            self._in_rx = False
+        self._flush()
 
     def _dispatch(self, pdu: PDU) -> None:
-        if isinstance(pdu, DataIn):
-            self._on_data_in(pdu)
-        elif isinstance(pdu, ScsiResponse):
-            self._on_response(pdu)
-        elif isinstance(pdu, R2T):
-            self._on_r2t(pdu)
-        elif isinstance(pdu, NopIn):
-            self._on_nop_in(pdu)
-        elif isinstance(pdu, (TextResponse, LogoutResponse, TaskMgmtResponse)):
-            self._status_seen(pdu.statsn)
-            self._window(pdu.expcmdsn, pdu.maxcmdsn)
-            fut = self._waiters.pop(pdu.itt, None)
-            if fut is not None and not fut.done():
-                fut.set_result(pdu)
-        elif isinstance(pdu, AsyncMessage):
-            self._on_async(pdu)
-        elif isinstance(pdu, Reject):
-            self._on_reject(pdu)
-        else:
-            raise TargetProtocolError(f"unexpected {type(pdu).__name__} in full feature phase")
+        """Feed one PDU as if it had been received (tests inject with it)."""
+        if self._conn is not None:
+            self._deliver(self._conn, [pdu])
 
-    def _on_data_in(self, pdu: DataIn) -> None:
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        task = self._tasks.get(pdu.itt)
-        if task is None:
-            log.debug("Data-In for unknown ITT 0x%08x", pdu.itt)
-            return
-        dlen = len(pdu.data) if not isinstance(pdu.data, memoryview) else pdu.data.nbytes
-        if dlen:
-            end = pdu.buffer_offset + dlen
-            if task.data_in is None or end > task.in_len:
-                if not task.future.done() and task.error is None:
-                    task.error = TargetProtocolError(
-                        f"target sent Data-In beyond the expected length {task.in_len}")
-            elif end > task.received:
-                task.received = end
-        if pdu.status_present:
-            self._status_seen(pdu.statsn)
-            self._complete(task, pdu.status, b"", pdu.residual_count,
-                           pdu.residual_underflow, pdu.residual_overflow)
-
-    def _on_response(self, pdu: ScsiResponse) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        task = self._tasks.get(pdu.itt)
-        if task is None:
-            log.debug("SCSI Response for unknown ITT 0x%08x", pdu.itt)
-            return
-        if pdu.response != ISCSIResponse.COMMAND_COMPLETED:
-            task.error = TargetProtocolError(
-                f"target failure (iSCSI response 0x{pdu.response:02x}) for CDB "
-                f"0x{task.cdb[0]:02x}", hint="check the target's logs")
-        self._complete(task, pdu.status, pdu.sense, pdu.residual_count,
-                       pdu.residual_underflow, pdu.residual_overflow)
-
-    def _complete(self, task: _Task, status: int, sense: bytes, residual: int,
-                  underflow: bool, overflow: bool) -> None:
-        del self._tasks[task.itt]
-        fut = task.future
-        if not fut.done():
-            if task.error is not None:
-                fut.set_exception(task.error)
+    def _handle(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, CommandCompleted):
+                self._completed(ev)
+            elif isinstance(ev, CommandFailed):
+                self._command_failed(ev)
+            elif isinstance(ev, ConnectionFailed):
+                if self._conn is not None:
+                    err: BaseException = (TargetProtocolError(ev.reason) if ev.violation
+                                          else TimeoutError(ev.reason))
+                    self._connection_failed(self._conn, err)
+            elif isinstance(ev, AsyncNotice):
+                self._on_async(ev)
+            elif isinstance(ev, ExchangeFailed):
+                fut = self._waiters.pop(ev.itt, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(TargetProtocolError(ev.reason))
             else:
-                data: memoryview | None = None
-                if task.data_in is not None:
-                    n = task.in_len - residual if underflow else task.in_len
-                    data = task.data_in[: max(0, min(n, task.in_len))]
-                fut.set_result(ScsiResult(status, sense, data, residual, underflow, overflow))
-        self._pump()
+                fut = self._waiters.pop(ev.itt, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ev)
 
-    def _on_r2t(self, pdu: R2T) -> None:
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        task = self._tasks.get(pdu.itt)
-        if task is None:
-            log.debug("R2T for unknown ITT 0x%08x", pdu.itt)
+    def _completed(self, ev: CommandCompleted) -> None:
+        cmd = ev.command
+        fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
+        self._failures = 0
+        if fut.done():
             return
-        start, length = pdu.buffer_offset, pdu.desired_data_transfer_length
-        if task.data_out is None or start + length > task.edtl:
-            raise TargetProtocolError(
-                f"R2T asks for bytes {start}..{start + length} of a {task.edtl}-byte write")
-        if length > self.params.max_burst_length:
-            # §11.8.4: Desired Data Transfer Length must not exceed MaxBurstLength.
-            raise TargetProtocolError(
-                f"R2T asks for {length} bytes, over MaxBurstLength {self.params.max_burst_length}")
-        self._emit_data(task, pdu.ttt, start, start + length)
+        data: memoryview | None = None
+        if cmd.data_in is not None:
+            n = cmd.in_len - ev.residual if ev.underflow else cmd.in_len
+            data = cmd.data_in[: max(0, min(n, cmd.in_len))]
+        fut.set_result(ScsiResult(ev.status, ev.sense, data, ev.residual, ev.underflow,
+                                  ev.overflow))
 
-    def _on_nop_in(self, pdu: NopIn) -> None:
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        if pdu.itt != RESERVED_TAG:
-            # The answer to our ping: it carries a StatSN (§11.19.2).
-            self._status_seen(pdu.statsn)
-            fut = self._waiters.pop(pdu.itt, None)
-            if fut is not None and not fut.done():
-                fut.set_result(pdu)
-        if pdu.ttt != RESERVED_TAG:
-            # §11.18.1: the target's ping; answer with its TTT and data,
-            # ITT reserved, immediate, CmdSN not advanced.
-            self.target_pings += 1
-            self._send([NopOut(itt=RESERVED_TAG, ttt=pdu.ttt, lun=pdu.lun, cmdsn=self._cmdsn,
-                               expstatsn=self._exp_statsn, immediate=True, data=bytes(pdu.data))])
+    def _command_failed(self, ev: CommandFailed) -> None:
+        cmd = ev.command
+        if ev.kind == "reset" and cmd.attempts <= self.options.command_retries \
+                and self._engine is not None:
+            # Ended by the LU reset of another command's timeout: retry.
+            self._engine.submit(cmd, self._loop.time())
+            return
+        err: InitiatorError
+        if ev.kind == "timeout":
+            err = CommandTimedOut(ev.reason)
+        elif ev.kind == "target":
+            err = TargetProtocolError(ev.reason, hint="check the target's logs")
+        elif ev.kind in ("reset", "aborted"):
+            err = InitiatorError(f"command aborted: {ev.reason}")
+        else:
+            err = TargetProtocolError(ev.reason)
+        self._fail(cmd, err)
 
-    def _on_async(self, pdu: AsyncMessage) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        event = pdu.async_event
+    @staticmethod
+    def _fail(cmd: Command, err: InitiatorError) -> None:
+        fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
+        if not fut.done():
+            fut.set_exception(err)
+
+    def _on_async(self, ev: AsyncNotice) -> None:
+        event = ev.event
         if event == AsyncEvent.SCSI_ASYNC_EVENT:
-            sense = bytes(pdu.data[2:]) if len(pdu.data) >= 2 else b""
             log.info("SCSI asynchronous event from %s", self.portal)
             if self.on_async_event is not None:
-                self.on_async_event(pdu.lun, sense)
+                self.on_async_event(ev.lun, ev.sense)
         elif event == AsyncEvent.LOGOUT_REQUEST:
             # §11.9.1: the target wants us gone within Parameter3 seconds.
             # We log the connection out and reinstate the session at once,
@@ -847,7 +752,7 @@ class Session:
             # Parameter2 is Time2Wait: do not reconnect sooner (§11.9.1).
             log.info("target %s drops the %s", self.portal,
                      "connection" if event == AsyncEvent.CONNECTION_DROP else "session")
-            self._retry_delay = float(pdu.parameter2)
+            self._retry_delay = float(ev.parameter2)
             if self._conn is not None:
                 self._connection_failed(self._conn, ConnectionResetError(
                     "target announced it drops the connection"))
@@ -859,61 +764,25 @@ class Session:
             log.info("asynchronous event %d from %s ignored", event, self.portal)
 
     async def _logout_and_reconnect(self) -> None:
-        conn = self._conn
-        if conn is None or self._state is not _State.READY:
+        conn, engine = self._conn, self._engine
+        if conn is None or engine is None or self._state is not _State.READY:
             return
-        itt = self._alloc_itt()
-        fut: asyncio.Future[PDU] = self._loop.create_future()
-        self._waiters[itt] = fut
-        self._send([LogoutRequest(reason=LogoutReason.CLOSE_SESSION, itt=itt, cid=self._cid,
-                                  cmdsn=self._cmdsn, expstatsn=self._exp_statsn, immediate=True)])
         with contextlib.suppress(TimeoutError, InitiatorError):
-            await asyncio.wait_for(fut, 5.0)
-        self._waiters.pop(itt, None)
+            await self._exchange(lambda now: engine.logout(now), 5.0)
         if self._conn is conn:
             self._connection_failed(conn, ConnectionResetError("logged out at the target's request"))
 
-    def _on_reject(self, pdu: Reject) -> None:
-        self._status_seen(pdu.statsn)
-        self._window(pdu.expcmdsn, pdu.maxcmdsn)
-        try:
-            reason = RejectReason(pdu.reason).name.lower().replace("_", " ")
-        except ValueError:
-            reason = f"reason 0x{pdu.reason:02x}"
-        itt = pdu.rejected_itt
-        err = TargetProtocolError(f"target rejected a PDU: {reason}")
-        if itt is not None:
-            task = self._tasks.get(itt)
-            if task is not None and pdu.rejected_opcode == Opcode.SCSI_COMMAND:
-                # §7.4.1 (ERL 0): a rejected command will not get a response.
-                self._complete_error(task, err)
-                return
-            fut = self._waiters.pop(itt, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
-                return
-        if pdu.reason == RejectReason.DATA_DIGEST_ERROR:
-            # ERL 0 cannot resend the data: recover the session (§7.8).
-            if self._conn is not None:
-                self._connection_failed(self._conn, err)
-            return
-        log.warning("%s", err)
-
-    def _complete_error(self, task: _Task, err: InitiatorError) -> None:
-        self._tasks.pop(task.itt, None)
-        if not task.future.done():
-            task.future.set_exception(err)
-        self._pump()
-
     # --------------------------------------------------- other exchanges
 
-    async def _exchange(self, build: Callable[[int], PDU], timeout: float = 30.0) -> PDU:
-        if self._state is not _State.READY:
+    async def _exchange(self, start: Callable[[float], int], timeout: float = 30.0, *,
+                        when: _State = _State.READY) -> Answer:
+        engine = self._engine
+        if self._state is not when or engine is None:
             raise self._failure or SessionFailed(f"session is {self._state.value}")
-        itt = self._alloc_itt()
-        fut: asyncio.Future[PDU] = self._loop.create_future()
+        itt = start(self._loop.time())
+        fut: asyncio.Future[Answer] = self._loop.create_future()
         self._waiters[itt] = fut
-        self._send([build(itt)])
+        self._schedule_flush()
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
@@ -922,63 +791,37 @@ class Session:
     async def ping(self, data: bytes = b"", timeout: float = 30.0) -> float:
         """Send a NOP-Out ping (§11.18) and return the round trip in seconds."""
         start = self._loop.time()
-
-        def build(itt: int) -> PDU:
-            return NopOut(itt=itt, ttt=RESERVED_TAG, lun=0, cmdsn=self._cmdsn,
-                          expstatsn=self._exp_statsn, immediate=True, data=data)
-
-        rsp = await self._exchange(build, timeout)
-        if bytes(rsp.data) != data:
+        engine = self._engine
+        rsp = await self._exchange(lambda now: engine.ping(now, data) if engine else 0, timeout)
+        if not isinstance(rsp, PingAnswered) or rsp.data != data:
             raise TargetProtocolError("NOP-In did not echo the ping data (§11.19)")
         return self._loop.time() - start
 
     async def text(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """A Text Request/Response exchange (§11.10), following continuations."""
-        from iscsi.text import TextAssembler, decode_text, encode_text, split_text
-
-        segments = split_text(encode_text(pairs), self._mxdsl)
-        assembler = TextAssembler()
-        ttt = RESERVED_TAG
-        for i, seg in enumerate(segments):
-            last = i == len(segments) - 1
-            rsp = await self._text_pdu(seg, final=last, ttt=ttt)
-            ttt = rsp.ttt
-        while True:
-            whole = assembler.feed(rsp.data, rsp.cont)
-            if whole is not None:
-                if not rsp.final:
-                    raise TargetProtocolError("Text Response without F or C bit")
-                return decode_text(whole)
-            # §11.11.4: ask for the rest with an empty request carrying its TTT.
-            rsp = await self._text_pdu(b"", final=True, ttt=rsp.ttt)
-
-    async def _text_pdu(self, data: bytes, *, final: bool, ttt: int) -> TextResponse:
-        cmdsn = self._cmdsn
-
-        def build(itt: int) -> PDU:
-            self._cmdsn = sn_add(cmdsn, 1)
-            return TextRequest(final=final, cont=not final, itt=itt, ttt=ttt, cmdsn=cmdsn,
-                               expstatsn=self._exp_statsn, data=data)
-
-        rsp = await self._exchange(build)
-        if not isinstance(rsp, TextResponse):
-            raise TargetProtocolError(f"expected a Text Response, got {type(rsp).__name__}")
-        return rsp
+        async with self._text_lock:
+            engine = self._engine
+            data = encode_text(pairs)
+            rsp = await self._exchange(lambda now: engine.text(data, now) if engine else 0)
+        assert isinstance(rsp, TextDone)
+        return rsp.pairs
 
     async def send_targets(self, which: str = "All") -> list[DiscoveredTarget]:
         """SendTargets (RFC 7143 Appendix C): the targets and their portals."""
         pairs = await self.text([("SendTargets", which)])
-        return parse_send_targets(pairs, default_host=self.host, default_port=self.port)
+        try:
+            return parse_send_targets(pairs, default_host=self.host, default_port=self.port)
+        except ProtocolError as exc:
+            raise TargetProtocolError(f"bad SendTargets answer: {exc}") from None
 
     async def task_management(self, function: TMFunction, lun: int = 0,
                               referenced_itt: int = RESERVED_TAG) -> int:
         """Send a Task Management Function Request (§11.5); return the
         response code (iscsi.constants.TMResponse)."""
-        cmdsn = self._cmdsn
-        rsp = await self._exchange(lambda itt: TaskMgmtRequest(
-            function=function, lun=encode_lun(lun), itt=itt, referenced_task_tag=referenced_itt,
-            cmdsn=cmdsn, expstatsn=self._exp_statsn, immediate=True))
-        assert isinstance(rsp, TaskMgmtResponse)
+        engine = self._engine
+        rsp = await self._exchange(lambda now: engine.task_management(
+            function, now, lun, referenced_itt) if engine else 0)
+        assert isinstance(rsp, TaskManagementDone)
         return rsp.response
 
     # ----------------------------------------------------------- recovery
@@ -988,30 +831,46 @@ class Session:
             return
         self._conn = None
         conn.abort()
-        self._out.clear()
+        engine, self._engine = self._engine, None
+        self._cancel_timer()
         if self._state is not _State.READY:
             # During login _establish sees the failure through the login
             # queue; while closing there is nothing to recover.
+            if engine is not None:
+                self._pings += engine.target_pings
+                self._backlog.extendleft(reversed(engine.close()))
             return
         log.warning("connection to %s failed (%s); recovering", self.portal, _describe(exc))
         self._state = _State.RECOVERING
-        self._hold = False
         lost = ConnectionLost(f"connection to {self.portal} lost")
-        inflight = sorted(self._tasks.values(), key=lambda t: t.seq)
-        self._tasks.clear()
-        # Internal commands (unit attention clearing) belong to the attempt
-        # that just failed; it is retried as a whole.
-        internal = [t for t in inflight if t.internal] + list(self._urgent)
-        self._urgent.clear()
-        for task in internal:
-            if not task.future.done():
-                task.future.set_exception(lost)
+        if self._loop.time() - self._logged_in_at >= _HEALTHY:
+            self._failures = 0
+        self._failures += 1
+        cmds = engine.close() if engine is not None else []
+        if engine is not None:
+            self._pings += engine.target_pings
+        reissue: list[Command] = []
+        retries = self.options.command_retries
+        for cmd in cmds:
+            if cmd.internal:
+                # Unit attention clearing belongs to the attempt that failed.
+                self._fail(cmd, lost)
+            elif cmd.timed_out:
+                self._fail(cmd, CommandTimedOut(
+                    f"no status for CDB 0x{cmd.cdb[0]:02x} within the command timeout; "
+                    f"task management failed, the session was recovered"))
+            elif cmd.attempts > retries:
+                # Issue 9 item 7: a bounded number of reissues, then a clear error.
+                why = cmd.violation or _describe(exc)
+                self._fail(cmd, TargetProtocolError(
+                    f"CDB 0x{cmd.cdb[0]:02x} failed after {cmd.attempts} attempts: {why}")
+                    if cmd.violation else ConnectionLost(
+                    f"CDB 0x{cmd.cdb[0]:02x} failed after {cmd.attempts} attempts: {why}"))
+            elif not cast("asyncio.Future[ScsiResult]", cmd.handle).done():
+                reissue.append(cmd)
         # ERL 0 session recovery (§7.1.4.3): reissue what had not completed,
         # in the order it was first issued, ahead of commands not yet sent.
-        for task in reversed(inflight):
-            if not task.internal and not task.future.done():
-                task.error = None
-                self._queue.appendleft(task)
+        self._backlog.extendleft(reversed(reissue))
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(lost)
@@ -1022,11 +881,18 @@ class Session:
         if self._recovery is None or self._recovery.done():
             self._recovery = self._loop.create_task(self._recover(exc))
 
+    def _backoff(self) -> float:
+        """Pacing before the next login: none after a healthy period, then
+        doubling from 50 ms up to ``reconnect_backoff_max``."""
+        if self._failures <= 1:
+            return 0.0
+        return float(min(0.05 * 2 ** (self._failures - 2), self.options.reconnect_backoff_max))
+
     async def _recover(self, cause: BaseException) -> None:
         opts = self.options
         deadline = self._loop.time() + opts.replacement_timeout
-        # Time2Wait from an Async Message, else retry at once and back off.
-        wait = self._retry_delay if self._retry_delay is not None else 0.0
+        # Time2Wait from an Async Message, else the backoff.
+        wait = self._retry_delay if self._retry_delay is not None else self._backoff()
         self._retry_delay = None
         delay = 0.05
         last: BaseException = cause
@@ -1047,50 +913,23 @@ class Session:
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.abort()
+                engine, self._engine = self._engine, None
+                if engine is not None:
+                    self._pings += engine.target_pings
+                    self._backlog.extendleft(reversed(
+                        [c for c in engine.close() if not c.internal]))
                 self._state = _State.RECOVERING
-                self._hold = False
-                wait, delay = delay, min(delay * 2, 1.0)
+                wait, delay = delay, min(delay * 2, max(1.0, opts.reconnect_backoff_max))
                 continue
             self.recoveries += 1
             log.info("session to %s recovered", self.portal)
             self._recovery = None
             return
         self._recovery = None
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
         self._finish(SessionFailed(
             f"connection to {self.portal} lost ({_describe(cause)}) and not restored within "
             f"the replacement timeout of {opts.replacement_timeout:g} s (last: {_describe(last)})"),
             _State.FAILED)
-
-    async def _keepalive_loop(self) -> None:
-        """NOP-Out pings after ``nop_interval`` seconds of silence; no answer
-        (and no other traffic) within ``nop_timeout`` means a dead connection."""
-        interval = self.options.nop_interval
-        assert interval
-        while True:
-            idle_until = self._last_rx + interval
-            now = self._loop.time()
-            if now < idle_until:
-                await asyncio.sleep(idle_until - now)
-                continue
-            conn = self._conn
-            if self._state is not _State.READY or conn is None:
-                await asyncio.sleep(interval)
-                continue
-            sent_at = now
-            try:
-                await self.ping(timeout=self.options.nop_timeout)
-            except TimeoutError:
-                if conn is self._conn and self._last_rx <= sent_at:
-                    self._connection_failed(conn, TimeoutError(
-                        f"no NOP-In within {self.options.nop_timeout:g} s"))
-            except InitiatorError:
-                pass
-            # A successful ping refreshed _last_rx.
-            if self._last_rx <= sent_at:
-                await asyncio.sleep(interval)
 
 
 def _describe(exc: BaseException) -> str:

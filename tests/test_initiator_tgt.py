@@ -351,6 +351,14 @@ async def test_nop_timeout_recovers_a_frozen_target(tgt: Tgtd) -> None:
 # ------------------------------------------------------- async messages
 
 
+def _sns(s: Session) -> dict[str, int]:
+    """StatSN and the window the engine expects, to inject a PDU as received."""
+    e = s._engine
+    assert e is not None
+    return {"statsn": e.exp_statsn, "expcmdsn": e.window.exp_cmdsn,
+            "maxcmdsn": e.window.max_cmdsn}
+
+
 async def test_async_messages_drive_recovery_and_callbacks(tgt: Tgtd) -> None:
     # tgt cannot be made to send these, so they are injected as if received
     # (the handling -- logout, reconnect, callback -- runs against real tgt).
@@ -362,18 +370,18 @@ async def test_async_messages_drive_recovery_and_callbacks(tgt: Tgtd) -> None:
     s.on_async_event = lambda lun_field, sense: events.append((lun_field, sense))
     sense = bytes([0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x2A, 0x09, 0, 0, 0, 0])
     s._dispatch(AsyncMessage(async_event=AsyncEvent.SCSI_ASYNC_EVENT, lun=1 << 48,
-                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn,
+                             **_sns(s),
                              data=len(sense).to_bytes(2, "big") + sense))
     assert events == [(1 << 48, sense)]
 
     s._dispatch(AsyncMessage(async_event=AsyncEvent.LOGOUT_REQUEST, parameter3=5,
-                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn))
+                             **_sns(s)))
     await until(lambda: s.recoveries == 1 and s.state == "full feature phase",
                  "logout-and-reconnect")
     await lun.write(0, b"\x03" * 512)
 
     s._dispatch(AsyncMessage(async_event=AsyncEvent.CONNECTION_DROP, parameter2=0,
-                             statsn=s._exp_statsn, expcmdsn=s._expcmdsn, maxcmdsn=s._maxcmdsn))
+                             **_sns(s)))
     write = lun.write(0, b"\x04" * 512)
     await asyncio.wait_for(write, 30)
     assert s.recoveries == 2

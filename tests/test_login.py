@@ -40,7 +40,8 @@ from iscsi.login import (
     TargetEntry,
     TargetLogin,
 )
-from iscsi.pdu import LoginRequest, LoginResponse, decode_pdu
+from iscsi.framing import decode_pdu
+from iscsi.pdu import LoginRequest, LoginResponse
 from iscsi.text import decode_text, encode_text
 
 INI = "iqn.2024-01.org.example:client"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from iscsi.constants import RESERVED_TAG
 from iscsi.errors import FramingError, ProtocolError
 from iscsi.framing import PDUReader
+from iscsi.framing import decode_pdu
 from iscsi.pdu import (
     PDU,
     R2T,
@@ -39,7 +40,6 @@ from iscsi.pdu import (
     TaskMgmtResponse,
     TextRequest,
     TextResponse,
-    decode_pdu,
 )
 
 # Modest by default (the file runs in seconds); AIOISCSI_FUZZ_EXAMPLES=5000
