@@ -866,6 +866,14 @@ class Session:
         # ERL 0 session recovery (§7.1.4.3): reissue what had not completed,
         # in the order it was first issued, ahead of commands not yet sent.
         self._backlog.extendleft(reversed(reissue))
+        if self._policy.give_up():
+            # Logins succeed but nothing completes: fail what waits now
+            # rather than at the replacement timeout (issue 9 item 7).
+            gone = ConnectionLost(
+                f"{self._policy.failures} connections to {self.portal} in a row failed "
+                f"without completing a command (last: {_describe(exc)})")
+            while self._backlog:
+                self._fail(self._backlog.popleft(), gone)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(lost)

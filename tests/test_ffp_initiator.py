@@ -354,6 +354,7 @@ def test_recovery_policy_bounds_reissues_and_paces_logins() -> None:
     for t in range(6):
         policy.logged_in(float(t))
         waits.append(policy.connection_failed(t + 0.01))
+        assert policy.give_up() is (t >= 3)
     assert waits == [0.0, 0.05, 0.1, 0.2, 0.3, 0.3]
     # One that worked for a while recovers at once again.
     policy.logged_in(100.0)

@@ -50,6 +50,13 @@ class RecoveryPolicy:
         """The wait after a failed login attempt that waited ``previous``."""
         return min(max(previous * 2, self.backoff_first), max(1.0, self.backoff_max))
 
+    def give_up(self) -> bool:
+        """True when so many connections in a row failed without any
+        command completing that waiting commands should fail rather than
+        wait (a target that logs in and then never answers: the commands
+        behind the unit-attention check are never even sent)."""
+        return self.failures > self.command_retries + 1
+
     def reissue(self, cmd: Command) -> bool:
         """Whether ``cmd`` may be sent again on a new connection."""
         return cmd.attempts <= self.command_retries
