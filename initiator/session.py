@@ -16,7 +16,8 @@ this module does I/O, timers, the reconnect policy and the public API:
 * a command is sent at most ``1 + command_retries`` times; reconnects after
   a failure that follows a login too closely are paced by an exponential
   backoff, so a target that breaks the protocol on every login cannot make
-  us spin (issue 9 item 7);
+  us spin (issue 9 item 7; the decisions are
+  :class:`iscsi.ffp.initiator_recovery.RecoveryPolicy`);
 * a command without status after ``command_timeout`` is aborted and fails
   with :class:`CommandTimedOut` (the engine escalates ABORT TASK, LOGICAL
   UNIT RESET, session recovery);
@@ -228,9 +229,9 @@ class _Connection(asyncio.BufferedProtocol):
         reader stops there so digests can be switched first)."""
         self._parse(self.reader.parse)
 
-    def _parse(self, step: Any) -> None:
+    def _parse(self, step: Callable[[], list[PDU]]) -> None:
         try:
-            pdus: list[PDU] = step()
+            pdus = step()
         except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
             # Issue 9 item 7: any error while reading (not only our
             # ProtocolError) ends this connection, never the event loop's
@@ -768,7 +769,8 @@ class Session:
         with contextlib.suppress(TimeoutError, InitiatorError):
             await self._exchange(lambda now: engine.logout(now), 5.0)
         if self._conn is conn:
-            self._connection_failed(conn, ConnectionResetError("logged out at the target's request"))
+            self._connection_failed(conn, ConnectionResetError(
+                "logged out at the target's request"))
 
     # --------------------------------------------------- other exchanges
 
