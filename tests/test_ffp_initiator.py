@@ -366,3 +366,15 @@ def test_recovery_policy_bounds_reissues_and_paces_logins() -> None:
         cmd.attempts = attempts
         assert policy.reissue(cmd) is ok
     assert policy.login_retry_delay(0.0) == 0.05 and policy.login_retry_delay(0.8) == 1.0
+
+
+def test_abandoned_text_exchange_does_not_block_the_next() -> None:
+    e = engine()
+    first = e.text(encode_text([("SendTargets", "All")]), 0.0)
+    second = e.text(encode_text([("SendTargets", "All")]), 1.0)
+    sent(e)
+    assert e.receive_pdu(TextResponse(itt=first, final=True, **window()), 1.0) == []
+    ev = e.receive_pdu(TextResponse(itt=second, final=True,
+                                    data=encode_text([("TargetName", "iqn.x:y")]),
+                                    **window(11)), 1.0)
+    assert ev == [TextDone(second, [("TargetName", "iqn.x:y")])]
