@@ -786,7 +786,8 @@ class Session:
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._waiters.pop(itt, None)
+            if self._waiters.pop(itt, None) is not None and self._engine is engine:
+                engine.forget(itt)  # abandoned (timeout, cancel): free its tag
 
     async def ping(self, data: bytes = b"", timeout: float = 30.0) -> float:
         """Send a NOP-Out ping (§11.18) and return the round trip in seconds."""

@@ -180,6 +180,12 @@ class Control:
                 f"{self.e.command_timeout:g} s; the task was aborted")
 
     # -------------------------------------------------------------- text
+    def forget(self, itt: int) -> None:
+        """Drop what this class keeps for exchange ``itt``."""
+        self._tmf_lun.pop(itt, None)
+        if self._text is not None and self._text.itt == itt:
+            self._text = None
+
     def text(self, data: bytes, now: float) -> int:
         """Start a Text exchange with encoded ``data`` (split into
         continuations of at most MaxRecvDataSegmentLength, §11.10.2); the
