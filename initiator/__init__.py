@@ -15,6 +15,8 @@ Quick start::
 
 from __future__ import annotations
 
+from iscsi.discovery import DiscoveredTarget
+
 from .blockdev import BlockDevice, LUNFile
 from .errors import (
     CommandTimedOut,
@@ -27,13 +29,12 @@ from .errors import (
     SessionFailed,
     TargetProtocolError,
 )
-from iscsi.discovery import DiscoveredTarget
 from .scsi import LUN, Capacity, SCSICheckCondition, SCSIStatusError
 from .session import ScsiResult, Session, SessionOptions, discover, run
 
 __all__ = [
-    "BlockDevice", "Capacity", "CommandTimedOut", "ConnectionLost", "DiscoveredTarget", "InitiatorError",
-    "LUN", "LUNFile", "LUNNotFound", "LoginFailed", "LoginRefused", "PortalUnreachable",
-    "SCSICheckCondition", "SCSIStatusError", "ScsiResult", "Session", "SessionFailed",
-    "SessionOptions", "TargetProtocolError", "discover", "run",
+    "BlockDevice", "Capacity", "CommandTimedOut", "ConnectionLost", "DiscoveredTarget",
+    "InitiatorError", "LUN", "LUNFile", "LUNNotFound", "LoginFailed", "LoginRefused",
+    "PortalUnreachable", "SCSICheckCondition", "SCSIStatusError", "ScsiResult", "Session",
+    "SessionFailed", "SessionOptions", "TargetProtocolError", "discover", "run",
 ]

@@ -16,7 +16,8 @@ this module does I/O, timers, the reconnect policy and the public API:
 * a command is sent at most ``1 + command_retries`` times; reconnects after
   a failure that follows a login too closely are paced by an exponential
   backoff, so a target that breaks the protocol on every login cannot make
-  us spin (issue 9 item 7);
+  us spin (issue 9 item 7; the decisions are
+  :class:`iscsi.ffp.initiator_recovery.RecoveryPolicy`);
 * a command without status after ``command_timeout`` is aborted and fails
   with :class:`CommandTimedOut` (the engine escalates ABORT TASK, LOGICAL
   UNIT RESET, session recovery);
@@ -70,6 +71,7 @@ from iscsi.ffp.initiator import (
     TaskManagementDone,
     TextDone,
 )
+from iscsi.ffp.initiator_recovery import RecoveryPolicy
 from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
 from iscsi.pdu import PDU, Buffer
@@ -101,8 +103,6 @@ _TUR = bytes(6)
 # SAM-5 §5.3.1: CHECK CONDITION with UNIT ATTENTION (sense key 6).
 _CHECK_CONDITION = 0x02
 _UNIT_ATTENTION = 0x6
-#: A connection that lived this long before failing resets the backoff.
-_HEALTHY = 10.0
 
 T = TypeVar("T")
 Answer = PingAnswered | TaskManagementDone | TextDone | LogoutDone
@@ -230,9 +230,9 @@ class _Connection(asyncio.BufferedProtocol):
         reader stops there so digests can be switched first)."""
         self._parse(self.reader.parse)
 
-    def _parse(self, step: Any) -> None:
+    def _parse(self, step: Callable[[], list[PDU]]) -> None:
         try:
-            pdus: list[PDU] = step()
+            pdus = step()
         except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
             # Issue 9 item 7: any error while reading (not only our
             # ProtocolError) ends this connection, never the event loop's
@@ -327,9 +327,10 @@ class Session:
         self._failure: InitiatorError | None = None
         self._luns_used: set[int] = set()
         self._retry_delay: float | None = None
-        self._logged_in_at = 0.0
-        #: Connection failures since the last healthy period (backoff).
-        self._failures = 0
+        o = self.options
+        self._policy = RecoveryPolicy(command_retries=o.command_retries,
+                                      backoff_max=o.reconnect_backoff_max)
+        self._next_wait = 0.0
         self._pings = 0
         #: Called with each SCSI Async Event's sense data (AsyncEvent 0).
         self.on_async_event: Callable[[int, bytes], None] | None = None
@@ -424,7 +425,7 @@ class Session:
         if self._conn is not conn:
             raise ConnectionLost(f"connection to {where} lost during login")
         self._state = _State.READY
-        self._logged_in_at = self._loop.time()
+        self._policy.logged_in(self._loop.time())
         engine = self._engine
         assert engine is not None
         # Hold the ordinary queue until unit attentions are consumed.
@@ -702,7 +703,7 @@ class Session:
     def _completed(self, ev: CommandCompleted) -> None:
         cmd = ev.command
         fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
-        self._failures = 0
+        self._policy.command_completed()
         if fut.done():
             return
         data: memoryview | None = None
@@ -714,8 +715,7 @@ class Session:
 
     def _command_failed(self, ev: CommandFailed) -> None:
         cmd = ev.command
-        if ev.kind == "reset" and cmd.attempts <= self.options.command_retries \
-                and self._engine is not None:
+        if ev.kind == "reset" and self._policy.reissue(cmd) and self._engine is not None:
             # Ended by the LU reset of another command's timeout: retry.
             self._engine.submit(cmd, self._loop.time())
             return
@@ -770,7 +770,8 @@ class Session:
         with contextlib.suppress(TimeoutError, InitiatorError):
             await self._exchange(lambda now: engine.logout(now), 5.0)
         if self._conn is conn:
-            self._connection_failed(conn, ConnectionResetError("logged out at the target's request"))
+            self._connection_failed(conn, ConnectionResetError(
+                "logged out at the target's request"))
 
     # --------------------------------------------------- other exchanges
 
@@ -786,7 +787,8 @@ class Session:
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:
-            self._waiters.pop(itt, None)
+            if self._waiters.pop(itt, None) is not None and self._engine is engine:
+                engine.forget(itt)  # abandoned (timeout, cancel): free its tag
 
     async def ping(self, data: bytes = b"", timeout: float = 30.0) -> float:
         """Send a NOP-Out ping (§11.18) and return the round trip in seconds."""
@@ -843,14 +845,11 @@ class Session:
         log.warning("connection to %s failed (%s); recovering", self.portal, _describe(exc))
         self._state = _State.RECOVERING
         lost = ConnectionLost(f"connection to {self.portal} lost")
-        if self._loop.time() - self._logged_in_at >= _HEALTHY:
-            self._failures = 0
-        self._failures += 1
+        self._next_wait = self._policy.connection_failed(self._loop.time())
         cmds = engine.close() if engine is not None else []
         if engine is not None:
             self._pings += engine.target_pings
         reissue: list[Command] = []
-        retries = self.options.command_retries
         for cmd in cmds:
             if cmd.internal:
                 # Unit attention clearing belongs to the attempt that failed.
@@ -859,7 +858,7 @@ class Session:
                 self._fail(cmd, CommandTimedOut(
                     f"no status for CDB 0x{cmd.cdb[0]:02x} within the command timeout; "
                     f"task management failed, the session was recovered"))
-            elif cmd.attempts > retries:
+            elif not self._policy.reissue(cmd):
                 # Issue 9 item 7: a bounded number of reissues, then a clear error.
                 why = cmd.violation or _describe(exc)
                 self._fail(cmd, TargetProtocolError(
@@ -871,6 +870,14 @@ class Session:
         # ERL 0 session recovery (§7.1.4.3): reissue what had not completed,
         # in the order it was first issued, ahead of commands not yet sent.
         self._backlog.extendleft(reversed(reissue))
+        if self._policy.give_up():
+            # Logins succeed but nothing completes: fail what waits now
+            # rather than at the replacement timeout (issue 9 item 7).
+            gone = ConnectionLost(
+                f"{self._policy.failures} connections to {self.portal} in a row failed "
+                f"without completing a command (last: {_describe(exc)})")
+            while self._backlog:
+                self._fail(self._backlog.popleft(), gone)
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_exception(lost)
@@ -881,20 +888,13 @@ class Session:
         if self._recovery is None or self._recovery.done():
             self._recovery = self._loop.create_task(self._recover(exc))
 
-    def _backoff(self) -> float:
-        """Pacing before the next login: none after a healthy period, then
-        doubling from 50 ms up to ``reconnect_backoff_max``."""
-        if self._failures <= 1:
-            return 0.0
-        return float(min(0.05 * 2 ** (self._failures - 2), self.options.reconnect_backoff_max))
-
     async def _recover(self, cause: BaseException) -> None:
         opts = self.options
         deadline = self._loop.time() + opts.replacement_timeout
         # Time2Wait from an Async Message, else the backoff.
-        wait = self._retry_delay if self._retry_delay is not None else self._backoff()
+        wait = self._retry_delay if self._retry_delay is not None else self._next_wait
         self._retry_delay = None
-        delay = 0.05
+        delay = 0.0
         last: BaseException = cause
         while True:
             remaining = deadline - self._loop.time()
@@ -919,7 +919,8 @@ class Session:
                     self._backlog.extendleft(reversed(
                         [c for c in engine.close() if not c.internal]))
                 self._state = _State.RECOVERING
-                wait, delay = delay, min(delay * 2, max(1.0, opts.reconnect_backoff_max))
+                delay = self._policy.login_retry_delay(delay)
+                wait = delay
                 continue
             self.recoveries += 1
             log.info("session to %s recovered", self.portal)

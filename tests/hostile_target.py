@@ -72,9 +72,12 @@ Behaviour = Callable[[HostileConnection, ScsiCommand], Awaitable[None] | None]
 class HostileTarget:
     """``behaviour(conn, cmd)`` answers every SCSI command."""
 
-    def __init__(self, behaviour: Behaviour, *, answer_tmf: bool = True) -> None:
+    def __init__(self, behaviour: Behaviour, *, answer_tmf: bool = True,
+                 silent: bool = False) -> None:
         self.behaviour = behaviour
         self.answer_tmf = answer_tmf
+        #: After the login, answer nothing at all (not even NOP-Outs).
+        self.silent = silent
         self.logins = 0
         self.data_out_bytes = 0
         #: READs and WRITEs received (the behaviour's business).
@@ -136,6 +139,10 @@ class HostileTarget:
             await writer.drain()
 
     async def _ffp(self, conn: HostileConnection, pdu: PDU) -> None:
+        if self.silent:
+            if isinstance(pdu, ScsiCommand) and pdu.cdb[:1] in (b"\x28", b"\x2a"):
+                self.commands += 1
+            return
         if isinstance(pdu, ScsiCommand):
             if not pdu.immediate:
                 conn.expcmdsn = (pdu.cmdsn + 1) & 0xFFFFFFFF

@@ -21,6 +21,7 @@ from iscsi.ffp.initiator import (
     TaskManagementDone,
     TextDone,
 )
+from iscsi.ffp.initiator_recovery import RecoveryPolicy
 from iscsi.framing import PDUReader
 from iscsi.pdu import (
     PDU,
@@ -342,3 +343,38 @@ def test_logout_stops_sending_commands() -> None:
                                residual_count=4 * KiB, **window(10, 2, 2)), 0.0)
     assert [type(p) for p in sent(e)] == [LogoutRequest]
     assert e.close() == [b]
+
+
+# ------------------------------------------------------------ recovery
+def test_recovery_policy_bounds_reissues_and_paces_logins() -> None:
+    policy = RecoveryPolicy(command_retries=2, backoff_first=0.05, backoff_max=0.3)
+    cmd = Command(0, READ)
+    # A target that fails every connection right after its login.
+    waits = []
+    for t in range(6):
+        policy.logged_in(float(t))
+        waits.append(policy.connection_failed(t + 0.01))
+        assert policy.give_up() is (t >= 3)
+    assert waits == [0.0, 0.05, 0.1, 0.2, 0.3, 0.3]
+    # One that worked for a while recovers at once again.
+    policy.logged_in(100.0)
+    assert policy.connection_failed(200.0) == 0.0
+    policy.connection_failed(200.1)
+    policy.command_completed()
+    assert policy.connection_failed(200.2) == 0.0
+    for attempts, ok in ((1, True), (2, True), (3, False)):
+        cmd.attempts = attempts
+        assert policy.reissue(cmd) is ok
+    assert policy.login_retry_delay(0.0) == 0.05 and policy.login_retry_delay(0.8) == 1.0
+
+
+def test_abandoned_text_exchange_does_not_block_the_next() -> None:
+    e = engine()
+    first = e.text(encode_text([("SendTargets", "All")]), 0.0)
+    second = e.text(encode_text([("SendTargets", "All")]), 1.0)
+    sent(e)
+    assert e.receive_pdu(TextResponse(itt=first, final=True, **window()), 1.0) == []
+    ev = e.receive_pdu(TextResponse(itt=second, final=True,
+                                    data=encode_text([("TargetName", "iqn.x:y")]),
+                                    **window(11)), 1.0)
+    assert ev == [TextDone(second, [("TargetName", "iqn.x:y")])]

@@ -334,8 +334,8 @@ def test_command_timeout_aborts_then_resets_then_recovers() -> None:
     # Timeout: ABORT TASK; the target's owner aborts the running task.
     assert p.ini.handle_timer(30.0) == []
     ev = p.run(30.0)
-    assert [type(e) for e in ev] == [CommandFailed] and ev[0].kind == "timeout"  # type: ignore[union-attr]
-    assert ev[0].command is r  # type: ignore[union-attr]
+    assert len(ev) == 1 and isinstance(ev[0], CommandFailed)
+    assert ev[0].kind == "timeout" and ev[0].command is r
     # A target that ignores task management: the session is recovered.
     p.ignore_tmf = True
     r2 = read(p, 1, 1, now=40.0)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from initiator.errors import CommandTimedOut, TargetProtocolError
+from initiator.errors import CommandTimedOut, ConnectionLost, TargetProtocolError
 from initiator.session import Session, SessionOptions
 from iscsi.pdu import R2T, DataIn, ScsiCommand, ScsiResponse
 
@@ -149,3 +149,18 @@ async def test_repeated_r2t_is_answered_once() -> None:
     # Old code: 2,000 R2Ts -> 8 MB of Data-Out for a 4 KiB write.
     assert isinstance(err, TargetProtocolError)
     assert t.data_out_bytes <= (RETRIES + 1) * 4096
+
+
+async def test_target_that_logs_in_and_then_says_nothing() -> None:
+    # Every login succeeds; the NOP keepalive notices the silence each time
+    # and the command gives up after its retries.
+    async with HostileTarget(never_answer, silent=True) as t:
+        start = time.monotonic()
+        err = await run_one(t, write=False, nop_interval=0.2, nop_timeout=0.3,
+                            command_timeout=30.0)
+        elapsed = time.monotonic() - start
+    assert isinstance(err, ConnectionLost) and "NOP-In" in str(err), err
+    # The READ went once; each later login stalled in the unit-attention
+    # check (a TEST UNIT READY nobody answers).
+    assert t.commands == 1 and t.logins <= RETRIES + 2
+    assert elapsed < 10

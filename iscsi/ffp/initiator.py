@@ -393,6 +393,13 @@ class InitiatorEngine:
         is sent. The answer is :class:`LogoutDone`."""
         return self.control.logout(now, reason)
 
+    def forget(self, itt: int) -> None:
+        """The owner stopped waiting for exchange ``itt`` (its own
+        timeout): free its tag; a late answer is ignored."""
+        if self._exchanges.pop(itt, None) is not None:
+            self.tags.discard(itt)
+            self.control.forget(itt)
+
     def _exchange(self, kind: str, function: int = 0, cmd: Command | None = None) -> int:
         itt = self.tags.allocate()
         self._exchanges[itt] = (kind, function, cmd)

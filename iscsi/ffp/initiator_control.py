@@ -180,12 +180,23 @@ class Control:
                 f"{self.e.command_timeout:g} s; the task was aborted")
 
     # -------------------------------------------------------------- text
+    def forget(self, itt: int) -> None:
+        """Drop what this class keeps for exchange ``itt``."""
+        self._tmf_lun.pop(itt, None)
+        if self._text is not None and self._text.itt == itt:
+            self._text = None
+
     def text(self, data: bytes, now: float) -> int:
         """Start a Text exchange with encoded ``data`` (split into
         continuations of at most MaxRecvDataSegmentLength, §11.10.2); the
-        answer is :class:`TextDone`. One exchange at a time."""
+        answer is :class:`TextDone`. One exchange at a time: one still
+        open (its owner gave up waiting) is abandoned, and a late answer
+        to it ignored."""
         if self._text is not None:
-            raise RuntimeError("a Text exchange is already in progress")
+            old = self._text.itt
+            self.e._exchanges.pop(old, None)
+            self.e.tags.discard(old)
+            self._text = None
         parts = split_text(data, self.e.params.max_xmit) or [b""]
         itt = self.e._exchange("text")
         self._text = _Text(itt, parts)

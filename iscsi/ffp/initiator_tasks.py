@@ -36,8 +36,8 @@ class Command:
     in ``data_in`` through :meth:`InitiatorEngine.placement`.
     """
 
-    __slots__ = ("handle", "lun", "lun_field", "cdb", "attr", "data_out", "data_in", "in_len", "edtl",
-                 "seq", "internal", "itt", "cmdsn", "sent", "received", "next_datasn",
+    __slots__ = ("handle", "lun", "lun_field", "cdb", "attr", "data_out", "data_in", "in_len",
+                 "edtl", "seq", "internal", "itt", "cmdsn", "sent", "received", "next_datasn",
                  "r2t_next", "next_r2tsn", "solicited_sent", "attempts", "violation",
                  "deadline", "timed_out", "aborting", "failure")
 
