@@ -7,7 +7,11 @@ with :meth:`~iscsi.ffp.common.Outbox.take` and writes with one
 ``writelines``. Time only enters through ``now`` arguments:
 ``get_timer()`` says when the engine next wants ``handle_timer(now)``.
 
-Modules: :mod:`.common` (shared pieces: outbox, timers, burst splitting),
-:mod:`.target` (the target's connection/session engine),
-:mod:`.initiator` (the initiator's session engine).
+Modules: :mod:`.common` (shared pieces: outbox, deadlines, burst
+splitting); the target's :mod:`.target` (one connection's engine),
+:mod:`.target_tasks` (its tasks, events and parameters) and :mod:`.window`
+(a session's CmdSN window); the initiator's :mod:`.initiator` (the engine),
+:mod:`.initiator_tasks` (commands and events), :mod:`.initiator_control`
+(NOP, TMF, Text, Logout, Async Message, Reject) and
+:mod:`.initiator_recovery` (reissue bounds and login pacing).
 """
