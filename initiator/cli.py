@@ -37,7 +37,8 @@ DEPTH = 8
 
 def _options(args: argparse.Namespace) -> SessionOptions:
     opts = SessionOptions(nop_interval=None, replacement_timeout=args.replacement_timeout,
-                          connect_timeout=args.connect_timeout)
+                          connect_timeout=args.connect_timeout,
+                          command_timeout=args.command_timeout or None)
     if args.initiator_name:
         opts.initiator_name = args.initiator_name
     if args.header_digest:
@@ -780,6 +781,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chap-algorithms", help="CHAP_A values to offer, e.g. 5 or 7,5")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
     p.add_argument("--replacement-timeout", type=float, default=120.0, metavar="S")
+    p.add_argument("--command-timeout", type=float, default=30.0, metavar="S",
+                   help="abort a SCSI command unanswered this long: ABORT TASK, then "
+                        "LUN RESET, then reconnect, as Linux does (0 = wait forever)")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("discover", help="list the targets of a portal (SendTargets)")
     d.add_argument("portal", metavar="HOST[:PORT]")
