@@ -9,7 +9,8 @@ with :meth:`~iscsi.ffp.common.Outbox.take` and writes with one
 
 Modules: :mod:`.common` (shared pieces: outbox, deadlines, burst
 splitting); the target's :mod:`.target` (one connection's engine),
-:mod:`.target_tasks` (its tasks, events and parameters) and :mod:`.window`
+:mod:`.target_control` (NOP, Text, Logout, TMF answers), :mod:`.target_tasks`
+(its tasks, events and parameters) and :mod:`.window`
 (a session's CmdSN window); the initiator's :mod:`.initiator` (the engine),
 :mod:`.initiator_tasks` (commands and events), :mod:`.initiator_control`
 (NOP, TMF, Text, Logout, Async Message, Reject) and
