@@ -117,6 +117,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._login_deadline: float | None = None
+        self._delivering = False
+        self._later: list[Event] = []
 
     # ------------------------------------------------------------------ I/O
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -332,8 +334,23 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.deliver(engine.receive_pdu(pdu, self.loop.time()))
 
     def deliver(self, events: list[Event]) -> None:
-        for ev in events:
-            _HANDLERS[type(ev)](self, ev)
+        """Act on events of this connection's engine, in order. A command
+        that completes inline can free a window slot and so produce more
+        events while this runs: those are taken in this same loop rather
+        than by a nested call, so the stack stays flat."""
+        if self._delivering:
+            self._later.extend(events)
+            return
+        self._delivering = True
+        try:
+            while events:
+                for ev in events:
+                    _HANDLERS[type(ev)](self, ev)
+                events, self._later = self._later, []
+                if self.engine is not None and self.engine.events:
+                    events += self.engine.take_events()
+        finally:
+            self._delivering = False
         if not self._flush_scheduled and self.engine is not None and self.engine.outbox.buffers:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
