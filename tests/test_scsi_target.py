@@ -13,7 +13,8 @@ from iscsi.scsi.constants import SenseKey, Status
 from iscsi.scsi.sense import SenseData
 from target.backends.base import Backend, Buffer
 from target.backends.memory import MemoryBackend
-from target.scsi.lu import LogicalUnit, first_difference
+from target.scsi.lu import LogicalUnit
+from target.scsi.lu_base import first_difference
 from target.scsi.target import ScsiTarget
 from target.scsi.types import LUConfig, Nexus
 

@@ -16,12 +16,11 @@ LBA range.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from iscsi.scsi.constants import (
     MaintenanceIn,
@@ -29,7 +28,6 @@ from iscsi.scsi.constants import (
     Opcode,
     PeripheralType,
     SenseKey,
-    ServiceActionIn16,
     Status,
 )
 from iscsi.scsi.sense import (
@@ -37,11 +35,6 @@ from iscsi.scsi.sense import (
     INTERNAL_TARGET_FAILURE,
     INVALID_COMMAND_OPERATION_CODE,
     INVALID_FIELD_IN_CDB,
-    LBA_OUT_OF_RANGE,
-    LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
-    MEDIUM_NOT_PRESENT,
-    MEDIUM_NOT_PRESENT_TRAY_CLOSED,
-    MEDIUM_NOT_PRESENT_TRAY_OPEN,
     MEDIUM_REMOVAL_PREVENTED,
     MODE_PARAMETERS_CHANGED,
     PARAMETER_LIST_LENGTH_ERROR,
@@ -50,16 +43,23 @@ from iscsi.scsi.sense import (
     WRITE_ERROR,
     CheckCondition,
     SenseData,
-    data_protect,
     illegal_request,
     invalid_field_in_cdb,
-    invalid_field_in_parameter_list,
-    miscompare,
-    not_ready,
 )
 from target.backends.base import Backend, BackendError, OutOfResources
 
 from . import modes as _modes
+from .lu_base import (
+    _CDB_LEN,
+    _UA_EXEMPT,
+    _WRITES,
+    AscAscq,
+    Handler,
+    HandlerResult,
+    _alloc,
+    _good,
+)
+from .lu_block import BlockCommands
 from .modes import ModePages, disk_pages
 from .opcodes import (
     ALUA_OPS,
@@ -70,76 +70,13 @@ from .opcodes import (
     report_supported_opcodes,
     report_supported_tmfs,
 )
+from .reservations import ReservationConflict
+from .reservations import Reservations as _Reservations
 from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
 from .vpd import InquiryInfo, standard_inquiry, vpd_page
 
-from .reservations import ReservationConflict
-from .reservations import Reservations as _Reservations
 
-AscAscq: TypeAlias = tuple[int, int]
-HandlerResult: TypeAlias = ScsiResult | Awaitable[ScsiResult]
-Handler: TypeAlias = Callable[[Nexus, bytes, Buffer | None, int | None], HandlerResult]
-
-_GOOD = 0
-_CHECK = int(Status.CHECK_CONDITION)
-
-# CDB length by group code (SPC-4 §4.3.2): the top three opcode bits.
-_CDB_LEN = (6, 10, 10, 0, 16, 12, 0, 0)
-
-_RW6 = struct.Struct(">IB")  # bytes 0..4 with the opcode masked off
-_RW10 = struct.Struct(">BIxH")  # bytes 1..8
-_RW12 = struct.Struct(">BII")  # bytes 1..9
-_RW16 = struct.Struct(">BQI")  # bytes 1..13
-_RC10 = struct.Struct(">II")
-_RC16 = struct.Struct(">QIBBH")
-_UNMAP_DESC = struct.Struct(">QI4x")
-_LBA_STATUS = struct.Struct(">QIB3x")
-
-#: Commands that neither report nor clear a unit attention (SPC-4 §5.14:
-#: INQUIRY, REPORT LUNS, REQUEST SENSE; REQUEST SENSE returns it as data).
-_UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
-
-#: Operation codes that modify the medium (MEDIUM ERROR → WRITE ERROR).
-_WRITES = frozenset(
-    {
-        Opcode.WRITE_6,
-        Opcode.WRITE_10,
-        Opcode.WRITE_12,
-        Opcode.WRITE_16,
-        Opcode.WRITE_AND_VERIFY_10,
-        Opcode.WRITE_AND_VERIFY_12,
-        Opcode.WRITE_AND_VERIFY_16,
-        Opcode.WRITE_SAME_10,
-        Opcode.WRITE_SAME_16,
-        Opcode.UNMAP,
-        Opcode.COMPARE_AND_WRITE,
-        Opcode.ORWRITE_16,
-    }
-)
-
-
-def _good(data: Buffer | None = None) -> ScsiResult:
-    return ScsiResult(_GOOD, b"", data)
-
-
-def _alloc(data: bytes, length: int) -> bytes:
-    """Truncate parameter data to the ALLOCATION LENGTH (SPC-4 §4.2.5.6)."""
-    return data if len(data) <= length else data[:length]
-
-
-def first_difference(a: Buffer, b: Buffer) -> int:
-    """Offset of the first differing byte of two equal-length buffers, or
-    -1 when equal. Uses big-integer XOR (C speed) instead of a byte loop."""
-    if a == b:
-        return -1
-    n = min(len(a), len(b))
-    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
-    if x == 0:
-        return n
-    return n - 1 - (x.bit_length() - 1) // 8
-
-
-class LogicalUnit:
+class LogicalUnit(BlockCommands):
     """One logical unit (SAM-5 §4.6.19) backed by a :class:`Backend`.
 
     The owner (``ScsiTarget``) calls :meth:`bind` to give it its LUN and
@@ -418,463 +355,6 @@ class LogicalUnit:
             # internal failure rather than leaking the exception.
             return self.check_condition(SenseData(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE))
 
-    def check_condition(self, sense: SenseData) -> ScsiResult:
-        """CHECK CONDITION with sense in the format D_SENSE selects."""
-        data = sense.encode_descriptor() if self._dsense else sense.encode_fixed()
-        return ScsiResult(_CHECK, data, None)
-
-    # ----- shared checks ----------------------------------------------------
-
-    def _ready(self) -> None:
-        """NOT READY for medium access when stopped or without medium."""
-        if not self.medium_present:
-            if self.tray_open:
-                raise not_ready(MEDIUM_NOT_PRESENT_TRAY_OPEN)
-            raise not_ready(MEDIUM_NOT_PRESENT_TRAY_CLOSED if self.config.removable else MEDIUM_NOT_PRESENT)
-        if not self.started:
-            raise not_ready(LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED)
-
-    def _writable(self) -> None:
-        if self.write_protected:
-            raise data_protect()
-
-    def _range(self, lba: int, n: int) -> None:
-        if lba + n > self.num_blocks:
-            raise illegal_request(LBA_OUT_OF_RANGE)
-
-    def _max_transfer(self, n: int, field: int) -> None:
-        limit = self.config.max_transfer_blocks
-        if limit and n > limit:
-            raise invalid_field_in_cdb(field)
-
-    async def _flush_then(self, result: ScsiResult) -> ScsiResult:
-        """Make writes durable (FUA / write-through / SYNCHRONIZE CACHE)
-        in a worker thread, then complete."""
-        await asyncio.to_thread(self.backend.flush)
-        return result
-
-    # ----- READ / WRITE (hot path) ------------------------------------------
-
-    def _do_read(self, lba: int, n: int, field: int) -> ScsiResult:
-        if not self.medium_present or not self.started:
-            self._ready()
-        if lba + n > self.num_blocks:
-            raise illegal_request(LBA_OUT_OF_RANGE)
-        if n == 0:
-            # SBC-3 §5.8: a TRANSFER LENGTH of zero is not an error
-            return ScsiResult(_GOOD, b"", None)
-        self._max_transfer(n, field)
-        shift = self._shift
-        return ScsiResult(_GOOD, b"", self.backend.read(lba << shift, n << shift))
-
-    def _read6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        word, n = _RW6.unpack_from(cdb, 0)
-        # SBC-3 §5.14: TRANSFER LENGTH 0 in READ(6) means 256 blocks
-        return self._do_read(word & 0x1FFFFF, n or 256, 4)
-
-    def _read10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        if flags & 0xE7:  # RDPROTECT without protection information; RARC; obsolete
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 7)
-
-    def _read12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW12.unpack_from(cdb, 1)
-        if flags & 0xE7:
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 6)
-
-    def _read16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        if flags & 0xE7:
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 10)
-
-    def _store(self, lba: int, n: int, data: Buffer | None) -> None:
-        """Write n blocks from the Data-Out buffer without copying it.
-
-        When the initiator sent less than the CDB asked for (iSCSI EDTL <
-        transfer length), only what arrived is written, as FCP-4/RFC 7143
-        §11.4.5.1 describe; a trailing partial block is merged with the
-        medium's contents.
-        """
-        shift = self._shift
-        need = n << shift
-        offset = lba << shift
-        got = 0 if data is None else len(data)
-        if got >= need:
-            assert data is not None
-            self.backend.write(offset, data if got == need else memoryview(data)[:need])
-            return
-        if got == 0 or data is None:
-            return
-        mv = memoryview(data)
-        whole = (got >> shift) << shift
-        if whole:
-            self.backend.write(offset, mv[:whole])
-        rest = got - whole
-        if rest:
-            block = bytearray(self.backend.read(offset + whole, self.block_size))
-            block[:rest] = mv[whole:got]
-            self.backend.write(offset + whole, block)
-
-    def _do_write(self, lba: int, n: int, flags: int, data: Buffer | None, field: int) -> HandlerResult:
-        if flags & 0xE5:  # WRPROTECT without protection information; reserved
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        if not self.medium_present or not self.started:
-            self._ready()
-        if self.write_protected:
-            raise data_protect()
-        if lba + n > self.num_blocks:
-            raise illegal_request(LBA_OUT_OF_RANGE)
-        if n == 0:
-            return ScsiResult(_GOOD, b"", None)
-        self._max_transfer(n, field)
-        self._store(lba, n, data)
-        if flags & 0x08 or not self._wce:
-            return self._flush_then(ScsiResult(_GOOD, b"", None))
-        return ScsiResult(_GOOD, b"", None)
-
-    def _write6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        word, n = _RW6.unpack_from(cdb, 0)
-        return self._do_write(word & 0x1FFFFF, n or 256, 0, data, 4)
-
-    def _write10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 7)  # FUA_NV is ignored
-
-    def _write12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW12.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 6)
-
-    def _write16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 10)
-
-    @staticmethod
-    def _lba_len(cdb: bytes) -> tuple[int, int, int, int]:
-        """(flags, lba, blocks, byte of the length field) of a 10/12/16 CDB."""
-        op = cdb[0]
-        if op >> 5 == 4:  # 16-byte
-            flags, lba, n = _RW16.unpack_from(cdb, 1)
-            return flags, lba, n, 10
-        if op >> 5 == 5:  # 12-byte
-            flags, lba, n = _RW12.unpack_from(cdb, 1)
-            return flags, lba, n, 6
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        return flags, lba, n, 7
-
-    # ----- VERIFY / WRITE AND VERIFY / ORWRITE / COMPARE AND WRITE ----------
-
-    def _verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """VERIFY(10/12/16), SBC-3 §5.30: BYTCHK 0 checks the medium only,
-        1 compares n blocks, 3 compares one block against each of n."""
-        flags, lba, n, field = self._lba_len(cdb)
-        if flags & 0xE0:
-            raise invalid_field_in_cdb(1, 7)
-        if flags & 0x09:
-            raise invalid_field_in_cdb(1, 0 if flags & 0x01 else 3)
-        bytchk = (flags >> 1) & 0x03
-        if bytchk == 2:
-            raise invalid_field_in_cdb(1, 2)
-        self._ready()
-        self._range(lba, n)
-        if n == 0 or bytchk == 0:
-            return _good()
-        self._max_transfer(n, field)
-        shift = self._shift
-        medium = self.backend.read(lba << shift, n << shift)
-        if bytchk == 1:
-            expect: Buffer = data if data is not None else b""
-            if len(expect) > len(medium):
-                expect = memoryview(expect)[: len(medium)]
-            cmp_len = len(expect)
-            diff = first_difference(memoryview(medium)[:cmp_len], expect)
-        else:
-            pattern = bytes(memoryview(data or b"")[: self.block_size]).ljust(self.block_size, b"\0")
-            diff = first_difference(medium, pattern * n)
-        if diff >= 0:
-            raise miscompare(diff)
-        return _good()
-
-    def _write_verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """WRITE AND VERIFY(10/12/16), SBC-3 §5.37: written data is forced to
-        the medium (like FUA) so the verification means something."""
-        flags, lba, n, field = self._lba_len(cdb)
-        if flags & 0xE0:
-            raise invalid_field_in_cdb(1, 7)
-        if flags & 0x09 or (flags >> 1) & 0x03 > 1:
-            raise invalid_field_in_cdb(1, 2)
-        self._ready()
-        self._writable()
-        self._range(lba, n)
-        if n == 0:
-            return _good()
-        self._max_transfer(n, field)
-        self._store(lba, n, data)
-        return self._flush_then(_good())
-
-    def _orwrite(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """ORWRITE(16), SBC-3 §5.10: medium := medium OR data."""
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        if flags & 0xE0:
-            raise invalid_field_in_cdb(1, 7)
-        if flags & 0x05:
-            raise invalid_field_in_cdb(1, 2)
-        self._ready()
-        self._writable()
-        self._range(lba, n)
-        if n == 0:
-            return _good()
-        self._max_transfer(n, 10)
-        shift = self._shift
-        size = n << shift
-        src = bytes(memoryview(data or b"")[:size]).ljust(size, b"\0")
-        cur = self.backend.read(lba << shift, size)
-        merged = (int.from_bytes(cur, "big") | int.from_bytes(src, "big")).to_bytes(size, "big")
-        self.backend.write(lba << shift, merged)
-        if flags & 0x08 or not self._wce:
-            return self._flush_then(_good())
-        return _good()
-
-    def _compare_and_write(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """COMPARE AND WRITE, SBC-3 §5.2. Compare and write happen with no
-        await in between, so the pair is atomic against every other command
-        on this event loop; INFORMATION of a MISCOMPARE is the offset of the
-        first differing byte."""
-        flags = cdb[1]
-        lba = int.from_bytes(cdb[2:10], "big")
-        n = cdb[13]
-        if flags & 0xE0:
-            raise invalid_field_in_cdb(1, 7)
-        if flags & 0x07:
-            raise invalid_field_in_cdb(1, 2)
-        if n > self.config.max_compare_write_blocks:
-            raise invalid_field_in_cdb(13)
-        shift = self._shift
-        size = n << shift
-        if el is not None and el != 2 * size:
-            # Data-Out must be exactly the verify + write instances (SBC-3
-            # §5.2); libiscsi sends 256 blocks, which NLB (one byte) wraps to 0.
-            raise invalid_field_in_cdb(13)
-        self._ready()
-        self._writable()
-        self._range(lba, n)
-        if n == 0:
-            return _good()
-        got = 0 if data is None else len(data)
-        if got < 2 * size:
-            raise invalid_field_in_cdb(13)
-        assert data is not None
-        mv = memoryview(data)
-        current = self.backend.read(lba << shift, size)
-        diff = first_difference(current, mv[:size])
-        if diff >= 0:
-            raise miscompare(diff)
-        self.backend.write(lba << shift, mv[size : 2 * size])
-        if flags & 0x08 or not self._wce:
-            return self._flush_then(_good())
-        return _good()
-
-    # ----- WRITE SAME / UNMAP / GET LBA STATUS ------------------------------
-
-    def _write_same(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """WRITE SAME(10/16), SBC-3 §5.42/§5.43: NUMBER OF LOGICAL BLOCKS 0
-        means "to the end of the medium" (WSNZ=0); UNMAP with a zero block
-        (or NDOB) deallocates on a thin unit."""
-        ten = cdb[0] == Opcode.WRITE_SAME_10
-        if ten:
-            flags, lba, n = _RW10.unpack_from(cdb, 1)
-            field = 7
-            ndob = False
-            if flags & 0x07:
-                raise invalid_field_in_cdb(1, 0)
-        else:
-            flags, lba, n = _RW16.unpack_from(cdb, 1)
-            field = 10
-            ndob = bool(flags & 0x01)
-            if flags & 0x06:
-                raise invalid_field_in_cdb(1, 1)
-        if flags & 0xE0:
-            raise invalid_field_in_cdb(1, 7)
-        if flags & 0x10:  # ANCHOR, and ANC_SUP is 0
-            raise invalid_field_in_cdb(1, 4)
-        if flags & 0x08 and not self.thin:
-            # A fully provisioned unit reports LBPWS/LBPWS10 = 0, so the
-            # UNMAP bit is refused rather than silently ignored (SBC-3
-            # §5.43; libiscsi checks the VPD B2h bits agree).
-            raise invalid_field_in_cdb(1, 3)
-        self._ready()
-        self._writable()
-        if lba > self.num_blocks:
-            raise illegal_request(LBA_OUT_OF_RANGE)
-        if n == 0:
-            n = self.num_blocks - lba
-        self._range(lba, n)
-        limit = self.config.max_write_same_blocks
-        if limit and n > limit:
-            raise invalid_field_in_cdb(field)
-        bs = self.block_size
-        if ndob:
-            block = b""
-        else:
-            got = 0 if data is None else len(data)
-            if got != bs or (el is not None and el != bs):
-                raise invalid_field_in_cdb(field)
-            assert data is not None
-            block = bytes(data)
-        if n == 0:
-            return _good()
-        shift = self._shift
-        off, size = lba << shift, n << shift
-        if flags & 0x08 and self.thin:
-            # UNMAP=1 on a unit with LBPWS: deallocate whatever the data
-            # block holds; with LBPRZ the range then reads as zeroes
-            # (SBC-3 §4.7.3.4, §5.43).
-            self.backend.discard(off, size)
-        elif ndob or block.count(0) == bs:
-            self.backend.write_zeroes(off, size)
-        else:
-            per = max(1, (1 << 20) >> shift)
-            chunk = block * min(n, per)
-            pos = off
-            end = off + size
-            while pos < end:
-                k = min(len(chunk), end - pos)
-                self.backend.write(pos, chunk if k == len(chunk) else memoryview(chunk)[:k])
-                pos += k
-        if not self._wce:
-            return self._flush_then(_good())
-        return _good()
-
-    def _unmap(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """UNMAP, SBC-3 §5.28: all descriptors are validated before any
-        range is deallocated."""
-        if not self.thin:
-            raise illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
-        if cdb[1] & 0x01:  # ANCHOR
-            raise invalid_field_in_cdb(1, 0)
-        plen = int.from_bytes(cdb[7:9], "big")
-        self._ready()
-        self._writable()
-        if plen == 0:
-            return _good()
-        if plen < 8:
-            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        buf = bytes(memoryview(data or b"")[:plen])
-        if len(buf) < 8:
-            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        bdl = int.from_bytes(buf[2:4], "big")
-        if bdl > len(buf) - 8:
-            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        count = bdl // 16
-        if count > self.config.max_unmap_descriptors > 0:
-            raise invalid_field_in_parameter_list(2)
-        ranges: list[tuple[int, int]] = []
-        limit = self.config.max_unmap_blocks
-        for i in range(count):
-            lba, nblk = _UNMAP_DESC.unpack_from(buf, 8 + 16 * i)
-            if lba + nblk > self.num_blocks:
-                raise illegal_request(LBA_OUT_OF_RANGE)
-            if limit and nblk > limit:
-                raise invalid_field_in_parameter_list(8 + 16 * i + 8)
-            if nblk:
-                ranges.append((lba, nblk))
-        shift = self._shift
-        for lba, nblk in ranges:
-            self.backend.discard(lba << shift, nblk << shift)
-        return _good()
-
-    def _get_lba_status(self, cdb: bytes) -> ScsiResult:
-        """GET LBA STATUS, SBC-3 §5.7: descriptors from backend.extents,
-        the first starting at the requested LBA, as many as fit."""
-        lba = int.from_bytes(cdb[2:10], "big")
-        alloc = int.from_bytes(cdb[10:14], "big")
-        self._ready()
-        if lba >= self.num_blocks:
-            raise illegal_request(LBA_OUT_OF_RANGE)
-        if alloc == 0:
-            return _good(b"")
-        max_desc = max(1, (alloc - 8) // 16)
-        shift = self._shift
-        bs = self.block_size
-        # Look at a bounded window so a huge sparse device stays cheap.
-        window = min(self.num_blocks - lba, max(1, self.config.max_unmap_blocks or 0x40000) * 4)
-        descs: list[tuple[int, int, bool]] = []
-        for ext in self.backend.extents(lba << shift, window << shift):
-            start = ext.offset >> shift
-            end = (ext.offset + ext.length + bs - 1) >> shift
-            start = max(start, lba)
-            if end <= start:
-                continue
-            if descs and descs[-1][2] == ext.mapped and descs[-1][0] + descs[-1][1] == start:
-                s, c, m = descs[-1]
-                descs[-1] = (s, c + end - start, m)
-            elif descs and descs[-1][0] + descs[-1][1] > start:
-                # partially mapped block: already reported as the earlier run
-                s, c, m = descs[-1]
-                if end > s + c:
-                    descs.append((s + c, end - s - c, ext.mapped))
-            else:
-                if len(descs) == max_desc:
-                    break
-                descs.append((start, end - start, ext.mapped))
-        body = b"".join(_LBA_STATUS.pack(s, c, 0 if m else 1) for s, c, m in descs[:max_desc])
-        out = struct.pack(">I4x", len(body) + 4) + body
-        return _good(_alloc(out, alloc))
-
-    # ----- cache / prefetch ------------------------------------------------
-
-    def _sync_cache(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """SYNCHRONIZE CACHE(10/16), SBC-3 §5.24: fsync in a thread."""
-        flags, lba, n, _ = self._lba_len(cdb)
-        if flags & 0xFD & ~0x04:
-            raise invalid_field_in_cdb(1)
-        self._ready()
-        self._range(lba, n)
-        return self._flush_then(_good())
-
-    def _prefetch(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        """PRE-FETCH(10/16), SBC-3 §5.9. We keep no cache of our own, which
-        is the "not enough cache" case: GOOD rather than CONDITION MET
-        (libiscsi's conformance suite expects GOOD too)."""
-        flags, lba, n, _ = self._lba_len(cdb)
-        if flags & 0xFD:
-            raise invalid_field_in_cdb(1)
-        self._ready()
-        self._range(lba, n)
-        return _good()
-
-    # ----- capacity ----------------------------------------------------------
-
-    def _read_capacity10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        self._ready()
-        last = self.num_blocks - 1
-        # SBC-3 §5.15: a capacity too large for 32 bits reports FFFFFFFFh
-        return _good(_RC10.pack(min(last, 0xFFFFFFFF), self.block_size))
-
-    def _read_capacity16(self, cdb: bytes) -> ScsiResult:
-        self._ready()
-        alloc = int.from_bytes(cdb[10:14], "big")
-        thin = self.thin
-        lbp = (0x8000 if thin else 0) | (0x4000 if thin and self.backend.zero_after_discard else 0)
-        data = _RC16.pack(
-            self.num_blocks - 1,
-            self.block_size,
-            0,  # P_TYPE / PROT_EN: no protection information
-            self.config.physical_block_exponent & 0x0F,
-            lbp,
-        ) + bytes(16)
-        return _good(_alloc(data, alloc))
-
-    def _service_action_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        sa = cdb[1] & 0x1F
-        if sa == ServiceActionIn16.READ_CAPACITY_16:
-            return self._read_capacity16(cdb)
-        if sa == ServiceActionIn16.GET_LBA_STATUS:
-            return self._get_lba_status(cdb)
-        raise invalid_field_in_cdb(1, 4)
-
     # ----- SPC commands ------------------------------------------------------
 
     def _test_unit_ready(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
@@ -1146,29 +626,36 @@ class LogicalUnit:
             return 0
 
     def _data_out_length(self, cdb: bytes) -> int:
-        op = cdb[0]
-        shift = self._shift
-        if op in (Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16, Opcode.ORWRITE_16,
-                  Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12, Opcode.WRITE_AND_VERIFY_16):
-            return self._lba_len(cdb)[2] << shift
-        if op == Opcode.WRITE_6:
-            return (cdb[4] or 256) << shift
-        if op in (Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16):
-            flags, _, n, _ = self._lba_len(cdb)
-            bytchk = (flags >> 1) & 3
-            return n << shift if bytchk == 1 else (self.block_size if bytchk == 3 and n else 0)
-        if op == Opcode.WRITE_SAME_10:
-            return self.block_size
-        if op == Opcode.WRITE_SAME_16:
-            return 0 if cdb[1] & 0x01 else self.block_size
-        if op == Opcode.COMPARE_AND_WRITE:
-            return (2 * cdb[13]) << shift
-        if op in (Opcode.UNMAP, Opcode.MODE_SELECT_10):
-            return int.from_bytes(cdb[7:9], "big")
-        if op == Opcode.MODE_SELECT_6:
-            return cdb[4]
-        if op == Opcode.PERSISTENT_RESERVE_OUT:
-            return int.from_bytes(cdb[5:9], "big")
-        if op == Opcode.EXTENDED_COPY:
-            return int.from_bytes(cdb[10:14], "big")
-        return 0
+        rule = _DATA_OUT.get(cdb[0])
+        return rule(self, cdb) if rule is not None else 0
+
+    def _verify_out(self, cdb: bytes) -> int:
+        # BYTCHK (SBC-3 §5.33): 01b compares n blocks, 11b one block.
+        flags, _, n, _ = self._lba_len(cdb)
+        bytchk = (flags >> 1) & 3
+        return n << self._shift if bytchk == 1 else (self.block_size if bytchk == 3 and n else 0)
+
+
+def _blocks(lu: LogicalUnit, cdb: bytes) -> int:
+    return lu._lba_len(cdb)[2] << lu._shift
+
+
+#: Bytes of Data-Out a CDB transfers, by operation code (SBC-3, SPC-4):
+#: the transport compares it with the iSCSI Expected Data Transfer Length
+#: to report residuals (RFC 7143 §11.4.5). Codes not listed carry none.
+_DATA_OUT: dict[int, Callable[[LogicalUnit, bytes], int]] = {
+    **dict.fromkeys((Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16, Opcode.ORWRITE_16,
+                     Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12,
+                     Opcode.WRITE_AND_VERIFY_16), _blocks),
+    Opcode.WRITE_6: lambda lu, cdb: (cdb[4] or 256) << lu._shift,
+    **dict.fromkeys((Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16),
+                    LogicalUnit._verify_out),
+    Opcode.WRITE_SAME_10: lambda lu, cdb: lu.block_size,
+    Opcode.WRITE_SAME_16: lambda lu, cdb: 0 if cdb[1] & 0x01 else lu.block_size,
+    Opcode.COMPARE_AND_WRITE: lambda lu, cdb: (2 * cdb[13]) << lu._shift,
+    Opcode.UNMAP: lambda lu, cdb: int.from_bytes(cdb[7:9], "big"),
+    Opcode.MODE_SELECT_10: lambda lu, cdb: int.from_bytes(cdb[7:9], "big"),
+    Opcode.MODE_SELECT_6: lambda lu, cdb: cdb[4],
+    Opcode.PERSISTENT_RESERVE_OUT: lambda lu, cdb: int.from_bytes(cdb[5:9], "big"),
+    Opcode.EXTENDED_COPY: lambda lu, cdb: int.from_bytes(cdb[10:14], "big"),
+}

@@ -1,0 +1,165 @@
+"""What every command family of a logical unit shares: its state (declared
+here, set up by :class:`~target.scsi.lu.LogicalUnit`), the checks SPC-4
+§5.14 and SBC-3 order (NOT READY, write protection, LBA range, transfer
+length) and the small encoders the handlers use."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+from iscsi.scsi.constants import (
+    Opcode,
+    Status,
+)
+from iscsi.scsi.sense import (
+    LBA_OUT_OF_RANGE,
+    LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED,
+    MEDIUM_NOT_PRESENT,
+    MEDIUM_NOT_PRESENT_TRAY_CLOSED,
+    MEDIUM_NOT_PRESENT_TRAY_OPEN,
+    SenseData,
+    data_protect,
+    illegal_request,
+    invalid_field_in_cdb,
+    not_ready,
+)
+from target.backends.base import Backend
+
+from .modes import ModePages
+from .reservations import Reservations as _Reservations
+from .types import Buffer, LUConfig, Nexus, ScsiResult
+
+AscAscq: TypeAlias = tuple[int, int]
+HandlerResult: TypeAlias = ScsiResult | Awaitable[ScsiResult]
+Handler: TypeAlias = Callable[[Nexus, bytes, Buffer | None, int | None], HandlerResult]
+
+_GOOD = 0
+_CHECK = int(Status.CHECK_CONDITION)
+
+# CDB length by group code (SPC-4 §4.3.2): the top three opcode bits.
+_CDB_LEN = (6, 10, 10, 0, 16, 12, 0, 0)
+
+_RW6 = struct.Struct(">IB")  # bytes 0..4 with the opcode masked off
+_RW10 = struct.Struct(">BIxH")  # bytes 1..8
+_RW12 = struct.Struct(">BII")  # bytes 1..9
+_RW16 = struct.Struct(">BQI")  # bytes 1..13
+_RC10 = struct.Struct(">II")
+_RC16 = struct.Struct(">QIBBH")
+_UNMAP_DESC = struct.Struct(">QI4x")
+_LBA_STATUS = struct.Struct(">QIB3x")
+
+#: Commands that neither report nor clear a unit attention (SPC-4 §5.14:
+#: INQUIRY, REPORT LUNS, REQUEST SENSE; REQUEST SENSE returns it as data).
+_UA_EXEMPT = frozenset({Opcode.INQUIRY, Opcode.REPORT_LUNS, Opcode.REQUEST_SENSE})
+
+#: Operation codes that modify the medium (MEDIUM ERROR → WRITE ERROR).
+_WRITES = frozenset(
+    {
+        Opcode.WRITE_6,
+        Opcode.WRITE_10,
+        Opcode.WRITE_12,
+        Opcode.WRITE_16,
+        Opcode.WRITE_AND_VERIFY_10,
+        Opcode.WRITE_AND_VERIFY_12,
+        Opcode.WRITE_AND_VERIFY_16,
+        Opcode.WRITE_SAME_10,
+        Opcode.WRITE_SAME_16,
+        Opcode.UNMAP,
+        Opcode.COMPARE_AND_WRITE,
+        Opcode.ORWRITE_16,
+    }
+)
+
+
+def _good(data: Buffer | None = None) -> ScsiResult:
+    return ScsiResult(_GOOD, b"", data)
+
+
+def _alloc(data: bytes, length: int) -> bytes:
+    """Truncate parameter data to the ALLOCATION LENGTH (SPC-4 §4.2.5.6)."""
+    return data if len(data) <= length else data[:length]
+
+
+def first_difference(a: Buffer, b: Buffer) -> int:
+    """Offset of the first differing byte of two equal-length buffers, or
+    -1 when equal. Uses big-integer XOR (C speed) instead of a byte loop."""
+    if a == b:
+        return -1
+    n = min(len(a), len(b))
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    if x == 0:
+        return n
+    return n - 1 - (x.bit_length() - 1) // 8
+
+
+
+
+class UnitBase:
+    """State and shared checks of a logical unit (SAM-5 §4.6.19)."""
+
+    backend: Backend
+    config: LUConfig
+    lun: int
+    target_name: str
+    block_size: int
+    _shift: int
+    num_blocks: int
+    modes: ModePages
+    started: bool
+    medium_present: bool
+    tray_open: bool
+    reservations: _Reservations
+    xcopy: Any
+    alua: Any
+    _wce: bool
+    _swp: bool
+    _dsense: bool
+
+    @property
+    def write_protected(self) -> bool:
+        """Writes refused (read-only LUN or software write protect)."""
+        raise NotImplementedError
+
+    @property
+    def thin(self) -> bool:
+        """Thin provisioned: unmapped blocks are reported and can be unmapped."""
+        raise NotImplementedError
+
+    def check_condition(self, sense: SenseData) -> ScsiResult:
+        """CHECK CONDITION with sense in the format D_SENSE selects."""
+        data = sense.encode_descriptor() if self._dsense else sense.encode_fixed()
+        return ScsiResult(_CHECK, data, None)
+
+    # ----- shared checks ----------------------------------------------------
+
+    def _ready(self) -> None:
+        """NOT READY for medium access when stopped or without medium."""
+        if not self.medium_present:
+            if self.tray_open:
+                raise not_ready(MEDIUM_NOT_PRESENT_TRAY_OPEN)
+            raise not_ready(MEDIUM_NOT_PRESENT_TRAY_CLOSED if self.config.removable else MEDIUM_NOT_PRESENT)
+        if not self.started:
+            raise not_ready(LOGICAL_UNIT_NOT_READY_INITIALIZING_COMMAND_REQUIRED)
+
+    def _writable(self) -> None:
+        if self.write_protected:
+            raise data_protect()
+
+    def _range(self, lba: int, n: int) -> None:
+        if lba + n > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+
+    def _max_transfer(self, n: int, field: int) -> None:
+        limit = self.config.max_transfer_blocks
+        if limit and n > limit:
+            raise invalid_field_in_cdb(field)
+
+    async def _flush_then(self, result: ScsiResult) -> ScsiResult:
+        """Make writes durable (FUA / write-through / SYNCHRONIZE CACHE)
+        in a worker thread, then complete."""
+        await asyncio.to_thread(self.backend.flush)
+        return result
+
