@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from iscsi.discovery import DiscoveredTarget
 from iscsi.names import parse_portal, parse_url
-from iscsi.scsi.cdb import ProvisioningStatus
 from iscsi.scsi.constants import PeripheralType, SenseKey
+from iscsi.scsi.sbc import ProvisioningStatus
 
 from .blockdev import BlockDevice, options_from_url
 from .errors import InitiatorError, LUNNotFound
-from iscsi.discovery import DiscoveredTarget
 from .scsi import LUN, SCSICheckCondition
 from .session import Session, SessionOptions, discover, run
 

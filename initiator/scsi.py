@@ -1,6 +1,6 @@
 """Typed SCSI commands on one logical unit of a :class:`Session`.
 
-CDBs are built and returned data parsed by :mod:`iscsi.scsi.cdb`; this module
+CDBs are built and returned data parsed by the :mod:`iscsi.scsi` codec; this module
 adds the transport (``Session.execute``), turns CHECK CONDITION into
 :class:`SCSICheckCondition` (sense key, ASC/ASCQ and their names), retries
 what SAM-5 says is safe to retry (UNIT ATTENTION: the command was not
@@ -16,9 +16,51 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from iscsi.pdu import Buffer
-from iscsi.scsi import cdb as C
 from iscsi.scsi.constants import PRInAction, PROutAction, SenseKey, Status, VPDPage
+from iscsi.scsi.lun import parse_report_luns_data
+from iscsi.scsi.pr import (
+    build_persistent_reserve_in,
+    build_persistent_reserve_out,
+    build_pr_out_parameters,
+)
+from iscsi.scsi.rw import (
+    build_compare_and_write,
+    build_read,
+    build_write,
+    build_write_same,
+)
+from iscsi.scsi.sbc import (
+    LbaStatusDescriptor,
+    build_get_lba_status,
+    build_read_capacity10,
+    build_read_capacity16,
+    build_synchronize_cache,
+    build_unmap,
+    build_unmap_parameter_list,
+    parse_lba_status_data,
+    parse_read_capacity10_data,
+    parse_read_capacity16_data,
+)
 from iscsi.scsi.sense import SenseData, SenseDecodeError, asc_name
+from iscsi.scsi.spc import (
+    build_inquiry,
+    build_mode_sense,
+    build_report_luns,
+    build_test_unit_ready,
+)
+from iscsi.scsi.vpd import (
+    BlockLimits,
+    Designator,
+    LogicalBlockProvisioning,
+    StandardInquiry,
+    parse_standard_inquiry,
+    parse_vpd_block_limits,
+    parse_vpd_device_identification,
+    parse_vpd_logical_block_provisioning,
+    parse_vpd_page,
+    parse_vpd_supported_pages,
+    parse_vpd_unit_serial,
+)
 
 from .errors import InitiatorError, LUNNotFound, TargetProtocolError
 from .session import ScsiResult, Session
@@ -216,57 +258,57 @@ class LUN:
 
     # ------------------------------------------------------- SPC commands
 
-    async def inquiry(self) -> C.StandardInquiry:
+    async def inquiry(self) -> StandardInquiry:
         """Standard INQUIRY data (SPC-4 §6.4.2)."""
-        r = await self.execute(C.build_inquiry(allocation_length=255), data_in_length=255)
-        return _parse(C.parse_standard_inquiry, r)
+        r = await self.execute(build_inquiry(allocation_length=255), data_in_length=255)
+        return _parse(parse_standard_inquiry, r)
 
     async def inquiry_vpd(self, page: int, allocation_length: int = _ALLOC) -> bytes:
         """The raw bytes of VPD ``page`` (SPC-4 §7.8), header included."""
-        r = await self.execute(C.build_inquiry(evpd=True, page_code=page,
+        r = await self.execute(build_inquiry(evpd=True, page_code=page,
                                                allocation_length=allocation_length),
                                data_in_length=allocation_length)
         data = bytes(r.data or b"")
-        _parse(lambda d: C.parse_vpd_page(d, page), r)
+        _parse(lambda d: parse_vpd_page(d, page), r)
         return data
 
     async def vpd_pages(self) -> tuple[int, ...]:
         """Supported VPD page codes (page 00h)."""
-        return C.parse_vpd_supported_pages(await self.inquiry_vpd(VPDPage.SUPPORTED_PAGES))
+        return parse_vpd_supported_pages(await self.inquiry_vpd(VPDPage.SUPPORTED_PAGES))
 
     async def unit_serial_number(self) -> str:
         """VPD page 80h."""
-        return C.parse_vpd_unit_serial(await self.inquiry_vpd(VPDPage.UNIT_SERIAL_NUMBER))
+        return parse_vpd_unit_serial(await self.inquiry_vpd(VPDPage.UNIT_SERIAL_NUMBER))
 
-    async def device_identification(self) -> tuple[C.Designator, ...]:
+    async def device_identification(self) -> tuple[Designator, ...]:
         """VPD page 83h designators."""
-        return C.parse_vpd_device_identification(
+        return parse_vpd_device_identification(
             await self.inquiry_vpd(VPDPage.DEVICE_IDENTIFICATION))
 
-    async def block_limits(self) -> C.BlockLimits | None:
+    async def block_limits(self) -> BlockLimits | None:
         """VPD page B0h, or None if the LU does not have it."""
         if VPDPage.BLOCK_LIMITS not in await self.vpd_pages():
             return None
-        return C.parse_vpd_block_limits(await self.inquiry_vpd(VPDPage.BLOCK_LIMITS))
+        return parse_vpd_block_limits(await self.inquiry_vpd(VPDPage.BLOCK_LIMITS))
 
-    async def logical_block_provisioning(self) -> C.LogicalBlockProvisioning | None:
+    async def logical_block_provisioning(self) -> LogicalBlockProvisioning | None:
         """VPD page B2h, or None if the LU does not have it."""
         if VPDPage.LOGICAL_BLOCK_PROVISIONING not in await self.vpd_pages():
             return None
-        return C.parse_vpd_logical_block_provisioning(
+        return parse_vpd_logical_block_provisioning(
             await self.inquiry_vpd(VPDPage.LOGICAL_BLOCK_PROVISIONING))
 
     async def test_unit_ready(self) -> None:
         """TEST UNIT READY; raises :class:`SCSICheckCondition` if not ready."""
-        await self.execute(C.build_test_unit_ready())
+        await self.execute(build_test_unit_ready())
 
     async def report_luns(self) -> list[int]:
         """REPORT LUNS (SPC-4 §6.27), growing the allocation if truncated."""
         alloc = 4096
         while True:
-            r = await self.execute(C.build_report_luns(allocation_length=alloc),
+            r = await self.execute(build_report_luns(allocation_length=alloc),
                                    data_in_length=alloc)
-            data = _parse(C.parse_report_luns_data, r)
+            data = _parse(parse_report_luns_data, r)
             if not data.truncated or alloc >= 1 << 20:
                 return sorted(data.luns)
             alloc = min(data.list_length + 8, 1 << 20)
@@ -274,21 +316,21 @@ class LUN:
     async def persistent_reserve_in(self, action: int = PRInAction.READ_KEYS,
                                     allocation_length: int = _ALLOC) -> bytes:
         """PERSISTENT RESERVE IN (SPC-4 §6.15); the raw parameter data."""
-        r = await self.execute(C.build_persistent_reserve_in(
+        r = await self.execute(build_persistent_reserve_in(
             service_action=action, allocation_length=allocation_length),
             data_in_length=allocation_length)
         return bytes(r.data or b"")
 
     async def read_keys(self) -> PRKeys:
         """The registered reservation keys (PERSISTENT RESERVE IN, READ KEYS)."""
-        r = await self.execute(C.build_persistent_reserve_in(
+        r = await self.execute(build_persistent_reserve_in(
             service_action=PRInAction.READ_KEYS, allocation_length=_ALLOC),
             data_in_length=_ALLOC)
         return _parse(parse_pr_keys, r)
 
     async def read_reservation(self) -> PRReservation:
         """The persistent reservation held, if any (READ RESERVATION)."""
-        r = await self.execute(C.build_persistent_reserve_in(
+        r = await self.execute(build_persistent_reserve_in(
             service_action=PRInAction.READ_RESERVATION, allocation_length=_ALLOC),
             data_in_length=_ALLOC)
         return _parse(parse_pr_reservation, r)
@@ -298,10 +340,10 @@ class LUN:
                                      pr_type: int = 0, scope: int = 0, aptpl: bool = False,
                                      all_tg_pt: bool = False) -> None:
         """PERSISTENT RESERVE OUT (SPC-4 §6.16) with the basic parameter list."""
-        params = C.build_pr_out_parameters(reservation_key=reservation_key,
+        params = build_pr_out_parameters(reservation_key=reservation_key,
                                            service_action_key=service_action_key,
                                            all_tg_pt=all_tg_pt, aptpl=aptpl)
-        await self.execute(C.build_persistent_reserve_out(
+        await self.execute(build_persistent_reserve_out(
             service_action=action, scope=scope, pr_type=pr_type,
             parameter_list_length=len(params)), data_out=params)
 
@@ -310,15 +352,15 @@ class LUN:
     async def read_capacity(self) -> Capacity:
         """READ CAPACITY(16), falling back to (10) where (16) is unsupported."""
         try:
-            r = await self.execute(C.build_read_capacity16(), data_in_length=32)
-            d16 = _parse(C.parse_read_capacity16_data, r)
+            r = await self.execute(build_read_capacity16(), data_in_length=32)
+            d16 = _parse(parse_read_capacity16_data, r)
             cap = Capacity(d16.blocks, d16.block_length, d16.physical_block_length,
                            d16.lbpme, d16.lbprz)
         except SCSICheckCondition as exc:
             if exc.key != SenseKey.ILLEGAL_REQUEST:
                 raise
-            r = await self.execute(C.build_read_capacity10(), data_in_length=8)
-            d10 = _parse(C.parse_read_capacity10_data, r)
+            r = await self.execute(build_read_capacity10(), data_in_length=8)
+            d10 = _parse(parse_read_capacity10_data, r)
             cap = Capacity(d10.blocks, d10.block_length, d10.block_length)
         if cap.block_size <= 0:
             raise TargetProtocolError(f"LUN {self.lun} reports a block size of {cap.block_size}")
@@ -332,7 +374,7 @@ class LUN:
         SENSE is taken not to support them."""
         if self._dpofua is None:
             try:
-                r = await self.execute(C.build_mode_sense(page_code=0x3F, dbd=True,
+                r = await self.execute(build_mode_sense(page_code=0x3F, dbd=True,
                                                           allocation_length=252),
                                        data_in_length=252)
             except SCSIStatusError:
@@ -354,7 +396,7 @@ class LUN:
             fua = await self.fua_supported()
         if buffer is not None and memoryview(buffer).nbytes != length:
             raise ValueError(f"buffer is {memoryview(buffer).nbytes} bytes, the read {length}")
-        r = await self.execute(C.build_read(lba, blocks, fua=fua), data_in=buffer,
+        r = await self.execute(build_read(lba, blocks, fua=fua), data_in=buffer,
                                data_in_length=length)
         if r.data is None:
             return memoryview(b"")
@@ -372,7 +414,7 @@ class LUN:
         if rest:
             raise ValueError(f"write of {n} bytes is not a multiple of {self.block_size}")
         with_bit = fua and await self.fua_supported()
-        await self.execute(C.build_write(lba, blocks, fua=with_bit), data_out=data)
+        await self.execute(build_write(lba, blocks, fua=with_bit), data_out=data)
         if fua and not with_bit and blocks:
             await self.synchronize_cache(lba, blocks)
 
@@ -383,17 +425,17 @@ class LUN:
         block = data if data is not None else bytes(self.block_size)
         if memoryview(block).nbytes != self.block_size:
             raise ValueError("WRITE SAME takes exactly one block of data")
-        await self.execute(C.build_write_same(lba, blocks, size=16, unmap=unmap), data_out=block)
+        await self.execute(build_write_same(lba, blocks, size=16, unmap=unmap), data_out=block)
 
     async def unmap(self, ranges: Sequence[tuple[int, int]]) -> None:
         """UNMAP (SBC-3 §5.28) the (lba, blocks) ranges."""
-        params = C.build_unmap_parameter_list(list(ranges))
-        await self.execute(C.build_unmap(parameter_list_length=len(params)), data_out=params)
+        params = build_unmap_parameter_list(list(ranges))
+        await self.execute(build_unmap(parameter_list_length=len(params)), data_out=params)
 
     async def synchronize_cache(self, lba: int = 0, blocks: int = 0) -> None:
         """SYNCHRONIZE CACHE(10); blocks 0 means to the end of the LU."""
         size = 16 if lba >= 1 << 32 or blocks >= 1 << 16 else 10
-        await self.execute(C.build_synchronize_cache(lba=lba, blocks=blocks, cdb_size=size))
+        await self.execute(build_synchronize_cache(lba=lba, blocks=blocks, cdb_size=size))
 
     async def compare_and_write(self, lba: int, compare: Buffer, write: Buffer) -> None:
         """COMPARE AND WRITE (SBC-3 §5.2): atomically write ``write`` if the
@@ -402,16 +444,16 @@ class LUN:
         n = memoryview(compare).nbytes
         if memoryview(write).nbytes != n or n % self.block_size:
             raise ValueError("compare and write buffers must be equal whole blocks")
-        await self.execute(C.build_compare_and_write(lba, n // self.block_size),
+        await self.execute(build_compare_and_write(lba, n // self.block_size),
                            data_out=bytes(compare) + bytes(write))
 
     async def get_lba_status(self, lba: int, allocation_length: int = 4096
-                             ) -> tuple[C.LbaStatusDescriptor, ...]:
+                             ) -> tuple[LbaStatusDescriptor, ...]:
         """GET LBA STATUS (SBC-3 §5.4): provisioning status from ``lba`` on."""
-        r = await self.execute(C.build_get_lba_status(lba=lba,
+        r = await self.execute(build_get_lba_status(lba=lba,
                                                       allocation_length=allocation_length),
                                data_in_length=allocation_length)
-        return _parse(C.parse_lba_status_data, r)
+        return _parse(parse_lba_status_data, r)
 
 
 def _parse(fn: Callable[[memoryview], T], r: ScsiResult) -> T:

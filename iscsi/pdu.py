@@ -35,7 +35,7 @@ from .constants import (
 )
 from .digest import digest_bytes
 from .errors import InvalidPDUField, PDUFormatError, UnsupportedOpcode
-from .scsi.cdb import lun_from_u64, lun_to_u64
+from .scsi.lun import lun_from_u64, lun_to_u64
 
 Buffer = bytes | bytearray | memoryview
 
@@ -73,7 +73,7 @@ def encode_lun(lun: int) -> int:
 
     LUNs below 256 use peripheral device addressing (byte 1), larger ones
     the flat space addressing method (01b in the top bits), as Linux and
-    libiscsi do. (The encoding itself lives in :mod:`iscsi.scsi.cdb`.)
+    libiscsi do. (The encoding itself lives in :mod:`iscsi.scsi.lun`.)
     """
     return lun_to_u64(lun)
 

@@ -1,4 +1,4 @@
-"""SCSI CDB builders/parsers and returned-data codecs (iscsi.scsi.cdb)."""
+"""SCSI CDB builders/parsers and returned-data codecs (iscsi.scsi: rw, spc, sbc, pr, mmc, lun, vpd, dispatch)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,167 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iscsi.scsi import cdb as C
-from iscsi.scsi.cdb import (
+from iscsi.scsi.cdb_common import (
+    PROTOCOL_ID_ISCSI,
+    Association,
     CDBError,
     CDBTooShort,
+    CodeSet,
+    DesignatorType,
     InvalidCDBField,
     ParameterListError,
     ParameterListLengthError,
-    RWCommand,
-    RWKind,
     SCSIDataError,
     UnsupportedOpcode,
+    cdb_length,
+    check_control,
 )
 from iscsi.scsi.constants import Opcode, PRInAction, PROutAction, PRType
+from iscsi.scsi.dispatch import parse_cdb
+from iscsi.scsi.lun import (
+    MAX_LUN,
+    build_report_luns_data,
+    decode_lun,
+    encode_lun,
+    parse_report_luns_data,
+)
+from iscsi.scsi.mmc import (
+    GetConfiguration,
+    GetEventStatusNotification,
+    ReadToc,
+    build_get_configuration,
+    build_get_event_status_notification,
+    build_read_toc,
+    parse_get_configuration,
+    parse_get_event_status_notification,
+    parse_read_toc,
+)
+from iscsi.scsi.pr import (
+    PersistentReserveIn,
+    PersistentReserveOut,
+    PRParameters,
+    ReserveRelease,
+    build_persistent_reserve_in,
+    build_persistent_reserve_out,
+    build_pr_out_parameters,
+    build_reserve_release,
+    parse_persistent_reserve_in,
+    parse_persistent_reserve_out,
+    parse_pr_out_parameters,
+    parse_reserve_release,
+)
+from iscsi.scsi.rw import (
+    RW_OPCODES,
+    RWCommand,
+    RWKind,
+    build_compare_and_write,
+    build_orwrite16,
+    build_read,
+    build_rw,
+    build_verify,
+    build_write,
+    build_write_and_verify,
+    build_write_same,
+    is_rw,
+    parse_rw,
+)
+from iscsi.scsi.sbc import (
+    GetLbaStatus,
+    PreFetch,
+    ReadCapacity10,
+    ReadCapacity16,
+    ReadCapacity16Data,
+    ReadDefectData,
+    SynchronizeCache,
+    Unmap,
+    UnmapDescriptor,
+    build_get_lba_status,
+    build_lba_status_data,
+    build_pre_fetch,
+    build_read_capacity10,
+    build_read_capacity10_data,
+    build_read_capacity16,
+    build_read_capacity16_data,
+    build_read_defect_data,
+    build_synchronize_cache,
+    build_unmap,
+    build_unmap_parameter_list,
+    parse_get_lba_status,
+    parse_lba_status_data,
+    parse_pre_fetch,
+    parse_read_capacity10,
+    parse_read_capacity10_data,
+    parse_read_capacity16,
+    parse_read_capacity16_data,
+    parse_read_defect_data,
+    parse_synchronize_cache,
+    parse_unmap,
+    parse_unmap_parameter_list,
+)
+from iscsi.scsi.spc import (
+    ExtendedCopy,
+    Inquiry,
+    ModeSelect,
+    ModeSense,
+    PreventAllowMediumRemoval,
+    ReceiveCopyResults,
+    ReportLuns,
+    ReportSupportedOpcodes,
+    ReportSupportedTMFs,
+    ReportTargetPortGroups,
+    RequestSense,
+    StartStopUnit,
+    TestUnitReady,
+    build_extended_copy,
+    build_inquiry,
+    build_mode_select,
+    build_mode_sense,
+    build_prevent_allow_medium_removal,
+    build_receive_copy_results,
+    build_report_luns,
+    build_report_supported_opcodes,
+    build_report_supported_tmfs,
+    build_report_target_port_groups,
+    build_request_sense,
+    build_start_stop_unit,
+    build_test_unit_ready,
+    parse_extended_copy,
+    parse_inquiry,
+    parse_mode_select,
+    parse_mode_sense,
+    parse_prevent_allow_medium_removal,
+    parse_receive_copy_results,
+    parse_report_luns,
+    parse_report_supported_opcodes,
+    parse_report_supported_tmfs,
+    parse_report_target_port_groups,
+    parse_request_sense,
+    parse_start_stop_unit,
+    parse_test_unit_ready,
+)
+from iscsi.scsi.vpd import (
+    BlockDeviceCharacteristics,
+    BlockLimits,
+    Designator,
+    LogicalBlockProvisioning,
+    StandardInquiry,
+    build_standard_inquiry,
+    build_vpd_block_device_characteristics,
+    build_vpd_block_limits,
+    build_vpd_device_identification,
+    build_vpd_logical_block_provisioning,
+    build_vpd_page,
+    build_vpd_supported_pages,
+    build_vpd_unit_serial,
+    parse_standard_inquiry,
+    parse_vpd_block_device_characteristics,
+    parse_vpd_block_limits,
+    parse_vpd_device_identification,
+    parse_vpd_logical_block_provisioning,
+    parse_vpd_page,
+    parse_vpd_supported_pages,
+    parse_vpd_unit_serial,
+)
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)
@@ -43,8 +191,8 @@ def test_read10_vector() -> None:
         "0008"  # 8 blocks
         "00"  # control
     )
-    assert C.build_read(12345, 8, dpo=True, fua=True, group=5) == cdb
-    r = C.parse_rw(cdb)
+    assert build_read(12345, 8, dpo=True, fua=True, group=5) == cdb
+    r = parse_rw(cdb)
     assert r == RWCommand(RWKind.READ, 0x28, 12345, 8, True, True, 5, 0)
     assert r.data_in_blocks == 8 and r.data_out_blocks == 0
 
@@ -58,46 +206,46 @@ def test_write16_vector() -> None:
         "00"  # group
         "00"  # control
     )
-    assert C.build_write(1 << 40, 65536, fua=True, protect=3) == cdb
-    assert C.parse_rw(cdb) == RWCommand(
+    assert build_write(1 << 40, 65536, fua=True, protect=3) == cdb
+    assert parse_rw(cdb) == RWCommand(
         RWKind.WRITE, 0x8A, 1 << 40, 65536, False, True, 0, 3
     )
 
 
 def test_read6_zero_means_256() -> None:
     cdb = bytes.fromhex("081fffff0000")  # LBA 0x1fffff, length 0 = 256
-    r = C.parse_rw(cdb)
+    r = parse_rw(cdb)
     assert (r.lba, r.blocks) == (0x1FFFFF, 256)
-    assert C.build_read(0x1FFFFF, 256, size=6) == cdb
-    assert C.build_write(1, 1, size=6) == bytes.fromhex("0a 00 0001 01 00")
+    assert build_read(0x1FFFFF, 256, size=6) == cdb
+    assert build_write(1, 1, size=6) == bytes.fromhex("0a 00 0001 01 00")
     with pytest.raises(ValueError):
-        C.build_read(0, 0, size=6)
+        build_read(0, 0, size=6)
     with pytest.raises(ValueError):
-        C.build_read(1 << 21, 1, size=6)
+        build_read(1 << 21, 1, size=6)
 
 
 def test_inquiry_vector() -> None:
     cdb = bytes.fromhex("120183040000")  # EVPD, page 83h, alloc 1024
-    assert C.build_inquiry(evpd=True, page_code=0x83, allocation_length=1024) == cdb
-    assert C.parse_inquiry(cdb) == C.Inquiry(True, 0x83, 1024)
+    assert build_inquiry(evpd=True, page_code=0x83, allocation_length=1024) == cdb
+    assert parse_inquiry(cdb) == Inquiry(True, 0x83, 1024)
 
 
 def test_read_capacity16_vector() -> None:
     cdb = bytes.fromhex("9e100000000000000000000000200000")
-    assert C.build_read_capacity16() == cdb
-    assert C.parse_cdb(cdb) == C.ReadCapacity16(32, 0, False)
+    assert build_read_capacity16() == cdb
+    assert parse_cdb(cdb) == ReadCapacity16(32, 0, False)
 
 
 def test_report_luns_vector() -> None:
     cdb = bytes.fromhex("a0 00 02 000000 00001000 00 00")
-    assert C.build_report_luns(select_report=2, allocation_length=4096) == cdb
-    assert C.parse_report_luns(cdb) == C.ReportLuns(2, 4096)
+    assert build_report_luns(select_report=2, allocation_length=4096) == cdb
+    assert parse_report_luns(cdb) == ReportLuns(2, 4096)
 
 
 def test_compare_and_write_vector() -> None:
     cdb = bytes.fromhex("89100000000000000064000000010000")
-    assert C.build_compare_and_write(100, 1, dpo=True) == cdb
-    r = C.parse_rw(cdb)
+    assert build_compare_and_write(100, 1, dpo=True) == cdb
+    r = parse_rw(cdb)
     assert (
         r.kind is RWKind.COMPARE_AND_WRITE and r.lba == 100 and r.blocks == 1 and r.dpo
     )
@@ -106,22 +254,22 @@ def test_compare_and_write_vector() -> None:
 
 def test_write_same16_unmap_vector() -> None:
     cdb = bytes.fromhex("93190000000000000010000001000000")  # ANCHOR|UNMAP|NDOB
-    assert C.build_write_same(16, 256, unmap=True, anchor=True, ndob=True) == cdb
-    r = C.parse_rw(cdb)
+    assert build_write_same(16, 256, unmap=True, anchor=True, ndob=True) == cdb
+    r = parse_rw(cdb)
     assert (r.unmap, r.anchor, r.ndob, r.data_out_blocks) == (True, True, True, 0)
 
 
 def test_pr_out_vectors() -> None:
     cdb = bytes.fromhex("5f010300000000001800")  # RESERVE, LU_SCOPE, EA
     assert (
-        C.build_persistent_reserve_out(
+        build_persistent_reserve_out(
             service_action=PROutAction.RESERVE,
             pr_type=PRType.EXCLUSIVE_ACCESS,
             parameter_list_length=24,
         )
         == cdb
     )
-    assert C.parse_persistent_reserve_out(cdb) == C.PersistentReserveOut(1, 0, 3, 24)
+    assert parse_persistent_reserve_out(cdb) == PersistentReserveOut(1, 0, 3, 24)
     data = bytes.fromhex(
         "0123456789abcdef"  # reservation key
         "fedcba9876543210"  # service action reservation key
@@ -130,17 +278,17 @@ def test_pr_out_vectors() -> None:
         "00"
         "0000"
     )
-    p = C.parse_pr_out_parameters(data)
-    assert p == C.PRParameters(
+    p = parse_pr_out_parameters(data)
+    assert p == PRParameters(
         0x0123456789ABCDEF, 0xFEDCBA9876543210, False, True, True
     )
-    assert C.build_pr_out_parameters(**dataclasses.asdict(p)) == data
+    assert build_pr_out_parameters(**dataclasses.asdict(p)) == data
 
 
 # --- builder -> parser round trips for every CDB -------------------------------
 
 
-def _ok_pr_out(x: C.PersistentReserveOut) -> bool:
+def _ok_pr_out(x: PersistentReserveOut) -> bool:
     if x.service_action in (
         PROutAction.RESERVE,
         PROutAction.RELEASE,
@@ -172,52 +320,52 @@ ROUND_TRIPS: list[
     tuple[Callable[..., bytes], Callable[[bytes], Any], st.SearchStrategy[Any]]
 ] = [
     (
-        C.build_inquiry,
-        C.parse_inquiry,
+        build_inquiry,
+        parse_inquiry,
         st.one_of(
             st.builds(
-                C.Inquiry, evpd=st.just(True), page_code=u8, allocation_length=u16
+                Inquiry, evpd=st.just(True), page_code=u8, allocation_length=u16
             ),
             st.builds(
-                C.Inquiry,
+                Inquiry,
                 evpd=st.just(False),
                 page_code=st.just(0),
                 allocation_length=u16,
             ),
         ),
     ),
-    (C.build_test_unit_ready, C.parse_test_unit_ready, st.just(C.TestUnitReady())),
+    (build_test_unit_ready, parse_test_unit_ready, st.just(TestUnitReady())),
     (
-        C.build_request_sense,
-        C.parse_request_sense,
-        st.builds(C.RequestSense, desc=b, allocation_length=u8),
+        build_request_sense,
+        parse_request_sense,
+        st.builds(RequestSense, desc=b, allocation_length=u8),
     ),
     (
-        C.build_report_luns,
-        C.parse_report_luns,
+        build_report_luns,
+        parse_report_luns,
         st.builds(
-            C.ReportLuns,
+            ReportLuns,
             select_report=u8,
             allocation_length=st.integers(16, 0xFFFFFFFF),
         ),
     ),
     (
-        C.build_read_capacity10,
-        C.parse_read_capacity10,
+        build_read_capacity10,
+        parse_read_capacity10,
         st.one_of(
-            st.builds(C.ReadCapacity10, lba=u32, pmi=st.just(True)),
-            st.just(C.ReadCapacity10(0, False)),
+            st.builds(ReadCapacity10, lba=u32, pmi=st.just(True)),
+            st.just(ReadCapacity10(0, False)),
         ),
     ),
     (
-        C.build_read_capacity16,
-        C.parse_read_capacity16,
+        build_read_capacity16,
+        parse_read_capacity16,
         st.one_of(
             st.builds(
-                C.ReadCapacity16, allocation_length=u32, lba=u64, pmi=st.just(True)
+                ReadCapacity16, allocation_length=u32, lba=u64, pmi=st.just(True)
             ),
             st.builds(
-                C.ReadCapacity16,
+                ReadCapacity16,
                 allocation_length=u32,
                 lba=st.just(0),
                 pmi=st.just(False),
@@ -225,36 +373,36 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_get_lba_status,
-        C.parse_get_lba_status,
-        st.builds(C.GetLbaStatus, lba=u64, allocation_length=u32),
+        build_get_lba_status,
+        parse_get_lba_status,
+        st.builds(GetLbaStatus, lba=u64, allocation_length=u32),
     ),
     (
-        C.build_unmap,
-        C.parse_unmap,
+        build_unmap,
+        parse_unmap,
         st.builds(
-            C.Unmap,
+            Unmap,
             parameter_list_length=st.one_of(st.just(0), st.integers(8, 0xFFFF)),
             anchor=b,
             group=st.integers(0, 63),
         ),
     ),
     (
-        C.build_synchronize_cache,
-        C.parse_synchronize_cache,
-        _cache_range(C.SynchronizeCache),
+        build_synchronize_cache,
+        parse_synchronize_cache,
+        _cache_range(SynchronizeCache),
     ),
     (
-        C.build_pre_fetch,
-        C.parse_pre_fetch,
-        _cache_range(C.PreFetch),
+        build_pre_fetch,
+        parse_pre_fetch,
+        _cache_range(PreFetch),
     ),
     (
-        C.build_mode_sense,
-        C.parse_mode_sense,
+        build_mode_sense,
+        parse_mode_sense,
         st.one_of(
             st.builds(
-                C.ModeSense,
+                ModeSense,
                 page_code=st.integers(0, 63),
                 subpage_code=u8,
                 pc=st.integers(0, 3),
@@ -264,7 +412,7 @@ ROUND_TRIPS: list[
                 cdb_size=st.just(6),
             ),
             st.builds(
-                C.ModeSense,
+                ModeSense,
                 page_code=st.integers(0, 63),
                 subpage_code=u8,
                 pc=st.integers(0, 3),
@@ -276,14 +424,14 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_mode_select,
-        C.parse_mode_select,
+        build_mode_select,
+        parse_mode_select,
         st.one_of(
             st.builds(
-                C.ModeSelect, parameter_list_length=u8, pf=b, sp=b, cdb_size=st.just(6)
+                ModeSelect, parameter_list_length=u8, pf=b, sp=b, cdb_size=st.just(6)
             ),
             st.builds(
-                C.ModeSelect,
+                ModeSelect,
                 parameter_list_length=u16,
                 pf=b,
                 sp=b,
@@ -292,10 +440,10 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_start_stop_unit,
-        C.parse_start_stop_unit,
+        build_start_stop_unit,
+        parse_start_stop_unit,
         st.builds(
-            C.StartStopUnit,
+            StartStopUnit,
             start=b,
             loej=b,
             immed=b,
@@ -305,16 +453,16 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_prevent_allow_medium_removal,
-        C.parse_prevent_allow_medium_removal,
-        st.builds(C.PreventAllowMediumRemoval, prevent=st.integers(0, 3)),
+        build_prevent_allow_medium_removal,
+        parse_prevent_allow_medium_removal,
+        st.builds(PreventAllowMediumRemoval, prevent=st.integers(0, 3)),
     ),
     (
-        C.build_reserve_release,
-        C.parse_reserve_release,
+        build_reserve_release,
+        parse_reserve_release,
         st.one_of(
             st.builds(
-                C.ReserveRelease,
+                ReserveRelease,
                 release=b,
                 cdb_size=st.just(6),
                 third_party=b,
@@ -323,7 +471,7 @@ ROUND_TRIPS: list[
                 parameter_list_length=st.just(0),
             ),
             st.builds(
-                C.ReserveRelease,
+                ReserveRelease,
                 release=b,
                 cdb_size=st.just(10),
                 third_party=b,
@@ -334,19 +482,19 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_persistent_reserve_in,
-        C.parse_persistent_reserve_in,
+        build_persistent_reserve_in,
+        parse_persistent_reserve_in,
         st.builds(
-            C.PersistentReserveIn,
+            PersistentReserveIn,
             service_action=st.sampled_from(list(PRInAction)),
             allocation_length=u16,
         ),
     ),
     (
-        C.build_persistent_reserve_out,
-        C.parse_persistent_reserve_out,
+        build_persistent_reserve_out,
+        parse_persistent_reserve_out,
         st.builds(
-            C.PersistentReserveOut,
+            PersistentReserveOut,
             service_action=st.sampled_from(list(PROutAction)),
             scope=st.integers(0, 15),
             pr_type=st.integers(0, 15),
@@ -354,10 +502,10 @@ ROUND_TRIPS: list[
         ).filter(_ok_pr_out),
     ),
     (
-        C.build_report_supported_opcodes,
-        C.parse_report_supported_opcodes,
+        build_report_supported_opcodes,
+        parse_report_supported_opcodes,
         st.builds(
-            C.ReportSupportedOpcodes,
+            ReportSupportedOpcodes,
             reporting_options=st.integers(0, 3),
             requested_opcode=u8,
             requested_service_action=u16,
@@ -366,27 +514,27 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_report_supported_tmfs,
-        C.parse_report_supported_tmfs,
+        build_report_supported_tmfs,
+        parse_report_supported_tmfs,
         st.builds(
-            C.ReportSupportedTMFs, repd=b, allocation_length=st.integers(4, 0xFFFFFFFF)
+            ReportSupportedTMFs, repd=b, allocation_length=st.integers(4, 0xFFFFFFFF)
         ),
     ),
     (
-        C.build_report_target_port_groups,
-        C.parse_report_target_port_groups,
+        build_report_target_port_groups,
+        parse_report_target_port_groups,
         st.builds(
-            C.ReportTargetPortGroups,
+            ReportTargetPortGroups,
             parameter_data_format=st.integers(0, 1),
             allocation_length=u32,
         ),
     ),
     (
-        C.build_read_defect_data,
-        C.parse_read_defect_data,
+        build_read_defect_data,
+        parse_read_defect_data,
         st.one_of(
             st.builds(
-                C.ReadDefectData,
+                ReadDefectData,
                 req_plist=b,
                 req_glist=b,
                 defect_list_format=st.integers(0, 7),
@@ -395,7 +543,7 @@ ROUND_TRIPS: list[
                 cdb_size=st.just(10),
             ),
             st.builds(
-                C.ReadDefectData,
+                ReadDefectData,
                 req_plist=b,
                 req_glist=b,
                 defect_list_format=st.integers(0, 7),
@@ -406,27 +554,27 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_extended_copy,
-        C.parse_extended_copy,
+        build_extended_copy,
+        parse_extended_copy,
         st.builds(
-            C.ExtendedCopy, parameter_list_length=u32, service_action=st.integers(0, 31)
+            ExtendedCopy, parameter_list_length=u32, service_action=st.integers(0, 31)
         ),
     ),
     (
-        C.build_receive_copy_results,
-        C.parse_receive_copy_results,
+        build_receive_copy_results,
+        parse_receive_copy_results,
         st.builds(
-            C.ReceiveCopyResults,
+            ReceiveCopyResults,
             service_action=st.integers(0, 31),
             list_identifier=u8,
             allocation_length=u32,
         ),
     ),
     (
-        C.build_read_toc,
-        C.parse_read_toc,
+        build_read_toc,
+        parse_read_toc,
         st.builds(
-            C.ReadToc,
+            ReadToc,
             msf=b,
             toc_format=st.integers(0, 5),
             track_session_number=u8,
@@ -434,20 +582,20 @@ ROUND_TRIPS: list[
         ),
     ),
     (
-        C.build_get_configuration,
-        C.parse_get_configuration,
+        build_get_configuration,
+        parse_get_configuration,
         st.builds(
-            C.GetConfiguration,
+            GetConfiguration,
             rt=st.integers(0, 2),
             starting_feature=u16,
             allocation_length=u16,
         ),
     ),
     (
-        C.build_get_event_status_notification,
-        C.parse_get_event_status_notification,
+        build_get_event_status_notification,
+        parse_get_event_status_notification,
         st.builds(
-            C.GetEventStatusNotification,
+            GetEventStatusNotification,
             polled=b,
             notification_class_request=u8,
             allocation_length=u16,
@@ -471,9 +619,9 @@ def test_cdb_round_trip(
 ) -> None:
     obj = data.draw(strategy)
     cdb = builder(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
-    assert len(cdb) == C.cdb_length(cdb[0])
+    assert len(cdb) == cdb_length(cdb[0])
     assert parser(cdb) == obj
-    assert C.parse_cdb(cdb) == obj
+    assert parse_cdb(cdb) == obj
     assert parser(memoryview(cdb)) == obj  # type: ignore[arg-type]  # zero-copy input accepted
     # Every truncation is a CDBTooShort, never IndexError/struct.error.
     for n in range(len(cdb)):
@@ -606,45 +754,45 @@ def _rw_strategy() -> st.SearchStrategy[RWCommand]:
 @settings(max_examples=400, deadline=None)
 @given(_rw_strategy())
 def test_rw_round_trip(cmd: RWCommand) -> None:
-    cdb = C.build_rw(cmd)
+    cdb = build_rw(cmd)
     assert len(cdb) == (
-        16 if cmd.opcode == Opcode.COMPARE_AND_WRITE else C.cdb_length(cmd.opcode)
+        16 if cmd.opcode == Opcode.COMPARE_AND_WRITE else cdb_length(cmd.opcode)
     )
-    assert C.parse_rw(cdb) == cmd
-    assert C.parse_cdb(cdb) == cmd
-    assert C.is_rw(cdb[0])
+    assert parse_rw(cdb) == cmd
+    assert parse_cdb(cdb) == cmd
+    assert is_rw(cdb[0])
     for n in range(len(cdb)):
         with pytest.raises(CDBTooShort):
-            C.parse_rw(cdb[:n])
+            parse_rw(cdb[:n])
 
 
 def test_rw_convenience_builders() -> None:
-    assert C.build_read(0, 1)[0] == Opcode.READ_10
-    assert C.build_read(1 << 32, 1)[0] == Opcode.READ_16
-    assert C.build_read(0, 1 << 16)[0] == Opcode.READ_16
-    assert C.build_read(0, 1, size=12)[0] == Opcode.READ_12
-    assert C.build_verify(5, 10, bytchk=1)[0] == Opcode.VERIFY_10
-    assert C.parse_rw(C.build_verify(5, 10, bytchk=1)).data_out_blocks == 10
-    assert C.parse_rw(C.build_verify(5, 10, bytchk=3, size=16)).data_out_blocks == 1
-    assert C.parse_rw(C.build_verify(5, 10)).data_out_blocks == 0
-    assert C.parse_rw(C.build_write_and_verify(5, 10, size=12)).data_out_blocks == 10
-    assert C.parse_rw(C.build_write_same(5, 10)).data_out_blocks == 1
-    assert C.build_write_same(0, 1, ndob=True)[0] == Opcode.WRITE_SAME_16
-    assert C.parse_rw(C.build_orwrite16(1, 2, fua=True)).fua
+    assert build_read(0, 1)[0] == Opcode.READ_10
+    assert build_read(1 << 32, 1)[0] == Opcode.READ_16
+    assert build_read(0, 1 << 16)[0] == Opcode.READ_16
+    assert build_read(0, 1, size=12)[0] == Opcode.READ_12
+    assert build_verify(5, 10, bytchk=1)[0] == Opcode.VERIFY_10
+    assert parse_rw(build_verify(5, 10, bytchk=1)).data_out_blocks == 10
+    assert parse_rw(build_verify(5, 10, bytchk=3, size=16)).data_out_blocks == 1
+    assert parse_rw(build_verify(5, 10)).data_out_blocks == 0
+    assert parse_rw(build_write_and_verify(5, 10, size=12)).data_out_blocks == 10
+    assert parse_rw(build_write_same(5, 10)).data_out_blocks == 1
+    assert build_write_same(0, 1, ndob=True)[0] == Opcode.WRITE_SAME_16
+    assert parse_rw(build_orwrite16(1, 2, fua=True)).fua
     bads: tuple[Callable[[], object], ...] = (
-        lambda: C.build_write_same(0, 1, anchor=True),
-        lambda: C.build_write_same(0, 1, ndob=True, size=10),
-        lambda: C.build_verify(0, 1, size=6),
-        lambda: C.build_verify(0, 1, bytchk=2),
-        lambda: C.build_write_and_verify(0, 1, bytchk=3),
-        lambda: C.build_read(0, 1 << 16, size=10),
-        lambda: C.build_read(0, 1, group=64),
-        lambda: C.build_read(0, 1, protect=8),
-        lambda: C.build_read(0, 1, size=6, fua=True),
-        lambda: C.build_compare_and_write(0, 256),
-        lambda: C.build_rw(RWCommand(RWKind.WRITE, Opcode.READ_10, 0, 1)),
-        lambda: C.build_rw(RWCommand(RWKind.READ, Opcode.INQUIRY, 0, 1)),
-        lambda: C.build_rw(RWCommand(RWKind.READ, Opcode.READ_10, 0, 1, unmap=True)),
+        lambda: build_write_same(0, 1, anchor=True),
+        lambda: build_write_same(0, 1, ndob=True, size=10),
+        lambda: build_verify(0, 1, size=6),
+        lambda: build_verify(0, 1, bytchk=2),
+        lambda: build_write_and_verify(0, 1, bytchk=3),
+        lambda: build_read(0, 1 << 16, size=10),
+        lambda: build_read(0, 1, group=64),
+        lambda: build_read(0, 1, protect=8),
+        lambda: build_read(0, 1, size=6, fua=True),
+        lambda: build_compare_and_write(0, 256),
+        lambda: build_rw(RWCommand(RWKind.WRITE, Opcode.READ_10, 0, 1)),
+        lambda: build_rw(RWCommand(RWKind.READ, Opcode.INQUIRY, 0, 1)),
+        lambda: build_rw(RWCommand(RWKind.READ, Opcode.READ_10, 0, 1, unmap=True)),
     )
     for bad in bads:
         with pytest.raises(ValueError):
@@ -703,7 +851,7 @@ def _err(exc_type: type[CDBError], fn: Callable[[bytes], Any], cdb: bytes) -> CD
     ],
 )
 def test_invalid_field_pointer(cdb: bytes, offset: int, bit: int | None) -> None:
-    e = _err(InvalidCDBField, C.parse_cdb, cdb)
+    e = _err(InvalidCDBField, parse_cdb, cdb)
     assert (e.field_offset, e.bit, e.in_cdb) == (offset, bit, True)
     assert (e.asc, e.ascq) == (0x24, 0x00)
     sks = e.sense_key_specific()
@@ -715,66 +863,66 @@ def test_invalid_field_pointer(cdb: bytes, offset: int, bit: int | None) -> None
 
 
 def test_unsupported_opcode_and_short() -> None:
-    e = _err(UnsupportedOpcode, C.parse_cdb, bytes.fromhex("c0 00 00 00 00 00"))
+    e = _err(UnsupportedOpcode, parse_cdb, bytes.fromhex("c0 00 00 00 00 00"))
     assert (e.asc, e.field_offset) == (0x20, 0)
-    _err(UnsupportedOpcode, C.parse_rw, C.build_inquiry())
-    _err(CDBTooShort, C.parse_cdb, b"")
-    _err(CDBTooShort, C.parse_rw, b"")
-    _err(CDBTooShort, C.parse_cdb, b"\x9e")
+    _err(UnsupportedOpcode, parse_rw, build_inquiry())
+    _err(CDBTooShort, parse_cdb, b"")
+    _err(CDBTooShort, parse_rw, b"")
+    _err(CDBTooShort, parse_cdb, b"\x9e")
     # A parser handed another command's CDB says so (field 0), not garbage.
-    e = _err(CDBError, C.parse_inquiry, C.build_test_unit_ready())
+    e = _err(CDBError, parse_inquiry, build_test_unit_ready())
     assert e.field_offset == 0 and "not a INQUIRY" in str(e)
-    _err(CDBError, C.parse_read_capacity16, C.build_get_lba_status())
+    _err(CDBError, parse_read_capacity16, build_get_lba_status())
 
 
 def test_parameter_list_errors() -> None:
     e = _err(
         ParameterListLengthError,
-        C.parse_unmap,
+        parse_unmap,
         bytes.fromhex("42 00 00000000 00 0004 00"),
     )
     assert e.asc == 0x1A and e.sense_key_specific() == b"\x00\x00\x00"
-    _err(ParameterListLengthError, C.parse_pr_out_parameters, bytes(23))
-    _err(ParameterListLengthError, C.parse_pr_out_parameters, bytes(28))
-    withspec = C.build_pr_out_parameters(
+    _err(ParameterListLengthError, parse_pr_out_parameters, bytes(23))
+    _err(ParameterListLengthError, parse_pr_out_parameters, bytes(28))
+    withspec = build_pr_out_parameters(
         reservation_key=1, spec_i_pt=True, additional=b"\x00\x00\x00\x00"
     )
-    assert C.parse_pr_out_parameters(withspec).additional == b"\x00\x00\x00\x00"
+    assert parse_pr_out_parameters(withspec).additional == b"\x00\x00\x00\x00"
     with pytest.raises(ValueError):
-        C.build_pr_out_parameters(additional=b"x")
+        build_pr_out_parameters(additional=b"x")
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=20))
 def test_parse_cdb_never_leaks(raw: bytes) -> None:
     try:
-        C.parse_cdb(raw)
+        parse_cdb(raw)
     except CDBError:
         pass
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(sorted(C.RW_OPCODES)), st.binary(min_size=15, max_size=15))
+@given(st.sampled_from(sorted(RW_OPCODES)), st.binary(min_size=15, max_size=15))
 def test_parse_rw_arbitrary_bytes(op: int, rest: bytes) -> None:
     try:
-        r = C.parse_rw(bytes([op]) + rest)
+        r = parse_rw(bytes([op]) + rest)
     except InvalidCDBField:
         return
     assert r.opcode == op and r.blocks >= 0
 
 
 def test_cdb_length() -> None:
-    assert C.cdb_length(0x00) == 6
-    assert C.cdb_length(0x28) == 10
-    assert C.cdb_length(0x5A) == 10
-    assert C.cdb_length(0x88) == 16
-    assert C.cdb_length(0xA0) == 12
-    assert C.cdb_length(0xBF) == 12
+    assert cdb_length(0x00) == 6
+    assert cdb_length(0x28) == 10
+    assert cdb_length(0x5A) == 10
+    assert cdb_length(0x88) == 16
+    assert cdb_length(0xA0) == 12
+    assert cdb_length(0xBF) == 12
     for op in (0x60, 0x7E, 0x7F, 0xC0, 0xFF):
         with pytest.raises(UnsupportedOpcode):
-            C.cdb_length(op)
+            cdb_length(op)
     with pytest.raises(ValueError):
-        C.cdb_length(256)
+        cdb_length(256)
 
 
 # --- parameter lists and returned data -----------------------------------------
@@ -782,26 +930,26 @@ def test_cdb_length() -> None:
 
 def test_unmap_parameter_list() -> None:
     descs = [(0, 8), (1 << 40, 0xFFFFFFFF)]
-    data = C.build_unmap_parameter_list(descs)
+    data = build_unmap_parameter_list(descs)
     assert data[:8] == bytes.fromhex("0026 0020 00000000")
-    assert C.parse_unmap_parameter_list(data) == tuple(
-        C.UnmapDescriptor(*d) for d in descs
+    assert parse_unmap_parameter_list(data) == tuple(
+        UnmapDescriptor(*d) for d in descs
     )
-    assert C.parse_unmap_parameter_list(b"") == ()
-    assert C.parse_unmap_parameter_list(C.build_unmap_parameter_list([])) == ()
+    assert parse_unmap_parameter_list(b"") == ()
+    assert parse_unmap_parameter_list(build_unmap_parameter_list([])) == ()
     with pytest.raises(ParameterListLengthError):
-        C.parse_unmap_parameter_list(bytes(7))
+        parse_unmap_parameter_list(bytes(7))
     # Descriptor length not a multiple of 16: the partial one is ignored.
     odd = bytearray(data)
     odd[2:4] = (24).to_bytes(2, "big")
-    assert C.parse_unmap_parameter_list(bytes(odd)) == (C.UnmapDescriptor(0, 8),)
-    e = _err(ParameterListError, C.parse_unmap_parameter_list, data[:30])
+    assert parse_unmap_parameter_list(bytes(odd)) == (UnmapDescriptor(0, 8),)
+    e = _err(ParameterListError, parse_unmap_parameter_list, data[:30])
     assert e.in_cdb is False and e.asc == 0x26 and e.sense_key_specific()[0] & 0x40 == 0
 
 
 @given(st.lists(st.tuples(u64, u32), max_size=50))
 def test_unmap_list_round_trip(descs: list[tuple[int, int]]) -> None:
-    assert C.parse_unmap_parameter_list(C.build_unmap_parameter_list(descs)) == tuple(
+    assert parse_unmap_parameter_list(build_unmap_parameter_list(descs)) == tuple(
         descs
     )
 
@@ -810,30 +958,30 @@ def test_unmap_list_round_trip(descs: list[tuple[int, int]]) -> None:
     st.lists(st.tuples(u64, u32, st.integers(0, 15)), max_size=30), st.integers(0, 40)
 )
 def test_lba_status_round_trip(descs: list[tuple[int, int, int]], cut: int) -> None:
-    data = C.build_lba_status_data(descs)
-    assert C.parse_lba_status_data(data) == tuple(descs)
+    data = build_lba_status_data(descs)
+    assert parse_lba_status_data(data) == tuple(descs)
     # Allocation length truncation: only whole descriptors come back.
     short = data[: max(8, len(data) - cut)]
-    got = C.parse_lba_status_data(short)
+    got = parse_lba_status_data(short)
     assert got == tuple(descs)[: (len(short) - 8) // 16]
 
 
 def test_lba_status_short() -> None:
     with pytest.raises(SCSIDataError):
-        C.parse_lba_status_data(bytes(7))
+        parse_lba_status_data(bytes(7))
 
 
 def test_read_capacity_data() -> None:
-    d10 = C.parse_read_capacity10_data(bytes.fromhex("0001ffff 00000200"))
+    d10 = parse_read_capacity10_data(bytes.fromhex("0001ffff 00000200"))
     assert (d10.last_lba, d10.block_length, d10.blocks, d10.needs_rc16) == (
         0x1FFFF,
         512,
         0x20000,
         False,
     )
-    assert C.build_read_capacity10_data(1 << 40, 512)[:4] == b"\xff\xff\xff\xff"
-    assert C.parse_read_capacity10_data(
-        C.build_read_capacity10_data(1 << 40, 512)
+    assert build_read_capacity10_data(1 << 40, 512)[:4] == b"\xff\xff\xff\xff"
+    assert parse_read_capacity10_data(
+        build_read_capacity10_data(1 << 40, 512)
     ).needs_rc16
     raw = bytes.fromhex(
         "00000000ffffffff"  # last LBA
@@ -842,20 +990,20 @@ def test_read_capacity_data() -> None:
         "33"  # P_I_EXPONENT=3, LBPPBE=3 (8 logical per physical)
         "c007"  # LBPME, LBPRZ, lowest aligned LBA 7
     ) + bytes(16)
-    d16 = C.parse_read_capacity16_data(raw)
-    assert d16 == C.ReadCapacity16Data(0xFFFFFFFF, 4096, True, 2, 3, 3, True, True, 7)
+    d16 = parse_read_capacity16_data(raw)
+    assert d16 == ReadCapacity16Data(0xFFFFFFFF, 4096, True, 2, 3, 3, True, True, 7)
     assert d16.physical_block_length == 32768 and d16.blocks == 1 << 32
-    assert C.build_read_capacity16_data(d16) == raw
-    assert C.parse_read_capacity16_data(raw[:12]).lbpme is False  # short: tail reads 0
+    assert build_read_capacity16_data(d16) == raw
+    assert parse_read_capacity16_data(raw[:12]).lbpme is False  # short: tail reads 0
     with pytest.raises(SCSIDataError):
-        C.parse_read_capacity16_data(raw[:11])
+        parse_read_capacity16_data(raw[:11])
     with pytest.raises(SCSIDataError):
-        C.parse_read_capacity10_data(b"\x00" * 7)
+        parse_read_capacity10_data(b"\x00" * 7)
 
 
 @given(
     st.builds(
-        C.ReadCapacity16Data,
+        ReadCapacity16Data,
         last_lba=u64,
         block_length=u32,
         prot_en=b,
@@ -867,18 +1015,18 @@ def test_read_capacity_data() -> None:
         lowest_aligned_lba=st.integers(0, 0x3FFF),
     )
 )
-def test_read_capacity16_round_trip(d: C.ReadCapacity16Data) -> None:
-    assert C.parse_read_capacity16_data(C.build_read_capacity16_data(d)) == d
+def test_read_capacity16_round_trip(d: ReadCapacity16Data) -> None:
+    assert parse_read_capacity16_data(build_read_capacity16_data(d)) == d
 
 
 def test_luns() -> None:
-    assert C.encode_lun(0) == bytes(8)
-    assert C.encode_lun(5) == bytes.fromhex("0005000000000000")
-    assert C.encode_lun(256) == bytes.fromhex("4100000000000000")
-    assert C.encode_lun(16383) == bytes.fromhex("7fff000000000000")
-    assert C.decode_lun(bytes.fromhex("4005000000000000")) == 5  # flat space
+    assert encode_lun(0) == bytes(8)
+    assert encode_lun(5) == bytes.fromhex("0005000000000000")
+    assert encode_lun(256) == bytes.fromhex("4100000000000000")
+    assert encode_lun(16383) == bytes.fromhex("7fff000000000000")
+    assert decode_lun(bytes.fromhex("4005000000000000")) == 5  # flat space
     with pytest.raises(ValueError):
-        C.encode_lun(16384)
+        encode_lun(16384)
     for raw in (
         "c000000000000000",
         "8001000000000000",
@@ -886,27 +1034,27 @@ def test_luns() -> None:
         "0001000100000000",
     ):
         with pytest.raises(SCSIDataError, match="unsupported"):
-            C.decode_lun(bytes.fromhex(raw))
+            decode_lun(bytes.fromhex(raw))
     with pytest.raises(SCSIDataError):
-        C.decode_lun(bytes(7))
+        decode_lun(bytes(7))
     data = bytes.fromhex(
         "00000018 0000000000000000000000004101000000000000c000000000000000"
     )
-    r = C.parse_report_luns_data(data)
+    r = parse_report_luns_data(data)
     assert r.luns == (0, 257) and r.unsupported == (bytes.fromhex("c000000000000000"),)
     assert not r.truncated
-    cut = C.parse_report_luns_data(data[:16])
+    cut = parse_report_luns_data(data[:16])
     assert cut.luns == (0,) and cut.list_length == 24 and cut.truncated
     with pytest.raises(SCSIDataError):
-        C.parse_report_luns_data(bytes(7))
+        parse_report_luns_data(bytes(7))
 
 
-@given(st.lists(st.integers(0, C.MAX_LUN), max_size=64))
+@given(st.lists(st.integers(0, MAX_LUN), max_size=64))
 def test_report_luns_round_trip(luns: list[int]) -> None:
-    r = C.parse_report_luns_data(C.build_report_luns_data(luns))
+    r = parse_report_luns_data(build_report_luns_data(luns))
     assert r.luns == tuple(luns) and r.list_length == 8 * len(luns) and not r.truncated
     for lun in luns:
-        assert C.decode_lun(C.encode_lun(lun)) == lun
+        assert decode_lun(encode_lun(lun)) == lun
 
 
 def test_standard_inquiry() -> None:
@@ -925,8 +1073,8 @@ def test_standard_inquiry() -> None:
         + b"disk0           "
         + b"4.0 "
     )
-    inq = C.parse_standard_inquiry(raw)
-    assert inq == C.StandardInquiry(
+    inq = parse_standard_inquiry(raw)
+    assert inq == StandardInquiry(
         peripheral_type=0,
         qualifier=0,
         rmb=True,
@@ -941,17 +1089,17 @@ def test_standard_inquiry() -> None:
         product="disk0",
         revision="4.0",
     )
-    assert C.build_standard_inquiry(inq) == raw
+    assert build_standard_inquiry(inq) == raw
     # Truncated to the header: text fields empty, no exception.
-    assert C.parse_standard_inquiry(raw[:5]).vendor == ""
+    assert parse_standard_inquiry(raw[:5]).vendor == ""
     with pytest.raises(SCSIDataError):
-        C.parse_standard_inquiry(raw[:4])
+        parse_standard_inquiry(raw[:4])
     with pytest.raises(ValueError):
-        C.build_standard_inquiry(C.StandardInquiry(vendor="TOO-LONG-VENDOR"))
-    with_vd = C.StandardInquiry(vendor="AIO", version_descriptors=(0x0460, 0x0600))
-    out = C.build_standard_inquiry(with_vd)
+        build_standard_inquiry(StandardInquiry(vendor="TOO-LONG-VENDOR"))
+    with_vd = StandardInquiry(vendor="AIO", version_descriptors=(0x0460, 0x0600))
+    out = build_standard_inquiry(with_vd)
     assert len(out) == 74 and out[4] == 69
-    assert C.parse_standard_inquiry(out) == with_vd
+    assert parse_standard_inquiry(out) == with_vd
 
 
 _text = st.text(
@@ -961,7 +1109,7 @@ _text = st.text(
 
 @given(
     st.builds(
-        C.StandardInquiry,
+        StandardInquiry,
         peripheral_type=st.integers(0, 31),
         qualifier=st.integers(0, 7),
         rmb=b,
@@ -983,51 +1131,51 @@ _text = st.text(
         version_descriptors=st.lists(st.integers(1, 0xFFFF), max_size=8).map(tuple),
     )
 )
-def test_standard_inquiry_round_trip(inq: C.StandardInquiry) -> None:
-    assert C.parse_standard_inquiry(C.build_standard_inquiry(inq)) == inq
+def test_standard_inquiry_round_trip(inq: StandardInquiry) -> None:
+    assert parse_standard_inquiry(build_standard_inquiry(inq)) == inq
 
 
 def test_vpd_pages() -> None:
-    raw = C.build_vpd_supported_pages([0xB0, 0x00, 0x83, 0x80])
+    raw = build_vpd_supported_pages([0xB0, 0x00, 0x83, 0x80])
     assert raw == bytes.fromhex("00 00 0004 00 80 83 b0")
-    assert C.parse_vpd_supported_pages(raw) == (0x00, 0x80, 0x83, 0xB0)
+    assert parse_vpd_supported_pages(raw) == (0x00, 0x80, 0x83, 0xB0)
     with pytest.raises(SCSIDataError, match="expected"):
-        C.parse_vpd_unit_serial(raw)
+        parse_vpd_unit_serial(raw)
     with pytest.raises(SCSIDataError):
-        C.parse_vpd_page(b"\x00\x00\x00")
-    assert C.parse_vpd_unit_serial(C.build_vpd_unit_serial("SN123  ")) == "SN123"
-    page = C.parse_vpd_page(raw[:6])
+        parse_vpd_page(b"\x00\x00\x00")
+    assert parse_vpd_unit_serial(build_vpd_unit_serial("SN123  ")) == "SN123"
+    page = parse_vpd_page(raw[:6])
     assert page.truncated and page.payload == b"\x00\x80"
 
     designators = (
-        C.Designator(
-            C.DesignatorType.NAA, bytes.fromhex("6001405abcdef0123456789abcdef012")
+        Designator(
+            DesignatorType.NAA, bytes.fromhex("6001405abcdef0123456789abcdef012")
         ),
-        C.Designator(
-            C.DesignatorType.T10_VENDOR_ID, b"LIO-ORG disk0", code_set=C.CodeSet.ASCII
+        Designator(
+            DesignatorType.T10_VENDOR_ID, b"LIO-ORG disk0", code_set=CodeSet.ASCII
         ),
-        C.Designator(
-            C.DesignatorType.SCSI_NAME_STRING,
+        Designator(
+            DesignatorType.SCSI_NAME_STRING,
             b"iqn.2026-11.org.aioiscsi:t,t,0x1\0\0\0\0",
-            code_set=C.CodeSet.UTF8,
-            association=C.Association.TARGET_PORT,
-            protocol_identifier=C.PROTOCOL_ID_ISCSI,
+            code_set=CodeSet.UTF8,
+            association=Association.TARGET_PORT,
+            protocol_identifier=PROTOCOL_ID_ISCSI,
             piv=True,
         ),
-        C.Designator(
-            C.DesignatorType.RELATIVE_TARGET_PORT,
+        Designator(
+            DesignatorType.RELATIVE_TARGET_PORT,
             b"\x00\x00\x00\x01",
-            association=C.Association.TARGET_PORT,
+            association=Association.TARGET_PORT,
         ),
     )
-    raw83 = C.build_vpd_device_identification(designators)
+    raw83 = build_vpd_device_identification(designators)
     assert raw83[4:8] == bytes.fromhex("01 03 00 10")
-    assert C.parse_vpd_device_identification(raw83) == designators
+    assert parse_vpd_device_identification(raw83) == designators
     assert designators[2].text == "iqn.2026-11.org.aioiscsi:t,t,0x1"
     # Cut inside the second descriptor: only the first comes back.
-    assert C.parse_vpd_device_identification(raw83[:30]) == designators[:1]
+    assert parse_vpd_device_identification(raw83[:30]) == designators[:1]
 
-    bl = C.BlockLimits(
+    bl = BlockLimits(
         wsnz=True,
         max_compare_and_write_length=1,
         optimal_transfer_length_granularity=8,
@@ -1040,37 +1188,37 @@ def test_vpd_pages() -> None:
         unmap_granularity_alignment=0,
         max_write_same_length=1 << 20,
     )
-    rawb0 = C.build_vpd_block_limits(bl)
+    rawb0 = build_vpd_block_limits(bl)
     assert len(rawb0) == 64 and rawb0[1] == 0xB0 and rawb0[2:4] == b"\x00\x3c"
-    assert C.parse_vpd_block_limits(rawb0) == bl
-    old = C.build_vpd_page(0xB0, rawb0[4:20])  # an SBC-2 era 0x10-byte page
-    assert C.parse_vpd_block_limits(old).max_unmap_lba_count == 0
-    assert C.parse_vpd_block_limits(old).max_transfer_length == 2048
+    assert parse_vpd_block_limits(rawb0) == bl
+    old = build_vpd_page(0xB0, rawb0[4:20])  # an SBC-2 era 0x10-byte page
+    assert parse_vpd_block_limits(old).max_unmap_lba_count == 0
+    assert parse_vpd_block_limits(old).max_transfer_length == 2048
 
-    bdc = C.BlockDeviceCharacteristics(
+    bdc = BlockDeviceCharacteristics(
         medium_rotation_rate=1, nominal_form_factor=3, wacereq=1, fuab=True
     )
     assert (
-        C.parse_vpd_block_device_characteristics(
-            C.build_vpd_block_device_characteristics(bdc)
+        parse_vpd_block_device_characteristics(
+            build_vpd_block_device_characteristics(bdc)
         )
         == bdc
     )
 
-    lbp = C.LogicalBlockProvisioning(
+    lbp = LogicalBlockProvisioning(
         lbpu=True, lbpws=True, lbpws10=True, lbprz=1, provisioning_type=2
     )
-    rawb2 = C.build_vpd_logical_block_provisioning(lbp)
+    rawb2 = build_vpd_logical_block_provisioning(lbp)
     assert rawb2 == bytes.fromhex("00 b2 0004 00 e4 02 00")
-    assert C.parse_vpd_logical_block_provisioning(rawb2) == lbp
+    assert parse_vpd_logical_block_provisioning(rawb2) == lbp
 
 
 def test_check_control() -> None:
-    assert C.check_control(C.build_read(0, 1)) == 0
-    cdb = bytearray(C.build_read(0, 1, size=16))
+    assert check_control(build_read(0, 1)) == 0
+    cdb = bytearray(build_read(0, 1, size=16))
     cdb[15] = 0x04
-    e = _err(InvalidCDBField, C.check_control, bytes(cdb))
+    e = _err(InvalidCDBField, check_control, bytes(cdb))
     assert (e.field_offset, e.bit) == (15, 2)
-    assert C.check_control(bytes(cdb), naca_supported=True) == 0x04
-    _err(CDBTooShort, C.check_control, C.build_read(0, 1)[:9])
-    _err(UnsupportedOpcode, C.check_control, b"\x7f" + bytes(31))
+    assert check_control(bytes(cdb), naca_supported=True) == 0x04
+    _err(CDBTooShort, check_control, build_read(0, 1)[:9])
+    _err(UnsupportedOpcode, check_control, b"\x7f" + bytes(31))

@@ -15,7 +15,7 @@ from initiator.blockdev import BlockDevice
 from initiator.scsi import LUN, Capacity
 from initiator.session import ScsiResult
 from iscsi.pdu import Buffer
-from iscsi.scsi.cdb import parse_rw
+from iscsi.scsi.rw import parse_rw
 
 BS = 512
 # Fixed-format sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (24/00).

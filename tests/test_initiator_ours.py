@@ -28,8 +28,8 @@ from initiator.errors import LoginFailed, LoginRefused, PortalUnreachable
 from initiator.scsi import LUN, SCSICheckCondition, SCSIStatusError
 from initiator.session import Session, discover
 from iscsi.constants import LoginStatus
-from iscsi.scsi.cdb import ProvisioningStatus
 from iscsi.scsi.constants import PROutAction, Status
+from iscsi.scsi.sbc import ProvisioningStatus
 from target.config import ChapConfig, LunSpec, PortalGroup, TargetSpec
 from tests.initiator_checks import (
     LONG,

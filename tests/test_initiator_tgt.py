@@ -22,7 +22,7 @@ from initiator.errors import LoginRefused, PortalUnreachable
 from initiator.scsi import LUN, SCSICheckCondition
 from initiator.session import Session, discover
 from iscsi.constants import LoginStatus
-from iscsi.scsi.cdb import ProvisioningStatus
+from iscsi.scsi.sbc import ProvisioningStatus
 from tests.initiator_checks import (
     LONG,
     MiB,

@@ -55,7 +55,7 @@ from iscsi.pdu import (
     TextResponse,
     encode_lun,
 )
-from iscsi.scsi.cdb import build_read, build_write
+from iscsi.scsi.rw import build_read, build_write
 from iscsi.scsi.sense import SenseData
 from iscsi.serial import sn_add, sn_ge, sn_gt
 from iscsi.text import decode_text, encode_text

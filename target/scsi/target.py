@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from iscsi.scsi.cdb import build_report_luns_data, encode_lun
 from iscsi.scsi.constants import Opcode, SenseKey, Status
+from iscsi.scsi.lun import build_report_luns_data, encode_lun
 from iscsi.scsi.sense import (
     INVALID_FIELD_IN_CDB,
     LOGICAL_UNIT_NOT_SUPPORTED,
@@ -28,8 +28,7 @@ from .types import SIMPLE, Buffer, Nexus, ScsiResult
 from .vpd import missing_lun_inquiry
 from .xcopy import XCopyManager
 
-
-__all__ = ["PortGroup", "ScsiTarget", "encode_lun"]  # encode_lun: the one in iscsi.scsi.cdb
+__all__ = ["PortGroup", "ScsiTarget", "encode_lun"]  # encode_lun: the one in iscsi.scsi.lun
 
 #: (group id, relative target port ids, asymmetric access state)
 PortGroup = tuple[int, list[int], int]

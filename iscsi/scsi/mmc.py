@@ -1,0 +1,132 @@
+"""MMC-6 commands for CD/DVD emulation.
+
+Part of the one SCSI codec both roles share (see :mod:`iscsi.scsi`).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .cdb_common import (
+    Buffer,
+    InvalidCDBField,
+    _bit,
+    _check,
+    _u,
+)
+from .constants import (
+    Opcode,
+)
+
+# --- MMC (for CD/DVD ISO emulation) -----------------------------------------------
+
+_STOC = struct.Struct(">BBB3xBHB")
+_SGCONF = struct.Struct(">BBH3xHB")
+_SGESN = struct.Struct(">BB2xB2xHB")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadToc:
+    """READ TOC/PMA/ATIP (MMC-6 §6.38)."""
+
+    msf: bool = False
+    toc_format: int = 0
+    track_session_number: int = 0
+    allocation_length: int = 804
+
+
+def build_read_toc(
+    *,
+    msf: bool = False,
+    toc_format: int = 0,
+    track_session_number: int = 0,
+    allocation_length: int = 804,
+) -> bytes:
+    """READ TOC/PMA/ATIP CDB."""
+    return _STOC.pack(
+        Opcode.READ_TOC_PMA_ATIP,
+        _bit(msf, 1),
+        _u(toc_format, 4, "toc_format"),
+        _u(track_session_number, 8, "track_session_number"),
+        _u(allocation_length, 16, "allocation_length"),
+        0,
+    )
+
+
+def parse_read_toc(cdb: Buffer) -> ReadToc:
+    """Parse READ TOC/PMA/ATIP (formats above 5 are reserved: invalid field)."""
+    _check(cdb, Opcode.READ_TOC_PMA_ATIP, 10)
+    _, b1, b2, track, alloc, _ = _STOC.unpack_from(cdb)
+    fmt = b2 & 0x0F
+    if fmt > 5:
+        raise InvalidCDBField(f"READ TOC format {fmt} reserved", field_offset=2, bit=3)
+    return ReadToc(bool(b1 & 2), fmt, track, alloc)
+
+
+@dataclass(frozen=True, slots=True)
+class GetConfiguration:
+    """GET CONFIGURATION (MMC-6 §6.6); ``rt`` 0 all, 1 current, 2 one feature."""
+
+    rt: int = 0
+    starting_feature: int = 0
+    allocation_length: int = 8
+
+
+def build_get_configuration(
+    *, rt: int = 0, starting_feature: int = 0, allocation_length: int = 8
+) -> bytes:
+    """GET CONFIGURATION CDB."""
+    if rt == 3:
+        raise ValueError("GET CONFIGURATION rt=3 is reserved")
+    return _SGCONF.pack(
+        Opcode.GET_CONFIGURATION,
+        _u(rt, 2, "rt"),
+        _u(starting_feature, 16, "starting_feature"),
+        _u(allocation_length, 16, "allocation_length"),
+        0,
+    )
+
+
+def parse_get_configuration(cdb: Buffer) -> GetConfiguration:
+    """Parse GET CONFIGURATION (RT = 3 is reserved: invalid field)."""
+    _check(cdb, Opcode.GET_CONFIGURATION, 10)
+    _, b1, feat, alloc, _ = _SGCONF.unpack_from(cdb)
+    rt = b1 & 3
+    if rt == 3:
+        raise InvalidCDBField("GET CONFIGURATION RT=3 reserved", field_offset=1, bit=1)
+    return GetConfiguration(rt, feat, alloc)
+
+
+@dataclass(frozen=True, slots=True)
+class GetEventStatusNotification:
+    """GET EVENT STATUS NOTIFICATION (MMC-6 §6.7)."""
+
+    polled: bool = True
+    notification_class_request: int = 0
+    allocation_length: int = 8
+
+
+def build_get_event_status_notification(
+    *,
+    polled: bool = True,
+    notification_class_request: int = 0,
+    allocation_length: int = 8,
+) -> bytes:
+    """GET EVENT STATUS NOTIFICATION CDB."""
+    return _SGESN.pack(
+        Opcode.GET_EVENT_STATUS_NOTIFICATION,
+        _bit(polled, 0),
+        _u(notification_class_request, 8, "notification_class_request"),
+        _u(allocation_length, 16, "allocation_length"),
+        0,
+    )
+
+
+def parse_get_event_status_notification(cdb: Buffer) -> GetEventStatusNotification:
+    """Parse GET EVENT STATUS NOTIFICATION."""
+    _check(cdb, Opcode.GET_EVENT_STATUS_NOTIFICATION, 10)
+    _, b1, ncr, alloc, _ = _SGESN.unpack_from(cdb)
+    return GetEventStatusNotification(bool(b1 & 1), ncr, alloc)
+
+
