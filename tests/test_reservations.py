@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from iscsi.scsi.spc import ReportTargetPortGroups, parse_report_target_port_groups
 from iscsi.scsi.constants import PRType, SenseKey
 from iscsi.scsi.sense import CheckCondition
 from target.scsi.alua import AccessState, Alua, TargetPortGroup
@@ -728,8 +729,13 @@ def test_write_failure_rolls_back(tmp_path: Path) -> None:
 
 # --- target port groups (alua.py): REPORT TARGET PORT GROUPS decoding ------------
 
-def rtpg_cdb(fmt: int = 0, alloc: int = 4096) -> bytes:
+def rtpg_raw(fmt: int = 0, alloc: int = 4096) -> bytes:
     return bytes([0xA3, (fmt << 5) | 0x0A, 0, 0, 0, 0]) + alloc.to_bytes(4, "big") + bytes(2)
+
+
+def rtpg_cdb(fmt: int = 0, alloc: int = 4096) -> ReportTargetPortGroups:
+    """The parsed REPORT TARGET PORT GROUPS CDB (an invalid one raises here)."""
+    return parse_report_target_port_groups(rtpg_raw(fmt, alloc))
 
 
 def decode_rtpg(data: bytes, extended: bool = False) -> list[tuple[int, bool, int, int, int, list[int]]]:
@@ -792,7 +798,7 @@ def test_alua_state_change_and_access_checks() -> None:
         alua.check_access(A2, READ10)  # port 2: standby
     assert (exc.value.sense.key, exc.value.sense.asc_ascq) == (SenseKey.NOT_READY, (0x04, 0x0B))
     alua.check_access(A2, INQUIRY)
-    alua.check_access(A2, rtpg_cdb())
+    alua.check_access(A2, rtpg_raw())
     alua.set_state(2, AccessState.UNAVAILABLE)
     with pytest.raises(CheckCondition) as exc:
         alua.check_access(A2, MODE_SENSE6)

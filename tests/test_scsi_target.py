@@ -717,6 +717,6 @@ async def test_data_out_length(rig: Rig) -> None:
     assert t.data_out_length(0, ws16(0, 9)) == BS
     assert t.data_out_length(0, ws16(0, 9, 0x01)) == 0
     assert t.data_out_length(0, rw10(0x2F, 0, 3, 0x02)) == 3 * BS
-    assert t.data_out_length(0, [0x15, 0, 0, 0, 28, 0]) == 28  # type: ignore[arg-type]
+    assert t.data_out_length(0, bytes([0x15, 0x10, 0, 0, 28, 0])) == 28
     assert t.data_out_length(7, rw10(0x2A, 0, 4)) == 0
     assert t.data_out_length(0, b"\x2a") == 0

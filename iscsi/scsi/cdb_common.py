@@ -13,15 +13,23 @@ from typing import TypeAlias
 
 from .constants import (
     Opcode,
+    SenseKey,
 )
+from .sense import CheckCondition
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 # --- errors -------------------------------------------------------------------
 
 
-class CDBError(ValueError):
+class CDBError(CheckCondition, ValueError):
     """A CDB (or parameter list) the device server must refuse.
+
+    It *is* the :class:`~iscsi.scsi.sense.CheckCondition` the target ends
+    the command with: ILLEGAL REQUEST, the class's additional sense code,
+    and the SPC-4 §4.5.2.4.2 field pointer, so a parser's refusal reaches
+    the initiator unchanged (one error type from codec to wire). It is a
+    ``ValueError`` too, for callers that only validate.
 
     Attributes:
         asc, ascq: the additional sense code to report (SPC-4 §4.5.6).
@@ -45,10 +53,23 @@ class CDBError(ValueError):
         bit: int | None = None,
         in_cdb: bool = True,
     ) -> None:
-        super().__init__(message)
+        cls = type(self)
+        pointer = cls.has_field_pointer
+        super().__init__(
+            SenseKey.ILLEGAL_REQUEST,
+            cls.asc,
+            cls.ascq,
+            field_pointer=field_offset if pointer else None,
+            bit_pointer=bit if pointer else None,
+            cd=in_cdb,
+        )
+        self.args = (message,)
         self.field_offset = field_offset
         self.bit = bit
         self.in_cdb = in_cdb
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
     def sense_key_specific(self) -> bytes:
         """The 3 sense-key-specific bytes (SPC-4 §4.5.2.4.2 field pointer),
@@ -214,6 +235,21 @@ def _check_sa(cdb: Buffer, op: int, sa: int, size: int, what: str) -> None:
     if cdb[1] & 0x1F != sa:
         raise CDBError(
             f"service action {cdb[1] & 0x1F:#04x} is not {what}", field_offset=1, bit=4
+        )
+
+
+def _reserved(value: int, offset: int, what: str) -> None:
+    """Refuse set bits in a field the device server checks as reserved.
+
+    SPC-4 §4.5.6 lets a device server check reserved fields; when it does,
+    a non-zero one is INVALID FIELD IN CDB and the bit pointer names the
+    most significant offending bit (§4.5.2.4.2).
+    """
+    if value:
+        raise InvalidCDBField(
+            f"{what}: reserved bits {value:#04x} set",
+            field_offset=offset,
+            bit=value.bit_length() - 1,
         )
 
 

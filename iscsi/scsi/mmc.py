@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from .cdb_common import (
     Buffer,
     InvalidCDBField,
-    _bit,
     _check,
-    _u,
 )
 from .constants import (
     Opcode,
@@ -36,24 +34,6 @@ class ReadToc:
     allocation_length: int = 804
 
 
-def build_read_toc(
-    *,
-    msf: bool = False,
-    toc_format: int = 0,
-    track_session_number: int = 0,
-    allocation_length: int = 804,
-) -> bytes:
-    """READ TOC/PMA/ATIP CDB."""
-    return _STOC.pack(
-        Opcode.READ_TOC_PMA_ATIP,
-        _bit(msf, 1),
-        _u(toc_format, 4, "toc_format"),
-        _u(track_session_number, 8, "track_session_number"),
-        _u(allocation_length, 16, "allocation_length"),
-        0,
-    )
-
-
 def parse_read_toc(cdb: Buffer) -> ReadToc:
     """Parse READ TOC/PMA/ATIP (formats above 5 are reserved: invalid field)."""
     _check(cdb, Opcode.READ_TOC_PMA_ATIP, 10)
@@ -73,21 +53,6 @@ class GetConfiguration:
     allocation_length: int = 8
 
 
-def build_get_configuration(
-    *, rt: int = 0, starting_feature: int = 0, allocation_length: int = 8
-) -> bytes:
-    """GET CONFIGURATION CDB."""
-    if rt == 3:
-        raise ValueError("GET CONFIGURATION rt=3 is reserved")
-    return _SGCONF.pack(
-        Opcode.GET_CONFIGURATION,
-        _u(rt, 2, "rt"),
-        _u(starting_feature, 16, "starting_feature"),
-        _u(allocation_length, 16, "allocation_length"),
-        0,
-    )
-
-
 def parse_get_configuration(cdb: Buffer) -> GetConfiguration:
     """Parse GET CONFIGURATION (RT = 3 is reserved: invalid field)."""
     _check(cdb, Opcode.GET_CONFIGURATION, 10)
@@ -105,22 +70,6 @@ class GetEventStatusNotification:
     polled: bool = True
     notification_class_request: int = 0
     allocation_length: int = 8
-
-
-def build_get_event_status_notification(
-    *,
-    polled: bool = True,
-    notification_class_request: int = 0,
-    allocation_length: int = 8,
-) -> bytes:
-    """GET EVENT STATUS NOTIFICATION CDB."""
-    return _SGESN.pack(
-        Opcode.GET_EVENT_STATUS_NOTIFICATION,
-        _bit(polled, 0),
-        _u(notification_class_request, 8, "notification_class_request"),
-        _u(allocation_length, 16, "allocation_length"),
-        0,
-    )
 
 
 def parse_get_event_status_notification(cdb: Buffer) -> GetEventStatusNotification:

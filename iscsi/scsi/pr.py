@@ -47,39 +47,6 @@ class ReserveRelease:
     parameter_list_length: int = 0
 
 
-def build_reserve_release(
-    *,
-    release: bool = False,
-    cdb_size: int = 10,
-    third_party: bool = False,
-    third_party_device_id: int = 0,
-    longid: bool = False,
-    parameter_list_length: int = 0,
-) -> bytes:
-    """RESERVE(6/10) or, with ``release``, RELEASE(6/10) CDB."""
-    if cdb_size == 6:
-        if longid or parameter_list_length:
-            raise ValueError(
-                "LONGID and parameter_list_length exist only in the 10-byte form"
-            )
-        op = Opcode.RELEASE_6 if release else Opcode.RESERVE_6
-        b1 = _bit(third_party, 4) | (
-            _u(third_party_device_id, 3, "third_party_device_id") << 1
-        )
-        return _SRES6.pack(op, b1, 0, 0, 0)
-    if cdb_size == 10:
-        op = Opcode.RELEASE_10 if release else Opcode.RESERVE_10
-        return _SRES10.pack(
-            op,
-            _bit(third_party, 4) | _bit(longid, 1),
-            0,
-            _u(third_party_device_id, 8, "third_party_device_id"),
-            _u(parameter_list_length, 16, "parameter_list_length"),
-            0,
-        )
-    raise ValueError(f"cdb_size must be 6 or 10, not {cdb_size}")
-
-
 def parse_reserve_release(cdb: Buffer) -> ReserveRelease:
     """Parse RESERVE/RELEASE (6/10)."""
     op = _check(

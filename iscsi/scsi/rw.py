@@ -11,6 +11,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 from .cdb_common import (
+    _reserved,
     _S6,
     _S10,
     _S12,
@@ -56,7 +57,10 @@ class RWCommand(NamedTuple):
     BLOCKS as the device server sees it: READ(6)/WRITE(6) 0 is already
     turned into 256 (SBC-3 §5.16); for the other commands 0 stays 0 (no
     transfer; for WRITE SAME "to the end", SBC-3 §5.42). ``protect`` is
-    RDPROTECT/WRPROTECT/VRPROTECT/ORPROTECT.
+    RDPROTECT/WRPROTECT/VRPROTECT/ORPROTECT; ``rarc`` (READ) and ``fua_nv``
+    (READ, WRITE, ORWRITE, COMPARE AND WRITE; obsolete in SBC-4) are kept
+    so a device server can refuse what it does not implement. Bits SBC-3
+    reserves in byte 1 are refused by the parser itself.
     """
 
     kind: RWKind
@@ -71,6 +75,8 @@ class RWCommand(NamedTuple):
     unmap: bool = False
     anchor: bool = False
     ndob: bool = False
+    rarc: bool = False
+    fua_nv: bool = False
 
     @property
     def data_out_blocks(self) -> int:
@@ -87,7 +93,9 @@ class RWCommand(NamedTuple):
         if k is RWKind.VERIFY:
             # SBC-4 BYTCHK: 00b no data, 01b the blocks to compare, 11b one
             # block compared against every block in the range.
-            return self.blocks if self.bytchk == 1 else (1 if self.bytchk == 3 else 0)
+            if self.bytchk == 1:
+                return self.blocks
+            return 1 if self.bytchk == 3 and self.blocks else 0
         return 0
 
     @property
@@ -141,13 +149,29 @@ def _rw_short(cdb: Buffer, need: int) -> CDBTooShort:
     )
 
 
+#: Bits of CDB byte 1 that SBC-3 §5 reserves (or made obsolete and gave no
+#: meaning), by command family; WRITE SAME(10) also reserves bit 0, which
+#: is NDOB in WRITE SAME(16).
+_RESERVED_B1: dict[RWKind, int] = {
+    RWKind.READ: 0x01,
+    RWKind.WRITE: 0x05,
+    RWKind.VERIFY: 0x09,
+    RWKind.WRITE_AND_VERIFY: 0x09,
+    RWKind.WRITE_SAME: 0x06,
+    RWKind.COMPARE_AND_WRITE: 0x05,
+    RWKind.ORWRITE: 0x05,
+}
+
+
 def _rw_finish(
     kind: RWKind, op: int, b1: int, lba: int, n: int, group: int, is16: bool
 ) -> RWCommand:
+    _reserved(b1 & (_RESERVED_B1[kind] | (0 if is16 or kind is not _WS else 0x01)), 1, _name(op))
     protect = b1 >> 5
     if kind is _READ or kind is _WRITE or kind is _ORW or kind is _CAW:
         return RWCommand(
-            kind, op, lba, n, bool(b1 & 0x10), bool(b1 & 0x08), group, protect
+            kind, op, lba, n, bool(b1 & 0x10), bool(b1 & 0x08), group, protect,
+            rarc=kind is _READ and bool(b1 & 0x04), fua_nv=bool(b1 & 0x02),
         )
     if kind is _WS:
         anchor = bool(b1 & 0x10)
@@ -209,6 +233,8 @@ def _rw_parser(
         op, b1, lba, n = unpack_from(cdb)
         kind = _RW_KIND_INT[op]
         if kind is _READ or kind is _WRITE:  # the hot case, inlined
+            if b1 & (0x01 if kind is _READ else 0x05):
+                _reserved(b1 & _RESERVED_B1[kind], 1, _name(op))
             return _new_tuple(
                 RWCommand,
                 (
@@ -224,6 +250,8 @@ def _rw_parser(
                     False,
                     False,
                     False,
+                    kind is _READ and b1 & 0x04 != 0,
+                    b1 & 0x02 != 0,
                 ),
             )
         return _rw_finish(kind, op, b1, lba, n, cdb[group_at] & 0x3F, is16)
@@ -254,11 +282,6 @@ del _op, _kind
 RW_OPCODES: frozenset[int] = frozenset(_RW_PARSERS)
 
 
-def is_rw(opcode: int) -> bool:
-    """True when ``opcode`` is handled by :func:`parse_rw`."""
-    return opcode in _RW_PARSERS
-
-
 def parse_rw(cdb: Buffer) -> RWCommand:
     """Parse any READ/WRITE/VERIFY/WRITE AND VERIFY/WRITE SAME/COMPARE AND
     WRITE/ORWRITE CDB (all sizes). Raises :class:`UnsupportedOpcode` for
@@ -280,15 +303,20 @@ def _rw_byte1(cmd: RWCommand, size: int) -> int:
     if k is _READ or k is _WRITE or k is _ORW or k is _CAW:
         if cmd.bytchk or cmd.unmap or cmd.anchor or cmd.ndob:
             raise ValueError(f"{k.name} has no BYTCHK/UNMAP/ANCHOR/NDOB")
-        return b1 | _bit(cmd.dpo, 4) | _bit(cmd.fua, 3)
+        if cmd.rarc and k is not _READ:
+            raise ValueError("RARC exists only in READ")
+        return (b1 | _bit(cmd.dpo, 4) | _bit(cmd.fua, 3) | _bit(cmd.rarc, 2)
+                | _bit(cmd.fua_nv, 1))
     if k is _WS:
-        if cmd.dpo or cmd.fua or cmd.bytchk:
-            raise ValueError("WRITE SAME has no DPO/FUA/BYTCHK")
+        if cmd.dpo or cmd.fua or cmd.bytchk or cmd.rarc or cmd.fua_nv:
+            raise ValueError("WRITE SAME has no DPO/FUA/BYTCHK/RARC/FUA_NV")
         if cmd.anchor and not cmd.unmap:
             raise ValueError("WRITE SAME: ANCHOR needs UNMAP")
         if cmd.ndob and size != 16:
             raise ValueError("NDOB exists only in WRITE SAME(16)")
         return b1 | _bit(cmd.anchor, 4) | _bit(cmd.unmap, 3) | _bit(cmd.ndob, 0)
+    if cmd.rarc or cmd.fua_nv:
+        raise ValueError(f"{k.name} has no RARC/FUA_NV")
     if cmd.fua or cmd.unmap or cmd.anchor or cmd.ndob:
         raise ValueError(f"{k.name} has no FUA/UNMAP/ANCHOR/NDOB")
     if cmd.bytchk == 2 or (k is _WAV and cmd.bytchk == 3) or not 0 <= cmd.bytchk <= 3:
@@ -403,42 +431,6 @@ def build_write(
     return build_rw(RWCommand(RWKind.WRITE, op, lba, blocks, dpo, fua, group, protect))
 
 
-def build_verify(
-    lba: int,
-    blocks: int,
-    *,
-    size: int | None = None,
-    bytchk: int = 0,
-    dpo: bool = False,
-    group: int = 0,
-    protect: int = 0,
-) -> bytes:
-    """VERIFY(10/12/16) (SBC-3 §5.33-§5.35); ``protect`` is VRPROTECT."""
-    op = _pick(RWKind.VERIFY, size, lba, blocks)
-    return build_rw(
-        RWCommand(RWKind.VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk)
-    )
-
-
-def build_write_and_verify(
-    lba: int,
-    blocks: int,
-    *,
-    size: int | None = None,
-    bytchk: int = 0,
-    dpo: bool = False,
-    group: int = 0,
-    protect: int = 0,
-) -> bytes:
-    """WRITE AND VERIFY(10/12/16) (SBC-3 §5.38-§5.40)."""
-    op = _pick(RWKind.WRITE_AND_VERIFY, size, lba, blocks)
-    return build_rw(
-        RWCommand(
-            RWKind.WRITE_AND_VERIFY, op, lba, blocks, dpo, False, group, protect, bytchk
-        )
-    )
-
-
 def build_write_same(
     lba: int,
     blocks: int,
@@ -492,23 +484,6 @@ def build_compare_and_write(
             fua,
             group,
             protect,
-        )
-    )
-
-
-def build_orwrite16(
-    lba: int,
-    blocks: int,
-    *,
-    dpo: bool = False,
-    fua: bool = False,
-    group: int = 0,
-    protect: int = 0,
-) -> bytes:
-    """ORWRITE(16) (SBC-3 §5.9)."""
-    return build_rw(
-        RWCommand(
-            RWKind.ORWRITE, Opcode.ORWRITE_16, lba, blocks, dpo, fua, group, protect
         )
     )
 

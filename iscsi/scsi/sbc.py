@@ -27,6 +27,8 @@ from .cdb_common import (
     _bit,
     _check,
     _check_sa,
+    _name,
+    _reserved,
     _u,
 )
 from .constants import (
@@ -203,15 +205,20 @@ def _build_range(
     raise ValueError(f"cdb_size must be 10 or 16, not {cdb_size}")
 
 
-def _parse_range(cdb: Buffer, op10: int, op16: int) -> tuple[int, int, bool, int, int]:
+def _parse_range(
+    cdb: Buffer, op10: int, op16: int, reserved: int
+) -> tuple[int, int, bool, int, int]:
     op = _check(cdb, (op10, op16), 1)
     if op == op10:
         _check(cdb, op10, 10)
         _, b1, lba, g, n, _ = _S10.unpack_from(cdb)
-        return lba, n, bool(b1 & 2), g & 0x3F, 10
-    _check(cdb, op16, 16)
-    _, b1, lba, n, g, _ = _S16.unpack_from(cdb)
-    return lba, n, bool(b1 & 2), g & 0x3F, 16
+        size = 10
+    else:
+        _check(cdb, op16, 16)
+        _, b1, lba, n, g, _ = _S16.unpack_from(cdb)
+        size = 16
+    _reserved(b1 & reserved, 1, _name(op))
+    return lba, n, bool(b1 & 2), g & 0x3F, size
 
 
 def build_synchronize_cache(
@@ -237,29 +244,16 @@ def build_synchronize_cache(
 def parse_synchronize_cache(cdb: Buffer) -> SynchronizeCache:
     """Parse SYNCHRONIZE CACHE(10/16)."""
     return SynchronizeCache(
-        *_parse_range(cdb, Opcode.SYNCHRONIZE_CACHE_10, Opcode.SYNCHRONIZE_CACHE_16)
-    )
-
-
-def build_pre_fetch(
-    *,
-    lba: int = 0,
-    blocks: int = 0,
-    immed: bool = False,
-    group: int = 0,
-    cdb_size: int = 10,
-) -> bytes:
-    """PRE-FETCH(10) or (16) CDB."""
-    return _build_range(
-        Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16, lba, blocks, immed, group, cdb_size
+        *_parse_range(
+            # SYNC_NV (bit 2) is obsolete but tolerated; IMMED is bit 1.
+            cdb, Opcode.SYNCHRONIZE_CACHE_10, Opcode.SYNCHRONIZE_CACHE_16, 0xF9
+        )
     )
 
 
 def parse_pre_fetch(cdb: Buffer) -> PreFetch:
     """Parse PRE-FETCH(10/16)."""
-    return PreFetch(*_parse_range(cdb, Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16))
-
-
+    return PreFetch(*_parse_range(cdb, Opcode.PRE_FETCH_10, Opcode.PRE_FETCH_16, 0xFD))
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,44 +268,6 @@ class ReadDefectData:
     cdb_size: int = 10
 
 
-def build_read_defect_data(
-    *,
-    req_plist: bool = False,
-    req_glist: bool = False,
-    defect_list_format: int = 0,
-    allocation_length: int = 4,
-    address_descriptor_index: int = 0,
-    cdb_size: int = 10,
-) -> bytes:
-    """READ DEFECT DATA(10) or (12) CDB (descriptor index only in the 12-byte form)."""
-    b = (
-        _bit(req_plist, 4)
-        | _bit(req_glist, 3)
-        | _u(defect_list_format, 3, "defect_list_format")
-    )
-    if cdb_size == 10:
-        if address_descriptor_index:
-            raise ValueError(
-                "address_descriptor_index exists only in READ DEFECT DATA(12)"
-            )
-        return _SRDD10.pack(
-            Opcode.READ_DEFECT_DATA_10,
-            b,
-            _u(allocation_length, 16, "allocation_length"),
-            0,
-        )
-    if cdb_size == 12:
-        return _S12.pack(
-            Opcode.READ_DEFECT_DATA_12,
-            b,
-            _u(address_descriptor_index, 32, "address_descriptor_index"),
-            _u(allocation_length, 32, "allocation_length"),
-            0,
-            0,
-        )
-    raise ValueError(f"cdb_size must be 10 or 12, not {cdb_size}")
-
-
 def parse_read_defect_data(cdb: Buffer) -> ReadDefectData:
     """Parse READ DEFECT DATA(10/12)."""
     op = _check(cdb, (Opcode.READ_DEFECT_DATA_10, Opcode.READ_DEFECT_DATA_12), 1)
@@ -322,8 +278,6 @@ def parse_read_defect_data(cdb: Buffer) -> ReadDefectData:
     _check(cdb, op, 12)
     _, b, idx, alloc, _, _ = _S12.unpack_from(cdb)
     return ReadDefectData(bool(b & 0x10), bool(b & 8), b & 7, alloc, idx, 12)
-
-
 
 
 # --- parameter lists: UNMAP ----------------------------------------------------------
@@ -362,8 +316,9 @@ def parse_unmap_parameter_list(data: Buffer) -> tuple[UnmapDescriptor, ...]:
     LENGTH ERROR. Descriptors come from the UNMAP BLOCK DESCRIPTOR DATA
     LENGTH, bounded by the bytes present; a trailing partial descriptor is
     ignored, as SBC-3 prescribes for a length not a multiple of 16. An UNMAP
-    DATA LENGTH or descriptor length that claims more than was sent is an
-    INVALID FIELD IN PARAMETER LIST.
+    DATA LENGTH that claims more than was sent is an INVALID FIELD IN
+    PARAMETER LIST; descriptors claimed but not sent a PARAMETER LIST
+    LENGTH ERROR.
     """
     if len(data) == 0:
         return ()
@@ -378,9 +333,10 @@ def parse_unmap_parameter_list(data: Buffer) -> tuple[UnmapDescriptor, ...]:
             field_offset=0,
         )
     if bd_len + 8 > len(data):
-        raise ParameterListError(
-            f"UNMAP BLOCK DESCRIPTOR DATA LENGTH {bd_len} exceeds the {len(data)} bytes sent",
-            field_offset=2,
+        # Descriptors promised but not sent: the parameter list is too
+        # short for what it describes (as tgt and LIO answer).
+        raise ParameterListLengthError(
+            f"UNMAP BLOCK DESCRIPTOR DATA LENGTH {bd_len} exceeds the {len(data)} bytes sent"
         )
     count = bd_len // 16
     view = memoryview(data)[8 : 8 + 16 * count]

@@ -22,6 +22,8 @@ from .cdb_common import (
     _bit,
     _check,
     _check_sa,
+    _name,
+    _reserved,
     _u,
 )
 from .constants import (
@@ -64,6 +66,7 @@ def parse_inquiry(cdb: Buffer) -> Inquiry:
     _, b1, page, alloc, _ = _SINQ.unpack_from(cdb)
     if b1 & 0x02:
         raise InvalidCDBField("INQUIRY CMDDT is obsolete", field_offset=1, bit=1)
+    _reserved(b1 & 0xFC, 1, "INQUIRY")
     evpd = bool(b1 & 1)
     if not evpd and page:
         # SPC-4 §6.4.1: PAGE CODE non-zero with EVPD=0 -> INVALID FIELD IN CDB.
@@ -100,20 +103,11 @@ class RequestSense:
     allocation_length: int = 252
 
 
-def build_request_sense(*, desc: bool = False, allocation_length: int = 252) -> bytes:
-    """REQUEST SENSE CDB; ``desc`` asks for descriptor-format sense."""
-    return _SRS.pack(
-        Opcode.REQUEST_SENSE,
-        _bit(desc, 0),
-        _u(allocation_length, 8, "allocation_length"),
-        0,
-    )
-
-
 def parse_request_sense(cdb: Buffer) -> RequestSense:
     """Parse REQUEST SENSE."""
     _check(cdb, Opcode.REQUEST_SENSE, 6)
     _, b1, alloc, _ = _SRS.unpack_from(cdb)
+    _reserved(b1 & 0xFE, 1, "REQUEST SENSE")
     return RequestSense(bool(b1 & 1), alloc)
 
 
@@ -151,8 +145,6 @@ def parse_report_luns(cdb: Buffer) -> ReportLuns:
             f"REPORT LUNS allocation length {alloc} < 16", field_offset=6
         )
     return ReportLuns(sel, alloc)
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +202,11 @@ def parse_mode_sense(cdb: Buffer) -> ModeSense:
     if op == Opcode.MODE_SENSE_6:
         _check(cdb, op, 6)
         _, b1, b2, sub, alloc, _ = _SMS6.unpack_from(cdb)
+        _reserved(b1 & 0xF7, 1, "MODE SENSE(6)")
         return ModeSense(b2 & 0x3F, sub, b2 >> 6, bool(b1 & 8), False, alloc, 6)
     _check(cdb, op, 10)
     _, b1, b2, sub, alloc, _ = _SMS10.unpack_from(cdb)
+    _reserved(b1 & 0xE7, 1, "MODE SENSE(10)")
     return ModeSense(b2 & 0x3F, sub, b2 >> 6, bool(b1 & 8), bool(b1 & 0x10), alloc, 10)
 
 
@@ -230,32 +224,6 @@ class ModeSelect:
     cdb_size: int = 6
 
 
-def build_mode_select(
-    *,
-    parameter_list_length: int = 0,
-    pf: bool = True,
-    sp: bool = False,
-    cdb_size: int = 6,
-) -> bytes:
-    """MODE SELECT(6) or (10) CDB."""
-    b1 = _bit(pf, 4) | _bit(sp, 0)
-    if cdb_size == 6:
-        return _SMSEL6.pack(
-            Opcode.MODE_SELECT_6,
-            b1,
-            _u(parameter_list_length, 8, "parameter_list_length"),
-            0,
-        )
-    if cdb_size == 10:
-        return _SMSEL10.pack(
-            Opcode.MODE_SELECT_10,
-            b1,
-            _u(parameter_list_length, 16, "parameter_list_length"),
-            0,
-        )
-    raise ValueError(f"cdb_size must be 6 or 10, not {cdb_size}")
-
-
 def parse_mode_select(cdb: Buffer) -> ModeSelect:
     """Parse MODE SELECT(6/10)."""
     op = _check(cdb, (Opcode.MODE_SELECT_6, Opcode.MODE_SELECT_10), 1)
@@ -267,6 +235,7 @@ def parse_mode_select(cdb: Buffer) -> ModeSelect:
         _check(cdb, op, 10)
         _, b1, n, _ = _SMSEL10.unpack_from(cdb)
         size = 10
+    _reserved(b1 & 0xEE, 1, _name(op))
     return ModeSelect(n, bool(b1 & 0x10), bool(b1 & 1), size)
 
 
@@ -285,35 +254,12 @@ class StartStopUnit:
     power_condition_modifier: int = 0
 
 
-def build_start_stop_unit(
-    *,
-    start: bool = True,
-    loej: bool = False,
-    immed: bool = False,
-    no_flush: bool = False,
-    power_condition: int = 0,
-    power_condition_modifier: int = 0,
-) -> bytes:
-    """START STOP UNIT CDB."""
-    b4 = (
-        (_u(power_condition, 4, "power_condition") << 4)
-        | _bit(no_flush, 2)
-        | _bit(loej, 1)
-        | _bit(start, 0)
-    )
-    return _SSSU.pack(
-        Opcode.START_STOP_UNIT,
-        _bit(immed, 0),
-        _u(power_condition_modifier, 4, "power_condition_modifier"),
-        b4,
-        0,
-    )
-
-
 def parse_start_stop_unit(cdb: Buffer) -> StartStopUnit:
     """Parse START STOP UNIT."""
     _check(cdb, Opcode.START_STOP_UNIT, 6)
     _, b1, b3, b4, _ = _SSSU.unpack_from(cdb)
+    _reserved(b1 & 0xFE, 1, "START STOP UNIT")
+    _reserved(b4 & 0x08, 4, "START STOP UNIT")
     return StartStopUnit(
         bool(b4 & 1), bool(b4 & 2), bool(b1 & 1), bool(b4 & 4), b4 >> 4, b3 & 0x0F
     )
@@ -329,20 +275,12 @@ class PreventAllowMediumRemoval:
     prevent: int = 0
 
 
-def build_prevent_allow_medium_removal(*, prevent: int = 0) -> bytes:
-    """PREVENT ALLOW MEDIUM REMOVAL CDB (``prevent`` 0..3)."""
-    return _SPAMR.pack(
-        Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, _u(prevent, 2, "prevent"), 0
-    )
-
-
 def parse_prevent_allow_medium_removal(cdb: Buffer) -> PreventAllowMediumRemoval:
     """Parse PREVENT ALLOW MEDIUM REMOVAL."""
     _check(cdb, Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL, 6)
     _, b4, _ = _SPAMR.unpack_from(cdb)
+    _reserved(b4 & 0xFC, 4, "PREVENT ALLOW MEDIUM REMOVAL")
     return PreventAllowMediumRemoval(b4 & 3)
-
-
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,28 +292,6 @@ class ReportSupportedOpcodes:
     requested_service_action: int = 0
     rctd: bool = False
     allocation_length: int = 4096
-
-
-def build_report_supported_opcodes(
-    *,
-    reporting_options: int = 0,
-    requested_opcode: int = 0,
-    requested_service_action: int = 0,
-    rctd: bool = False,
-    allocation_length: int = 4096,
-) -> bytes:
-    """REPORT SUPPORTED OPERATION CODES CDB."""
-    if reporting_options > 3:
-        raise ValueError(f"reporting_options {reporting_options} is reserved")
-    return _SMAINT_IN.pack(
-        Opcode.MAINTENANCE_IN,
-        MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES,
-        _bit(rctd, 7) | _u(reporting_options, 3, "reporting_options"),
-        _u(requested_opcode, 8, "requested_opcode"),
-        _u(requested_service_action, 16, "requested_service_action"),
-        _u(allocation_length, 32, "allocation_length"),
-        0,
-    )
 
 
 def parse_report_supported_opcodes(cdb: Buffer) -> ReportSupportedOpcodes:
@@ -406,23 +322,6 @@ class ReportSupportedTMFs:
     allocation_length: int = 16
 
 
-def build_report_supported_tmfs(
-    *, repd: bool = False, allocation_length: int = 16
-) -> bytes:
-    """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS CDB (allocation length >= 4)."""
-    if allocation_length < 4:
-        raise ValueError("allocation_length must be >= 4 (SPC-4 §6.36)")
-    return _SMAINT_IN.pack(
-        Opcode.MAINTENANCE_IN,
-        MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS,
-        _bit(repd, 7),
-        0,
-        0,
-        _u(allocation_length, 32, "allocation_length"),
-        0,
-    )
-
-
 def parse_report_supported_tmfs(cdb: Buffer) -> ReportSupportedTMFs:
     """Parse REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS (allocation length < 4 is invalid)."""
     _check_sa(
@@ -446,22 +345,6 @@ class ReportTargetPortGroups:
     allocation_length: int = 1024
 
 
-def build_report_target_port_groups(
-    *, parameter_data_format: int = 0, allocation_length: int = 1024
-) -> bytes:
-    """REPORT TARGET PORT GROUPS CDB (format 0 = length only, 1 = extended)."""
-    return _SMAINT_IN.pack(
-        Opcode.MAINTENANCE_IN,
-        (_u(parameter_data_format, 3, "parameter_data_format") << 5)
-        | MaintenanceIn.REPORT_TARGET_PORT_GROUPS,
-        0,
-        0,
-        0,
-        _u(allocation_length, 32, "allocation_length"),
-        0,
-    )
-
-
 def parse_report_target_port_groups(cdb: Buffer) -> ReportTargetPortGroups:
     """Parse REPORT TARGET PORT GROUPS."""
     _check_sa(
@@ -482,26 +365,12 @@ def parse_report_target_port_groups(cdb: Buffer) -> ReportTargetPortGroups:
     return ReportTargetPortGroups(fmt, alloc)
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class ExtendedCopy:
     """EXTENDED COPY (SPC-4 §6.3; LID1 is service action 0)."""
 
     parameter_list_length: int = 0
     service_action: int = 0
-
-
-def build_extended_copy(
-    *, parameter_list_length: int = 0, service_action: int = 0
-) -> bytes:
-    """EXTENDED COPY CDB (the parameter list is not built here)."""
-    return _SXCOPY.pack(
-        Opcode.EXTENDED_COPY,
-        _u(service_action, 5, "service_action"),
-        _u(parameter_list_length, 32, "parameter_list_length"),
-        0,
-    )
 
 
 def parse_extended_copy(cdb: Buffer) -> ExtendedCopy:
@@ -518,19 +387,6 @@ class ReceiveCopyResults:
     service_action: int = 0
     list_identifier: int = 0
     allocation_length: int = 1024
-
-
-def build_receive_copy_results(
-    *, service_action: int = 0, list_identifier: int = 0, allocation_length: int = 1024
-) -> bytes:
-    """RECEIVE COPY RESULTS CDB."""
-    return _SRCR.pack(
-        Opcode.RECEIVE_COPY_RESULTS,
-        _u(service_action, 5, "service_action"),
-        _u(list_identifier, 8, "list_identifier"),
-        _u(allocation_length, 32, "allocation_length"),
-        0,
-    )
 
 
 def parse_receive_copy_results(cdb: Buffer) -> ReceiveCopyResults:

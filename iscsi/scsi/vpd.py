@@ -67,8 +67,10 @@ def _pad(text: str, n: int, name: str) -> bytes:
     return raw.ljust(n, b" ")
 
 
-def build_standard_inquiry(inq: StandardInquiry) -> bytes:
-    """Encode standard INQUIRY data: 36 bytes, or 74 with version descriptors."""
+def build_standard_inquiry(inq: StandardInquiry, *, length: int = 0) -> bytes:
+    """Encode standard INQUIRY data: 36 bytes, or 74 with version descriptors;
+    ``length`` pads with zeros (reserved bytes) to that total, ADDITIONAL
+    LENGTH included (SPC-4 §6.4.2: the data may be longer than 36 bytes)."""
     b0 = (_u(inq.qualifier, 3, "qualifier") << 5) | _u(
         inq.peripheral_type, 5, "peripheral_type"
     )
@@ -89,7 +91,9 @@ def build_standard_inquiry(inq: StandardInquiry) -> bytes:
     b7 = _bit(inq.cmdque, 1)
     if len(inq.version_descriptors) > 8:
         raise ValueError("at most 8 version descriptors")
-    total = 74 if inq.version_descriptors else 36
+    total = max(74 if inq.version_descriptors else 36, length)
+    if total > 255 + 5:
+        raise ValueError(f"standard INQUIRY data of {total} bytes is longer than 260")
     head = _SINQHDR.pack(
         b0, b1, _u(inq.version, 8, "version"), b3, total - 5, b5, b6, b7
     )
@@ -98,13 +102,13 @@ def build_standard_inquiry(inq: StandardInquiry) -> bytes:
         + _pad(inq.product, 16, "product")
         + _pad(inq.revision, 4, "revision")
     )
-    if not inq.version_descriptors:
-        return head + body
-    vd = b"".join(
-        _u(v, 16, "version descriptor").to_bytes(2, "big")
-        for v in inq.version_descriptors
-    )
-    return head + body + bytes(22) + vd.ljust(16, b"\0")
+    if inq.version_descriptors:
+        vd = b"".join(
+            _u(v, 16, "version descriptor").to_bytes(2, "big")
+            for v in inq.version_descriptors
+        )
+        body += bytes(22) + vd.ljust(16, b"\0")
+    return (head + body).ljust(total, b"\0")
 
 
 def parse_standard_inquiry(data: Buffer) -> StandardInquiry:
@@ -390,15 +394,6 @@ def build_vpd_block_device_characteristics(
         VPDPage.BLOCK_DEVICE_CHARACTERISTICS,
         body.ljust(0x3C, b"\0"),
         peripheral_type=peripheral_type,
-    )
-
-
-def parse_vpd_block_device_characteristics(data: Buffer) -> BlockDeviceCharacteristics:
-    """Decode VPD page B1h."""
-    payload = parse_vpd_page(data, VPDPage.BLOCK_DEVICE_CHARACTERISTICS).payload
-    rate, ptype, b7, b8 = _SBDC.unpack(payload[: _SBDC.size].ljust(_SBDC.size, b"\0"))
-    return BlockDeviceCharacteristics(
-        rate, ptype, b7 >> 6, (b7 >> 4) & 3, b7 & 0x0F, bool(b8 & 2), bool(b8 & 1)
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from iscsi.scsi.constants import MaintenanceIn, Opcode
+from iscsi.scsi.spc import ReportTargetPortGroups
 from iscsi.scsi.sense import (
     LOGICAL_UNIT_NOT_ACCESSIBLE_ASYMMETRIC_ACCESS_STATE_TRANSITION,
     LOGICAL_UNIT_NOT_ACCESSIBLE_TARGET_PORT_IN_STANDBY_STATE,
@@ -211,15 +212,10 @@ class Alua:
         )
         return ASYMMETRIC_ACCESS_STATE_CHANGED
 
-    def report_target_port_groups(self, nexus: Nexus | None, cdb: bytes) -> bytes:
+    def report_target_port_groups(self, nexus: Nexus | None, cmd: ReportTargetPortGroups) -> bytes:
         """REPORT TARGET PORT GROUPS parameter data (SPC-4 §6.37), length or
         extended format, cut to the ALLOCATION LENGTH."""
-        if len(cdb) < 12:
-            raise invalid_field_in_cdb(0)
-        if cdb[0] != Opcode.MAINTENANCE_IN or cdb[1] & 0x1F != MaintenanceIn.REPORT_TARGET_PORT_GROUPS:
-            raise invalid_field_in_cdb(1, 4)
-        fmt = cdb[1] >> 5
-        alloc = int.from_bytes(cdb[6:10], "big")
+        fmt = cmd.parameter_data_format
         body = b"".join(g.encode() for g in self._groups.values())
         if fmt == FORMAT_LENGTH:
             out = struct.pack(">I", len(body)) + body
@@ -228,7 +224,7 @@ class Alua:
             out = struct.pack(">IBB2x", len(body) + 4, 0x10, self.implicit_transition_time) + body
         else:
             raise invalid_field_in_cdb(1, 7)
-        return out[:alloc]
+        return out[: cmd.allocation_length]
 
     def check_access(self, nexus: Nexus, cdb: bytes) -> None:
         """Raise NOT READY / LOGICAL UNIT NOT ACCESSIBLE when the nexus's

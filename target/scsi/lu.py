@@ -22,19 +22,40 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from iscsi.scsi.cdb_common import CDBError, check_control
 from iscsi.scsi.constants import (
     MaintenanceIn,
     ModePage,
     Opcode,
     PeripheralType,
     SenseKey,
+    ServiceActionIn16,
     Status,
+)
+from iscsi.scsi.pr import (
+    parse_persistent_reserve_in,
+    parse_persistent_reserve_out,
+    parse_reserve_release,
+)
+from iscsi.scsi.rw import RW_OPCODES, parse_rw
+from iscsi.scsi.sbc import ReadDefectData, parse_read_defect_data, parse_unmap
+from iscsi.scsi.spc import (
+    parse_extended_copy,
+    parse_inquiry,
+    parse_mode_select,
+    parse_mode_sense,
+    parse_prevent_allow_medium_removal,
+    parse_receive_copy_results,
+    parse_report_supported_opcodes,
+    parse_report_supported_tmfs,
+    parse_report_target_port_groups,
+    parse_request_sense,
+    parse_start_stop_unit,
 )
 from iscsi.scsi.sense import (
     INSUFFICIENT_RESOURCES,
     INTERNAL_TARGET_FAILURE,
     INVALID_COMMAND_OPERATION_CODE,
-    INVALID_FIELD_IN_CDB,
     MEDIUM_REMOVAL_PREVENTED,
     MODE_PARAMETERS_CHANGED,
     PARAMETER_LIST_LENGTH_ERROR,
@@ -50,7 +71,6 @@ from target.backends.base import Backend, BackendError, OutOfResources
 
 from . import modes as _modes
 from .lu_base import (
-    _CDB_LEN,
     _UA_EXEMPT,
     _WRITES,
     AscAscq,
@@ -74,6 +94,10 @@ from .reservations import ReservationConflict
 from .reservations import Reservations as _Reservations
 from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
 from .vpd import InquiryInfo, standard_inquiry, vpd_page
+
+
+#: READ(6/10/12/16): the one READ/WRITE family that carries no Data-Out.
+_READ_OPS = frozenset({Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16})
 
 
 class LogicalUnit(BlockCommands):
@@ -120,6 +144,7 @@ class LogicalUnit(BlockCommands):
         self._dsense = False
         self._sync_mode_cache()
         self._handlers: dict[int, Handler] = {}
+        self._sa_handlers: dict[tuple[int, int], Handler] = {}
         self._install_handlers()
 
     # ----- configuration -------------------------------------------------
@@ -162,16 +187,16 @@ class LogicalUnit(BlockCommands):
         h = self._handlers
         h[Opcode.TEST_UNIT_READY] = self._test_unit_ready
         h[Opcode.REQUEST_SENSE] = self._request_sense
-        h[Opcode.READ_6] = self._read6
-        h[Opcode.WRITE_6] = self._write6
+        for op in (Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16):
+            h[op] = self._read
+        for op in (Opcode.WRITE_6, Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16):
+            h[op] = self._write
         h[Opcode.INQUIRY] = self._inquiry
         h[Opcode.MODE_SELECT_6] = self._mode_select
         h[Opcode.MODE_SENSE_6] = self._mode_sense
         h[Opcode.START_STOP_UNIT] = self._start_stop
         h[Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL] = self._prevent_allow
         h[Opcode.READ_CAPACITY_10] = self._read_capacity10
-        h[Opcode.READ_10] = self._read10
-        h[Opcode.WRITE_10] = self._write10
         h[Opcode.WRITE_AND_VERIFY_10] = self._write_verify
         h[Opcode.VERIFY_10] = self._verify
         h[Opcode.PRE_FETCH_10] = self._prefetch
@@ -181,19 +206,15 @@ class LogicalUnit(BlockCommands):
         h[Opcode.UNMAP] = self._unmap
         h[Opcode.MODE_SELECT_10] = self._mode_select
         h[Opcode.MODE_SENSE_10] = self._mode_sense
-        h[Opcode.READ_16] = self._read16
         h[Opcode.COMPARE_AND_WRITE] = self._compare_and_write
-        h[Opcode.WRITE_16] = self._write16
         h[Opcode.ORWRITE_16] = self._orwrite
         h[Opcode.WRITE_AND_VERIFY_16] = self._write_verify
         h[Opcode.VERIFY_16] = self._verify
         h[Opcode.PRE_FETCH_16] = self._prefetch
         h[Opcode.SYNCHRONIZE_CACHE_16] = self._sync_cache
         h[Opcode.WRITE_SAME_16] = self._write_same
-        h[Opcode.SERVICE_ACTION_IN_16] = self._service_action_in
-        h[Opcode.MAINTENANCE_IN] = self._maintenance_in
-        h[Opcode.READ_12] = self._read12
-        h[Opcode.WRITE_12] = self._write12
+        h[Opcode.SERVICE_ACTION_IN_16] = self._by_service_action
+        h[Opcode.MAINTENANCE_IN] = self._by_service_action
         h[Opcode.WRITE_AND_VERIFY_12] = self._write_verify
         h[Opcode.VERIFY_12] = self._verify
         h[Opcode.READ_DEFECT_DATA_12] = self._read_defect12
@@ -203,6 +224,13 @@ class LogicalUnit(BlockCommands):
         h[Opcode.PERSISTENT_RESERVE_OUT] = self._pr_out
         h[Opcode.EXTENDED_COPY] = self._extended_copy
         h[Opcode.RECEIVE_COPY_RESULTS] = self._receive_copy_results
+        sa = self._sa_handlers
+        sa[Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.READ_CAPACITY_16] = self._read_capacity16
+        sa[Opcode.SERVICE_ACTION_IN_16, ServiceActionIn16.GET_LBA_STATUS] = self._get_lba_status
+        sa[Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES] = self._report_opcodes
+        sa[Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS] = (
+            self._report_tmfs)
+        sa[Opcode.MAINTENANCE_IN, MaintenanceIn.REPORT_TARGET_PORT_GROUPS] = self._report_tpgs
 
     def _sync_mode_cache(self) -> None:
         """Mirror the mode bits the data path consults into attributes."""
@@ -319,12 +347,9 @@ class LogicalUnit(BlockCommands):
         try:
             if handler is None:
                 raise illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
-            need = _CDB_LEN[op >> 5] or 16
-            if len(cdb) < need:
-                raise illegal_request(INVALID_FIELD_IN_CDB, len(cdb))
-            if cdb[need - 1] & 0x04:
-                # NACA=1 but we do not implement ACA (SAM-5 §5.9.1.2)
-                raise invalid_field_in_cdb(need - 1, 2)
+            # Length and CONTROL byte: NACA=1 is refused, ACA is not
+            # implemented (SAM-5 §5.9.1.2).
+            check_control(cdb)
             if self._ua and op not in self.ua_exempt:
                 ua = self._pop_ua(nexus)
                 if ua is not None:
@@ -372,16 +397,14 @@ class LogicalUnit(BlockCommands):
     def _request_sense(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """REQUEST SENSE, SPC-4 §6.29: returns (and clears) a pending unit
         attention, else a NOT READY condition, else NO SENSE; GOOD status."""
-        if cdb[1] & 0xFE:
-            raise invalid_field_in_cdb(1)
-        desc = bool(cdb[1] & 0x01)
+        cmd = parse_request_sense(cdb)
         ua = self._pop_ua(nexus)
         if ua is not None:
             sense = SenseData(SenseKey.UNIT_ATTENTION, *ua)
         else:
             sense = self.not_ready_sense() or SenseData(SenseKey.NO_SENSE)
-        raw = sense.encode_descriptor() if desc else sense.encode_fixed()
-        return _good(_alloc(raw, cdb[4]))
+        raw = sense.encode_descriptor() if cmd.desc else sense.encode_fixed()
+        return _good(_alloc(raw, cmd.allocation_length))
 
     def inquiry_info(self) -> InquiryInfo:
         """A snapshot of what INQUIRY reports about this unit."""
@@ -409,17 +432,12 @@ class LogicalUnit(BlockCommands):
 
     def _inquiry(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """INQUIRY, SPC-4 §6.4: standard data or a VPD page."""
-        evpd = cdb[1] & 0x01
-        if cdb[1] & 0xFE:
-            raise invalid_field_in_cdb(1, 1 if cdb[1] & 0x02 else None)
-        page = cdb[2]
-        alloc = int.from_bytes(cdb[3:5], "big")
+        cmd = parse_inquiry(cdb)
+        alloc = cmd.allocation_length
         info = self.inquiry_info()
-        if not evpd:
-            if page:
-                raise invalid_field_in_cdb(2)
+        if not cmd.evpd:
             return _good(_alloc(standard_inquiry(info), alloc))
-        out = vpd_page(page, info, nexus)
+        out = vpd_page(cmd.page_code, info, nexus)
         if out is None:
             raise invalid_field_in_cdb(2)
         return _good(_alloc(out, alloc))
@@ -431,27 +449,23 @@ class LogicalUnit(BlockCommands):
 
     def _mode_sense(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """MODE SENSE(6/10), SPC-4 §6.11/§6.12."""
-        ten = cdb[0] == Opcode.MODE_SENSE_10
-        if cdb[1] & (0xE7 if ten else 0xF7):
-            raise invalid_field_in_cdb(1)
-        alloc = int.from_bytes(cdb[7:9], "big") if ten else cdb[4]
+        cmd = parse_mode_sense(cdb)
         out = _modes.mode_sense(
-            cdb,
+            cmd,
             self.modes,
-            ten=ten,
             num_blocks=self.num_blocks if self.medium_present else 0,
             block_size=self.block_size,
             device_specific=self._device_specific(),
             block_descriptors=self.config.device_type == PeripheralType.DISK,
         )
-        return _good(_alloc(out, alloc))
+        return _good(_alloc(out, cmd.allocation_length))
 
     def _mode_select(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """MODE SELECT(6/10), SPC-4 §6.9/§6.10: changes must stay inside
         the changeable mask; other nexuses get MODE PARAMETERS CHANGED."""
-        ten = cdb[0] == Opcode.MODE_SELECT_10
-        save = _modes.check_mode_select_cdb(cdb)
-        plen = int.from_bytes(cdb[7:9], "big") if ten else cdb[4]
+        cmd = parse_mode_select(cdb)
+        ten = cmd.cdb_size == 10
+        plen = cmd.parameter_list_length
         if plen == 0:
             return _good()
         raw = memoryview(data or b"")
@@ -460,7 +474,7 @@ class LogicalUnit(BlockCommands):
         pages, base = _modes.parse_mode_select(
             raw[:plen], ten=ten, num_blocks=self.num_blocks, block_size=self.block_size
         )
-        changed = self.modes.select(pages, save=save, base=base)
+        changed = self.modes.select(pages, save=cmd.sp, base=base)
         self._sync_mode_cache()
         if changed:
             self.post_unit_attention(MODE_PARAMETERS_CHANGED, exclude=nexus)
@@ -472,16 +486,9 @@ class LogicalUnit(BlockCommands):
         loads (refused while PREVENT is in effect); on fixed units START=0
         stops the unit until a START=1 (NOT READY, INITIALIZING COMMAND
         REQUIRED meanwhile)."""
-        if cdb[1] & 0xFE:
-            raise invalid_field_in_cdb(1)
-        b4 = cdb[4]
-        if b4 & 0x08:
-            raise invalid_field_in_cdb(4, 3)
-        power = b4 >> 4
-        no_flush = bool(b4 & 0x04)
-        loej = bool(b4 & 0x02)
-        start = bool(b4 & 0x01)
-        if power:
+        cmd = parse_start_stop_unit(cdb)
+        no_flush, loej, start = cmd.no_flush, cmd.loej, cmd.start
+        if cmd.power_condition:
             return _good()
         removable = self.config.removable or self.config.device_type == PeripheralType.CDROM
         if loej and removable:
@@ -517,10 +524,7 @@ class LogicalUnit(BlockCommands):
     def _prevent_allow(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """PREVENT ALLOW MEDIUM REMOVAL, SBC-3 §5.11: tracked per I_T nexus;
         removal is prevented while any nexus holds a prevent."""
-        prevent = cdb[4] & 0x03
-        if cdb[4] & 0xFC:
-            raise invalid_field_in_cdb(4)
-        if prevent:
+        if parse_prevent_allow_medium_removal(cdb).prevent:
             self._prevent.add(nexus.key)
         else:
             self._prevent.discard(nexus.key)
@@ -529,32 +533,41 @@ class LogicalUnit(BlockCommands):
     def _read_defect10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """READ DEFECT DATA(10), SBC-3 §5.16: an empty list in the format
         asked for (a virtual disk has no defects)."""
-        alloc = int.from_bytes(cdb[7:9], "big")
+        cmd = parse_read_defect_data(cdb)
         self._ready()
-        out = bytes((0, cdb[2] & 0x1F, 0, 0))
-        return _good(_alloc(out, alloc))
+        return _good(_alloc(bytes((0, _defect_format(cmd), 0, 0)), cmd.allocation_length))
 
     def _read_defect12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """READ DEFECT DATA(12), SBC-3 §5.17: empty list, 8-byte header."""
-        alloc = int.from_bytes(cdb[6:10], "big")
+        cmd = parse_read_defect_data(cdb)
         self._ready()
-        out = bytes((0, cdb[1] & 0x1F, 0, 0, 0, 0, 0, 0))
-        return _good(_alloc(out, alloc))
+        return _good(_alloc(bytes((0, _defect_format(cmd), 0, 0, 0, 0, 0, 0)), cmd.allocation_length))
 
-    def _maintenance_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        sa = cdb[1] & 0x1F
-        if sa == MaintenanceIn.REPORT_SUPPORTED_OPERATION_CODES:
-            alloc = int.from_bytes(cdb[6:10], "big")
-            return _good(_alloc(report_supported_opcodes(self.supported_ops(), cdb), alloc))
-        if sa == MaintenanceIn.REPORT_SUPPORTED_TASK_MANAGEMENT_FUNCTIONS:
-            alloc = int.from_bytes(cdb[6:10], "big")
-            if alloc < 4:
-                raise invalid_field_in_cdb(6)
-            return _good(_alloc(report_supported_tmfs(cdb), alloc))
-        if sa == MaintenanceIn.REPORT_TARGET_PORT_GROUPS and self.alua is not None:
-            alloc = int.from_bytes(cdb[6:10], "big")
-            return _good(_alloc(self.alua.report_target_port_groups(nexus, cdb), alloc))
-        raise invalid_field_in_cdb(1, 4)
+    def _by_service_action(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """SERVICE ACTION IN(16) and MAINTENANCE IN: the handler is chosen
+        by the SERVICE ACTION field (SPC-4 §4.2.5.1); an unknown one is an
+        invalid field pointing at it."""
+        handler = self._sa_handlers.get((cdb[0], cdb[1] & 0x1F))
+        if handler is None:
+            raise invalid_field_in_cdb(1, 4)
+        return handler(nexus, cdb, data, el)
+
+    def _report_opcodes(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """REPORT SUPPORTED OPERATION CODES, SPC-4 §6.35."""
+        cmd = parse_report_supported_opcodes(cdb)
+        return _good(_alloc(report_supported_opcodes(self.supported_ops(), cmd), cmd.allocation_length))
+
+    def _report_tmfs(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS, SPC-4 §6.36."""
+        cmd = parse_report_supported_tmfs(cdb)
+        return _good(_alloc(report_supported_tmfs(cmd.repd), cmd.allocation_length))
+
+    def _report_tpgs(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """REPORT TARGET PORT GROUPS, SPC-4 §6.37 (units with ALUA only)."""
+        if self.alua is None:
+            raise invalid_field_in_cdb(1, 4)
+        cmd = parse_report_target_port_groups(cdb)
+        return _good(_alloc(self.alua.report_target_port_groups(nexus, cmd), cmd.allocation_length))
 
     # ----- persistent reservations, third-party copy, ALUA ---------------------
 
@@ -570,24 +583,25 @@ class LogicalUnit(BlockCommands):
 
     def _reserve_release(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         res = self._optional(self.reservations)
-        op = cdb[0]
-        if op in (Opcode.RESERVE_10, Opcode.RELEASE_10) and cdb[1] & 0x13:
-            raise invalid_field_in_cdb(1)  # 3RDPTY / LONGID / EXTENT: not supported
-        if op in (Opcode.RESERVE_6, Opcode.RESERVE_10):
-            res.reserve6(nexus, cdb)
-        else:
+        cmd = parse_reserve_release(cdb)  # EXTENT reservations: refused there
+        if cmd.third_party or cmd.longid:
+            # Third-party reservations are not supported (SPC-2 §7.21.2).
+            raise invalid_field_in_cdb(1, 4 if cmd.third_party else 1)
+        if cmd.release:
             res.release6(nexus, cdb)
+        else:
+            res.reserve6(nexus, cdb)
         return _good()
 
     def _pr_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         res = self._optional(self.reservations)
-        alloc = int.from_bytes(cdb[7:9], "big")
+        cmd = parse_persistent_reserve_in(cdb)
         out: bytes = res.reserve_in(nexus, cdb)
-        return _good(_alloc(out, alloc))
+        return _good(_alloc(out, cmd.allocation_length))
 
     def _pr_out(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         res = self._optional(self.reservations)
-        plen = int.from_bytes(cdb[5:9], "big")
+        plen = parse_persistent_reserve_out(cdb).parameter_list_length
         raw = None if data is None else memoryview(data)[:plen]
         posts = res.reserve_out(nexus, cdb, raw)
         for post in posts:
@@ -596,9 +610,7 @@ class LogicalUnit(BlockCommands):
 
     def _extended_copy(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         xc = self._optional(self.xcopy)
-        if cdb[1] & 0x1F:
-            raise invalid_field_in_cdb(1, 4)
-        plen = int.from_bytes(cdb[10:14], "big")
+        plen = parse_extended_copy(cdb).parameter_list_length
         raw = memoryview(data or b"")
         if len(raw) < plen:
             raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
@@ -611,51 +623,44 @@ class LogicalUnit(BlockCommands):
 
     def _receive_copy_results(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         xc = self._optional(self.xcopy)
-        alloc = int.from_bytes(cdb[10:14], "big")
+        cmd = parse_receive_copy_results(cdb)
         out: bytes = xc.receive_copy_results(nexus, cdb)
-        return _good(_alloc(out, alloc))
+        return _good(_alloc(out, cmd.allocation_length))
 
     # ----- transport helper --------------------------------------------------
 
     def data_out_length(self, cdb: bytes) -> int:
-        """Bytes of Data-Out this CDB transfers (0 when none or when the
-        CDB is too short to say)."""
+        """Bytes of Data-Out this CDB transfers (0 when none, or when the
+        CDB is invalid: the command then fails on its own)."""
+        rule = _DATA_OUT.get(cdb[0]) if cdb else None
+        if rule is None:
+            return 0
         try:
-            return self._data_out_length(cdb)
-        except (IndexError, struct.error):
+            return rule(cdb) << self._shift if rule is _rw_blocks else rule(cdb)
+        except CDBError:
             return 0
 
-    def _data_out_length(self, cdb: bytes) -> int:
-        rule = _DATA_OUT.get(cdb[0])
-        return rule(self, cdb) if rule is not None else 0
 
-    def _verify_out(self, cdb: bytes) -> int:
-        # BYTCHK (SBC-3 §5.33): 01b compares n blocks, 11b one block.
-        flags, _, n, _ = self._lba_len(cdb)
-        bytchk = (flags >> 1) & 3
-        return n << self._shift if bytchk == 1 else (self.block_size if bytchk == 3 and n else 0)
+def _rw_blocks(cdb: bytes) -> int:
+    return parse_rw(cdb).data_out_blocks
 
 
-def _blocks(lu: LogicalUnit, cdb: bytes) -> int:
-    return lu._lba_len(cdb)[2] << lu._shift
+def _defect_format(cmd: ReadDefectData) -> int:
+    """Byte 1 of the (empty) defect list header echoes REQ_PLIST, REQ_GLIST
+    and the defect list format asked for (SBC-3 §5.16.2)."""
+    return (cmd.req_plist << 4) | (cmd.req_glist << 3) | cmd.defect_list_format
 
 
-#: Bytes of Data-Out a CDB transfers, by operation code (SBC-3, SPC-4):
-#: the transport compares it with the iSCSI Expected Data Transfer Length
-#: to report residuals (RFC 7143 §11.4.5). Codes not listed carry none.
-_DATA_OUT: dict[int, Callable[[LogicalUnit, bytes], int]] = {
-    **dict.fromkeys((Opcode.WRITE_10, Opcode.WRITE_12, Opcode.WRITE_16, Opcode.ORWRITE_16,
-                     Opcode.WRITE_AND_VERIFY_10, Opcode.WRITE_AND_VERIFY_12,
-                     Opcode.WRITE_AND_VERIFY_16), _blocks),
-    Opcode.WRITE_6: lambda lu, cdb: (cdb[4] or 256) << lu._shift,
-    **dict.fromkeys((Opcode.VERIFY_10, Opcode.VERIFY_12, Opcode.VERIFY_16),
-                    LogicalUnit._verify_out),
-    Opcode.WRITE_SAME_10: lambda lu, cdb: lu.block_size,
-    Opcode.WRITE_SAME_16: lambda lu, cdb: 0 if cdb[1] & 0x01 else lu.block_size,
-    Opcode.COMPARE_AND_WRITE: lambda lu, cdb: (2 * cdb[13]) << lu._shift,
-    Opcode.UNMAP: lambda lu, cdb: int.from_bytes(cdb[7:9], "big"),
-    Opcode.MODE_SELECT_10: lambda lu, cdb: int.from_bytes(cdb[7:9], "big"),
-    Opcode.MODE_SELECT_6: lambda lu, cdb: cdb[4],
-    Opcode.PERSISTENT_RESERVE_OUT: lambda lu, cdb: int.from_bytes(cdb[5:9], "big"),
-    Opcode.EXTENDED_COPY: lambda lu, cdb: int.from_bytes(cdb[10:14], "big"),
+#: Data-Out a CDB transfers, by operation code (SBC-3, SPC-4), from the
+#: codec's parse: blocks for the READ/WRITE family (the unit's block size
+#: turns them into bytes), bytes of parameter list otherwise. The transport
+#: compares it with the iSCSI Expected Data Transfer Length to report
+#: residuals (RFC 7143 §11.4.5). Codes not listed carry none.
+_DATA_OUT: dict[int, Callable[[bytes], int]] = {
+    **dict.fromkeys((op for op in RW_OPCODES if op not in _READ_OPS), _rw_blocks),
+    Opcode.UNMAP: lambda cdb: parse_unmap(cdb).parameter_list_length,
+    Opcode.MODE_SELECT_6: lambda cdb: parse_mode_select(cdb).parameter_list_length,
+    Opcode.MODE_SELECT_10: lambda cdb: parse_mode_select(cdb).parameter_list_length,
+    Opcode.PERSISTENT_RESERVE_OUT: lambda cdb: parse_persistent_reserve_out(cdb).parameter_list_length,
+    Opcode.EXTENDED_COPY: lambda cdb: parse_extended_copy(cdb).parameter_list_length,
 }

@@ -6,7 +6,6 @@ length) and the small encoders the handlers use."""
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
@@ -39,17 +38,6 @@ Handler: TypeAlias = Callable[[Nexus, bytes, Buffer | None, int | None], Handler
 _GOOD = 0
 _CHECK = int(Status.CHECK_CONDITION)
 
-# CDB length by group code (SPC-4 §4.3.2): the top three opcode bits.
-_CDB_LEN = (6, 10, 10, 0, 16, 12, 0, 0)
-
-_RW6 = struct.Struct(">IB")  # bytes 0..4 with the opcode masked off
-_RW10 = struct.Struct(">BIxH")  # bytes 1..8
-_RW12 = struct.Struct(">BII")  # bytes 1..9
-_RW16 = struct.Struct(">BQI")  # bytes 1..13
-_RC10 = struct.Struct(">II")
-_RC16 = struct.Struct(">QIBBH")
-_UNMAP_DESC = struct.Struct(">QI4x")
-_LBA_STATUS = struct.Struct(">QIB3x")
 
 #: Commands that neither report nor clear a unit attention (SPC-4 §5.14:
 #: INQUIRY, REPORT LUNS, REQUEST SENSE; REQUEST SENSE returns it as data).

@@ -4,11 +4,20 @@ LBA STATUS, SYNCHRONIZE CACHE, PRE-FETCH and READ CAPACITY."""
 
 from __future__ import annotations
 
-import struct
-
-from iscsi.scsi.constants import (
-    Opcode,
-    ServiceActionIn16,
+from iscsi.scsi.rw import _RW_PARSERS, parse_rw
+from iscsi.scsi.sbc import (
+    ProvisioningStatus,
+    ReadCapacity16Data,
+    build_lba_status_data,
+    build_read_capacity10_data,
+    build_read_capacity16_data,
+    parse_get_lba_status,
+    parse_pre_fetch,
+    parse_read_capacity10,
+    parse_read_capacity16,
+    parse_synchronize_cache,
+    parse_unmap,
+    parse_unmap_parameter_list,
 )
 from iscsi.scsi.sense import (
     INVALID_COMMAND_OPERATION_CODE,
@@ -23,14 +32,6 @@ from iscsi.scsi.sense import (
 
 from .lu_base import (
     _GOOD,
-    _LBA_STATUS,
-    _RC10,
-    _RC16,
-    _RW6,
-    _RW10,
-    _RW12,
-    _RW16,
-    _UNMAP_DESC,
     HandlerResult,
     UnitBase,
     _alloc,
@@ -38,6 +39,11 @@ from .lu_base import (
     first_difference,
 )
 from .types import Buffer, Nexus, ScsiResult
+
+
+#: Byte offset of the TRANSFER LENGTH field by CDB group (SBC-3 §5): where
+#: the field pointer of a transfer beyond the Block Limits maximum points.
+_LENGTH_FIELD = {0: 4, 1: 7, 2: 7, 4: 10, 5: 6}
 
 
 class BlockCommands(UnitBase):
@@ -57,28 +63,15 @@ class BlockCommands(UnitBase):
         shift = self._shift
         return ScsiResult(_GOOD, b"", self.backend.read(lba << shift, n << shift))
 
-    def _read6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        word, n = _RW6.unpack_from(cdb, 0)
-        # SBC-3 §5.14: TRANSFER LENGTH 0 in READ(6) means 256 blocks
-        return self._do_read(word & 0x1FFFFF, n or 256, 4)
-
-    def _read10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        if flags & 0xE7:  # RDPROTECT without protection information; RARC; obsolete
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 7)
-
-    def _read12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW12.unpack_from(cdb, 1)
-        if flags & 0xE7:
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 6)
-
-    def _read16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        if flags & 0xE7:
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
-        return self._do_read(lba, n, 10)
+    def _read(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """READ(6/10/12/16), SBC-3 §5.11-§5.14 (READ(6) length 0 is 256
+        blocks, which the parser applies)."""
+        cmd = _RW_PARSERS[cdb[0]](cdb)
+        if cmd.protect or cmd.rarc or cmd.fua_nv:
+            # No protection information, no rebuild assist; FUA_NV has no
+            # non-volatile cache to bypass here.
+            raise invalid_field_in_cdb(1, 7 if cmd.protect else (2 if cmd.rarc else 1))
+        return self._do_read(cmd.lba, cmd.blocks, _LENGTH_FIELD[cmd.opcode >> 5])
 
     def _store(self, lba: int, n: int, data: Buffer | None) -> None:
         """Write n blocks from the Data-Out buffer without copying it.
@@ -108,70 +101,41 @@ class BlockCommands(UnitBase):
             block[:rest] = mv[whole:got]
             self.backend.write(offset + whole, block)
 
-    def _do_write(self, lba: int, n: int, flags: int, data: Buffer | None, field: int) -> HandlerResult:
-        if flags & 0xE5:  # WRPROTECT without protection information; reserved
-            raise invalid_field_in_cdb(1, 7 if flags & 0xE0 else 2)
+    def _write(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """WRITE(6/10/12/16), SBC-3 §5.46-§5.49: FUA (or write-through
+        caching) makes the data durable before GOOD; FUA_NV is ignored."""
+        cmd = _RW_PARSERS[cdb[0]](cdb)
+        if cmd.protect:  # WRPROTECT without protection information
+            raise invalid_field_in_cdb(1, 7)
         if not self.medium_present or not self.started:
             self._ready()
         if self.write_protected:
             raise data_protect()
+        lba, n = cmd.lba, cmd.blocks
         if lba + n > self.num_blocks:
             raise illegal_request(LBA_OUT_OF_RANGE)
         if n == 0:
             return ScsiResult(_GOOD, b"", None)
-        self._max_transfer(n, field)
+        self._max_transfer(n, _LENGTH_FIELD[cmd.opcode >> 5])
         self._store(lba, n, data)
-        if flags & 0x08 or not self._wce:
+        if cmd.fua or not self._wce:
             return self._flush_then(ScsiResult(_GOOD, b"", None))
         return ScsiResult(_GOOD, b"", None)
-
-    def _write6(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        word, n = _RW6.unpack_from(cdb, 0)
-        return self._do_write(word & 0x1FFFFF, n or 256, 0, data, 4)
-
-    def _write10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 7)  # FUA_NV is ignored
-
-    def _write12(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW12.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 6)
-
-    def _write16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        return self._do_write(lba, n, flags & ~0x02, data, 10)
-
-    @staticmethod
-    def _lba_len(cdb: bytes) -> tuple[int, int, int, int]:
-        """(flags, lba, blocks, byte of the length field) of a 10/12/16 CDB."""
-        op = cdb[0]
-        if op >> 5 == 4:  # 16-byte
-            flags, lba, n = _RW16.unpack_from(cdb, 1)
-            return flags, lba, n, 10
-        if op >> 5 == 5:  # 12-byte
-            flags, lba, n = _RW12.unpack_from(cdb, 1)
-            return flags, lba, n, 6
-        flags, lba, n = _RW10.unpack_from(cdb, 1)
-        return flags, lba, n, 7
 
     # ----- VERIFY / WRITE AND VERIFY / ORWRITE / COMPARE AND WRITE ----------
 
     def _verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """VERIFY(10/12/16), SBC-3 §5.30: BYTCHK 0 checks the medium only,
         1 compares n blocks, 3 compares one block against each of n."""
-        flags, lba, n, field = self._lba_len(cdb)
-        if flags & 0xE0:
+        cmd = parse_rw(cdb)
+        if cmd.protect:
             raise invalid_field_in_cdb(1, 7)
-        if flags & 0x09:
-            raise invalid_field_in_cdb(1, 0 if flags & 0x01 else 3)
-        bytchk = (flags >> 1) & 0x03
-        if bytchk == 2:
-            raise invalid_field_in_cdb(1, 2)
+        lba, n, bytchk = cmd.lba, cmd.blocks, cmd.bytchk
         self._ready()
         self._range(lba, n)
         if n == 0 or bytchk == 0:
             return _good()
-        self._max_transfer(n, field)
+        self._max_transfer(n, _LENGTH_FIELD[cmd.opcode >> 5])
         shift = self._shift
         medium = self.backend.read(lba << shift, n << shift)
         if bytchk == 1:
@@ -190,27 +154,25 @@ class BlockCommands(UnitBase):
     def _write_verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """WRITE AND VERIFY(10/12/16), SBC-3 §5.37: written data is forced to
         the medium (like FUA) so the verification means something."""
-        flags, lba, n, field = self._lba_len(cdb)
-        if flags & 0xE0:
+        cmd = parse_rw(cdb)
+        if cmd.protect:
             raise invalid_field_in_cdb(1, 7)
-        if flags & 0x09 or (flags >> 1) & 0x03 > 1:
-            raise invalid_field_in_cdb(1, 2)
+        lba, n = cmd.lba, cmd.blocks
         self._ready()
         self._writable()
         self._range(lba, n)
         if n == 0:
             return _good()
-        self._max_transfer(n, field)
+        self._max_transfer(n, _LENGTH_FIELD[cmd.opcode >> 5])
         self._store(lba, n, data)
         return self._flush_then(_good())
 
     def _orwrite(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """ORWRITE(16), SBC-3 §5.10: medium := medium OR data."""
-        flags, lba, n = _RW16.unpack_from(cdb, 1)
-        if flags & 0xE0:
+        cmd = parse_rw(cdb)
+        if cmd.protect:
             raise invalid_field_in_cdb(1, 7)
-        if flags & 0x05:
-            raise invalid_field_in_cdb(1, 2)
+        lba, n = cmd.lba, cmd.blocks
         self._ready()
         self._writable()
         self._range(lba, n)
@@ -223,7 +185,7 @@ class BlockCommands(UnitBase):
         cur = self.backend.read(lba << shift, size)
         merged = (int.from_bytes(cur, "big") | int.from_bytes(src, "big")).to_bytes(size, "big")
         self.backend.write(lba << shift, merged)
-        if flags & 0x08 or not self._wce:
+        if cmd.fua or not self._wce:
             return self._flush_then(_good())
         return _good()
 
@@ -232,13 +194,12 @@ class BlockCommands(UnitBase):
         await in between, so the pair is atomic against every other command
         on this event loop; INFORMATION of a MISCOMPARE is the offset of the
         first differing byte."""
-        flags = cdb[1]
-        lba = int.from_bytes(cdb[2:10], "big")
-        n = cdb[13]
-        if flags & 0xE0:
+        cmd = parse_rw(cdb)
+        if cmd.protect:
             raise invalid_field_in_cdb(1, 7)
-        if flags & 0x07:
-            raise invalid_field_in_cdb(1, 2)
+        if cmd.fua_nv:
+            raise invalid_field_in_cdb(1, 1)
+        lba, n = cmd.lba, cmd.blocks
         if n > self.config.max_compare_write_blocks:
             raise invalid_field_in_cdb(13)
         shift = self._shift
@@ -262,7 +223,7 @@ class BlockCommands(UnitBase):
         if diff >= 0:
             raise miscompare(diff)
         self.backend.write(lba << shift, mv[size : 2 * size])
-        if flags & 0x08 or not self._wce:
+        if cmd.fua or not self._wce:
             return self._flush_then(_good())
         return _good()
 
@@ -272,24 +233,14 @@ class BlockCommands(UnitBase):
         """WRITE SAME(10/16), SBC-3 §5.42/§5.43: NUMBER OF LOGICAL BLOCKS 0
         means "to the end of the medium" (WSNZ=0); UNMAP with a zero block
         (or NDOB) deallocates on a thin unit."""
-        ten = cdb[0] == Opcode.WRITE_SAME_10
-        if ten:
-            flags, lba, n = _RW10.unpack_from(cdb, 1)
-            field = 7
-            ndob = False
-            if flags & 0x07:
-                raise invalid_field_in_cdb(1, 0)
-        else:
-            flags, lba, n = _RW16.unpack_from(cdb, 1)
-            field = 10
-            ndob = bool(flags & 0x01)
-            if flags & 0x06:
-                raise invalid_field_in_cdb(1, 1)
-        if flags & 0xE0:
+        cmd = parse_rw(cdb)
+        lba, n, ndob, unmap = cmd.lba, cmd.blocks, cmd.ndob, cmd.unmap
+        field = _LENGTH_FIELD[cmd.opcode >> 5]
+        if cmd.protect:
             raise invalid_field_in_cdb(1, 7)
-        if flags & 0x10:  # ANCHOR, and ANC_SUP is 0
+        if cmd.anchor:  # ANC_SUP is 0 (VPD B2h)
             raise invalid_field_in_cdb(1, 4)
-        if flags & 0x08 and not self.thin:
+        if unmap and not self.thin:
             # A fully provisioned unit reports LBPWS/LBPWS10 = 0, so the
             # UNMAP bit is refused rather than silently ignored (SBC-3
             # §5.43; libiscsi checks the VPD B2h bits agree).
@@ -317,7 +268,7 @@ class BlockCommands(UnitBase):
             return _good()
         shift = self._shift
         off, size = lba << shift, n << shift
-        if flags & 0x08 and self.thin:
+        if unmap and self.thin:
             # UNMAP=1 on a unit with LBPWS: deallocate whatever the data
             # block holds; with LBPRZ the range then reads as zeroes
             # (SBC-3 §4.7.3.4, §5.43).
@@ -342,28 +293,23 @@ class BlockCommands(UnitBase):
         range is deallocated."""
         if not self.thin:
             raise illegal_request(INVALID_COMMAND_OPERATION_CODE, 0)
-        if cdb[1] & 0x01:  # ANCHOR
+        cmd = parse_unmap(cdb)  # a length of 1..7 is PARAMETER LIST LENGTH ERROR
+        if cmd.anchor:  # ANC_SUP is 0 (VPD B2h)
             raise invalid_field_in_cdb(1, 0)
-        plen = int.from_bytes(cdb[7:9], "big")
+        plen = cmd.parameter_list_length
         self._ready()
         self._writable()
         if plen == 0:
             return _good()
-        if plen < 8:
-            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        buf = bytes(memoryview(data or b"")[:plen])
+        buf = memoryview(data or b"")[:plen]
         if len(buf) < 8:
             raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        bdl = int.from_bytes(buf[2:4], "big")
-        if bdl > len(buf) - 8:
-            raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-        count = bdl // 16
-        if count > self.config.max_unmap_descriptors > 0:
+        descriptors = parse_unmap_parameter_list(buf)
+        if len(descriptors) > self.config.max_unmap_descriptors > 0:
             raise invalid_field_in_parameter_list(2)
         ranges: list[tuple[int, int]] = []
         limit = self.config.max_unmap_blocks
-        for i in range(count):
-            lba, nblk = _UNMAP_DESC.unpack_from(buf, 8 + 16 * i)
+        for i, (lba, nblk) in enumerate(descriptors):
             if lba + nblk > self.num_blocks:
                 raise illegal_request(LBA_OUT_OF_RANGE)
             if limit and nblk > limit:
@@ -375,11 +321,11 @@ class BlockCommands(UnitBase):
             self.backend.discard(lba << shift, nblk << shift)
         return _good()
 
-    def _get_lba_status(self, cdb: bytes) -> ScsiResult:
+    def _get_lba_status(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """GET LBA STATUS, SBC-3 §5.7: descriptors from backend.extents,
         the first starting at the requested LBA, as many as fit."""
-        lba = int.from_bytes(cdb[2:10], "big")
-        alloc = int.from_bytes(cdb[10:14], "big")
+        cmd = parse_get_lba_status(cdb)
+        lba, alloc = cmd.lba, cmd.allocation_length
         self._ready()
         if lba >= self.num_blocks:
             raise illegal_request(LBA_OUT_OF_RANGE)
@@ -409,59 +355,51 @@ class BlockCommands(UnitBase):
                 if len(descs) == max_desc:
                     break
                 descs.append((start, end - start, ext.mapped))
-        body = b"".join(_LBA_STATUS.pack(s, c, 0 if m else 1) for s, c, m in descs[:max_desc])
-        out = struct.pack(">I4x", len(body) + 4) + body
+        out = build_lba_status_data([
+            (s, c, ProvisioningStatus.MAPPED if m else ProvisioningStatus.DEALLOCATED)
+            for s, c, m in descs[:max_desc]
+        ])
         return _good(_alloc(out, alloc))
 
     # ----- cache / prefetch ------------------------------------------------
 
     def _sync_cache(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """SYNCHRONIZE CACHE(10/16), SBC-3 §5.24: fsync in a thread."""
-        flags, lba, n, _ = self._lba_len(cdb)
-        if flags & 0xFD & ~0x04:
-            raise invalid_field_in_cdb(1)
+        cmd = parse_synchronize_cache(cdb)
         self._ready()
-        self._range(lba, n)
+        self._range(cmd.lba, cmd.blocks)
         return self._flush_then(_good())
 
     def _prefetch(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """PRE-FETCH(10/16), SBC-3 §5.9. We keep no cache of our own, which
         is the "not enough cache" case: GOOD rather than CONDITION MET
         (libiscsi's conformance suite expects GOOD too)."""
-        flags, lba, n, _ = self._lba_len(cdb)
-        if flags & 0xFD:
-            raise invalid_field_in_cdb(1)
+        cmd = parse_pre_fetch(cdb)
         self._ready()
-        self._range(lba, n)
+        self._range(cmd.lba, cmd.blocks)
         return _good()
 
     # ----- capacity ----------------------------------------------------------
 
     def _read_capacity10(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """READ CAPACITY(10), SBC-3 §5.15: a capacity too large for 32
+        bits reports FFFFFFFFh (the initiator then asks READ CAPACITY(16))."""
+        parse_read_capacity10(cdb)
         self._ready()
-        last = self.num_blocks - 1
-        # SBC-3 §5.15: a capacity too large for 32 bits reports FFFFFFFFh
-        return _good(_RC10.pack(min(last, 0xFFFFFFFF), self.block_size))
+        return _good(build_read_capacity10_data(self.num_blocks - 1, self.block_size))
 
-    def _read_capacity16(self, cdb: bytes) -> ScsiResult:
+    def _read_capacity16(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        """READ CAPACITY(16), SBC-3 §5.16: no protection information; LBPME
+        and LBPRZ from thin provisioning (§4.7.3)."""
+        cmd = parse_read_capacity16(cdb)
         self._ready()
-        alloc = int.from_bytes(cdb[10:14], "big")
         thin = self.thin
-        lbp = (0x8000 if thin else 0) | (0x4000 if thin and self.backend.zero_after_discard else 0)
-        data = _RC16.pack(
-            self.num_blocks - 1,
-            self.block_size,
-            0,  # P_TYPE / PROT_EN: no protection information
-            self.config.physical_block_exponent & 0x0F,
-            lbp,
-        ) + bytes(16)
-        return _good(_alloc(data, alloc))
-
-    def _service_action_in(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
-        sa = cdb[1] & 0x1F
-        if sa == ServiceActionIn16.READ_CAPACITY_16:
-            return self._read_capacity16(cdb)
-        if sa == ServiceActionIn16.GET_LBA_STATUS:
-            return self._get_lba_status(cdb)
-        raise invalid_field_in_cdb(1, 4)
+        out = build_read_capacity16_data(ReadCapacity16Data(
+            last_lba=self.num_blocks - 1,
+            block_length=self.block_size,
+            lbppbe=self.config.physical_block_exponent & 0x0F,
+            lbpme=thin,
+            lbprz=thin and self.backend.zero_after_discard,
+        ))
+        return _good(_alloc(out, cmd.allocation_length))
 

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Awaitable
 
 from iscsi.scsi.constants import Opcode, PeripheralType
+from iscsi.scsi.mmc import parse_get_configuration, parse_get_event_status_notification, parse_read_toc
 from iscsi.scsi.sense import (
     NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED,
     invalid_field_in_cdb,
@@ -142,10 +143,8 @@ class CdromUnit(LogicalUnit):
     def _read_toc(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """READ TOC/PMA/ATIP (MMC-6 §6.33): one data track and the lead-out
         (format 0000b), or the session summary (0001b)."""
-        msf = bool(cdb[1] & 0x02)
-        fmt = cdb[2] & 0x0F
-        track = cdb[6]
-        alloc = int.from_bytes(cdb[7:9], "big")
+        cmd = parse_read_toc(cdb)
+        msf, fmt, track = cmd.msf, cmd.toc_format, cmd.track_session_number
         self._ready()
 
         def addr(lba: int) -> bytes:
@@ -164,7 +163,7 @@ class CdromUnit(LogicalUnit):
         else:
             raise invalid_field_in_cdb(2, 3)
         out = len(body).to_bytes(2, "big") + body
-        return ScsiResult(0, b"", out[:alloc])
+        return ScsiResult(0, b"", out[: cmd.allocation_length])
 
     def _features(self) -> list[tuple[int, bytes, bool]]:
         """(feature code, descriptor, current) for GET CONFIGURATION."""
@@ -189,11 +188,8 @@ class CdromUnit(LogicalUnit):
     def _get_configuration(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """GET CONFIGURATION (MMC-6 §6.6): RT 00b all features from the
         starting one, 01b only current ones, 10b just the starting one."""
-        rt = cdb[1] & 0x03
-        start = int.from_bytes(cdb[2:4], "big")
-        alloc = int.from_bytes(cdb[7:9], "big")
-        if rt == 3:
-            raise invalid_field_in_cdb(1, 1)
+        cmd = parse_get_configuration(cdb)  # RT 11b is refused there
+        rt, start, alloc = cmd.rt, cmd.starting_feature, cmd.allocation_length
         feats = self._features()
         if rt == 2:
             chosen = [d for c, d, _ in feats if c == start]
@@ -206,10 +202,10 @@ class CdromUnit(LogicalUnit):
     def _get_event_status(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """GET EVENT STATUS NOTIFICATION (MMC-6 §6.7), polled mode only;
         only the media class (bit 4) is supported."""
-        if not cdb[1] & 0x01:
+        cmd = parse_get_event_status_notification(cdb)
+        if not cmd.polled:
             raise invalid_field_in_cdb(1, 0)  # asynchronous mode unsupported
-        classes = cdb[4]
-        alloc = int.from_bytes(cdb[7:9], "big")
+        classes, alloc = cmd.notification_class_request, cmd.allocation_length
         supported = 0x10
         if not classes & supported:
             out = struct.pack(">HBB", 2, 0x80, supported)  # NEA: no event available

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from iscsi.scsi.constants import ModePage
+from iscsi.scsi.spc import ModeSense
 from iscsi.scsi.sense import (
     PARAMETER_LIST_LENGTH_ERROR,
     SAVING_PARAMETERS_NOT_SUPPORTED,
@@ -210,10 +211,9 @@ _HDR10 = struct.Struct(">HBBBxH")
 
 
 def mode_sense(
-    cdb: bytes,
+    cmd: ModeSense,
     pages: ModePages,
     *,
-    ten: bool,
     num_blocks: int,
     block_size: int,
     device_specific: int,
@@ -221,11 +221,9 @@ def mode_sense(
 ) -> bytes:
     """Full MODE SENSE(6) or (10) data (SPC-4 §7.5.4–§7.5.6), before
     truncation to the allocation length."""
-    dbd = bool(cdb[1] & 0x08)
-    llbaa = ten and bool(cdb[1] & 0x10)
-    pc = cdb[2] >> 6
-    code = cdb[2] & 0x3F
-    subpage = cdb[3]
+    ten = cmd.cdb_size == 10
+    dbd, llbaa, pc = cmd.dbd, cmd.llbaa, cmd.pc
+    code, subpage = cmd.page_code, cmd.subpage_code
     if pc == PC_SAVED and not pages.saved:
         raise illegal_request(SAVING_PARAMETERS_NOT_SUPPORTED)
     body = pages.sense_pages(code, subpage, pc)
@@ -283,13 +281,6 @@ def parse_mode_select(
     return data[pos:], pos
 
 
-def check_mode_select_cdb(cdb: bytes) -> bool:
-    """Validate MODE SELECT CDB flags; return the SP (save pages) bit."""
-    if cdb[1] & 0xEE:
-        raise invalid_field_in_cdb(1)
-    return bool(cdb[1] & 0x01)
-
-
 __all__ = [
     "PC_CHANGEABLE",
     "PC_CURRENT",
@@ -299,7 +290,6 @@ __all__ = [
     "ModePages",
     "PageDef",
     "cdrom_pages",
-    "check_mode_select_cdb",
     "disk_pages",
     "mode_sense",
     "parse_mode_select",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from iscsi.scsi.constants import MaintenanceIn, Opcode, ServiceActionIn16
 from iscsi.scsi.sense import invalid_field_in_cdb
+from iscsi.scsi.spc import ReportSupportedOpcodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ def _descriptor(op: OpInfo, rctd: bool) -> bytes:
     return out
 
 
-def report_supported_opcodes(ops: Iterable[OpInfo], cdb: bytes) -> bytes:
+def report_supported_opcodes(ops: Iterable[OpInfo], cmd: ReportSupportedOpcodes) -> bytes:
     """Parameter data for REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35).
 
     REPORTING OPTIONS 000b: all commands; 001b: one command without
@@ -179,16 +180,14 @@ def report_supported_opcodes(ops: Iterable[OpInfo], cdb: bytes) -> bytes:
     010b: one command with the service action (INVALID FIELD IN CDB if it
     has none); 011b: either form (SPC-4 r37+).
     """
-    rctd = bool(cdb[2] & 0x80)
-    option = cdb[2] & 0x07
-    req_op = cdb[3]
-    req_sa = int.from_bytes(cdb[4:6], "big")
+    rctd = cmd.rctd
+    option = cmd.reporting_options
+    req_op = cmd.requested_opcode
+    req_sa = cmd.requested_service_action
     table = list(ops)
     if option == 0:
         body = b"".join(_descriptor(op, rctd) for op in table)
         return struct.pack(">I", len(body)) + body
-    if option not in (1, 2, 3):
-        raise invalid_field_in_cdb(2, 2)
     same_op = [op for op in table if op.opcode == req_op]
     has_sa = any(op.sa is not None for op in same_op)
     if option == 1 and has_sa:
@@ -210,13 +209,13 @@ def report_supported_opcodes(ops: Iterable[OpInfo], cdb: bytes) -> bytes:
     return out
 
 
-def report_supported_tmfs(cdb: bytes) -> bytes:
+def report_supported_tmfs(repd: bool) -> bytes:
     """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS data (SPC-4 §6.36):
     ABORT TASK, ABORT TASK SET, CLEAR ACA, CLEAR TASK SET, LOGICAL UNIT
     RESET and TARGET RESET are what iSCSI offers (RFC 7143 §11.5.1); REPD
     asks for the 16-byte extended format."""
     # byte 0: ATS ATSS CACAS CTSS LURS QTS TRS WAKES
     b0 = 0x80 | 0x40 | 0x20 | 0x10 | 0x08 | 0x02
-    if cdb[2] & 0x80:
+    if repd:
         return bytes((b0, 0, 0, 0x0C)) + bytes(12)
     return bytes((b0, 0, 0, 0))

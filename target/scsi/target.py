@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from iscsi.scsi.cdb_common import SELECT_REPORT_ALL
 from iscsi.scsi.constants import Opcode, SenseKey, Status
 from iscsi.scsi.lun import build_report_luns_data, encode_lun
+from iscsi.scsi.spc import parse_inquiry, parse_report_luns, parse_request_sense
 from iscsi.scsi.sense import (
     INVALID_FIELD_IN_CDB,
     LOGICAL_UNIT_NOT_SUPPORTED,
@@ -176,25 +178,25 @@ class ScsiTarget:
         anything else is CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED."""
         op = cdb[0]
         sense = SenseData(SenseKey.ILLEGAL_REQUEST, *LOGICAL_UNIT_NOT_SUPPORTED)
-        if op == Opcode.INQUIRY and len(cdb) >= 6:
-            alloc = int.from_bytes(cdb[3:5], "big")
-            return ScsiResult(Status.GOOD, b"", missing_lun_inquiry()[:alloc])
-        if op == Opcode.REQUEST_SENSE and len(cdb) >= 6:
-            raw = sense.encode_descriptor() if cdb[1] & 0x01 else sense.encode_fixed()
-            return ScsiResult(Status.GOOD, b"", raw[: cdb[4]])
+        try:
+            if op == Opcode.INQUIRY:
+                alloc = parse_inquiry(cdb).allocation_length
+                return ScsiResult(Status.GOOD, b"", missing_lun_inquiry()[:alloc])
+            if op == Opcode.REQUEST_SENSE:
+                rs = parse_request_sense(cdb)
+                raw = sense.encode_descriptor() if rs.desc else sense.encode_fixed()
+                return ScsiResult(Status.GOOD, b"", raw[: rs.allocation_length])
+        except CheckCondition as exc:
+            return self._check(exc.sense)
         return self._check(sense)
 
     def _report_luns(self, cdb: bytes) -> ScsiResult:
         """REPORT LUNS, SPC-4 §6.33: SELECT REPORT 0 and 2 list every
         logical unit, 1 (well-known LUNs only) lists none."""
-        if len(cdb) < 12:
-            raise invalid_field_in_cdb(0)
-        select = cdb[2]
-        alloc = int.from_bytes(cdb[6:10], "big")
-        if select not in (0x00, 0x01, 0x02):
+        cmd = parse_report_luns(cdb)  # ALLOCATION LENGTH < 16 is refused there
+        select, alloc = cmd.select_report, cmd.allocation_length
+        if select not in (0x00, 0x01, SELECT_REPORT_ALL):
             raise invalid_field_in_cdb(2)
-        if alloc < 16:
-            raise invalid_field_in_cdb(6)
         luns = [] if select == 0x01 else sorted(self.luns)
         data = build_report_luns_data(luns)
         return ScsiResult(Status.GOOD, b"", data[:alloc])

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from iscsi.scsi.spc import parse_extended_copy, parse_receive_copy_results
 from iscsi.scsi.constants import Opcode, SenseKey, Status
 from iscsi.scsi.sense import (
     COPY_TARGET_DEVICE_NOT_REACHABLE,
@@ -189,11 +190,10 @@ class XCopyManager:
         """Run EXTENDED COPY (LID1). Returns when every segment is copied;
         raises CheckCondition (ILLEGAL REQUEST for a bad parameter list,
         COPY ABORTED when a segment fails)."""
-        if len(cdb) < 16:
-            raise invalid_field_in_cdb(0)
-        if cdb[1] & 0x1F:
+        cmd = parse_extended_copy(cdb)
+        if cmd.service_action:
             raise invalid_field_in_cdb(1, 4)  # only LID1 (service action 00h)
-        plen = int.from_bytes(cdb[10:14], "big")
+        plen = cmd.parameter_list_length
         params = memoryview(data if data is not None else b"")
         if len(params) < plen:
             raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
@@ -362,11 +362,8 @@ class XCopyManager:
     def receive_copy_results(self, nexus: Nexus, cdb: bytes) -> bytes:
         """RECEIVE COPY RESULTS (LID1 service actions 00h, 01h, 03h, 04h);
         the reply is cut to the ALLOCATION LENGTH."""
-        if len(cdb) < 16:
-            raise invalid_field_in_cdb(0)
-        sa = cdb[1] & 0x1F
-        list_id = cdb[2]
-        alloc = int.from_bytes(cdb[10:14], "big")
+        cmd = parse_receive_copy_results(cdb)
+        sa, list_id, alloc = cmd.service_action, cmd.list_identifier, cmd.allocation_length
         if sa == _RCR_OPERATING_PARAMETERS:
             return operating_parameters()[:alloc]
         if sa not in (_RCR_COPY_STATUS, _RCR_RECEIVE_DATA, _RCR_FAILED_SEGMENT_DETAILS):
