@@ -114,10 +114,13 @@ def parse_persistent_reserve_in(cdb: Buffer) -> PersistentReserveIn:
     return PersistentReserveIn(action, alloc)
 
 
+#: Service actions whose SCOPE and TYPE must be valid (SPC-4 §6.16.2).
+#: RELEASE is not among them: a RELEASE whose scope or type does not match
+#: the reservation is INVALID RELEASE OF PERSISTENT RESERVATION
+#: (§5.9.11.2), which only the device server can tell.
 _PR_SCOPED = frozenset(
     (
         PROutAction.RESERVE,
-        PROutAction.RELEASE,
         PROutAction.PREEMPT,
         PROutAction.PREEMPT_AND_ABORT,
     )
@@ -154,9 +157,9 @@ def build_persistent_reserve_out(
 def parse_persistent_reserve_out(cdb: Buffer) -> PersistentReserveOut:
     """Parse PERSISTENT RESERVE OUT.
 
-    For the actions that use them (RESERVE, RELEASE, PREEMPT, PREEMPT AND
-    ABORT), SCOPE must be LU_SCOPE (0) and TYPE a defined type (SPC-4 §6.16.2,
-    §6.16.3); otherwise INVALID FIELD IN CDB.
+    For RESERVE, PREEMPT and PREEMPT AND ABORT, SCOPE must be LU_SCOPE (0)
+    and TYPE a defined type (SPC-4 §6.16.2, §6.16.3); otherwise INVALID
+    FIELD IN CDB.
     """
     _check(cdb, Opcode.PERSISTENT_RESERVE_OUT, 10)
     _, b1, b2, n, _ = _SPROUT.unpack_from(cdb)

@@ -583,11 +583,8 @@ class LogicalUnit(BlockCommands):
 
     def _reserve_release(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         res = self._optional(self.reservations)
-        cmd = parse_reserve_release(cdb)  # EXTENT reservations: refused there
-        if cmd.third_party or cmd.longid:
-            # Third-party reservations are not supported (SPC-2 §7.21.2).
-            raise invalid_field_in_cdb(1, 4 if cmd.third_party else 1)
-        if cmd.release:
+        # The CDB's fields are checked by the reservations (one place).
+        if parse_reserve_release(cdb).release:
             res.release6(nexus, cdb)
         else:
             res.reserve6(nexus, cdb)

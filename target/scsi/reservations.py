@@ -27,12 +27,11 @@ rename), and read back when the object is built.
 
 from __future__ import annotations
 
-import json
-import os
 import struct
 from collections.abc import Iterable, Mapping
 
 from iscsi.scsi.constants import Opcode, PRInAction, PROutAction, PRType, SenseKey
+from iscsi.scsi.pr import parse_persistent_reserve_in, parse_persistent_reserve_out, parse_reserve_release
 from iscsi.scsi.sense import (
     INSUFFICIENT_REGISTRATION_RESOURCES,
     INTERNAL_TARGET_FAILURE,
@@ -58,8 +57,6 @@ from .pr_model import (
     _READ_SHARED,
     _REGISTRANTS_ONLY,
     _SPEC_I_PT,
-    _STATE_FORMAT,
-    _STATE_VERSION,
     _UNREG,
     _VALID_TYPES,
     LU_SCOPE,
@@ -79,6 +76,7 @@ from .pr_model import (
     build_transport_id,
     parse_transport_id,
 )
+from .pr_store import load_state, remove_state, write_state
 from .types import Buffer, Nexus
 
 __all__ = [
@@ -120,7 +118,7 @@ class Reservations:
         #: SPC-2 RESERVE(6/10) holder: the I_T nexus key.
         self._spc2: str | None = None
         if state_path is not None:
-            self._load(state_path)
+            self._s = load_state(state_path) or self._s
 
     # --- introspection -------------------------------------------------------
 
@@ -280,24 +278,20 @@ class Reservations:
     def reserve_in(self, nexus: Nexus, cdb: bytes) -> bytes:
         """Run PERSISTENT RESERVE IN; returns the parameter data, cut to the
         ALLOCATION LENGTH. Raises CheckCondition / ReservationConflict."""
-        if len(cdb) < 10:
-            raise invalid_field_in_cdb(0)
+        cmd = parse_persistent_reserve_in(cdb)  # unknown service actions refused there
         if self._spc2 is not None:
             raise ReservationConflict("PERSISTENT RESERVE IN while reserved with RESERVE(6/10)")
         self.note_nexus(nexus)
-        sa = cdb[1] & 0x1F
-        alloc = int.from_bytes(cdb[7:9], "big")
+        sa = cmd.service_action
         if sa == PRInAction.READ_KEYS:
             data = self._read_keys()
         elif sa == PRInAction.READ_RESERVATION:
             data = self._read_reservation()
         elif sa == PRInAction.REPORT_CAPABILITIES:
             data = self._report_capabilities()
-        elif sa == PRInAction.READ_FULL_STATUS:
-            data = self._read_full_status()
         else:
-            raise invalid_field_in_cdb(1, 4)
-        return data[:alloc]
+            data = self._read_full_status()
+        return data[: cmd.allocation_length]
 
     def _read_keys(self) -> bytes:
         keys = b"".join(reg.key.to_bytes(8, "big") for reg in self._s.regs.values())
@@ -347,20 +341,17 @@ class Reservations:
         initiator ports whose tasks PREEMPT AND ABORT aborts). Raises
         CheckCondition or ReservationConflict; state is unchanged then.
         """
-        if len(cdb) < 10:
-            raise invalid_field_in_cdb(0)
-        sa = cdb[1] & 0x1F
-        if sa > PROutAction.REGISTER_AND_MOVE:
-            raise invalid_field_in_cdb(1, 4)
+        cmd = parse_persistent_reserve_out(cdb)  # SA, and SCOPE/TYPE where they apply
+        sa = cmd.service_action
         if self._spc2 is not None:
             raise ReservationConflict("PERSISTENT RESERVE OUT while reserved with RESERVE(6/10)")
         self.note_nexus(nexus)
-        plen = int.from_bytes(cdb[5:9], "big")
+        plen = cmd.parameter_list_length
         params = memoryview(data if data is not None else b"")
         if len(params) < plen:
             raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
         params = params[:plen]
-        scope, ptype = cdb[2] >> 4, cdb[2] & 0x0F
+        scope, ptype = cmd.scope, cmd.pr_type
         before = self._s.copy()
         try:
             if sa == PROutAction.REGISTER_AND_MOVE:
@@ -669,144 +660,17 @@ class Reservations:
             return
         try:
             if s.aptpl:
-                self._write_state(self.state_path)
+                write_state(self.state_path, self._s)
             elif before.aptpl:
                 # APTPL switched off: nothing may survive a power loss.
-                _remove(self.state_path)
+                remove_state(self.state_path)
         except OSError as exc:
             raise CheckCondition(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE) from exc
-
-    def _state_json(self) -> dict[str, object]:
-        s = self._s
-        idents = list(s.regs)
-        res = s.reservation
-        return {
-            "format": _STATE_FORMAT,
-            "version": _STATE_VERSION,
-            "aptpl": s.aptpl,
-            "registrations": [
-                {
-                    "initiator": r.initiator_name,
-                    "isid": r.isid,
-                    "target_port": r.target_port,
-                    "relative_port_id": r.relative_port_id,
-                    "key": r.key,
-                }
-                for r in s.regs.values()
-            ],
-            "reservation": None
-            if res is None
-            else {
-                "type": int(res.type),
-                "holder": None if res.holder is None else idents.index(res.holder),
-            },
-        }
-
-    def _write_state(self, path: str) -> None:
-        blob = json.dumps(self._state_json(), indent=1, sort_keys=True).encode()
-        directory = os.path.dirname(os.path.abspath(path))
-        tmp = f"{path}.tmp.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        # The rename itself must reach the disk too.
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def _load(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise ReservationStateError(f"{path}: cannot read persistent reservation state: {exc.strerror}") from None
-        try:
-            self._s = _decode_state(raw)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise ReservationStateError(
-                f"{path}: damaged persistent reservation state ({exc}); remove or repair it"
-            ) from None
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _decode_state(raw: bytes) -> _PRState:
-    """Parse the JSON APTPL state; raise ValueError (one line) when damaged."""
-    doc = json.loads(raw.decode("utf-8"))
-    if not isinstance(doc, dict) or doc.get("format") != _STATE_FORMAT:
-        raise ValueError("not an aioiscsi persistent reservation state file")
-    if doc.get("version") != _STATE_VERSION:
-        raise ValueError(f"unsupported version {doc.get('version')!r}")
-    if doc.get("aptpl") is not True:
-        # Written only while APTPL is on; anything else is not ours to trust.
-        raise ValueError("aptpl flag is not set")
-    state = _PRState(aptpl=True)
-    idents: list[RegId] = []
-    regs = doc["registrations"]
-    if not isinstance(regs, list):
-        raise ValueError("registrations is not a list")
-    for item in regs:
-        if not isinstance(item, dict):
-            raise ValueError("a registration is not an object")
-        name, isid, tport = item["initiator"], item["isid"], item["target_port"]
-        rel, key = item["relative_port_id"], item["key"]
-        if not isinstance(name, str) or not name:
-            raise ValueError("registration without an initiator name")
-        if isid is not None and (not isinstance(isid, int) or not 0 <= isid < 1 << 48):
-            raise ValueError(f"bad ISID {isid!r}")
-        if tport is not None and not isinstance(tport, str):
-            raise ValueError(f"bad target port {tport!r}")
-        if not isinstance(rel, int) or not 0 <= rel <= 0xFFFF:
-            raise ValueError(f"bad relative port id {rel!r}")
-        if not isinstance(key, int) or not 0 < key < 1 << 64:
-            raise ValueError(f"bad reservation key {key!r}")
-        reg = Registration(name, isid, tport, rel, key)
-        if reg.ident in state.regs:
-            raise ValueError(f"duplicate registration for {name}")
-        state.regs[reg.ident] = reg
-        idents.append(reg.ident)
-    res = doc["reservation"]
-    if res is not None:
-        if not isinstance(res, dict):
-            raise ValueError("reservation is not an object")
-        ptype = PRType(res["type"])
-        holder = res["holder"]
-        if ptype in _ALL_REGISTRANTS:
-            if holder is not None:
-                raise ValueError("all-registrants reservation names a holder")
-            if not idents:
-                raise ValueError("all-registrants reservation without registrations")
-            state.reservation = _Reservation(ptype, None)
-        else:
-            if not isinstance(holder, int) or not 0 <= holder < len(idents):
-                raise ValueError(f"reservation holder {holder!r} is not a registration index")
-            state.reservation = _Reservation(ptype, idents[holder])
-    return state
 
 
 def _check_reserve_cdb(cdb: bytes) -> None:
     """Third-party and extent reservations are not supported (SPC-2 §7.21:
-    3RDPTY / LONGID of RESERVE(10), the obsolete extent bit of RESERVE(6))."""
-    if not cdb:
-        raise invalid_field_in_cdb(0)
-    op = cdb[0]
-    if op in (Opcode.RESERVE_10, Opcode.RELEASE_10) and len(cdb) > 1 and cdb[1] & 0x12:
-        raise invalid_field_in_cdb(1, 4 if cdb[1] & 0x10 else 1)
-    if op in (Opcode.RESERVE_6, Opcode.RELEASE_6) and len(cdb) > 1 and cdb[1] & 0x01:
-        raise invalid_field_in_cdb(1, 0)
-
+    3RDPTY / LONGID of RESERVE(10); the codec refuses the extent bit)."""
+    cmd = parse_reserve_release(cdb)
+    if cmd.third_party or cmd.longid:
+        raise invalid_field_in_cdb(1, 4 if cmd.third_party else 1)
