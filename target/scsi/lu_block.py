@@ -66,12 +66,14 @@ class BlockCommands(UnitBase):
     def _read(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """READ(6/10/12/16), SBC-3 §5.11-§5.14 (READ(6) length 0 is 256
         blocks, which the parser applies)."""
-        cmd = _RW_PARSERS[cdb[0]](cdb)
-        if cmd.protect or cmd.rarc or cmd.fua_nv:
+        # One unpacking of the parsed tuple: cheaper than attribute access
+        # on the hot path.
+        _, op, lba, n, _, _, _, protect, _, _, _, _, rarc, fua_nv = _RW_PARSERS[cdb[0]](cdb)
+        if protect or rarc or fua_nv:
             # No protection information, no rebuild assist; FUA_NV has no
             # non-volatile cache to bypass here.
-            raise invalid_field_in_cdb(1, 7 if cmd.protect else (2 if cmd.rarc else 1))
-        return self._do_read(cmd.lba, cmd.blocks, _LENGTH_FIELD[cmd.opcode >> 5])
+            raise invalid_field_in_cdb(1, 7 if protect else (2 if rarc else 1))
+        return self._do_read(lba, n, _LENGTH_FIELD[op >> 5])
 
     def _store(self, lba: int, n: int, data: Buffer | None) -> None:
         """Write n blocks from the Data-Out buffer without copying it.
@@ -104,21 +106,20 @@ class BlockCommands(UnitBase):
     def _write(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """WRITE(6/10/12/16), SBC-3 §5.46-§5.49: FUA (or write-through
         caching) makes the data durable before GOOD; FUA_NV is ignored."""
-        cmd = _RW_PARSERS[cdb[0]](cdb)
-        if cmd.protect:  # WRPROTECT without protection information
+        _, op, lba, n, _, fua, _, protect, _, _, _, _, _, _ = _RW_PARSERS[cdb[0]](cdb)
+        if protect:  # WRPROTECT without protection information
             raise invalid_field_in_cdb(1, 7)
         if not self.medium_present or not self.started:
             self._ready()
         if self.write_protected:
             raise data_protect()
-        lba, n = cmd.lba, cmd.blocks
         if lba + n > self.num_blocks:
             raise illegal_request(LBA_OUT_OF_RANGE)
         if n == 0:
             return ScsiResult(_GOOD, b"", None)
-        self._max_transfer(n, _LENGTH_FIELD[cmd.opcode >> 5])
+        self._max_transfer(n, _LENGTH_FIELD[op >> 5])
         self._store(lba, n, data)
-        if cmd.fua or not self._wce:
+        if fua or not self._wce:
             return self._flush_then(ScsiResult(_GOOD, b"", None))
         return ScsiResult(_GOOD, b"", None)
 
