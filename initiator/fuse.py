@@ -46,7 +46,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from .nbd import BlockDeviceExport, ExportDevice, nbd_errno
+from .nbd_export import BlockDeviceExport, ExportDevice
+from .nbd_proto import nbd_errno
 
 if TYPE_CHECKING:
     from .blockdev import BlockDevice

@@ -23,7 +23,7 @@ Reading stops while too many requests or bytes are in flight, or while the
 client does not read our replies, so a client cannot grow our memory without
 bound.
 
-The exported device is anything with the :class:`ExportDevice` shape; an
+The exported device is anything with the :class:`~initiator.nbd_export.ExportDevice` shape; an
 iSCSI :class:`~initiator.blockdev.BlockDevice` is adapted by
 :class:`BlockDeviceExport`.
 """
@@ -39,308 +39,107 @@ import logging
 import os
 import socket
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol, Self, cast
+from typing import TYPE_CHECKING, Self, cast
+
+from .nbd_export import BlockDeviceExport, BlockStatusFn, ExportDevice
+from .nbd_proto import (
+    BytesLike,
+    CMD_BLOCK_STATUS,
+    CMD_CACHE,
+    CMD_DISC,
+    CMD_FLAG_DF,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_DESCRIPTION,
+    INFO_EXPORT,
+    INFO_NAME,
+    MAX_EXTENTS,
+    MAX_INFLIGHT,
+    MAX_INFLIGHT_BYTES,
+    MAX_META_QUERIES,
+    MAX_OPTION,
+    MAX_PAYLOAD,
+    META_BASE_ALLOCATION,
+    META_ID_ALLOCATION,
+    NBDMAGIC,
+    NBD_EINVAL,
+    NBD_EIO,
+    NBD_ENOSPC,
+    NBD_EOVERFLOW,
+    NBD_EPERM,
+    OPT_ABORT,
+    OPT_EXPORT_NAME,
+    OPT_GO,
+    OPT_INFO,
+    OPT_LIST,
+    OPT_LIST_META_CONTEXT,
+    OPT_REPLY_MAGIC,
+    OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA,
+    REP_ACK,
+    REP_ERR_INVALID,
+    REP_ERR_TOO_BIG,
+    REP_ERR_UNKNOWN,
+    REP_ERR_UNSUP,
+    REP_INFO,
+    REP_META_CONTEXT,
+    REP_SERVER,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
+    STRUCTURED_REPLY_MAGIC,
+    TF_CAN_MULTI_CONN,
+    TF_HAS_FLAGS,
+    TF_READ_ONLY,
+    TF_SEND_CACHE,
+    TF_SEND_DF,
+    TF_SEND_FLUSH,
+    TF_SEND_FUA,
+    TF_SEND_TRIM,
+    TF_SEND_WRITE_ZEROES,
+    _CHUNK,
+    _CHUNK_ERROR,
+    _CHUNK_OFFSET,
+    _EXPORT_REPLY,
+    _EXTENT,
+    _HELLO,
+    _INFO_BLOCK_SIZE,
+    _INFO_EXPORT,
+    _NBD_ERRNOS,
+    _OPT_HDR,
+    _OPT_REPLY,
+    _REQUEST,
+    _SIMPLE,
+    _STAGING,
+    _U16,
+    _U32,
+    _pow2_or,
+    nbd_errno,
+)
 
 if TYPE_CHECKING:
     from .blockdev import BlockDevice
 
 log = logging.getLogger("initiator.nbd")
-
-BytesLike = bytes | bytearray | memoryview
-
-# --------------------------------------------------------------- constants
-# proto.md §Values. Magic numbers first (§Newstyle negotiation, §Request message).
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-# Handshake flags (server) and client flags.
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-# Transmission flags.
-TF_HAS_FLAGS = 1 << 0
-TF_READ_ONLY = 1 << 1
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_FUA = 1 << 3
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-TF_SEND_DF = 1 << 7
-TF_CAN_MULTI_CONN = 1 << 8
-TF_SEND_CACHE = 1 << 10
-
-# Options.
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-# Option reply types.
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_UNKNOWN = (1 << 31) + 6
-REP_ERR_SHUTDOWN = (1 << 31) + 7
-REP_ERR_TOO_BIG = (1 << 31) + 9
-
-# NBD_INFO types.
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-# Commands and command flags.
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-# Structured reply flags and types.
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-
-# base:allocation status flags (proto.md §`base:allocation` metadata context).
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-META_BASE_ALLOCATION = "base:allocation"
-#: Our one metadata context ID for base:allocation (any nonzero value would do).
-META_ID_ALLOCATION = 1
-
-# Error values (proto.md §Error values): a fixed subset of Linux errno values.
-NBD_EPERM = errno.EPERM
-NBD_EIO = errno.EIO
-NBD_ENOMEM = errno.ENOMEM
-NBD_EINVAL = errno.EINVAL
-NBD_ENOSPC = errno.ENOSPC
-NBD_EOVERFLOW = errno.EOVERFLOW
-NBD_ENOTSUP = errno.ENOTSUP
-NBD_ESHUTDOWN = errno.ESHUTDOWN
-_NBD_ERRNOS = frozenset((NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC,
-                         NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN))
-
-#: Largest READ/WRITE payload (proto.md §Size constraints: 32 MiB is what
-#: clients expect to be allowed; more may be treated as denial of service).
-MAX_PAYLOAD = 32 << 20
-#: Largest option payload we read; bigger ones are skipped and refused with
-#: NBD_REP_ERR_TOO_BIG (strings are at most 4096 bytes, proto.md §Conventions).
-MAX_OPTION = 64 << 10
-#: Most metadata queries in one option.
-MAX_META_QUERIES = 128
-#: Most extents in one NBD_REPLY_TYPE_BLOCK_STATUS chunk (proto.md: SHOULD
-#: NOT exceed 2^20).
-MAX_EXTENTS = 1 << 20
-#: Per-connection bounds on concurrent requests and bytes they hold.
-MAX_INFLIGHT = 128
-MAX_INFLIGHT_BYTES = 64 << 20
-
-_STAGING = 128 << 10
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_HELLO = struct.Struct(">QQH")
-_OPT_HDR = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
-_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + 64-bit offset (OFFSET_DATA)
-_CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
-_EXPORT_REPLY = struct.Struct(">QH")  # NBD_OPT_EXPORT_NAME answer (size, flags)
-_EXTENT = struct.Struct(">II")
-
-
-# ------------------------------------------------------------ device shape
-
-
-class ExportDevice(Protocol):
-    """What an export needs from a device (byte offsets throughout).
-
-    ``read``/``write`` take any byte offset and length inside ``size``;
-    ``discard`` is advisory; ``write_zeroes`` must leave the range reading
-    as zeros and may deallocate it when ``may_trim``. Two optional members
-    are looked up with ``getattr``: ``async block_status(offset, length) ->
-    Sequence[(length, mapped)]`` (consecutive extents from ``offset``;
-    without it every block is reported allocated) and
-    ``unmapped_reads_zero: bool`` (whether unmapped extents read as zeros,
-    like SBC-3 LBPRZ; default False).
-    """
-
-    @property
-    def size(self) -> int:
-        """Size in bytes."""
-
-    @property
-    def block_size(self) -> int:
-        """Logical block size in bytes."""
-
-    @property
-    def read_only(self) -> bool:
-        """True if writes must be refused."""
-
-    async def read(self, offset: int, length: int) -> BytesLike:
-        """``length`` bytes at ``offset``."""
-
-    async def write(self, offset: int, data: BytesLike) -> object:
-        """Write ``data`` at ``offset``."""
-
-    async def flush(self) -> None:
-        """Make completed writes durable."""
-
-    async def discard(self, offset: int, length: int) -> object:
-        """Hint that the range is no longer needed."""
-
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
-        """Zero the range (deallocating it is allowed when ``may_trim``)."""
-
-
-BlockStatusFn = Callable[[int, int], Awaitable[Sequence[tuple[int, bool]]]]
-
-
-class BlockDeviceExport:
-    """Adapts an iSCSI :class:`~initiator.blockdev.BlockDevice` to
-    :class:`ExportDevice`: WRITE ZEROES may unmap when the LU is thin
-    (LBPME) and the client allows holes; block status comes from GET LBA
-    STATUS (SBC-3 §5.4) when the LU is thin."""
-
-    def __init__(self, device: BlockDevice, *, read_only: bool = False) -> None:
-        self.device = device
-        self._read_only = read_only
-        self._lba_status = bool(device.capacity.lbpme)
-
-    @property
-    def size(self) -> int:
-        """Size in bytes."""
-        return self.device.size
-
-    @property
-    def block_size(self) -> int:
-        """Logical block size in bytes."""
-        return self.device.block_size
-
-    @property
-    def read_only(self) -> bool:
-        """True if this export refuses writes."""
-        return self._read_only
-
-    @property
-    def unmapped_reads_zero(self) -> bool:
-        """SBC-3 LBPRZ: deallocated blocks read as zeros."""
-        return bool(self.device.capacity.lbprz)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        """Read bytes."""
-        return await self.device.read(offset, length)
-
-    async def write(self, offset: int, data: BytesLike) -> object:
-        """Write bytes."""
-        return await self.device.write(offset, data)
-
-    async def flush(self) -> None:
-        """SYNCHRONIZE CACHE."""
-        await self.device.flush()
-
-    async def discard(self, offset: int, length: int) -> object:
-        """UNMAP the whole blocks of the range."""
-        return await self.device.discard(offset, length)
-
-    async def write_zeroes(self, offset: int, length: int, may_trim: bool) -> None:
-        """WRITE SAME of zeros, with UNMAP only on a thin LU when allowed."""
-        await self.device.write_zeroes(offset, length,
-                                       unmap=may_trim and self.device.capacity.lbpme)
-
-    async def block_status(self, offset: int, length: int) -> list[tuple[int, bool]]:
-        """Allocation from GET LBA STATUS; everything mapped if the LU is
-        not thin or refuses the command."""
-        if not self._lba_status or length <= 0:
-            return [(length, True)]
-        from .scsi import SCSICheckCondition  # only the iSCSI path needs it
-
-        bs = self.block_size
-        try:
-            descriptors = await self.device.lun.get_lba_status(offset // bs)
-        except SCSICheckCondition as exc:
-            if exc.key == 0x5:  # ILLEGAL REQUEST: the LU lacks GET LBA STATUS
-                self._lba_status = False
-                return [(length, True)]
-            raise
-        end = offset + length
-        out: list[tuple[int, bool]] = []
-        pos = offset
-        for d in descriptors:
-            start = max(d.lba * bs, pos)
-            stop = min((d.lba + d.blocks) * bs, end)
-            if start > pos:
-                out.append((start - pos, True))  # not described: assume mapped
-            if stop > start:
-                out.append((stop - start, d.status == 0))  # 0 = mapped (SBC-3 table 51)
-                pos = stop
-            if pos >= end:
-                break
-        return out or [(length, True)]
-
-
-def nbd_errno(exc: BaseException) -> int:
-    """The NBD error value for a failed command (proto.md §Error values)."""
-    if isinstance(exc, PermissionError):
-        return NBD_EPERM
-    if isinstance(exc, OSError) and exc.errno is not None:
-        code = exc.errno
-        if code in _NBD_ERRNOS:
-            return code
-        if code in (errno.EROFS, errno.EACCES):
-            return NBD_EPERM
-        if code in (errno.EDQUOT, errno.EFBIG):  # proto.md: map these to ENOSPC
-            return NBD_ENOSPC
-        return NBD_EIO
-    if isinstance(exc, ValueError):
-        return NBD_EINVAL
-    # initiator.scsi.SCSICheckCondition carries the sense key (SPC-4 §4.5.6);
-    # read it by duck typing so this module does not need the iSCSI stack.
-    key = getattr(exc, "key", None)
-    if isinstance(key, int):
-        asc = getattr(exc, "asc", 0)
-        if key == 0x7:  # DATA PROTECT
-            # ASC 27h/07h: SPACE ALLOCATION FAILED WRITE PROTECT (SBC-3 §4.7.3.6)
-            return NBD_ENOSPC if (asc, getattr(exc, "ascq", 0)) == (0x27, 0x07) else NBD_EPERM
-        if key == 0x5:  # ILLEGAL REQUEST (e.g. LBA out of range)
-            return NBD_EINVAL
-        if key == 0xD:  # VOLUME OVERFLOW
-            return NBD_ENOSPC
-    return NBD_EIO
-
-
-def _pow2_or(value: int, default: int, limit: int) -> int:
-    return value if 0 < value <= limit and value & (value - 1) == 0 else default
 
 
 # ------------------------------------------------------------------ server

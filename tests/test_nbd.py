@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from initiator.nbd import NBDServer, nbd_errno, serve_nbd
+from initiator.nbd import NBDServer, serve_nbd
+from initiator.nbd_proto import nbd_errno
 from tests.tools import require_tool
 
 KiB = 1 << 10
@@ -794,7 +795,7 @@ def test_same_scenarios_under_uvloop(tmp_path: Path) -> None:
 @pytest.mark.interop
 async def test_block_device_export_against_tgt(tmp_path: Path) -> None:
     from initiator.blockdev import BlockDevice
-    from initiator.nbd import BlockDeviceExport
+    from initiator.nbd_export import BlockDeviceExport
     from initiator.session import Session, SessionOptions
     from tests.tgt import TgtConfig, Tgtd
 
