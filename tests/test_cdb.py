@@ -37,9 +37,11 @@ from iscsi.scsi.lun import (
 from iscsi.scsi.mmc import (
     GetConfiguration,
     GetEventStatusNotification,
+    MechanismStatus,
     ReadToc,
     parse_get_configuration,
     parse_get_event_status_notification,
+    parse_mechanism_status,
     parse_read_toc,
 )
 from iscsi.scsi.pr import (
@@ -326,6 +328,7 @@ _BY_OPCODE: dict[int, Callable[[bytes], Any]] = {
     Opcode.READ_TOC_PMA_ATIP: parse_read_toc,
     Opcode.GET_CONFIGURATION: parse_get_configuration,
     Opcode.GET_EVENT_STATUS_NOTIFICATION: parse_get_event_status_notification,
+    Opcode.MECHANISM_STATUS: parse_mechanism_status,
     **dict.fromkeys(RW_OPCODES, parse_rw),
 }
 _BY_SERVICE_ACTION: dict[tuple[int, int], Callable[[bytes], Any]] = {
@@ -380,6 +383,7 @@ VECTORS: list[tuple[str, Any]] = [
     ("37 00 0c 00 00 00 00 00 04 00", ReadDefectData(req_glist=True, defect_list_format=4, allocation_length=4)),
     ("43 02 01 00 00 00 aa 03 24 00", ReadToc(msf=True, toc_format=1, track_session_number=0xAA,
                                              allocation_length=804)),
+    ("bd 00 00 00 00 00 00 00 00 08 00 00", MechanismStatus(allocation_length=8)),
     ("46 02 00 10 00 00 00 00 08 00", GetConfiguration(rt=2, starting_feature=0x10, allocation_length=8)),
     ("4a 01 00 00 10 00 00 00 08 00", GetEventStatusNotification(
         polled=True, notification_class_request=0x10, allocation_length=8)),

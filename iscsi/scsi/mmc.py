@@ -79,3 +79,20 @@ def parse_get_event_status_notification(cdb: Buffer) -> GetEventStatusNotificati
     return GetEventStatusNotification(bool(b1 & 1), ncr, alloc)
 
 
+
+
+_SMECH = struct.Struct(">B7xHxB")
+
+
+@dataclass(frozen=True, slots=True)
+class MechanismStatus:
+    """MECHANISM STATUS (MMC-6 §6.9): only an allocation length."""
+
+    allocation_length: int = 8
+
+
+def parse_mechanism_status(cdb: Buffer) -> MechanismStatus:
+    """Parse MECHANISM STATUS (12 bytes)."""
+    _check(cdb, Opcode.MECHANISM_STATUS, 12)
+    _, alloc, _ = _SMECH.unpack_from(cdb)
+    return MechanismStatus(alloc)

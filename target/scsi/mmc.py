@@ -15,7 +15,12 @@ import struct
 from collections.abc import Awaitable
 
 from iscsi.scsi.constants import Opcode, PeripheralType
-from iscsi.scsi.mmc import parse_get_configuration, parse_get_event_status_notification, parse_read_toc
+from iscsi.scsi.mmc import (
+    parse_get_configuration,
+    parse_get_event_status_notification,
+    parse_mechanism_status,
+    parse_read_toc,
+)
 from iscsi.scsi.sense import (
     NOT_READY_TO_READY_CHANGE_MEDIUM_MAY_HAVE_CHANGED,
     invalid_field_in_cdb,
@@ -218,7 +223,7 @@ class CdromUnit(LogicalUnit):
 
     def _mechanism_status(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """MECHANISM STATUS (MMC-6 §6.9): no changer, tray state only."""
-        alloc = int.from_bytes(cdb[8:10], "big")
+        alloc = parse_mechanism_status(cdb).allocation_length
         out = bytes((0, 0x10 if self.tray_open else 0, 0, 0, 0, 0, 0, 0))
         return ScsiResult(0, b"", out[:alloc])
 

@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from iscsi.scsi.constants import Opcode, PRType
+from iscsi.scsi.cdb_common import PROTOCOL_ID_ISCSI, CDBError
+from iscsi.scsi.constants import Opcode, PRType, ServiceActionIn16
+from iscsi.scsi.spc import parse_prevent_allow_medium_removal, parse_start_stop_unit
 
 from .types import Buffer, Nexus
 
-#: SPC-4 §7.6.1 table 444: protocol identifier of iSCSI.
-PROTOCOL_ISCSI = 5
 #: LU_SCOPE, the only scope SPC-4 keeps (§6.16.2).
 LU_SCOPE = 0
 
@@ -205,8 +205,30 @@ _SPC2_ALLOWED = frozenset(
     }
 )
 _READ_MEDIA_SERIAL_NUMBER = 0xAB
-_SAI_READ_CAPACITY_16 = 0x10
-_SAI_GET_LBA_STATUS = 0x12
+
+
+def _service_action(cdb: bytes) -> int | None:
+    """SERVICE ACTION of a SERVICE ACTION IN(16) / READ MEDIA SERIAL NUMBER
+    CDB (SPC-4 §4.2.5.1), None when the CDB is too short to carry one."""
+    return cdb[1] & 0x1F if len(cdb) > 1 else None
+
+
+def _allowing(cdb: bytes) -> bool:
+    """PREVENT ALLOW MEDIUM REMOVAL with PREVENT=00b (allow removal), which
+    no reservation forbids; a CDB the codec refuses counts as preventing."""
+    try:
+        return parse_prevent_allow_medium_removal(cdb).prevent == 0
+    except CDBError:
+        return False
+
+
+def _starting(cdb: bytes) -> bool:
+    """START STOP UNIT with START=1 and POWER CONDITION=0 (SBC-3 §4.17)."""
+    try:
+        cmd = parse_start_stop_unit(cdb)
+    except CDBError:
+        return False
+    return cmd.start and cmd.power_condition == 0
 
 
 def _classify(cdb: bytes) -> _Access:
@@ -218,22 +240,20 @@ def _classify(cdb: bytes) -> _Access:
         return _Access.READ
     if op in _RESERVE_RELEASE:
         return _Access.RESERVE
-    if op == Opcode.SERVICE_ACTION_IN_16 and len(cdb) > 1:
-        sa = cdb[1] & 0x1F
-        if sa == _SAI_READ_CAPACITY_16:
+    if op == Opcode.SERVICE_ACTION_IN_16:
+        sa = _service_action(cdb)
+        if sa == ServiceActionIn16.READ_CAPACITY_16:
             return _Access.ALLOWED
-        if sa == _SAI_GET_LBA_STATUS:
+        if sa == ServiceActionIn16.GET_LBA_STATUS:
             return _Access.READ
         return _Access.EXCLUSIVE
     if op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL:
         # PREVENT=0 (allow) never conflicts; preventing does.
-        return _Access.ALLOWED if len(cdb) > 4 and cdb[4] & 0x03 == 0 else _Access.EXCLUSIVE
+        return _Access.ALLOWED if _allowing(cdb) else _Access.EXCLUSIVE
     if op == Opcode.START_STOP_UNIT:
         # SBC-3: START=1 with POWER CONDITION=0 is allowed, the rest conflicts.
-        if len(cdb) > 4 and cdb[4] & 0x01 and cdb[4] >> 4 == 0:
-            return _Access.ALLOWED
-        return _Access.EXCLUSIVE
-    if op == _READ_MEDIA_SERIAL_NUMBER and len(cdb) > 1 and cdb[1] & 0x1F == 0x01:
+        return _Access.ALLOWED if _starting(cdb) else _Access.EXCLUSIVE
+    if op == _READ_MEDIA_SERIAL_NUMBER and _service_action(cdb) == 0x01:
         return _Access.ALLOWED
     # Writes, MODE SENSE/SELECT, LOG SELECT, buffers, diagnostics, EXTENDED
     # COPY, RECEIVE COPY RESULTS, SYNCHRONIZE CACHE, UNMAP, FORMAT UNIT ...
@@ -243,14 +263,15 @@ def _classify(cdb: bytes) -> _Access:
 
 
 def _spc2_allowed(cdb: bytes) -> bool:
+    """Commands an SPC-2 reservation lets other I_T nexuses run (SPC-2 §5.5.1)."""
     op = cdb[0]
     if op in _SPC2_ALLOWED:
         return True
     if op == Opcode.PREVENT_ALLOW_MEDIUM_REMOVAL:
-        return len(cdb) > 4 and cdb[4] & 0x03 == 0
-    if op == Opcode.SERVICE_ACTION_IN_16 and len(cdb) > 1:
-        return cdb[1] & 0x1F == _SAI_READ_CAPACITY_16
-    return op == _READ_MEDIA_SERIAL_NUMBER and len(cdb) > 1 and cdb[1] & 0x1F == 0x01
+        return _allowing(cdb)
+    if op == Opcode.SERVICE_ACTION_IN_16:
+        return _service_action(cdb) == ServiceActionIn16.READ_CAPACITY_16
+    return op == _READ_MEDIA_SERIAL_NUMBER and _service_action(cdb) == 0x01
 
 
 # --- TransportIDs (SPC-4 §7.6.4.6) --------------------------------------------
@@ -264,7 +285,7 @@ def build_transport_id(name: str, isid: int | None) -> bytes:
     raw = text.encode("utf-8") + b"\0"
     length = max(20, (len(raw) + 3) & ~3)
     fmt = 0x00 if isid is None else 0x40
-    return _TID_HDR.pack(fmt | PROTOCOL_ISCSI, length) + raw.ljust(length, b"\0")
+    return _TID_HDR.pack(fmt | PROTOCOL_ID_ISCSI, length) + raw.ljust(length, b"\0")
 
 
 def parse_transport_id(buf: Buffer, offset: int = 0) -> tuple[str, int | None, int]:
@@ -277,7 +298,7 @@ def parse_transport_id(buf: Buffer, offset: int = 0) -> tuple[str, int | None, i
     if offset + 4 > len(data):
         raise TransportIDError(f"TransportID at byte {offset} is truncated (needs 4 header bytes)", offset)
     b0, length = _TID_HDR.unpack_from(data, offset)
-    if b0 & 0x0F != PROTOCOL_ISCSI:
+    if b0 & 0x0F != PROTOCOL_ID_ISCSI:
         raise TransportIDError(
             f"TransportID at byte {offset} has protocol identifier {b0 & 0x0F}, not iSCSI (5)", offset
         )
