@@ -6,7 +6,7 @@ length) and the small encoders the handlers use."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeAlias
 
 from iscsi.scsi.constants import (
@@ -28,6 +28,7 @@ from iscsi.scsi.sense import (
 from target.backends.base import Backend
 
 from .modes import ModePages
+from .opcodes import OpInfo
 from .reservations import Reservations as _Reservations
 from .types import Buffer, LUConfig, Nexus, ScsiResult
 
@@ -105,6 +106,24 @@ class UnitBase:
     _wce: bool
     _swp: bool
     _dsense: bool
+    _prevent: set[str]
+    _sa_handlers: dict[tuple[int, int], Handler]
+
+    # Defined by LogicalUnit; declared here for the command-family mixins.
+    def supported_ops(self) -> list[OpInfo]:
+        """The commands REPORT SUPPORTED OPERATION CODES lists."""
+        raise NotImplementedError
+
+    def post_unit_attention(self, asc_ascq: AscAscq, initiator_ports: Iterable[str] | None = None,
+                            *, exclude: Nexus | None = None) -> None:
+        """Establish a unit attention for some or all nexuses."""
+        raise NotImplementedError
+
+    def _pop_ua(self, nexus: Nexus) -> AscAscq | None:
+        raise NotImplementedError
+
+    def _sync_mode_cache(self) -> None:
+        raise NotImplementedError
 
     @property
     def write_protected(self) -> bool:
