@@ -92,9 +92,15 @@ def _len(data: Buffer) -> int:
     return data.nbytes if isinstance(data, memoryview) else len(data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PDU:
-    """Common base: every PDU has an Initiator Task Tag and a data segment."""
+    """Common base: every PDU has an Initiator Task Tag and a data segment.
+
+    PDUs are values: nothing changes one after it is built. The classes are
+    not declared frozen only because a frozen dataclass's ``__init__`` sets
+    every field through ``object.__setattr__``, about three times the cost
+    of plain slot stores, and a SCSI Command is decoded for every I/O.
+    """
 
     opcode: ClassVar[Opcode]
     itt: int = RESERVED_TAG
@@ -171,7 +177,7 @@ def _check_tag(value: int, name: str, hdr: bytes) -> None:
 # NOP (RFC 7143 §11.18, §11.19)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopOut(PDU):
     """NOP-Out: a ping (ITT valid) or the answer to a NOP-In (TTT valid)."""
 
@@ -200,7 +206,7 @@ class NopOut(PDU):
                    immediate=bool(b0 & _I_BIT), data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopIn(PDU):
     """NOP-In: a ping from the target (TTT valid) or a NOP-Out's answer."""
 
@@ -228,7 +234,7 @@ class NopIn(PDU):
 # SCSI Command / Response (RFC 7143 §11.3, §11.4)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiCommand(PDU):
     """SCSI Command. CDBs longer than 16 bytes travel partly in an Extended
     CDB AHS (§11.3.5); bidirectional commands carry the expected read length
@@ -272,7 +278,7 @@ class ScsiCommand(PDU):
         _check_tag(itt, "SCSI Command ITT", hdr)
         read, write, final = bool(b1 & 0x40), bool(b1 & 0x20), bool(b1 & _F_BIT)
         bidi: int | None = None
-        for typ, body in iter_ahs(ahs, hdr):
+        for typ, body in iter_ahs(ahs, hdr) if ahs else ():
             if typ == AHSType.EXTENDED_CDB:
                 cdb = cdb + body[1:]
             elif typ == AHSType.BIDI_READ_DATA_LENGTH:
@@ -296,7 +302,7 @@ class ScsiCommand(PDU):
                    immediate=bool(b0 & _I_BIT), bidi_read_length=bidi, data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiResponse(PDU):
     """SCSI Response. The data segment holds SenseLength (2 bytes), sense
     data and response data (§11.4.7)."""
@@ -359,7 +365,7 @@ class ScsiResponse(PDU):
 # Task management (RFC 7143 §11.5, §11.6)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtRequest(PDU):
     """Task Management Function Request."""
 
@@ -390,7 +396,7 @@ class TaskMgmtRequest(PDU):
                    immediate=bool(b0 & _I_BIT))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtResponse(PDU):
     """Task Management Function Response."""
 
@@ -432,7 +438,7 @@ def _stage_bits(transit: bool, cont: bool, csg: int, nsg: int) -> int:
     return _fc_bits(transit, cont) | ((csg & 3) << 2) | (nsg & 3)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginRequest(PDU):
     """Login Request. The I bit is always set (§11.12)."""
 
@@ -483,7 +489,7 @@ def _check_stages(b1: int, hdr: bytes, check: bool = True) -> tuple[bool, bool, 
     return transit, cont, csg, nsg
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginResponse(PDU):
     """Login Response."""
 
@@ -531,7 +537,7 @@ class LoginResponse(PDU):
 # Text (RFC 7143 §11.10, §11.11)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextRequest(PDU):
     """Text Request (SendTargets, renegotiation)."""
 
@@ -558,7 +564,7 @@ class TextRequest(PDU):
                    expstatsn=expstatsn, immediate=bool(b0 & _I_BIT), data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextResponse(PDU):
     """Text Response."""
 
@@ -588,7 +594,7 @@ class TextResponse(PDU):
 # Data (RFC 7143 §11.7, §11.8)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataOut(PDU):
     """SCSI Data-Out (solicited by an R2T, or unsolicited with TTT reserved)."""
 
@@ -612,7 +618,7 @@ class DataOut(PDU):
                    datasn=datasn, buffer_offset=offset, data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataIn(PDU):
     """SCSI Data-In; may carry the command's status (S bit, §11.7.4)."""
 
@@ -659,7 +665,7 @@ class DataIn(PDU):
                    datasn=datasn, buffer_offset=offset, residual_count=res, data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class R2T(PDU):
     """Ready To Transfer (§11.8)."""
 
@@ -695,7 +701,7 @@ class R2T(PDU):
 # Logout (RFC 7143 §11.14, §11.15)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LogoutRequest(PDU):
     """Logout Request."""
 
@@ -721,7 +727,7 @@ class LogoutRequest(PDU):
                    immediate=bool(b0 & _I_BIT))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LogoutResponse(PDU):
     """Logout Response."""
 
@@ -749,7 +755,7 @@ class LogoutResponse(PDU):
 # SNACK, Async Message, Reject (RFC 7143 §11.16, §11.9, §11.17)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SnackRequest(PDU):
     """SNACK Request (only meaningful at ErrorRecoveryLevel > 0)."""
 
@@ -773,7 +779,7 @@ class SnackRequest(PDU):
                    runlength=runlength)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class AsyncMessage(PDU):
     """Asynchronous Message (logout request, connection/session drop...)."""
 
@@ -802,7 +808,7 @@ class AsyncMessage(PDU):
                    parameter3=p3, data=data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Reject(PDU):
     """Reject; the data segment is the rejected PDU's header (§11.17.2)."""
 

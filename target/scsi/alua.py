@@ -48,6 +48,10 @@ class AccessState(IntEnum):
     TRANSITIONING = 0xF
 
 
+#: States in which every command is allowed (SPC-4 §5.15.2.4.2, .3).
+_ACTIVE = frozenset({AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED})
+
+
 #: Unit attention established for every I_T nexus when a state changes.
 ASYMMETRIC_ACCESS_STATE_CHANGED = (0x2A, 0x06)
 #: LOGICAL UNIT NOT READY, OFFLINE (SPC-4 Annex D 04h/12h) for an offline port.
@@ -183,6 +187,10 @@ class Alua:
         if not 0 <= implicit_transition_time <= 0xFF:
             raise ValueError(f"implicit transition time {implicit_transition_time} is not 0..255 seconds")
         self.implicit_transition_time = implicit_transition_time
+        self._all_active = self._every_group_active()
+
+    def _every_group_active(self) -> bool:
+        return all(g.state in _ACTIVE for g in self._groups.values())
 
     @property
     def groups(self) -> list[TargetPortGroup]:
@@ -210,6 +218,7 @@ class Alua:
         self._groups[group_id] = TargetPortGroup(
             g.group_id, g.relative_port_ids, AccessState(state), g.preferred, status_code=0x02
         )
+        self._all_active = self._every_group_active()
         return ASYMMETRIC_ACCESS_STATE_CHANGED
 
     def report_target_port_groups(self, nexus: Nexus | None, cmd: ReportTargetPortGroups) -> bytes:
@@ -230,8 +239,10 @@ class Alua:
         """Raise NOT READY / LOGICAL UNIT NOT ACCESSIBLE when the nexus's
         target port is in a state that refuses this command (SPC-4
         §5.15.2.4.4 standby, .5 unavailable, .7 transitioning, .6 offline)."""
+        if self._all_active:
+            return  # the usual case: checked for every command, so kept cheap
         state = self.state_for(nexus)
-        if state in (AccessState.ACTIVE_OPTIMIZED, AccessState.ACTIVE_NON_OPTIMIZED) or not cdb:
+        if state in _ACTIVE or not cdb:
             return
         op = cdb[0]
         if state == AccessState.STANDBY:
