@@ -212,6 +212,10 @@ class TargetLogin:
         cmd_window: MaxCmdSN = ExpCmdSN + cmd_window - 1 in responses.
         max_segment: largest data segment we send during login.
         rng: random bytes for CHAP challenges (injectable for tests).
+        now, timeout: when the connection arrived and how long the login
+            may take; :meth:`get_timer` / :meth:`handle_timer` tell the
+            owner when to give up on a login that does not complete (the
+            engine never reads the clock).
 
     Feed each LoginRequest to :meth:`receive` and send back the response.
     When :attr:`complete` is True the connection is in Full Feature Phase;
@@ -222,8 +226,10 @@ class TargetLogin:
     def __init__(self, policy: TargetLoginPolicy, portal_group_tag: int, *,
                  initial_statsn: int = 0, cmd_window: int = 32,
                  max_segment: int = LOGIN_SEGMENT_LENGTH,
-                 rng: RandomBytes = secrets.token_bytes) -> None:
+                 rng: RandomBytes = secrets.token_bytes,
+                 now: float = 0.0, timeout: float | None = None) -> None:
         self.policy = policy
+        self._deadline = None if timeout is None else now + timeout
         self.portal_group_tag = portal_group_tag
         self.cmd_window = cmd_window
         self.complete = False
@@ -251,6 +257,19 @@ class TargetLogin:
         self._final: tuple[bool, Stage, int] = (False, _SEC, 0)  # T, NSG, TSIH of last segment
         self._rounds = 0
         self._params: NegotiatedParams | None = None
+
+    def get_timer(self) -> float | None:
+        """When the login times out, or None (no timeout, or it ended)."""
+        if self.complete or self.failed_status is not None:
+            return None
+        return self._deadline
+
+    def handle_timer(self, now: float) -> bool:
+        """True when the login has not completed by its deadline: the owner
+        drops the connection (RFC 7143 §6 leaves the login timeout to the
+        implementation; an initiator that stalls must not hold a slot)."""
+        deadline = self.get_timer()
+        return deadline is not None and now >= deadline
 
     @property
     def params(self) -> NegotiatedParams:

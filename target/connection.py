@@ -116,7 +116,6 @@ class TargetConnection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._login_deadline: float | None = None
         self._delivering = False
         self._later: list[Event] = []
 
@@ -139,7 +138,6 @@ class TargetConnection(asyncio.BufferedProtocol):
             self.transport.abort()
             return
         self.login = self.server.new_login(self)
-        self._login_deadline = self.loop.time() + self.server.config.login_timeout
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -247,11 +245,12 @@ class TargetConnection(asyncio.BufferedProtocol):
 
     # --------------------------------------------------------------- timers
     def _arm_timer(self) -> None:
-        """One loop timer at the earliest of the engine's and the login's
-        deadlines (the engine never reads the clock)."""
+        """One loop timer at the engine's (or, before it, the login's)
+        next deadline: they never read the clock."""
         if self.closed:
             return
-        when = self.engine.get_timer() if self.engine is not None else self._login_deadline
+        when = (self.engine.get_timer() if self.engine is not None
+                else self.login.get_timer() if self.login is not None else None)
         if when == self._timer_at:
             return
         if self._timer is not None:
@@ -266,14 +265,13 @@ class TargetConnection(asyncio.BufferedProtocol):
         if self.closed:
             return
         now = self.loop.time()
-        if self.engine is None:
-            if self._login_deadline is not None and now >= self._login_deadline:
-                log.warning("%s: login not completed within %.0f s; dropping", self.peer,
-                            self.server.config.login_timeout)
-                self.abort("login timeout")
-                return
-        else:
+        if self.engine is not None:
             self.deliver(self.engine.handle_timer(now))
+        elif self.login is not None and self.login.handle_timer(now):
+            log.warning("%s: login not completed within %.0f s; dropping", self.peer,
+                        self.server.config.login_timeout)
+            self.abort("login timeout")
+            return
         self._arm_timer()
 
     # --------------------------------------------------------------- errors
@@ -302,14 +300,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         phase starts, digests with the next PDU (RFC 7143 §13.1)."""
         self.session = session
         self.login = None
-        self._login_deadline = None
         cfg = self.server.config
-        tp = TargetParams(
-            max_xmit=params.max_xmit_data_segment_length, max_burst=params.max_burst_length,
-            first_burst=params.first_burst_length, initial_r2t=params.initial_r2t,
-            immediate_data=params.immediate_data,
-            max_outstanding_r2t=params.max_outstanding_r2t,
-            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest))
+        tp = TargetParams.from_negotiated(params)
         self.engine = TargetConnectionEngine(
             session.window, tp, statsn=self.statsn, now=self.loop.time(),
             discovery=session.discovery, budget=self.server.write_budget,

@@ -167,7 +167,8 @@ class _Policy:
 def make_target_login(server: LoginServer, conn: TargetConnection) -> TargetLogin:
     """A fresh login state machine for ``conn``."""
     policy = _Policy(server, conn)
-    login = TargetLogin(policy, conn.portal_group_tag, initial_statsn=conn.statsn)
+    login = TargetLogin(policy, conn.portal_group_tag, initial_statsn=conn.statsn,
+                        now=conn.loop.time(), timeout=server.config.login_timeout)
     policy.login = login
     return login
 

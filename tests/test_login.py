@@ -701,3 +701,29 @@ def test_initiator_raises_only_protocol_errors(data: bytes, transit: bool, cont:
     except ProtocolError:
         return
     assert out is None or isinstance(out, LoginRequest)
+
+
+# ------------------------------------------------------------- login timeout
+
+
+def test_login_timeout_by_time_passed_in() -> None:
+    """The login's deadline is data: the owner asks get_timer() and passes
+    the time to handle_timer(); no clock is read."""
+    pol = policy()
+    stalled = TargetLogin(pol, 1, now=100.0, timeout=15.0)
+    assert stalled.get_timer() == 115.0
+    assert not stalled.handle_timer(114.999)
+    assert stalled.handle_timer(115.0)
+    # A login that completes no longer times out.
+    ini = InitiatorLogin(INI, TGT, ISID, rng=rng_from(1000))
+    done = TargetLogin(pol, 7, rng=rng_from(0), now=100.0, timeout=15.0)
+    pump(ini, done)
+    assert done.complete and done.get_timer() is None and not done.handle_timer(1e9)
+    # Nor does one that failed (its reject ends the connection anyway).
+    failed = TargetLogin(policy(allowed_initiators=frozenset({"iqn.2000-01.x:other"})), 7,
+                         now=0.0, timeout=1.0)
+    with pytest.raises(LoginRejected):
+        pump(InitiatorLogin(INI, TGT, ISID, rng=rng_from(1)), failed)
+    assert failed.failed_status is not None and failed.get_timer() is None
+    # Without a timeout there is no deadline at all.
+    assert TargetLogin(pol, 1).get_timer() is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..keys import NegotiatedParams
 from ..pdu import ScsiCommand, decode_lun
 
 #: Default budget for all sessions' write data in flight.
@@ -45,6 +46,16 @@ class TargetParams:
     max_outstanding_r2t: int = 1
     header_digest: bool = False
     data_digest: bool = False
+
+    @classmethod
+    def from_negotiated(cls, params: NegotiatedParams) -> TargetParams:
+        """The engine's view of a completed login's parameters."""
+        return cls(
+            max_xmit=params.max_xmit_data_segment_length, max_burst=params.max_burst_length,
+            first_burst=params.first_burst_length, initial_r2t=params.initial_r2t,
+            immediate_data=params.immediate_data,
+            max_outstanding_r2t=params.max_outstanding_r2t,
+            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest))
 
 
 class Task:
