@@ -346,18 +346,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         if not self._flush_scheduled and self.engine is not None and self.engine.outbox.buffers:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        sess = self.session
-        if sess is not None and len(sess.connections) > 1:
-            # A command this PDU let through the session's CmdSN window may
-            # have been waiting on another connection (§4.2.2.1): that
-            # connection's engine queued its events and PDUs.
-            for other in list(sess.connections.values()):
-                if other is not self and other.engine is not None and not other.closed:
-                    pending = other.engine.take_events()
-                    if pending:
-                        other.deliver(pending)
-                    elif other.engine.outbox:
-                        other.schedule_flush()
+        if self.session is not None:
+            self.session.wake_others(self)
 
     def _on_execute(self, ev: ExecuteCommand) -> None:
         sess = self.session

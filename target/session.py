@@ -82,6 +82,22 @@ class Session:
                                       relative_port_id=tpgt, target_port_group=tpgt)
         return self.nexus
 
+    def wake_others(self, member: Member) -> None:
+        """After ``member`` moved the session's CmdSN window, commands held
+        for it on the other connections may have become runnable (the
+        window orders commands across connections, RFC 7143 §4.2.2.1): let
+        those connections act on what their engines queued."""
+        if len(self.connections) < 2:
+            return
+        for other in list(self.connections.values()):
+            if other is member or other.engine is None or other.closed:
+                continue
+            pending = other.engine.take_events()
+            if pending:
+                other.deliver(pending)
+            elif other.engine.outbox:
+                other.schedule_flush()
+
 
 class SessionTable:
     """Every session of the server by TSIH: allocation, lookup, ending.
