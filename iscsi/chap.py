@@ -234,6 +234,16 @@ class ChapTarget:
         """True once the initiator proved its identity (and we ours, if asked)."""
         return self.authenticated
 
+    @property
+    def progress(self) -> str:
+        """How far the exchange got, for a log line about an abandoned login."""
+        if self.authenticated:
+            return ("CHAP done, mutual CHAP response sent" if self.mutual
+                    else "CHAP done")
+        if self.algorithm is not None:
+            return "CHAP challenge sent, no response yet"
+        return "CHAP not started"
+
     def receive(self, keys: Mapping[str, str]) -> list[Pair]:
         """Handle the CHAP keys of one initiator request; return ours.
 

@@ -258,6 +258,26 @@ class TargetLogin:
         self._rounds = 0
         self._params: NegotiatedParams | None = None
 
+    @property
+    def started(self) -> bool:
+        """True once a first Login Request was accepted for processing."""
+        return self._started
+
+    @property
+    def progress(self) -> str:
+        """Where the login stands, in words (RFC 7143 §6.3 stages), for the
+        log line of a login the initiator abandons."""
+        if self.complete:
+            return "login complete"
+        if self.failed_status is not None:
+            return f"login refused ({self.failure_reason or self.failed_status.name})"
+        if not self._started:
+            return "no Login Request received"
+        stage = f"{_stage_name(self._stage)} negotiation"
+        if self._chap is not None:
+            return f"{stage}: {self._chap.progress}"
+        return stage
+
     def get_timer(self) -> float | None:
         """When the login times out, or None (no timeout, or it ended)."""
         if self.complete or self.failed_status is not None:

@@ -141,6 +141,16 @@ class TargetConnection(asyncio.BufferedProtocol):
         self._arm_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        login = self.login
+        if login is not None and login.started and not login.complete \
+                and login.failed_status is None and not self.closed:
+            # The initiator went away mid-login, e.g. after refusing our
+            # mutual CHAP answer: say how far it got, as an admin needs.
+            log.info("%s: login abandoned by %s for %s at %s", self.peer,
+                     login.initiator_name or "an unnamed initiator",
+                     login.target_name or ("discovery" if login.session_type == "Discovery"
+                                           else "no target"),
+                     login.progress)
         self.closed = True
         self.server.connections.discard(self)
         if self._timer is not None:
