@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
 from iscsi.names import InvalidName, format_portal, normalize_name
@@ -130,8 +130,8 @@ class Administration:
                         if tag in spec.portal_groups],
             "portal_groups": list(spec.portal_groups),
             "acl": list(spec.allow), "chap": chap,
-            "limits": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in vars(spec.limits).items()},
+            "limits": {f.name: (list(v) if isinstance(v := getattr(spec.limits, f.name), tuple)
+                                else v) for f in fields(spec.limits)},
             "luns": [self._lun_info(rt, ls, live) for ls in sorted(spec.luns, key=lambda s: s.lun)],
             "sessions": [s.tsih for s in live],
         }
@@ -166,8 +166,8 @@ class Administration:
         for s in self.sessions.values():
             p = s.params
             params = {} if p is None else {
-                k: v for k, v in vars(p).items()
-                if k not in ("target_name", "initiator_name", "session_type")}
+                f.name: getattr(p, f.name) for f in fields(p)
+                if f.name not in ("target_name", "initiator_name", "session_type")}
             conns = []
             for cid, c in sorted(s.connections.items()):
                 local = getattr(c, "local", ("", 0))
