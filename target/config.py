@@ -187,24 +187,33 @@ def _chap(r: _Reader, table: Any, where: str) -> ChapConfig | None:
     mu = r.get(table, "mutual_user", where + ".", str, None)
     ms = r.get(table, "mutual_secret", where + ".", str, None)
     chap = ChapConfig(user, secret, mu, ms)
-    try:
-        check_chap(chap)
-    except ConfigError as exc:
-        raise r.fail(where, str(exc)) from None
+    problem = _chap_problem(chap)
+    if problem is not None:
+        key, message = problem
+        raise r.fail(f"{where}.{key}" if key else where, message)
     return chap
 
 
 def check_chap(chap: ChapConfig) -> None:
     """Refuse CHAP credentials RFC 7143 §12.1.3 does not allow (short or
     shared secrets) with a one-line ConfigError."""
+    problem = _chap_problem(chap)
+    if problem is not None:
+        key, message = problem
+        raise ConfigError(f"{key}: {message}" if key else message)
+
+
+def _chap_problem(chap: ChapConfig) -> tuple[str, str] | None:
+    """(key, what is wrong) for credentials §12.1.3 does not allow."""
     if (chap.mutual_user is None) != (chap.mutual_secret is None):
-        raise ConfigError("mutual CHAP needs both mutual_user and mutual_secret")
+        return "", "mutual CHAP needs both mutual_user and mutual_secret"
     for key, s in (("secret", chap.secret), ("mutual_secret", chap.mutual_secret)):
         if s is not None and len(s.encode()) < MIN_CHAP_SECRET:
-            raise ConfigError(f"{key}: too short ({len(s.encode())} bytes; RFC 7143 "
-                              f"§12.1.3 wants at least {MIN_CHAP_SECRET})")
+            return key, (f"too short ({len(s.encode())} bytes; RFC 7143 "
+                         f"§12.1.3 wants at least {MIN_CHAP_SECRET})")
     if chap.mutual_secret is not None and chap.mutual_secret == chap.secret:
-        raise ConfigError("mutual_secret: must differ from secret (RFC 7143 §12.1.3)")
+        return "mutual_secret", "must differ from secret (RFC 7143 §12.1.3)"
+    return None
 
 
 def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
