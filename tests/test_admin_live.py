@@ -299,3 +299,30 @@ async def test_reload_adds_a_target_and_saveconfig_round_trips(tmp_path: Path) -
         again = load_config(str(saved))
         assert again.targets == tuple(rt.spec for rt in t.server.targets.values())
         assert again.max_connections == 1024
+
+
+async def test_media_change_on_a_cdrom_lun(tmp_path: Path) -> None:
+    from tests.test_iso_media import make_iso
+
+    first, second = tmp_path / "first.iso", tmp_path / "second.iso"
+    make_iso(first, 0xAA)
+    make_iso(second, 0xBB)
+    with running_target(make_config([LunSpec(lun=0, path=str(first))])) as t:
+        s = await Session.connect(t.host, t.port, TARGET_NAME, opts(initiator_name=OUR_INITIATOR))
+        try:
+            cd = await LUN.open(s, 0)
+            assert bytes(await cd.read(20, 1))[:4] == b"\xaa" * 4
+            assert t.call(t.server.set_medium, TARGET_NAME, 0, str(second)) is True
+            # A disc swap: NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED.
+            assert _sense(await _tur(s, 0)) == (SenseKey.UNIT_ATTENTION, 0x28, 0x00)
+            assert bytes(await cd.read(20, 1))[:4] == b"\xbb" * 4
+            assert t.server.targets[TARGET_NAME].spec.luns[0].path == str(second)
+            t.call(t.server.set_medium, TARGET_NAME, 0, None)
+            lun = t.call(t.server.show)["targets"][0]["luns"][0]
+            assert (lun["device_type"], lun["medium"]) == ("cdrom", False)
+            with pytest.raises(AdminError, match="not a CD/DVD LUN"):
+                t.call(t.server.add_lun, TARGET_NAME,
+                       LunSpec(lun=1, path="", backend="memory", size=MiB))
+                t.call(t.server.set_medium, TARGET_NAME, 1, str(first))
+        finally:
+            await s.close()
