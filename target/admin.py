@@ -15,8 +15,9 @@ What initiators see (SPC-4 §7.8, SAM-5 §6.2 unit attentions):
   uevent (SDEV_EVT_LUN_CHANGE_REPORTED); the new LUN appears after a rescan
   (``iscsiadm -m session --rescan``).
 - a LUN grown: CAPACITY DATA HAS CHANGED (2A/09) for every I_T nexus
-  (SBC-3 §4.10), then READ CAPACITY reports the new size. Linux
-  revalidates the disk on it (sd's capacity-change event).
+  (SBC-3 §4.10), then READ CAPACITY reports the new size. Linux logs it and
+  emits a uevent (SDEV_EVT_CAPACITY_CHANGE_REPORTED); the disk takes the
+  new size when rescanned (``iscsiadm -m session --rescan``).
 """
 
 from __future__ import annotations
