@@ -4,6 +4,9 @@
     iscsi-target serve --config FILE        (TOML, or an IET ietd.conf)
     iscsi-target demo                       (creates and serves demo/demo.img)
     iscsi-target image create|info|check|convert|commit|snapshot ...
+    iscsi-target show|sessions|kick|lun|target|acl|chap|resize|media|reload|saveconfig
+                                            (a running target, over its control socket:
+                                            target/admin_cli.py)
 
 Every failure is one line on stderr saying what is wrong and what to do,
 with a non-zero exit status.
@@ -20,7 +23,7 @@ from typing import Any
 
 from iscsi.names import InvalidName, generate_iqn, normalize_name
 
-from . import image_cli
+from . import admin_cli, image_cli
 from .config import (
     ChapConfig,
     ConfigError,
@@ -171,10 +174,13 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_server(config: ServerConfig) -> int:
-    """Open, serve until a signal, print attach help once listening."""
+def run_server(config: ServerConfig, control: str | None = None,
+               control_required: bool = False) -> int:
+    """Open, serve until a signal, print attach help once listening.
+    ``control`` is the control socket's path (None: none)."""
     from target.backends.base import BackendError
 
+    from .control import ControlError
     from .server import TargetServer, serve
 
     _install_uvloop()
@@ -183,14 +189,26 @@ def run_server(config: ServerConfig) -> int:
         print(attach_help(server), flush=True)
 
     try:
-        return asyncio.run(serve(config, ready=ready))
-    except BackendError as exc:
+        return asyncio.run(serve(config, ready=ready, control=control,
+                                 control_required=control_required))
+    except (BackendError, ControlError) as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         if exc.errno in (98, 13):  # EADDRINUSE, EACCES
             raise CLIError(f"cannot listen: {exc.strerror} (another target running? try "
                            f"--portal 127.0.0.1:3261)") from None
         raise CLIError(f"cannot start: {exc}") from None
+
+
+def _control_of(args: argparse.Namespace, config: ServerConfig) -> tuple[str | None, bool]:
+    """The control socket ``serve`` opens, and whether it was asked for."""
+    from .control import default_control_path
+
+    if args.no_control:
+        return None, False
+    if args.control:
+        return args.control, True
+    return default_control_path(config.state_dir), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,8 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where persistent reservations (APTPL) are kept")
+    p.add_argument("--control", metavar="PATH",
+                   help="control socket for iscsi-target show/lun/resize/... (default: "
+                        "STATE_DIR/control.sock, /run/aioiscsi/control.sock as root, else "
+                        "$XDG_RUNTIME_DIR/aioiscsi/control.sock)")
+    p.add_argument("--no-control", action="store_true", help="open no control socket")
     p.add_argument("-v", "--verbose", action="count", default=0)
     image_cli.add_subparser(sub)
+    admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
     d.add_argument("--portal", "-p", action="append", metavar="HOST:PORT")
     d.add_argument("--dir", default="demo", help="where the demo image lives (default ./demo)")
@@ -227,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "image":
         return image_cli.run(args)
+    if args.command in admin_cli.COMMANDS:
+        return admin_cli.run(args)
     _setup_logging(args.verbose)
     try:
         if args.command == "demo":
@@ -238,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                 config=None, images=[path], read_only=False, block_size=512, write_through=False,
                 name=generate_iqn("demo"), chap=None, mutual_chap=None, mode="normal",
                 portal=args.portal or ["127.0.0.1:3260"], nop_interval=30.0, state_dir=None)
-            return run_server(config_from_args(ns))
-        return run_server(config_from_args(args))
+            from .control import default_control_path
+
+            return run_server(config_from_args(ns), default_control_path())
+        config = config_from_args(args)
+        return run_server(config, *_control_of(args, config))
     except (CLIError, ConfigError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)
         return 2

@@ -186,15 +186,34 @@ def _chap(r: _Reader, table: Any, where: str) -> ChapConfig | None:
         raise r.fail(where, "needs both user and secret")
     mu = r.get(table, "mutual_user", where + ".", str, None)
     ms = r.get(table, "mutual_secret", where + ".", str, None)
-    if (mu is None) != (ms is None):
-        raise r.fail(where, "mutual CHAP needs both mutual_user and mutual_secret")
-    for key, s in (("secret", secret), ("mutual_secret", ms)):
+    chap = ChapConfig(user, secret, mu, ms)
+    problem = _chap_problem(chap)
+    if problem is not None:
+        key, message = problem
+        raise r.fail(f"{where}.{key}" if key else where, message)
+    return chap
+
+
+def check_chap(chap: ChapConfig) -> None:
+    """Refuse CHAP credentials RFC 7143 §12.1.3 does not allow (short or
+    shared secrets) with a one-line ConfigError."""
+    problem = _chap_problem(chap)
+    if problem is not None:
+        key, message = problem
+        raise ConfigError(f"{key}: {message}" if key else message)
+
+
+def _chap_problem(chap: ChapConfig) -> tuple[str, str] | None:
+    """(key, what is wrong) for credentials §12.1.3 does not allow."""
+    if (chap.mutual_user is None) != (chap.mutual_secret is None):
+        return "", "mutual CHAP needs both mutual_user and mutual_secret"
+    for key, s in (("secret", chap.secret), ("mutual_secret", chap.mutual_secret)):
         if s is not None and len(s.encode()) < MIN_CHAP_SECRET:
-            raise r.fail(f"{where}.{key}", f"too short ({len(s.encode())} bytes; RFC 7143 "
+            return key, (f"too short ({len(s.encode())} bytes; RFC 7143 "
                          f"§12.1.3 wants at least {MIN_CHAP_SECRET})")
-    if ms is not None and ms == secret:
-        raise r.fail(f"{where}.mutual_secret", "must differ from secret (RFC 7143 §12.1.3)")
-    return ChapConfig(user, secret, mu, ms)
+    if chap.mutual_secret is not None and chap.mutual_secret == chap.secret:
+        return "mutual_secret", "must differ from secret (RFC 7143 §12.1.3)"
+    return None
 
 
 def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
@@ -302,6 +321,13 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         vendor=vendor, product=product, revision=revision,
         write_cache=r.get(table, "write_cache", w, bool, True), device_type=device_type,
     )
+
+
+def lun_from_dict(table: dict[str, Any], source: str, index: int = 0) -> LunSpec:
+    """A LUN from a table with the ``[[target.lun]]`` keys (``lun add`` on
+    a running target); relative paths are taken from the current
+    directory, ``index`` is the LUN number when the table has none."""
+    return _lun(_Reader(source), table, "lun", index, os.getcwd())
 
 
 def parse_listen(text: str) -> tuple[str, int]:

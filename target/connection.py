@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import Any, Protocol, cast
 
 from iscsi.errors import ProtocolError
@@ -48,6 +49,7 @@ from .inline import run_inline
 from .runtime import CommandResult
 
 from .session import Session
+from .stats import IOCounters
 
 
 class ConnectionServer(Protocol):
@@ -366,7 +368,7 @@ class TargetConnection(asyncio.BufferedProtocol):
         # Stepped at once: a command the backend answers synchronously (an
         # mmap read) completes here, without a Task (target/inline.py).
         fut = run_inline(sess.target.run_command(sess.get_nexus(), sess.initiator_name, task),
-                         functools.partial(self._done, task), self.loop)
+                         functools.partial(self._done, task, perf_counter_ns()), self.loop)
         if fut is not None:
             # Still running: the server waits for these on shutdown, so
             # in-flight writes reach the backend before it is flushed.
@@ -374,19 +376,37 @@ class TargetConnection(asyncio.BufferedProtocol):
             inflight.add(fut)
             fut.add_done_callback(inflight.discard)
 
-    def _done(self, task: Task, result: CommandResult | None, exc: BaseException | None) -> None:
+    def _done(self, task: Task, started: int, result: CommandResult | None,
+              exc: BaseException | None) -> None:
         if task.waiter is not None:
             _wake(task)
         engine = self.engine
         if engine is None:
             return
+        # The counters `show` reports (target/stats.py): plain increments
+        # on one object per (session, LUN), nothing more on the hot path.
+        sess = self.session
+        counters = sess.counters.get(task.lun) if sess is not None else None
+        if counters is None:
+            counters = IOCounters()
+            if sess is not None:
+                sess.counters[task.lun] = counters
+        counters.commands += 1
+        counters.latency_ns += perf_counter_ns() - started
         if result is None:
             # The SCSI layer must never take the target down.
             log.error("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex(),
                       exc_info=exc)
+            counters.errors += 1
             engine.command_done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
         else:
             status, sense, data, overflow, underflow = result
+            if status:
+                counters.errors += 1
+            elif data is not None:
+                counters.read_bytes += len(data)
+            elif task.cmd.write:
+                counters.written_bytes += task.edtl - underflow
             engine.command_done(task, status, sense, data, overflow=overflow,
                                 underflow=underflow)
         if engine.events:

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
 from iscsi.constants import LogoutReason, LogoutResponseCode, TMFunction, TMResponse
@@ -27,12 +28,17 @@ from iscsi.text import encode_text
 from target.backends.bandwidth import BandwidthGroups
 from target.scsi.types import Nexus
 
-from .config import ConfigError, ServerConfig, TargetSpec, load_config
+from .admin import Administration
+from .config import ServerConfig, TargetSpec
+from .config_toml import dump_config
 from .connection import TargetConnection
-from .media import MediaWatcher, open_medium
+from .control import ControlError, ControlServer
 from .login_glue import handle_login, make_target_login, reject_login
+from .media import MediaWatcher, open_medium
+from .reload import ReloadReport, reload_server
 from .runtime import TargetRuntime, build_target
 from .session import Member, Session, SessionTable
+from .stats import IOCounters
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -42,10 +48,19 @@ INFLIGHT_WAIT = 30.0
 TRIM_EVERY = 256
 
 
-class TargetServer:
-    """Serves the targets of a :class:`ServerConfig` on its portals."""
+class TargetServer(Administration):
+    """Serves the targets of a :class:`ServerConfig` on its portals.
 
-    def __init__(self, config: ServerConfig) -> None:
+    ``control`` is the path of a control socket to open on :meth:`start`
+    (``iscsi-target show`` and friends talk to it; see
+    :mod:`target.control`); None opens none. Use as ``async with
+    TargetServer(config) as server:`` to start and stop it. The live
+    administration methods (:meth:`show`, :meth:`kick`, :meth:`add_lun`,
+    :meth:`remove_lun`, :meth:`resize_lun`, :meth:`add_target`, ...) come
+    from :class:`target.admin.Administration`.
+    """
+
+    def __init__(self, config: ServerConfig, *, control: str | None = None) -> None:
         self.config = config
         self.targets: dict[str, TargetRuntime] = {}
         self.connections: set[TargetConnection] = set()
@@ -63,6 +78,18 @@ class TargetServer:
         self._closed_since_trim = 0
         self._trim_scheduled = False
         self._stopped = False
+        self.retired_counters: dict[tuple[str, int], IOCounters] = {}
+        self.retiring: set[asyncio.Future[None]] = set()
+        self._control_request = control
+        self.control: ControlServer | None = None
+        self.control_path: str | None = None
+
+    async def __aenter__(self) -> TargetServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     # --------------------------------------------------------------- startup
     def open(self) -> None:
@@ -78,25 +105,35 @@ class TargetServer:
         self.bandwidth.set(group, limit)
         log.info("bandwidth group %s: limit %s", group, "unlimited" if limit is None else limit)
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the configuration file and apply what can change
-        while serving (bandwidth limits); other changes need a restart."""
-        from target.backends.base import BackendError
+    def reload(self) -> ReloadReport:
+        """SIGHUP / ``iscsi-target reload``: re-read the configuration file
+        and apply its differences (targets, LUNs, ACLs, CHAP, limits,
+        bandwidth groups); the report (also logged) lists what was applied
+        and what needs a restart (see :mod:`target.reload`)."""
+        return reload_server(self)
 
+    def save_config(self, path: str | None = None) -> str:
+        """The running configuration as TOML (``iscsi-target saveconfig``),
+        written to ``path`` (mode 0600: it holds CHAP secrets) when given."""
+        text = dump_config(replace(self.config, targets=tuple(
+            rt.spec for rt in self.targets.values())))
+        if path is not None:
+            tmp = f"{path}.tmp{os.getpid()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a crash leaves the old file or the new one
+            log.info("configuration saved to %s", path)
+        return text
 
-        try:
-            fresh = load_config(self.config.source)
-        except ConfigError as exc:
-            log.warning("reload refused: %s", exc)
-            return
-        for name, limit in fresh.bandwidth_groups:
-            try:
-                current = self.bandwidth.get(name).limit
-            except BackendError:
-                log.warning("reload: new bandwidth group %s needs a restart", name)
-                continue
-            if current != limit:
-                self.set_bandwidth(name, limit)
+    async def start_control(self, path: str) -> None:
+        """Open the control socket at ``path`` (ControlError when it is
+        taken by a live target or cannot be created)."""
+        control = ControlServer(self, path)
+        await control.start()
+        self.control, self.control_path = control, control.path
 
     async def start(self) -> None:
         """Open LUNs if needed and listen on every portal."""
@@ -118,6 +155,8 @@ class TargetServer:
             log.info("listening on %s (portal group %d)", format_portal(host, port), tag)
         self.media = MediaWatcher(self)
         self.media.start()
+        if self._control_request is not None:
+            await self.start_control(self._control_request)
 
     def change_medium(self, target: str, lun: int, path: str | None) -> bool:
         """Put the image at ``path`` in CD/DVD LUN ``lun`` of ``target``
@@ -156,6 +195,9 @@ class TargetServer:
         self._stopped = True
         for srv in self._servers:
             srv.close()
+        if self.control is not None:
+            await self.control.close()
+            self.control = self.control_path = None
         if self.media is not None:
             self.media.stop()
         conns = [c for c in self.connections if c.session is not None and not c.closed]
@@ -175,6 +217,8 @@ class TargetServer:
             if pending:
                 log.warning("%d command(s) still executing after %.0f s; flushing anyway",
                             len(pending), INFLIGHT_WAIT)
+        if self.retiring:
+            await asyncio.wait(set(self.retiring), timeout=INFLIGHT_WAIT)
         for rt in self.targets.values():
             for b in rt.backends.values():
                 await asyncio.to_thread(b.flush)
@@ -209,9 +253,10 @@ class TargetServer:
                                if lun is None or t.lun == lun)
         return out
 
-    def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
+    def end_session(self, sess: Session, keep: Any = None) -> None:
         """Close a session and all its connections (except ``keep``)."""
         self.sessions.end(sess, keep)
+        self.fold_counters(sess)
 
     def drop_all_sessions(self, rt: TargetRuntime) -> None:
         """After TARGET COLD RESET every session of the target ends."""
@@ -239,6 +284,8 @@ class TargetServer:
         After a burst of closes the freed heap goes back to the system."""
         if conn.session is not None:
             self.sessions.connection_closed(conn, conn.session)
+            if conn.session.closed:
+                self.fold_counters(conn.session)
         self._closed_since_trim += 1
         if (not self.connections or self._closed_since_trim >= TRIM_EVERY) and \
                 not self._trim_scheduled:
@@ -405,8 +452,14 @@ class TargetServer:
         reject_login(self, conn, exc)
 
 
-async def serve(config: ServerConfig, *, ready: Any = None) -> int:
-    """Run a server until SIGINT/SIGTERM; returns the exit status."""
+async def serve(config: ServerConfig, *, ready: Any = None, control: str | None = None,
+                control_required: bool = False) -> int:
+    """Run a server until SIGINT/SIGTERM; returns the exit status.
+
+    ``control`` is the control socket's path. When it is taken by another
+    live target, ``control_required`` (the path was asked for) makes that
+    an error (ControlError); otherwise (the default path) the server runs
+    without one and says so in one warning line."""
     server = TargetServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -417,7 +470,19 @@ async def serve(config: ServerConfig, *, ready: Any = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
-    await server.start()
+    try:
+        if control is not None:
+            try:
+                await server.start_control(control)
+            except ControlError as exc:
+                if control_required:
+                    raise
+                log.warning("%s; running without a control socket", exc)
+        await server.start()
+    except BaseException:
+        if server.control is not None:
+            await server.control.close()
+        raise
     if os.path.exists(config.source):
         try:
             loop.add_signal_handler(signal.SIGHUP, server.reload)

@@ -22,6 +22,7 @@ from iscsi.keys import NegotiatedParams
 from target.scsi.types import Nexus
 
 from .runtime import TargetRuntime
+from .stats import IOCounters
 
 
 class Member(Protocol):
@@ -68,6 +69,8 @@ class Session:
     nexus: Nexus | None = None  # built on first use
     connections: dict[int, Member] = field(default_factory=dict)
     closed: bool = False
+    #: LUN -> I/O counters of this session's commands to it (target/stats.py).
+    counters: dict[int, IOCounters] = field(default_factory=dict)
 
     @property
     def initiator_port(self) -> str:

@@ -1,0 +1,53 @@
+"""Per-LUN and per-session I/O counters the target keeps for ``show``.
+
+They are cheap by construction: one :class:`IOCounters` per (session, LUN)
+pair, updated with plain integer increments where a command completes
+(``TargetConnection._done``), one dictionary lookup per command. Totals
+per LUN and per session are summed only when someone asks (``show``), and
+the pairs of a session that ended are folded into per-LUN totals then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class IOCounters:
+    """Commands, Data-In/Data-Out bytes, failed commands and the summed
+    latency (nanoseconds from the command starting to execute to its
+    status) of some set of commands."""
+
+    __slots__ = ("commands", "read_bytes", "written_bytes", "errors", "latency_ns")
+
+    def __init__(self) -> None:
+        self.commands = 0
+        self.read_bytes = 0
+        self.written_bytes = 0
+        self.errors = 0
+        self.latency_ns = 0
+
+    def add(self, other: IOCounters) -> None:
+        """Add ``other``'s counts to these."""
+        self.commands += other.commands
+        self.read_bytes += other.read_bytes
+        self.written_bytes += other.written_bytes
+        self.errors += other.errors
+        self.latency_ns += other.latency_ns
+
+    @classmethod
+    def total(cls, parts: Iterable[IOCounters]) -> IOCounters:
+        """The sum of ``parts``."""
+        out = cls()
+        for p in parts:
+            out.add(p)
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the counters plus the mean latency in microseconds
+        (``latency_count`` is the number of commands the sum covers)."""
+        mean = self.latency_ns / self.commands / 1000 if self.commands else 0.0
+        return {"commands": self.commands, "read_bytes": self.read_bytes,
+                "written_bytes": self.written_bytes, "errors": self.errors,
+                "latency_ns_sum": self.latency_ns, "latency_count": self.commands,
+                "latency_us_avg": round(mean, 1)}
