@@ -43,97 +43,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Self, cast
 
 from .nbd_export import BlockDeviceExport, BlockStatusFn, ExportDevice
-from .nbd_proto import (
-    BytesLike,
-    CMD_BLOCK_STATUS,
-    CMD_CACHE,
-    CMD_DISC,
-    CMD_FLAG_DF,
-    CMD_FLAG_FUA,
-    CMD_FLAG_NO_HOLE,
-    CMD_FLAG_REQ_ONE,
-    CMD_FLUSH,
-    CMD_READ,
-    CMD_TRIM,
-    CMD_WRITE,
-    CMD_WRITE_ZEROES,
-    FLAG_C_FIXED_NEWSTYLE,
-    FLAG_C_NO_ZEROES,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_DESCRIPTION,
-    INFO_EXPORT,
-    INFO_NAME,
-    MAX_EXTENTS,
-    MAX_INFLIGHT,
-    MAX_INFLIGHT_BYTES,
-    MAX_META_QUERIES,
-    MAX_OPTION,
-    MAX_PAYLOAD,
-    META_BASE_ALLOCATION,
-    META_ID_ALLOCATION,
-    NBDMAGIC,
-    NBD_EINVAL,
-    NBD_EIO,
-    NBD_ENOSPC,
-    NBD_EOVERFLOW,
-    NBD_EPERM,
-    OPT_ABORT,
-    OPT_EXPORT_NAME,
-    OPT_GO,
-    OPT_INFO,
-    OPT_LIST,
-    OPT_LIST_META_CONTEXT,
-    OPT_REPLY_MAGIC,
-    OPT_SET_META_CONTEXT,
-    OPT_STRUCTURED_REPLY,
-    REPLY_FLAG_DONE,
-    REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_ERROR,
-    REPLY_TYPE_NONE,
-    REPLY_TYPE_OFFSET_DATA,
-    REP_ACK,
-    REP_ERR_INVALID,
-    REP_ERR_TOO_BIG,
-    REP_ERR_UNKNOWN,
-    REP_ERR_UNSUP,
-    REP_INFO,
-    REP_META_CONTEXT,
-    REP_SERVER,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STATE_HOLE,
-    STATE_ZERO,
-    STRUCTURED_REPLY_MAGIC,
-    TF_CAN_MULTI_CONN,
-    TF_HAS_FLAGS,
-    TF_READ_ONLY,
-    TF_SEND_CACHE,
-    TF_SEND_DF,
-    TF_SEND_FLUSH,
-    TF_SEND_FUA,
-    TF_SEND_TRIM,
-    TF_SEND_WRITE_ZEROES,
-    _CHUNK,
-    _CHUNK_ERROR,
-    _CHUNK_OFFSET,
-    _EXPORT_REPLY,
-    _EXTENT,
-    _HELLO,
-    _INFO_BLOCK_SIZE,
-    _INFO_EXPORT,
-    _NBD_ERRNOS,
-    _OPT_HDR,
-    _OPT_REPLY,
-    _REQUEST,
-    _SIMPLE,
-    _STAGING,
-    _U16,
-    _U32,
-    _pow2_or,
-    nbd_errno,
+from .nbd_options import DONE, HANDSHAKE, OPTIONS, TRANSMISSION, OptionHaggling
+from .nbd_proto import (  # the protocol values and layouts (proto.md)
+    BytesLike, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+    MAX_EXTENTS, MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_OPTION, MAX_PAYLOAD, META_ID_ALLOCATION,
+    NBDMAGIC, NBD_EINVAL, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REP_ERR_TOO_BIG,
+    REQUEST_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, TF_CAN_MULTI_CONN,
+    TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE, TF_SEND_DF, TF_SEND_FLUSH, TF_SEND_FUA,
+    TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, _CHUNK, _EXTENT, _HELLO, _OPT_HDR, _REQUEST, _STAGING,
+    _U32, _pow2_or, error_reply, nbd_errno, ok_reply, read_reply,
 )
 
 if TYPE_CHECKING:
@@ -293,10 +213,9 @@ async def serve_until(device: BlockDevice, listen: str, stop: Awaitable[object],
 
 # -------------------------------------------------------------- connection
 
-_HANDSHAKE, _OPTIONS, _TRANSMISSION, _DONE = range(4)
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(OptionHaggling, asyncio.BufferedProtocol):
     """One client: handshake, option haggling, then transmission."""
 
     def __init__(self, server: NBDServer) -> None:
@@ -305,7 +224,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self.transport: asyncio.Transport | None = None
-        self.state = _HANDSHAKE
+        self.state = HANDSHAKE
         # Receive side: headers land in a staging buffer; a WRITE payload
         # goes straight into its own bytearray (DESIGN.md: data path).
         self._buf = bytearray(_STAGING)
@@ -355,7 +274,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self.state = _DONE
+        self.state = DONE
         self._out.clear()
         self._maybe_finish()
 
@@ -373,7 +292,7 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
             return memoryview(self._payload)[self._payload_fill:]
-        if self._start == self._end or self.state == _DONE:
+        if self._start == self._end or self.state == DONE:
             # (After DISC or a protocol error, late bytes are dropped.)
             self._start = self._end = 0
         elif self._start:
@@ -406,7 +325,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _update_reading(self) -> None:
         if self.transport is None or self._lost:
             return
-        want_pause = self._blocked() or self.state == _DONE
+        want_pause = self._blocked() or self.state == DONE
         if want_pause and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -416,7 +335,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _process(self) -> None:
         """Consume as much staged input as the current state allows."""
-        while self._payload is None and self.state != _DONE and not self._blocked():
+        while self._payload is None and self.state != DONE and not self._blocked():
             avail = self._end - self._start
             if self._sink:
                 n = min(avail, self._sink)
@@ -428,11 +347,11 @@ class _Connection(asyncio.BufferedProtocol):
                 if after is not None:
                     after()
                 continue
-            if self.state == _TRANSMISSION:
+            if self.state == TRANSMISSION:
                 if avail < _REQUEST.size:
                     break
                 self._request()
-            elif self.state == _OPTIONS:
+            elif self.state == OPTIONS:
                 if avail < _OPT_HDR.size:
                     break
                 magic, opt, length = _OPT_HDR.unpack_from(self._buf, self._start)
@@ -451,7 +370,7 @@ class _Connection(asyncio.BufferedProtocol):
                 data = bytes(self._view[begin : begin + length])
                 self._start = begin + length
                 self._option(opt, data)
-            elif self.state == _HANDSHAKE:
+            elif self.state == HANDSHAKE:
                 if avail < 4:
                     break
                 (cflags,) = _U32.unpack_from(self._buf, self._start)
@@ -463,170 +382,8 @@ class _Connection(asyncio.BufferedProtocol):
                 # A client without FIXED_NEWSTYLE is honoured anyway (proto.md
                 # allows it); it will only ever send NBD_OPT_EXPORT_NAME.
                 self.no_zeroes = bool(cflags & FLAG_C_NO_ZEROES)
-                self.state = _OPTIONS
+                self.state = OPTIONS
         self._update_reading()
-
-    # ------------------------------------------------------ option haggling
-
-    def _opt_reply(self, opt: int, rtype: int, data: bytes = b"") -> None:
-        self._send([_OPT_REPLY.pack(OPT_REPLY_MAGIC, opt, rtype, len(data)), data])
-
-    def _option(self, opt: int, data: bytes) -> None:
-        if opt == OPT_EXPORT_NAME:
-            self._export_name(data)
-        elif opt == OPT_ABORT:
-            # proto.md: the server MUST reply with ACK, then the client drops.
-            self._opt_reply(opt, REP_ACK)
-            self._hard_disconnect(None)
-        elif opt == OPT_LIST:
-            if data:
-                self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
-                return
-            name = self.server.export_name.encode()
-            self._opt_reply(opt, REP_SERVER,
-                            _U32.pack(len(name)) + name + self.server.description.encode())
-            self._opt_reply(opt, REP_ACK)
-        elif opt == OPT_STRUCTURED_REPLY:
-            if data:
-                self._opt_reply(opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
-                return
-            self.structured = True
-            self._opt_reply(opt, REP_ACK)
-        elif opt in (OPT_INFO, OPT_GO):
-            self._info_or_go(opt, data)
-        elif opt in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
-            self._meta_context(opt, data)
-        else:
-            # STARTTLS included: we run without TLS (proto.md §NOTLS mode).
-            self._opt_reply(opt, REP_ERR_UNSUP, f"option {opt} is not supported".encode())
-
-    def _export_name(self, data: bytes) -> None:
-        name = data.decode("utf-8", "replace")
-        if name != self.server.export_name:
-            # No error reply exists for EXPORT_NAME: the session must end.
-            self._hard_disconnect(f"client asked for unknown export {name!r}")
-            return
-        reply = _EXPORT_REPLY.pack(self.dev.size, self.server.transmission_flags(self.structured))
-        self._send([reply] if self.no_zeroes else [reply, bytes(124)])
-        self._enter_transmission()
-
-    def _info_or_go(self, opt: int, data: bytes) -> None:
-        # proto.md §NBD_OPT_INFO and NBD_OPT_GO: name length, name, count of
-        # information requests, the requests (16 bits each).
-        if len(data) < 6:
-            self._opt_reply(opt, REP_ERR_INVALID, b"option data too short")
-            return
-        (nlen,) = _U32.unpack_from(data)
-        if nlen > len(data) - 6:
-            self._opt_reply(opt, REP_ERR_INVALID, b"export name overruns the option")
-            return
-        (nreq,) = _U16.unpack_from(data, 4 + nlen)
-        if len(data) != 6 + nlen + 2 * nreq:
-            self._opt_reply(opt, REP_ERR_INVALID, b"information request list has the wrong size")
-            return
-        name = self._name(opt, data[4 : 4 + nlen])
-        if name is None:
-            return
-        requests = {_U16.unpack_from(data, 6 + nlen + 2 * i)[0] for i in range(nreq)}
-        size = self.dev.size
-        srv = self.server
-        self._opt_reply(opt, REP_INFO, _INFO_EXPORT.pack(
-            INFO_EXPORT, size, srv.transmission_flags(self.structured)))
-        # Sent even unrequested: the client is free to ignore it, and
-        # nbdinfo/qemu show it.
-        self._opt_reply(opt, REP_INFO, _INFO_BLOCK_SIZE.pack(
-            INFO_BLOCK_SIZE, srv.minimum_block, srv.preferred_block, srv.max_payload))
-        if INFO_NAME in requests:
-            self._opt_reply(opt, REP_INFO, _U16.pack(INFO_NAME) + srv.export_name.encode())
-        if INFO_DESCRIPTION in requests and srv.description:
-            self._opt_reply(opt, REP_INFO,
-                            _U16.pack(INFO_DESCRIPTION) + srv.description.encode())
-        self._opt_reply(opt, REP_ACK)
-        if opt == OPT_GO:
-            # proto.md §Size constraints: a GO that asked for block sizes
-            # binds the client to them, so misaligned requests are errors.
-            self.block_size_agreed = INFO_BLOCK_SIZE in requests
-            self._enter_transmission()
-
-    def _name(self, opt: int, raw: bytes) -> str | None:
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self._opt_reply(opt, REP_ERR_INVALID, b"export name is not UTF-8")
-            return None
-        if name != self.server.export_name:
-            self._opt_reply(opt, REP_ERR_UNKNOWN, f"no export named {name!r}".encode())
-            return None
-        return name
-
-    def _meta_context(self, opt: int, data: bytes) -> None:
-        setting = opt == OPT_SET_META_CONTEXT
-        if setting:
-            self.meta_allocation = False  # replaced even when the option fails
-            if not self.structured:
-                self._opt_reply(opt, REP_ERR_INVALID, b"negotiate structured replies first")
-                return
-        queries = self._meta_queries(opt, data)
-        if queries is None:
-            return
-        if setting:
-            # "base:" selects nothing on SET; unknown leaves/namespaces are ignored.
-            self.meta_allocation = META_BASE_ALLOCATION in queries
-            chosen = self.meta_allocation
-            ctx_id = META_ID_ALLOCATION
-        else:
-            chosen = not queries or bool({"base:", META_BASE_ALLOCATION} & set(queries))
-            ctx_id = 0  # proto.md: reserved in LIST replies
-        if chosen:
-            self._opt_reply(opt, REP_META_CONTEXT,
-                            _U32.pack(ctx_id) + META_BASE_ALLOCATION.encode())
-        self._opt_reply(opt, REP_ACK)
-
-    def _meta_queries(self, opt: int, data: bytes) -> list[str] | None:
-        if len(data) < 8:
-            self._opt_reply(opt, REP_ERR_INVALID, b"option data too short")
-            return None
-        (nlen,) = _U32.unpack_from(data)
-        if nlen > len(data) - 8:
-            self._opt_reply(opt, REP_ERR_INVALID, b"export name overruns the option")
-            return None
-        if self._name(opt, data[4 : 4 + nlen]) is None:
-            return None
-        pos = 4 + nlen
-        (count,) = _U32.unpack_from(data, pos)
-        pos += 4
-        if count > MAX_META_QUERIES:
-            self._opt_reply(opt, REP_ERR_TOO_BIG, b"too many metadata queries")
-            return None
-        queries: list[str] = []
-        for _ in range(count):
-            if pos + 4 > len(data):
-                self._opt_reply(opt, REP_ERR_INVALID, b"query overruns the option")
-                return None
-            (qlen,) = _U32.unpack_from(data, pos)
-            pos += 4
-            if qlen > len(data) - pos:
-                self._opt_reply(opt, REP_ERR_INVALID, b"query overruns the option")
-                return None
-            try:
-                query = data[pos : pos + qlen].decode("utf-8")
-            except UnicodeDecodeError:
-                self._opt_reply(opt, REP_ERR_INVALID, b"query is not UTF-8")
-                return None
-            pos += qlen
-            if ":" not in query:
-                self._opt_reply(opt, REP_ERR_INVALID, b"query lacks a namespace")
-                return None
-            queries.append(query)
-        if pos != len(data):
-            self._opt_reply(opt, REP_ERR_INVALID, b"trailing bytes after the queries")
-            return None
-        return queries
-
-    def _enter_transmission(self) -> None:
-        self.state = _TRANSMISSION
-        if not self.structured:
-            self.meta_allocation = False
 
     # --------------------------------------------------------- transmission
 
@@ -639,7 +396,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if cmd == CMD_DISC:
             # proto.md: finish outstanding requests, then close; no reply.
-            self.state = _DONE
+            self.state = DONE
             self._maybe_finish()
             return
         if cmd != CMD_WRITE:
@@ -667,43 +424,6 @@ class _Connection(asyncio.BufferedProtocol):
         payload, self._payload = self._payload, None
         flags, cmd, cookie, offset, _length = self._payload_req
         self._dispatch(flags, cmd, cookie, offset, len(payload or b""), payload)
-
-    def _check(self, flags: int, cmd: int, offset: int, length: int) -> tuple[int, str] | None:
-        """Synchronous validation; the error value and message, or None."""
-        srv = self.server
-        allowed = CMD_FLAG_FUA  # valid on every command (proto.md §Command flags)
-        if cmd == CMD_READ:
-            allowed |= CMD_FLAG_DF if self.structured else 0
-        elif cmd == CMD_WRITE_ZEROES:
-            allowed |= CMD_FLAG_NO_HOLE
-        elif cmd == CMD_BLOCK_STATUS:
-            allowed |= CMD_FLAG_REQ_ONE
-        elif cmd not in (CMD_WRITE, CMD_FLUSH, CMD_TRIM, CMD_CACHE):
-            return NBD_EINVAL, f"unknown command {cmd}"
-        if flags & ~allowed:
-            return NBD_EINVAL, f"command flags {flags:#x} are not valid for command {cmd}"
-        writing = cmd in (CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
-        if writing and srv.read_only:
-            return NBD_EPERM, "the export is read-only"
-        if cmd == CMD_FLUSH:
-            return None
-        if offset + length > self.dev.size:
-            # proto.md §Error values: ENOSPC for writes past the end, EINVAL
-            # for reads, trims and status queries.
-            code = NBD_ENOSPC if cmd in (CMD_WRITE, CMD_WRITE_ZEROES) else NBD_EINVAL
-            return code, f"{offset}+{length} is beyond the end of the export ({self.dev.size})"
-        if cmd == CMD_READ and length > srv.max_payload:
-            return (NBD_EOVERFLOW if self.structured else NBD_EINVAL,
-                    f"read of {length} bytes exceeds the maximum payload {srv.max_payload}")
-        if cmd == CMD_BLOCK_STATUS:
-            if not self.meta_allocation:
-                return NBD_EINVAL, "no metadata context was negotiated"
-            if not length:
-                return NBD_EINVAL, "block status of an empty range"
-        elif self.block_size_agreed and (offset | length) % srv.minimum_block:
-            return NBD_EINVAL, (f"{offset}+{length} is not aligned to the minimum block "
-                                f"size {srv.minimum_block}")
-        return None
 
     def _dispatch(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
                   payload: bytearray | None) -> None:
@@ -804,34 +524,13 @@ class _Connection(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- replies
 
     def _read_reply(self, cookie: int, offset: int, data: BytesLike) -> None:
-        if not self.structured:
-            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data])
-        elif not len(data):
-            self._ok(cookie)  # OFFSET_DATA must carry at least one byte
-        else:
-            self._send([_CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                           REPLY_TYPE_OFFSET_DATA, cookie, 8 + len(data),
-                                           offset), data])
+        self._send(read_reply(self.structured, cookie, offset, data))
 
     def _ok(self, cookie: int) -> None:
-        if self.structured:
-            self._send([_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
-                                    cookie, 0)])
-        else:
-            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)])
+        self._send(ok_reply(self.structured, cookie))
 
     def _error(self, cookie: int, cmd: int, code: int, message: str) -> None:
-        if code not in _NBD_ERRNOS:
-            code = NBD_EIO
-        if self.structured:
-            # proto.md: errors SHOULD be structured (they carry a message),
-            # and a READ MUST NOT get a simple reply.
-            msg = message.encode("utf-8", "replace")[:4096]
-            self._send([_CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
-                                          REPLY_TYPE_ERROR, cookie, 6 + len(msg), code,
-                                          len(msg)), msg])
-        else:
-            self._send([_SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie)])
+        self._send(error_reply(self.structured, cookie, code, message))
 
     def _send(self, parts: list[BytesLike]) -> None:
         if self.transport is None or self._lost or self.transport.is_closing():
@@ -854,7 +553,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _hard_disconnect(self, why: str | None) -> None:
         if why:
             log.info("NBD client dropped: %s", why)
-        self.state = _DONE
+        self.state = DONE
         self._payload = None
         self._sink = 0
         self._maybe_finish()
@@ -862,13 +561,13 @@ class _Connection(asyncio.BufferedProtocol):
     def shutdown(self) -> None:
         """Server shutdown: stop reading; close once in-flight work is done."""
         self._shutting_down = True
-        if self.state != _TRANSMISSION:
-            self.state = _DONE  # nothing in flight during the handshake
+        if self.state != TRANSMISSION:
+            self.state = DONE  # nothing in flight during the handshake
         self._update_reading()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        ending = self.state == _DONE or self._shutting_down
+        ending = self.state == DONE or self._shutting_down
         if not ending or self._inflight or self._finishing:
             return
         self._finishing = True

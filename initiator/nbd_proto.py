@@ -142,6 +142,41 @@ _EXPORT_REPLY = struct.Struct(">QH")  # NBD_OPT_EXPORT_NAME answer (size, flags)
 _EXTENT = struct.Struct(">II")
 
 
+# ------------------------------------------------------------------ replies
+# proto.md §Simple reply message, §Structured reply chunk message.
+
+
+def ok_reply(structured: bool, cookie: int) -> list[BytesLike]:
+    """Success without data: a simple reply, or one NONE chunk with DONE."""
+    if structured:
+        return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)]
+    return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie)]
+
+
+def read_reply(structured: bool, cookie: int, offset: int, data: BytesLike) -> list[BytesLike]:
+    """A READ's data: after a simple reply header, or as one OFFSET_DATA
+    chunk with DONE (which must carry at least one byte, else NONE)."""
+    if not structured:
+        return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, 0, cookie), data]
+    if not len(data):
+        return ok_reply(True, cookie)
+    return [_CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                               cookie, 8 + len(data), offset), data]
+
+
+def error_reply(structured: bool, cookie: int, code: int, message: str) -> list[BytesLike]:
+    """A failed request: an ERROR chunk with its message when structured
+    replies are on (proto.md: errors SHOULD be structured, and a READ MUST
+    NOT get a simple reply then), else a simple reply with the error."""
+    if code not in _NBD_ERRNOS:
+        code = NBD_EIO
+    if structured:
+        msg = message.encode("utf-8", "replace")[:4096]
+        return [_CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie,
+                                  6 + len(msg), code, len(msg)), msg]
+    return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie)]
+
+
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error value for a failed command (proto.md §Error values)."""
     if isinstance(exc, PermissionError):
