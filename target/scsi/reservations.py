@@ -27,7 +27,6 @@ rename), and read back when the object is built.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Mapping
 
 from iscsi.scsi.constants import Opcode, PRInAction, PROutAction, PRType, SenseKey
@@ -76,6 +75,7 @@ from .pr_model import (
     build_transport_id,
     parse_transport_id,
 )
+from .pr_in import PR_IN_REPORTS, is_holder, reservation_key
 from .pr_store import load_state, remove_state, write_state
 from .types import Buffer, Nexus
 
@@ -144,7 +144,7 @@ class Reservations:
         res = self._s.reservation
         if res is None:
             return None
-        return res.type, self._res_key(res)
+        return res.type, reservation_key(self._s, res)
 
     @property
     def spc2_holder(self) -> str | None:
@@ -167,17 +167,7 @@ class Reservations:
         return best
 
     def _is_holder(self, reg: Registration | None) -> bool:
-        res = self._s.reservation
-        if res is None or reg is None:
-            return False
-        return res.holder is None or res.holder == reg.ident
-
-    def _res_key(self, res: _Reservation) -> int:
-        # SPC-4 §6.15.3: an all-registrants reservation reports key zero.
-        if res.holder is None:
-            return 0
-        holder = self._s.regs.get(res.holder)
-        return holder.key if holder is not None else 0
+        return is_holder(self._s, reg)
 
     def _ports_of(self, regs: Iterable[Registration], issuer: Nexus | None) -> frozenset[str]:
         out: set[str] = set()
@@ -282,55 +272,8 @@ class Reservations:
         if self._spc2 is not None:
             raise ReservationConflict("PERSISTENT RESERVE IN while reserved with RESERVE(6/10)")
         self.note_nexus(nexus)
-        sa = cmd.service_action
-        if sa == PRInAction.READ_KEYS:
-            data = self._read_keys()
-        elif sa == PRInAction.READ_RESERVATION:
-            data = self._read_reservation()
-        elif sa == PRInAction.REPORT_CAPABILITIES:
-            data = self._report_capabilities()
-        else:
-            data = self._read_full_status()
+        data = PR_IN_REPORTS[PRInAction(cmd.service_action)](self._s, self.state_path is not None)
         return data[: cmd.allocation_length]
-
-    def _read_keys(self) -> bytes:
-        keys = b"".join(reg.key.to_bytes(8, "big") for reg in self._s.regs.values())
-        return struct.pack(">II", self._s.generation, len(keys)) + keys
-
-    def _read_reservation(self) -> bytes:
-        res = self._s.reservation
-        if res is None:
-            return struct.pack(">II", self._s.generation, 0)
-        # key, obsolete (4), reserved, SCOPE|TYPE, obsolete (2): §6.15.3 table 217.
-        body = struct.pack(">Q4xxB2x", self._res_key(res), (LU_SCOPE << 4) | res.type)
-        return struct.pack(">II", self._s.generation, len(body)) + body
-
-    def _report_capabilities(self) -> bytes:
-        # SPC-4 §6.15.4 table 218.
-        ptpl_c = self.state_path is not None
-        # CRH (compatible reservation handling, §5.9.3), SIP_C, ATP_C, PTPL_C.
-        b2 = 0x10 | 0x08 | 0x04 | (0x01 if ptpl_c else 0)
-        # TMV=1; ALLOW COMMANDS=001b: TEST UNIT READY passes WE/EA
-        # reservations (and nothing more than the tables say); PTPL_A.
-        b3 = 0x80 | (0x1 << 4) | (0x01 if self._s.aptpl else 0)
-        # Type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX | EX_AC_AR.
-        mask = (0x80 | 0x40 | 0x20 | 0x08 | 0x02) << 8 | 0x01
-        return struct.pack(">HBBH2x", 8, b2, b3, mask)
-
-    def _read_full_status(self) -> bytes:
-        # SPC-4 §6.15.5 tables 220/221: one descriptor per registration.
-        res = self._s.reservation
-        parts: list[bytes] = []
-        for reg in self._s.regs.values():
-            tid = reg.transport_id()
-            holder = self._is_holder(reg)
-            flags = (0x02 if reg.target_port is None else 0) | (0x01 if holder else 0)
-            scope_type = (LU_SCOPE << 4 | res.type) if holder and res is not None else 0
-            parts.append(
-                struct.pack(">Q4xBB4xHI", reg.key, flags, scope_type, reg.relative_port_id, len(tid)) + tid
-            )
-        body = b"".join(parts)
-        return struct.pack(">II", self._s.generation, len(body)) + body
 
     # --- PERSISTENT RESERVE OUT (SPC-4 §6.16) -------------------------------
 
