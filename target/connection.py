@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from time import perf_counter_ns
 from typing import Any, Protocol, cast
 
@@ -365,10 +365,20 @@ class TargetConnection(asyncio.BufferedProtocol):
         sess = self.session
         assert sess is not None and sess.target is not None
         task = ev.task
-        # Stepped at once: a command the backend answers synchronously (an
-        # mmap read) completes here, without a Task (target/inline.py).
-        fut = run_inline(sess.target.run_command(sess.get_nexus(), sess.initiator_name, task),
-                         functools.partial(self._done, task, perf_counter_ns()), self.loop)
+        started = perf_counter_ns()
+        # A command the backend answers synchronously (an mmap read) is
+        # done here, with no coroutine; one that waits is stepped without a
+        # Task (target/inline.py).
+        try:
+            result = sess.target.run_command_now(sess.get_nexus(), sess.initiator_name, task)
+        except Exception as exc:  # noqa: BLE001 - answered, never lost
+            self._done(task, started, None, exc)
+            return
+        if type(result) is tuple:
+            self._done(task, started, result, None)
+            return
+        fut = run_inline(cast(Coroutine[Any, Any, CommandResult], result),
+                         functools.partial(self._done, task, started), self.loop)
         if fut is not None:
             # Still running: the server waits for these on shutdown, so
             # in-flight writes reach the backend before it is flushed.

@@ -19,7 +19,7 @@ from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
 from target.backends.base import Backend
 from target.backends.modes import CURRENT_INITIATOR
 from target.scsi.target import ScsiTarget
-from target.scsi.types import Nexus
+from target.scsi.types import Nexus, ScsiResult
 
 from .config import LunSpec, TargetSpec
 
@@ -39,42 +39,79 @@ class TargetRuntime:
     def name(self) -> str:
         return self.spec.name
 
-    async def run_command(self, nexus: Nexus, initiator_name: str, task: Task) -> CommandResult:
-        """Run one SCSI command on its LUN: bandwidth group first, then the
-        device emulation in the initiator's scope (multiattach LUNs pick
-        the initiator's own differencing image from it)."""
+    def run_command_now(self, nexus: Nexus, initiator_name: str, task: Task
+                        ) -> CommandResult | Awaitable[CommandResult]:
+        """Run one SCSI command on its LUN: the result when it finishes at
+        once (the common case, without a coroutine), else an awaitable.
+        Bandwidth group first, then the device emulation in the initiator's
+        scope (multiattach LUNs pick the initiator's own differencing image
+        from :data:`CURRENT_INITIATOR`)."""
+        if task.lun in self.throttles:
+            return self.run_command(nexus, initiator_name, task)
+        data_out, overflow, underflow = self._residuals(task)
         cmd = task.cmd
-        cdb = cmd.cdb
-        # Residuals (RFC 7143 §11.4.5, FCP-4 §9.4.2 as libiscsi tests them):
-        # the CDB asks for ``want`` bytes, the iSCSI header promised
-        # ``have``. With less promised the command runs on the bytes that
-        # came (the device keeps the rest of a partial block) and reports
-        # overflow; with more, only ``want`` bytes are used. READs carry no
-        # Data-Out (SBC-3 §5): the common case skips the lookup.
-        want = 0 if cdb and cdb[0] in _READ_OPCODES else self.scsi.data_out_length(task.lun, cdb)
-        have = task.edtl if cmd.write else 0
-        data_out: memoryview | None = None
-        overflow = underflow = 0
-        if want > have:
-            overflow = want - have
-            data_out = task.data_out()
-        elif cmd.write:
-            underflow = have - want
-            data_out = task.data_out()[:want]
+        token = CURRENT_INITIATOR.set(initiator_name)
+        try:
+            result = self.scsi.execute_now(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
+                                           expected_length=task.edtl)
+        finally:
+            CURRENT_INITIATOR.reset(token)
+        if isinstance(result, ScsiResult):
+            return _command_result(result, cmd.write, overflow, underflow)
+        return self._finish(result, initiator_name, cmd.write, overflow, underflow)
+
+    async def run_command(self, nexus: Nexus, initiator_name: str, task: Task) -> CommandResult:
+        """:meth:`run_command_now` as a coroutine, waiting for the LUN's
+        bandwidth group first."""
         throttle = self.throttles.get(task.lun)
         if throttle is not None:
             await throttle()  # the LUN's bandwidth group is over its limit
-        # Multiattach LUNs pick the initiator's own differencing image from
-        # this context variable (each command runs in its own context).
+        data_out, overflow, underflow = self._residuals(task)
+        cmd = task.cmd
         token = CURRENT_INITIATOR.set(initiator_name)
         try:
-            result = await self.scsi.execute(nexus, task.lun, cdb, data_out, cmd.attr,
+            result = await self.scsi.execute(nexus, task.lun, cmd.cdb, data_out, cmd.attr,
                                              expected_length=task.edtl)
         finally:
             CURRENT_INITIATOR.reset(token)
-        if not cmd.write:
-            return result.status, result.sense, result.data, overflow, 0
-        return result.status, result.sense, None, overflow, underflow
+        return _command_result(result, cmd.write, overflow, underflow)
+
+    @staticmethod
+    async def _finish(pending: Awaitable[ScsiResult], initiator_name: str, write: bool,
+                      overflow: int, underflow: int) -> CommandResult:
+        # The rest of the command (a flush in a thread) runs later, from the
+        # event loop: it needs the initiator's scope again.
+        token = CURRENT_INITIATOR.set(initiator_name)
+        try:
+            result = await pending
+        finally:
+            CURRENT_INITIATOR.reset(token)
+        return _command_result(result, write, overflow, underflow)
+
+    def _residuals(self, task: Task) -> tuple[memoryview | None, int, int]:
+        """(Data-Out to use, overflow, underflow). Residuals (RFC 7143
+        §11.4.5, FCP-4 §9.4.2 as libiscsi tests them): the CDB asks for
+        ``want`` bytes, the iSCSI header promised ``have``. With less
+        promised the command runs on the bytes that came (the device keeps
+        the rest of a partial block) and reports overflow; with more, only
+        ``want`` bytes are used. READs carry no Data-Out (SBC-3 §5): the
+        common case skips the lookup."""
+        cmd = task.cmd
+        cdb = cmd.cdb
+        want = 0 if cdb and cdb[0] in _READ_OPCODES else self.scsi.data_out_length(task.lun, cdb)
+        have = task.edtl if cmd.write else 0
+        if want > have:
+            return task.data_out(), want - have, 0
+        if cmd.write:
+            return task.data_out()[:want], 0, have - want
+        return None, 0, 0
+
+
+def _command_result(result: ScsiResult, write: bool, overflow: int, underflow: int
+                    ) -> CommandResult:
+    if not write:
+        return result.status, result.sense, result.data, overflow, 0
+    return result.status, result.sense, None, overflow, underflow
 
 
 #: READ(6), READ(10), READ(12), READ(16).

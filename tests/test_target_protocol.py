@@ -60,6 +60,7 @@ from iscsi.scsi.sense import SenseData
 from iscsi.serial import sn_add, sn_ge, sn_gt
 from iscsi.text import decode_text, encode_text
 from target.config import Limits, LunSpec, PortalGroup, ServerConfig, TargetSpec
+from target.scsi.types import ScsiResult
 from tests.rawclient import INITIATOR, RawClient
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
 
@@ -312,21 +313,28 @@ class Gate:
         self.event: asyncio.Event | None = None
         self.entered = 0
         self.log: list[str] = []
-        orig: Callable[..., Awaitable[Any]] = self.rt.scsi.execute
+        orig: Callable[..., Any] = self.rt.scsi.execute_now
 
-        async def gated(nexus: Any, lun: int, cdb: bytes, *a: Any, **kw: Any) -> Any:
+        async def held(nexus: Any, lun: int, cdb: bytes, *a: Any, **kw: Any) -> Any:
+            self.entered += 1
+            assert self.event is not None
+            await self.event.wait()
+            result = orig(nexus, lun, cdb, *a, **kw)
+            if not isinstance(result, ScsiResult):
+                result = await result
+            self.log.append(f"done {cdb[0]:02x}")
+            return result
+
+        def gated(nexus: Any, lun: int, cdb: bytes, *a: Any, **kw: Any) -> Any:
+            # The transport's entry point: a result, or an awaitable for a
+            # command that waits -- these ones wait for the gate.
             if cdb and cdb[0] in self.opcodes:
-                self.entered += 1
-                assert self.event is not None
-                await self.event.wait()
-                result = await orig(nexus, lun, cdb, *a, **kw)
-                self.log.append(f"done {cdb[0]:02x}")
-                return result
-            return await orig(nexus, lun, cdb, *a, **kw)
+                return held(nexus, lun, cdb, *a, **kw)
+            return orig(nexus, lun, cdb, *a, **kw)
 
         def install() -> None:
             self.event = asyncio.Event()
-            self.rt.scsi.execute = gated
+            self.rt.scsi.execute_now = gated
 
         t.call(install)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from iscsi.scsi.cdb_common import CDBError, check_control
@@ -319,6 +319,23 @@ class LogicalUnit(BlockCommands, SpcCommands):
         when known: commands whose Data-Out size is fixed by the CDB
         (WRITE SAME, COMPARE AND WRITE) reject a mismatch.
         """
+        result = self.execute_now(nexus, cdb, data_out, attr, expected_length=expected_length)
+        return result if isinstance(result, ScsiResult) else await result
+
+    def execute_now(
+        self,
+        nexus: Nexus,
+        cdb: bytes,
+        data_out: Buffer | None = None,
+        attr: int = SIMPLE,
+        *,
+        expected_length: int | None = None,
+    ) -> ScsiResult | Awaitable[ScsiResult]:
+        """:meth:`execute` without a coroutine for the commands that finish
+        at once (a read from an mmap view, a write into the page cache): the
+        result, or an awaitable for the few that wait (a flush in a thread).
+        A coroutine per command costs a frame and a StopIteration on the
+        hot path, about a fifth of the CPU of a 4 KiB read."""
         op = cdb[0]
         handler = self._handlers.get(op)
         try:
@@ -337,25 +354,37 @@ class LogicalUnit(BlockCommands, SpcCommands):
             if res is not None and res.conflict(nexus, cdb):
                 return ScsiResult(Status.RESERVATION_CONFLICT)
             result = handler(nexus, cdb, data_out, expected_length)
-            if not isinstance(result, ScsiResult):
-                result = await result
-            return result
-        except CheckCondition as exc:
+            if isinstance(result, ScsiResult):
+                return result
+        except Exception as exc:  # noqa: BLE001 - mapped to SCSI status below
+            return self._failed(op, exc)
+        return self._finish(op, result)
+
+    async def _finish(self, op: int, pending: Awaitable[ScsiResult]) -> ScsiResult:
+        try:
+            return await pending
+        except Exception as exc:  # noqa: BLE001 - mapped to SCSI status below
+            return self._failed(op, exc)
+
+    def _failed(self, op: int, exc: Exception) -> ScsiResult:
+        """The SCSI answer to an exception from a command (SAM-5 §5.3)."""
+        if isinstance(exc, CheckCondition):
             return self.check_condition(exc.sense)
-        except ReservationConflict:
+        if isinstance(exc, ReservationConflict):
             return ScsiResult(Status.RESERVATION_CONFLICT)
-        except OutOfResources:
+        if isinstance(exc, OutOfResources):
             # A limit the administrator set (multiattach overlays): this
             # initiator is refused, SPC-4 INSUFFICIENT RESOURCES (55h/03h).
             return self.check_condition(SenseData(SenseKey.ILLEGAL_REQUEST,
                                                   *INSUFFICIENT_RESOURCES))
-        except BackendError:
+        if isinstance(exc, BackendError):
             asc = WRITE_ERROR if op in _WRITES else UNRECOVERED_READ_ERROR
             return self.check_condition(SenseData(SenseKey.MEDIUM_ERROR, *asc))
-        except (ValueError, IndexError, struct.error):
+        if isinstance(exc, (ValueError, IndexError, struct.error)):
             # A parser bug must not take the target down; report it as an
             # internal failure rather than leaking the exception.
             return self.check_condition(SenseData(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE))
+        raise exc
 
     # ----- transport helper --------------------------------------------------
 

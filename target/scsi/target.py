@@ -8,7 +8,7 @@ and calls :meth:`ScsiTarget.execute`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 
 from iscsi.scsi.cdb_common import SELECT_REPORT_ALL
 from iscsi.scsi.constants import Opcode, SenseKey, Status
@@ -153,6 +153,21 @@ class ScsiTarget:
     ) -> ScsiResult:
         """Execute one command. A nexus not seen before is added first (its
         first command reports POWER ON/RESET, SPC-4 §5.14)."""
+        result = self.execute_now(nexus, lun, cdb, data_out, attr, expected_length=expected_length)
+        return result if isinstance(result, ScsiResult) else await result
+
+    def execute_now(
+        self,
+        nexus: Nexus,
+        lun: int,
+        cdb: bytes,
+        data_out: Buffer | None = None,
+        attr: int = SIMPLE,
+        *,
+        expected_length: int | None = None,
+    ) -> ScsiResult | Awaitable[ScsiResult]:
+        """:meth:`execute` without a coroutine when the command finishes at
+        once (see :meth:`LogicalUnit.execute_now`)."""
         if nexus.key not in self._nexuses:
             self.add_nexus(nexus)
         if not cdb:
@@ -166,7 +181,7 @@ class ScsiTarget:
         lu = self.luns.get(lun)
         if lu is None:
             return self._missing_lun(cdb)
-        return await lu.execute(nexus, cdb, data_out, attr, expected_length=expected_length)
+        return lu.execute_now(nexus, cdb, data_out, attr, expected_length=expected_length)
 
     @staticmethod
     def _check(sense: SenseData) -> ScsiResult:
