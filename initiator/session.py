@@ -16,7 +16,7 @@ this module does I/O, timers, the reconnect policy and the public API:
 * a command is sent at most ``1 + command_retries`` times; reconnects after
   a failure that follows a login too closely are paced by an exponential
   backoff, so a target that breaks the protocol on every login cannot make
-  us spin (issue 9 item 7; the decisions are
+  us spin (the decisions are
   :class:`iscsi.ffp.initiator_recovery.RecoveryPolicy`);
 * a command without status after ``command_timeout`` is aborted and fails
   with :class:`CommandTimedOut` (the engine escalates ABORT TASK, LOGICAL
@@ -35,15 +35,11 @@ PDUs produced in one loop iteration. TCP_NODELAY is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import enum
 import logging
 import os
-import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from iscsi.constants import (
@@ -65,14 +61,12 @@ from iscsi.ffp.initiator import (
     Event,
     ExchangeFailed,
     InitiatorEngine,
-    InitiatorParams,
     LogoutDone,
     PingAnswered,
     TaskManagementDone,
     TextDone,
 )
 from iscsi.ffp.initiator_recovery import RecoveryPolicy
-from iscsi.framing import PDUReader
 from iscsi.keys import NegotiatedParams
 from iscsi.pdu import PDU, Buffer
 from iscsi.text import encode_text
@@ -81,7 +75,6 @@ from target.malloc import tune_malloc
 
 from .errors import (
     CommandTimedOut,
-    ConnectionLost,
     InitiatorError,
     LoginFailed,
     LoginRefused,
@@ -89,198 +82,14 @@ from .errors import (
     SessionFailed,
     TargetProtocolError,
 )
-from .login import (
-    LoginDriver,
-    LoginRedirected,
-    LoginSettings,
-    login_offers,
-    parse_target_address,
-)
+from .options import ScsiResult, SessionOptions
+from .session_link import Answer, SessionLink, State, describe
+from .transport import Connection
 
 log = logging.getLogger("initiator.session")
 
-_TUR = bytes(6)
-# SAM-5 §5.3.1: CHECK CONDITION with UNIT ATTENTION (sense key 6).
-_CHECK_CONDITION = 0x02
-_UNIT_ATTENTION = 0x6
 
 T = TypeVar("T")
-Answer = PingAnswered | TaskManagementDone | TextDone | LogoutDone
-
-
-@dataclass
-class SessionOptions:
-    """Everything configurable about a session (defaults follow open-iscsi).
-
-    ``keys`` holds any further negotiable key in wire syntax and wins over
-    the typed fields; ``header_digest``/``data_digest`` are offered lists
-    such as ``"None,CRC32C"`` (we prefer no digest but accept one) or
-    ``"CRC32C"`` (insist).
-    """
-
-    initiator_name: str | None = None
-    initiator_alias: str | None = None
-    #: One-way CHAP: the name and secret we prove ourselves with.
-    chap_user: str | None = None
-    chap_secret: str | None = None
-    #: Mutual CHAP: the name and secret the target must prove.
-    target_chap_user: str | None = None
-    target_chap_secret: str | None = None
-    #: CHAP_A values offered, in preference order (IANA: 5 MD5, 6 SHA-1,
-    #: 7 SHA-256, 8 SHA3-256). MD5 only by default, like open-iscsi's
-    #: ``chap_algs``: tgt 1.0.x accepts 7 but computes SHA-1 for it, so
-    #: offering 7 first breaks CHAP against tgt.
-    chap_algorithms: tuple[int, ...] = (5,)
-    header_digest: str = "None,CRC32C"
-    data_digest: str = "None,CRC32C"
-    max_recv_data_segment_length: int = 262144
-    max_burst_length: int = 16776192
-    first_burst_length: int = 262144
-    initial_r2t: bool = False
-    immediate_data: bool = True
-    max_outstanding_r2t: int = 1
-    keys: dict[str, str] = field(default_factory=dict)
-    #: Seconds of receive silence before a NOP-Out ping; None disables pings.
-    nop_interval: float | None = 5.0
-    #: Seconds to wait for the ping's answer before declaring the connection dead.
-    nop_timeout: float = 5.0
-    #: Seconds a broken session may take to come back before commands fail.
-    replacement_timeout: float = 120.0
-    #: Seconds allowed for TCP connect (first connect: reported this fast).
-    connect_timeout: float = 5.0
-    #: Seconds allowed for a whole login exchange.
-    login_timeout: float = 15.0
-    #: The 48-bit ISID; a random one of type "random" (§11.12.5) if None.
-    isid: int | None = None
-    #: Upper bound on commands in flight besides the target's window.
-    queue_depth: int = 128
-    #: Seconds from submission to status before a command is aborted and
-    #: fails with CommandTimedOut (open-iscsi/Linux: 30 s); None: no limit.
-    command_timeout: float | None = 30.0
-    #: Seconds for each task management step of that abort.
-    tmf_timeout: float = 10.0
-    #: Times a command is reissued after connection failures before it
-    #: fails (the SCSI midlayer's retries, 5 in Linux).
-    command_retries: int = 5
-    #: Upper bound of the pause between logins after repeated failures.
-    reconnect_backoff_max: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ScsiResult:
-    """How a SCSI command ended (status GOOD or not; checks are the caller's).
-
-    ``data`` is the Data-In actually transferred (a view of the caller's
-    buffer when one was given); ``residual`` is the residual count with
-    ``underflow``/``overflow`` saying which (RFC 7143 §11.4.5).
-    """
-
-    status: int
-    sense: bytes = b""
-    data: memoryview | None = None
-    residual: int = 0
-    underflow: bool = False
-    overflow: bool = False
-
-    @property
-    def good(self) -> bool:
-        """True for status GOOD (or CONDITION MET)."""
-        return self.status in (0x00, 0x04)
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    LOGGING_IN = "logging in"
-    READY = "full feature phase"
-    RECOVERING = "recovering"
-    CLOSING = "logging out"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One TCP connection; feeds received PDUs to its session."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.reader = PDUReader(placement=session._placement)
-        self.transport: asyncio.Transport | None = None
-        self.login_queue: asyncio.Queue[PDU | BaseException] = asyncio.Queue()
-        self.logged_in = False
-        self.closed = False
-        self.write_paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses.
-        self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            # DESIGN.md: a PDU split over two writes under Nagle ran at 23 ops/s.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._parse(lambda: self.reader.buffer_updated(nbytes))
-
-    def resume_parsing(self) -> None:
-        """Parse bytes that arrived behind the last Login Response (the
-        reader stops there so digests can be switched first)."""
-        self._parse(self.reader.parse)
-
-    def _parse(self, step: Callable[[], list[PDU]]) -> None:
-        try:
-            pdus = step()
-        except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
-            # Issue 9 item 7: any error while reading (not only our
-            # ProtocolError) ends this connection, never the event loop's
-            # "Fatal error on transport".
-            self._error(exc)
-            return
-        if not self.logged_in:
-            for pdu in pdus:
-                self.login_queue.put_nowait(pdu)
-            return
-        try:
-            self.session._deliver(self, pdus)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("error handling PDUs from %s", self.session.portal)
-            self._error(exc)
-
-    def _error(self, exc: BaseException) -> None:
-        if not self.logged_in:
-            self.login_queue.put_nowait(exc)
-        self.session._connection_failed(self, exc)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        # DESIGN.md: a peer that does not read must not grow our buffers.
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-        self.session._flush()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        err: BaseException = exc or ConnectionResetError("connection closed by the target")
-        if not self.logged_in:
-            self.login_queue.put_nowait(err)
-        self.closed = True
-        self.session._connection_failed(self, err)
-
-    def send(self, buffers: list[Buffer]) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.writelines(buffers)
-
-    def abort(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.abort()
 
 
 def _random_isid() -> int:
@@ -288,7 +97,7 @@ def _random_isid() -> int:
     return (0x40 << 40) | int.from_bytes(os.urandom(5), "big")
 
 
-class Session:
+class Session(SessionLink):
     """An iSCSI session to one target (or a discovery session).
 
     Create with :meth:`connect` (normal) or use :func:`discover`. The session
@@ -308,8 +117,8 @@ class Session:
         self.tsih = 0
         self.params = NegotiatedParams()
         self._loop = asyncio.get_running_loop()
-        self._state = _State.NEW
-        self._conn: _Connection | None = None
+        self._state = State.NEW
+        self._conn: Connection | None = None
         self._engine: InitiatorEngine | None = None
         self._cid = 0
         self._cmdsn = 1
@@ -357,7 +166,7 @@ class Session:
         try:
             await self._establish()
         except BaseException:
-            self._state = _State.CLOSED
+            self._state = State.CLOSED
             raise
 
     @property
@@ -381,142 +190,26 @@ class Session:
         """Number of the target's NOP-In pings we answered."""
         return self._pings + (self._engine.target_pings if self._engine is not None else 0)
 
-    async def _establish(self) -> None:
-        """Connect and log in (first time or reinstatement, same ISID),
-        following up to four login redirections (status class 1, §11.13.5)."""
-        host, port = self.host, self.port
-        for _ in range(5):
-            try:
-                await self._establish_at(host, port)
-                return
-            except LoginRedirected as exc:
-                moved = parse_target_address(exc.address, self.port)
-                log.info("target %s redirects us to %s", self.portal, moved)
-                host, port = moved.host, moved.port
-        raise LoginFailed(f"too many login redirections from {self.portal}")
-
-    async def _establish_at(self, host: str, port: int) -> None:
-        self._state = _State.LOGGING_IN
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            _transport, conn = await asyncio.wait_for(
-                self._loop.create_connection(lambda: _Connection(self), host, port),
-                self.options.connect_timeout)
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                reason = f"no answer within {self.options.connect_timeout:g} s"
-            elif exc.errno:
-                reason = os.strerror(exc.errno).lower()
-            else:
-                reason = exc.strerror or str(exc)
-            raise PortalUnreachable(f"cannot connect to portal {where}: {reason}") from exc
-        self._conn = conn
-        try:
-            await asyncio.wait_for(self._login(conn), self.options.login_timeout)
-        except TimeoutError:
-            conn.abort()
-            raise LoginFailed(f"login to {where} timed out after "
-                              f"{self.options.login_timeout:g} s") from None
-        except BaseException:
-            conn.abort()
-            if self._conn is conn:
-                self._conn = None
-            raise
-        if self._conn is not conn:
-            raise ConnectionLost(f"connection to {where} lost during login")
-        self._state = _State.READY
-        self._policy.logged_in(self._loop.time())
-        engine = self._engine
-        assert engine is not None
-        # Hold the ordinary queue until unit attentions are consumed.
-        engine.hold = bool(self._luns_used) and not self.discovery
-        now = self._loop.time()
-        backlog, self._backlog = self._backlog, deque()
-        for cmd in backlog:
-            engine.submit(cmd, now)
-        conn.logged_in = True
-        conn.resume_parsing()
-        if self._conn is not conn:
-            raise ConnectionLost(f"connection to {where} lost right after login")
-        if engine.hold:
-            await self._clear_unit_attentions()
-            engine.hold = False
-            engine.pump(self._loop.time())
-        self._schedule_flush()
-
-    async def _login(self, conn: _Connection) -> None:
-        o = self.options
-        itt = self._next_itt
-        self._next_itt = (itt + 1) % RESERVED_TAG or 1
-        settings = LoginSettings(
-            target_name=None if self.discovery else self.target_name, isid=self.isid,
-            cid=self._cid, cmdsn=self._cmdsn, itt=itt, portal=self.portal,
-            initiator_name=o.initiator_name, initiator_alias=o.initiator_alias,
-            offers=login_offers(
-                header_digest=o.header_digest, data_digest=o.data_digest,
-                max_recv_data_segment_length=o.max_recv_data_segment_length,
-                max_burst_length=o.max_burst_length, first_burst_length=o.first_burst_length,
-                initial_r2t=o.initial_r2t, immediate_data=o.immediate_data,
-                max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys),
-            chap_user=o.chap_user, chap_secret=o.chap_secret,
-            target_chap_user=o.target_chap_user, target_chap_secret=o.target_chap_secret,
-            chap_algorithms=o.chap_algorithms)
-        result = await LoginDriver(settings, conn.send, conn.login_queue.get).run()
-        self.params = p = result.params
-        self.tsih = result.tsih
-        conn.reader.header_digest = p.header_digest
-        conn.reader.data_digest = p.data_digest
-        conn.reader.max_data_segment_length = p.max_recv_data_segment_length
-        self._cmdsn = result.cmdsn
-        self._engine = InitiatorEngine(
-            InitiatorParams(
-                max_xmit=p.max_xmit_data_segment_length, max_burst=p.max_burst_length,
-                first_burst=p.first_burst_length, initial_r2t=p.initial_r2t,
-                immediate_data=p.immediate_data, max_outstanding_r2t=p.max_outstanding_r2t,
-                header_digest=p.header_digest, data_digest=p.data_digest),
-            cmdsn=result.cmdsn, expcmdsn=result.expcmdsn, maxcmdsn=result.maxcmdsn,
-            exp_statsn=result.exp_statsn, now=self._loop.time(), cid=self._cid,
-            nop_interval=None if self.discovery else o.nop_interval,
-            nop_timeout=o.nop_timeout, command_timeout=o.command_timeout,
-            tmf_timeout=o.tmf_timeout, queue_depth=o.queue_depth)
-        # Data-In placement straight to the engine (one call less per PDU).
-        conn.reader.placement = self._engine.placement
-        log.info("logged in to %s at %s (TSIH %d): %s", self.target_name or "discovery",
-                 self.portal, self.tsih, p)
-
-    async def _clear_unit_attentions(self) -> None:
-        """After reinstatement the target reports I_T nexus loss / reset as a
-        UNIT ATTENTION to the next command of each LU (SAM-5 §6.2). Consume it
-        with TEST UNIT READY before reissuing, so a reissued write is never
-        refused (and retried later, after a newer one) because of it."""
-        for lun in sorted(self._luns_used):
-            for _ in range(8):
-                result = await self._submit(lun, _TUR, None, None, TaskAttribute.SIMPLE,
-                                            internal=True)
-                if not (result.status == _CHECK_CONDITION and len(result.sense) > 2
-                        and result.sense[2] & 0x0F == _UNIT_ATTENTION):
-                    break
-
     async def logout(self) -> None:
         """Log out (close the session, §11.14) and close the connection.
 
         Commands still queued or in flight fail with :class:`SessionFailed`.
         """
-        if self._state in (_State.CLOSED, _State.FAILED):
+        if self._state in (State.CLOSED, State.FAILED):
             return
-        was_ready = self._state is _State.READY
-        self._state = _State.CLOSING
+        was_ready = self._state is State.READY
+        self._state = State.CLOSING
         self._stop_background()
         engine = self._engine
         if was_ready and engine is not None and self._conn is not None:
             try:
                 rsp = await self._exchange(lambda now: engine.logout(now), 5.0,
-                                           when=_State.CLOSING)
+                                           when=State.CLOSING)
                 if isinstance(rsp, LogoutDone) and rsp.response != LogoutResponseCode.SUCCESS:
                     log.warning("logout answered with response %d", rsp.response)
             except (TimeoutError, InitiatorError):
                 log.warning("no logout response from %s; closing anyway", self.portal)
-        self._finish(SessionFailed("session logged out"), _State.CLOSED)
+        self._finish(SessionFailed("session logged out"), State.CLOSED)
 
     async def close(self) -> None:
         """Log out if possible, then release everything."""
@@ -525,7 +218,7 @@ class Session:
     def abort(self) -> None:
         """Drop the connection and fail everything without logging out."""
         self._stop_background()
-        self._finish(SessionFailed("session aborted"), _State.CLOSED)
+        self._finish(SessionFailed("session aborted"), State.CLOSED)
 
     def _stop_background(self) -> None:
         task = self._recovery
@@ -533,7 +226,7 @@ class Session:
             task.cancel()
         self._recovery = None
 
-    def _finish(self, error: InitiatorError, state: _State) -> None:
+    def _finish(self, error: InitiatorError, state: State) -> None:
         self._state = state
         self._failure = error
         conn, self._conn = self._conn, None
@@ -590,7 +283,7 @@ class Session:
     def _submit(self, lun: int, cdb: bytes, data_out: memoryview | None,
                 data_in: memoryview | None, attr: int, *,
                 internal: bool = False) -> asyncio.Future[ScsiResult]:
-        if self._state in (_State.CLOSED, _State.FAILED, _State.CLOSING):
+        if self._state in (State.CLOSED, State.FAILED, State.CLOSING):
             raise self._failure or SessionFailed("session is closed")
         if self.discovery:
             raise InitiatorError("a discovery session cannot run SCSI commands")
@@ -600,7 +293,7 @@ class Session:
                       internal=internal, handle=fut)
         self._luns_used.add(lun)
         engine = self._engine
-        if engine is not None and (self._state is _State.READY or internal):
+        if engine is not None and (self._state is State.READY or internal):
             engine.submit(cmd, self._loop.time())
             self._schedule_flush()
         else:
@@ -612,9 +305,9 @@ class Session:
     def _schedule_flush(self) -> None:
         if not self._in_rx and not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Write everything the engine queued with one ``writelines`` and
         re-arm the engine's timer."""
         self._flush_scheduled = False
@@ -649,16 +342,16 @@ class Session:
             self._handle(engine.handle_timer(self._loop.time()))
         finally:
             self._in_rx = False
-        self._flush()
+        self.flush()
 
     # --------------------------------------------------------- receiving
 
-    def _placement(self, hdr: bytes, dlen: int) -> memoryview | None:
+    def placement(self, hdr: bytes, dlen: int) -> memoryview | None:
         """PDUReader hook: Data-In lands straight in the caller's buffer."""
         engine = self._engine
         return engine.placement(hdr, dlen) if engine is not None else None
 
-    def _deliver(self, conn: _Connection, pdus: list[PDU]) -> None:
+    def deliver(self, conn: Connection, pdus: list[PDU]) -> None:
         engine = self._engine
         if engine is None or conn is not self._conn:
             return
@@ -671,12 +364,12 @@ class Session:
                 self._handle(engine.receive_pdu(pdu, now))
         finally:
             self._in_rx = False
-        self._flush()
+        self.flush()
 
     def _dispatch(self, pdu: PDU) -> None:
         """Feed one PDU as if it had been received (tests inject with it)."""
         if self._conn is not None:
-            self._deliver(self._conn, [pdu])
+            self.deliver(self._conn, [pdu])
 
     def _handle(self, events: list[Event]) -> None:
         for ev in events:
@@ -688,7 +381,7 @@ class Session:
                 if self._conn is not None:
                     err: BaseException = (TargetProtocolError(ev.reason) if ev.violation
                                           else TimeoutError(ev.reason))
-                    self._connection_failed(self._conn, err)
+                    self.connection_failed(self._conn, err)
             elif isinstance(ev, AsyncNotice):
                 self._on_async(ev)
             elif isinstance(ev, ExchangeFailed):
@@ -754,7 +447,7 @@ class Session:
                      "connection" if event == AsyncEvent.CONNECTION_DROP else "session")
             self._retry_delay = float(ev.parameter2)
             if self._conn is not None:
-                self._connection_failed(self._conn, ConnectionResetError(
+                self.connection_failed(self._conn, ConnectionResetError(
                     "target announced it drops the connection"))
         elif event == AsyncEvent.NEGOTIATION_REQUEST:
             # We have nothing to renegotiate; an empty Text exchange would do,
@@ -763,20 +456,10 @@ class Session:
         else:
             log.info("asynchronous event %d from %s ignored", event, self.portal)
 
-    async def _logout_and_reconnect(self) -> None:
-        conn, engine = self._conn, self._engine
-        if conn is None or engine is None or self._state is not _State.READY:
-            return
-        with contextlib.suppress(TimeoutError, InitiatorError):
-            await self._exchange(lambda now: engine.logout(now), 5.0)
-        if self._conn is conn:
-            self._connection_failed(conn, ConnectionResetError(
-                "logged out at the target's request"))
-
     # --------------------------------------------------- other exchanges
 
     async def _exchange(self, start: Callable[[float], int], timeout: float = 30.0, *,
-                        when: _State = _State.READY) -> Answer:
+                        when: State = State.READY) -> Answer:
         engine = self._engine
         if self._state is not when or engine is None:
             raise self._failure or SessionFailed(f"session is {self._state.value}")
@@ -827,116 +510,6 @@ class Session:
         return rsp.response
 
     # ----------------------------------------------------------- recovery
-
-    def _connection_failed(self, conn: _Connection, exc: BaseException) -> None:
-        if conn is not self._conn:
-            return
-        self._conn = None
-        conn.abort()
-        engine, self._engine = self._engine, None
-        self._cancel_timer()
-        if self._state is not _State.READY:
-            # During login _establish sees the failure through the login
-            # queue; while closing there is nothing to recover.
-            if engine is not None:
-                self._pings += engine.target_pings
-                self._backlog.extendleft(reversed(engine.close()))
-            return
-        log.warning("connection to %s failed (%s); recovering", self.portal, _describe(exc))
-        self._state = _State.RECOVERING
-        lost = ConnectionLost(f"connection to {self.portal} lost")
-        self._next_wait = self._policy.connection_failed(self._loop.time())
-        cmds = engine.close() if engine is not None else []
-        if engine is not None:
-            self._pings += engine.target_pings
-        reissue: list[Command] = []
-        for cmd in cmds:
-            if cmd.internal:
-                # Unit attention clearing belongs to the attempt that failed.
-                self._fail(cmd, lost)
-            elif cmd.timed_out:
-                self._fail(cmd, CommandTimedOut(
-                    f"no status for CDB 0x{cmd.cdb[0]:02x} within the command timeout; "
-                    f"task management failed, the session was recovered"))
-            elif not self._policy.reissue(cmd):
-                # Issue 9 item 7: a bounded number of reissues, then a clear error.
-                why = cmd.violation or _describe(exc)
-                self._fail(cmd, TargetProtocolError(
-                    f"CDB 0x{cmd.cdb[0]:02x} failed after {cmd.attempts} attempts: {why}")
-                    if cmd.violation else ConnectionLost(
-                    f"CDB 0x{cmd.cdb[0]:02x} failed after {cmd.attempts} attempts: {why}"))
-            elif not cast("asyncio.Future[ScsiResult]", cmd.handle).done():
-                reissue.append(cmd)
-        # ERL 0 session recovery (§7.1.4.3): reissue what had not completed,
-        # in the order it was first issued, ahead of commands not yet sent.
-        self._backlog.extendleft(reversed(reissue))
-        if self._policy.give_up():
-            # Logins succeed but nothing completes: fail what waits now
-            # rather than at the replacement timeout (issue 9 item 7).
-            gone = ConnectionLost(
-                f"{self._policy.failures} connections to {self.portal} in a row failed "
-                f"without completing a command (last: {_describe(exc)})")
-            while self._backlog:
-                self._fail(self._backlog.popleft(), gone)
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(lost)
-        self._waiters.clear()
-        if self.discovery:
-            self._finish(SessionFailed(f"connection to {self.portal} lost"), _State.FAILED)
-            return
-        if self._recovery is None or self._recovery.done():
-            self._recovery = self._loop.create_task(self._recover(exc))
-
-    async def _recover(self, cause: BaseException) -> None:
-        opts = self.options
-        deadline = self._loop.time() + opts.replacement_timeout
-        # Time2Wait from an Async Message, else the backoff.
-        wait = self._retry_delay if self._retry_delay is not None else self._next_wait
-        self._retry_delay = None
-        delay = 0.0
-        last: BaseException = cause
-        while True:
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                break
-            if wait > 0:
-                await asyncio.sleep(min(wait, remaining))
-                remaining = deadline - self._loop.time()
-                if remaining <= 0:
-                    break
-            try:
-                await asyncio.wait_for(self._establish(), remaining)
-            except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
-                last = exc
-                log.info("reconnect to %s failed: %s", self.portal, exc)
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    conn.abort()
-                engine, self._engine = self._engine, None
-                if engine is not None:
-                    self._pings += engine.target_pings
-                    self._backlog.extendleft(reversed(
-                        [c for c in engine.close() if not c.internal]))
-                self._state = _State.RECOVERING
-                delay = self._policy.login_retry_delay(delay)
-                wait = delay
-                continue
-            self.recoveries += 1
-            log.info("session to %s recovered", self.portal)
-            self._recovery = None
-            return
-        self._recovery = None
-        self._finish(SessionFailed(
-            f"connection to {self.portal} lost ({_describe(cause)}) and not restored within "
-            f"the replacement timeout of {opts.replacement_timeout:g} s (last: {_describe(last)})"),
-            _State.FAILED)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 async def discover(host: str, port: int = 3260, options: SessionOptions | None = None,
                    which: str = "All", *, chap_optional: bool = False

@@ -329,7 +329,7 @@ class InitiatorEngine:
             self.events.append(CommandFailed(cmd, "target", cmd.failure))
             return
         if status in (_GOOD, _CONDITION_MET):
-            # Issue 9 item 8: GOOD must account for every byte: what was
+            # GOOD must account for every byte: what was
             # not transferred is declared as residual underflow (§11.4.5.2),
             # otherwise the caller would take zeros for data.
             declared = residual if underflow else 0
@@ -352,7 +352,7 @@ class InitiatorEngine:
         if cmd.data_out is None:
             raise self._violation(cmd, f"R2T for a command that writes nothing "
                                        f"(CDB 0x{cmd.cdb[0]:02x})")
-        # Issue 9 item 10: with DataSequenceInOrder=Yes (§13.20) and ERL 0
+        # With DataSequenceInOrder=Yes (§13.20) and ERL 0
         # each R2T asks for the bytes right after the last; one that repeats
         # a range, leaves a gap, asks beyond the write, for nothing or for
         # more than MaxBurstLength (§11.8.4) is a protocol error.

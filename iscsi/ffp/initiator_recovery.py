@@ -2,7 +2,7 @@
 ErrorRecoveryLevel 0): which commands a new connection reissues, and how
 long to wait before each login -- time passed in, never read.
 
-Issue 9 item 7: a target that breaks the protocol right after every login
+A target that breaks the protocol right after every login
 must not get an endless storm of logins, nor hang its commands: a command
 is sent at most ``1 + command_retries`` times (Linux's SCSI midlayer retries
 5 times), and a connection that fails soon after its login makes the next
