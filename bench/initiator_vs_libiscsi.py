@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from initiator.blockdev import BlockDevice  # noqa: E402
-from initiator.cli import bench  # noqa: E402
+from initiator.cli_copy import bench  # noqa: E402
 from initiator.session import SessionOptions, run  # noqa: E402
 from tests.initiator_checks import TargetProcess  # noqa: E402
 from tests.target_fixture import TARGET_NAME  # noqa: E402
