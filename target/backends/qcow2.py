@@ -24,181 +24,54 @@ writing to images with internal snapshots, or to images marked dirty
 from __future__ import annotations
 
 import os
-import struct
-import sys
 import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 from .base import SECTOR, Backend, BackendError, Buffer, MediumError
-from .raw import pread_padded, punch_hole, pwrite_all
-from .registry import (
-    CreateRequest,
-    ImageInfo,
-    cluster_pieces,
-    create_file,
-    image_creator,
-    open_backing,
-    open_file,
-    parse_size,
-)
+from .raw import pread_padded
+from .registry import ImageInfo, cluster_pieces, open_backing, open_file
 from .mapped import RUN_BYTES, RUN_DATA, RUN_PARENT, RUN_ZERO, MappedImage, Run, RunWriter
 from .mapped import pwrite_all as pwrite_medium
+from .qcow2_format import (
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSED,
+    EXT_BACKING_FORMAT,
+    EXT_END,
+    EXT_FEATURE_NAMES,
+    EXT_HEADER,
+    Extensions,
+    HDR2,
+    HDR3,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    INCOMPAT_NAMES,
+    L2_CACHE_BYTES,
+    MAGIC,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES,
+    NAME,
+    NORMAL,
+    OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    RefBlock,
+    U64,
+    UNALLOC,
+    ZERO,
+    be_array,
+    be_bytes,
+)
+from .qcow2_create import create
+from .qcow2_refcount import Qcow2Refcounts
 
 __all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
 
-NAME = "qcow2"
-MAGIC = b"QFI\xfb"
-
-# Header fields up to snapshots_offset (72 bytes, all a v2 header has).
-_HDR2 = struct.Struct(">4sIQIIQIIQQIIQ")
-# v3 additions at byte 72: incompatible, compatible, autoclear features,
-# refcount_order, header_length.
-_HDR3 = struct.Struct(">QQQII")
-_EXT = struct.Struct(">II")
-_U64 = struct.Struct(">Q")
-_REFTABLE_HDR = struct.Struct(">QI")  # refcount_table_offset + _clusters at 48
-
-# Header extension types.
-EXT_END = 0
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_NAMES = 0x6803F857
-EXT_DATA_FILE = 0x44415441
-
-# Incompatible feature bits.
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
-_INCOMPAT_NAMES = {
-    0: "dirty",
-    1: "corrupt",
-    2: "external data file",
-    3: "compression type",
-    4: "extended L2 entries",
-}
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-
-OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1 and standard L2 entries, bits 9-55
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-OFLAG_COPIED = 1 << 63
-OFLAG_COMPRESSED = 1 << 62
-OFLAG_ZERO = 1
-
-MAX_CLUSTER_BITS = 21  # qemu's limit, 2 MiB
-MAX_L1_BYTES = 32 << 20  # qemu's limit on the L1 table
-MAX_REFTABLE_BYTES = 8 << 20
-L2_CACHE_BYTES = 32 << 20
-
-# Cluster kinds.
-UNALLOC, ZERO, NORMAL, COMPRESSED = range(4)
-
-_LITTLE = sys.byteorder == "little"
-_REF_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
-
-
-def _be_array(typecode: str, raw: Buffer) -> array[int]:
-    a: array[int] = array(typecode)
-    a.frombytes(raw)
-    if _LITTLE and a.itemsize > 1:
-        a.byteswap()
-    return a
-
-
-def _be_bytes(a: array[int], lo: int = 0, hi: int | None = None) -> bytes:
-    part = a[lo:hi]
-    if _LITTLE and part.itemsize > 1:
-        part.byteswap()
-    return part.tobytes()
-
-
-class _RefBlock:
-    """One refcount block (a cluster of refcount_bits-wide entries)."""
-
-    __slots__ = ("arr", "bits", "offset", "raw")
-
-    # For sub-byte widths: 1 where a byte holds at least one zero entry.
-    _HAS_ZERO: ClassVar[dict[int, bytes]] = {}
-
-    def __init__(self, offset: int, bits: int, raw: Buffer) -> None:
-        self.offset = offset
-        self.bits = bits
-        if bits >= 8:
-            self.arr: array[int] | None = _be_array(_REF_TYPECODES[bits], raw)
-            self.raw = bytearray()
-        else:
-            self.arr = None
-            self.raw = bytearray(raw)
-
-    def get(self, i: int) -> int:
-        if self.arr is not None:
-            return self.arr[i]
-        # Sub-byte entries: entry 0 is the least significant bits of byte 0.
-        bit = i * self.bits
-        return (self.raw[bit >> 3] >> (bit & 7)) & ((1 << self.bits) - 1)
-
-    def set(self, i: int, value: int) -> tuple[int, bytes]:
-        """Set entry ``i``; return (byte offset in block, bytes to write)."""
-        if value < 0 or value >= 1 << self.bits:
-            raise MediumError(f"refcount {value} does not fit in {self.bits} bits")
-        if self.arr is not None:
-            self.arr[i] = value
-            size = self.bits >> 3
-            return i * size, value.to_bytes(size, "big")
-        bit = i * self.bits
-        byte, shift = bit >> 3, bit & 7
-        mask = ((1 << self.bits) - 1) << shift
-        self.raw[byte] = (self.raw[byte] & ~mask) | (value << shift)
-        return byte, bytes(self.raw[byte : byte + 1])
-
-    def find_zero(self, start: int) -> int:
-        """Index of the first zero entry at or after ``start``, or -1."""
-        arr = self.arr
-        if arr is not None:
-            try:
-                return arr.index(0, start)
-            except ValueError:
-                return -1
-        per_byte = 8 // self.bits
-        n = len(self.raw) * per_byte
-        # Finish the partial first byte entry by entry (< 8 steps).
-        i = start
-        while i < n and i % per_byte:
-            if self.get(i) == 0:
-                return i
-            i += 1
-        table = self._HAS_ZERO.get(self.bits)
-        if table is None:
-            table = bytes(
-                int(any(((b >> s) & ((1 << self.bits) - 1)) == 0 for s in range(0, 8, self.bits)))
-                for b in range(256)
-            )
-            self._HAS_ZERO[self.bits] = table
-        byte = self.raw.translate(table).find(1, i // per_byte)
-        if byte < 0:
-            return -1
-        for j in range(byte * per_byte, byte * per_byte + per_byte):
-            if self.get(j) == 0:
-                return j
-        return -1  # pragma: no cover - the table said there was one
-
-    def to_bytes(self) -> bytes:
-        return _be_bytes(self.arr) if self.arr is not None else bytes(self.raw)
-
-
-@dataclass
-class _Extensions:
-    """What the header extensions told us."""
-
-    backing_format: str | None = None
-    feature_names: dict[int, str] = field(default_factory=dict)
-
-
-class Qcow2Image(MappedImage):
+class Qcow2Image(Qcow2Refcounts, MappedImage):
     """An open qcow2 image (see the module docstring for what is supported)."""
 
     version: int
@@ -241,7 +114,7 @@ class Qcow2Image(MappedImage):
         file_size = os.fstat(self._fd).st_size
         self._file_size = file_size
         head = self._pread(0, min(max(file_size, 0), 1 << MAX_CLUSTER_BITS))
-        if len(head) < _HDR2.size or head[:4] != MAGIC:
+        if len(head) < HDR2.size or head[:4] != MAGIC:
             raise self._bad("not a qcow2 image (bad magic or too short)")
         (
             _,
@@ -257,7 +130,7 @@ class Qcow2Image(MappedImage):
             rt_clusters,
             nb_snapshots,
             _snap_off,
-        ) = _HDR2.unpack_from(head)
+        ) = HDR2.unpack_from(head)
         if version not in (2, 3):
             raise self._bad(f"unsupported version {version} (only 2 and 3)")
         if not 9 <= cluster_bits <= MAX_CLUSTER_BITS:
@@ -268,11 +141,11 @@ class Qcow2Image(MappedImage):
         self._cs = cs
         incompat = compat = autoclear = 0
         refcount_order = 4
-        header_length = _HDR2.size
+        header_length = HDR2.size
         if version == 3:
-            if len(head) < _HDR2.size + _HDR3.size:
+            if len(head) < HDR2.size + HDR3.size:
                 raise self._bad("v3 header truncated")
-            incompat, compat, autoclear, refcount_order, header_length = _HDR3.unpack_from(head, _HDR2.size)
+            incompat, compat, autoclear, refcount_order, header_length = HDR3.unpack_from(head, HDR2.size)
             if header_length < 104 or header_length % 8 or header_length > cs:
                 raise self._bad(f"bad header_length {header_length}")
         if refcount_order > 6:
@@ -285,7 +158,7 @@ class Qcow2Image(MappedImage):
         unknown = incompat & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION)
         if unknown:
             bits = [b for b in range(64) if unknown >> b & 1]
-            label = ", ".join(str(names.get(b) or _INCOMPAT_NAMES.get(b) or f"bit {b}") for b in bits)
+            label = ", ".join(str(names.get(b) or INCOMPAT_NAMES.get(b) or f"bit {b}") for b in bits)
             raise self._bad(f"uses incompatible feature(s) not supported here: {label}")
         compression_type = 0
         if header_length > 104:
@@ -348,20 +221,20 @@ class Qcow2Image(MappedImage):
         if not self._read_only and autoclear:
             # qcow2.txt: a writer that does not maintain the auto-clear
             # features (bitmaps...) must clear their bits before writing.
-            self._meta_write(_U64.pack(0), 88)
+            self._meta_write(U64.pack(0), 88)
             self._autoclear = 0
 
-    def _parse_extensions(self, head: bytearray, start: int, backing_off: int) -> _Extensions:
-        out = _Extensions()
+    def _parse_extensions(self, head: bytearray, start: int, backing_off: int) -> Extensions:
+        out = Extensions()
         limit = min(len(head), self._cs)
         if backing_off and backing_off < limit:
             limit = backing_off
         pos = start
-        while pos + _EXT.size <= limit:
-            etype, elen = _EXT.unpack_from(head, pos)
+        while pos + EXT_HEADER.size <= limit:
+            etype, elen = EXT_HEADER.unpack_from(head, pos)
             if etype == EXT_END:
                 break
-            data_start = pos + _EXT.size
+            data_start = pos + EXT_HEADER.size
             if data_start + elen > limit:
                 raise self._bad(f"header extension {etype:#x} runs past the header cluster")
             data = bytes(head[data_start : data_start + elen])
@@ -377,9 +250,9 @@ class Qcow2Image(MappedImage):
         return out
 
     def _load_tables(self) -> None:
-        self._l1 = _be_array("Q", self._pread(self._l1_off, self._l1_size * 8))
-        self._reftable = _be_array("Q", self._pread(self._rt_off, self._rt_clusters * self._cs))
-        self._refblocks: dict[int, _RefBlock] = {}
+        self._l1 = be_array("Q", self._pread(self._l1_off, self._l1_size * 8))
+        self._reftable = be_array("Q", self._pread(self._rt_off, self._rt_clusters * self._cs))
+        self._refblocks: dict[int, RefBlock] = {}
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._l2_cache_max = max(16, L2_CACHE_BYTES // self._cs)
         self._free_hint = 0
@@ -447,7 +320,7 @@ class Qcow2Image(MappedImage):
             return table
         if off & (self._cs - 1) or off + self._cs > self._file_size:
             raise MediumError(f"{self.path}: qcow2: corrupt L1 entry {l1i} (L2 table at {off:#x})")
-        table = _be_array("Q", self._pread(off, self._cs))
+        table = be_array("Q", self._pread(off, self._cs))
         cache[off] = table
         if len(cache) > self._l2_cache_max:
             cache.popitem(last=False)
@@ -524,151 +397,6 @@ class Qcow2Image(MappedImage):
                     yield Run(n, RUN_BYTES, data=data)
                 pos += n
 
-    # -- refcounts --------------------------------------------------------------
-
-    def _refblock(self, ti: int) -> _RefBlock | None:
-        if ti >= len(self._reftable):
-            return None
-        off = self._reftable[ti] & REFT_OFFSET_MASK
-        if off == 0:
-            return None
-        block = self._refblocks.get(ti)
-        if block is None:
-            if off & (self._cs - 1) or off + self._cs > self._file_size:
-                raise MediumError(f"{self.path}: qcow2: corrupt refcount table entry {ti} ({off:#x})")
-            block = _RefBlock(off, self._refbits, self._pread(off, self._cs))
-            self._refblocks[ti] = block
-        return block
-
-    def _refcount(self, cluster: int) -> int:
-        ti, bi = divmod(cluster, self._rb_entries)
-        block = self._refblock(ti)
-        return 0 if block is None else block.get(bi)
-
-    def _set_refcount(self, cluster: int, value: int) -> None:
-        ti, bi = divmod(cluster, self._rb_entries)
-        if ti >= len(self._reftable):
-            self._grow_reftable(ti + 1, cluster)
-        block = self._refblock(ti)
-        if block is None:
-            block = self._new_refblock(ti, cluster)
-        at, data = block.set(bi, value)
-        self._meta_write(data, block.offset + at)
-        if value == 0 and cluster < self._free_hint:
-            self._free_hint = cluster
-
-    def _new_refblock(self, ti: int, pending: int) -> _RefBlock:
-        """Allocate refcount block ``ti`` inside the range it covers: all
-        of that range has refcount 0 (free), except ``pending``, the
-        cluster whose refcount is being set."""
-        first = ti * self._rb_entries
-        home = first if first != pending else first + 1
-        block = _RefBlock(home * self._cs, self._refbits, bytes(self._cs))
-        block.set(home - first, 1)
-        self._meta_write(block.to_bytes(), block.offset)
-        self._reftable[ti] = block.offset
-        self._meta_write(_U64.pack(block.offset), self._rt_off + ti * 8)
-        self._refblocks[ti] = block
-        return block
-
-    def _end_cluster(self) -> int:
-        return -(-self._file_size // self._cs)
-
-    def _grow_reftable(self, min_entries: int, pending: int) -> None:
-        """Move the refcount table to a larger one at the end of the file.
-
-        New table and the refcount blocks that cover it (and themselves) are
-        written first; then the header points at them; then the old table's
-        clusters are freed."""
-        cs, per, E = self._cs, self._cs // 8, self._rb_entries
-        old = self._reftable
-        start = max(self._end_cluster(), pending + 1)
-        entries = max(min_entries, len(old) + len(old) // 2 + per)
-        while True:
-            entries = -(-entries // per) * per
-            tclusters = entries // per
-            k = 0
-            while True:
-                lo, hi = start // E, (start + tclusters + k - 1) // E
-                missing = [t for t in range(lo, hi + 1) if t >= len(old) or not old[t] & REFT_OFFSET_MASK]
-                if len(missing) == k:
-                    break
-                k = len(missing)
-            if hi < entries:
-                break
-            entries = hi + 1
-        if tclusters * cs > MAX_REFTABLE_BYTES:
-            raise MediumError(f"{self.path}: qcow2: refcount table would exceed {MAX_REFTABLE_BYTES} bytes")
-        table: array[int] = array("Q", bytes(entries * 8))
-        table[: len(old)] = old
-        used = range(start, start + tclusters + k)
-        new_blocks: dict[int, _RefBlock] = {}
-        for j, t in enumerate(missing):
-            off = (start + tclusters + j) * cs
-            table[t] = off
-            new_blocks[t] = _RefBlock(off, self._refbits, bytes(cs))
-        for c in used:
-            t, bi = divmod(c, E)
-            blk = new_blocks.get(t)
-            if blk is not None:
-                blk.set(bi, 1)
-            else:
-                existing = self._refblock(t)
-                assert existing is not None
-                at, data = existing.set(bi, 1)
-                self._meta_write(data, existing.offset + at)
-        for blk in new_blocks.values():
-            self._meta_write(blk.to_bytes(), blk.offset)
-        self._meta_write(_be_bytes(table), start * cs)
-        old_off, old_clusters = self._rt_off, self._rt_clusters
-        self._meta_write(_REFTABLE_HDR.pack(start * cs, tclusters), 48)
-        self._reftable = table
-        self._rt_off, self._rt_clusters = start * cs, tclusters
-        self._refblocks.update(new_blocks)
-        for c in range(old_off // cs, old_off // cs + old_clusters):
-            self._unref(c)
-
-    def _unref(self, cluster: int) -> None:
-        value = self._refcount(cluster)
-        if value == 0:
-            raise MediumError(f"{self.path}: qcow2: freeing cluster {cluster} whose refcount is already 0")
-        self._set_refcount(cluster, value - 1)
-        if value == 1:
-            try:
-                punch_hole(self._fd, cluster * self._cs, self._cs)
-            except OSError:
-                pass  # reclaiming space is best effort; the cluster is free
-
-    def _pick_free(self) -> int:
-        """A cluster with refcount 0 (its refcount is set by the caller
-        before any other allocation)."""
-        c = self._free_hint
-        E = self._rb_entries
-        while True:
-            ti, bi = divmod(c, E)
-            block = self._refblock(ti)
-            if block is None:
-                break
-            z = block.find_zero(bi)
-            if z >= 0:
-                c = ti * E + z
-                break
-            c = (ti + 1) * E
-        self._free_hint = c + 1
-        return c
-
-    def _release(self, entry: int) -> None:
-        """Drop the references an L2 entry held."""
-        kind, host = self._classify(entry)
-        self._last_compressed = None
-        if kind == COMPRESSED:
-            nsect = ((entry >> self._csize_shift) & self._csize_mask) + 1
-            start = host & ~(SECTOR - 1)
-            for c in range(start >> self._cb, ((start + nsect * SECTOR - 1) >> self._cb) + 1):
-                self._unref(c)
-        elif host:
-            self._unref(host >> self._cb)
-
     # -- writes ---------------------------------------------------------------
 
     def _cluster_base(self, gc: int, kind: int, entry: int, host: int) -> bytearray:
@@ -735,17 +463,17 @@ class Qcow2Image(MappedImage):
                     table[l2i] = value
                 c = self._pick_free()
                 off = c * self._cs
-                self._meta_write(_be_bytes(table), off)
+                self._meta_write(be_bytes(table), off)
                 self._set_refcount(c, 1)
                 self._l1[l1i] = off | OFLAG_COPIED
-                self._meta_write(_U64.pack(off | OFLAG_COPIED), self._l1_off + l1i * 8)
+                self._meta_write(U64.pack(off | OFLAG_COPIED), self._l1_off + l1i * 8)
                 self._l2_cache[off] = table
                 continue
             for l2i, value in entries.items():
                 table[l2i] = value
             lo, hi = min(entries), max(entries) + 1
             off = self._l1[l1i] & OFFSET_MASK
-            self._meta_write(_be_bytes(table, lo, hi), off + lo * 8)
+            self._meta_write(be_bytes(table, lo, hi), off + lo * 8)
 
     def _zero_range(self, offset: int, length: int) -> None:
         """Make [offset, +length) read as zeroes, deallocating whole clusters
@@ -810,105 +538,3 @@ def probe(head: bytes, path: str) -> bool:
 def open(path: str, *, read_only: bool = False, write_through: bool = False) -> Qcow2Image:
     """Open a qcow2 image and its backing chain."""
     return Qcow2Image(path, read_only=read_only, write_through=write_through)
-
-
-def _parse_options(path: str, options: dict[str, str] | None) -> tuple[int, int, int]:
-    opts = dict(options or {})
-    compat = opts.pop("compat", "1.1")
-    version = {"0.10": 2, "v2": 2, "2": 2, "1.1": 3, "v3": 3, "3": 3}.get(compat)
-    if version is None:
-        raise BackendError(f"{path}: qcow2 compat={compat!r}: expected 0.10 or 1.1")
-    try:
-        cs = parse_size(opts.pop("cluster_size", "65536"), "cluster_size")
-        refbits = parse_size(opts.pop("refcount_bits", "16"), "refcount_bits")
-    except BackendError as e:
-        raise BackendError(f"{path}: qcow2: {e}") from None
-    if cs < 512 or cs > 1 << MAX_CLUSTER_BITS or cs & (cs - 1):
-        raise BackendError(f"{path}: qcow2 cluster_size {cs} must be a power of two in 512..2M")
-    if refbits < 1 or refbits > 64 or refbits & (refbits - 1):
-        raise BackendError(f"{path}: qcow2 refcount_bits {refbits} must be a power of two in 1..64")
-    if version == 2 and refbits != 16:
-        raise BackendError(f"{path}: qcow2 compat=0.10 requires refcount_bits=16")
-    for key, allowed in (("lazy_refcounts", "off"), ("preallocation", "off"), ("extended_l2", "off"),
-                         ("compression_type", "zlib"), ("encryption", "off")):
-        value = opts.pop(key, allowed)
-        if value != allowed:
-            raise BackendError(f"{path}: qcow2 {key}={value} is not supported")
-    if opts:
-        raise BackendError(f"{path}: unknown qcow2 option(s): {', '.join(sorted(opts))}")
-    return version, cs, refbits
-
-
-@image_creator
-def create(req: CreateRequest) -> None:
-    """Create an empty qcow2 image. Options: ``compat`` (1.1 = v3, the
-    default, or 0.10 = v2), ``cluster_size`` (default 64 KiB),
-    ``refcount_bits`` (default 16)."""
-    path, size = req.path, req.size
-    version, cs, refbits = _parse_options(path, req.options)
-    backing = req.backing
-    backing_format = req.backing_format
-    if size < 0:
-        raise BackendError(f"{path}: negative size")
-    cb = cs.bit_length() - 1
-    l2n = cs // 8
-    l1_size = -(-size // (cs * l2n))
-    l1_clusters = -(-l1_size * 8 // cs)
-    rb_entries = cs * 8 // refbits
-    rt_clusters, rb_count = 1, 1
-    while True:
-        total = 1 + rt_clusters + l1_clusters + rb_count
-        rb_new = -(-total // rb_entries)
-        rt_new = -(-rb_new * 8 // cs)
-        if (rb_new, rt_new) == (rb_count, rt_clusters):
-            break
-        rb_count, rt_clusters = rb_new, rt_new
-    rt_off = cs
-    l1_off = rt_off + rt_clusters * cs
-    rb_off = l1_off + l1_clusters * cs
-    total = 1 + rt_clusters + l1_clusters + rb_count
-
-    # Header cluster: fixed header, extensions, end marker, backing name.
-    header_length = 72 if version == 2 else 104
-    exts = bytearray()
-    if backing is not None and backing_format:
-        fmt = backing_format.encode("ascii")
-        exts += _EXT.pack(EXT_BACKING_FORMAT, len(fmt)) + fmt + bytes(-len(fmt) % 8)
-    exts += _EXT.pack(EXT_END, 0)
-    backing_off = backing_len = 0
-    name = b""
-    if backing is not None:
-        name = os.fsencode(backing)
-        if not 0 < len(name) <= 1023:
-            raise BackendError(f"{path}: backing file name must be 1..1023 bytes")
-        backing_off = header_length + len(exts)
-        backing_len = len(name)
-    if header_length + len(exts) + len(name) > cs:
-        raise BackendError(f"{path}: header and backing file name do not fit in a {cs}-byte cluster")
-    head = bytearray(cs)
-    _HDR2.pack_into(head, 0, MAGIC, version, backing_off, backing_len, cb, size, 0,
-                    l1_size, l1_off, rt_off, rt_clusters, 0, 0)
-    if version == 3:
-        _HDR3.pack_into(head, 72, 0, 0, 0, refbits.bit_length() - 1, header_length)
-    head[header_length : header_length + len(exts)] = exts
-    head[backing_off : backing_off + len(name)] = name
-
-    reftable: array[int] = array("Q", bytes(rt_clusters * cs))
-    blocks = bytearray()
-    for i in range(rb_count):
-        reftable[i] = rb_off + i * cs
-        block = _RefBlock(rb_off + i * cs, refbits, bytes(cs))
-        for c in range(i * rb_entries, min(total, (i + 1) * rb_entries)):
-            block.set(c - i * rb_entries, 1)
-        blocks += block.to_bytes()
-    fd = create_file(path)
-    try:
-        os.ftruncate(fd, total * cs)
-        pwrite_all(fd, head, 0)
-        pwrite_all(fd, _be_bytes(reftable), rt_off)
-        pwrite_all(fd, blocks, rb_off)
-        os.fsync(fd)
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
