@@ -36,24 +36,19 @@ import builtins
 import os
 import random
 import re
-import struct
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .base import SECTOR, BackendError, Buffer, MediumError
 from .registry import (
-    CreateRequest,
     ImageBackend,
     ImageInfo,
     align_up,
     cluster_pieces,
-    create_file,
-    image_creator,
     open_backing,
     open_file,
-    parent_for_create,
     resolve_backing,
 )
 from .mapped import (
@@ -66,152 +61,14 @@ from .mapped import (
     pread_exact,
     pwrite_all,
 )
+from .vmdk_format import (
+    COWD, Descriptor, ExtentLine, FLAG_COMPRESSED, FLAG_RGD, GD_AT_END, GRAIN_MARKER, Header,
+    MAGIC, MAX_DESCRIPTOR, NAME, NO_PARENT, U32, hexkey, parse_descriptor, parse_header, probe,
+)
+from .vmdk_create import create
 
-NAME = "vmdk"
-
-MAGIC = 0x564D444B  # "KDMV" little-endian
-COWD = b"COWD"
-GD_AT_END = 0xFFFFFFFFFFFFFFFF
-FLAG_NL_TEST = 1 << 0
-FLAG_RGD = 1 << 1
-FLAG_ZERO_GTE = 1 << 2
-FLAG_COMPRESSED = 1 << 16
-FLAG_MARKERS = 1 << 17
-NO_PARENT = 0xFFFFFFFF
-DEFAULT_GRAIN = 128  # sectors (64 KiB)
-GTES = 512
-DESC_SECTORS = 20
-#: The largest descriptor we read as text (a real one is a few hundred bytes).
-MAX_DESCRIPTOR = 1 << 20
-TWO_GB = 2 << 30
-
-SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
-
-_HDR = struct.Struct("<IIIQQQQIQQQB4sH")
-_GRAIN_MARKER = struct.Struct("<QI")
-_U32 = struct.Struct("<I")
-
-_EXTENT_RE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\d+)\s+(\w+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?\s*$')
-_KV_RE = re.compile(r'^([A-Za-z0-9_.]+)\s*=\s*(.*?)\s*$')
-
-
-@dataclass
-class _Header:
-    version: int
-    flags: int
-    capacity: int  # sectors
-    grain: int  # sectors
-    desc_offset: int
-    desc_size: int
-    gtes: int
-    rgd_offset: int
-    gd_offset: int
-    overhead: int
-    compress: int
-
-
-def _parse_header(path: str, raw: bytes) -> _Header:
-    if len(raw) < _HDR.size:
-        raise BackendError(f"{path}: truncated VMDK sparse header ({len(raw)} bytes)")
-    (magic, version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead,
-     _unclean, _chars, compress) = _HDR.unpack_from(raw)
-    if magic != MAGIC:
-        raise BackendError(f"{path}: not a VMDK sparse extent: magic {raw[:4]!r}, expected b'KDMV'")
-    if version not in (1, 2, 3):
-        raise BackendError(f"{path}: unsupported VMDK sparse extent version {version}")
-    if grain < 1 or grain & (grain - 1) or grain > 1 << 18:
-        raise BackendError(f"{path}: damaged VMDK header: grain size {grain} sectors is not a power of two")
-    if gtes < 1 or gtes > 1 << 16:
-        raise BackendError(f"{path}: damaged VMDK header: {gtes} entries per grain table")
-    if capacity > 1 << 40:
-        raise BackendError(f"{path}: damaged VMDK header: capacity {capacity} sectors")
-    if flags & FLAG_COMPRESSED and compress != 1:
-        raise BackendError(f"{path}: unsupported VMDK compression algorithm {compress} (deflate only)")
-    return _Header(version, flags, capacity, grain, doff, dsize, gtes, rgd, gd, overhead, compress)
-
-
-def _header_bytes(h: _Header) -> bytes:
-    raw = bytearray(SECTOR)
-    _HDR.pack_into(raw, 0, MAGIC, h.version, h.flags, h.capacity, h.grain, h.desc_offset, h.desc_size,
-                   h.gtes, h.rgd_offset, h.gd_offset, h.overhead, 0, b"\n \r\n", h.compress)
-    return bytes(raw)
-
-
-def _looks_like_descriptor(head: bytes) -> bool:
-    if b"\0" in head[:1024]:
-        return False
-    text = head[:4096].decode("latin-1")
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        return re.match(r"version\s*=\s*\d", line) is not None and "createType" in text
-    return False
-
-
-def probe(head: bytes, path: str) -> bool:
-    """A sparse extent ("KDMV"/"COWD" magic) or a text descriptor."""
-    if len(head) >= 4 and (_U32.unpack_from(head)[0] == MAGIC or head[:4] == COWD):
-        return True
-    return head.lstrip().startswith(b"# Disk DescriptorFile") or _looks_like_descriptor(head)
-
-
-# ---------------------------------------------------------------------------
-# Descriptor
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _ExtentLine:
-    access: str
-    sectors: int
-    kind: str
-    file: str | None
-    offset: int  # sectors into the file (FLAT/VMFS)
-
-
-@dataclass
-class _Descriptor:
-    keys: dict[str, str] = field(default_factory=dict)
-    extents: list[_ExtentLine] = field(default_factory=list)
-    ddb: dict[str, str] = field(default_factory=dict)
-    text: str = ""
-
-
-def _parse_descriptor(path: str, text: str) -> _Descriptor:
-    d = _Descriptor(text=text)
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _EXTENT_RE.match(line)
-        if m:
-            access, sectors, kind, fname, off = m.groups()
-            if kind != "ZERO" and fname is None:
-                raise BackendError(f"{path}: VMDK descriptor line {lineno}: {kind} extent without a file name")
-            d.extents.append(_ExtentLine(access, int(sectors), kind, fname, int(off or 0)))
-            continue
-        m = _KV_RE.match(line)
-        if m is None:
-            raise BackendError(f"{path}: VMDK descriptor line {lineno} is not understood: {line[:60]!r}")
-        key, value = m.group(1), m.group(2)
-        if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-            value = value[1:-1]
-        (d.ddb if key.startswith("ddb.") else d.keys)[key] = value
-    if d.keys.get("version") not in ("1", "2", "3"):
-        raise BackendError(f"{path}: unsupported VMDK descriptor version {d.keys.get('version')!r}")
-    if not d.extents:
-        raise BackendError(f"{path}: VMDK descriptor lists no extents")
-    for key in ("CID", "parentCID"):
-        v = d.keys.get(key, "ffffffff")
-        if not re.fullmatch(r"[0-9a-fA-F]{1,8}", v):
-            raise BackendError(f"{path}: VMDK descriptor {key}={v!r} is not a 32-bit hex number")
-    return d
-
-
-def _hexkey(d: _Descriptor, key: str) -> int:
-    return int(d.keys.get(key, "ffffffff"), 16)
-
+#: The registry's format interface (target/backends/registry.py).
+__all__ = ["NAME", "VmdkImage", "create", "open", "probe"]
 
 # ---------------------------------------------------------------------------
 # Extents
@@ -221,7 +78,7 @@ def _hexkey(d: _Descriptor, key: str) -> int:
 class _Sparse:
     """A hosted sparse extent: GD/GT cached in memory once read."""
 
-    def __init__(self, path: str, fd: int, hdr: _Header, writable: bool) -> None:
+    def __init__(self, path: str, fd: int, hdr: Header, writable: bool) -> None:
         self.path = path
         self.fd = fd
         self.hdr = hdr
@@ -276,11 +133,11 @@ class _Sparse:
         cached = self._grain_cache
         if cached is not None and cached[0] == sector:
             return cached[1]
-        head = pread_exact(self.fd, _GRAIN_MARKER.size, sector * SECTOR, self.path, "VMDK grain marker")
-        _lba, size = _GRAIN_MARKER.unpack(head)
+        head = pread_exact(self.fd, GRAIN_MARKER.size, sector * SECTOR, self.path, "VMDK grain marker")
+        _lba, size = GRAIN_MARKER.unpack(head)
         if size == 0 or size > 2 * self.grain_bytes + 4096:
             raise BackendError(f"{self.path}: damaged VMDK compressed grain at sector {sector}: size {size}")
-        blob = pread_exact(self.fd, size, sector * SECTOR + _GRAIN_MARKER.size, self.path, "VMDK grain")
+        blob = pread_exact(self.fd, size, sector * SECTOR + GRAIN_MARKER.size, self.path, "VMDK grain")
         try:
             d = zlib.decompressobj()
             data = d.decompress(blob, self.grain_bytes)
@@ -298,9 +155,9 @@ class _Sparse:
         if t is None:
             t = self._new_gt(i)
         t[j] = value
-        pwrite_all(self.fd, _U32.pack(value), self.gd[i] * SECTOR + 4 * j, self.path)
+        pwrite_all(self.fd, U32.pack(value), self.gd[i] * SECTOR + 4 * j, self.path)
         if self.rgd is not None and self.rgd[i]:
-            pwrite_all(self.fd, _U32.pack(value), self.rgd[i] * SECTOR + 4 * j, self.path)
+            pwrite_all(self.fd, U32.pack(value), self.rgd[i] * SECTOR + 4 * j, self.path)
 
     def _new_gt(self, i: int) -> array.array[int]:
         """Allocate grain table ``i`` (and its redundant copy) at the end of
@@ -310,11 +167,11 @@ class _Sparse:
         os.ftruncate(self.fd, at + copies * self.gt_space)
         self.file_end = at + copies * self.gt_space
         sector = at // SECTOR
-        pwrite_all(self.fd, _U32.pack(sector), self.hdr.gd_offset * SECTOR + 4 * i, self.path)
+        pwrite_all(self.fd, U32.pack(sector), self.hdr.gd_offset * SECTOR + 4 * i, self.path)
         self.gd[i] = sector
         if self.rgd is not None:
             rsector = sector + self.gt_space // SECTOR
-            pwrite_all(self.fd, _U32.pack(rsector), self.hdr.rgd_offset * SECTOR + 4 * i, self.path)
+            pwrite_all(self.fd, U32.pack(rsector), self.hdr.rgd_offset * SECTOR + 4 * i, self.path)
             self.rgd[i] = rsector
         t = array.array("I", [0]) * self.hdr.gtes
         self.gts[i] = t
@@ -323,7 +180,7 @@ class _Sparse:
 
 @dataclass
 class _Extent:
-    line: _ExtentLine
+    line: ExtentLine
     start: int  # virtual byte offset
     length: int  # bytes
     fd: int = -1
@@ -338,7 +195,7 @@ class VmdkImage(MappedImage):
     def __init__(
         self,
         path: str,
-        desc: _Descriptor,
+        desc: Descriptor,
         extents: list[_Extent],
         fds: dict[str, int],
         desc_fd: int,
@@ -362,7 +219,7 @@ class VmdkImage(MappedImage):
 
     def info(self) -> ImageInfo:
         d = self._desc
-        hint = d.keys.get("parentFileNameHint") if _hexkey(d, "parentCID") != NO_PARENT else None
+        hint = d.keys.get("parentFileNameHint") if hexkey(d, "parentCID") != NO_PARENT else None
         return ImageInfo(
             format=NAME,
             path=self.path,
@@ -374,8 +231,8 @@ class VmdkImage(MappedImage):
             backing_format=NAME if hint else None,
             subformat=self._create_type,
             extra={
-                "cid": f"{_hexkey(d, 'CID'):08x}",
-                "parent_cid": f"{_hexkey(d, 'parentCID'):08x}",
+                "cid": f"{hexkey(d, 'CID'):08x}",
+                "parent_cid": f"{hexkey(d, 'parentCID'):08x}",
                 "extents": str(len(self._extents)),
                 "adapter_type": d.ddb.get("ddb.adapterType", ""),
             },
@@ -531,15 +388,15 @@ class VmdkImage(MappedImage):
 # ---------------------------------------------------------------------------
 
 
-def _read_sparse_header(path: str, fd: int) -> _Header:
-    hdr = _parse_header(path, pread_exact(fd, SECTOR, 0, path, "VMDK header"))
+def _read_sparse_header(path: str, fd: int) -> Header:
+    hdr = parse_header(path, pread_exact(fd, SECTOR, 0, path, "VMDK header"))
     if hdr.gd_offset == GD_AT_END:
         # streamOptimized: the footer (a header copy with the real GD
         # offset) sits before the end-of-stream marker.
         size = os.fstat(fd).st_size
         if size < 3 * SECTOR:
             raise BackendError(f"{path}: truncated streamOptimized VMDK: no footer")
-        foot = _parse_header(path, pread_exact(fd, SECTOR, size - 2 * SECTOR, path, "VMDK footer"))
+        foot = parse_header(path, pread_exact(fd, SECTOR, size - 2 * SECTOR, path, "VMDK footer"))
         if foot.gd_offset == GD_AT_END:
             raise BackendError(f"{path}: damaged streamOptimized VMDK: footer has no grain directory offset")
         hdr.gd_offset, hdr.rgd_offset = foot.gd_offset, foot.rgd_offset
@@ -554,10 +411,10 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
     try:
         head = os.pread(desc_fd, SECTOR, 0)
         desc_area: tuple[int, int] | None = None
-        own_hdr: _Header | None = None
+        own_hdr: Header | None = None
         if head[:4] == COWD:
             raise BackendError(f"{path}: unsupported VMDK: ESX VMFS sparse (COWD) extents")
-        if len(head) >= 4 and _U32.unpack_from(head)[0] == MAGIC:
+        if len(head) >= 4 and U32.unpack_from(head)[0] == MAGIC:
             own_hdr = _read_sparse_header(path, desc_fd)
             if own_hdr.desc_offset and own_hdr.desc_size:
                 at, size = own_hdr.desc_offset * SECTOR, own_hdr.desc_size * SECTOR
@@ -581,7 +438,7 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
             raw = pread_exact(desc_fd, size, 0, path, "VMDK descriptor")
             # qemu pads descriptor files with NULs: the text ends at the first.
             text = raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
-        desc = _parse_descriptor(path, text)
+        desc = parse_descriptor(path, text)
         ctype = desc.keys.get("createType", "")
         if ctype in ("vmfsSparse", "vmfsRaw", "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "seSparse"):
             raise BackendError(f"{path}: unsupported VMDK createType {ctype}")
@@ -623,7 +480,7 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
                 raise BackendError(f"{path}: unsupported VMDK extent type {line.kind} ({line.file or ''})")
             extents.append(ext)
             start += ext.length
-        pcid = _hexkey(desc, "parentCID")
+        pcid = hexkey(desc, "parentCID")
         if pcid != NO_PARENT:
             hint = desc.keys.get("parentFileNameHint")
             if not hint:
@@ -647,153 +504,3 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VmdkImag
         if parent is not None:
             parent.close()
         raise
-
-
-# ---------------------------------------------------------------------------
-# create
-# ---------------------------------------------------------------------------
-
-
-def _sparse_layout(capacity: int, with_desc: bool, zeroed: bool) -> tuple[_Header, bytes, bytes]:
-    """Header, metadata (GDs and preallocated GTs, from sector 1) for a new
-    hosted sparse extent, laid out like VMware/qemu: header, descriptor,
-    redundant GD + GTs, GD + GTs, grains from a grain-aligned overhead."""
-    grain = DEFAULT_GRAIN
-    grains = -(-capacity // grain)
-    n_gt = -(-grains // GTES)
-    gd_sectors = align_up(4 * n_gt, SECTOR) // SECTOR
-    gt_sectors = align_up(4 * GTES, SECTOR) // SECTOR
-    desc_off, desc_size = (1, DESC_SECTORS) if with_desc else (0, 0)
-    rgd = 1 + desc_size
-    rgt = rgd + gd_sectors
-    gd = rgt + n_gt * gt_sectors
-    gt = gd + gd_sectors
-    overhead = align_up(gt + n_gt * gt_sectors, grain)
-    hdr = _Header(2 if zeroed else 1, FLAG_NL_TEST | FLAG_RGD | (FLAG_ZERO_GTE if zeroed else 0),
-                  capacity, grain, desc_off, desc_size, GTES, rgd, gd, overhead, 0)
-
-    def directory(first: int) -> bytes:
-        a = array.array("I", range(first, first + n_gt * gt_sectors, gt_sectors))
-        if sys.byteorder != "little":
-            a.byteswap()
-        return a.tobytes()
-
-    return hdr, directory(rgt), directory(gt)
-
-
-def _write_sparse(path: str, capacity: int, desc_text: str | None, zeroed: bool) -> None:
-    hdr, rgd_bytes, gd_bytes = _sparse_layout(capacity, desc_text is not None, zeroed)
-    fd = create_file(path)
-    try:
-        os.ftruncate(fd, hdr.overhead * SECTOR)
-        pwrite_all(fd, _header_bytes(hdr), 0, path)
-        if desc_text is not None:
-            data = desc_text.encode("utf-8")
-            if len(data) > DESC_SECTORS * SECTOR:
-                raise BackendError(f"{path}: VMDK descriptor too long to embed ({len(data)} bytes)")
-            pwrite_all(fd, data, SECTOR, path)
-        pwrite_all(fd, rgd_bytes, hdr.rgd_offset * SECTOR, path)
-        pwrite_all(fd, gd_bytes, hdr.gd_offset * SECTOR, path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _descriptor(ctype: str, cid: int, pcid: int, hint: str | None, lines: list[str], size: int,
-                adapter: str) -> str:
-    sectors = size // SECTOR
-    heads, secs = (16, 63) if adapter == "ide" else (255, 63)
-    cyl = min(sectors // (heads * secs), 16383)
-    out = [
-        "# Disk DescriptorFile",
-        "version=1",
-        f"CID={cid:08x}",
-        f"parentCID={pcid:08x}",
-        f'createType="{ctype}"',
-    ]
-    if hint is not None:
-        out.append(f'parentFileNameHint="{hint}"')
-    out += ["", "# Extent description", *lines, "", "# The Disk Data Base", "#DDB", "",
-            'ddb.virtualHWVersion = "4"', f'ddb.geometry.cylinders = "{cyl}"',
-            f'ddb.geometry.heads = "{heads}"', f'ddb.geometry.sectors = "{secs}"',
-            f'ddb.adapterType = "{adapter}"', ""]
-    return "\n".join(out)
-
-
-@image_creator
-def create(req: CreateRequest) -> None:
-    """Create a VMDK. Options: ``subformat`` (monolithicSparse default,
-    monolithicFlat, twoGbMaxExtentSparse, twoGbMaxExtentFlat),
-    ``adapter_type`` (ide, lsilogic, buslogic, legacyESX), ``zeroed_grain``
-    (on/off), ``extent_size`` (bytes per extent of the twoGbMaxExtent kinds,
-    default 2 GiB). ``backing`` (a VMDK) records parentCID and
-    parentFileNameHint; only sparse subformats can have one."""
-    path, size = req.path, req.size
-    opts = req.checked_options({"subformat", "adapter_type", "zeroed_grain", "extent_size"})
-    backing = req.backing
-    sub = opts.get("subformat", "monolithicSparse")
-    if sub not in SUBFORMATS:
-        if sub == "streamOptimized":
-            raise BackendError(f"{path}: creating streamOptimized VMDKs is not supported (read-only format here)")
-        raise BackendError(f"{path}: unknown VMDK subformat {sub!r} (known: {', '.join(SUBFORMATS)})")
-    adapter = opts.get("adapter_type", "ide")
-    if adapter not in ("ide", "lsilogic", "buslogic", "legacyESX"):
-        raise BackendError(f"{path}: unknown VMDK adapter type {adapter!r}")
-    zeroed = opts.get("zeroed_grain", "off") == "on"
-    try:
-        extent_size = int(opts.get("extent_size", str(TWO_GB)))
-    except ValueError:
-        raise BackendError(f"{path}: extent_size {opts['extent_size']!r} is not a number") from None
-    if extent_size < 1 << 20 or extent_size % (DEFAULT_GRAIN * SECTOR):
-        raise BackendError(f"{path}: extent_size {extent_size} must be a multiple of 64 KiB >= 1 MiB")
-    pcid = NO_PARENT
-    hint: str | None = None
-    if backing is not None:
-        if "Flat" in sub:
-            raise BackendError(f"{path}: a {sub} VMDK cannot have a backing file")
-        pinfo, psize = parent_for_create(path, backing, req.backing_format, NAME, "a VMDK")
-        pcid = int(pinfo.extra.get("cid", "ffffffff"), 16)
-        if size == 0:
-            size = psize
-        full = resolve_backing(path, backing)
-        hint = os.path.relpath(full, os.path.dirname(os.path.abspath(path)))
-    req.check_size(size, "VMDK")
-    cid = random.randrange(0, 0xFFFFFFFE)
-    sectors = size // SECTOR
-    base = path[:-5] if path.lower().endswith(".vmdk") else path
-    name = os.path.basename(base)
-    directory = os.path.dirname(os.path.abspath(path))
-    if sub == "monolithicSparse":
-        text = _descriptor(sub, cid, pcid, hint, [f'RW {sectors} SPARSE "{os.path.basename(path)}"'], size, adapter)
-        _write_sparse(path, sectors, text, zeroed)
-        return
-    lines: list[str] = []
-    if sub == "monolithicFlat":
-        pieces = [(f"{name}-flat.vmdk", sectors)]
-    else:
-        per = extent_size // SECTOR
-        letter = "s" if sub == "twoGbMaxExtentSparse" else "f"
-        pieces = [
-            (f"{name}-{letter}{i + 1:03d}.vmdk", min(per, sectors - i * per))
-            for i in range(-(-sectors // per))
-        ]
-    for fname, n in pieces:
-        fpath = os.path.join(directory, fname)
-        if sub.endswith("Sparse"):
-            _write_sparse(fpath, n, None, zeroed)
-            lines.append(f'RW {n} SPARSE "{fname}"')
-        else:
-            try:
-                with builtins.open(fpath, "wb") as f:
-                    f.truncate(n * SECTOR)
-            except OSError as e:
-                raise BackendError(f"{fpath}: cannot create: {e.strerror}") from None
-            lines.append(f'RW {n} FLAT "{fname}" 0')
-    text = _descriptor(sub, cid, pcid, hint, lines, size, adapter)
-    try:
-        with builtins.open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise BackendError(f"{path}: cannot create: {e.strerror}") from None
