@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from target.backends import registry, vhd
+from target.backends import registry, vhd, vhd_format
 from target.backends.base import BackendError, Extent
 from tests.images import (
     MiB,
@@ -26,16 +26,16 @@ from tests.images import (
     random_raw,
 )
 
-SIZE = vhd.chs_size(9 * MiB)  # what qemu and Virtual PC agree on
+SIZE = vhd_format.chs_size(9 * MiB)  # what qemu and Virtual PC agree on
 
 
 def test_chs_geometry_matches_spec_examples() -> None:
-    assert vhd.chs_geometry(65535 * 16 * 255) == (65535, 16, 255)
-    c, h, s = vhd.chs_geometry(SIZE // 512)
+    assert vhd_format.chs_geometry(65535 * 16 * 255) == (65535, 16, 255)
+    c, h, s = vhd_format.chs_geometry(SIZE // 512)
     assert c * h * s * 512 == SIZE
-    assert vhd.chs_size(SIZE) == SIZE
-    assert vhd.chs_size(SIZE - 512) == SIZE  # already the smallest >= request
-    assert vhd.chs_size(1 << 40) == 1 << 40  # beyond CHS: unchanged
+    assert vhd_format.chs_size(SIZE) == SIZE
+    assert vhd_format.chs_size(SIZE - 512) == SIZE  # already the smallest >= request
+    assert vhd_format.chs_size(1 << 40) == 1 << 40  # beyond CHS: unchanged
 
 
 @pytest.mark.interop

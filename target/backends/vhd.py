@@ -43,30 +43,14 @@ Choices (documented because the spec leaves them open):
 from __future__ import annotations
 
 import array
-import builtins
 import os
-import struct
 import sys
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from .base import SECTOR, BackendError, Buffer, MediumError
-from .registry import (
-    CreateRequest,
-    ImageBackend,
-    ImageInfo,
-    align_up,
-    cluster_pieces,
-    create_file,
-    image_creator,
-    open_backing,
-    open_file,
-    parent_for_create,
-    resolve_backing,
-)
+from .registry import ImageBackend, ImageInfo, align_up, cluster_pieces, open_backing, open_file
 from .mapped import (
     RUN_DATA,
     RUN_PARENT,
@@ -76,193 +60,14 @@ from .mapped import (
     pread_exact,
     pwrite_all,
 )
+from .vhd_format import (
+    BAT_FREE, COOKIE, Dyn, Footer, NAME, TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, TYPE_NAMES, U32,
+    VHD_EPOCH, checksum, locator_paths, parse_dyn, parse_footer, probe, vhd_time,
+)
+from .vhd_create import create
 
-NAME = "vhd"
-
-COOKIE = b"conectix"
-DYN_COOKIE = b"cxsparse"
-TYPE_FIXED = 2
-TYPE_DYNAMIC = 3
-TYPE_DIFF = 4
-_TYPE_NAMES = {TYPE_FIXED: "fixed", TYPE_DYNAMIC: "dynamic", TYPE_DIFF: "differencing"}
-NO_OFFSET = 0xFFFFFFFFFFFFFFFF
-BAT_FREE = 0xFFFFFFFF
-DEFAULT_BLOCK = 2 << 20
-#: Seconds from the Unix epoch to the VHD epoch (2000-01-01 00:00:00 UTC).
-VHD_EPOCH = 946684800
-CREATOR_APP = b"aioi"
-MAX_CHS_SECTORS = 65535 * 16 * 255
-
-_FOOTER = struct.Struct(">8sIIQI4sI4sQQHBBII16sB427s")
-_DYN = struct.Struct(">8sQQIIII16sII512s192s256s")
-_LOC = struct.Struct(">4sIIIQ")
-_U32 = struct.Struct(">I")
-assert _FOOTER.size == 512 and _DYN.size == 1024 and _LOC.size == 24
-_FOOTER_CSUM = 64
-_DYN_CSUM = 36
-
-
-def checksum(buf: Buffer, at: int) -> int:
-    """The spec's checksum: one's complement of the byte sum, the 4-byte
-    checksum field at ``at`` counted as zero."""
-    mv = memoryview(buf).cast("B")
-    total = sum(mv) - sum(mv[at : at + 4])
-    return ~total & 0xFFFFFFFF
-
-
-def chs_geometry(total_sectors: int) -> tuple[int, int, int]:
-    """CHS for a disk of ``total_sectors`` (the spec's appendix algorithm)."""
-    ts = min(total_sectors, MAX_CHS_SECTORS)
-    if ts >= 65535 * 16 * 63:
-        spt, heads = 255, 16
-        cth = ts // spt
-    else:
-        spt = 17
-        cth = ts // spt
-        heads = max((cth + 1023) // 1024, 4)
-        if cth >= heads * 1024 or heads > 16:
-            spt, heads = 31, 16
-            cth = ts // spt
-        if cth >= heads * 1024:
-            spt, heads = 63, 16
-            cth = ts // spt
-    return cth // heads, heads, spt
-
-
-def chs_size(size: int) -> int:
-    """The smallest CHS-representable size >= ``size`` (qemu and Virtual PC
-    agree on it); sizes beyond the CHS range stay as they are."""
-    total = -(-size // SECTOR)
-    if total >= MAX_CHS_SECTORS:
-        return total * SECTOR
-    want = total
-    while True:
-        c, h, s = chs_geometry(want)
-        if c * h * s >= total:
-            return c * h * s * SECTOR
-        want += 1
-
-
-class _Footer(NamedTuple):
-    features: int
-    data_offset: int
-    timestamp: int
-    creator: bytes
-    current_size: int
-    geometry: tuple[int, int, int]
-    disk_type: int
-    uuid: uuid.UUID
-
-
-def _parse_footer(path: str, raw: bytes, where: str) -> _Footer:
-    (cookie, features, version, data_offset, ts, app, _cver, _cos, _orig, cur,
-     cyl, heads, spt, dtype, csum, uid, _saved, _res) = _FOOTER.unpack(raw)
-    if cookie != COOKIE:
-        raise BackendError(f"{path}: not a VHD image: no \"conectix\" cookie {where} (found {cookie!r})")
-    want = checksum(raw, _FOOTER_CSUM)
-    if csum != want:
-        raise BackendError(f"{path}: damaged VHD footer {where}: checksum {csum:#010x}, computed {want:#010x}")
-    if version >> 16 != 1:
-        raise BackendError(f"{path}: unsupported VHD version {version >> 16}.{version & 0xFFFF}")
-    if dtype not in _TYPE_NAMES:
-        raise BackendError(f"{path}: unsupported VHD disk type {dtype} (fixed, dynamic, differencing only)")
-    return _Footer(features, data_offset, ts, app, cur, (cyl, heads, spt), dtype, uuid.UUID(bytes_le=uid))
-
-
-def _footer_bytes(f: _Footer, orig_size: int) -> bytes:
-    c, h, s = f.geometry
-    raw = bytearray(_FOOTER.pack(
-        COOKIE, f.features, 0x00010000, f.data_offset, f.timestamp, f.creator, 0x00010000,
-        b"Wi2k", orig_size, f.current_size, c, h, s, f.disk_type, 0, f.uuid.bytes_le, 0, b"",
-    ))
-    _U32.pack_into(raw, _FOOTER_CSUM, checksum(raw, _FOOTER_CSUM))
-    return bytes(raw)
-
-
-def probe(head: bytes, path: str) -> bool:
-    """Dynamic/differencing disks start with the footer copy; a fixed disk
-    has its footer only at the end, so that is read (content, not name)."""
-    if head[:8] == COOKIE:
-        return True
-    try:
-        with builtins.open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 1024:
-                return False
-            f.seek(size - 512)
-            tail = f.read(512)
-    except OSError:
-        return False
-    if tail[:8] != COOKIE:
-        return False
-    try:
-        foot = _parse_footer(path, tail, "at the end")
-    except BackendError:
-        return False
-    return foot.disk_type == TYPE_FIXED and foot.current_size <= size - 512
-
-
-class _Dyn(NamedTuple):
-    table_offset: int
-    max_entries: int
-    block_size: int
-    parent_uuid: uuid.UUID
-    parent_ts: int
-    parent_name: str
-    locators: list[tuple[bytes, bytes]]  # (platform code, data)
-
-
-def _parse_dyn(path: str, fd: int, at: int, file_size: int) -> _Dyn:
-    raw = pread_exact(fd, 1024, at, path, "VHD dynamic header")
-    (cookie, _doff, table, version, entries, bsize, csum, puid, pts, _r, pname, locs, _r2) = _DYN.unpack(raw)
-    if cookie != DYN_COOKIE:
-        raise BackendError(f"{path}: damaged VHD: no \"cxsparse\" cookie at {at} (found {cookie!r})")
-    want = checksum(raw, _DYN_CSUM)
-    if csum != want:
-        raise BackendError(f"{path}: damaged VHD dynamic header: checksum {csum:#010x}, computed {want:#010x}")
-    if version >> 16 != 1:
-        raise BackendError(f"{path}: unsupported VHD dynamic header version {version >> 16}.{version & 0xFFFF}")
-    if bsize < SECTOR or bsize & (bsize - 1) or bsize > 1 << 28:
-        raise BackendError(f"{path}: damaged VHD dynamic header: block size {bsize} is not a power of two")
-    if table % SECTOR or table + 4 * entries > file_size:
-        raise BackendError(f"{path}: damaged VHD: BAT at {table} ({entries} entries) is outside the file")
-    name = pname.decode("utf-16-be", errors="replace").split("\0", 1)[0]
-    locators: list[tuple[bytes, bytes]] = []
-    for i in range(8):
-        code, _space, length, _res, off = _LOC.unpack_from(locs, 24 * i)
-        if code == b"\0\0\0\0" or length == 0:
-            continue
-        if length > 65536 or off + length > file_size:
-            raise BackendError(f"{path}: damaged VHD parent locator {code!r}: {length} bytes at {off}")
-        locators.append((code, pread_exact(fd, length, off, path, "VHD parent locator")))
-    return _Dyn(table, entries, bsize, uuid.UUID(bytes_le=puid), pts, name, locators)
-
-
-def _locator_paths(child: str, dyn: _Dyn) -> list[str]:
-    """Candidate parent paths in the order the module docstring gives."""
-    out: list[str] = []
-    order = {b"W2ru": 0, b"W2ku": 1, b"MacX": 2}
-    for code, data in sorted(dyn.locators, key=lambda cd: order.get(cd[0], 9)):
-        if code in (b"W2ru", b"W2ku"):
-            text = data.decode("utf-16-le", errors="replace").split("\0", 1)[0]
-            if len(text) >= 2 and text[1] == ":":
-                # A Windows drive path cannot name a file here: try its name
-                # next to the child.
-                out.append(resolve_backing(child, text.replace("\\", "/").rsplit("/", 1)[-1]))
-                continue
-            out.append(resolve_backing(child, text.replace("\\", "/")))
-        elif code == b"MacX":
-            text = data.decode("utf-8", errors="replace").split("\0", 1)[0]
-            if text.startswith("file://"):
-                text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
-            out.append(resolve_backing(child, text))
-    if dyn.parent_name:
-        out.append(resolve_backing(child, dyn.parent_name.replace("\\", "/").rsplit("/", 1)[-1]))
-    return [os.path.normpath(p) for p in out]
-
-
-def _vhd_time(unix: float) -> int:
-    return max(0, int(unix) - VHD_EPOCH) & 0xFFFFFFFF
+#: The registry's format interface (target/backends/registry.py).
+__all__ = ["NAME", "VhdImage", "create", "open", "probe"]
 
 
 class VhdImage(MappedImage):
@@ -272,10 +77,10 @@ class VhdImage(MappedImage):
         self,
         path: str,
         fd: int,
-        footer: _Footer,
+        footer: Footer,
         footer_raw: bytes,
         footer_at: int,
-        dyn: _Dyn | None,
+        dyn: Dyn | None,
         bat: array.array[int] | None,
         *,
         read_only: bool,
@@ -327,7 +132,7 @@ class VhdImage(MappedImage):
             parent_uuid=str(self._dyn.parent_uuid) if diff and self._dyn else None,
             backing=self._parent_path,
             backing_format=NAME if diff else None,
-            subformat=_TYPE_NAMES[f.disk_type],
+            subformat=TYPE_NAMES[f.disk_type],
             extra=extra,
         )
 
@@ -459,7 +264,7 @@ class VhdImage(MappedImage):
     def _set_bat(self, blk: int, value: int) -> None:
         assert self._dyn is not None
         self._bat[blk] = value
-        pwrite_all(self._fd, _U32.pack(value), self._dyn.table_offset + 4 * blk, self.path)
+        pwrite_all(self._fd, U32.pack(value), self._dyn.table_offset + 4 * blk, self.path)
 
     # -- discard / zeroes (MappedImage._zero_range; dynamic disks only) -------
     def _drop_block(self, blk: int) -> None:
@@ -506,21 +311,21 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage
         footer_at = file_size - 512
         raw = pread_exact(fd, 512, footer_at, path, "VHD footer")
         try:
-            footer = _parse_footer(path, raw, "at the end of the file")
+            footer = parse_footer(path, raw, "at the end of the file")
         except BackendError:
             # The copy at offset 0 of a dynamic disk recovers a lost footer
             # (e.g. the file was truncated); new blocks go after the data.
             head = pread_exact(fd, 512, 0, path, "VHD footer copy")
             if head[:8] != COOKIE:
                 raise
-            footer = _parse_footer(path, head, "at offset 0")
+            footer = parse_footer(path, head, "at offset 0")
             if footer.disk_type == TYPE_FIXED:
                 raise
             raw = head
             footer_at = align_up(file_size, SECTOR)
         if footer.current_size < SECTOR:
             raise BackendError(f"{path}: damaged VHD footer: current size {footer.current_size}")
-        dyn: _Dyn | None = None
+        dyn: Dyn | None = None
         bat: array.array[int] | None = None
         parent_path: str | None = None
         ts_ok = True
@@ -532,7 +337,7 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage
         else:
             if footer.data_offset % SECTOR or footer.data_offset + 1024 > file_size:
                 raise BackendError(f"{path}: damaged VHD footer: dynamic header offset {footer.data_offset}")
-            dyn = _parse_dyn(path, fd, footer.data_offset, file_size)
+            dyn = parse_dyn(path, fd, footer.data_offset, file_size)
             blocks = -(-footer.current_size // dyn.block_size)
             if dyn.max_entries < blocks:
                 raise BackendError(
@@ -549,7 +354,7 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage
                     f"{path}: truncated VHD: block at sector {top} runs past the footer at {footer_at}"
                 )
             if footer.disk_type == TYPE_DIFF:
-                candidates = _locator_paths(path, dyn)
+                candidates = locator_paths(path, dyn)
                 found = next((c for c in candidates if os.path.exists(c)), None)
                 if found is None:
                     raise BackendError(
@@ -567,7 +372,7 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage
                     raise BackendError(
                         f"{path}: parent {found} has size {parent.size}, differencing disk {footer.current_size}"
                     )
-                ts_ok = _vhd_time(os.stat(found).st_mtime) == dyn.parent_ts
+                ts_ok = vhd_time(os.stat(found).st_mtime) == dyn.parent_ts
         return VhdImage(
             path, fd, footer, bytes(raw), footer_at, dyn, bat, read_only=read_only,
             write_through=write_through, parent=parent, parent_path=parent_path, parent_ts_ok=ts_ok,
@@ -577,91 +382,3 @@ def open(path: str, *, read_only: bool, write_through: bool = False) -> VhdImage
         if parent is not None:
             parent.close()
         raise
-
-
-def _locator_entry(code: bytes, data: bytes, at: int) -> tuple[bytes, bytes]:
-    space = align_up(len(data), SECTOR)
-    # Data space in sectors, as the spec says (readers use length + offset).
-    return _LOC.pack(code, space // SECTOR, len(data), 0, at), data + bytes(space - len(data))
-
-
-@image_creator
-def create(req: CreateRequest) -> None:
-    """Create a VHD: options {"type": "dynamic" (default) | "fixed",
-    "force_size": "on" | "off" (default off: round up to CHS geometry)};
-    with ``backing`` a differencing disk of that VHD."""
-    path, size = req.path, req.size
-    opts = req.checked_options({"type", "force_size", "subformat"})
-    backing = req.backing
-    kind = opts.get("type", opts.get("subformat", "dynamic"))
-    if kind not in ("dynamic", "fixed"):
-        raise BackendError(f"{path}: VHD type must be dynamic or fixed, not {kind!r}")
-    force = opts.get("force_size", "off")
-    if force not in ("on", "off"):
-        raise BackendError(f"{path}: force_size must be on or off, not {force!r}")
-    dtype = TYPE_FIXED if kind == "fixed" else TYPE_DYNAMIC
-    parent_uuid = uuid.UUID(int=0)
-    parent_ts = 0
-    parent_name = ""
-    locators: list[tuple[bytes, bytes]] = []
-    if backing is not None:
-        if kind == "fixed":
-            raise BackendError(f"{path}: a differencing VHD cannot be fixed")
-        pinfo, psize = parent_for_create(path, backing, req.backing_format, NAME, "a differencing VHD")
-        if size == 0 or size == chs_size(psize) and force == "off":
-            size = psize
-        if size != psize:
-            raise BackendError(f"{path}: a differencing VHD has its parent's size {psize}, not {size}")
-        assert pinfo.uuid is not None
-        parent_uuid = uuid.UUID(pinfo.uuid)
-        full = os.path.abspath(resolve_backing(path, backing))
-        parent_ts = _vhd_time(os.stat(full).st_mtime)
-        parent_name = os.path.basename(full)
-        rel = os.path.relpath(full, os.path.dirname(os.path.abspath(path)))
-        rel_win = rel.replace("/", "\\")
-        if not rel_win.startswith("."):
-            rel_win = ".\\" + rel_win
-        locators = [(b"W2ru", rel_win.encode("utf-16-le")), (b"W2ku", full.encode("utf-16-le"))]
-        dtype = TYPE_DIFF
-        force = "on"  # the parent's size is already what readers see
-    req.check_size(size, "VHD")
-    if force == "off":
-        size = chs_size(size)
-    geometry = chs_geometry(size // SECTOR)
-    now = _vhd_time(time.time())
-    bs = DEFAULT_BLOCK
-    footer = _Footer(2, NO_OFFSET if dtype == TYPE_FIXED else 512, now, CREATOR_APP, size, geometry,
-                     dtype, uuid.uuid4())
-    fd = create_file(path)
-    try:
-        if dtype == TYPE_FIXED:
-            os.ftruncate(fd, size)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError:
-                pass  # sparse is still correct
-            pwrite_all(fd, _footer_bytes(footer, size), size, path)
-        else:
-            entries = -(-size // bs)
-            at = 512 + 1024
-            loc_raw = bytearray(192)
-            loc_data = bytearray()
-            for i, (code, data) in enumerate(locators):
-                entry, padded = _locator_entry(code, data, at)
-                loc_raw[24 * i : 24 * i + 24] = entry
-                loc_data += padded
-                at += len(padded)
-            table = at
-            bat_bytes = align_up(4 * entries, SECTOR)
-            dyn = bytearray(_DYN.pack(
-                DYN_COOKIE, NO_OFFSET, table, 0x00010000, entries, bs, 0, parent_uuid.bytes_le,
-                parent_ts, 0, parent_name[:256].encode("utf-16-be"), bytes(loc_raw), b"",
-            ))
-            _U32.pack_into(dyn, _DYN_CSUM, checksum(dyn, _DYN_CSUM))
-            fbytes = _footer_bytes(footer, size)
-            pwrite_all(fd, fbytes + bytes(dyn) + bytes(loc_data), 0, path)
-            pwrite_all(fd, b"\xff" * (4 * entries) + bytes(bat_bytes - 4 * entries), table, path)
-            pwrite_all(fd, fbytes, table + bat_bytes, path)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
