@@ -49,7 +49,6 @@ from .inline import run_inline
 from .runtime import CommandResult
 
 from .session import Session
-from .stats import IOCounters
 
 
 class ConnectionServer(Protocol):
@@ -393,32 +392,18 @@ class TargetConnection(asyncio.BufferedProtocol):
         engine = self.engine
         if engine is None:
             return
-        # The counters `show` reports (target/stats.py): plain increments
-        # on one object per (session, LUN), nothing more on the hot path.
-        sess = self.session
-        counters = sess.counters.get(task.lun) if sess is not None else None
-        if counters is None:
-            counters = IOCounters()
-            if sess is not None:
-                sess.counters[task.lun] = counters
-        counters.commands += 1
-        counters.latency_ns += perf_counter_ns() - started
         if result is None:
             # The SCSI layer must never take the target down.
             log.error("%s: SCSI command %s failed", self.peer, task.cmd.cdb[:1].hex(),
                       exc_info=exc)
-            counters.errors += 1
-            engine.command_done(task, Status.CHECK_CONDITION, HW_ERROR_SENSE, None)
-        else:
-            status, sense, data, overflow, underflow = result
-            if status:
-                counters.errors += 1
-            elif data is not None:
-                counters.read_bytes += len(data)
-            elif task.cmd.write:
-                counters.written_bytes += task.edtl - underflow
-            engine.command_done(task, status, sense, data, overflow=overflow,
-                                underflow=underflow)
+            result = (Status.CHECK_CONDITION, HW_ERROR_SENSE, None, 0, 0)
+        status, sense, data, overflow, underflow = result
+        if self.session is not None:
+            # The counters `show` reports (target/stats.py): plain increments.
+            self.session.counters_for(task.lun).record(
+                status, len(data) if data is not None else 0,
+                task.edtl - underflow if task.cmd.write else 0, perf_counter_ns() - started)
+        engine.command_done(task, status, sense, data, overflow=overflow, underflow=underflow)
         if engine.events:
             # Its window slot let held commands run.
             self.deliver(engine.take_events())

@@ -85,6 +85,13 @@ class Session:
                                       relative_port_id=tpgt, target_port_group=tpgt)
         return self.nexus
 
+    def counters_for(self, lun: int) -> IOCounters:
+        """The I/O counters of this session's commands to ``lun``."""
+        counters = self.counters.get(lun)
+        if counters is None:
+            counters = self.counters[lun] = IOCounters()
+        return counters
+
     def wake_others(self, member: Member) -> None:
         """After ``member`` moved the session's CmdSN window, commands held
         for it on the other connections may have become runnable (the

@@ -27,6 +27,17 @@ class IOCounters:
         self.errors = 0
         self.latency_ns = 0
 
+    def record(self, status: int, read_bytes: int, written_bytes: int, latency_ns: int) -> None:
+        """Count one finished command (status 0 is GOOD; anything else an
+        error, whose bytes are not counted)."""
+        self.commands += 1
+        self.latency_ns += latency_ns
+        if status:
+            self.errors += 1
+        else:
+            self.read_bytes += read_bytes
+            self.written_bytes += written_bytes
+
     def add(self, other: IOCounters) -> None:
         """Add ``other``'s counts to these."""
         self.commands += other.commands
