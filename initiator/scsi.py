@@ -18,6 +18,7 @@ from typing import TypeVar
 from iscsi.pdu import Buffer
 from iscsi.scsi.constants import PRInAction, PROutAction, SenseKey, Status, VPDPage
 from iscsi.scsi.lun import parse_report_luns_data
+from iscsi.scsi.modes import DPOFUA, parse_mode_header
 from iscsi.scsi.pr import (
     build_persistent_reserve_in,
     build_persistent_reserve_out,
@@ -380,10 +381,12 @@ class LUN:
             except SCSIStatusError:
                 self._dpofua = False
             else:
-                # Header (SPC-4 §7.5.5): mode data length, medium type,
-                # device-specific parameter, block descriptor length.
-                data = r.data
-                self._dpofua = data is not None and data.nbytes >= 4 and bool(data[2] & 0x10)
+                try:
+                    header = parse_mode_header(r.data if r.data is not None else b"", ten=False)
+                except ValueError:
+                    self._dpofua = False
+                else:
+                    self._dpofua = bool(header.device_specific & DPOFUA)
         return self._dpofua
 
     async def read(self, lba: int, blocks: int, buffer: Buffer | None = None, *,

@@ -9,10 +9,17 @@ compare against the changeable view.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from iscsi.scsi.constants import ModePage
+from iscsi.scsi.modes import (
+    build_block_descriptor,
+    build_mode_header,
+    build_mode_page,
+    parse_block_descriptors,
+    parse_mode_header,
+    split_mode_pages,
+)
 from iscsi.scsi.spc import ModeSense
 from iscsi.scsi.sense import (
     PARAMETER_LIST_LENGTH_ERROR,
@@ -43,30 +50,26 @@ class PageDef:
     changeable: bytes
 
 
-def _page(code: int, body: bytes) -> bytes:
-    return bytes((code & 0x3F, len(body))) + body
-
-
 def disk_pages(*, write_cache: bool) -> list[PageDef]:
     """The pages of a direct-access block device (SBC-3 §6.4)."""
-    caching = bytearray(_page(ModePage.CACHING, bytes(0x12)))
+    caching = bytearray(build_mode_page(ModePage.CACHING, bytes(0x12)))
     if write_cache:
         caching[2] |= 0x04  # WCE: writes complete before reaching the medium
     caching_mask = bytearray(len(caching))
     caching_mask[2] = 0x04
-    control = bytearray(_page(ModePage.CONTROL, bytes(0x0A)))
+    control = bytearray(build_mode_page(ModePage.CONTROL, bytes(0x0A)))
     control[2] = 0x02  # GLTSD: no implicit log parameter saving
     control[3] = 0x10  # QUEUE ALGORITHM MODIFIER 1: unrestricted reordering
     control[8:10] = b"\xff\xff"  # BUSY TIMEOUT PERIOD: unlimited
     control_mask = bytearray(len(control))
     control_mask[2] = 0x04  # D_SENSE
     control_mask[4] = 0x08  # SWP
-    iec = bytearray(_page(ModePage.INFORMATIONAL_EXCEPTIONS, bytes(0x0A)))
+    iec = bytearray(build_mode_page(ModePage.INFORMATIONAL_EXCEPTIONS, bytes(0x0A)))
     iec[2] = 0x08  # DEXCPT: informational exceptions reporting disabled
     iec_mask = bytearray(len(iec))
     iec_mask[2] = 0x08
-    rwer = _page(ModePage.READ_WRITE_ERROR_RECOVERY, bytes(0x0A))
-    disc = _page(ModePage.DISCONNECT_RECONNECT, bytes(0x0E))
+    rwer = build_mode_page(ModePage.READ_WRITE_ERROR_RECOVERY, bytes(0x0A))
+    disc = build_mode_page(ModePage.DISCONNECT_RECONNECT, bytes(0x0E))
     return [
         PageDef(ModePage.READ_WRITE_ERROR_RECOVERY, 0, rwer, bytes(len(rwer))),
         PageDef(ModePage.DISCONNECT_RECONNECT, 0, disc, bytes(len(disc))),
@@ -80,7 +83,7 @@ def cdrom_pages() -> list[PageDef]:
     """The pages of an MMC CD/DVD device: error recovery, control,
     informational exceptions and the capabilities page 2Ah."""
     base = [p for p in disk_pages(write_cache=False) if p.code != ModePage.CACHING]
-    caps = bytearray(_page(CAPABILITIES_PAGE, bytes(0x14)))
+    caps = bytearray(build_mode_page(CAPABILITIES_PAGE, bytes(0x14)))
     caps[2] = 0x3B  # reads CD-R, CD-RW, method 2, DVD-ROM, DVD-R
     caps[6] = 0x29  # LOCK, EJECT, loading mechanism: tray (001b)
     caps_page = bytes(caps)
@@ -152,22 +155,10 @@ class ModePages:
         value changed.
         """
         updates: list[tuple[tuple[int, int], bytes]] = []
-        pos = 0
         total = len(pages)
-        while pos < total:
-            if total - pos < 2:
-                raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-            b0 = pages[pos]
-            code = b0 & 0x3F
-            if b0 & 0x40:  # SPF: sub_page format, 4-byte header
-                if total - pos < 4:
-                    raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-                sub = pages[pos + 1]
-                plen = 4 + int.from_bytes(pages[pos + 2 : pos + 4], "big")
-            else:
-                sub = 0
-                plen = 2 + pages[pos + 1]
-            key = (code, sub)
+        for span in split_mode_pages(pages):
+            pos, plen, hdr = span.offset, span.length, span.header
+            key = (span.code, span.subpage)
             d = self._defs.get(key)
             if d is None:
                 raise invalid_field_in_parameter_list(base + pos, 5)
@@ -178,7 +169,6 @@ class ModePages:
             new = bytes(pages[pos : pos + plen])
             cur = self.current[key]
             mask = d.changeable
-            hdr = 4 if b0 & 0x40 else 2
             diff = int.from_bytes(new[hdr:], "big") ^ int.from_bytes(cur[hdr:], "big")
             forbidden = diff & ~int.from_bytes(mask[hdr:], "big")
             if forbidden:
@@ -187,7 +177,6 @@ class ModePages:
                 first = nbytes - 1 - (forbidden.bit_length() - 1) // 8
                 raise invalid_field_in_parameter_list(base + pos + hdr + first)
             updates.append((key, new))
-            pos += plen
         changed = False
         for key, new in updates:
             cur = self.current[key]
@@ -205,9 +194,6 @@ class ModePages:
         SPC-4 §7.5.1)."""
         for key, val in self.saved.items():
             self.current[key] = bytearray(val)
-
-
-_HDR10 = struct.Struct(">HBBBxH")
 
 
 def mode_sense(
@@ -229,18 +215,10 @@ def mode_sense(
     body = pages.sense_pages(code, subpage, pc)
     bd = b""
     if not dbd and block_descriptors:
-        if llbaa:
-            bd = struct.pack(">QII", num_blocks, 0, block_size)
-        else:
-            nb = min(num_blocks, 4294967295)
-            # short LBA descriptor, SBC-3 §6.4.2: NUMBER OF BLOCKS saturates
-            bd = struct.pack(">IBBH", nb, 0, block_size >> 16, block_size & 0xFFFF)
-    if ten:
-        total = 8 + len(bd) + len(body)
-        hdr = _HDR10.pack(total - 2, 0, device_specific, 0x01 if llbaa and bd else 0, len(bd))
-    else:
-        total = 4 + len(bd) + len(body)
-        hdr = bytes(((total - 1) & 0xFF, 0, device_specific, len(bd)))
+        bd = build_block_descriptor(num_blocks, block_size, long=llbaa)
+    hdr = build_mode_header(ten=ten, data_length=len(bd) + len(body),
+                            device_specific=device_specific, longlba=bool(llbaa and bd),
+                            block_descriptor_length=len(bd))
     return hdr + bd + body
 
 
@@ -249,35 +227,15 @@ def parse_mode_select(
 ) -> tuple[memoryview, int]:
     """Check the header and block descriptors of a MODE SELECT parameter
     list (SPC-4 §7.5.4); return the mode pages and their offset."""
-    hlen = 8 if ten else 4
-    if len(data) < hlen:
-        raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-    if ten:
-        longlba = bool(data[4] & 0x01)
-        bdl = int.from_bytes(data[6:8], "big")
-    else:
-        longlba = False
-        bdl = data[3]
-    if hlen + bdl > len(data):
-        raise illegal_request(PARAMETER_LIST_LENGTH_ERROR)
-    dlen = 16 if longlba else 8
-    if bdl % dlen:
-        raise invalid_field_in_parameter_list(6 if ten else 3)
-    pos = hlen
-    while pos < hlen + bdl:
-        if longlba:
-            nb = int.from_bytes(data[pos : pos + 8], "big")
-            bl = int.from_bytes(data[pos + 12 : pos + 16], "big")
-        else:
-            nb = int.from_bytes(data[pos : pos + 4], "big")
-            bl = int.from_bytes(data[pos + 5 : pos + 8], "big")
+    header = parse_mode_header(data, ten=ten)
+    for pos, nb, bl in parse_block_descriptors(data, header):
         # We cannot reformat: the block length must stay, and the number of
         # blocks may only be 0 (unchanged) or the current capacity.
         if bl not in (0, block_size):
-            raise invalid_field_in_parameter_list(pos + (12 if longlba else 5))
+            raise invalid_field_in_parameter_list(pos + (12 if header.longlba else 5))
         if nb not in (0, num_blocks, min(num_blocks, 0xFFFFFFFF)):
             raise invalid_field_in_parameter_list(pos)
-        pos += dlen
+    pos = header.size + header.block_descriptor_length
     return data[pos:], pos
 
 
