@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from target.backends.base import BackendError
+from target.backends.locking import lock_image
 from target.backends.registry import detect
 
 __all__ = ["CheckResult", "Progress", "check_image"]
@@ -100,9 +101,14 @@ def check_image(path: str, fmt: str | None = None, progress: Progress | None = N
         res.checked = False
         res.notes.append(f"{fmt} images have no metadata to check")
         return res
+    # A writer elsewhere would make the check report its half-done updates
+    # as damage: take the reader's lock as qemu-img check does.
+    lock = lock_image(path, write=False)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
+        if lock is not None:
+            lock.release()
         raise BackendError(f"{path}: cannot open: {e.strerror}") from None
     try:
         checker(path, fd, res, progress or (lambda done, total: None))
@@ -112,6 +118,8 @@ def check_image(path: str, fmt: str | None = None, progress: Progress | None = N
         raise BackendError(f"{path}: read failed: {e.strerror}") from None
     finally:
         os.close(fd)
+        if lock is not None:
+            lock.release()
     return res
 
 

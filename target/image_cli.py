@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from target.backends.base import Backend, BackendError, Extent
+from target.backends.locking import force_share
 from target.backends.registry import (
     ImageBackend,
     ImageInfo,
@@ -202,12 +203,17 @@ def _copy_range(src: Backend, dst: Backend, start: int, end: int, bar: ProgressB
 
 
 def convert(src_path: str, dst_path: str, out_fmt: str, *, src_fmt: str | None = None,
-            options: dict[str, str] | None = None, progress: bool = False) -> None:
+            options: dict[str, str] | None = None, progress: bool = False,
+            overwrite: bool = False) -> None:
     """Copy the virtual disk of ``src_path`` (its whole chain, flattened)
     into a new image. Unallocated ranges and all-zero chunks are not
-    written, so the copy stays sparse."""
+    written, so the copy stays sparse. An existing ``dst_path`` is
+    replaced only with ``overwrite`` (like ``create``, a typo must not
+    destroy an image)."""
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise CLIError(f"{dst_path}: source and destination are the same file")
+    if os.path.exists(dst_path) and not overwrite:
+        raise CLIError(f"{dst_path}: already exists (use --force to replace it)")
     with open_image(src_path, read_only=True, fmt=src_fmt) as src:
         size = src.size
         create_image(dst_path, out_fmt, size, options=options)
@@ -234,12 +240,12 @@ def _unlink_quiet(path: str) -> None:
             pass
 
 
-def commit(child_path: str, *, progress: bool = False, keep: bool = False) -> str:
+def commit(child_path: str, *, progress: bool = False, drop: bool = False) -> str:
     """Merge a differencing image into its parent (VBoxManage mergemedium /
     qemu-img commit): every range the child defines - data, or zeroes that
     hide the parent - is written into the parent, which is then flushed.
-    The child is deleted afterwards (its parent changed under it) unless
-    ``keep``. Returns the parent's path."""
+    The child is kept, as qemu-img keeps it, unless ``drop`` (it now adds
+    nothing to its parent). Returns the parent's path."""
     with open_image(child_path, read_only=True) as child:
         parent = child.parent
         if parent is None:
@@ -267,7 +273,7 @@ def commit(child_path: str, *, progress: bool = False, keep: bool = False) -> st
                     bar.update(done)
             target.flush()
             bar.done()
-    if not keep:
+    if drop:
         _unlink_quiet(child_path)
     return parent_path
 
@@ -373,6 +379,10 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+_FORCE_SHARE = ("open the image even if another process is using it (read-only; what is "
+                "read may be changing), like qemu-img -U")
+
+
 def _fill_parser(p: argparse.ArgumentParser) -> None:
     fmts = sorted(formats())
     sub = p.add_subparsers(dest="image_command", required=True)
@@ -389,12 +399,14 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     i = sub.add_parser("info", help="show format, sizes, UUIDs and the parent chain")
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.add_argument("-f", "--format", choices=fmts)
+    i.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     i.add_argument("path", metavar="PATH")
 
     k = sub.add_parser("check", help="check the image's metadata (exit 0 clean, 2 errors)")
     k.add_argument("--output", choices=("human", "json"), default="human")
     k.add_argument("-f", "--format", choices=fmts)
     k.add_argument("-p", "--progress", action="store_true")
+    k.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     k.add_argument("path", metavar="PATH")
 
     v = sub.add_parser("convert", help="copy an image (and its chain) into a new image")
@@ -402,13 +414,15 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     v.add_argument("-O", "--output-format", required=True, choices=fmts)
     v.add_argument("-o", "--options", action="append", metavar="K=V[,K=V]")
     v.add_argument("-p", "--progress", action="store_true")
+    v.add_argument("--force", action="store_true", help="replace DST if it exists")
+    v.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
     v.add_argument("src", metavar="SRC")
     v.add_argument("dst", metavar="DST")
 
     m = sub.add_parser("commit", help="merge a differencing image into its parent")
     m.add_argument("-p", "--progress", action="store_true")
-    m.add_argument("-k", "--keep", action="store_true",
-                   help="keep the child file (it will no longer match a VDI parent)")
+    m.add_argument("-d", "--drop", action="store_true",
+                   help="delete the child file afterwards (by default it is kept, as qemu-img does)")
     m.add_argument("path", metavar="CHILD")
 
     s = sub.add_parser("snapshot", help="add a differencing child and print its name")
@@ -431,6 +445,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
+    if getattr(args, "force_share", False):
+        with force_share():
+            return _dispatch_command(args, out)
+    return _dispatch_command(args, out)
+
+
+def _dispatch_command(args: argparse.Namespace, out: TextIO) -> int:
     cmd = args.image_command
     if cmd == "create":
         size = parse_size(args.size) if args.size is not None else 0
@@ -461,10 +482,11 @@ def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
         return _check(args, out)
     if cmd == "convert":
         convert(args.src, args.dst, args.output_format, src_fmt=args.format,
-                options=_parse_options(args.options), progress=_want_progress(args.progress))
+                options=_parse_options(args.options), progress=_want_progress(args.progress),
+                overwrite=args.force)
         return EXIT_OK
     if cmd == "commit":
-        parent = commit(args.path, progress=_want_progress(args.progress), keep=args.keep)
+        parent = commit(args.path, progress=_want_progress(args.progress), drop=args.drop)
         out.write(f"Image committed into {parent}\n")
         return EXIT_OK
     if cmd == "snapshot":

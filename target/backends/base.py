@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, Protocol
 
 SECTOR = 512
 
@@ -49,12 +49,28 @@ class Extent:
     mapped: bool
 
 
+class Releasable(Protocol):
+    """Something held until released (an image lock)."""
+
+    def release(self) -> None:
+        """Give it back."""
+
+
 class Backend(abc.ABC):
     """A virtual disk. Subclasses implement the abstract methods; the
     defaults describe a plain, fully allocated, writable medium."""
 
     #: The file this backend serves, for messages (may be "" for memory).
     path: str = ""
+    #: The image lock held while it is open (target/backends/locking.py);
+    #: set by the registry, released by :meth:`release_image_lock`.
+    image_lock: Releasable | None = None
+
+    def release_image_lock(self) -> None:
+        """Give back the image lock (part of closing; idempotent)."""
+        lock, self.image_lock = self.image_lock, None
+        if lock is not None:
+            lock.release()
 
     @property
     @abc.abstractmethod

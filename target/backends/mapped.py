@@ -313,6 +313,7 @@ class MappedImage(ImageBackend):
                 os.close(fd)
         finally:
             self._fd = -1
+            self.release_image_lock()
             self._close_parent()
 
 

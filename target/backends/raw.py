@@ -358,6 +358,7 @@ class RawFileBackend(ImageBackend):
         self._remap(0)
         os.close(self._fd)
         self._fd = -1
+        self.release_image_lock()
 
 
 # -- registry format interface ---------------------------------------------

@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Protocol, Self, cast
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
+from .locking import lock_image
 
 __all__ = [
     "FORMATS",
@@ -434,9 +435,31 @@ def open_image(
     if fmt is None:
         fmt = detect(path)
     mod = _format(fmt, path)
+    # qemu-compatible locks before anything is read or written: a writer
+    # elsewhere makes what we would read meaningless (locking.py).
+    lock = lock_image(path, write=not read_only)
     stack.append(real)
     try:
-        img = mod.open(path, read_only=read_only, write_through=write_through)
+        img = _opened(path, fmt, mod, read_only=read_only, write_through=write_through)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    finally:
+        stack.pop()
+    img.image_lock = lock
+    try:
+        _check_uuids(img)
+    except BackendError:
+        img.close()
+        raise
+    return img
+
+
+def _opened(path: str, fmt: str, mod: FormatModule, *, read_only: bool,
+            write_through: bool) -> ImageBackend:
+    try:
+        return mod.open(path, read_only=read_only, write_through=write_through)
     except BackendError:
         raise
     except FileNotFoundError:
@@ -448,14 +471,6 @@ def open_image(
     except (struct.error, IndexError, ValueError, OverflowError, zlib.error) as e:
         # A parser bug or a damaged file must still surface as one line.
         raise BackendError(f"{path}: damaged {fmt} image ({type(e).__name__}: {e})") from None
-    finally:
-        stack.pop()
-    try:
-        _check_uuids(img)
-    except BackendError:
-        img.close()
-        raise
-    return img
 
 
 def _check_uuids(img: ImageBackend) -> None:
