@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from target.backends.base import BackendError
 from target.backends.locking import ImageInUse, force_share, lock_image
 from target.backends.registry import open_image
 from tests.tgt import free_port
@@ -156,7 +157,11 @@ def test_locks_released_on_close(qcow: Path) -> None:
     b.release()
     a.release()  # idempotent
     with force_share():
-        assert lock_image(str(qcow), write=True) is None
+        shared = lock_image(str(qcow), write=False)
+        assert shared is not None
+        with pytest.raises(BackendError):
+            lock_image(str(qcow), write=True)  # -U is for reading only
+        shared.release()
     assert qemu_img("info", str(qcow)).returncode == 0
 
 
@@ -174,3 +179,17 @@ def test_convert_and_commit_keep_data_safe(qcow: Path, tmp_path: Path) -> None:
     assert ours("image", "commit", "--drop", str(child)).returncode == 0
     assert not child.exists()
     os.unlink(dst)
+
+
+def test_convert_force_never_touches_an_image_in_use(qcow: Path, tmp_path: Path) -> None:
+    """``convert --force`` onto an image another process writes is refused
+    before anything is truncated, and the image is left byte-identical."""
+    busy = tmp_path / "busy.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", str(busy), "8M").returncode == 0
+    before = busy.read_bytes()
+    with qemu_nbd(busy):
+        r = ours("image", "convert", "--force", "-O", "qcow2", str(qcow), str(busy))
+        assert r.returncode != 0 and "is in use by another process" in r.stderr
+        assert busy.exists() and busy.read_bytes() == before
+        r = ours("image", "create", "-f", "raw", str(busy), "1M")
+        assert r.returncode != 0 and busy.read_bytes() == before

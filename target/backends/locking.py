@@ -21,8 +21,9 @@ Within one process holds are counted per file, not checked against each
 other (the target reopens an image it grows while the old handle drains).
 OFD locks belong to the open file description, so one descriptor per file
 is kept open while held; closing it releases them, also when the process
-dies. ``force_share()`` (``-U``/``--force-share`` of the image tools)
-skips locking altogether, as qemu-img's does, for read-only use.
+dies. Under ``force_share()`` (``-U``/``--force-share`` of the image
+tools) a reader holds the read permission and shares everything, as
+``qemu-img -U`` does, so only a user that refuses to share reading stops it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Access:
 WRITER = Access(frozenset({PERM_READ, PERM_WRITE, PERM_RESIZE}),
                 frozenset({PERM_WRITE, PERM_RESIZE}))
 READER = Access(frozenset({PERM_READ}), frozenset({PERM_WRITE, PERM_RESIZE}))
+#: ``-U``: reads, shares everything (qemu-io -r -U still holds byte 100).
+SHARED_READER = Access(frozenset({PERM_READ}), frozenset())
 
 
 class ImageInUse(BackendError):
@@ -80,7 +83,7 @@ _sharing: contextvars.ContextVar[bool] = contextvars.ContextVar("image_force_sha
 
 @contextlib.contextmanager
 def force_share() -> Iterator[None]:
-    """Open images without taking or checking locks (qemu-img ``-U``):
+    """Open images as a reader that shares everything (qemu-img ``-U``):
     only for reading, and what is read may be changing underneath."""
     token = _sharing.set(True)
     try:
@@ -167,8 +170,11 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
     when another process's use forbids it; returns None under
     :func:`force_share`."""
     if _sharing.get():
-        return None
-    access = WRITER if write else READER
+        if write:
+            raise BackendError(f"{path}: --force-share is for reading only")
+        access = SHARED_READER
+    else:
+        access = WRITER if write else READER
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:

@@ -355,10 +355,12 @@ class RawFileBackend(ImageBackend):
     def close(self) -> None:
         if self._fd < 0:
             return
-        self._remap(0)
-        os.close(self._fd)
-        self._fd = -1
-        self.release_image_lock()
+        try:
+            self._remap(0)
+            os.close(self._fd)
+        finally:
+            self._fd = -1
+            self.release_image_lock()
 
 
 # -- registry format interface ---------------------------------------------

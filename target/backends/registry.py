@@ -532,7 +532,14 @@ def create_image(
                 if backing_format is None and isinstance(parent, ImageBackend):
                     backing_format = parent.info().format
     _check_size(path, size, "image")
-    mod.create(path, size, backing=backing, backing_format=backing_format, options=options)
+    # An existing file is replaced only when nobody uses it: the check comes
+    # before anything truncates it (qemu-img create refuses the same way).
+    lock = lock_image(path, write=True) if os.path.exists(path) else None
+    try:
+        mod.create(path, size, backing=backing, backing_format=backing_format, options=options)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def formats() -> dict[str, FormatModule]:
