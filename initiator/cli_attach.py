@@ -155,6 +155,11 @@ async def cmd_attach(args: argparse.Namespace) -> int:
     import signal
 
     where = args.nbd if args.nbd is not None else args.fuse
+    if args.fuse is not None:
+        # Before logging in: a missing optional extra is one line, at once.
+        from .fuse import load_pyfuse3
+
+        load_pyfuse3()
     path = args.control or control_path(export_key(nbd=args.nbd, fuse=args.fuse))
     opts = with_creds(args.url, session_options(args))
     # An attach stays up for hours: idle NOP-Out pings (RFC 7143 §11.18)

@@ -30,14 +30,15 @@ class PortalUnreachable(InitiatorError):
 class LoginRefused(InitiatorError):
     """The target answered the login with a non-success status (§11.13.5)."""
 
-    def __init__(self, status: int, message: str | None = None) -> None:
+    def __init__(self, status: int, message: str | None = None, *,
+                 hint: str | None = None) -> None:
         try:
             words = LoginStatus(status).words
         except ValueError:
             words = f"status class {status >> 8} detail {status & 0xFF}"
         self.status = status
         self.words = words
-        hint = _LOGIN_HINTS.get(status, "check the target's configuration")
+        hint = hint or _LOGIN_HINTS.get(status, "check the target's configuration")
         super().__init__(message or f"login refused: {words} (status 0x{status:04x})", hint=hint)
 
     @property

@@ -52,6 +52,8 @@ from .nbd_proto import nbd_errno
 if TYPE_CHECKING:
     from .blockdev import BlockDevice
 
+from .errors import InitiatorError
+
 log = logging.getLogger("initiator.fuse")
 
 T = TypeVar("T")
@@ -70,14 +72,19 @@ _active_lock = threading.Lock()
 _active: FuseExport | None = None
 
 
+class FuseUnavailable(InitiatorError):
+    """The optional FUSE support (pyfuse3) is not installed."""
+
+
 def load_pyfuse3() -> tuple[ModuleType, ModuleType]:
-    """Import (pyfuse3, trio), or raise RuntimeError saying how to install."""
+    """Import (pyfuse3, trio), or raise :class:`FuseUnavailable` saying how
+    to install them (one line on the command line, not a traceback)."""
     # import_module keeps mypy from requiring the optional extra's stubs.
     try:
         pyfuse3 = importlib.import_module("pyfuse3")
         trio = importlib.import_module("trio")
     except ImportError as exc:
-        raise RuntimeError(MISSING_PYFUSE3) from exc
+        raise FuseUnavailable(MISSING_PYFUSE3) from exc
     return pyfuse3, trio
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from iscsi.constants import ISCSI_PORT
+from iscsi.constants import ISCSI_PORT, LoginStatus
 from iscsi.discovery import DiscoveredTarget
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
@@ -138,11 +138,32 @@ class LoginDriver:
                 status = exc.status_class << 8 | exc.status_detail
                 if exc.status_class == 1 and exc.target_address:
                     raise LoginRedirected(status, exc.target_address) from None
-                raise LoginRefused(status) from None
+                raise _refusal(status, login, o) from None
             except (LoginError, ProtocolError) as exc:
                 raise LoginFailed(f"login to {o.portal} failed: {exc}") from None
         return LoginResult(login.params, login.tsih, login.cmdsn, login.expcmdsn,
                            login.maxcmdsn, login.exp_statsn)
+
+
+def _refusal(status: int, login: InitiatorLogin, o: LoginSettings) -> LoginRefused:
+    """The refusal with a hint that follows its likely cause."""
+    if status in (LoginStatus.INITIATOR_ERROR, LoginStatus.AUTHENTICATION_FAILURE) \
+            and login.chap_algorithm_pending:
+        # Refused right after our CHAP_A offer, without CHAP_A=Reject: the
+        # target takes none of our algorithms (istgt answers 0x0201, tgt
+        # 0x0200).
+        offered = ",".join(str(a) for a in o.chap_algorithms)
+        return LoginRefused(status, f"login refused: the target accepts none of the CHAP "
+                            f"algorithms offered (CHAP_A={offered}), status 0x{status:04x}",
+                            hint="--chap-algorithms 5 (MD5, the one every target takes) or "
+                                 "the list the target documents")
+    if status == LoginStatus.SERVICE_UNAVAILABLE and o.target_name is not None:
+        # LIO answers a TargetName it does not know with 0x0301, not 0x0203.
+        return LoginRefused(status, f"login refused: target {o.target_name} not found or "
+                            f"unavailable (status 0x{status:04x})",
+                            hint="run 'iscsi-initiator discover HOST' to list the targets, or "
+                                 "try again later")
+    return LoginRefused(status)
 
 
 # ------------------------------------------------------------- SendTargets

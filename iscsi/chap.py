@@ -351,6 +351,12 @@ class ChapInitiator:
         return self._state == "done"
 
     @property
+    def awaiting_challenge(self) -> bool:
+        """True after our CHAP_A offer, before the target's challenge: a
+        refusal now means it accepts none of the algorithms offered."""
+        return self._state == "offered"
+
+    @property
     def awaiting_target_proof(self) -> bool:
         """True between sending our mutual challenge and checking the answer."""
         return self._state == "mutual"

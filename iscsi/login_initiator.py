@@ -307,6 +307,11 @@ class InitiatorLogin:
             return self._chap.start()
         return self._chap.receive(auth_keys)
 
+    @property
+    def chap_algorithm_pending(self) -> bool:
+        """True while our CHAP_A offer waits for the target's choice."""
+        return self._chap is not None and self._chap.awaiting_challenge
+
     def _auth_done(self) -> bool:
         if self._chap is None:
             return True

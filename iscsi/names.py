@@ -225,13 +225,37 @@ def generate_iqn(
     return normalize_name(f"{prefix}:{unique}")
 
 
+#: Where open-iscsi keeps this host's initiator name.
+OPEN_ISCSI_NAME_FILE = "/etc/iscsi/initiatorname.iscsi"
+
+
+def open_iscsi_initiator_name(path: str = OPEN_ISCSI_NAME_FILE) -> str | None:
+    """The ``InitiatorName=`` of open-iscsi's file, when it exists and
+    holds a valid name (RFC 3720 §3.2.6); None otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key.strip() == "InitiatorName":
+            try:
+                return normalize_name(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
 def default_initiator_name(
     *,
     machine_id_path: str = "/etc/machine-id",
     hostname: str | None = None,
     prefix: str = AIOISCSI_IQN_PREFIX,
+    open_iscsi_path: str | None = OPEN_ISCSI_NAME_FILE,
 ) -> str:
-    """A stable initiator name for this host, ``<prefix>:01:<12 hex digits>``.
+    """This host's initiator name: open-iscsi's (so ACLs written for
+    ``iscsiadm`` match), else a stable ``<prefix>:01:<12 hex digits>``.
 
     Like open-iscsi's generated ``initiatorname.iscsi`` it carries an opaque
     per-host suffix; here it is derived (not random) so that it survives
@@ -239,6 +263,10 @@ def default_initiator_name(
     (machine-id(5) asks applications not to expose the raw ID) or, when that
     file is unreadable, of the host name.
     """
+    if open_iscsi_path is not None:
+        known = open_iscsi_initiator_name(open_iscsi_path)
+        if known is not None:
+            return known
     seed: str | None = None
     try:
         with open(machine_id_path, encoding="ascii") as f:

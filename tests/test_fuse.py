@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from initiator.fuse import MISSING_PYFUSE3, FuseExport, load_pyfuse3, serve_fuse
+from initiator.fuse import MISSING_PYFUSE3, FuseExport, FuseUnavailable, load_pyfuse3, serve_fuse
 from tests.test_nbd import MemoryDevice
 from tests.tools import require_tool, tools_required
 
@@ -38,7 +38,7 @@ def _unavailable(why: str) -> None:
 def _need_fuse() -> None:
     try:
         load_pyfuse3()
-    except RuntimeError as exc:
+    except FuseUnavailable as exc:
         _unavailable(str(exc))
     try:
         fd = os.open("/dev/fuse", os.O_RDWR)
@@ -69,11 +69,23 @@ async def mounted(tmp_path: Path) -> AsyncIterator[tuple[FuseExport, MemoryDevic
 
 def test_missing_pyfuse3_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pyfuse3", None)  # makes the import fail
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(FuseUnavailable) as info:
         load_pyfuse3()
     assert str(info.value) == MISSING_PYFUSE3
     assert "pip install 'aioiscsi[fuse]'" in MISSING_PYFUSE3
     assert "libfuse3-dev pkg-config fuse3" in MISSING_PYFUSE3
+
+
+def test_attach_fuse_without_pyfuse3_is_one_line(tmp_path: Path) -> None:
+    """The CLI says it in one line, before it even tries to log in (the
+    portal here does not exist)."""
+    code = ("import sys; sys.modules['pyfuse3'] = None; from initiator.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "attach",
+                           "iscsi://127.0.0.1:1/iqn.2024-01.org.example:x/0",
+                           "--fuse", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "pyfuse3" in proc.stderr, proc.stderr
 
 
 async def test_one_file_with_the_device_bytes(mounted: tuple[FuseExport, MemoryDevice]) -> None:

@@ -16,6 +16,7 @@ from iscsi.names import (
     NameType,
     Portal,
     default_initiator_name,
+    open_iscsi_initiator_name,
     format_portal,
     format_url,
     generate_iqn,
@@ -170,19 +171,34 @@ def test_generate_iqn() -> None:
 def test_default_initiator_name(tmp_path: Path) -> None:
     mid = tmp_path / "machine-id"
     mid.write_text("0123456789abcdef0123456789abcdef\n")
-    a = default_initiator_name(machine_id_path=str(mid))
-    assert a == default_initiator_name(machine_id_path=str(mid))
+    a = default_initiator_name(machine_id_path=str(mid), open_iscsi_path=None)
+    assert a == default_initiator_name(machine_id_path=str(mid), open_iscsi_path=None)
     assert a.startswith("iqn.2026-11.org.aioiscsi:01:")
     assert len(a.rsplit(":", 1)[1]) == 12
     assert "0123456789ab" not in a  # the raw machine id is not exposed
     validate_name(a, require_normalized=True)
     mid.write_text("fedcba9876543210fedcba9876543210\n")
-    assert default_initiator_name(machine_id_path=str(mid)) != a
+    assert default_initiator_name(machine_id_path=str(mid), open_iscsi_path=None) != a
     missing = str(tmp_path / "absent")
-    h1 = default_initiator_name(machine_id_path=missing, hostname="alpha")
-    assert h1 == default_initiator_name(machine_id_path=missing, hostname="alpha")
-    assert h1 != default_initiator_name(machine_id_path=missing, hostname="beta")
+    h1 = default_initiator_name(machine_id_path=missing, hostname="alpha", open_iscsi_path=None)
+    assert h1 == default_initiator_name(machine_id_path=missing, hostname="alpha", open_iscsi_path=None)
+    assert h1 != default_initiator_name(machine_id_path=missing, hostname="beta", open_iscsi_path=None)
     validate_name(default_initiator_name())
+
+
+def test_default_initiator_name_follows_open_iscsi(tmp_path: Path) -> None:
+    """ACLs written for iscsiadm keep matching: open-iscsi's name wins."""
+    f = tmp_path / "initiatorname.iscsi"
+    f.write_text("## DO NOT EDIT\n# comment\nInitiatorName=iqn.2004-10.com.Ubuntu:01:abc123\n")
+    assert open_iscsi_initiator_name(str(f)) == "iqn.2004-10.com.ubuntu:01:abc123"
+    assert default_initiator_name(open_iscsi_path=str(f)) == "iqn.2004-10.com.ubuntu:01:abc123"
+    f.write_text("InitiatorName=not a name\n")
+    assert open_iscsi_initiator_name(str(f)) is None
+    mid = tmp_path / "machine-id"
+    mid.write_text("0123456789abcdef0123456789abcdef\n")
+    assert default_initiator_name(machine_id_path=str(mid), open_iscsi_path=str(f)) == \
+        default_initiator_name(machine_id_path=str(mid), open_iscsi_path=None)
+    assert open_iscsi_initiator_name(str(tmp_path / "missing")) is None
 
 
 # --- portals -----------------------------------------------------------------
