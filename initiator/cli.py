@@ -7,16 +7,20 @@ non-zero; ``-v`` adds logging for the details.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from iscsi.discovery import DiscoveredTarget
 from iscsi.names import parse_portal, parse_url
+from iscsi.constants import LoginStatus
 from iscsi.scsi.constants import PeripheralType
 
 from .blockdev import options_from_url
-from .errors import InitiatorError, LUNNotFound
+from .errors import InitiatorError, LoginRefused, LUNNotFound
 from .scsi import LUN, SCSICheckCondition
 from .cli_attach import cmd_attach, cmd_detach
 from .cli_common import PROG, human_size, session_options, with_creds
@@ -43,6 +47,9 @@ async def cmd_discover(args: argparse.Namespace) -> int:
         p = parse_portal(text)
         host, port, opts = p.host, p.port, session_options(args)
     targets = await _discover(host, port, opts)
+    if args.json:
+        _emit([{"name": t.name, "portals": [str(p) for p in t.portals]} for t in targets])
+        return 0 if targets else 1
     if not targets:
         print(f"{PROG}: the portal {text} lists no targets", file=sys.stderr)
         return 1
@@ -52,22 +59,41 @@ async def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(doc: object) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    print(json.dumps(doc, indent=2))
+
+
 _TYPES = {int(v): v.name.lower().replace("_", "-") for v in PeripheralType}
 _TYPES[0x0C] = "storage-array-controller"
 
 
-async def _describe_lun(session: Session, lun_no: int) -> str:
+async def _lun_facts(session: Session, lun_no: int) -> dict[str, Any]:
     lun = LUN(session, lun_no)
     inq = await lun.inquiry()
-    kind = _TYPES.get(inq.peripheral_type, f"type-{inq.peripheral_type}")
-    line = f"  lun {lun_no}: {kind} {inq.vendor} {inq.product} {inq.revision}".rstrip()
+    facts: dict[str, Any] = {
+        "lun": lun_no, "type": _TYPES.get(inq.peripheral_type, f"type-{inq.peripheral_type}"),
+        "vendor": inq.vendor, "product": inq.product, "revision": inq.revision}
     if inq.peripheral_type in (PeripheralType.DISK, PeripheralType.CDROM):
         try:
             cap = await lun.read_capacity()
         except SCSICheckCondition as exc:
-            return f"{line}, no medium ({exc.asc_name})"
-        prov = "thin" if cap.lbpme else "full"
-        line += f", {human_size(cap.size)} ({cap.blocks} x {cap.block_size} B), {prov}-provisioned"
+            facts["medium"] = False
+            facts["reason"] = exc.asc_name
+            return facts
+        facts.update({"medium": True, "size": cap.size, "blocks": cap.blocks,
+                      "block_size": cap.block_size,
+                      "provisioning": "thin" if cap.lbpme else "full"})
+    return facts
+
+
+def _lun_line(f: dict[str, Any]) -> str:
+    line = f"  lun {f['lun']}: {f['type']} {f['vendor']} {f['product']} {f['revision']}".rstrip()
+    if f.get("medium") is False:
+        return f"{line}, no medium ({f['reason']})"
+    if "size" in f:
+        line += (f", {human_size(f['size'])} ({f['blocks']} x {f['block_size']} B), "
+                 f"{f['provisioning']}-provisioned")
     return line
 
 
@@ -75,18 +101,40 @@ async def cmd_ls(args: argparse.Namespace) -> int:
     u = parse_url(args.url)
     opts = with_creds(args.url, session_options(args))
     names = [u.target] if u.target else [t.name for t in await _discover(u.host, u.port, opts)]
+    listing: list[dict[str, Any]] = []
+    refused = 0
     for name in names:
         assert name is not None
-        async with await Session.connect(u.host, u.port, name, opts) as s:
-            luns = await LUN(s, 0).report_luns()
-            if u.lun is not None:
-                if u.lun not in luns:
-                    raise LUNNotFound(f"LUN {u.lun} does not exist on {name} (it has {luns})")
-                luns = [u.lun]
+        entry: dict[str, Any] = {"target": name}
+        listing.append(entry)
+        try:
+            async with await Session.connect(u.host, u.port, name, opts) as s:
+                luns = await LUN(s, 0).report_luns()
+                if u.lun is not None:
+                    if u.lun not in luns:
+                        raise LUNNotFound(f"LUN {u.lun} does not exist on {name} (it has {luns})")
+                    luns = [u.lun]
+                entry["luns"] = [await _lun_facts(s, n) for n in luns]
+        except LoginRefused as exc:
+            if u.target:
+                raise
+            # One target's refusal must not hide the others (a portal
+            # often protects some targets with CHAP and not others).
+            refused += 1
+            entry["error"] = str(exc)
+            entry["needs_credentials"] = exc.status in (LoginStatus.AUTHENTICATION_FAILURE,
+                                                        LoginStatus.AUTHORIZATION_FAILURE)
+        if not args.json:
             print(name)
-            for n in luns:
-                print(await _describe_lun(s, n))
-    return 0
+            if "error" in entry:
+                why = ("needs CHAP credentials (iscsi://user%secret@host/...)"
+                       if entry["needs_credentials"] else entry["error"])
+                print(f"  (not listed: {why})")
+            for f in entry.get("luns", []):
+                print(_lun_line(f))
+    if args.json:
+        _emit(listing)
+    return 1 if refused == len(names) and names else 0
 
 
 # ------------------------------------------------------------------ inquiry
@@ -99,57 +147,114 @@ async def cmd_inquiry(args: argparse.Namespace) -> int:
         inq = await lun.inquiry()
         if inq.qualifier == 3:
             raise LUNNotFound(f"LUN {lun_no} does not exist on {target}")
-        print(f"vendor: {inq.vendor}")
-        print(f"product: {inq.product}")
-        print(f"revision: {inq.revision}")
-        print(f"peripheral type: {_TYPES.get(inq.peripheral_type, inq.peripheral_type)}")
-        print(f"version: 0x{inq.version:02x}  removable: {inq.rmb}  cmdque: {inq.cmdque}"
-              f"  tpgs: {inq.tpgs}  3pc: {inq.three_pc}")
+        d: dict[str, Any] = {
+            "vendor": inq.vendor, "product": inq.product, "revision": inq.revision,
+            "peripheral_type": _TYPES.get(inq.peripheral_type, inq.peripheral_type),
+            "version": inq.version, "removable": inq.rmb, "cmdque": inq.cmdque,
+            "tpgs": inq.tpgs, "3pc": inq.three_pc}
         pages = await lun.vpd_pages()
-        print("vpd pages: " + " ".join(f"0x{p:02x}" for p in pages))
+        d["vpd_pages"] = list(pages)
         if 0x80 in pages:
-            print(f"serial: {await lun.unit_serial_number()}")
+            d["serial"] = await lun.unit_serial_number()
         if 0x83 in pages:
-            for d in await lun.device_identification():
-                value = d.text if d.code_set in (2, 3) else d.value.hex()
-                print(f"designator: type {d.designator_type} assoc {d.association} {value}")
+            d["designators"] = [
+                {"type": int(x.designator_type), "association": int(x.association),
+                 "code_set": int(x.code_set),
+                 "value": x.text if x.code_set in (2, 3) else x.value.hex()}
+                for x in await lun.device_identification()]
         if 0xB0 in pages:
             bl = await lun.block_limits()
             if bl is not None:
-                print(f"block limits: max transfer {bl.max_transfer_length} blocks, "
-                      f"optimal {bl.optimal_transfer_length}, max unmap "
-                      f"{bl.max_unmap_lba_count} blocks")
+                d["block_limits"] = {"max_transfer_length": bl.max_transfer_length,
+                                     "optimal_transfer_length": bl.optimal_transfer_length,
+                                     "max_unmap_lba_count": bl.max_unmap_lba_count}
         if inq.peripheral_type == PeripheralType.DISK:
             cap = await lun.read_capacity()
-            print(f"capacity: {cap.size} bytes ({cap.blocks} x {cap.block_size} B), "
-                  f"thin: {cap.lbpme}, unmapped reads zero: {cap.lbprz}")
+            d["capacity"] = {"size": cap.size, "blocks": cap.blocks, "block_size": cap.block_size,
+                             "thin": cap.lbpme, "unmapped_reads_zero": cap.lbprz}
+    if args.json:
+        _emit(d)
+        return 0
+    print(f"vendor: {d['vendor']}")
+    print(f"product: {d['product']}")
+    print(f"revision: {d['revision']}")
+    print(f"peripheral type: {d['peripheral_type']}")
+    print(f"version: 0x{d['version']:02x}  removable: {d['removable']}  cmdque: {d['cmdque']}"
+          f"  tpgs: {d['tpgs']}  3pc: {d['3pc']}")
+    print("vpd pages: " + " ".join(f"0x{p:02x}" for p in d["vpd_pages"]))
+    if "serial" in d:
+        print(f"serial: {d['serial']}")
+    for x in d.get("designators", []):
+        print(f"designator: type {x['type']} assoc {x['association']} {x['value']}")
+    if "block_limits" in d:
+        bl_d = d["block_limits"]
+        print(f"block limits: max transfer {bl_d['max_transfer_length']} blocks, "
+              f"optimal {bl_d['optimal_transfer_length']}, max unmap "
+              f"{bl_d['max_unmap_lba_count']} blocks")
+    if "capacity" in d:
+        c = d["capacity"]
+        print(f"capacity: {c['size']} bytes ({c['blocks']} x {c['block_size']} B), "
+              f"thin: {c['thin']}, unmapped reads zero: {c['unmapped_reads_zero']}")
     return 0
 
 
 # --------------------------------------------------------------------- main
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="iSCSI initiator tools")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    p.add_argument("--initiator-name", help="our iSCSI name (default: derived from the host)")
-    p.add_argument("--header-digest", help="offer e.g. CRC32C or None,CRC32C")
-    p.add_argument("--data-digest", help="offer e.g. CRC32C or None,CRC32C")
-    p.add_argument("--chap-algorithms", help="CHAP_A values to offer, e.g. 5 or 7,5")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
-    p.add_argument("--replacement-timeout", type=float, default=120.0, metavar="S")
-    p.add_argument("--command-timeout", type=float, default=30.0, metavar="S",
+def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every subcommand shares. They are accepted before and
+    after the subcommand: the subcommand's copies default to SUPPRESS so
+    they only override what was given before it."""
+    def d(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument("-v", "--verbose", action="count", default=d(0),
+                   help="log more (-vv: debug)")
+    p.add_argument("--initiator-name", default=d(None),
+                   help="our iSCSI name (default: open-iscsi's, else derived from the host)")
+    p.add_argument("--header-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
+    p.add_argument("--data-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
+    p.add_argument("--chap-algorithms", default=d(None),
+                   help="CHAP_A values to offer, e.g. 5 or 7,5")
+    p.add_argument("--connect-timeout", type=float, default=d(5.0), metavar="S",
+                   help="seconds for the TCP connection and, again, for the login (default 5)")
+    p.add_argument("--replacement-timeout", type=float, default=d(120.0), metavar="S")
+    p.add_argument("--command-timeout", type=float, default=d(30.0), metavar="S",
                    help="abort a SCSI command unanswered this long: ABORT TASK, then "
                         "LUN RESET, then reconnect, as Linux does (0 = wait forever)")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aioiscsi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="iSCSI initiator tools")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    _global_options(p, top=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, top=False)
     sub = p.add_subparsers(dest="command", required=True)
+    real_add = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return real_add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     d = sub.add_parser("discover", help="list the targets of a portal (SendTargets)")
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.add_argument("portal", metavar="HOST[:PORT]")
     d.set_defaults(func=cmd_discover)
     ls = sub.add_parser("ls", help="list targets and LUNs with size, vendor, provisioning")
     ls.add_argument("url", metavar="URL", help="iscsi://host[:port][/target[/lun]]")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=cmd_ls)
     q = sub.add_parser("inquiry", help="INQUIRY and VPD pages of a LUN")
     q.add_argument("url", metavar="URL")
+    q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=cmd_inquiry)
     c = sub.add_parser("copy", help="copy between iscsi:// URLs and files")
     c.add_argument("src", metavar="SRC")

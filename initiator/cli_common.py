@@ -17,8 +17,11 @@ DEPTH = 8
 
 def session_options(args: argparse.Namespace) -> SessionOptions:
     """Session options from the global command-line flags."""
+    # --connect-timeout bounds the login too: a portal that accepts the
+    # connection and then says nothing fails as fast as one that refuses.
     opts = SessionOptions(nop_interval=None, replacement_timeout=args.replacement_timeout,
                           connect_timeout=args.connect_timeout,
+                          login_timeout=args.connect_timeout,
                           command_timeout=args.command_timeout or None)
     if args.initiator_name:
         opts.initiator_name = args.initiator_name

@@ -180,7 +180,10 @@ class SessionLink:
         except TimeoutError:
             conn.abort()
             raise LoginFailed(f"login to {where} timed out after "
-                              f"{self.options.login_timeout:g} s") from None
+                              f"{self.options.login_timeout:g} s: the portal accepts "
+                              "connections but does not answer",
+                              hint="check that HOST:PORT is an iSCSI target (not another "
+                                   "service) and that it is not overloaded") from None
         except BaseException:
             conn.abort()
             if self._conn is conn:
