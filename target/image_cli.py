@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from target.backends.base import Backend, BackendError, Extent
 from target.backends.locking import force_share
 from target.backends.registry import (
+    resolve_backing,
     ImageBackend,
     ImageInfo,
     create_image,
@@ -325,13 +326,38 @@ def _info_dict(img: ImageBackend) -> dict[str, Any]:
     return top
 
 
+#: qemu-img's name for the allocation unit of each format (reported as
+#: "cluster-size").
+_CLUSTER_KEYS = ("cluster_size", "block_size", "grain_size")
+
+
+def _typed(value: str) -> Any:
+    """A format-specific value as qemu-img types it: integers and booleans
+    as JSON numbers and booleans."""
+    if value.isdigit():
+        return int(value)
+    if value in ("true", "yes"):
+        return True
+    if value in ("false", "no"):
+        return False
+    return value
+
+
 def _one_info(i: ImageInfo) -> dict[str, Any]:
+    """One image as ``qemu-img info --output=json`` names and types its
+    fields (``subformat``, ``uuid`` and ``parent-uuid`` are ours besides)."""
     d: dict[str, Any] = {
         "filename": i.path,
         "format": i.format,
         "virtual-size": i.virtual_size,
         "actual-size": i.allocated_size,
     }
+    for key in _CLUSTER_KEYS:
+        if key in i.extra and i.extra[key].isdigit():
+            d["cluster-size"] = int(i.extra[key])
+            break
+    if i.format == "qcow2":
+        d["dirty-flag"] = i.extra.get("dirty") == "true"
     if i.subformat:
         d["subformat"] = i.subformat
     if i.uuid:
@@ -340,10 +366,17 @@ def _one_info(i: ImageInfo) -> dict[str, Any]:
         d["parent-uuid"] = i.parent_uuid
     if i.backing:
         d["backing-filename"] = i.backing
+        try:
+            d["full-backing-filename"] = resolve_backing(i.path, i.backing)
+        except BackendError:
+            d["full-backing-filename"] = i.backing
     if i.backing_format:
         d["backing-filename-format"] = i.backing_format
     if i.extra:
-        d["format-specific"] = dict(i.extra)
+        d["format-specific"] = {
+            "type": i.format,
+            "data": {k.replace("_", "-"): _typed(v) for k, v in sorted(i.extra.items())},
+        }
     return d
 
 
@@ -362,7 +395,8 @@ def _print_info(d: dict[str, Any], out: TextIO, indent: str = "") -> None:
     if "backing-filename" in d:
         fmt = f" ({d['backing-filename-format']})" if "backing-filename-format" in d else ""
         out.write(f"{indent}backing file: {d['backing-filename']}{fmt}\n")
-    out.writelines(f"{indent}    {k}: {v}\n" for k, v in sorted(d.get("format-specific", {}).items()))
+    specific = d.get("format-specific", {}).get("data", {})
+    out.writelines(f"{indent}    {k}: {v}\n" for k, v in sorted(specific.items()))
 
 
 # ---------------------------------------------------------------------------
@@ -400,6 +434,8 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     i.add_argument("--output", choices=("human", "json"), default="human")
     i.add_argument("-f", "--format", choices=fmts)
     i.add_argument("-U", "--force-share", action="store_true", help=_FORCE_SHARE)
+    i.add_argument("--backing-chain", action="store_true",
+                   help="with --output json: a list of the whole chain, as qemu-img prints it")
     i.add_argument("path", metavar="PATH")
 
     k = sub.add_parser("check", help="check the image's metadata (exit 0 clean, 2 errors)")
@@ -471,7 +507,12 @@ def _dispatch_command(args: argparse.Namespace, out: TextIO) -> int:
         with open_image(args.path, read_only=True, fmt=args.format) as img:
             d = _info_dict(img)
         if args.output == "json":
-            out.write(json.dumps(d, indent=4) + "\n")
+            if args.backing_chain:
+                # qemu-img info --backing-chain: a list, the image first.
+                chain = [{k: v for k, v in d.items() if k != "backing-chain"}, *d["backing-chain"]]
+                out.write(json.dumps(chain, indent=4) + "\n")
+            else:
+                out.write(json.dumps(d, indent=4) + "\n")
         else:
             _print_info(d, out)
             for n, parent in enumerate(d["backing-chain"], 1):

@@ -381,3 +381,24 @@ def test_check_clean_on_qemu_made_images(tmp_path: Path, fmt: str) -> None:
     res = check_image(p)
     assert res.ok, res.errors
     assert not res.leaks, res.leaks
+
+
+@pytest.mark.interop
+def test_info_json_names_and_types_match_qemu(tmp_path: Path) -> None:
+    """``image info --output json`` uses qemu-img's field names and JSON
+    types, so scripts written for ``qemu-img info --output=json`` work."""
+    base = str(tmp_path / "base.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    assert run("create", "-f", "qcow2", base, "4M")[0] == 0
+    assert run("create", "-f", "qcow2", "-b", base, top)[0] == 0
+    q = qemu_info(top)
+    ours = info_json(top)
+    for key in ("filename", "format", "virtual-size", "cluster-size", "dirty-flag",
+                "backing-filename", "backing-filename-format"):
+        assert type(ours[key]) is type(q[key]) and ours[key] == q[key] or key == "filename", key
+    assert ours["format-specific"]["type"] == q["format-specific"]["type"] == "qcow2"
+    assert ours["format-specific"]["data"]["refcount-bits"] == q["format-specific"]["data"][
+        "refcount-bits"] == 16
+    rc, out = run("info", "--output", "json", "--backing-chain", top)
+    chain = json.loads(out)
+    assert rc == 0 and [c["format"] for c in chain] == ["qcow2", "qcow2"]
