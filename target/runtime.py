@@ -8,6 +8,7 @@ LUN side, so the transport imports nothing from :mod:`target.backends`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from target.scsi.target import ScsiTarget
 from target.scsi.types import Nexus, ScsiResult
 
 from .config import LunSpec, TargetSpec
+
+log = logging.getLogger("aioiscsi.target")
 
 
 @dataclass
@@ -168,6 +171,7 @@ def build_target(spec: TargetSpec, state_dir: str | None,
                 throttles[ls.lun] = backend.throttle
             backends[ls.lun] = backend
             cdrom = ls.device_type == "cdrom" or (ls.device_type == "auto" and _is_iso(ls))
+            _check_capacity(spec.name, ls, backend, 2048 if cdrom else ls.block_size)
             # Serial and NAA WWN are derived from target name + LUN unless
             # configured, so they survive restarts (multipath, Windows).
             cfg = LUConfig(
@@ -191,6 +195,23 @@ def build_target(spec: TargetSpec, state_dir: str | None,
     scsi = ScsiTarget(luns, name=spec.name)
     return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns),
                          throttles=throttles)
+
+
+def _check_capacity(target: str, ls: LunSpec, backend: Backend, block_size: int) -> None:
+    """A LUN must hold at least one block (a 0-byte file would be a disk
+    no initiator can use); a tail shorter than a block cannot be addressed
+    and is left out, with a warning, as tgt and LIO do."""
+    from target.backends.base import BackendError
+
+    where = ls.path or f"LUN {ls.lun} of {target}"
+    if backend.size < block_size:
+        raise BackendError(f"{where}: {backend.size} bytes is smaller than one "
+                           f"{block_size}-byte block; nothing to serve")
+    tail = backend.size % block_size
+    if tail:
+        log.warning("%s: %d bytes is not a multiple of the %d-byte block size; the last "
+                    "%d bytes are not visible to initiators", where, backend.size, block_size,
+                    tail)
 
 
 def _is_iso(ls: LunSpec) -> bool:

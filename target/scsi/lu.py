@@ -16,8 +16,10 @@ LBA range.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -73,6 +75,8 @@ from .reservations import Reservations as _Reservations
 from .types import SIMPLE, Buffer, LUConfig, Nexus, ScsiResult
 
 
+log = logging.getLogger("aioiscsi.target")
+
 #: READ(6/10/12/16): the one READ/WRITE family that carries no Data-Out.
 _READ_OPS = frozenset({Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16})
 
@@ -122,6 +126,8 @@ class LogicalUnit(BlockCommands, SpcCommands):
         self._sync_mode_cache()
         self._handlers: dict[int, Handler] = {}
         self._sa_handlers: dict[tuple[int, int], Handler] = {}
+        self._last_io_log = -1e9
+        self._io_errors_unlogged = 0
         self._install_handlers()
 
     # ----- configuration -------------------------------------------------
@@ -357,17 +363,18 @@ class LogicalUnit(BlockCommands, SpcCommands):
             if isinstance(result, ScsiResult):
                 return result
         except Exception as exc:  # noqa: BLE001 - mapped to SCSI status below
-            return self._failed(op, exc)
-        return self._finish(op, result)
+            return self._failed(cdb, exc)
+        return self._finish(cdb, result)
 
-    async def _finish(self, op: int, pending: Awaitable[ScsiResult]) -> ScsiResult:
+    async def _finish(self, cdb: bytes, pending: Awaitable[ScsiResult]) -> ScsiResult:
         try:
             return await pending
         except Exception as exc:  # noqa: BLE001 - mapped to SCSI status below
-            return self._failed(op, exc)
+            return self._failed(cdb, exc)
 
-    def _failed(self, op: int, exc: Exception) -> ScsiResult:
+    def _failed(self, cdb: bytes, exc: Exception) -> ScsiResult:
         """The SCSI answer to an exception from a command (SAM-5 §5.3)."""
+        op = cdb[0]
         if isinstance(exc, CheckCondition):
             return self.check_condition(exc.sense)
         if isinstance(exc, ReservationConflict):
@@ -378,6 +385,7 @@ class LogicalUnit(BlockCommands, SpcCommands):
             return self.check_condition(SenseData(SenseKey.ILLEGAL_REQUEST,
                                                   *INSUFFICIENT_RESOURCES))
         if isinstance(exc, BackendError):
+            self._log_io_error(cdb, exc)
             asc = WRITE_ERROR if op in _WRITES else UNRECOVERED_READ_ERROR
             return self.check_condition(SenseData(SenseKey.MEDIUM_ERROR, *asc))
         if isinstance(exc, (ValueError, IndexError, struct.error)):
@@ -385,6 +393,25 @@ class LogicalUnit(BlockCommands, SpcCommands):
             # internal failure rather than leaking the exception.
             return self.check_condition(SenseData(SenseKey.HARDWARE_ERROR, *INTERNAL_TARGET_FAILURE))
         raise exc
+
+    def _log_io_error(self, cdb: bytes, exc: BaseException) -> None:
+        """One log line per failed backend I/O with the LUN and LBA an
+        administrator needs, at most one per second per LUN (a dying disk
+        must not flood the log)."""
+        now = time.monotonic()
+        if now - self._last_io_log < 1.0:
+            self._io_errors_unlogged += 1
+            return
+        try:
+            lba: int | None = parse_rw(cdb).lba
+        except CDBError:
+            lba = None
+        more = (f" ({self._io_errors_unlogged} more since the last report)"
+                if self._io_errors_unlogged else "")
+        log.error("%s LUN %d: %s%s failed: %s%s", self.target_name, self.lun, _op_name(cdb[0]),
+                  f" at LBA {lba}" if lba is not None else "", exc, more)
+        self._last_io_log = now
+        self._io_errors_unlogged = 0
 
     # ----- transport helper --------------------------------------------------
 
@@ -398,6 +425,13 @@ class LogicalUnit(BlockCommands, SpcCommands):
             return rule(cdb) << self._shift if rule is _rw_blocks else rule(cdb)
         except CDBError:
             return 0
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Opcode(op).name.replace("_", " ")
+    except ValueError:
+        return f"opcode {op:#04x}"
 
 
 def _rw_blocks(cdb: bytes) -> int:
