@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import contextlib
 import hashlib
 import os
@@ -165,14 +166,29 @@ async def cmd_attach(args: argparse.Namespace) -> int:
     # An attach stays up for hours: idle NOP-Out pings (RFC 7143 §11.18)
     # notice a dead connection before the next I/O does.
     opts.nop_interval = SessionOptions().nop_interval
+    if args.verbose == 0:
+        # An attach runs for hours: say when the connection drops and how
+        # long we keep trying ("connection lost, retrying (N s left)").
+        logging.getLogger("initiator.session").setLevel(logging.WARNING)
     dev = await BlockDevice.open(args.url, opts)
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     public = _public_url(args.url)
 
     def _stop() -> None:
+        session = dev.lun.session
         if not stop.done():
             stop.set_result(None)
+            if session.state == "full feature phase":
+                return  # flush and log out, as detach does
+        # Reconnecting (or a second Ctrl-C while flushing): waiting for the
+        # target could last the whole replacement timeout; stop now and
+        # say what that costs.
+        if session.state not in ("closed", "failed"):
+            print(f"{PROG}: stopping while the session is {session.state}: writes the target "
+                  "has not acknowledged are lost (acknowledged ones are safe)",
+                  file=sys.stderr, flush=True)
+            session.abort()
 
     control: _Control | None = None
     candidate = _Control(

@@ -342,6 +342,8 @@ class SessionLink:
         self._retry_delay = None
         delay = 0.0
         last: BaseException = cause
+        log.warning("connection to %s lost (%s), retrying (%.0f s left)", self.portal,
+                    describe(cause), opts.replacement_timeout)
         while True:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
@@ -355,7 +357,8 @@ class SessionLink:
                 await asyncio.wait_for(self._establish(), remaining)
             except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
                 last = exc
-                log.info("reconnect to %s failed: %s", self.portal, exc)
+                log.warning("reconnect to %s failed: %s, retrying (%.0f s left)", self.portal,
+                            exc, max(0.0, deadline - self._loop.time()))
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     conn.abort()
