@@ -29,6 +29,7 @@ from .login_common import (
 from .login_common import (
     stage_name as _stage_name,
 )
+from .names import validate_name
 from .pdu import LoginRequest, LoginResponse
 from .text import (
     DEFAULT_TEXT_CAP,
@@ -450,6 +451,13 @@ class TargetLogin:
         if not name:
             raise LoginError("InitiatorName missing from the first Login Request",
                              LoginStatus.MISSING_PARAMETER)
+        try:
+            # RFC 3720 §3.2.6 / RFC 7143 §4.2.7: iqn., eui. or naa. names of
+            # the allowed characters; ACLs and reservations key on it.
+            validate_name(name)
+        except ValueError as exc:
+            raise LoginError(f"InitiatorName is not an iSCSI name: {exc}",
+                             LoginStatus.INITIATOR_ERROR) from None
         self.initiator_name = name
         session_type = keys.get("SessionType", "Normal")
         if session_type not in ("Normal", "Discovery"):

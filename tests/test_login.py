@@ -727,3 +727,20 @@ def test_login_timeout_by_time_passed_in() -> None:
     assert failed.failed_status is not None and failed.get_timer() is None
     # Without a timeout there is no deadline at all.
     assert TargetLogin(pol, 1).get_timer() is None
+
+
+@pytest.mark.parametrize("bad", ["not a name", "iqn.bad", "eui.12", "iqn.2024-01.org.example:a b"])
+def test_target_refuses_invalid_initiator_name(bad: str) -> None:
+    """RFC 3720 §3.2.6: the name ACLs and reservations key on must be a
+    real iSCSI name; anything else is an initiator error (0x0200)."""
+    pol = policy()
+    tgt = TargetLogin(pol, 1)
+    good = InitiatorLogin(INI, TGT, ISID)
+    req = good.start()
+    # Swap the InitiatorName in the first request's text for the bad one.
+    pairs = [(k, bad if k == "InitiatorName" else v) for k, v in decode_text(req.data)]
+    forged = LoginRequest(transit=req.transit, csg=req.csg, nsg=req.nsg, isid=req.isid,
+                          itt=req.itt, cmdsn=req.cmdsn, data=encode_text(pairs))
+    resp = tgt.receive(forged)
+    assert (resp.status_class, resp.status_detail) == (2, 0)
+    assert tgt.failed_status is not None
