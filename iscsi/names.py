@@ -360,8 +360,10 @@ class Portal:
         return format_portal(self.host, self.port, self.tpgt)
 
 
-def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> Portal:
-    """Parse ``host[:port][,tpgt]`` (IPv6 as ``[addr]``) into a :class:`Portal`."""
+def parse_portal(text: str, *, default_port: int = DEFAULT_PORT, bare_v6: bool = True) -> Portal:
+    """Parse ``host[:port][,tpgt]`` (IPv6 as ``[addr]``) into a :class:`Portal`.
+    ``bare_v6=False`` refuses an unbracketed IPv6 address, where ``::1:3260``
+    could be an address or an address and a port."""
     what = f"portal {text!r}"
     text = text.strip()
     addr, sep, tag = text.rpartition(",") if "," in text else (text, "", "")
@@ -374,7 +376,7 @@ def parse_portal(text: str, *, default_port: int = DEFAULT_PORT) -> Portal:
         tpgt = int(tag)
         if tpgt > 0xFFFF:
             raise ValueError(f"{what}: portal group tag {tpgt} outside 0..65535")
-    host, port = _split_hostport(addr, what, default_port)
+    host, port = _split_hostport(addr, what, default_port, bare_v6=bare_v6)
     return Portal(host, port, tpgt)
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -194,10 +196,36 @@ def run_server(config: ServerConfig, control: str | None = None,
     except (BackendError, ControlError) as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
-        if exc.errno in (98, 13):  # EADDRINUSE, EACCES
-            raise CLIError(f"cannot listen: {exc.strerror} (another target running? try "
-                           f"--portal 127.0.0.1:3261)") from None
-        raise CLIError(f"cannot start: {exc}") from None
+        raise CLIError(start_failure(exc, config)) from None
+
+
+def start_failure(exc: OSError, config: ServerConfig) -> str:
+    """One line saying why the target could not start, and what works."""
+    portals = [p for g in config.portal_groups for p in g.portals]
+    if isinstance(exc, socket.gaierror):
+        hosts = ", ".join(h for h, _ in portals)
+        return (f"cannot resolve the portal address {hosts}: {exc.strerror}; use an IP "
+                "address or a name this host can resolve")
+    if exc.filename is not None:
+        # A file, not a socket: the state directory (APTPL, overlays) or a
+        # path in it.
+        what = "state directory" if config.state_dir and str(exc.filename).startswith(
+            str(config.state_dir)) else "file"
+        return (f"cannot use the {what} {exc.filename}: {exc.strerror}; choose a writable "
+                "one with --state-dir DIR")
+    ports = sorted({p for _, p in portals})
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot listen: port {'/'.join(map(str, ports))} is already in use (tgtd, "
+                "LIO or another iscsi-target?); stop it, or serve on another port, e.g. "
+                "--portal 0.0.0.0:3261")
+    if exc.errno == errno.EACCES and any(0 < p < 1024 for p in ports):
+        return (f"cannot listen on port {'/'.join(map(str, ports))}: ports below 1024 need root "
+                "or CAP_NET_BIND_SERVICE; run as root, or use --portal 0.0.0.0:3261")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        hosts = ", ".join(h for h, _ in portals)
+        return (f"cannot listen on {hosts}: no such address on this host; use one of its "
+                "addresses or 0.0.0.0 / [::]")
+    return f"cannot start: {exc.strerror or exc}"
 
 
 def _control_of(args: argparse.Namespace, config: ServerConfig) -> tuple[str | None, bool]:

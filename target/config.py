@@ -334,8 +334,9 @@ def parse_listen(text: str) -> tuple[str, int]:
     """A listening address ``host:port`` / ``[v6]:port``; unlike a
     TargetAddress, port 0 is allowed and means "any free port"."""
     if text.endswith(":0"):
-        return parse_portal(text[:-2] + ":1").host, 0
-    portal = parse_portal(text)
+        return parse_portal(text[:-2] + ":1", bare_v6=False).host, 0
+    # Brackets always: "::1:3260" would otherwise listen on ::0.1.50.96.
+    portal = parse_portal(text, bare_v6=False)
     return portal.host, portal.port
 
 
