@@ -33,6 +33,7 @@ from .config import (
     PortalGroup,
     ServerConfig,
     TargetSpec,
+    check_chap,
     load_config,
     parse_listen,
 )
@@ -71,6 +72,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.config:
         if args.images:
             raise CLIError("give either image files or --config FILE, not both")
+        ignored = [flag for flag, given in (
+            ("--portal", args.portal), ("--name", args.name), ("--read-only", args.read_only),
+            ("--chap", args.chap), ("--mutual-chap", args.mutual_chap),
+            ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
+            ("--mode", args.mode != "normal")) if given]
+        if ignored:
+            # Never silently ignored: the file says how the targets look.
+            raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
+                           f"line; with --config {args.config} set them in the file instead")
         return load_config(args.config)
     if not args.images:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
@@ -78,6 +88,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for i, path in enumerate(args.images):
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
+        if not args.read_only and not os.access(path, os.W_OK):
+            raise CLIError(f"{path} is read-only for this user: serve it with --read-only, or "
+                           "make it writable")
         luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
                             block_size=args.block_size, write_cache=not args.write_through,
                             mode=args.mode))
@@ -91,10 +104,28 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if mutual and not chap:
         raise CLIError("--mutual-chap needs --chap too")
     chap_cfg = ChapConfig(chap[0], chap[1], *(mutual or (None, None))) if chap else None
+    if chap_cfg is not None:
+        try:
+            check_chap(chap_cfg)  # the rules the TOML path applies (RFC 7143 §12.1.3)
+        except ConfigError as exc:
+            raise CLIError(f"--chap/--mutual-chap: {exc}") from None
     spec = TargetSpec(name=name, luns=tuple(luns), chap=chap_cfg)
     return ServerConfig(
         targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
         nop_interval=args.nop_interval, state_dir=args.state_dir)
+
+
+def open_access_warnings(config: ServerConfig) -> list[str]:
+    """One line per target any initiator may use: no CHAP and no initiator
+    ACL (what LIO calls demo mode), so the administrator sees it."""
+    out = []
+    for t in config.targets:
+        if t.chap is None and not t.allow:
+            access = "read" if all(lun.read_only for lun in t.luns) else "read and write"
+            out.append(f"warning: {t.name} has no CHAP and no initiator ACL: any initiator "
+                       f"that reaches the portal can {access} it (--chap USER:SECRET, or "
+                       "allow = [...] in a config file)")
+    return out
 
 
 def attach_help(server: Any) -> str:
@@ -296,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_server(config_from_args(ns), default_control_path())
         config = config_from_args(args)
+        for line in open_access_warnings(config):
+            print(line, file=sys.stderr)
         return run_server(config, *_control_of(args, config))
     except (CLIError, ConfigError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)

@@ -49,3 +49,38 @@ def test_ipv6_portal_needs_brackets(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.count("\n") == 1
     assert "[::1]:3260" in r.stderr
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TARGET, "serve", *args, "--no-control"], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_mutual_chap_secret_must_differ(tmp_path: Path) -> None:
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    r = _serve(str(img), "--chap", "alice:secretsecret12", "--mutual-chap", "bob:secretsecret12")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "must differ" in r.stderr
+
+
+def test_config_with_image_flags_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[[target]]\n")
+    r = _serve("--config", str(cfg), "--portal", "127.0.0.1:3261", "--read-only")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "--portal, --read-only" in r.stderr and "set them in the file" in r.stderr
+
+
+def test_open_access_is_announced() -> None:
+    from target.cli import open_access_warnings
+    from target.config import ChapConfig, LunSpec, TargetSpec
+
+    lun = LunSpec(lun=0, path="/x.img")
+    open_t = TargetSpec(name="iqn.2024-01.org.example:open", luns=(lun,))
+    acl_t = TargetSpec(name="iqn.2024-01.org.example:acl", luns=(lun,),
+                       allow=("iqn.2024-01.org.example:ini",))
+    chap_t = TargetSpec(name="iqn.2024-01.org.example:chap", luns=(lun,),
+                        chap=ChapConfig("u", "secretsecret12"))
+    lines = open_access_warnings(ServerConfig(targets=(open_t, acl_t, chap_t)))
+    assert len(lines) == 1 and "iqn.2024-01.org.example:open" in lines[0]
+    assert "any initiator that reaches the portal can read and write it" in lines[0]
