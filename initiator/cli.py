@@ -231,7 +231,9 @@ def _version() -> str:
         return "unknown"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``iscsi-initiator`` command line (also what the man page and the
+    shell completions are generated from, scripts/gen-docs)."""
     p = argparse.ArgumentParser(prog=PROG, description="iSCSI initiator tools")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     _global_options(p, top=True)
@@ -299,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``iscsi-initiator`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else (
         logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s")

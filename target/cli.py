@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import errno
 import logging
 import os
@@ -270,9 +271,18 @@ def _control_of(args: argparse.Namespace, config: ServerConfig) -> tuple[str | N
     return default_control_path(config.state_dir), False
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``iscsi-target`` command."""
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aioiscsi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``iscsi-target`` command line (also what the man page and the
+    shell completions are generated from, scripts/gen-docs)."""
     parser = argparse.ArgumentParser(prog="iscsi-target", description="Serve disk images over iSCSI.")
+    parser.add_argument("--version", action="version", version=f"iscsi-target {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve image files (or a config file) as LUNs")
     p.add_argument("images", nargs="*", metavar="IMAGE")
@@ -307,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--portal", "-p", action="append", metavar="HOST:PORT")
     d.add_argument("--dir", default="demo", help="where the demo image lives (default ./demo)")
     d.add_argument("-v", "--verbose", action="count", default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``iscsi-target`` command."""
+    args = build_parser().parse_args(argv)
     if args.command == "image":
         return image_cli.run(args)
     if args.command in admin_cli.COMMANDS:
@@ -317,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             path = os.path.join(args.dir, "demo.img")
             if not os.path.exists(path):
-                make_demo_image(path)
+                try:
+                    make_demo_image(path)
+                except OSError as exc:
+                    raise CLIError(f"cannot create the demo image {path}: {exc.strerror}; run "
+                                   "the demo in a writable folder or give --dir DIR") from None
                 print(f"created {path} ({_human(DEMO_SIZE)} demo disk)", flush=True)
             ns = argparse.Namespace(
                 config=None, images=[path], read_only=False, block_size=512, write_through=False,

@@ -45,3 +45,32 @@ def test_optional_extras_declared() -> None:
     extras = _project()["optional-dependencies"]
     assert isinstance(extras, dict)
     assert {"test", "fast", "fuse", "docs"} <= set(extras)
+
+
+def test_man_pages_and_completions_generated(tmp_path: Path) -> None:
+    """scripts/gen-docs builds them from the argparse definitions, so they
+    never drift from the commands."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-docs"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in ("iscsi-target", "iscsi-initiator"):
+        man = (tmp_path / "man" / f"{name}.1").read_text()
+        assert man.startswith(".TH") and "SYNOPSIS" in man
+        bash = (tmp_path / "completion" / "bash" / name).read_text()
+        assert "complete" in bash
+        assert (tmp_path / "completion" / "zsh" / f"_{name}").exists()
+    target_man = (tmp_path / "man" / "iscsi-target.1").read_text()
+    assert "serve" in target_man and "image" in target_man
+
+
+@pytest.mark.parametrize("prog", ["iscsi-target", "iscsi-initiator"])
+def test_version(prog: str) -> None:
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name(prog)
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(f"{prog} ")
