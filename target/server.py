@@ -37,6 +37,7 @@ from .login_glue import handle_login, make_target_login, reject_login
 from .media import MediaWatcher, open_medium
 from .reload import ReloadReport, reload_server
 from .runtime import TargetRuntime, build_target
+from .sdnotify import notify
 from .session import Member, Session, SessionTable
 from .stats import IOCounters
 
@@ -484,13 +485,27 @@ async def serve(config: ServerConfig, *, ready: Any = None, control: str | None 
             await server.control.close()
         raise
     if os.path.exists(config.source):
+        def reload() -> None:
+            notify("RELOADING=1", "STATUS=reloading the configuration")
+            try:
+                server.reload()
+            finally:
+                notify("READY=1", _status(server))
+
         try:
-            loop.add_signal_handler(signal.SIGHUP, server.reload)
+            loop.add_signal_handler(signal.SIGHUP, reload)
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
     if ready is not None:
         ready(server)
+    notify("READY=1", _status(server))  # systemd Type=notify
     await stop.wait()
     log.info("signal received: stopping")
+    notify("STOPPING=1", "STATUS=logging sessions out")
     await server.stop()
     return 0
+
+
+def _status(server: TargetServer) -> str:
+    """The one-line STATUS systemctl status shows."""
+    return f"STATUS=serving {len(server.config.targets)} target(s)"
