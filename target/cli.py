@@ -148,15 +148,30 @@ def attach_help(server: Any) -> str:
         portal = f"{hp}:{port}"
         lines.append("  Portals: " + ", ".join(
             f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in dict.fromkeys(shown)))
-        lines.append("  Attach it with:")
-        lines.append(f"    libiscsi:   iscsi-inq iscsi://{portal}/{name}/0")
-        lines.append(f"    QEMU:       qemu-img info iscsi://{portal}/{name}/0")
+        chap = rt.spec.chap
+        # With CHAP the lines carry the user (the secret stays a placeholder,
+        # so it is not left in terminal scrollback or logs).
+        cred = f"{chap.user}%SECRET@" if chap is not None else ""
+        lines.append("  Attach it with:" + (f" (CHAP user {chap.user}; put the secret for "
+                                             "SECRET)" if chap is not None else ""))
+        lines.append(f"    libiscsi:   iscsi-inq iscsi://{cred}{portal}/{name}/0")
+        lines.append(f"    QEMU:       qemu-img info iscsi://{cred}{portal}/{name}/0")
         lines.append(f"    open-iscsi: iscsiadm -m discovery -t sendtargets -p {portal}")
+        if chap is not None:
+            for key, value in (("node.session.auth.authmethod", "CHAP"),
+                               ("node.session.auth.username", chap.user),
+                               ("node.session.auth.password", "SECRET")):
+                lines.append(f"                iscsiadm -m node -T {name} -p {portal} "
+                             f"--op update -n {key} -v {value}")
+            if chap.mutual_user is not None:
+                lines.append(f"                (mutual CHAP: node.session.auth.username_in "
+                             f"{chap.mutual_user}, password_in MUTUAL_SECRET)")
         lines.append(f"                iscsiadm -m node -T {name} -p {portal} --login")
         lines.append("    VirtualBox: VBoxManage storageattach VM --storagectl SATA --port 0 "
                      f"--device 0 --type hdd --medium iscsi --server {host} --tport {port} "
-                     f"--target {name} --lun 0")
-        lines.append(f"    aioiscsi:   iscsi-initiator ls iscsi://{portal}/{name}/0")
+                     f"--target {name} --lun 0"
+                     + (f" --username {chap.user} --password SECRET" if chap is not None else ""))
+        lines.append(f"    aioiscsi:   iscsi-initiator ls iscsi://{cred}{portal}/{name}/0")
     lines.append("Press Ctrl-C to stop.")
     return "\n".join(lines)
 

@@ -162,3 +162,19 @@ def test_ietd_conf_error_names_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(str(conf))
     assert str(err.value).startswith(f"{conf}:2: Lun Type")
+
+
+def test_attach_help_shows_the_chap_form(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    s = Served(["serve", str(img), "--portal", "127.0.0.1:0", "--name",
+                "iqn.2026-11.org.example:chapcli", "--chap", "alice:secretsecret12"], tmp_path)
+    try:
+        assert "CHAP user alice" in s.text
+        assert "iscsi://alice%SECRET@127.0.0.1:" in s.text
+        assert "-n node.session.auth.username -v alice" in s.text
+        assert "--username alice --password SECRET" in s.text
+        assert "secretsecret12" not in s.text  # the secret is never printed
+    finally:
+        code, err = s.stop()
+    assert code == 0, err
