@@ -15,6 +15,7 @@ with a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import importlib.metadata
 import errno
@@ -74,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.images:
             raise CLIError("give either image files or --config FILE, not both")
         ignored = [flag for flag, given in (
-            ("--portal", args.portal), ("--name", args.name), ("--read-only", args.read_only),
+            ("--name", args.name), ("--read-only", args.read_only),
             ("--chap", args.chap), ("--mutual-chap", args.mutual_chap),
             ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
             ("--mode", args.mode != "normal")) if given]
@@ -82,7 +83,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             # Never silently ignored: the file says how the targets look.
             raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
                            f"line; with --config {args.config} set them in the file instead")
-        return load_config(args.config)
+        config = load_config(args.config)
+        if args.portal:
+            # --portal applies: an ietd.conf has no portals (ietd takes them
+            # on its command line), and a TOML file's are replaced -- but
+            # only when it has one portal group, so no target loses its own.
+            if len(config.portal_groups) > 1:
+                raise CLIError(f"{args.config} defines {len(config.portal_groups)} portal "
+                               "groups; set their portals there rather than with --portal")
+            tag = config.portal_groups[0].tag
+            config = dataclasses.replace(config, portal_groups=(
+                PortalGroup(tag, _portals(args.portal, "0.0.0.0:3260")),))
+        return config
     if not args.images:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
     luns = []

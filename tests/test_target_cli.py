@@ -178,3 +178,22 @@ def test_attach_help_shows_the_chap_form(tmp_path: Path) -> None:
     finally:
         code, err = s.stop()
     assert code == 0, err
+
+
+def test_portal_applies_to_an_ietd_conf(tmp_path: Path) -> None:
+    """ietd takes its portals on the command line: so does serve --config."""
+    from target.cli import build_parser, config_from_args
+
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    conf = tmp_path / "ietd.conf"
+    conf.write_text("Target iqn.2001-04.org.example:disk1\n  Lun 0 Path=disk.img,Type=fileio\n")
+    args = build_parser().parse_args(["serve", "--config", str(conf), "--portal",
+                                      "127.0.0.1:3261", "--portal", "[::1]:3262"])
+    cfg = config_from_args(args)
+    assert [g.portals for g in cfg.portal_groups] == [(("127.0.0.1", 3261), ("::1", 3262))]
+    s = Served(["serve", "--config", str(conf), "--portal", "127.0.0.1:0"], tmp_path)
+    try:
+        assert "Target iqn.2001-04.org.example:disk1" in s.text and "127.0.0.1:" in s.text
+    finally:
+        code, err = s.stop()
+    assert code == 0, err

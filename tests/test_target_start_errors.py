@@ -66,9 +66,9 @@ def test_mutual_chap_secret_must_differ(tmp_path: Path) -> None:
 def test_config_with_image_flags_is_refused(tmp_path: Path) -> None:
     cfg = tmp_path / "t.toml"
     cfg.write_text("[[target]]\n")
-    r = _serve("--config", str(cfg), "--portal", "127.0.0.1:3261", "--read-only")
+    r = _serve("--config", str(cfg), "--name", "iqn.2024-01.org.example:x", "--read-only")
     assert r.returncode != 0 and r.stderr.count("\n") == 1
-    assert "--portal, --read-only" in r.stderr and "set them in the file" in r.stderr
+    assert "--name, --read-only" in r.stderr and "set them in the file" in r.stderr
 
 
 def test_open_access_is_announced() -> None:
