@@ -19,7 +19,6 @@ import dataclasses
 import asyncio
 import importlib.metadata
 import errno
-import logging
 import os
 import socket
 import sys
@@ -39,6 +38,7 @@ from .config import (
     load_config,
     parse_listen,
 )
+from .logsetup import LogSetupError, setup_logging
 
 DEMO_SIZE = 64 << 20
 
@@ -220,12 +220,6 @@ def make_demo_image(path: str) -> None:
         f.write(mbr)
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-
-
 def _install_uvloop() -> None:
     # DESIGN.md: 3.11's stdlib transport copies large writes; uvloop does not.
     try:
@@ -338,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_RUNTIME_DIR/aioiscsi/control.sock)")
     p.add_argument("--no-control", action="store_true", help="open no control socket")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one object per line (time, level, logger, message)")
+    p.add_argument("--log-file", metavar="PATH", help="append the log here instead of stderr")
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
@@ -354,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         return image_cli.run(args)
     if args.command in admin_cli.COMMANDS:
         return admin_cli.run(args)
-    _setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, fmt=getattr(args, "log_format", "text"),
+                      path=getattr(args, "log_file", None))
+    except LogSetupError as exc:
+        print(f"iscsi-target: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.command == "demo":
             path = os.path.join(args.dir, "demo.img")

@@ -197,3 +197,29 @@ def test_portal_applies_to_an_ietd_conf(tmp_path: Path) -> None:
     finally:
         code, err = s.stop()
     assert code == 0, err
+
+
+def test_json_log_to_a_file(tmp_path: Path) -> None:
+    """--log-format json --log-file: one JSON object per line, the login
+    line among them (for log collectors)."""
+    import json
+
+    inq = require_tool("iscsi-inq")
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    log = tmp_path / "target.log"
+    s = Served(["serve", str(img), "--portal", "127.0.0.1:0", "--name",
+                "iqn.2026-11.org.example:jsonlog", "--log-format", "json", "--log-file",
+                str(log)], tmp_path)
+    try:
+        assert subprocess.run([inq, s.url()], capture_output=True, timeout=30).returncode == 0
+    finally:
+        code, err = s.stop()
+    assert code == 0, err
+    docs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert docs and all({"time", "level", "logger", "message"} <= d.keys() for d in docs)
+    assert any("login: iqn." in d["message"] for d in docs)
+    bad = subprocess.run([str(Path(sys.executable).with_name("iscsi-target")), "serve", str(img),
+                          "--log-file", str(tmp_path / "no" / "dir" / "x.log"), "--no-control"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--log-file" in bad.stderr
