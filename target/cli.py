@@ -18,10 +18,12 @@ import argparse
 import dataclasses
 import asyncio
 import importlib.metadata
+import logging
 import errno
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from iscsi.names import InvalidName, generate_iqn, normalize_name
@@ -41,6 +43,8 @@ from .config import (
 from .logsetup import LogSetupError, setup_logging
 
 DEMO_SIZE = 64 << 20
+
+log = logging.getLogger("aioiscsi.target")
 
 
 class CLIError(Exception):
@@ -230,7 +234,7 @@ def _install_uvloop() -> None:
 
 
 def run_server(config: ServerConfig, control: str | None = None,
-               control_required: bool = False) -> int:
+               control_required: bool = False, metrics: str | None = None) -> int:
     """Open, serve until a signal, print attach help once listening.
     ``control`` is the control socket's path (None: none)."""
     from target.backends.base import BackendError
@@ -240,16 +244,45 @@ def run_server(config: ServerConfig, control: str | None = None,
 
     _install_uvloop()
 
+    stops: list[Callable[[], None]] = []
+
     def ready(server: TargetServer) -> None:
+        if metrics is not None:
+            from .metrics import serve_metrics
+
+            try:
+                stops.append(serve_metrics(server, metrics))
+            except OSError as exc:
+                raise CLIError(f"--metrics {metrics}: cannot listen: {exc.strerror}") from None
+            log.info("metrics on http://%s/metrics", metrics)
         print(attach_help(server), flush=True)
 
     try:
         return asyncio.run(serve(config, ready=ready, control=control,
                                  control_required=control_required))
+    except CLIError:
+        raise
     except (BackendError, ControlError) as exc:
         raise CLIError(str(exc)) from None
     except OSError as exc:
         raise CLIError(start_failure(exc, config)) from None
+    finally:
+        for stop in stops:
+            stop()
+
+
+def _check_metrics(listen: str) -> None:
+    """Before starting: the extra is installed and the address parses."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        from .metrics import MISSING
+
+        raise CLIError(MISSING) from None
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise CLIError(f"--metrics {listen}: {exc}") from None
 
 
 def start_failure(exc: OSError, config: ServerConfig) -> str:
@@ -335,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="json: one object per line (time, level, logger, message)")
     p.add_argument("--log-file", metavar="PATH", help="append the log here instead of stderr")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics "
+                        "(needs the metrics extra: prometheus_client)")
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
@@ -377,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         for line in open_access_warnings(config):
             print(line, file=sys.stderr)
-        return run_server(config, *_control_of(args, config))
+        if args.metrics is not None:
+            _check_metrics(args.metrics)
+        return run_server(config, *_control_of(args, config), metrics=args.metrics)
     except (CLIError, ConfigError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)
         return 2

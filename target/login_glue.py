@@ -22,6 +22,7 @@ from .config import ChapConfig, Limits, ServerConfig, TargetSpec
 from iscsi.ffp.window import CmdSNWindow
 
 from .session import Session
+from .stats import login_failures
 
 from .connection import TargetConnection
 from .runtime import TargetRuntime
@@ -190,6 +191,7 @@ def handle_login(server: LoginServer, conn: TargetConnection, req: LoginRequest)
 def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse) -> None:
     status = login.failed_status
     assert status is not None
+    login_failures[status.words] += 1
     log.warning("%s: login refused: %s (status 0x%04x) for initiator %s target %s: %s",
                 conn.peer, status.words, status.value, login.initiator_name or "?",
                 login.target_name or ("(discovery)" if login.session_type == "Discovery" else "?"),

@@ -9,8 +9,13 @@ the pairs of a session that ended are folded into per-LUN totals then.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
+
+#: Login refusals by reason (RFC 7143 §11.13.5 status words), process-wide,
+#: for the metrics endpoint.
+login_failures: Counter[str] = Counter()
 
 
 class IOCounters:

@@ -223,3 +223,45 @@ def test_json_log_to_a_file(tmp_path: Path) -> None:
                           "--log-file", str(tmp_path / "no" / "dir" / "x.log"), "--no-control"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--log-file" in bad.stderr
+
+
+def test_metrics_scraped_over_http(tmp_path: Path) -> None:
+    """serve --metrics: counters that moved with real I/O, sessions, login
+    refusals by reason, scraped over HTTP as Prometheus does."""
+    import urllib.request
+
+    from tests.tgt import free_port
+
+    inq = require_tool("iscsi-inq")
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    mport = free_port()
+    s = Served(["serve", str(img), "--portal", "127.0.0.1:0", "--name",
+                "iqn.2026-11.org.example:metrics", "--metrics", f"127.0.0.1:{mport}"], tmp_path)
+    try:
+        assert subprocess.run([inq, s.url()], capture_output=True, timeout=30).returncode == 0
+        wrong = s.url().replace("metrics/0", "nosuch/0")
+        subprocess.run([inq, wrong], capture_output=True, timeout=30)  # refused: not found
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+        text = body.decode()
+    finally:
+        code, err = s.stop()
+    assert code == 0, err
+    lun = 'lun="0",target="iqn.2026-11.org.example:metrics"'
+    assert f"aioiscsi_lun_commands_total{{{lun}}}" in text, text
+    assert f"aioiscsi_lun_size_bytes{{{lun}}} 1.048576e+06" in text
+    cmds = [line for line in text.splitlines() if line.startswith("aioiscsi_lun_commands_total{")]
+    assert cmds and float(cmds[0].split()[-1]) >= 1  # INQUIRY et al. were counted
+    assert 'aioiscsi_login_failures_total{reason="target not found"}' in text
+    assert "aioiscsi_sessions{" in text
+
+
+def test_metrics_without_prometheus_client_is_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    code = ("import sys; sys.modules['prometheus_client'] = None; from target.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, "serve", str(img), "--metrics",
+                        "127.0.0.1:9", "--no-control"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "pip install 'aioiscsi[metrics]'" in r.stderr
