@@ -255,6 +255,9 @@ def run_server(config: ServerConfig, control: str | None = None,
             except OSError as exc:
                 raise CLIError(f"--metrics {metrics}: cannot listen: {exc.strerror}") from None
             log.info("metrics on http://%s/metrics", metrics)
+        # Once it serves (an error before that stays the only line).
+        for line in open_access_warnings(config):
+            print(line, file=sys.stderr, flush=True)
         print(attach_help(server), flush=True)
 
     try:
@@ -411,8 +414,6 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_server(config_from_args(ns), default_control_path())
         config = config_from_args(args)
-        for line in open_access_warnings(config):
-            print(line, file=sys.stderr)
         if args.metrics is not None:
             _check_metrics(args.metrics)
         return run_server(config, *_control_of(args, config), metrics=args.metrics)
