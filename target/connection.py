@@ -119,6 +119,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._delivering = False
         self._later: list[Event] = []
+        #: Why the connection ended, for the session-end log line.
+        self.end_reason = ""
 
     # ------------------------------------------------------------------ I/O
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,6 +154,9 @@ class TargetConnection(asyncio.BufferedProtocol):
                      login.target_name or ("discovery" if login.session_type == "Discovery"
                                            else "no target"),
                      login.progress)
+        if not self.closed and not self.end_reason:
+            self.end_reason = (f"connection lost ({exc})" if exc is not None
+                               else "connection closed by the initiator")
         self.closed = True
         self.server.connections.discard(self)
         if self._timer is not None:
@@ -241,6 +246,7 @@ class TargetConnection(asyncio.BufferedProtocol):
             return
         if reason:
             log.info("%s: closing connection: %s", self.peer, reason)
+            self.end_reason = self.end_reason or reason
         self._flush()
         self.closed = True
         if self.transport is not None:
@@ -249,6 +255,7 @@ class TargetConnection(asyncio.BufferedProtocol):
     def abort(self, reason: str) -> None:
         """Drop the connection at once (RFC 7143: ERL 0 recovery)."""
         log.warning("%s: dropping connection: %s", self.peer, reason)
+        self.end_reason = self.end_reason or reason
         self._flush()
         self.closed = True
         if self.transport is not None:

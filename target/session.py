@@ -31,6 +31,8 @@ class Member(Protocol):
     cid: int
     peer: str
     closed: bool
+    #: Why the connection ended ("" while it has not).
+    end_reason: str
     engine: TargetConnectionEngine | None
     session: Session | None
 
@@ -190,4 +192,5 @@ class SessionTable:
         if sess.connections.get(conn.cid) is conn:
             del sess.connections[conn.cid]
         if not sess.connections and self._forget(sess):
-            log.info("%s: session TSIH %d of %s ended", conn.peer, sess.tsih, sess.initiator_name)
+            log.info("%s: session TSIH %d of %s ended: %s", conn.peer, sess.tsih,
+                     sess.initiator_name, conn.end_reason or "connection closed")

@@ -64,3 +64,15 @@ def test_abandoned_login_is_logged(caplog: pytest.LogCaptureFixture) -> None:
         line = (f"login abandoned by {INI} for {TARGET_NAME} at "
                 "Security negotiation: CHAP challenge sent, no response yet")
         assert until(lambda: any(line in r.getMessage() for r in caplog.records), 10.0)
+
+
+def test_session_end_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    """A session that ends because its connection went away says so."""
+    lun = LunSpec(lun=0, path="", backend="memory", size=1 << 20)
+    cfg = make_config([lun])
+    with running_target(cfg) as t, caplog.at_level(logging.INFO, logger="aioiscsi.target"):
+        with RawClient(t.host, t.port) as c:
+            c.login(TARGET_NAME)
+        # ... and the initiator vanished without logging out.
+        assert until(lambda: any("ended: connection" in r.getMessage()
+                                 for r in caplog.records), 10.0)
