@@ -142,9 +142,31 @@ def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
         raise BackendError(f"{spec.path}: no such file or device")
     fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,
                                                                          spec.backend)
+    _check_metadata(spec, fmt)
     return open_with_mode(spec.path, spec.mode, state_dir=state_dir, fmt=fmt,
                           read_only=spec.read_only, write_cache=spec.write_cache,
                           max_overlays=spec.max_overlays)
+
+
+def _check_metadata(spec: LunSpec, fmt: str | None) -> None:
+    """The metadata checks of ``image check`` before serving an image: a
+    damaged one is refused for writing (writes could spread the damage)
+    and served read-only with a warning; leaks are harmless."""
+    from target.backends.base import BackendError
+    from target.image_check import check_image
+
+    if not os.path.isfile(spec.path):
+        return
+    res = check_image(spec.path, fmt)
+    if res.ok:
+        return
+    problem = (f"{spec.path}: damaged {res.format} image: {res.errors[0]}"
+               + (f" (and {len(res.errors) - 1} more)" if len(res.errors) > 1 else ""))
+    if spec.read_only or spec.mode in ("readonly", "immutable", "multiattach"):
+        log.warning("%s; serving it read-only as asked", problem)
+        return
+    raise BackendError(f"{problem}; see 'iscsi-target image check {spec.path}', or serve it "
+                       "--read-only to read what is left")
 
 
 def build_target(spec: TargetSpec, state_dir: str | None,

@@ -68,3 +68,33 @@ def test_partial_block_is_rounded_down_with_a_warning(tmp_path: Path,
     finally:
         for b in rt.backends.values():
             b.close()
+
+
+def test_damaged_image_refused_for_writing_served_read_only(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The checks of ``image check`` run when a LUN opens: a damaged image
+    is not written to; read-only it is served with a warning."""
+    from tests.test_image_cli import _qcow2_l2_entries, run as image
+
+    p = tmp_path / "bad.qcow2"
+    assert image("create", "-f", "qcow2", str(p), "4M")[0] == 0
+    from target.backends.registry import open_image
+
+    with open_image(str(p), read_only=False) as img:
+        img.write(0, b"\x01" * 65536)
+        img.write(65536, b"\x02" * 65536)
+    _, l2, entries = _qcow2_l2_entries(str(p))
+    with open(p, "r+b") as f:
+        f.seek(l2 + 8)
+        f.write(entries[0].to_bytes(8, "big"))  # two guest clusters share one host cluster
+    spec = TargetSpec(name=TNAME, luns=(LunSpec(lun=0, path=str(p)),))
+    with pytest.raises(BackendError, match="damaged qcow2 image.*image check"):
+        build_target(spec, None)
+    ro = TargetSpec(name=TNAME, luns=(LunSpec(lun=0, path=str(p), read_only=True),))
+    with caplog.at_level(logging.WARNING, logger="aioiscsi.target"):
+        rt = build_target(ro, None)
+    try:
+        assert any("damaged qcow2 image" in r.getMessage() for r in caplog.records)
+    finally:
+        for b in rt.backends.values():
+            b.close()
