@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from iscsi.names import InvalidName, format_portal, normalize_name
 from target.backends.bandwidth import BandwidthGroups, ThrottledBackend
 from target.backends.base import Backend, BackendError, DelegatingBackend
+from target.backends.locking import reopening
 
 from .config import (
     ChapConfig,
@@ -41,6 +42,7 @@ from .config import (
     TargetSpec,
     check_chap,
 )
+
 from .runtime import TargetRuntime, _safe, build_target, open_lun
 from .session import Session, SessionTable
 from .stats import IOCounters
@@ -332,7 +334,8 @@ class Administration:
         state = os.path.join(self.config.state_dir, _safe(rt.name), str(lun)) \
             if self.config.state_dir else None
         try:
-            fresh = open_lun(spec, state)
+            with reopening():
+                fresh = open_lun(spec, state)
         except (BackendError, OSError) as exc:
             raise AdminError(f"{where}: cannot reopen after growing: {_line(exc)}") from None
         if isinstance(backend, ThrottledBackend):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from target.backends.base import BackendError
-from target.backends.locking import ImageInUse, force_share, lock_image
+from target.backends.locking import ImageInUse, force_share, lock_image, reopening
 from target.backends.registry import open_image
 from tests.tgt import free_port
 from tests.tools import require_tool
@@ -148,14 +148,26 @@ def test_locks_released_on_close(qcow: Path) -> None:
     img.close()
     with open_image(str(qcow), read_only=False):
         pass
-    # Several holds in one process are counted, not refused; the last one
-    # to go releases the file.
-    a = lock_image(str(qcow), write=True)
+    # Readers in one process are counted; the last one to go releases the
+    # file. A writer excludes the process's other users too (two LUNs on one
+    # image), except when it reopens what it grew.
+    a = lock_image(str(qcow), write=False)
     b = lock_image(str(qcow), write=False)
     assert a is not None and b is not None
+    with pytest.raises(ImageInUse, match="already open in this process"):
+        lock_image(str(qcow), write=True)
     a.release()
     b.release()
     a.release()  # idempotent
+    w = lock_image(str(qcow), write=True)
+    assert w is not None
+    with pytest.raises(ImageInUse):
+        lock_image(str(qcow), write=False)
+    with reopening():
+        again = lock_image(str(qcow), write=True)
+    assert again is not None
+    again.release()
+    w.release()
     with force_share():
         shared = lock_image(str(qcow), write=False)
         assert shared is not None
@@ -193,3 +205,15 @@ def test_convert_force_never_touches_an_image_in_use(qcow: Path, tmp_path: Path)
         assert busy.exists() and busy.read_bytes() == before
         r = ours("image", "create", "-f", "raw", str(busy), "1M")
         assert r.returncode != 0 and busy.read_bytes() == before
+
+
+def test_two_luns_on_one_image_refused(qcow: Path) -> None:
+    """One image can back one read-write LUN only: two would each cache
+    metadata the other changes."""
+    from target.config import LunSpec, TargetSpec
+    from target.runtime import build_target
+
+    spec = TargetSpec(name="iqn.2024-01.org.example:twice",
+                      luns=(LunSpec(lun=0, path=str(qcow)), LunSpec(lun=1, path=str(qcow))))
+    with pytest.raises(ImageInUse, match="one read-write LUN only"):
+        build_target(spec, None)

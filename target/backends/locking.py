@@ -17,8 +17,10 @@ two shapes qemu takes (checked with ``/proc/locks`` against qemu 7.2):
 * reader (a read-only LUN, a backing file, ``image info``): holds read;
   shares neither write nor resize -- so nobody writes under it.
 
-Within one process holds are counted per file, not checked against each
-other (the target reopens an image it grows while the old handle drains).
+Within one process a writer excludes every other user of the file too
+(two LUNs on one image would each cache metadata the other changes),
+except under :func:`reopening` (the target reopens an image it grows while
+the old handle drains); readers are counted and share.
 OFD locks belong to the open file description, so one descriptor per file
 is kept open while held; closing it releases them, also when the process
 dies. Under ``force_share()`` (``-U``/``--force-share`` of the image
@@ -79,6 +81,20 @@ class ImageInUse(BackendError):
 
 _sharing: contextvars.ContextVar[bool] = contextvars.ContextVar("image_force_share",
                                                                 default=False)
+_reopening: contextvars.ContextVar[bool] = contextvars.ContextVar("image_reopening",
+                                                                  default=False)
+
+
+@contextlib.contextmanager
+def reopening() -> Iterator[None]:
+    """Open an image this process already has open for writing, to replace
+    that handle (the target reopens an image it grew while the old handle
+    drains). Anywhere else a second in-process writer is refused."""
+    token = _reopening.set(True)
+    try:
+        yield
+    finally:
+        _reopening.reset(token)
 
 
 @contextlib.contextmanager
@@ -189,6 +205,13 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
         held = _held.get(key)
         if held is not None:
             os.close(fd)
+            if (write or WRITER in held.counts) and not _reopening.get():
+                # Two LUNs (or a LUN and a tool) of this process on one
+                # image, one of them writing: each would cache metadata the
+                # other changes.
+                raise ImageInUse(f"{path} is already open in this process"
+                                 f"{' for writing' if WRITER in held.counts else ''}; one "
+                                 "image can back one read-write LUN only")
             fd = held.fd
         new = _bytes(access) - (held.locked() if held is not None else set())
         try:
