@@ -141,7 +141,6 @@ def test_write_through_uses_odsync_and_flush(tmp_path: Path) -> None:
         assert fcntl.fcntl(b.fileno(), fcntl.F_GETFL) & os.O_DSYNC
         b.write(512, b"\x33" * 512)
         b.flush()
-        assert b.offset_in_file(512) == 512
         assert os.pread(b.fileno(), 512, 512) == b"\x33" * 512
 
 
@@ -197,7 +196,7 @@ def test_block_device(tmp_path: Path) -> None:
     dev = proc.stdout.strip()
     try:
         with RawFileBackend(dev) as b:
-            assert b.is_block_device and b.size == 4 * MiB and not b.zero_after_discard
+            assert b.size == 4 * MiB and not b.zero_after_discard
             b.write(MiB, b"\x44" * 4096)
             b.flush()
             assert bytes(b.read(MiB, 4096)) == b"\x44" * 4096

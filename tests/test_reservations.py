@@ -16,15 +16,13 @@ from iscsi.scsi.spc import ReportTargetPortGroups, parse_report_target_port_grou
 from iscsi.scsi.constants import PRType, SenseKey
 from iscsi.scsi.sense import CheckCondition
 from target.scsi.alua import AccessState, Alua, TargetPortGroup
+from target.scsi.pr_model import TransportIDError, build_transport_id, parse_transport_id
 from target.scsi.reservations import (
     PROutResult,
     ReservationConflict,
     Reservations,
     ReservationStateError,
-    TransportIDError,
     UnitAttentionPost,
-    build_transport_id,
-    parse_transport_id,
 )
 from target.scsi.types import Nexus
 

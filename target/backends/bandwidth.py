@@ -159,11 +159,6 @@ class BandwidthGroup:
                 with self._lock:
                     self._waiters.discard(entry)
 
-    async def acquire(self, nbytes: int) -> None:
-        """Charge ``nbytes``, then wait until the group is within its limit."""
-        self.charge(nbytes)
-        await self.wait()
-
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Thread version of :meth:`wait`; False when ``timeout`` ran out."""
         deadline = None if timeout is None else self._clock() + timeout
@@ -178,11 +173,6 @@ class BandwidthGroup:
                         return False
                     d = min(d, left)
                 self._cond.wait(None if d == float("inf") else d)
-
-    def acquire_blocking(self, nbytes: int) -> None:
-        """Thread version of :meth:`acquire`."""
-        self.charge(nbytes)
-        self.wait_blocking()
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

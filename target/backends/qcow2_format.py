@@ -28,14 +28,11 @@ REFTABLE_HDR = struct.Struct(">QI")  # refcount_table_offset + _clusters at 48
 EXT_END = 0
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
-EXT_DATA_FILE = 0x44415441
 
 # Incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
 INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTL2 = 1 << 4
 INCOMPAT_NAMES = {
     0: "dirty",
     1: "corrupt",

@@ -177,18 +177,9 @@ class RawFileBackend(ImageBackend):
         # Punched holes read as zeroes; a device's discard promises nothing.
         return not self._block
 
-    @property
-    def is_block_device(self) -> bool:
-        """True for a block device (no holes, ioctl discard)."""
-        return self._block
-
     def fileno(self) -> int:
         """The open file descriptor (for sendfile/splice paths)."""
         return self._fd
-
-    def offset_in_file(self, offset: int) -> int:
-        """The file offset holding virtual byte ``offset`` (identity for raw)."""
-        return offset
 
     # -- device helpers -----------------------------------------------------
 

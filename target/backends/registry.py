@@ -1,8 +1,8 @@
 """Image formats: detection, opening (with backing chains) and creation.
 
 Each format is a module of this package exposing ``NAME``, ``probe``,
-``open`` and ``create`` (see :class:`FormatModule`); it registers itself in
-:data:`FORMATS` simply by being importable. Detection is by content only
+``open`` and ``create`` (see :class:`FormatModule`); it is listed by
+:func:`formats` simply by being importable. Detection is by content only
 (never by file name): every format but ``raw`` is probed on the first
 64 KiB, and ``raw`` is the fallback.
 
@@ -31,7 +31,6 @@ from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
 from .locking import lock_image
 
 __all__ = [
-    "FORMATS",
     "MAX_CHAIN_DEPTH",
     "PROBE_SIZE",
     "CreateFunction",
@@ -361,10 +360,9 @@ class FormatModule(Protocol):
 
 #: Registered formats by name, ``raw`` last (it accepts anything, so it is
 #: the fallback). Filled on first use - detect/open_image/create_image or
-#: reading ``registry.FORMATS`` - not at import time: format modules import
+#: calling :func:`formats` - not at import time: format modules import
 #: this module, and loading them from here at import would make the import
 #: order matter.
-FORMATS: dict[str, FormatModule]
 _FORMATS: dict[str, FormatModule] = {}
 _loaded = False
 
@@ -553,13 +551,6 @@ def formats() -> dict[str, FormatModule]:
             _loaded = False
             raise
     return _FORMATS
-
-
-def __getattr__(name: str) -> object:
-    # PEP 562: ``registry.FORMATS`` loads the formats when first read.
-    if name == "FORMATS":
-        return formats()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load_formats() -> None:

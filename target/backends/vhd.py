@@ -45,8 +45,6 @@ from __future__ import annotations
 import array
 import os
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 
 from .base import SECTOR, BackendError, Buffer, MediumError
@@ -62,7 +60,7 @@ from .mapped import (
 )
 from .vhd_format import (
     BAT_FREE, COOKIE, Dyn, Footer, NAME, TYPE_DIFF, TYPE_DYNAMIC, TYPE_FIXED, TYPE_NAMES, U32,
-    VHD_EPOCH, checksum, locator_paths, parse_dyn, parse_footer, probe, vhd_time,
+    VHD_EPOCH, locator_paths, parse_dyn, parse_footer, probe, vhd_time,
 )
 from .vhd_create import create
 
