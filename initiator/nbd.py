@@ -99,6 +99,11 @@ class NBDServer:
         """Number of open client connections."""
         return len(self._conns)
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (late arrivals are shut down)."""
+        return self._closing
+
     def transmission_flags(self, structured: bool) -> int:
         """The export's NBD transmission flags (proto.md §Transmission flags)."""
         # CAN_MULTI_CONN: we keep no cache per connection and FLUSH flushes
@@ -214,7 +219,6 @@ async def serve_until(device: BlockDevice, listen: str, stop: Awaitable[object],
 # -------------------------------------------------------------- connection
 
 
-
 class _Connection(OptionHaggling, asyncio.BufferedProtocol):
     """One client: handshake, option haggling, then transmission."""
 
@@ -269,7 +273,7 @@ class _Connection(OptionHaggling, asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # proto.md §Newstyle negotiation: "NBDMAGIC", "IHAVEOPT", handshake flags.
         self._send([_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)])
-        if self.server._closing:
+        if self.server.closing:
             self.shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -590,12 +594,5 @@ class _Connection(OptionHaggling, asyncio.BufferedProtocol):
                 self.finished.set_result(None)
 
 
-__all__ = [
-    "MAX_PAYLOAD",
-    "BlockDeviceExport",
-    "ExportDevice",
-    "NBDServer",
-    "nbd_errno",
-    "serve_nbd",
-    "serve_until",
-]
+__all__ = ["MAX_PAYLOAD", "BlockDeviceExport", "ExportDevice", "NBDServer", "nbd_errno",
+           "serve_nbd", "serve_until"]
