@@ -162,6 +162,16 @@ class Session(SessionLink):
         await session._start()
         return session
 
+    @classmethod
+    async def connect_discovery(cls, host: str, port: int = 3260,
+                                options: SessionOptions | None = None) -> Session:
+        """Connect to ``host:port`` and log in to a Discovery session
+        (SessionType=Discovery, RFC 7143 §13.21), which takes only SendTargets
+        and Logout; raises as :meth:`connect` does."""
+        session = cls(host, port, None, options, discovery=True)
+        await session._start()
+        return session
+
     async def _start(self) -> None:
         try:
             await self._establish()
@@ -541,8 +551,7 @@ async def discover(host: str, port: int = 3260, options: SessionOptions | None =
 
 async def _discover_once(host: str, port: int, options: SessionOptions | None,
                          which: str) -> list[DiscoveredTarget]:
-    session = Session(host, port, None, options, discovery=True)
-    await session._start()
+    session = await Session.connect_discovery(host, port, options)
     try:
         return await session.send_targets(which)
     finally:
