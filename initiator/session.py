@@ -83,7 +83,7 @@ from .errors import (
     TargetProtocolError,
 )
 from .options import ScsiResult, SessionOptions
-from .session_link import Answer, SessionLink, State, describe
+from .session_link import Answer, SessionLink, State
 from .transport import Connection
 
 log = logging.getLogger("initiator.session")
