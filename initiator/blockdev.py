@@ -80,7 +80,7 @@ class BlockDevice:
     """Byte-addressed access to one LUN (see the module docstring)."""
 
     def __init__(self, lun: LUN, *, max_transfer: int = DEFAULT_MAX_TRANSFER,
-                 owns_session: bool = False) -> None:
+                 max_unmap_blocks: int = 1 << 22, owns_session: bool = False) -> None:
         if lun.capacity is None:
             raise InitiatorError("the LUN's capacity is not known (use LUN.open)")
         self.lun = lun
@@ -90,7 +90,10 @@ class BlockDevice:
         self._owns_session = owns_session
         self._locks = _BlockLocks()
         self._unmap_supported: bool | None = None
-        self._max_unmap_blocks = 1 << 22
+        if max_unmap_blocks < 1:
+            raise ValueError("max_unmap_blocks must be at least 1")
+        # Blocks per UNMAP descriptor: the LU's MAXIMUM UNMAP LBA COUNT (SBC-3 §6.6.4).
+        self._max_unmap_blocks = max_unmap_blocks
 
     @classmethod
     async def open(cls, url: str, options: SessionOptions | None = None) -> BlockDevice:
@@ -119,9 +122,8 @@ class BlockDevice:
                 max_transfer = min(max_transfer, max(limits.optimal_transfer_length * bs, bs))
             if limits.max_unmap_lba_count:
                 dev_unmap = min(dev_unmap, limits.max_unmap_lba_count)
-        dev = cls(unit, max_transfer=max_transfer, owns_session=owns_session)
-        dev._max_unmap_blocks = dev_unmap
-        return dev
+        return cls(unit, max_transfer=max_transfer, max_unmap_blocks=dev_unmap,
+                   owns_session=owns_session)
 
     @property
     def size(self) -> int:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from iscsi.scsi.constants import SenseKey
 from iscsi.scsi.sbc import ProvisioningStatus
@@ -55,18 +56,17 @@ class _Extent:
     mapped: bool
 
 
-class _Source:
+class _Source(Protocol):
+    """Where a copy reads from: its size, its extents in order, their data."""
+
     size: int
 
-    async def extents(self) -> AsyncIterator[_Extent]:
-        raise NotImplementedError
-        yield  # pragma: no cover
+    def extents(self) -> AsyncIterator[_Extent]: ...
 
-    async def readinto(self, offset: int, buf: bytearray) -> None:
-        raise NotImplementedError
+    async def readinto(self, offset: int, buf: bytearray) -> None: ...
 
 
-class _LUNSource(_Source):
+class _LUNSource:
     def __init__(self, dev: BlockDevice) -> None:
         self.dev = dev
         self.size = dev.size
@@ -103,7 +103,7 @@ class _LUNSource(_Source):
         await self.dev.readinto(offset, buf)
 
 
-class _FileSource(_Source):
+class _FileSource:
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -183,15 +183,15 @@ async def _copy(src: _Source, write: _Writer, progress: _Progress) -> tuple[int,
     return written, skipped
 
 
-class _Writer:
-    async def data(self, offset: int, buf: bytearray) -> None:
-        raise NotImplementedError
+class _Writer(Protocol):
+    """Where a copy writes to: data, and zeros for the source's holes."""
 
-    async def zeroes(self, offset: int, length: int) -> None:
-        raise NotImplementedError
+    async def data(self, offset: int, buf: bytearray) -> None: ...
+
+    async def zeroes(self, offset: int, length: int) -> None: ...
 
 
-class _LUNWriter(_Writer):
+class _LUNWriter:
     def __init__(self, dev: BlockDevice) -> None:
         self.dev = dev
 
@@ -203,7 +203,7 @@ class _LUNWriter(_Writer):
         await self.dev.write_zeroes(offset, length, unmap=self.dev.capacity.lbpme)
 
 
-class _FileWriter(_Writer):
+class _FileWriter:
     def __init__(self, path: str, size: int) -> None:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         st = os.fstat(self.fd)

@@ -41,11 +41,6 @@ class LoginRefused(InitiatorError):
         hint = hint or _LOGIN_HINTS.get(status, "check the target's configuration")
         super().__init__(message or f"login refused: {words} (status 0x{status:04x})", hint=hint)
 
-    @property
-    def transient(self) -> bool:
-        """True when trying again later may succeed (class 3, §11.13.5)."""
-        return (self.status >> 8) == 3
-
 
 _LOGIN_HINTS: dict[int, str] = {
     LoginStatus.AUTHENTICATION_FAILURE:

@@ -5,7 +5,6 @@ only moves its PDUs over a connection given as two callables (send the
 wire buffers; await the next received PDU or failure) and turns its
 exceptions into the initiator's one-line errors. Everything it needs comes
 in as explicit arguments (:class:`LoginSettings`), nothing from the session.
-SendTargets answers are parsed by :mod:`iscsi.discovery`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from iscsi.constants import ISCSI_PORT, LoginStatus
-from iscsi.discovery import DiscoveredTarget
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
 from iscsi.login import ChapAuth, InitiatorLogin, LoginRejected
@@ -166,18 +164,18 @@ def _refusal(status: int, login: InitiatorLogin, o: LoginSettings) -> LoginRefus
     return LoginRefused(status)
 
 
-# ------------------------------------------------------------- SendTargets
+# ------------------------------------------------------------- redirection
 
 
 def parse_target_address(text: str, default_port: int = ISCSI_PORT) -> Portal:
-    """Parse one TargetAddress value (RFC 7143 §13.8:
-    ``domainname[:port][,portal-group-tag]``, IPv6 in brackets); raise
-    TargetProtocolError if malformed."""
+    """Parse the TargetAddress of a login redirection (status class 1,
+    RFC 7143 §11.13.5; syntax §13.8: ``domainname[:port][,portal-group-tag]``,
+    IPv6 in brackets); raise TargetProtocolError if malformed."""
     try:
         return parse_portal(text, default_port=default_port)
     except ValueError as exc:
         raise TargetProtocolError(f"malformed TargetAddress from the target: {exc}") from None
 
 
-__all__ = ["DiscoveredTarget", "LoginDriver", "LoginRedirected", "LoginResult",
-           "LoginSettings", "login_offers", "parse_target_address"]
+__all__ = ["LoginDriver", "LoginRedirected", "LoginResult", "LoginSettings", "login_offers",
+           "parse_target_address"]

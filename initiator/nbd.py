@@ -45,15 +45,13 @@ from typing import TYPE_CHECKING, Self, cast
 from .nbd_export import BlockDeviceExport, BlockStatusFn, ExportDevice
 from .nbd_options import DONE, HANDSHAKE, OPTIONS, TRANSMISSION, OptionHaggling
 from .nbd_proto import (  # the protocol values and layouts (proto.md)
-    BytesLike, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE,
-    CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
-    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-    MAX_EXTENTS, MAX_INFLIGHT, MAX_INFLIGHT_BYTES, MAX_OPTION, MAX_PAYLOAD, META_ID_ALLOCATION,
-    NBDMAGIC, NBD_EINVAL, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REP_ERR_TOO_BIG,
-    REQUEST_MAGIC, STATE_HOLE, STATE_ZERO, STRUCTURED_REPLY_MAGIC, TF_CAN_MULTI_CONN,
-    TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE, TF_SEND_DF, TF_SEND_FLUSH, TF_SEND_FUA,
-    TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, _CHUNK, _EXTENT, _HELLO, _OPT_HDR, _REQUEST, _STAGING,
-    _U32, _pow2_or, error_reply, nbd_errno, ok_reply, read_reply,
+    BytesLike, CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE,
+    CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_INFLIGHT,
+    MAX_INFLIGHT_BYTES, MAX_OPTION, MAX_PAYLOAD, NBDMAGIC, NBD_EINVAL, REP_ERR_TOO_BIG,
+    REQUEST_MAGIC, TF_CAN_MULTI_CONN, TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE, TF_SEND_DF,
+    TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, _HELLO, _OPT_HDR, _REQUEST,
+    _STAGING, _U32, _pow2_or, block_status_reply, error_reply, nbd_errno, ok_reply, read_reply,
 )
 
 if TYPE_CHECKING:
@@ -98,6 +96,11 @@ class NBDServer:
     def connections(self) -> int:
         """Number of open client connections."""
         return len(self._conns)
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called (late arrivals are shut down)."""
+        return self._closing
 
     def transmission_flags(self, structured: bool) -> int:
         """The export's NBD transmission flags (proto.md §Transmission flags)."""
@@ -214,9 +217,10 @@ async def serve_until(device: BlockDevice, listen: str, stop: Awaitable[object],
 # -------------------------------------------------------------- connection
 
 
-
 class _Connection(OptionHaggling, asyncio.BufferedProtocol):
     """One client: handshake, option haggling, then transmission."""
+
+    server: NBDServer  # more than the ExportTerms the option phase needs
 
     def __init__(self, server: NBDServer) -> None:
         self.server = server
@@ -269,7 +273,7 @@ class _Connection(OptionHaggling, asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # proto.md §Newstyle negotiation: "NBDMAGIC", "IHAVEOPT", handshake flags.
         self._send([_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)])
-        if self.server._closing:
+        if self.server.closing:
             self.shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -494,32 +498,9 @@ class _Connection(OptionHaggling, asyncio.BufferedProtocol):
         fn: BlockStatusFn | None = getattr(self.dev, "block_status", None)
         extents: Sequence[tuple[int, bool]] = (
             await fn(offset, length) if fn is not None else [(length, True)])
-        zero = bool(getattr(self.dev, "unmapped_reads_zero", False))
-        unmapped = STATE_HOLE | (STATE_ZERO if zero else 0)
-        limit = 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS
-        # Clip to the request and merge neighbours with the same status
-        # (proto.md §NBD_CMD_BLOCK_STATUS: consecutive, nonzero, SHOULD differ).
-        out: list[list[int]] = []
-        left = length
-        for ext_len, mapped in extents:
-            if left <= 0:
-                break
-            n = min(int(ext_len), left)
-            if n <= 0:
-                continue
-            status = 0 if mapped else unmapped
-            if out and out[-1][1] == status:
-                out[-1][0] += n
-            elif len(out) == limit:
-                break
-            else:
-                out.append([n, status])
-            left -= n
-        if not out:
-            out = [[length, 0]]  # status 0 is always safe (proto.md)
-        body = b"".join(_EXTENT.pack(n, s) for n, s in out)
-        self._send([_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-                                cookie, 4 + len(body)), _U32.pack(META_ID_ALLOCATION), body])
+        self._send(block_status_reply(
+            cookie, length, extents, req_one=bool(flags & CMD_FLAG_REQ_ONE),
+            unmapped_reads_zero=bool(getattr(self.dev, "unmapped_reads_zero", False))))
 
     # -------------------------------------------------------------- replies
 
@@ -590,12 +571,5 @@ class _Connection(OptionHaggling, asyncio.BufferedProtocol):
                 self.finished.set_result(None)
 
 
-__all__ = [
-    "MAX_PAYLOAD",
-    "BlockDeviceExport",
-    "ExportDevice",
-    "NBDServer",
-    "nbd_errno",
-    "serve_nbd",
-    "serve_until",
-]
+__all__ = ["MAX_PAYLOAD", "BlockDeviceExport", "ExportDevice", "NBDServer", "nbd_errno",
+           "serve_nbd", "serve_until"]

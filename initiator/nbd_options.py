@@ -5,12 +5,13 @@ client enters transmission; and the rules what was negotiated imposes on
 each request (structured replies, block sizes, metadata contexts).
 
 A mixin of :class:`initiator.nbd._Connection`, which provides the socket,
-the send queue and the transmission phase.
+the send queue and the transmission phase; what it needs of the server is
+the :class:`ExportTerms` shape, so this module does not import the server.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .nbd_export import ExportDevice
 from .nbd_proto import (
@@ -24,17 +25,46 @@ from .nbd_proto import (
     _EXPORT_REPLY, _INFO_BLOCK_SIZE, _INFO_EXPORT, _OPT_REPLY, _U16, _U32,
 )
 
-if TYPE_CHECKING:
-    from .nbd import NBDServer
-
 #: Connection states (the handshake, options, transmission, closed).
 HANDSHAKE, OPTIONS, TRANSMISSION, DONE = range(4)
+
+
+class ExportTerms(Protocol):
+    """What the option phase announces and enforces about the export
+    (:class:`initiator.nbd.NBDServer` has this shape)."""
+
+    @property
+    def export_name(self) -> str:
+        """The one export's name (proto.md §NBD_OPT_EXPORT_NAME)."""
+
+    @property
+    def description(self) -> str:
+        """Free text for NBD_INFO_DESCRIPTION and NBD_OPT_LIST."""
+
+    @property
+    def read_only(self) -> bool:
+        """True if write requests must fail with EPERM."""
+
+    @property
+    def minimum_block(self) -> int:
+        """Minimum block size (proto.md §Block size constraints)."""
+
+    @property
+    def preferred_block(self) -> int:
+        """Preferred block size."""
+
+    @property
+    def max_payload(self) -> int:
+        """Largest READ/WRITE payload we accept."""
+
+    def transmission_flags(self, structured: bool) -> int:
+        """The transmission flags (proto.md §Transmission flags)."""
 
 
 class OptionHaggling:
     """Answers the client's options; records what was negotiated."""
 
-    server: NBDServer
+    server: ExportTerms
     dev: ExportDevice
     state: int
     no_zeroes: bool

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Iterable
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -175,6 +176,37 @@ def error_reply(structured: bool, cookie: int, code: int, message: str) -> list[
         return [_CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie,
                                   6 + len(msg), code, len(msg)), msg]
     return [_SIMPLE.pack(SIMPLE_REPLY_MAGIC, code, cookie)]
+
+
+def block_status_reply(cookie: int, length: int, extents: Iterable[tuple[int, bool]], *,
+                       req_one: bool, unmapped_reads_zero: bool) -> list[BytesLike]:
+    """A BLOCK_STATUS chunk for the "base:allocation" context from a
+    device's ``(length, mapped)`` extents: clipped to the request and with
+    neighbours of equal status merged (proto.md §NBD_CMD_BLOCK_STATUS:
+    consecutive, nonzero, SHOULD differ), at most one with REQ_ONE."""
+    unmapped = STATE_HOLE | (STATE_ZERO if unmapped_reads_zero else 0)
+    limit = 1 if req_one else MAX_EXTENTS
+    out: list[list[int]] = []
+    left = length
+    for ext_len, mapped in extents:
+        if left <= 0:
+            break
+        n = min(int(ext_len), left)
+        if n <= 0:
+            continue
+        status = 0 if mapped else unmapped
+        if out and out[-1][1] == status:
+            out[-1][0] += n
+        elif len(out) == limit:
+            break
+        else:
+            out.append([n, status])
+        left -= n
+    if not out:
+        out = [[length, 0]]  # status 0 is always safe (proto.md)
+    body = b"".join(_EXTENT.pack(n, s) for n, s in out)
+    return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+                        cookie, 4 + len(body)), _U32.pack(META_ID_ALLOCATION), body]
 
 
 def nbd_errno(exc: BaseException) -> int:

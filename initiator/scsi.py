@@ -52,12 +52,10 @@ from iscsi.scsi.spc import (
 from iscsi.scsi.vpd import (
     BlockLimits,
     Designator,
-    LogicalBlockProvisioning,
     StandardInquiry,
     parse_standard_inquiry,
     parse_vpd_block_limits,
     parse_vpd_device_identification,
-    parse_vpd_logical_block_provisioning,
     parse_vpd_page,
     parse_vpd_supported_pages,
     parse_vpd_unit_serial,
@@ -292,13 +290,6 @@ class LUN:
             return None
         return parse_vpd_block_limits(await self.inquiry_vpd(VPDPage.BLOCK_LIMITS))
 
-    async def logical_block_provisioning(self) -> LogicalBlockProvisioning | None:
-        """VPD page B2h, or None if the LU does not have it."""
-        if VPDPage.LOGICAL_BLOCK_PROVISIONING not in await self.vpd_pages():
-            return None
-        return parse_vpd_logical_block_provisioning(
-            await self.inquiry_vpd(VPDPage.LOGICAL_BLOCK_PROVISIONING))
-
     async def test_unit_ready(self) -> None:
         """TEST UNIT READY; raises :class:`SCSICheckCondition` if not ready."""
         await self.execute(build_test_unit_ready())
@@ -313,14 +304,6 @@ class LUN:
             if not data.truncated or alloc >= 1 << 20:
                 return sorted(data.luns)
             alloc = min(data.list_length + 8, 1 << 20)
-
-    async def persistent_reserve_in(self, action: int = PRInAction.READ_KEYS,
-                                    allocation_length: int = _ALLOC) -> bytes:
-        """PERSISTENT RESERVE IN (SPC-4 §6.15); the raw parameter data."""
-        r = await self.execute(build_persistent_reserve_in(
-            service_action=action, allocation_length=allocation_length),
-            data_in_length=allocation_length)
-        return bytes(r.data or b"")
 
     async def read_keys(self) -> PRKeys:
         """The registered reservation keys (PERSISTENT RESERVE IN, READ KEYS)."""

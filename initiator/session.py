@@ -83,7 +83,7 @@ from .errors import (
     TargetProtocolError,
 )
 from .options import ScsiResult, SessionOptions
-from .session_link import Answer, SessionLink, State, describe
+from .session_link import Answer, SessionLink, State
 from .transport import Connection
 
 log = logging.getLogger("initiator.session")
@@ -159,6 +159,16 @@ class Session(SessionLink):
         """
         tune_malloc()  # Data-In buffers reused without page faults
         session = cls(host, port, target_name, options)
+        await session._start()
+        return session
+
+    @classmethod
+    async def connect_discovery(cls, host: str, port: int = 3260,
+                                options: SessionOptions | None = None) -> Session:
+        """Connect to ``host:port`` and log in to a Discovery session
+        (SessionType=Discovery, RFC 7143 §13.21), which takes only SendTargets
+        and Logout; raises as :meth:`connect` does."""
+        session = cls(host, port, None, options, discovery=True)
         await session._start()
         return session
 
@@ -541,8 +551,7 @@ async def discover(host: str, port: int = 3260, options: SessionOptions | None =
 
 async def _discover_once(host: str, port: int, options: SessionOptions | None,
                          which: str) -> list[DiscoveredTarget]:
-    session = Session(host, port, None, options, discovery=True)
-    await session._start()
+    session = await Session.connect_discovery(host, port, options)
     try:
         return await session.send_targets(which)
     finally:

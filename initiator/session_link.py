@@ -18,7 +18,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from iscsi.constants import RESERVED_TAG, TaskAttribute
 from iscsi.errors import ProtocolError
@@ -104,46 +104,34 @@ class SessionLink:
     _pings: int
     _waiters: dict[int, asyncio.Future[Answer]]
 
-    # Provided by Session.
-    @property
-    def portal(self) -> str:
-        """host:port of the target portal."""
-        raise NotImplementedError
+    if TYPE_CHECKING:
+        # Provided by Session (its command path and the transport's
+        # callbacks, initiator.transport.ConnectionOwner); declared for the
+        # type checker only, so nothing here can shadow or stand in for them.
+        @property
+        def portal(self) -> str: ...
 
-    def _submit(self, lun: int, cdb: bytes, data_out: memoryview | None,
-                data_in: memoryview | None, attr: int, *,
-                internal: bool = False) -> asyncio.Future[ScsiResult]:
-        raise NotImplementedError
+        def _submit(self, lun: int, cdb: bytes, data_out: memoryview | None,
+                    data_in: memoryview | None, attr: int, *,
+                    internal: bool = False) -> asyncio.Future[ScsiResult]: ...
 
-    def _schedule_flush(self) -> None:
-        raise NotImplementedError
+        def _schedule_flush(self) -> None: ...
 
-    # The transport's callbacks (initiator.transport.ConnectionOwner).
-    def placement(self, hdr: bytes, dlen: int) -> memoryview | None:
-        """Where a PDU's data segment lands."""
-        raise NotImplementedError
+        def placement(self, hdr: bytes, dlen: int) -> memoryview | None: ...
 
-    def deliver(self, conn: Connection, pdus: list[PDU]) -> None:
-        """PDUs received in full feature phase."""
-        raise NotImplementedError
+        def deliver(self, conn: Connection, pdus: list[PDU]) -> None: ...
 
-    def flush(self) -> None:
-        """Write what is queued."""
-        raise NotImplementedError
+        def flush(self) -> None: ...
 
-    def _cancel_timer(self) -> None:
-        raise NotImplementedError
+        def _cancel_timer(self) -> None: ...
 
-    def _finish(self, error: InitiatorError, state: State) -> None:
-        raise NotImplementedError
+        def _finish(self, error: InitiatorError, state: State) -> None: ...
 
-    @staticmethod
-    def _fail(cmd: Command, err: InitiatorError) -> None:
-        raise NotImplementedError
+        @staticmethod
+        def _fail(cmd: Command, err: InitiatorError) -> None: ...
 
-    async def _exchange(self, start: Callable[[float], int], timeout: float = 30.0, *,
-                        when: State = State.READY) -> Answer:
-        raise NotImplementedError
+        async def _exchange(self, start: Callable[[float], int], timeout: float = 30.0, *,
+                            when: State = State.READY) -> Answer: ...
 
     async def _establish(self) -> None:
         """Connect and log in (first time or reinstatement, same ISID),

@@ -148,6 +148,17 @@ async def test_discard_only_whole_blocks_and_unsupported() -> None:
     assert await pdev.discard(0, 4 * BS) == 0  # remembered, not retried
 
 
+async def test_discard_splits_at_max_unmap_blocks() -> None:
+    # Block Limits' MAXIMUM UNMAP LBA COUNT (SBC-3 §6.6.4) caps each descriptor;
+    # from_session passes it in, here it is given directly.
+    fake = FakeLUN()
+    dev = BlockDevice(cast(LUN, fake), max_unmap_blocks=2)
+    assert await dev.discard(0, 5 * BS) == 5 * BS
+    assert sorted(fake.unmaps) == [(0, 2), (2, 2), (4, 1)]
+    with pytest.raises(ValueError, match="max_unmap_blocks"):
+        BlockDevice(cast(LUN, fake), max_unmap_blocks=0)
+
+
 async def test_write_zeroes_and_flush() -> None:
     fake = FakeLUN()
     fake.disk[:] = b"\x77" * len(fake.disk)
