@@ -17,6 +17,7 @@ with ``-p``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from target.backends.base import Backend, BackendError, Extent
-from target.backends.locking import force_share
+from target.backends.locking import ImageOpenHere, force_share
 from target.backends.registry import (
     resolve_backing,
     ImageBackend,
@@ -205,19 +206,28 @@ def _copy_range(src: Backend, dst: Backend, start: int, end: int, bar: ProgressB
 
 def convert(src_path: str, dst_path: str, out_fmt: str, *, src_fmt: str | None = None,
             options: dict[str, str] | None = None, progress: bool = False,
-            overwrite: bool = False) -> None:
+            overwrite: bool = False, share: bool = False) -> None:
     """Copy the virtual disk of ``src_path`` (its whole chain, flattened)
     into a new image. Unallocated ranges and all-zero chunks are not
     written, so the copy stays sparse. An existing ``dst_path`` is
     replaced only with ``overwrite`` (like ``create``, a typo must not
-    destroy an image)."""
-    if os.path.abspath(src_path) == os.path.abspath(dst_path):
-        raise CLIError(f"{dst_path}: source and destination are the same file")
-    if os.path.exists(dst_path) and not overwrite:
-        raise CLIError(f"{dst_path}: already exists (use --force to replace it)")
-    with open_image(src_path, read_only=True, fmt=src_fmt) as src:
+    destroy an image), and never when it is a file of the source's chain
+    (the image locks refuse that). ``share`` opens the source as
+    ``qemu-img convert -U`` does."""
+    if os.path.exists(dst_path):
+        if os.path.exists(src_path) and os.path.samefile(src_path, dst_path):
+            raise CLIError(f"{dst_path}: source and destination are the same file")
+        if not overwrite:
+            raise CLIError(f"{dst_path}: already exists (use --force to replace it)")
+    with force_share() if share else contextlib.nullcontext():
+        src = open_image(src_path, read_only=True, fmt=src_fmt)
+    with src:
         size = src.size
-        create_image(dst_path, out_fmt, size, options=options)
+        try:
+            create_image(dst_path, out_fmt, size, options=options)
+        except ImageOpenHere:
+            raise CLIError(f"{dst_path}: is a backing file of {src_path}, which is being "
+                           "read; refused") from None
         try:
             with open_image(dst_path, read_only=False, fmt=out_fmt) as dst:
                 mapped = [e for e in src.extents(0, size) if e.mapped]
@@ -481,7 +491,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, out: TextIO) -> int:
-    if getattr(args, "force_share", False):
+    # convert shares its source only: the image it writes is locked as usual.
+    if getattr(args, "force_share", False) and args.image_command != "convert":
         with force_share():
             return _dispatch_command(args, out)
     return _dispatch_command(args, out)
@@ -524,7 +535,7 @@ def _dispatch_command(args: argparse.Namespace, out: TextIO) -> int:
     if cmd == "convert":
         convert(args.src, args.dst, args.output_format, src_fmt=args.format,
                 options=_parse_options(args.options), progress=_want_progress(args.progress),
-                overwrite=args.force)
+                overwrite=args.force, share=args.force_share)
         return EXIT_OK
     if cmd == "commit":
         parent = commit(args.path, progress=_want_progress(args.progress), drop=args.drop)

@@ -79,6 +79,11 @@ class ImageInUse(BackendError):
     """Another process uses the image in a way ours cannot coexist with."""
 
 
+class ImageOpenHere(ImageInUse):
+    """This process already uses the image in a way the new use cannot
+    coexist with (e.g. written here while it backs another image here)."""
+
+
 _sharing: contextvars.ContextVar[bool] = contextvars.ContextVar("image_force_share",
                                                                 default=False)
 _reopening: contextvars.ContextVar[bool] = contextvars.ContextVar("image_reopening",
@@ -123,14 +128,20 @@ def _bytes(access: Access) -> set[int]:
 
 
 def _conflict(fd: int, access: Access) -> str | None:
-    """The reason ``access`` cannot be had now, or None."""
+    """Why another process's locks forbid ``access`` now, or None."""
     for p in sorted(access.perms):
         if _held_elsewhere(fd, _SHARED_BASE + p):
-            return f"another process does not share {_PERM_NAMES[p]} access"
+            return f"it does not share {_PERM_NAMES[p]} access"
     for p in sorted(access.unshared):
         if _held_elsewhere(fd, _PERM_BASE + p):
-            return f"another process has {_PERM_NAMES[p]} access"
+            return f"it has {_PERM_NAMES[p]} access"
     return None
+
+
+def _clash(a: Access, b: Access) -> bool:
+    """Whether two holds in this process exclude each other (the test
+    the kernel would make between two open file descriptions)."""
+    return a != b and bool(a.perms & b.unshared or b.perms & a.unshared)
 
 
 class _Held:
@@ -180,6 +191,23 @@ class ImageLock:
                 _set(held.fd, byte, fcntl.F_UNLCK)
 
 
+class LockSet:
+    """Several holds given back together (an image and its extent files)."""
+
+    def __init__(self, locks: list[ImageLock]) -> None:
+        self._locks = locks
+
+    def add(self, lock: ImageLock) -> None:
+        """Hold ``lock`` too until :meth:`release`."""
+        self._locks.append(lock)
+
+    def release(self) -> None:
+        """Give every hold back (idempotent)."""
+        locks, self._locks = self._locks, []
+        for lock in reversed(locks):
+            lock.release()
+
+
 def lock_image(path: str, *, write: bool) -> ImageLock | None:
     """Take qemu's writer or reader locks on ``path`` (see the module
     docstring). Raises :class:`ImageInUse` with one line naming the file
@@ -213,6 +241,8 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
                                  f"{' for writing' if WRITER in held.counts else ''}; one "
                                  "image can back one read-write LUN only")
             fd = held.fd
+            if any(_clash(access, other) for other in held.counts):
+                raise ImageOpenHere(_open_here(path, held, write))
         new = _bytes(access) - (held.locked() if held is not None else set())
         try:
             for byte in sorted(new):
@@ -232,14 +262,20 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
                 _set(fd, byte, fcntl.F_UNLCK)
             if held is None:
                 os.close(fd)
-            verb = "written" if write else "read"
-            raise ImageInUse(f"{path} is in use by another process ({reason}) and cannot be "
-                             f"{verb} safely; stop that user first (the image tools can "
-                             "still look with --force-share/-U)")
+            raise ImageInUse(f"{path} is in use by another process ({reason}); stop it "
+                             "first (the image tools can still look with -U/--force-share)")
         if held is None:
             held = _held[key] = _Held(fd)
         held.counts[access] = held.counts.get(access, 0) + 1
         return ImageLock(key, access)
+
+
+def _open_here(path: str, held: _Held, write: bool) -> str:
+    if any(PERM_WRITE in a.perms for a in held.counts):
+        now = "written by this process"
+    else:
+        now = "open read-only in this process (e.g. as a backing file)"
+    return f"{path} is {now} and cannot also be {'written' if write else 'read'} safely"
 
 
 _warned: set[str] = set()

@@ -28,7 +28,7 @@ from types import ModuleType
 from typing import Protocol, Self, cast
 
 from .base import SECTOR, Backend, BackendError, Buffer, Extent, MediumError
-from .locking import lock_image
+from .locking import ImageLock, LockSet, lock_image
 
 __all__ = [
     "MAX_CHAIN_DEPTH",
@@ -100,6 +100,12 @@ class ImageBackend(Backend):
     @abc.abstractmethod
     def info(self) -> ImageInfo:
         """Describe the image (format, sizes, UUIDs, backing file...)."""
+
+    def member_files(self) -> list[str]:
+        """The files this image itself is made of (not its parents'): the
+        image file, and for a VMDK its extents. The registry locks them all,
+        as qemu does, so a user of any one of them sees the image in use."""
+        return [self.path]
 
     def chain(self) -> Iterator[Backend]:
         """Yield this image, then its parent, grandparent..."""
@@ -447,11 +453,29 @@ def open_image(
         stack.pop()
     img.image_lock = lock
     try:
+        _lock_members(img, path, lock, write=not read_only)
         _check_uuids(img)
     except BackendError:
         img.close()
         raise
     return img
+
+
+def _lock_members(img: ImageBackend, path: str, lock: ImageLock | None, *, write: bool) -> None:
+    """Lock the files besides ``path`` that ``img`` is made of (a VMDK's
+    extents). They are what a writer elsewhere would change, and unlike a
+    descriptor (rewritten by renaming a new file over it) they keep their
+    inode, so the image stays locked however it is updated."""
+    main = os.path.realpath(path)
+    extra = [p for p in dict.fromkeys(img.member_files()) if os.path.realpath(p) != main]
+    if not extra:
+        return
+    locks = LockSet([lock] if lock is not None else [])
+    img.image_lock = locks
+    for member in extra:
+        more = lock_image(member, write=write)
+        if more is not None:
+            locks.add(more)
 
 
 def _opened(path: str, fmt: str, mod: FormatModule, *, read_only: bool,

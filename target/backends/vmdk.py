@@ -217,6 +217,9 @@ class VmdkImage(MappedImage):
         self._create_type = desc.keys.get("createType", "")
         self._stream = any(e.sparse is not None and e.sparse.compressed for e in extents)
 
+    def member_files(self) -> list[str]:
+        return [self.path, *(e.path for e in self._extents if e.path)]
+
     def info(self) -> ImageInfo:
         d = self._desc
         hint = d.keys.get("parentFileNameHint") if hexkey(d, "parentCID") != NO_PARENT else None
