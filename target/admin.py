@@ -82,7 +82,8 @@ class Administration:
     control_path: str | None
 
     if TYPE_CHECKING:
-        def end_session(self, sess: Session, keep: Any = None) -> None: ...
+        def end_session(self, sess: Session, keep: Any = None, cause: str = "closed",
+                        detail: str = "") -> None: ...
 
         def change_medium(self, target: str, lun: int, path: str | None) -> bool: ...
 
@@ -213,8 +214,7 @@ class Administration:
             raise AdminError(f"kick: no session {'TSIH ' + str(tsih) if tsih is not None else ''}"
                              f"{' of ' + str(initiator) if initiator else ''}")
         for s in chosen:
-            log.info("session TSIH %d of %s ended by the administrator", s.tsih, s.initiator_name)
-            self.end_session(s)
+            self.end_session(s, cause="kicked")
         return [s.tsih for s in chosen]
 
     # ------------------------------------------------------------- LUNs
@@ -404,7 +404,7 @@ class Administration:
         rt = self._target(name)
         del self.targets[rt.name]
         for s in self.sessions.of_target(rt):
-            self.end_session(s)
+            self.end_session(s, cause="target_removed")
         self.config = replace(self.config, targets=tuple(
             r.spec for r in self.targets.values()))
         for lun in rt.scsi.luns:
@@ -466,9 +466,7 @@ class Administration:
     def _enforce_acl(self, rt: TargetRuntime) -> None:
         for s in self.sessions.of_target(rt):
             if not rt.spec.allows(s.initiator_name):
-                log.info("session TSIH %d of %s ended: no longer in the ACL of %s",
-                         s.tsih, s.initiator_name, rt.name)
-                self.end_session(s)
+                self.end_session(s, cause="acl", detail=rt.name)
 
     def set_chap(self, target: str | None, chap: ChapConfig | None) -> None:
         """Set (None: clear) the CHAP credentials of ``target``, or of

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import asyncio
 import importlib.metadata
-import logging
 import errno
 import os
 import socket
@@ -40,11 +39,9 @@ from .config import (
     load_config,
     parse_listen,
 )
-from .logsetup import LogSetupError, setup_logging
+from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
 DEMO_SIZE = 64 << 20
-
-log = logging.getLogger("aioiscsi.target")
 
 
 class CLIError(Exception):
@@ -254,7 +251,6 @@ def run_server(config: ServerConfig, control: str | None = None,
                 stops.append(serve_metrics(server, metrics))
             except OSError as exc:
                 raise CLIError(f"--metrics {metrics}: cannot listen: {exc.strerror}") from None
-            log.info("metrics on http://%s/metrics", metrics)
         # Once it serves (an error before that stays the only line).
         for line in open_access_warnings(config):
             print(line, file=sys.stderr, flush=True)
@@ -286,6 +282,18 @@ def _check_metrics(listen: str) -> None:
         parse_listen(listen)
     except ValueError as exc:
         raise CLIError(f"--metrics {listen}: {exc}") from None
+
+
+def observability(args: argparse.Namespace, config: ServerConfig) -> ServerConfig:
+    """``--log-format``, ``--log-file`` and ``--metrics`` over the
+    ``[server]`` keys of a config file: the command line wins."""
+    if args.log_format is not None:
+        config = dataclasses.replace(config, log_format=args.log_format)
+    if args.log_file is not None:
+        config = dataclasses.replace(config, log_file=os.path.abspath(args.log_file))
+    if args.metrics is not None:
+        config = dataclasses.replace(config, metrics=args.metrics)
+    return config
 
 
 def start_failure(exc: OSError, config: ServerConfig) -> str:
@@ -368,12 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_RUNTIME_DIR/aioiscsi/control.sock)")
     p.add_argument("--no-control", action="store_true", help="open no control socket")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("--log-format", choices=("text", "json"), default="text",
-                   help="json: one object per line (time, level, logger, message)")
-    p.add_argument("--log-file", metavar="PATH", help="append the log here instead of stderr")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                   help="text (default) or json: one object per line (time, level, logger, "
+                        "message and the event's fields); overrides [server] log_format")
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append the log here instead of stderr (reopened after logrotate "
+                        "moves it); overrides [server] log_file")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
-                        "(needs the metrics extra: prometheus_client)")
+                        "(needs the metrics extra: prometheus_client); overrides "
+                        "[server] metrics")
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
@@ -391,13 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in admin_cli.COMMANDS:
         return admin_cli.run(args)
     try:
-        setup_logging(args.verbose, fmt=getattr(args, "log_format", "text"),
-                      path=getattr(args, "log_file", None))
-    except LogSetupError as exc:
-        print(f"iscsi-target: error: {exc}", file=sys.stderr)
-        return 2
-    try:
         if args.command == "demo":
+            setup_logging(args.verbose)
             path = os.path.join(args.dir, "demo.img")
             if not os.path.exists(path):
                 try:
@@ -413,11 +420,15 @@ def main(argv: list[str] | None = None) -> int:
             from .control import default_control_path
 
             return run_server(config_from_args(ns), default_control_path())
-        config = config_from_args(args)
-        if args.metrics is not None:
-            _check_metrics(args.metrics)
-        return run_server(config, *_control_of(args, config), metrics=args.metrics)
-    except (CLIError, ConfigError) as exc:
+        config = observability(args, config_from_args(args))
+        # After the config file: it may say where and how to log.
+        setup_logging(args.verbose, fmt=config.log_format, path=config.log_file,
+                      what="--log-file" if args.log_file else
+                      f"{config.source}: server.log_file")
+        if config.metrics is not None:
+            _check_metrics(config.metrics)
+        return run_server(config, *_control_of(args, config), metrics=config.metrics)
+    except (CLIError, ConfigError, LogSetupError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

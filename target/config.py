@@ -122,6 +122,12 @@ class ServerConfig:
     source: str = "<command line>"
     #: (name, bytes per second or None for unlimited) of each bandwidth group.
     bandwidth_groups: tuple[tuple[str, int | None], ...] = ()
+    #: ``serve``'s log lines: "text" or "json" (one object per line).
+    log_format: str = "text"
+    #: Where ``serve`` logs (None: stderr).
+    log_file: str | None = None
+    #: "HOST:PORT" of the Prometheus /metrics endpoint (None: none).
+    metrics: str | None = None
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.I)
@@ -370,7 +376,8 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
     if not isinstance(server, dict):
         raise r.fail("server", "must be a table")
     r.check_keys(server, {"portals", "nop_interval", "nop_timeout", "login_timeout",
-                          "state_dir", "write_budget", "max_connections"}, "server.")
+                          "state_dir", "write_budget", "max_connections", "log_format",
+                          "log_file", "metrics"}, "server.")
     groups: dict[int, PortalGroup] = {}
     portals = r.get(server, "portals", "server.", list, None, "a list of \"host:port\"")
     if portals is not None:
@@ -461,7 +468,16 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
                              f"{lun.bandwidth_group!r} is not a defined [[bandwidth_group]] "
                              f"(defined: {', '.join(bw) or 'none'})")
     state_dir = r.get(server, "state_dir", "server.", str, None)
+    log_format = r.get(server, "log_format", "server.", str, "text", '"text" or "json"')
+    if log_format not in ("text", "json"):
+        raise r.fail("server.log_format", f'{log_format!r} is not allowed ("text" or "json")')
+    log_file = r.get(server, "log_file", "server.", str, None, "a file path")
+    metrics = r.get(server, "metrics", "server.", str, None, '"host:port"')
+    if metrics is not None:
+        _portal(r, metrics, "server.metrics")
     return ServerConfig(
+        log_format=log_format, log_file=_resolve(base, log_file) if log_file else None,
+        metrics=metrics,
         bandwidth_groups=tuple(bw.items()),
         targets=tuple(targets), portal_groups=tuple(groups[k] for k in sorted(groups)),
         discovery_chap=_chap(r, discovery.get("chap"), "discovery.chap"),

@@ -6,6 +6,7 @@ joining or reinstating in an existing session (RFC 7143 §6.3.5).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from typing import Protocol
 from iscsi.chap import ChapCredentials
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError, ProtocolError
+from iscsi.keys import NegotiatedParams
 from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
 
@@ -40,8 +42,9 @@ class LoginServer(Protocol):
     def allocate_tsih(self) -> int:
         """A fresh TSIH."""
 
-    def end_session(self, sess: Session, keep: TargetConnection | None = None) -> None:
-        """End ``sess`` and its connections."""
+    def end_session(self, sess: Session, keep: TargetConnection | None = None,
+                    cause: str = "closed", detail: str = "") -> None:
+        """End ``sess`` and its connections (``cause``: why, for the log)."""
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -195,7 +198,11 @@ def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse
     log.warning("%s: login refused: %s (status 0x%04x) for initiator %s target %s: %s",
                 conn.peer, status.words, status.value, login.initiator_name or "?",
                 login.target_name or ("(discovery)" if login.session_type == "Discovery" else "?"),
-                login.failure_reason)
+                login.failure_reason,
+                extra={"event": "login_failed", "reason": status.words,
+                       "status": f"0x{status.value:04x}", "address": conn.peer,
+                       "initiator": login.initiator_name, "target": login.target_name,
+                       "detail": login.failure_reason})
 
 
 def reject_login(server: LoginServer, conn: TargetConnection, exc: ProtocolError) -> None:
@@ -209,7 +216,10 @@ def reject_login(server: LoginServer, conn: TargetConnection, exc: ProtocolError
         conn.send(LoginResponse(itt=itt, isid=isid, statsn=conn.statsn,
                                 status_class=status.status_class,
                                 status_detail=status.status_detail))
-    log.warning("%s: login refused: malformed PDU: %s", conn.peer, exc)
+    log.warning("%s: login refused: malformed PDU: %s", conn.peer, exc,
+                extra={"event": "login_failed", "reason": "malformed PDU",
+                       "address": conn.peer, "detail": str(exc)})
+    login_failures["malformed PDU"] += 1
     conn.close()
 
 
@@ -225,8 +235,8 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
         for old in list(server.sessions.values()):
             if old.isid == login.isid and old.initiator_name == initiator and \
                     old.target_name == (login.target_name or "") and not old.closed:
-                log.info("%s: reinstating session TSIH %d of %s", conn.peer, old.tsih, initiator)
-                server.end_session(old)
+                server.end_session(old, cause="reinstated",
+                                   detail=f"new login from {conn.peer}")
         sess = Session(
             tsih=login.tsih, isid=login.isid, initiator_name=initiator,
             target_name=login.target_name or "", discovery=discovery,
@@ -255,9 +265,39 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
     conn.statsn = login.next_statsn
     # The policy holds the connection: break that cycle now the login is done.
     conn.login = None
-    log.info("%s: login: %s to %s (%s session, TSIH %d, CID %d): %s", conn.peer, initiator,
-             login.target_name or "discovery", "Discovery" if discovery else "Normal",
-             sess.tsih, login.cid, params)
+    log_login(conn.peer, sess, login.cid, params, login.leading)
     conn.login_complete(sess, params)
     if rt is not None and login.leading:
         rt.scsi.add_nexus(sess.get_nexus())
+
+
+def log_login(peer: str, sess: Session, cid: int, params: NegotiatedParams,
+              leading: bool = True) -> None:
+    """One INFO line per login with what an administrator checks first:
+    who, from where, to what, which session and connection, digests and
+    the data-size limits (RFC 7143 §13); every negotiated value at DEBUG.
+    The JSON log format carries each as a field (``event`` is ``login``)."""
+    digest = {True: "CRC32C", False: "None"}
+    kind = "Discovery" if sess.discovery else "Normal"
+    fields: dict[str, object] = {
+        "event": "login", "initiator": sess.initiator_name, "address": peer,
+        "target": None if sess.discovery else sess.target_name, "session_type": kind,
+        "tsih": sess.tsih, "isid": f"0x{sess.isid:012x}", "cid": cid, "leading": leading,
+        "header_digest": digest[params.header_digest], "data_digest": digest[params.data_digest],
+        "max_recv_data_segment_length": params.max_recv_data_segment_length,
+        "max_xmit_data_segment_length": params.max_xmit_data_segment_length,
+        "max_burst_length": params.max_burst_length,
+        "first_burst_length": params.first_burst_length,
+    }
+    log.info("login: %s from %s to %s (%s session, TSIH %d, ISID 0x%012x, CID %d%s): "
+             "HeaderDigest=%s DataDigest=%s MaxRecvDataSegmentLength=%d (initiator's %d) "
+             "MaxBurstLength=%d FirstBurstLength=%d", sess.initiator_name, peer,
+             "discovery" if sess.discovery else sess.target_name, kind, sess.tsih, sess.isid,
+             cid, "" if leading else ", joining the session", fields["header_digest"],
+             fields["data_digest"], params.max_recv_data_segment_length,
+             params.max_xmit_data_segment_length, params.max_burst_length,
+             params.first_burst_length, extra=fields)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("login parameters of TSIH %d CID %d: %s", sess.tsih, cid, params,
+                  extra={"event": "login_parameters", "tsih": sess.tsih, "cid": cid,
+                         "parameters": dataclasses.asdict(params)})

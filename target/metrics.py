@@ -4,19 +4,30 @@ through the optional ``prometheus_client`` package (the ``metrics`` extra).
 Nothing is counted for it on the I/O path: a custom collector reads, at
 scrape time, the per-(session, LUN) counters the target keeps anyway
 (:mod:`target.stats`), the sessions and connections, and the login
-refusals by reason. The snapshot is taken on the event loop's thread (the
+failures by reason (refusals by their status words, ``malformed PDU``,
+``PDU before login``, ``login timeout``, ``abandoned``).
+
+Families: ``aioiscsi_lun_{commands,read_bytes,written_bytes,errors}_total``
+and the summary ``aioiscsi_lun_latency_seconds`` {target, lun}; the same as
+``aioiscsi_session_*`` {target, lun, initiator, isid, tsih} while a session
+lives; ``aioiscsi_lun_size_bytes``; ``aioiscsi_sessions`` and
+``aioiscsi_connections`` {target}; ``aioiscsi_login_failures_total``
+{reason}. Per target: ``sum by (target)`` of the LUN families. The snapshot is taken on the event loop's thread (the
 HTTP server has its own), so it never sees a half-updated table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from iscsi.names import parse_portal
 
 from .stats import login_failures
+
+log = logging.getLogger("aioiscsi.target")
 
 if TYPE_CHECKING:
     from .server import TargetServer
@@ -32,7 +43,40 @@ class MetricsUnavailable(Exception):
 def _snapshot(server: TargetServer) -> dict[str, Any]:
     doc = server.show()
     doc["login_failures"] = dict(login_failures)
+    doc["connections_total"] = len(server.connections)
     return doc
+
+
+#: (counter key in target/stats.py, metric name part, help text)
+_IO = (("commands", "commands", "SCSI commands completed"),
+       ("read_bytes", "read_bytes", "Bytes read (Data-In)"),
+       ("written_bytes", "written_bytes", "Bytes written (Data-Out and immediate data)"),
+       ("errors", "errors", "Commands ended with a status other than GOOD"))
+
+
+class _Families:
+    """The I/O counter families of one scope (``lun`` or ``session``):
+    commands, bytes, errors and a latency summary (count and sum of the
+    time from a command starting to execute to its status; the mean is
+    ``rate(_sum) / rate(_count)``)."""
+
+    def __init__(self, scope: str, what: str, labels: list[str]) -> None:
+        from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+
+        self.counters = {key: CounterMetricFamily(f"aioiscsi_{scope}_{name}", f"{doc} {what}",
+                                                  labels=labels) for key, name, doc in _IO}
+        self.latency = SummaryMetricFamily(
+            f"aioiscsi_{scope}_latency_seconds",
+            f"Time from a command starting to execute to its status {what}", labels=labels)
+
+    def add(self, labels: list[str], c: dict[str, Any]) -> None:
+        for key, _, _ in _IO:
+            self.counters[key].add_metric(labels, c[key])
+        self.latency.add_metric(labels, c["latency_count"], c["latency_ns_sum"] / 1e9)
+
+    def __iter__(self) -> Iterator[Any]:
+        yield from self.counters.values()
+        yield self.latency
 
 
 class _Collector:
@@ -50,44 +94,40 @@ class _Collector:
 
         doc = asyncio.run_coroutine_threadsafe(take(), self._loop).result(timeout=10)
         labels = ["target", "lun"]
-        fams = {
-            "commands": CounterMetricFamily("aioiscsi_lun_commands", "SCSI commands", labels=labels),
-            "read_bytes": CounterMetricFamily("aioiscsi_lun_read_bytes", "Bytes read (Data-In)",
-                                              labels=labels),
-            "written_bytes": CounterMetricFamily("aioiscsi_lun_written_bytes",
-                                                 "Bytes written (Data-Out)", labels=labels),
-            "errors": CounterMetricFamily("aioiscsi_lun_errors",
-                                          "Commands ended with a status other than GOOD",
-                                          labels=labels),
-            "latency": CounterMetricFamily("aioiscsi_lun_latency_seconds",
-                                           "Summed command latency", labels=labels),
-        }
+        luns = _Families("lun", "per LUN (sessions that ended included)", labels)
         size = GaugeMetricFamily("aioiscsi_lun_size_bytes", "LUN capacity", labels=labels)
         for t in doc["targets"]:
             for lun in t["luns"]:
                 lv = [t["name"], str(lun["lun"])]
-                c = lun["counters"]
-                for key in ("commands", "read_bytes", "written_bytes", "errors"):
-                    fams[key].add_metric(lv, c[key])
-                fams["latency"].add_metric(lv, c["latency_ns_sum"] / 1e9)
+                luns.add(lv, lun["counters"])
                 size.add_metric(lv, lun["size"])
-        yield from fams.values()
+        yield from luns
         yield size
+        # Per live session and LUN: the series of a session end with it;
+        # the LUN families above keep its counts.
+        per_session = _Families("session", "per live session and LUN",
+                                ["target", "lun", "initiator", "isid", "tsih"])
         sessions = GaugeMetricFamily("aioiscsi_sessions", "Sessions logged in",
                                      labels=["target"])
-        conns = GaugeMetricFamily("aioiscsi_connections", "Connections of logged-in sessions",
-                                  labels=["target"])
+        conns = GaugeMetricFamily("aioiscsi_connections",
+                                  "Connections of logged-in sessions; target=\"(login)\": "
+                                  "connections still logging in", labels=["target"])
         per: dict[str, list[int]] = {}
         for s in doc["sessions"]:
             key = s["target"] or "(discovery)"
             n = per.setdefault(key, [0, 0])
             n[0] += 1
             n[1] += len(s["connections"])
+            for lun, c in s["luns"].items():
+                per_session.add([key, lun, s["initiator"], s["isid"], str(s["tsih"])], c)
         for t in doc["targets"]:
             per.setdefault(t["name"], [0, 0])
         for name, (ns, nc) in sorted(per.items()):
             sessions.add_metric([name], ns)
             conns.add_metric([name], nc)
+        conns.add_metric(["(login)"], max(0, doc["connections_total"] -
+                                          sum(nc for _, nc in per.values())))
+        yield from per_session
         yield sessions
         yield conns
         failures = CounterMetricFamily("aioiscsi_login_failures", "Login refusals by reason",
@@ -108,7 +148,12 @@ def serve_metrics(server: TargetServer, listen: str) -> Callable[[], None]:
     portal = parse_portal(listen, bare_v6=False)
     registry = CollectorRegistry()
     registry.register(_Collector(server, asyncio.get_running_loop()))
+    # (server, thread) is returned since prometheus_client 0.20.
     httpd, thread = start_http_server(portal.port, addr=portal.host, registry=registry)
+    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    log.info("metrics on http://%s/metrics", where,
+             extra={"event": "metrics_listening", "address": where})
 
     def stop() -> None:
         httpd.shutdown()

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -39,7 +40,7 @@ from .reload import ReloadReport, reload_server
 from .runtime import TargetRuntime, build_target
 from .sdnotify import notify
 from .session import Member, Session, SessionTable
-from .stats import IOCounters
+from .stats import IOCounters, login_failures
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -82,6 +83,8 @@ class TargetServer(Administration):
         self.retired_counters: dict[tuple[str, int], IOCounters] = {}
         self.retiring: set[asyncio.Future[None]] = set()
         self._control_request = control
+        #: Logins in progress, by connection (until their verdict).
+        self._logins: dict[TargetConnection, TargetLogin] = {}
         self.control: ControlServer | None = None
         self.control_path: str | None = None
 
@@ -254,15 +257,18 @@ class TargetServer(Administration):
                                if lun is None or t.lun == lun)
         return out
 
-    def end_session(self, sess: Session, keep: Any = None) -> None:
-        """Close a session and all its connections (except ``keep``)."""
-        self.sessions.end(sess, keep)
+    def end_session(self, sess: Session, keep: Any = None, cause: str = "closed",
+                    detail: str = "") -> None:
+        """Close a session and all its connections (except ``keep``);
+        ``cause`` (a key of :data:`target.session.END_CAUSES`) and
+        ``detail`` are the reason its log line gives."""
+        self.sessions.end(sess, keep, cause, detail)
         self.fold_counters(sess)
 
     def drop_all_sessions(self, rt: TargetRuntime) -> None:
         """After TARGET COLD RESET every session of the target ends."""
         for sess in self.sessions.of_target(rt):
-            self.sessions.end(sess)
+            self.end_session(sess, cause="cold_reset")
 
     def admit_connection(self, conn: TargetConnection) -> bool:
         """A new TCP connection: refused beyond ``max_connections`` (one log
@@ -283,6 +289,16 @@ class TargetServer(Administration):
     def connection_closed(self, conn: TargetConnection) -> None:
         """A connection went away (see :meth:`SessionTable.connection_closed`).
         After a burst of closes the freed heap goes back to the system."""
+        login = self._logins.pop(conn, None)
+        if login is not None and conn.session is None:
+            # A login that never reached the state machine's verdict: it
+            # ran out of time, or the initiator walked away (connection.py
+            # logs how far it got). Counted for the metrics.
+            if conn.end_reason == "login timeout":
+                login_failures["login timeout"] += 1
+            elif login.started and not login.complete and login.failed_status is None and \
+                    conn.end_reason.startswith("connection"):
+                login_failures["abandoned"] += 1
         if conn.session is not None:
             self.sessions.connection_closed(conn, conn.session)
             if conn.session.closed:
@@ -349,11 +365,22 @@ class TargetServer(Administration):
             engine.logout_answer(ev.itt, LogoutResponseCode.CID_NOT_FOUND)
             return
         engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS)
-        log.info("%s: %s logged out (%s)", conn.peer, sess.initiator_name,
-                 "session" if ev.reason == LogoutReason.CLOSE_SESSION else "connection")
+        what = ("close the session" if ev.reason == LogoutReason.CLOSE_SESSION else
+                f"close connection CID {ev.cid}" if ev.reason == LogoutReason.CLOSE_CONNECTION
+                else f"remove connection CID {ev.cid} for recovery")
+        target = "discovery" if sess.discovery else sess.target_name
+        log.info("logout: %s from %s of %s (TSIH %d, ISID 0x%012x, CID %d): %s",
+                 sess.initiator_name, conn.peer, target, sess.tsih, sess.isid, conn.cid, what,
+                 extra={"event": "logout", "initiator": sess.initiator_name,
+                        "address": conn.peer, "target": None if sess.discovery else target,
+                        "tsih": sess.tsih, "isid": f"0x{sess.isid:012x}", "cid": conn.cid,
+                        "logout_reason": int(ev.reason), "closes_cid": ev.cid})
         if ev.reason == LogoutReason.CLOSE_SESSION:
-            self.end_session(sess, keep=conn)
+            self.end_session(sess, keep=conn, cause="logout")
         other = sess.connections.get(ev.cid, conn)
+        # When it was the session's last connection, the session ends
+        # with it for this reason (target/session.py).
+        other.end_reason = other.end_reason or "logged out"
         other.close()
         if other is not conn and ev.reason == LogoutReason.CLOSE_SESSION:
             conn.close()
@@ -435,21 +462,33 @@ class TargetServer(Administration):
     # --------------------------------------------------------------- login
     def new_login(self, conn: TargetConnection) -> TargetLogin:
         """Create the sans-I/O login state machine for a new connection."""
-        return make_target_login(self, conn)
+        login = make_target_login(self, conn)
+        # Kept until the login's verdict (or the connection's end), so a
+        # login that times out or is abandoned is counted by reason.
+        self._logins[conn] = login
+        return login
 
     def handle_login(self, conn: TargetConnection, req: LoginRequest) -> None:
         """Feed one Login Request to the connection's login state machine."""
         handle_login(self, conn, req)
+        login = self._logins.get(conn)
+        if login is not None and (login.complete or login.failed_status is not None):
+            del self._logins[conn]
 
     def login_out_of_order(self, conn: TargetConnection, pdu: PDU) -> None:
         """A non-login PDU before login completed: Login reject with
         "invalid during login" is not possible without a Login Request, so
         the connection is dropped (RFC 7143 §6.3)."""
-        log.warning("%s: %s before login completed; dropping", conn.peer, type(pdu).__name__)
+        log.warning("%s: %s before login completed; dropping", conn.peer, type(pdu).__name__,
+                    extra={"event": "login_failed", "reason": "PDU before login",
+                           "address": conn.peer})
+        self._logins.pop(conn, None)
+        login_failures["PDU before login"] += 1
         conn.abort("PDU before login")
 
     def login_protocol_error(self, conn: TargetConnection, exc: ProtocolError) -> None:
         """A malformed PDU during login ends it with an initiator error."""
+        self._logins.pop(conn, None)
         reject_login(self, conn, exc)
 
 
@@ -486,7 +525,10 @@ async def serve(config: ServerConfig, *, ready: Any = None, control: str | None 
         raise
     if os.path.exists(config.source):
         def reload() -> None:
-            notify("RELOADING=1", "STATUS=reloading the configuration")
+            # MONOTONIC_USEC lets systemd 253+ tell this reload from an
+            # earlier one (sd_notify(3); Type=notify-reload requires it).
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the configuration")
             try:
                 server.reload()
             finally:
@@ -508,4 +550,6 @@ async def serve(config: ServerConfig, *, ready: Any = None, control: str | None 
 
 def _status(server: TargetServer) -> str:
     """The one-line STATUS systemctl status shows."""
-    return f"STATUS=serving {len(server.config.targets)} target(s)"
+    portals = ", ".join(dict.fromkeys(format_portal(h, p) for _, h, p in server.bound))
+    return (f"STATUS=serving {len(server.config.targets)} target(s) on {portals}; "
+            f"{len(server.sessions)} session(s)")

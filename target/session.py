@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +54,43 @@ class Member(Protocol):
 
 log = logging.getLogger("aioiscsi.target")
 
+#: Why a session ends: the short code logged as the JSON field ``cause``,
+#: and its words in the text line.
+END_CAUSES = {
+    "logout": "logged out",
+    "connection_lost": "connection lost",
+    "kicked": "ended by the administrator",
+    "reinstated": "reinstated",
+    "nop_timeout": "NOP timeout",
+    "protocol_error": "protocol error",
+    "shutdown": "target shutting down",
+    "target_removed": "target removed",
+    "acl": "initiator no longer in the ACL",
+    "cold_reset": "TARGET COLD RESET",
+    "closed": "connection closed",
+}
+
+
+def connection_end_cause(reason: str) -> tuple[str, str]:
+    """The END_CAUSES code and the words for a connection's ``end_reason``.
+    Besides our own reasons (shutdown; the peer closing or resetting the
+    TCP connection), the full-feature engine ends a connection for two
+    things only: an unanswered NOP-In (iscsi/ffp/target_control.py,
+    RFC 7143 §11.19) and a PDU that leaves the stream untrustworthy
+    (iscsi/ffp/target.py ``protocol_error``: digest or framing errors at
+    ERL 0, §7.1.4)."""
+    if not reason:
+        return "closed", END_CAUSES["closed"]
+    if reason.startswith(("connection lost", "connection closed by")):
+        return "connection_lost", reason
+    if reason == "target shutting down":
+        return "shutdown", reason
+    if reason == "logged out":
+        return "logout", reason
+    if reason.startswith("no NOP-Out answer"):
+        return "nop_timeout", f"NOP timeout: {reason}"
+    return "protocol_error", f"protocol error: {reason}"
+
 
 @dataclass(eq=False)
 class Session:
@@ -73,6 +111,8 @@ class Session:
     closed: bool = False
     #: LUN -> I/O counters of this session's commands to it (target/stats.py).
     counters: dict[int, IOCounters] = field(default_factory=dict)
+    #: time.monotonic() at login, for the session's age when it ends.
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def initiator_port(self) -> str:
@@ -167,30 +207,54 @@ class SessionTable:
         self._by_tsih[sess.tsih] = sess
         self._reserved.discard(sess.tsih)
 
-    def end(self, sess: Session, keep: Member | None = None) -> None:
+    def end(self, sess: Session, keep: Member | None = None, cause: str = "closed",
+            detail: str = "") -> None:
         """Close a session and all its connections (except ``keep``, which
-        closes itself after its last response)."""
-        if self._forget(sess):
+        closes itself after its last response). ``cause`` (a key of
+        :data:`END_CAUSES`) and ``detail`` are the reason logged."""
+        reason = END_CAUSES.get(cause, cause) + (f" ({detail})" if detail else "")
+        if self._forget(sess, cause, reason, [c.peer for c in sess.connections.values()]):
             for c in list(sess.connections.values()):
                 if c is not keep:
                     c.close()
 
-    def _forget(self, sess: Session) -> bool:
+    def _forget(self, sess: Session, cause: str, reason: str, peers: list[str]) -> bool:
         if sess.closed:
             return False
         sess.closed = True
         self._by_tsih.pop(sess.tsih, None)
         if sess.target is not None and not sess.discovery and sess.nexus is not None:
             sess.target.scsi.nexus_lost(sess.nexus)
+        log_session_end(sess, cause, reason, peers)
         return True
 
     def connection_closed(self, conn: Member, sess: Session | None) -> None:
         """A connection went away: at ERL 0 its session ends with it when it
-        was the last one (RFC 7143 §7.1.4)."""
+        was the last one (RFC 7143 §7.1.4), for the connection's reason."""
         if sess is None:
             return
         if sess.connections.get(conn.cid) is conn:
             del sess.connections[conn.cid]
-        if not sess.connections and self._forget(sess):
-            log.info("%s: session TSIH %d of %s ended: %s", conn.peer, sess.tsih,
-                     sess.initiator_name, conn.end_reason or "connection closed")
+        if not sess.connections:
+            self._forget(sess, *connection_end_cause(conn.end_reason), [conn.peer])
+
+
+def log_session_end(sess: Session, cause: str, reason: str, peers: list[str]) -> None:
+    """The one INFO line every session end gets: why, who, how long, how
+    much; the JSON log format carries each as a field (``event`` is
+    ``session_end``, ``cause`` a key of :data:`END_CAUSES`)."""
+    total = IOCounters.total(sess.counters.values())
+    age = time.monotonic() - sess.started
+    address = ", ".join(dict.fromkeys(peers)) or "?"
+    target = "discovery" if sess.discovery else sess.target_name
+    log.info("session ended: %s; %s from %s to %s, TSIH %d, ISID 0x%012x, after %.1f s, "
+             "%d commands", reason, sess.initiator_name, address, target, sess.tsih, sess.isid,
+             age, total.commands,
+             extra={"event": "session_end", "cause": cause, "reason": reason,
+                    "initiator": sess.initiator_name, "address": address,
+                    "target": None if sess.discovery else sess.target_name,
+                    "session_type": "Discovery" if sess.discovery else "Normal",
+                    "tsih": sess.tsih, "isid": f"0x{sess.isid:012x}",
+                    "duration_s": round(age, 3), "commands": total.commands,
+                    "read_bytes": total.read_bytes, "written_bytes": total.written_bytes,
+                    "errors": total.errors})
