@@ -95,9 +95,13 @@ async def _open(t: RunningTarget, **kw: object) -> tuple[Session, LUN]:
 
 async def test_discovery_lists_every_portal_and_group_tag(tmp_path: Path, image: Path) -> None:
     lun = LunSpec(lun=0, path=str(image), backend="raw")
+    # Its own image: one image backs one read-write LUN only.
+    image2 = tmp_path / "other.img"
+    image2.write_bytes(bytes(1 << 20))
+    lun2 = LunSpec(lun=0, path=str(image2), backend="raw")
     other = "iqn.2026-11.org.aioiscsi.test:other"
     base = make_config([lun], discovery_chap=ChapConfig(DUSER, DSECRET),
-                       extra_targets=(TargetSpec(name=other, luns=(lun,), portal_groups=(2,)),))
+                       extra_targets=(TargetSpec(name=other, luns=(lun2,), portal_groups=(2,)),))
     # Portal group 1 on two addresses, group 2 on a third portal; the first
     # target is reachable through both groups, the second through group 2.
     cfg = replace(base, portal_groups=(
