@@ -16,13 +16,23 @@ from pathlib import Path
 import pytest
 
 from target.backends.base import BackendError
-from target.backends.locking import ImageInUse, force_share, lock_image, reopening
+from target.backends.locking import (
+    ImageInUse,
+    ImageOpenHere,
+    force_share,
+    lock_image,
+    reopening,
+)
 from target.backends.registry import open_image
 from tests.tgt import free_port
 from tests.tools import require_tool
 
 BIN = Path(sys.executable).parent
 TARGET = str(BIN / "iscsi-target")
+ROOT = Path(__file__).resolve().parents[1]
+#: The checkout under test, not whichever one the console script was
+#: installed from.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _until_listening(port: int, proc: subprocess.Popen[bytes], seconds: float = 20.0) -> None:
@@ -44,7 +54,7 @@ def serving(image: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     port = free_port()
     proc = subprocess.Popen([TARGET, "serve", str(image), "--portal", f"127.0.0.1:{port}",
                              "--no-control", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     try:
         _until_listening(port, proc)
         yield proc
@@ -74,7 +84,7 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def ours(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TARGET, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([TARGET, *args], capture_output=True, text=True, timeout=60, env=ENV)
 
 
 @pytest.fixture
@@ -88,7 +98,7 @@ def test_two_targets_on_one_image(qcow: Path) -> None:
     with serving(qcow):
         second = subprocess.run([TARGET, "serve", str(qcow), "--portal",
                                  f"127.0.0.1:{free_port()}", "--no-control"],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, env=ENV)
         assert second.returncode != 0
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "is in use by another process" in lines[0], second.stderr
@@ -217,3 +227,173 @@ def test_two_luns_on_one_image_refused(qcow: Path) -> None:
                       luns=(LunSpec(lun=0, path=str(qcow)), LunSpec(lun=1, path=str(qcow))))
     with pytest.raises(ImageInUse, match="one read-write LUN only"):
         build_target(spec, None)
+
+
+@contextmanager
+def qemu_io_holding(image: Path, *extra: str) -> Iterator[None]:
+    """An interactive qemu-io with ``image`` open: once it has answered a
+    read, its locks are in place; it ends when its input closes."""
+    exe = require_tool("qemu-io")
+    proc = subprocess.Popen([exe, *extra, str(image)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("read 0 512\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline()
+        assert "read 512/512" in answer, answer
+        yield
+    finally:
+        proc.stdin.close()
+        if proc.wait(30) != 0:
+            proc.kill()
+
+
+@contextmanager
+def vm_holding(image: Path) -> Iterator[None]:
+    """A stopped (-S) qemu-system-x86_64 with ``image`` as its virtio disk,
+    as a VM that uses it; its QMP greeting comes once the disk is open."""
+    exe = require_tool("qemu-system-x86_64")
+    proc = subprocess.Popen([exe, "-nodefaults", "-display", "none", "-S", "-machine", "accel=tcg",
+                             "-qmp", "stdio", "-drive", f"file={image},format=qcow2,if=virtio"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        greeting = proc.stdout.readline()
+        assert '"QMP"' in greeting, (greeting, proc.stderr.read() if proc.stderr else "")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _one_line_in_use(r: subprocess.CompletedProcess[str]) -> None:
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "is in use by another process" in r.stderr, r.stderr
+
+
+def test_vm_using_a_chain(qcow: Path, tmp_path: Path) -> None:
+    """A VM on child.qcow2 (over disk.qcow2): the child is written, its
+    backing file read; our tools refuse what would clash, and -U looks."""
+    child = tmp_path / "child.qcow2"
+    assert qemu_img("create", "-q", "-f", "qcow2", "-b", str(qcow), "-F", "qcow2",
+                    str(child)).returncode == 0
+    with vm_holding(child):
+        for args in (["image", "info", str(child)], ["image", "commit", str(child)],
+                     ["image", "snapshot", str(child)],
+                     ["image", "convert", "--force", "-O", "qcow2", str(qcow), str(child)],
+                     ["serve", str(child), "--portal", f"127.0.0.1:{free_port()}",
+                      "--no-control"],
+                     ["serve", str(qcow), "--portal", f"127.0.0.1:{free_port()}",
+                      "--no-control"]):
+            _one_line_in_use(ours(*args))
+        looked = ours("image", "info", "-U", str(child))
+        assert looked.returncode == 0 and str(qcow) in looked.stdout
+        # The backing file is shared-read: more readers are fine.
+        assert ours("image", "info", str(qcow)).returncode == 0
+        with open_image(str(qcow), read_only=True):
+            pass
+    assert ours("image", "commit", str(child)).returncode == 0
+    assert child.exists()
+
+
+def test_qemu_io_writing_raw(tmp_path: Path) -> None:
+    """qemu-io writing a raw image shares everything (only bytes 100-101):
+    our writers and readers refuse it all the same."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(1 << 20))
+    with qemu_io_holding(raw, "-f", "raw"):
+        _one_line_in_use(ours("serve", str(raw), "--portal", f"127.0.0.1:{free_port()}",
+                              "--no-control"))
+        _one_line_in_use(ours("image", "info", str(raw)))
+        _one_line_in_use(ours("image", "snapshot", str(raw)))
+        assert ours("image", "info", "-U", str(raw)).returncode == 0
+    assert not list(tmp_path.glob("*snap*"))
+
+
+def test_commit_refused_while_parent_is_read(qcow: Path, tmp_path: Path) -> None:
+    """commit writes the parent: a qemu reader of it (qemu-nbd -r) stops
+    it before anything is written."""
+    child = tmp_path / "child.qcow2"
+    assert ours("image", "snapshot", "-n", str(child), str(qcow)).returncode == 0
+    qemu_io = require_tool("qemu-io")
+    assert subprocess.run([qemu_io, "-c", "write -P 0x5a 0 64k", str(child)],
+                          capture_output=True, timeout=60).returncode == 0
+    before = qcow.read_bytes()
+    with qemu_nbd(qcow, "-r"):
+        _one_line_in_use(ours("image", "commit", str(child)))
+    assert qcow.read_bytes() == before
+    assert ours("image", "commit", str(child)).returncode == 0
+    r = subprocess.run([qemu_io, "-c", "read -P 0x5a 0 64k", str(qcow)], capture_output=True,
+                       text=True, timeout=60)
+    assert "Pattern verification failed" not in r.stdout and r.returncode == 0
+
+
+def test_vmdk_extents_stay_locked_after_a_write(tmp_path: Path) -> None:
+    """A VMDK's descriptor is rewritten by renaming a new file over it on
+    the first write; its extent files keep their inode and their locks, so
+    qemu still cannot open the image."""
+    vmdk = tmp_path / "d.vmdk"
+    assert qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(vmdk),
+                    "4M").returncode == 0
+    qemu_io = require_tool("qemu-io")
+    with open_image(str(vmdk), read_only=False) as img:
+        img.write(0, b"\x11" * 512)
+        img.flush()
+        info = qemu_img("info", str(vmdk))
+        assert info.returncode != 0 and "lock" in info.stderr, info
+        w = subprocess.run([qemu_io, "-c", "write 0 512", str(vmdk)], capture_output=True,
+                           text=True, timeout=60)
+        assert "wrote" not in w.stdout and "lock" in w.stderr
+    assert qemu_img("info", str(vmdk)).returncode == 0
+
+
+def test_one_process_never_writes_what_it_reads(qcow: Path, tmp_path: Path) -> None:
+    """In one process the kernel sees one open file: the registry refuses a
+    file read-only in one use and written in another (qemu refuses the
+    same between its own nodes)."""
+    child = tmp_path / "child.qcow2"
+    assert ours("image", "snapshot", "-n", str(child), str(qcow)).returncode == 0
+    with open_image(str(child), read_only=False):
+        with pytest.raises(ImageOpenHere):
+            open_image(str(qcow), read_only=False)
+        with open_image(str(qcow), read_only=True):
+            pass
+    with open_image(str(qcow), read_only=False):
+        with pytest.raises(ImageOpenHere):
+            open_image(str(child), read_only=True)
+    # Two LUNs of one target: the child's backing file cannot also be served.
+    r = ours("serve", str(child), str(qcow), "--portal", f"127.0.0.1:{free_port()}",
+             "--no-control")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "cannot also be written" in r.stderr and str(qcow) in r.stderr
+
+
+def test_convert_never_overwrites_its_own_source(qcow: Path, tmp_path: Path) -> None:
+    """--force replaces an existing file, but not the source itself under
+    another name nor one of its backing files."""
+    qemu_io = require_tool("qemu-io")
+    assert subprocess.run([qemu_io, "-c", "write -P 0x33 0 1M", str(qcow)],
+                          capture_output=True, timeout=60).returncode == 0
+    before = qcow.read_bytes()
+    child = tmp_path / "child.qcow2"
+    assert ours("image", "snapshot", "-n", str(child), str(qcow)).returncode == 0
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(qcow)
+    r = ours("image", "convert", "--force", "-O", "qcow2", str(child), str(qcow))
+    assert r.returncode != 0 and "backing file" in r.stderr and r.stderr.count("\n") == 1
+    r = ours("image", "convert", "--force", "-O", "raw", str(qcow), str(link))
+    assert r.returncode != 0 and "same file" in r.stderr
+    assert qcow.read_bytes() == before
+
+
+def test_convert_force_share_reads_a_busy_source(qcow: Path, tmp_path: Path) -> None:
+    """convert -U shares its source only (qemu-img convert -U): the copy is
+    made while qemu-nbd writes the source, and the copy is locked as usual."""
+    out = tmp_path / "copy.raw"
+    with qemu_nbd(qcow):
+        _one_line_in_use(ours("image", "convert", "-O", "raw", str(qcow), str(out)))
+        r = ours("image", "convert", "-U", "-O", "raw", str(qcow), str(out))
+        assert r.returncode == 0, r.stderr
+    assert out.stat().st_size == 16 << 20
