@@ -17,6 +17,9 @@ two shapes qemu takes (checked with ``/proc/locks`` against qemu 7.2):
 * reader (a read-only LUN, a backing file, ``image info``): holds read;
   shares neither write nor resize -- so nobody writes under it.
 
+The registry locks every file an image is made of (a VMDK's extents too,
+as qemu does) and every backing file of its chain as a reader.
+
 Within one process a writer excludes every other user of the file too
 (two LUNs on one image would each cache metadata the other changes),
 except under :func:`reopening` (the target reopens an image it grows while
@@ -138,11 +141,6 @@ def _conflict(fd: int, access: Access) -> str | None:
     return None
 
 
-def _clash(a: Access, b: Access) -> bool:
-    """Whether two holds in this process exclude each other (the test
-    the kernel would make between two open file descriptions)."""
-    return a != b and bool(a.perms & b.unshared or b.perms & a.unshared)
-
 
 class _Held:
     """The locks this process holds on one file, counted per access."""
@@ -236,13 +234,9 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
             if (write or WRITER in held.counts) and not _reopening.get():
                 # Two LUNs (or a LUN and a tool) of this process on one
                 # image, one of them writing: each would cache metadata the
-                # other changes.
-                raise ImageInUse(f"{path} is already open in this process"
-                                 f"{' for writing' if WRITER in held.counts else ''}; one "
-                                 "image can back one read-write LUN only")
+                # other changes, or one writes the backing file of another.
+                raise ImageOpenHere(_open_here(path, held))
             fd = held.fd
-            if any(_clash(access, other) for other in held.counts):
-                raise ImageOpenHere(_open_here(path, held, write))
         new = _bytes(access) - (held.locked() if held is not None else set())
         try:
             for byte in sorted(new):
@@ -270,12 +264,12 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
         return ImageLock(key, access)
 
 
-def _open_here(path: str, held: _Held, write: bool) -> str:
-    if any(PERM_WRITE in a.perms for a in held.counts):
-        now = "written by this process"
-    else:
-        now = "open read-only in this process (e.g. as a backing file)"
-    return f"{path} is {now} and cannot also be {'written' if write else 'read'} safely"
+def _open_here(path: str, held: _Held) -> str:
+    if WRITER in held.counts:
+        return (f"{path} is already open in this process for writing; one image can back "
+                "one read-write LUN only")
+    return (f"{path} is already open in this process, read-only (a LUN or a backing file), "
+            "and cannot also be written")
 
 
 _warned: set[str] = set()
