@@ -291,6 +291,10 @@ async def test_reload_adds_a_target_and_saveconfig_round_trips(tmp_path: Path) -
         assert report.error and "nothing changed" in report.error
         assert list(t.server.targets) == ["iqn.2026-11.org.aioiscsi.test:first"]
         # saveconfig writes what runs; loading it gives the same targets.
+        # b.img was the removed target's read-write LUN: its handle holds
+        # the image (and its lock) until its commands are done and it is
+        # flushed and closed, and only then may another LUN open it.
+        await until(lambda: not t.server.retiring, "the removed target's LUNs to close")
         t.call(t.server.add_lun, "iqn.2026-11.org.aioiscsi.test:first",
                LunSpec(lun=7, path=str(tmp_path / "b.img"), read_only=True))
         saved = tmp_path / "saved.toml"
