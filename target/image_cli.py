@@ -226,8 +226,8 @@ def convert(src_path: str, dst_path: str, out_fmt: str, *, src_fmt: str | None =
         try:
             create_image(dst_path, out_fmt, size, options=options)
         except ImageOpenHere:
-            raise CLIError(f"{dst_path}: is a backing file of {src_path}, which is being "
-                           "read; refused") from None
+            raise CLIError(f"{dst_path}: is part of {src_path} (a backing file or extent), "
+                           "which is being read; refused") from None
         try:
             with open_image(dst_path, read_only=False, fmt=out_fmt) as dst:
                 mapped = [e for e in src.extents(0, size) if e.mapped]
