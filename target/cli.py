@@ -38,6 +38,7 @@ from .config import (
     check_chap,
     load_config,
     parse_listen,
+    parse_metrics_address,
 )
 from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
@@ -248,7 +249,7 @@ def run_server(config: ServerConfig, control: str | None = None,
             from .metrics import serve_metrics
 
             try:
-                stops.append(serve_metrics(server, metrics))
+                stops.append(serve_metrics(server, metrics).stop)
             except OSError as exc:
                 raise CLIError(f"--metrics {metrics}: cannot listen: {exc.strerror}") from None
         # Once it serves (an error before that stays the only line).
@@ -279,7 +280,7 @@ def _check_metrics(listen: str) -> None:
 
         raise CLIError(MISSING) from None
     try:
-        parse_listen(listen)
+        parse_metrics_address(listen)
     except ValueError as exc:
         raise CLIError(f"--metrics {listen}: {exc}") from None
 
