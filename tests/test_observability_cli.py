@@ -184,3 +184,26 @@ def test_reload_is_announced_to_systemd(tmp_path: Path) -> None:
             proc.kill()
         proc.communicate(timeout=30)
         listener.close()
+
+
+def test_example_unit_and_config_work_together() -> None:
+    """The target unit's command line with the example config file: the
+    file loads, and the unit's --state-dir applies over it (a unit names
+    its StateDirectory so), as --nop-interval does."""
+    import configparser
+    import shlex
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "examples" / "systemd" / "iscsi-target.service")
+    assert unit.get("Service", "Type") == "notify"
+    argv = shlex.split(unit.get("Service", "ExecStart"))
+    example = str(ROOT / "examples" / "systemd" / "target.toml")
+    args = build_parser().parse_args(
+        [example if a == "/etc/aioiscsi/target.toml" else a for a in argv[1:]] +
+        ["--nop-interval", "5"])
+    cfg = observability(args, config_from_args(args))
+    assert cfg.state_dir == "/var/lib/aioiscsi" and cfg.nop_interval == 5.0
+    assert cfg.log_format == "text" and cfg.metrics is None
+    assert [t.name for t in cfg.targets] == ["iqn.2026-11.org.example:disk1"]
+    assert unit.get("Service", "StateDirectory") == "aioiscsi"
