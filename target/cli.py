@@ -38,6 +38,7 @@ from .config import (
     check_chap,
     load_config,
     parse_listen,
+    parse_metrics_address,
 )
 from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
@@ -95,6 +96,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             tag = config.portal_groups[0].tag
             config = dataclasses.replace(config, portal_groups=(
                 PortalGroup(tag, _portals(args.portal, "0.0.0.0:3260")),))
+        # Server settings given on the command line apply over the file's
+        # (a systemd unit names its StateDirectory this way).
+        if args.state_dir is not None:
+            config = dataclasses.replace(config, state_dir=os.path.abspath(args.state_dir))
+        if args.nop_interval is not None:
+            config = dataclasses.replace(config, nop_interval=args.nop_interval)
         return config
     if not args.images:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
@@ -126,7 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     spec = TargetSpec(name=name, luns=tuple(luns), chap=chap_cfg)
     return ServerConfig(
         targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
-        nop_interval=args.nop_interval, state_dir=args.state_dir)
+        nop_interval=30.0 if args.nop_interval is None else args.nop_interval,
+        state_dir=args.state_dir)
 
 
 def open_access_warnings(config: ServerConfig) -> list[str]:
@@ -248,7 +256,7 @@ def run_server(config: ServerConfig, control: str | None = None,
             from .metrics import serve_metrics
 
             try:
-                stops.append(serve_metrics(server, metrics))
+                stops.append(serve_metrics(server, metrics).stop)
             except OSError as exc:
                 raise CLIError(f"--metrics {metrics}: cannot listen: {exc.strerror}") from None
         # Once it serves (an error before that stays the only line).
@@ -279,7 +287,7 @@ def _check_metrics(listen: str) -> None:
 
         raise CLIError(MISSING) from None
     try:
-        parse_listen(listen)
+        parse_metrics_address(listen)
     except ValueError as exc:
         raise CLIError(f"--metrics {listen}: {exc}") from None
 
@@ -367,9 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chap", metavar="USER:SECRET", help="require one-way CHAP")
     p.add_argument("--mutual-chap", metavar="USER:SECRET",
                    help="target credentials for mutual CHAP")
-    p.add_argument("--nop-interval", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--nop-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between NOP-In pings to an idle initiator (default 30; "
+                        "overrides [server] nop_interval)")
     p.add_argument("--state-dir", metavar="DIR",
-                   help="where persistent reservations (APTPL) are kept")
+                   help="where persistent reservations (APTPL) are kept (overrides "
+                        "[server] state_dir)")
     p.add_argument("--control", metavar="PATH",
                    help="control socket for iscsi-target show/lun/resize/... (default: "
                         "STATE_DIR/control.sock, /run/aioiscsi/control.sock as root, else "

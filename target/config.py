@@ -346,6 +346,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     return portal.host, portal.port
 
 
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """The ``HOST:PORT`` of the metrics endpoint: like :func:`parse_listen`,
+    but the port must be given (there is no standard one to default to)."""
+    if not re.search(r":\d+$", text):
+        raise ValueError(f"{text!r} has no port (use HOST:PORT, e.g. 127.0.0.1:9117)")
+    return parse_listen(text)
+
+
 def _portal(r: _Reader, text: Any, where: str) -> tuple[str, int]:
     if not isinstance(text, str):
         raise r.fail(where, f"{text!r} is not allowed (\"host:port\" or \"[v6]:port\")")
@@ -474,7 +482,10 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
     log_file = r.get(server, "log_file", "server.", str, None, "a file path")
     metrics = r.get(server, "metrics", "server.", str, None, '"host:port"')
     if metrics is not None:
-        _portal(r, metrics, "server.metrics")
+        try:
+            parse_metrics_address(metrics)
+        except ValueError as exc:
+            raise r.fail("server.metrics", str(exc)) from None
     return ServerConfig(
         log_format=log_format, log_file=_resolve(base, log_file) if log_file else None,
         metrics=metrics,

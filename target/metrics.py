@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from iscsi.names import parse_portal
-
+from .config import parse_metrics_address
 from .stats import login_failures
 
 log = logging.getLogger("aioiscsi.target")
@@ -137,27 +137,38 @@ class _Collector:
         yield failures
 
 
-def serve_metrics(server: TargetServer, listen: str) -> Callable[[], None]:
-    """Serve /metrics on ``listen`` (HOST:PORT); returns the function that
-    stops it. Raises :class:`MetricsUnavailable` without prometheus_client,
-    ValueError for a bad address, OSError when the port cannot be bound."""
+class MetricsEndpoint:
+    """A /metrics HTTP server running on its own thread."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
+        #: Where it listens, ``host:port`` (``[v6]:port``), the port as bound.
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+def serve_metrics(server: TargetServer, listen: str) -> MetricsEndpoint:
+    """Serve /metrics on ``listen`` (HOST:PORT; port 0 picks a free one).
+    Raises :class:`MetricsUnavailable` without prometheus_client,
+    ValueError for a bad address, OSError when the port cannot be bound.
+    Call it on the loop's thread: the collector snapshots ``server`` there."""
     try:
         from prometheus_client import CollectorRegistry, start_http_server
     except ImportError:
         raise MetricsUnavailable(MISSING) from None
-    portal = parse_portal(listen, bare_v6=False)
+    host, port = parse_metrics_address(listen)
     registry = CollectorRegistry()
     registry.register(_Collector(server, asyncio.get_running_loop()))
     # (server, thread) is returned since prometheus_client 0.20.
-    httpd, thread = start_http_server(portal.port, addr=portal.host, registry=registry)
-    host, port = str(httpd.server_address[0]), int(httpd.server_address[1])
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    log.info("metrics on http://%s/metrics", where,
-             extra={"event": "metrics_listening", "address": where})
-
-    def stop() -> None:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
-
-    return stop
+    httpd, thread = start_http_server(port, addr=host, registry=registry)
+    endpoint = MetricsEndpoint(httpd, thread)
+    log.info("metrics on http://%s/metrics", endpoint.address,
+             extra={"event": "metrics_listening", "address": endpoint.address})
+    return endpoint
