@@ -130,8 +130,10 @@ def test_in_use_flag_set_while_open_and_restored(tmp_path: Path) -> None:
     img = registry.open_image(str(p))
     try:
         assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == parallels.IN_USE
-        # A second writer sees the image in use.
-        _refused(p, match="in use")
+        # A second writer is refused: by the image lock, before the format's
+        # own in-use flag is even read (that flag guards against programs
+        # that do not lock).
+        _refused(p, match="already open in this process")
     finally:
         img.close()
     assert struct.unpack_from("<I", p.read_bytes(), 44)[0] == 0
