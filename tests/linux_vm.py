@@ -37,7 +37,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -69,9 +70,11 @@ PAYLOAD_SIZE = (3 << 20) + 123
 RAW_PREFIX = 1 << 20
 
 #: Bump when the initramfs layout or /init changes, to invalidate caches.
-_BUILD_VERSION = "6"
+_BUILD_VERSION = "7"
 _SAFE = re.compile(r"[A-Za-z0-9._:,@+/-]+\Z")
 _RESULT = re.compile(r"^AIOISCSI-RESULT (\S+) (ok|fail)\b ?(.*)$")
+#: What a :attr:`Scenario.resize` guest prints when the host should grow its LUN.
+RESIZE_MARK = "AIOISCSI-RESIZE "
 #: x86 COMMAND_LINE_SIZE is 2048; keep a margin for the fixed words.
 _CMDLINE_MAX = 2000
 
@@ -387,7 +390,30 @@ scenario() {
     mount -t ext4 -o ro /dev/$dev /mnt || { fail "$name" "remount"; return; }
     file=$(sha256sum /mnt/payload | cut -d' ' -f1)
     umount /mnt
-    result "$name ok dev=$dev size=$size hd=$hdg dd=$ddg raw=$raw file=$file"
+    grown=""
+    [ -n "$(get $s.resize)" ] && grown=$(online_resize "$name" "$dev")
+    result "$name ok dev=$dev size=$size hd=$hdg dd=$ddg raw=$raw file=$file$grown"
+}
+
+# Online resize (issue 10): tell the host we are ready, then keep reading
+# block 0 past the page cache until the kernel reports the unit attention
+# CAPACITY DATA HAS CHANGED (2A/09) that the resize queues for this nexus;
+# then rescan as udev's rule does on that event (there is no udev here) and
+# report what the kernel now sees.
+online_resize() {
+    local name dev i ua
+    name=$1; dev=$2
+    echo "AIOISCSI-RESIZE $name" > /dev/console
+    i=0; ua=0
+    while [ $ua = 0 ] && [ $i -lt 300 ]; do
+        echo 3 > /proc/sys/vm/drop_caches
+        dd if=/dev/$dev of=/dev/null bs=4096 count=1 2>/dev/null
+        dmesg | grep -q "Capacity data has changed" && ua=1
+        [ $ua = 0 ] && usleep 200000
+        i=$((i+1))
+    done
+    echo 1 > /sys/block/$dev/device/rescan
+    echo " ua=$ua grown=$(cat /sys/block/$dev/size)"
 }
 
 n=$(get n)
@@ -502,6 +528,10 @@ class Scenario:
     mutual_secret: str | None = None
     header_digest: str | None = None
     data_digest: str | None = None
+    #: After the round trip, print ``AIOISCSI-RESIZE <name>`` and wait for the
+    #: host to grow the LUN (see :data:`RESIZE_MARK`); the result line then
+    #: carries ``ua=1 grown=<sectors after rescan>``.
+    resize: bool = False
 
     def words(self, index: int) -> list[str]:
         """``aio.sN.KEY=VALUE`` kernel command line words for this scenario."""
@@ -510,6 +540,7 @@ class Scenario:
             "tpgt": self.tpgt, "user": self.user, "secret": self.secret,
             "muser": self.mutual_user, "msecret": self.mutual_secret,
             "hd": self.header_digest, "dd": self.data_digest,
+            "resize": 1 if self.resize else None,
         }
         return [_word(f"s{index}.{k}", v) for k, v in values.items() if v is not None]
 
@@ -596,26 +627,45 @@ def qemu_command(image: VmImage, scenarios: Sequence[Scenario], *,
 
 def run_vm(image: VmImage, scenarios: Sequence[Scenario], *, timeout: float = 240,
            log_path: Path | None = None, initiator: str = DEFAULT_INITIATOR,
-           login_timeout: int = 60, verbose: bool = False) -> VmRun:
+           login_timeout: int = 60, verbose: bool = False,
+           on_line: Callable[[str], None] | None = None) -> VmRun:
     """Boot the guest, run ``scenarios`` in order, and collect the results.
 
     ``timeout`` is a hard limit on the whole boot: QEMU is killed when it
     passes and the partial console is returned with ``timed_out=True``.
+    ``on_line`` sees each console line as it arrives, so the host can act
+    on what the guest says (e.g. grow a LUN on :data:`RESIZE_MARK`).
     """
     argv = qemu_command(image, scenarios, initiator=initiator, login_timeout=login_timeout,
                         verbose=verbose)
-    timed_out = False
-    returncode: int | None
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    # The deadline is enforced by killing QEMU, which ends the read loop.
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    killer = threading.Timer(timeout, expire)
+    killer.start()
+    chunks: list[bytes] = []
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=timeout)
-        out = proc.stdout
-        returncode = proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout if isinstance(exc.stdout, bytes) else b""
+        for raw in proc.stdout:
+            chunks.append(raw)
+            if on_line is not None:
+                on_line(raw.decode("utf-8", "replace").strip("\r\n"))
+        returncode: int | None = proc.wait()
+    finally:
+        killer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    timed_out = expired.is_set()
+    if timed_out:
         returncode = None
-        timed_out = True
-    console = out.decode("utf-8", "replace")
+    console = b"".join(chunks).decode("utf-8", "replace")
     if log_path is not None:
         log_path.write_text(" ".join(argv) + "\n\n" + console)
     return VmRun(parse_console(console), console, returncode, timed_out,

@@ -25,6 +25,7 @@ import pytest
 
 from target.config import ChapConfig, Limits, LunSpec
 from tests.linux_vm import (
+    RESIZE_MARK,
     Cpio,
     Scenario,
     ScenarioResult,
@@ -41,10 +42,11 @@ from tests.linux_vm import (
     run_vm,
     sha256,
 )
-from tests.target_fixture import TARGET_NAME, make_config, running_target
+from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
 from tests.tools import require_tool, tools_required
 
 LUN_SIZE = 64 << 20
+GROWN_SIZE = 96 << 20
 USER, SECRET = "linux", "linux-secret-12"
 MUTUAL_USER, MUTUAL_SECRET = "aioiscsi", "target-secret-34"
 CRC32C_ONLY = Limits(header_digests=("CRC32C",), data_digests=("CRC32C",))
@@ -88,6 +90,7 @@ class Case:
     block_size: int = 512
     login_ok: bool = True
     digests: bool = False
+    resize: bool = False
 
 
 OURS = (
@@ -103,6 +106,8 @@ OURS = (
     Case("crc32c-digests", target={"limits": CRC32C_ONLY},
          initiator={"header_digest": "CRC32C", "data_digest": "CRC32C"}, digests=True),
     Case("4k-sectors", block_size=4096),
+    # Issue 10: the host grows the LUN while the guest is logged in.
+    Case("online-resize", resize=True),
     Case("wrong-chap-secret", target={"chap": ChapConfig(USER, SECRET)},
          initiator={"user": USER, "secret": "not-the-secret"}, login_ok=False),
 )
@@ -153,13 +158,27 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
     images: dict[str, Path] = {}
     scenarios: list[Scenario] = []
     log = wd / "console.log"
+    targets: dict[str, RunningTarget] = {}
+    resized: list[int] = []
+
+    def on_line(line: str) -> None:
+        # The guest is logged in and waiting: grow its LUN through the admin
+        # API, which queues CAPACITY DATA HAS CHANGED for every nexus.
+        if line.startswith(RESIZE_MARK):
+            t = targets[line[len(RESIZE_MARK):].strip()]
+            resized.append(t.call(t.server.resize_lun, TARGET_NAME, 0, GROWN_SIZE))
+
     with ExitStack() as stack:
         for case in OURS:
             img = images[case.name] = lun_image(wd / f"{case.name}.img")
             lun = LunSpec(lun=0, path=str(img), backend="raw", block_size=case.block_size)
             t = stack.enter_context(running_target(make_config([lun], **case.target)))
-            scenarios.append(Scenario(case.name, t.port, TARGET_NAME, **case.initiator))
-        run = run_vm(image, scenarios, timeout=240, log_path=log, login_timeout=60)
+            targets[case.name] = t
+            scenarios.append(Scenario(case.name, t.port, TARGET_NAME, resize=case.resize,
+                                      **case.initiator))
+        run = run_vm(image, scenarios, timeout=240, log_path=log, login_timeout=60,
+                     on_line=on_line)
+    assert resized in ([], [GROWN_SIZE]), resized
     # Targets are stopped (backends flushed) before the host reads the files.
     yield Booted(run, images, log)
 
@@ -169,6 +188,22 @@ def ours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
 @pytest.mark.parametrize("case", [c for c in OURS if c.login_ok], ids=lambda c: c.name)
 def test_linux_initiator_filesystem_roundtrip(ours: Booted, case: Case) -> None:
     check_roundtrip(ours, case.name, digests=case.digests)
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_linux_guest_sees_online_resize(ours: Booted) -> None:
+    """Issue 10: ``resize`` while Linux is logged in. The kernel receives the
+    unit attention 2A/09 on its next command (it logs "Capacity data has
+    changed") and a rescan (what udev does on that event) reads the new
+    READ CAPACITY; the file system written before is intact."""
+    res = ours.result("online-resize")
+    assert res.ok, f"{res.detail}\n{ours.run.tail()}"
+    assert res.fields["size"] == str(LUN_SIZE // 512)
+    assert res.fields["ua"] == "1", res.detail
+    assert res.fields["grown"] == str(GROWN_SIZE // 512), res.detail
+    assert ours.images["online-resize"].stat().st_size == GROWN_SIZE
+    assert sha256(file_on_image(ours.images["online-resize"])) == sha256(payload())
 
 
 @pytest.mark.interop
