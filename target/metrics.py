@@ -8,7 +8,7 @@ failures by reason (refusals by their status words, ``malformed PDU``,
 ``PDU before login``, ``login timeout``, ``abandoned``).
 
 Families: ``aioiscsi_lun_{commands,read_bytes,written_bytes,errors}_total``
-and the summary ``aioiscsi_lun_latency_seconds`` {target, lun}; the same as
+and the histogram ``aioiscsi_lun_latency_seconds`` {target, lun}; the same as
 ``aioiscsi_session_*`` {target, lun, initiator, isid, tsih} while a session
 lives; ``aioiscsi_lun_size_bytes``; ``aioiscsi_sessions`` and
 ``aioiscsi_connections`` {target}; ``aioiscsi_login_failures_total``
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .config import parse_metrics_address
-from .stats import login_failures
+from .stats import LATENCY_BOUNDS_NS, login_failures
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -56,23 +56,28 @@ _IO = (("commands", "commands", "SCSI commands completed"),
 
 class _Families:
     """The I/O counter families of one scope (``lun`` or ``session``):
-    commands, bytes, errors and a latency summary (count and sum of the
-    time from a command starting to execute to its status; the mean is
-    ``rate(_sum) / rate(_count)``)."""
+    commands, bytes, errors and a latency histogram (the time from a
+    command starting to execute to its status, in the buckets of
+    :data:`target.stats.LATENCY_BOUNDS_NS`; the mean is
+    ``rate(_sum) / rate(_count)``, percentiles ``histogram_quantile``)."""
 
     def __init__(self, scope: str, what: str, labels: list[str]) -> None:
-        from prometheus_client.core import CounterMetricFamily, SummaryMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         self.counters = {key: CounterMetricFamily(f"aioiscsi_{scope}_{name}", f"{doc} {what}",
                                                   labels=labels) for key, name, doc in _IO}
-        self.latency = SummaryMetricFamily(
+        self.latency = HistogramMetricFamily(
             f"aioiscsi_{scope}_latency_seconds",
             f"Time from a command starting to execute to its status {what}", labels=labels)
 
     def add(self, labels: list[str], c: dict[str, Any]) -> None:
         for key, _, _ in _IO:
             self.counters[key].add_metric(labels, c[key])
-        self.latency.add_metric(labels, c["latency_count"], c["latency_ns_sum"] / 1e9)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*LATENCY_BOUNDS_NS, None), c["latency_buckets"]):
+            cumulative += n
+            buckets.append((repr(bound / 1e9) if bound is not None else "+Inf", cumulative))
+        self.latency.add_metric(labels, buckets, c["latency_ns_sum"] / 1e9)
 
     def __iter__(self) -> Iterator[Any]:
         yield from self.counters.values()

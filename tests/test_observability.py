@@ -244,6 +244,11 @@ async def test_metrics_follow_io_and_failures(metrics_target: tuple[RunningTarge
     assert cmds is not None and cmds >= 16
     assert _value(m, "aioiscsi_session_latency_seconds_count", **who) == cmds
     assert (_value(m, "aioiscsi_session_latency_seconds_sum", **who) or 0) > 0
+    # A histogram: cumulative buckets ending in +Inf, which counts every command.
+    assert _value(m, "aioiscsi_session_latency_seconds_bucket", le="+Inf", **who) == cmds
+    fast = _value(m, "aioiscsi_session_latency_seconds_bucket", le="0.025", **who)
+    slow = _value(m, "aioiscsi_session_latency_seconds_bucket", le="2.5e-05", **who)
+    assert slow is not None and fast is not None and slow <= fast <= cmds
     lun0 = {"target": TARGET_NAME, "lun": "0"}
     assert _value(m, "aioiscsi_lun_written_bytes_total", **lun0) == 8 * 4096
     assert _value(m, "aioiscsi_lun_size_bytes", **lun0) == 4 << 20
@@ -274,7 +279,7 @@ def test_metrics_http_answers(metrics_target: tuple[RunningTarget, str]) -> None
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         body = r.read().decode()
     # What Prometheus needs to type each family.
-    assert "# TYPE aioiscsi_lun_latency_seconds summary" in body
+    assert "# TYPE aioiscsi_lun_latency_seconds histogram" in body
     assert "# TYPE aioiscsi_lun_commands_total counter" in body or \
         "# TYPE aioiscsi_lun_commands counter" in body
 
