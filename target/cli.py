@@ -295,13 +295,17 @@ def _check_metrics(listen: str) -> None:
 def observability(args: argparse.Namespace, config: ServerConfig) -> ServerConfig:
     """``--log-format``, ``--log-file`` and ``--metrics`` over the
     ``[server]`` keys of a config file: the command line wins."""
+    given: dict[str, str] = {}
     if args.log_format is not None:
-        config = dataclasses.replace(config, log_format=args.log_format)
+        given["log_format"] = args.log_format
     if args.log_file is not None:
-        config = dataclasses.replace(config, log_file=os.path.abspath(args.log_file))
+        given["log_file"] = os.path.abspath(args.log_file)
     if args.metrics is not None:
-        config = dataclasses.replace(config, metrics=args.metrics)
-    return config
+        given["metrics"] = args.metrics
+    if not given:
+        return config
+    return dataclasses.replace(config, **given,  # type: ignore[arg-type]
+                               cli_overrides=config.cli_overrides | given.keys())
 
 
 def start_failure(exc: OSError, config: ServerConfig) -> str:

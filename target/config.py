@@ -128,6 +128,9 @@ class ServerConfig:
     log_file: str | None = None
     #: "HOST:PORT" of the Prometheus /metrics endpoint (None: none).
     metrics: str | None = None
+    #: ``[server]`` keys the command line set over the file's (``reload``
+    #: keeps them and says so).
+    cli_overrides: frozenset[str] = frozenset()
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.I)

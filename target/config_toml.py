@@ -88,7 +88,7 @@ def dump_config(cfg: ServerConfig) -> str:
     if set(groups) == {1}:
         out.append("portals = " + _value([_portal(h, p) for h, p in groups[1].portals]))
     for key in ("nop_interval", "nop_timeout", "login_timeout", "state_dir", "write_budget",
-                "max_connections"):
+                "max_connections", "log_format", "log_file", "metrics"):
         v = getattr(cfg, key)
         if v is not None and v != getattr(_DEFAULT_SERVER, key):
             out.append(f"{key} = {_value(v)}")

@@ -6,7 +6,7 @@ Applied live: targets added or removed, LUNs added or removed, ACLs, CHAP
 groups a target is reachable on (among those already listening), bandwidth
 groups, and the server's NOP and login timeouts and connection limit (for
 new connections). Needing a restart: listening portals, ``state_dir``,
-``write_budget``, and a LUN whose settings changed (remove and add it to
+``write_budget``, ``log_format``, ``log_file``, ``metrics``, and a LUN whose settings changed (remove and add it to
 change it live, which initiators see as a different LU).
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger("aioiscsi.target")
 #: applies to the next one.
 _LIVE_SETTINGS = ("nop_interval", "nop_timeout", "login_timeout", "max_connections")
 #: Server settings fixed at start.
-_RESTART_SETTINGS = ("state_dir", "write_budget")
+_RESTART_SETTINGS = ("state_dir", "write_budget", "log_format", "log_file", "metrics")
 
 
 @dataclass
@@ -84,7 +84,14 @@ def _apply(server: TargetServer, fresh: ServerConfig, report: ReloadReport) -> N
     if old.portal_groups != fresh.portal_groups:
         report.restart.append("listening portals (server.portals / [[portal_group]])")
     for key in _RESTART_SETTINGS:
-        if getattr(old, key) != getattr(fresh, key):
+        if getattr(old, key) == getattr(fresh, key):
+            continue
+        if key in old.cli_overrides:
+            # The command line set it over the file at start; a reload of
+            # the file does not undo the command line.
+            report.restart.append(f"server.{key}: the command line's --{key.replace('_', '-')} "
+                                  "stays in force until a restart without it")
+        else:
             report.restart.append(f"server.{key}")
     live = {k: getattr(fresh, k) for k in _LIVE_SETTINGS if getattr(old, k) != getattr(fresh, k)}
     if live:

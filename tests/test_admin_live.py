@@ -330,3 +330,32 @@ async def test_media_change_on_a_cdrom_lun(tmp_path: Path) -> None:
                 t.call(t.server.set_medium, TARGET_NAME, 1, str(first))
         finally:
             await s.close()
+
+
+def test_reload_reports_logging_and_metrics_settings_and_saveconfig_keeps_them(
+        tmp_path: Path) -> None:
+    """``log_format``, ``log_file`` and ``metrics`` are taken at start: a
+    reload that changes them says a restart is needed (or, when the command
+    line set them, that the command line's value stays), and saveconfig
+    writes the running values."""
+    import dataclasses
+
+    for name in ("a.img", "b.img"):
+        _image(tmp_path, name, 8 * MiB)
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(TOML.format(extra_server="", more=""))
+    config = load_config(str(cfg))
+    config = dataclasses.replace(config, metrics="127.0.0.1:9", cli_overrides=frozenset({"metrics"}))
+    with running_target(config) as t:
+        cfg.write_text(TOML.format(extra_server='log_format = "json"\nmetrics = "127.0.0.1:10"',
+                                   more=""))
+        report = t.call(t.server.reload)
+        assert "server.log_format" in report.restart, report
+        assert any(r.startswith("server.metrics: the command line's --metrics stays")
+                   for r in report.restart), report
+        assert t.server.config.log_format == "text"  # nothing half-applied
+        saved = tmp_path / "saved.toml"
+        t.call(t.server.save_config, str(saved))
+        again = load_config(str(saved))
+        assert again.metrics == "127.0.0.1:9"
+        assert again.log_format == "text"
