@@ -397,3 +397,27 @@ def test_convert_force_share_reads_a_busy_source(qcow: Path, tmp_path: Path) -> 
         r = ours("image", "convert", "-U", "-O", "raw", str(qcow), str(out))
         assert r.returncode == 0, r.stderr
     assert out.stat().st_size == 16 << 20
+
+
+def test_shareable_luns_share_writing_across_processes(tmp_path: Path) -> None:
+    """``--mode shareable`` (VirtualBox's shareable, qemu's share-rw=on):
+    two gateways may serve one fixed-size image read-write at once, but a
+    plain writer, qemu-io writing, or a reader that forbids writes still
+    cannot join them, and the image cannot be resized under them."""
+    raw = tmp_path / "shared.img"
+    raw.write_bytes(b"\0" * (1 << 20))
+    with serving(raw, "--mode", "shareable"), serving(raw, "--mode", "shareable"):
+        plain = subprocess.run([TARGET, "serve", str(raw), "--portal",
+                                f"127.0.0.1:{free_port()}", "--no-control"],
+                               capture_output=True, text=True, timeout=60, env=ENV)
+        assert plain.returncode != 0 and "is in use by another process" in plain.stderr
+        # qemu-img's writers do not share writing (BDRV_O_NO_SHARE): refused.
+        # (qemu-io shares writing by default, as our shareable LUNs do.)
+        assert qemu_img("resize", "-f", "raw", str(raw), "2M").returncode != 0
+        assert raw.stat().st_size == 1 << 20
+    # ...and a shareable LUN cannot join a plain writer either.
+    with serving(raw):
+        late = subprocess.run([TARGET, "serve", str(raw), "--mode", "shareable", "--portal",
+                               f"127.0.0.1:{free_port()}", "--no-control"],
+                              capture_output=True, text=True, timeout=60, env=ENV)
+        assert late.returncode != 0 and "is in use by another process" in late.stderr

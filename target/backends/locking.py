@@ -15,7 +15,11 @@ two shapes qemu takes (checked with ``/proc/locks`` against qemu 7.2):
 * writer (an image served read-write, an image tool that writes): holds
   read, write and resize; shares neither write nor resize;
 * reader (a read-only LUN, a backing file, ``image info``): holds read;
-  shares neither write nor resize -- so nobody writes under it.
+  shares neither write nor resize -- so nobody writes under it;
+* shared writer (a LUN in ``shareable`` mode, under :func:`sharing_writes`;
+  qemu's ``share-rw=on``): holds read and write, shares write but not
+  resize -- so several gateways may serve one fixed-size image for a
+  cluster file system, while a plain writer or a reader still excludes them.
 
 The registry locks every file an image is made of (a VMDK's extents too,
 as qemu does) and every backing file of its chain as a reader.
@@ -76,6 +80,8 @@ WRITER = Access(frozenset({PERM_READ, PERM_WRITE, PERM_RESIZE}),
 READER = Access(frozenset({PERM_READ}), frozenset({PERM_WRITE, PERM_RESIZE}))
 #: ``-U``: reads, shares everything (qemu-io -r -U still holds byte 100).
 SHARED_READER = Access(frozenset({PERM_READ}), frozenset())
+#: ``shareable`` LUNs (qemu's share-rw=on): write, and let others write.
+SHARED_WRITER = Access(frozenset({PERM_READ, PERM_WRITE}), frozenset({PERM_RESIZE}))
 
 
 class ImageInUse(BackendError):
@@ -91,6 +97,20 @@ _sharing: contextvars.ContextVar[bool] = contextvars.ContextVar("image_force_sha
                                                                 default=False)
 _reopening: contextvars.ContextVar[bool] = contextvars.ContextVar("image_reopening",
                                                                   default=False)
+_sharing_writes: contextvars.ContextVar[bool] = contextvars.ContextVar("image_share_writes",
+                                                                      default=False)
+
+
+@contextlib.contextmanager
+def sharing_writes() -> Iterator[None]:
+    """Open images for writing as a writer that lets other processes write
+    too (``shareable`` LUNs: the initiators coordinate, e.g. a cluster file
+    system). Within this process one writer per image still holds."""
+    token = _sharing_writes.set(True)
+    try:
+        yield
+    finally:
+        _sharing_writes.reset(token)
 
 
 @contextlib.contextmanager
@@ -148,6 +168,9 @@ class _Held:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.counts: dict[Access, int] = {}
+
+    def writing(self) -> bool:
+        return any(PERM_WRITE in a.perms for a in self.counts)
 
     def locked(self) -> set[int]:
         out: set[int] = set()
@@ -215,8 +238,10 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
         if write:
             raise BackendError(f"{path}: --force-share is for reading only")
         access = SHARED_READER
+    elif write:
+        access = SHARED_WRITER if _sharing_writes.get() else WRITER
     else:
-        access = WRITER if write else READER
+        access = READER
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -231,7 +256,7 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
         held = _held.get(key)
         if held is not None:
             os.close(fd)
-            if (write or WRITER in held.counts) and not _reopening.get():
+            if (write or held.writing()) and not _reopening.get():
                 # Two LUNs (or a LUN and a tool) of this process on one
                 # image, one of them writing: each would cache metadata the
                 # other changes, or one writes the backing file of another.
@@ -265,7 +290,7 @@ def lock_image(path: str, *, write: bool) -> ImageLock | None:
 
 
 def _open_here(path: str, held: _Held) -> str:
-    if WRITER in held.counts:
+    if held.writing():
         return (f"{path} is already open in this process for writing; one image can back "
                 "one read-write LUN only")
     return (f"{path} is already open in this process, read-only (a LUN or a backing file), "

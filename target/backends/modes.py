@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator
 from typing import Self
 
 from .base import Backend, BackendError, Buffer, DelegatingBackend, Extent, OutOfResources
+from .locking import sharing_writes
 from .registry import ImageBackend, create_image, formats, open_image
 
 log = logging.getLogger("aioiscsi.target")
@@ -495,7 +496,10 @@ def open_with_mode(path: str, mode: WriteMode | str = WriteMode.NORMAL, *,
     if m is WriteMode.WRITETHROUGH:
         return open_image(path, read_only=False, write_through=True, fmt=fmt)
     if m is WriteMode.SHAREABLE:
-        img = open_image(path, read_only=False, write_through=wt, fmt=fmt)
+        # Other processes (gateways) may write this image too; the
+        # initiators coordinate (a cluster file system, reservations).
+        with sharing_writes():
+            img = open_image(path, read_only=False, write_through=wt, fmt=fmt)
         if not is_fixed(img):
             info = img.info()
             img.close()
