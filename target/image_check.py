@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from target.backends.base import BackendError
-from target.backends.locking import lock_image
+from target.backends.locking import LockSet, lock_image
 from target.backends.registry import detect
 
 __all__ = ["CheckResult", "Progress", "check_image"]
@@ -450,6 +450,22 @@ def _check_vmdk(path: str, fd: int, res: CheckResult, progress: Progress) -> Non
     if not extents:
         raise BackendError(f"{path}: VMDK descriptor lists no extents")
     base = os.path.dirname(os.path.abspath(path))
+    # The extents are what a writer changes, and they keep their inode when
+    # the descriptor is replaced by a rename: lock them as readers too, so a
+    # check never reports a writer's half-done update as damage.
+    locks = LockSet([])
+    try:
+        for name in dict.fromkeys(e[3] for e in extents):
+            lock = lock_image(os.path.join(base, name), write=False)
+            if lock is not None:
+                locks.add(lock)
+        _check_vmdk_extents(base, extents, res, progress)
+    finally:
+        locks.release()
+
+
+def _check_vmdk_extents(base: str, extents: list[tuple[str, ...]], res: CheckResult,
+                        progress: Progress) -> None:
     vbase = 0
     for n, (_acc, sectors, kind, name, off) in enumerate(extents):
         progress(n, len(extents))

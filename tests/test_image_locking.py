@@ -421,3 +421,18 @@ def test_shareable_luns_share_writing_across_processes(tmp_path: Path) -> None:
                                f"127.0.0.1:{free_port()}", "--no-control"],
                               capture_output=True, text=True, timeout=60, env=ENV)
         assert late.returncode != 0 and "is in use by another process" in late.stderr
+
+
+def test_check_locks_vmdk_extents(tmp_path: Path) -> None:
+    """Once a served VMDK was written, its descriptor is a new file (renamed
+    over the old one) but its extents are the ones being written: ``image
+    check`` must find them locked and refuse, not report half-done updates
+    as damage."""
+    vmdk = tmp_path / "d.vmdk"
+    assert qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(vmdk),
+                    "4M").returncode == 0
+    with open_image(str(vmdk), read_only=False) as img:
+        img.write(0, b"\x11" * 512)
+        img.flush()
+        _one_line_in_use(ours("image", "check", str(vmdk)))
+    assert ours("image", "check", str(vmdk)).returncode == 0
