@@ -555,6 +555,10 @@ async def test_mode_sense_all_pages(rig: Rig) -> None:
 async def test_mode_sense_page_control(rig: Rig) -> None:
     chg = (await rig.run([0x1A, 0x08, 0x40 | 0x0A, 0, 255, 0])).data
     assert chg is not None and chg[4 + 4] & 0x08 and chg[4 + 2] & 0x04  # SWP, D_SENSE
+    # SPC-4 §7.5.7: the page code and length are there in every view.
+    assert chg[4] & 0x3F == 0x0A and chg[5] == 0x0A
+    every = (await rig.run([0x1A, 0x08, 0x40 | 0x3F, 0, 255, 0])).data
+    assert every is not None and set(parse_pages(every[4:])) >= {0x01, 0x02, 0x08, 0x0A, 0x1C}
     dflt = (await rig.run([0x1A, 0x08, 0x80 | 0x08, 0, 255, 0])).data
     assert dflt is not None and dflt[4 + 2] & 0x04
 

@@ -118,7 +118,13 @@ class ModePages:
         if pc == PC_CURRENT:
             return bytes(self.current[key])
         if pc == PC_CHANGEABLE:
-            return d.changeable
+            # SPC-4 §7.5.7: the changeable view masks the parameters only;
+            # the page code (and subpage) and page length are reported as
+            # in the other views, or the initiator cannot tell whose mask
+            # it is (libiscsi's set_swp read a zero page code as "SWP not
+            # changeable").
+            head = 4 if d.default[0] & 0x40 else 2  # SPF: sub_page format
+            return d.default[:head] + d.changeable[head:]
         if pc == PC_DEFAULT:
             return d.default
         return self.saved[key]
