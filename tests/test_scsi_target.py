@@ -724,3 +724,46 @@ async def test_data_out_length(rig: Rig) -> None:
     assert t.data_out_length(0, bytes([0x15, 0x10, 0, 0, 28, 0])) == 28
     assert t.data_out_length(7, rw10(0x2A, 0, 4)) == 0
     assert t.data_out_length(0, b"\x2a") == 0
+
+
+# ----- WRITE ATOMIC(16) (SBC-4) -----------------------------------------------------------
+
+
+def wa16(lba: int, n: int, flags: int = 0, boundary: int = 0) -> bytes:
+    return struct.pack(">BBQHHBB", 0x9C, flags, lba, boundary, n, 0, 0)
+
+
+async def test_write_atomic16(rig: Rig) -> None:
+    from iscsi.scsi.vpd import parse_vpd_block_limits
+
+    bl = parse_vpd_block_limits((await rig.run([0x12, 1, 0xB0, 0, 255, 0])).data or b"")
+    assert 0 < bl.max_atomic_transfer_length <= bl.max_transfer_length
+    assert (bl.atomic_alignment, bl.atomic_transfer_length_granularity,
+            bl.max_atomic_boundary_size) == (0, 0, 0)
+    # The transport learns the Data-Out length from the CDB (residuals).
+    assert rig.lu.data_out_length(wa16(8, 2)) == 2 * BS
+    assert (await rig.run(wa16(8, 2), b"\xa6" * (2 * BS))).status == Status.GOOD
+    assert (await rig.run(rw16(0x88, 8, 2))).data == b"\xa6" * (2 * BS)
+    assert (await rig.run(wa16(8, 1, flags=0x18), b"\x01" * BS)).status == Status.GOOD  # DPO FUA
+    assert (await rig.run(wa16(0, 0))).status == Status.GOOD
+    # Out of range, even with zero blocks; protection and boundaries refused.
+    assert (await rig.run(wa16(BLOCKS + 1, 0))).key_asc == LBA_OOB
+    assert (await rig.run(wa16(BLOCKS - 1, 2), bytes(2 * BS))).key_asc == LBA_OOB
+    assert (await rig.run(wa16(1 << 63, 1), bytes(BS))).key_asc == LBA_OOB
+    for flags in (0x20, 0x40, 0xE0):
+        assert (await rig.run(wa16(0, 1, flags), bytes(BS))).key_asc == INVALID_CDB
+    assert (await rig.run(wa16(0, 1, boundary=1), bytes(BS))).key_asc == INVALID_CDB
+    # All or nothing: a short Data-Out writes nothing.
+    short = await rig.run(wa16(16, 2), b"\x77" * BS)
+    assert short.key_asc == INVALID_CDB
+    assert (await rig.run(rw16(0x88, 16, 2))).data == bytes(2 * BS)
+    # REPORT SUPPORTED OPERATION CODES lists it with DPO/FUA in the usage data.
+    one = (await rig.run([0xA3, 0x0C, 0x01, 0x9C, 0, 0, 0, 0, 1, 0, 0, 0])).data
+    assert one is not None and one[1] & 0x07 == 0x03 and one[5] & 0x18 == 0x18
+
+
+async def test_write_atomic16_write_protected(rig: Rig) -> None:
+    ctrl = bytearray((await rig.run([0x1A, 0x08, 0x0A, 0, 255, 0])).data or b"")[4:]
+    ctrl[4] |= 0x08
+    assert (await rig.run([0x15, 0x10, 0, 0, 4 + len(ctrl), 0], bytes(4) + bytes(ctrl))).status == 0
+    assert (await rig.run(wa16(0, 1), bytes(BS))).key_asc == (SenseKey.DATA_PROTECT, 0x27, 0)

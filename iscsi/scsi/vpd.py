@@ -295,7 +295,7 @@ def parse_vpd_device_identification(data: Buffer) -> tuple[Designator, ...]:
     return tuple(out)
 
 
-_SBLKLIM = struct.Struct(">BBHIIIIIIIQ")
+_SBLKLIM = struct.Struct(">BBHIIIIIIIQIIIII")
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +314,12 @@ class BlockLimits:
     ugavalid: bool = False
     unmap_granularity_alignment: int = 0
     max_write_same_length: int = 0
+    #: SBC-4 §6.6.4: WRITE ATOMIC limits (0: not supported / no requirement).
+    max_atomic_transfer_length: int = 0
+    atomic_alignment: int = 0
+    atomic_transfer_length_granularity: int = 0
+    max_atomic_transfer_length_with_boundary: int = 0
+    max_atomic_boundary_size: int = 0
 
 
 def build_vpd_block_limits(bl: BlockLimits, *, peripheral_type: int = 0) -> bytes:
@@ -335,6 +341,12 @@ def build_vpd_block_limits(bl: BlockLimits, *, peripheral_type: int = 0) -> byte
         _bit(bl.ugavalid, 31)
         | _u(bl.unmap_granularity_alignment, 31, "unmap_granularity_alignment"),
         _u(bl.max_write_same_length, 64, "max_write_same_length"),
+        _u(bl.max_atomic_transfer_length, 32, "max_atomic_transfer_length"),
+        _u(bl.atomic_alignment, 32, "atomic_alignment"),
+        _u(bl.atomic_transfer_length_granularity, 32, "atomic_transfer_length_granularity"),
+        _u(bl.max_atomic_transfer_length_with_boundary, 32,
+           "max_atomic_transfer_length_with_boundary"),
+        _u(bl.max_atomic_boundary_size, 32, "max_atomic_boundary_size"),
     )
     return build_vpd_page(
         VPDPage.BLOCK_LIMITS, body.ljust(0x3C, b"\0"), peripheral_type=peripheral_type
@@ -358,6 +370,7 @@ def parse_vpd_block_limits(data: Buffer) -> BlockLimits:
         bool(f[9] >> 31),
         f[9] & 0x7FFFFFFF,
         f[10],
+        *f[11:16],
     )
 
 

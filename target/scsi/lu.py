@@ -191,6 +191,7 @@ class LogicalUnit(BlockCommands, SpcCommands):
         h[Opcode.MODE_SENSE_10] = self._mode_sense
         h[Opcode.COMPARE_AND_WRITE] = self._compare_and_write
         h[Opcode.ORWRITE_16] = self._orwrite
+        h[Opcode.WRITE_ATOMIC_16] = self._write_atomic
         h[Opcode.WRITE_AND_VERIFY_16] = self._write_verify
         h[Opcode.VERIFY_16] = self._verify
         h[Opcode.PRE_FETCH_16] = self._prefetch
@@ -422,7 +423,7 @@ class LogicalUnit(BlockCommands, SpcCommands):
         if rule is None:
             return 0
         try:
-            return rule(cdb) << self._shift if rule is _rw_blocks else rule(cdb)
+            return rule(cdb) << self._shift if rule in _BLOCK_RULES else rule(cdb)
         except CDBError:
             return 0
 
@@ -438,6 +439,16 @@ def _rw_blocks(cdb: bytes) -> int:
     return parse_rw(cdb).data_out_blocks
 
 
+def _atomic_blocks(cdb: bytes) -> int:
+    """WRITE ATOMIC(16)'s TRANSFER LENGTH (SBC-4 §5.48), bytes 12-13."""
+    if len(cdb) < 16:
+        raise CDBError("WRITE ATOMIC(16) needs 16 bytes")
+    return int.from_bytes(cdb[12:14], "big")
+
+
+_BLOCK_RULES = (_rw_blocks, _atomic_blocks)
+
+
 #: Data-Out a CDB transfers, by operation code (SBC-3, SPC-4), from the
 #: codec's parse: blocks for the READ/WRITE family (the unit's block size
 #: turns them into bytes), bytes of parameter list otherwise. The transport
@@ -450,4 +461,5 @@ _DATA_OUT: dict[int, Callable[[bytes], int]] = {
     Opcode.MODE_SELECT_10: lambda cdb: parse_mode_select(cdb).parameter_list_length,
     Opcode.PERSISTENT_RESERVE_OUT: lambda cdb: parse_persistent_reserve_out(cdb).parameter_list_length,
     Opcode.EXTENDED_COPY: lambda cdb: parse_extended_copy(cdb).parameter_list_length,
+    Opcode.WRITE_ATOMIC_16: _atomic_blocks,
 }

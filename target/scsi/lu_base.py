@@ -59,6 +59,7 @@ _WRITES = frozenset(
         Opcode.UNMAP,
         Opcode.COMPARE_AND_WRITE,
         Opcode.ORWRITE_16,
+        Opcode.WRITE_ATOMIC_16,
     }
 )
 

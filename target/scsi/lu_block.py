@@ -123,6 +123,45 @@ class BlockCommands(UnitBase):
             return self._flush_then(ScsiResult(_GOOD, b"", None))
         return ScsiResult(_GOOD, b"", None)
 
+    def _write_atomic(self, nexus: Nexus, cdb: bytes, data: Buffer | None,
+                      el: int | None) -> HandlerResult:
+        """WRITE ATOMIC(16), SBC-4 §5.48 / §4.29: all of the blocks or none.
+
+        The write reaches the backend in one call made while no other
+        command of this logical unit runs (commands execute one at a time on
+        the event loop), so no other command sees it half done; a transfer
+        that arrives short is not written at all. Across a power loss the
+        backing store decides (a file system's block writes are not
+        atomic), as for any write caching.
+        """
+        if len(cdb) < 16:
+            raise invalid_field_in_cdb(0)
+        if cdb[1] & 0xE0:  # WRPROTECT without protection information
+            raise invalid_field_in_cdb(1, 7)
+        if cdb[10] or cdb[11]:
+            # ATOMIC BOUNDARY: the Block Limits page offers none (size 0).
+            raise invalid_field_in_cdb(10)
+        lba = int.from_bytes(cdb[2:10], "big")
+        n = int.from_bytes(cdb[12:14], "big")
+        if not self.medium_present or not self.started:
+            self._ready()
+        if self.write_protected:
+            raise data_protect()
+        if lba + n > self.num_blocks:
+            raise illegal_request(LBA_OUT_OF_RANGE)
+        if n == 0:
+            return ScsiResult(_GOOD, b"", None)
+        # MAXIMUM ATOMIC TRANSFER LENGTH is the transfer limit (vpd.py).
+        self._max_transfer(n, 12)
+        if data is None or len(data) < n << self._shift:
+            # Less data than the CDB's blocks: writing part would break the
+            # all-or-nothing promise, so nothing is written.
+            raise invalid_field_in_cdb(12)
+        self._store(lba, n, data)
+        if cdb[1] & 0x08 or not self._wce:
+            return self._flush_then(ScsiResult(_GOOD, b"", None))
+        return ScsiResult(_GOOD, b"", None)
+
     # ----- VERIFY / WRITE AND VERIFY / ORWRITE / COMPARE AND WRITE ----------
 
     def _verify(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:

@@ -69,6 +69,7 @@ DISK_OPS: tuple[OpInfo, ...] = (
     OpInfo(Opcode.COMPARE_AND_WRITE, None, _u(0x89, 0x18, *(0xFF,) * 8, 0, 0, 0, 0xFF, 0, 0)),
     OpInfo(Opcode.WRITE_16, None, _u(0x8A, *_RW16)),
     OpInfo(Opcode.ORWRITE_16, None, _u(0x8B, *_RW16)),
+    OpInfo(Opcode.WRITE_ATOMIC_16, None, _u(0x9C, 0x18, *(0xFF,) * 8, 0, 0, 0xFF, 0xFF, 0, 0)),
     OpInfo(Opcode.WRITE_AND_VERIFY_16, None, _u(0x8E, *_VER16)),
     OpInfo(Opcode.VERIFY_16, None, _u(0x8F, *_VER16)),
     OpInfo(Opcode.PRE_FETCH_16, None, _u(0x90, 0x02, *(0xFF,) * 12, 0, 0)),

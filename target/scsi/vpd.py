@@ -159,6 +159,9 @@ def block_limits(info: InquiryInfo) -> BlockLimits:
         optimal_unmap_granularity=max(1, cfg.unmap_granularity) if info.thin else 0,
         ugavalid=info.thin,
         max_write_same_length=cfg.max_write_same_blocks,
+        # WRITE ATOMIC(16) (lu_block.py): any aligned length up to the
+        # transfer limit, no atomic boundaries.
+        max_atomic_transfer_length=min(cfg.max_transfer_blocks, 0xFFFF),
     )
 
 
