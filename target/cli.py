@@ -39,6 +39,7 @@ from .config import (
     load_config,
     parse_listen,
     parse_metrics_address,
+    physical_block_exponent,
 )
 from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
@@ -80,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--name", args.name), ("--read-only", args.read_only),
             ("--chap", args.chap), ("--mutual-chap", args.mutual_chap),
             ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
-            ("--mode", args.mode != "normal")) if given]
+            ("--mode", args.mode != "normal"), ("--removable", args.removable),
+            ("--physical-block-size", args.physical_block_size)) if given]
         if ignored:
             # Never silently ignored: the file says how the targets look.
             raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
@@ -105,6 +107,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         return config
     if not args.images:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
+    try:
+        physical_block_exponent(args.block_size, args.physical_block_size)
+    except ValueError as exc:
+        raise CLIError(f"--physical-block-size {exc}") from None
     luns = []
     for i, path in enumerate(args.images):
         if not os.path.exists(path):
@@ -114,7 +120,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                            "make it writable")
         luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
                             block_size=args.block_size, write_cache=not args.write_through,
-                            mode=args.mode))
+                            mode=args.mode, removable=args.removable,
+                            physical_block_size=args.physical_block_size))
     label = os.path.splitext(os.path.basename(args.images[0]))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
@@ -371,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-through", action="store_true",
                    help="host I/O cache off: every write is durable before it is acknowledged")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--physical-block-size", type=int, metavar="BYTES",
+                   help="physical block size when larger than --block-size (512e: "
+                        "--physical-block-size 4096)")
+    p.add_argument("--removable", action="store_true",
+                   help="a removable medium (initiators may eject it and lock it in)")
     p.add_argument("--mode", default="normal",
                    choices=("normal", "writethrough", "immutable", "multiattach", "shareable",
                             "readonly"),
@@ -430,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"created {path} ({_human(DEMO_SIZE)} demo disk)", flush=True)
             ns = argparse.Namespace(
                 config=None, images=[path], read_only=False, block_size=512, write_through=False,
+                removable=False, physical_block_size=None,
                 name=generate_iqn("demo"), chap=None, mutual_chap=None, mode="normal",
                 portal=args.portal or ["127.0.0.1:3260"], nop_interval=30.0, state_dir=None)
             from .control import default_control_path

@@ -76,6 +76,15 @@ class LunSpec:
     bandwidth_group: str | None = None
     #: Multiattach: differencing images kept, one per initiator name.
     max_overlays: int = 64
+    #: A removable medium (INQUIRY RMB; START STOP UNIT LOEJ ejects and
+    #: loads, PREVENT ALLOW MEDIUM REMOVAL locks), like a USB stick.
+    removable: bool = False
+    #: Bytes per physical block when larger than ``block_size`` (512e disks:
+    #: 512-byte logical on 4096-byte physical blocks; READ CAPACITY(16)
+    #: LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT). None: the same.
+    physical_block_size: int | None = None
+    #: SANITIZE OVERWRITE speed limit, bytes per second (0: none).
+    sanitize_rate: int = 0
 
 
 @dataclass(frozen=True)
@@ -281,7 +290,7 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
              "vendor", "product", "revision", "write_cache", "device_type", "mode", "max_overlays",
-             "bandwidth_group"}
+             "bandwidth_group", "removable", "physical_block_size", "sanitize_rate"}
     r.check_keys(table, known, where + ".")
     w = where + "."
     backend = r.get(table, "backend", w, str, "auto")
@@ -318,7 +327,21 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
     mode = r.get(table, "mode", w, str, "normal")
     if mode.replace("-", "").lower() not in _MODES:
         raise r.fail(f"{w}mode", f"{mode!r} is not allowed ({', '.join(_MODES)})")
+    pbs = r.get(table, "physical_block_size", w, int, None, "a power of two from block_size up")
+    if pbs is not None:
+        try:
+            physical_block_exponent(bs, pbs)
+        except ValueError as exc:
+            raise r.fail(f"{w}physical_block_size", str(exc)) from None
+    sanitize_rate = 0
+    if "sanitize_rate" in table:
+        try:
+            sanitize_rate = parse_size(str(table["sanitize_rate"]))
+        except ValueError as exc:
+            raise r.fail(f"{w}sanitize_rate", f"{exc} (bytes per second, e.g. \"64M\")") from None
     return LunSpec(
+        removable=r.get(table, "removable", w, bool, False), physical_block_size=pbs,
+        sanitize_rate=sanitize_rate,
         mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),
         max_overlays=r.int_in(table, "max_overlays", w, 64, 1, 100000),
         lun=r.int_in(table, "lun", w, index, 0, 16383),
@@ -330,6 +353,19 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         vendor=vendor, product=product, revision=revision,
         write_cache=r.get(table, "write_cache", w, bool, True), device_type=device_type,
     )
+
+
+def physical_block_exponent(block_size: int, physical_block_size: int | None) -> int:
+    """SBC-3's LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT for these sizes;
+    ValueError unless the physical block is a power-of-two multiple (up to
+    2^15) of the logical one."""
+    if physical_block_size is None:
+        return 0
+    ratio, rest = divmod(physical_block_size, block_size)
+    if rest or ratio < 1 or ratio & (ratio - 1) or ratio > 1 << 15:
+        raise ValueError(f"{physical_block_size} is not allowed (a power-of-two multiple of "
+                         f"the {block_size}-byte block size, e.g. 4096)")
+    return ratio.bit_length() - 1
 
 
 def lun_from_dict(table: dict[str, Any], source: str, index: int = 0) -> LunSpec:

@@ -22,7 +22,7 @@ from target.backends.modes import CURRENT_INITIATOR
 from target.scsi.target import ScsiTarget
 from target.scsi.types import Nexus, ScsiResult
 
-from .config import LunSpec, TargetSpec
+from .config import LunSpec, TargetSpec, physical_block_exponent
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -204,7 +204,10 @@ def build_target(spec: TargetSpec, state_dir: str | None,
                 read_only=ls.read_only or cdrom or bool(getattr(backend, "read_only", False)),
                 write_through=not ls.write_cache,
                 device_type=PeripheralType.CDROM if cdrom else PeripheralType.DISK,
-                removable=cdrom,
+                removable=cdrom or ls.removable,
+                physical_block_exponent=0 if cdrom else
+                physical_block_exponent(ls.block_size, ls.physical_block_size),
+                sanitize_rate=ls.sanitize_rate,
                 state_dir=lun_state,
             ).resolve(spec.name, ls.lun)
             if cfg.state_dir:

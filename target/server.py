@@ -27,6 +27,7 @@ from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest
 from iscsi.text import encode_text
 from target.backends.bandwidth import BandwidthGroups
+from target.scsi.sanitize import DETACHED_ON_ABORT
 from target.scsi.types import Nexus
 
 from .admin import Administration
@@ -435,6 +436,10 @@ class TargetServer(Administration):
         for owner, task in affected:
             assert owner.engine is not None
             if owner.engine.abort_task(task):
+                if task.cmd.cdb[:1] and task.cmd.cdb[0] in DETACHED_ON_ABORT:
+                    # Its work goes on without it (a SANITIZE, SBC-3
+                    # §4.11.1); nothing of the command is left to wait for.
+                    continue
                 if not isinstance(task.waiter, asyncio.Future):
                     task.waiter = loop.create_future()
                 pending.append(task.waiter)

@@ -4,6 +4,7 @@ iscsi-test-cu expects for the error paths."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import dataclass
 
@@ -767,3 +768,95 @@ async def test_write_atomic16_write_protected(rig: Rig) -> None:
     ctrl[4] |= 0x08
     assert (await rig.run([0x15, 0x10, 0, 0, 4 + len(ctrl), 0], bytes(4) + bytes(ctrl))).status == 0
     assert (await rig.run(wa16(0, 1), bytes(BS))).key_asc == (SenseKey.DATA_PROTECT, 0x27, 0)
+
+
+# ----- SANITIZE (SBC-3 §5.30) -------------------------------------------------------------
+
+
+def sanitize(sa: int, plen: int = 0, immed: bool = False) -> bytes:
+    return struct.pack(">BB5xHB", 0x48, (0x80 if immed else 0) | sa, plen, 0)
+
+
+def overwrite_params(pattern: bytes, passes: int = 1, invert: bool = False) -> bytes:
+    return bytes(((0x80 if invert else 0) | passes, 0)) + struct.pack(">H", len(pattern)) + pattern
+
+
+SANITIZING = (SenseKey.NOT_READY, 0x04, 0x1B)
+
+
+async def test_sanitize_overwrite_and_erase(rig: Rig) -> None:
+    await rig.run(rw16(0x8A, 0, 4), b"\x11" * (4 * BS))
+    params = overwrite_params(b"\xaa\x55")
+    assert (await rig.run(sanitize(1, len(params)), params)).status == Status.GOOD
+    assert (await rig.run(rw16(0x88, 0, 2))).data == b"\xaa\x55" * BS
+    assert (await rig.run(rw16(0x88, BLOCKS - 1, 1))).data == b"\xaa\x55" * (BS // 2)
+    # Two passes with INVERT end on the inverted pattern.
+    params = overwrite_params(b"\x0f", passes=2, invert=True)
+    assert (await rig.run(sanitize(1, len(params)), params)).status == Status.GOOD
+    assert (await rig.run(rw16(0x88, 7, 1))).data == b"\xf0" * BS
+    # BLOCK ERASE on a thin unit: everything deallocated, reads zeroes.
+    assert (await rig.run(sanitize(2))).status == Status.GOOD
+    assert (await rig.run(rw16(0x88, 0, 4))).data == bytes(4 * BS)
+    lbas = (await rig.run(bytes([0x9E, 0x12]) + bytes(8) + struct.pack(">I", 64) + bytes(2))).data
+    assert lbas is not None and lbas[20] == 1 and struct.unpack_from(">I", lbas, 16)[0] == BLOCKS
+    assert (await rig.run(sanitize(3))).status == Status.GOOD  # CRYPTO ERASE
+    assert (await rig.run(sanitize(0x1F))).status == Status.GOOD  # EXIT FAILURE MODE
+    # The Block Device Characteristics page says reads after an erase work.
+    bdc = (await rig.run([0x12, 1, 0xB1, 0, 64, 0])).data
+    assert bdc is not None and bdc[7] >> 4 == 0b0101  # WABEREQ 01b, WACEREQ 01b
+
+
+async def test_sanitize_refusals(rig: Rig) -> None:
+    for sa in (0, 4, 0x10, 0x1E):
+        assert (await rig.run(sanitize(sa))).key_asc == INVALID_CDB
+    # Reserved bits and bytes of the CDB.
+    params = overwrite_params(b"\1")
+    for i, value in ((1, 0x41), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)):
+        cdb = bytearray(sanitize(1, len(params)))
+        cdb[i] |= value
+        assert (await rig.run(bytes(cdb), params)).key_asc == INVALID_CDB, i
+    for plen in range(5):
+        assert (await rig.run(sanitize(1, plen), bytes(plen))).key_asc == INVALID_CDB
+    bad_field = (ILLEGAL, 0x26, 0x00)
+    assert (await rig.run(sanitize(1, 5), overwrite_params(b"\1", passes=0))).key_asc == bad_field
+    assert (await rig.run(sanitize(1, 4 + BS + 1), overwrite_params(bytes(BS + 1)))).key_asc == bad_field
+    # PARAMETER LIST LENGTH must be the pattern length + 4.
+    assert (await rig.run(sanitize(1, 8), overwrite_params(b"\1") + bytes(3))).key_asc == INVALID_CDB
+    assert (await rig.run(sanitize(2, 8), bytes(8))).key_asc == INVALID_CDB
+    assert (await rig.run(sanitize(0x1F, 8), bytes(8))).key_asc == INVALID_CDB
+    # Supported service actions are listed one by one.
+    for sa in (1, 2, 3, 0x1F):
+        one = (await rig.run([0xA3, 0x0C, 0x02, 0x48, 0, sa, 0, 0, 1, 0, 0, 0])).data
+        assert one is not None and one[1] & 0x07 == 0x03, sa
+
+
+async def test_sanitize_in_progress_blocks_commands_and_survives_abort() -> None:
+    """IMMED returns at once; until the operation ends everything but
+    INQUIRY, REPORT LUNS and REQUEST SENSE gets 04h/1Bh with progress, and
+    an aborted (cancelled) SANITIZE command does not stop it."""
+    r = Rig(FullDisk(BLOCKS * BS))
+    await r.ready()
+    params = overwrite_params(b"\x5a")
+    assert (await r.run(sanitize(1, len(params), immed=True), params)).status == Status.GOOD
+    job = r.lu.sanitizing
+    assert job is not None and job.task is not None
+    res = await r.run(tur())
+    assert res.key_asc == SANITIZING and res.sense is not None and res.sense.progress is not None
+    assert (await r.run(rw16(0x88, 0, 1))).key_asc == SANITIZING
+    assert (await r.run([0x12, 0, 0, 0, 36, 0])).status == Status.GOOD
+    sense = (await r.run([0x03, 0, 0, 0, 252, 0])).data
+    assert sense is not None and (sense[2] & 0x0F, sense[12], sense[13]) == (2, 0x04, 0x1B)
+    await job.task
+    assert r.lu.sanitizing is None
+    assert (await r.run(rw16(0x88, BLOCKS - 1, 1))).data == b"\x5a" * BS
+    # Without IMMED the command waits; cancelling it leaves the operation running.
+    params = overwrite_params(b"\xc3")
+    waiting = asyncio.ensure_future(r.run(sanitize(1, len(params)), params))
+    await asyncio.sleep(0)  # let the command start the operation
+    job = r.lu.sanitizing
+    assert job is not None and job.task is not None
+    waiting.cancel()
+    await job.task
+    assert (await r.run(rw16(0x88, 0, 1))).data == b"\xc3" * BS
+    # FullDisk is not thin: BLOCK ERASE is not offered there.
+    assert (await r.run(sanitize(2))).key_asc == INVALID_CDB

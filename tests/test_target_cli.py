@@ -265,3 +265,22 @@ def test_metrics_without_prometheus_client_is_one_line(tmp_path: Path) -> None:
                         "127.0.0.1:9", "--no-control"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "pip install 'aioiscsi[metrics]'" in r.stderr
+
+
+def test_physical_block_size_and_removable(tmp_path: Path) -> None:
+    """512e and removable LUNs from the command line and from TOML; a
+    physical block that is not a power-of-two multiple is one line."""
+    from target.config import load_config
+
+    (tmp_path / "a.img").write_bytes(bytes(1 << 20))
+    line = _one_line_error(["serve", "a.img", "--physical-block-size", "1000"], tmp_path)
+    assert "--physical-block-size 1000 is not allowed" in line
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[[target]]\nname = "iqn.2026-11.com.example:a"\n[[target.lun]]\npath = "a.img"\n'
+                   'physical_block_size = 4096\nremovable = true\nsanitize_rate = "16M"\n')
+    lun = load_config(str(cfg)).targets[0].luns[0]
+    assert (lun.physical_block_size, lun.removable, lun.sanitize_rate) == (4096, True, 16 << 20)
+    cfg.write_text('[[target]]\nname = "iqn.2026-11.com.example:a"\n[[target.lun]]\npath = "a.img"\n'
+                   'block_size = 4096\nphysical_block_size = 512\n')
+    line = _one_line_error(["serve", "--config", str(cfg)], tmp_path)
+    assert "physical_block_size" in line and "512 is not allowed" in line

@@ -62,6 +62,8 @@ from .lu_base import (
 )
 from .lu_block import BlockCommands
 from .lu_spc import SpcCommands
+from .sanitize import ALLOWED_WHILE_SANITIZING, SanitizeCommands
+from .sanitize import OPCODE as _SANITIZE
 from .modes import ModePages, disk_pages
 from .opcodes import (
     ALUA_OPS,
@@ -81,7 +83,7 @@ log = logging.getLogger("aioiscsi.target")
 _READ_OPS = frozenset({Opcode.READ_6, Opcode.READ_10, Opcode.READ_12, Opcode.READ_16})
 
 
-class LogicalUnit(BlockCommands, SpcCommands):
+class LogicalUnit(BlockCommands, SpcCommands, SanitizeCommands):
     """One logical unit (SAM-5 §4.6.19) backed by a :class:`Backend`.
 
     The owner (``ScsiTarget``) calls :meth:`bind` to give it its LUN and
@@ -158,6 +160,11 @@ class LogicalUnit(BlockCommands, SpcCommands):
     def supported_ops(self) -> list[OpInfo]:
         """The commands REPORT SUPPORTED OPERATION CODES lists."""
         ops = [op for op in self.BASE_OPS if op.opcode != Opcode.UNMAP or self.thin]
+        if self.BASE_OPS is DISK_OPS:
+            # SANITIZE's service actions (sanitize.py): IMMED, the service
+            # action and the PARAMETER LIST LENGTH are looked at.
+            ops += [OpInfo(_SANITIZE, sa, bytes((_SANITIZE, 0x80 | sa, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0)))
+                    for sa in self.sanitize_actions()]
         if self.reservations is not None:
             ops += RESERVATION_OPS
         if self.xcopy is not None:
@@ -192,6 +199,7 @@ class LogicalUnit(BlockCommands, SpcCommands):
         h[Opcode.COMPARE_AND_WRITE] = self._compare_and_write
         h[Opcode.ORWRITE_16] = self._orwrite
         h[Opcode.WRITE_ATOMIC_16] = self._write_atomic
+        h[_SANITIZE] = self._sanitize
         h[Opcode.WRITE_AND_VERIFY_16] = self._write_verify
         h[Opcode.VERIFY_16] = self._verify
         h[Opcode.PRE_FETCH_16] = self._prefetch
@@ -355,6 +363,9 @@ class LogicalUnit(BlockCommands, SpcCommands):
                 ua = self._pop_ua(nexus)
                 if ua is not None:
                     raise CheckCondition(SenseKey.UNIT_ATTENTION, *ua)
+            if self.sanitizing is not None and op not in ALLOWED_WHILE_SANITIZING:
+                # SBC-3 §4.11.2: everything else waits for the sanitize.
+                raise self.sanitizing.not_ready()
             if self.alua is not None:
                 self.alua.check_access(nexus, cdb)
             res = self.reservations
@@ -462,4 +473,5 @@ _DATA_OUT: dict[int, Callable[[bytes], int]] = {
     Opcode.PERSISTENT_RESERVE_OUT: lambda cdb: parse_persistent_reserve_out(cdb).parameter_list_length,
     Opcode.EXTENDED_COPY: lambda cdb: parse_extended_copy(cdb).parameter_list_length,
     Opcode.WRITE_ATOMIC_16: _atomic_blocks,
+    _SANITIZE: lambda cdb: int.from_bytes(cdb[7:9], "big") if len(cdb) >= 10 else 0,
 }

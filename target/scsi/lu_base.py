@@ -60,6 +60,7 @@ _WRITES = frozenset(
         Opcode.COMPARE_AND_WRITE,
         Opcode.ORWRITE_16,
         Opcode.WRITE_ATOMIC_16,
+        0x48,  # SANITIZE
     }
 )
 

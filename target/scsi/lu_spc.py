@@ -43,6 +43,7 @@ from iscsi.scsi.spc import (
 from . import modes as _modes
 from .lu_base import HandlerResult, UnitBase, _alloc, _good
 from .opcodes import report_supported_opcodes, report_supported_tmfs
+from .sanitize import Sanitizing
 from .types import Buffer, Nexus, ScsiResult
 from .vpd import InquiryInfo, standard_inquiry, vpd_page
 
@@ -56,6 +57,9 @@ class SpcCommands(UnitBase):
 
     def not_ready_sense(self) -> SenseData | None:
         """The NOT READY condition REQUEST SENSE reports, if any."""
+        running: Sanitizing | None = getattr(self, "sanitizing", None)
+        if running is not None:
+            return running.not_ready().sense  # with the progress indication
         try:
             self._ready()
         except CheckCondition as exc:

@@ -141,6 +141,8 @@ class LUConfig:
     max_compare_write_blocks: int = 255
     physical_block_exponent: int = 0
     rotation_rate: int = 1
+    #: SANITIZE OVERWRITE speed limit in bytes per second (0: none).
+    sanitize_rate: int = 0
     extra: dict[str, str] = field(default_factory=dict)
 
     def resolve(self, target_name: str, lun: int) -> LUConfig:

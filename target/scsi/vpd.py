@@ -186,7 +186,11 @@ def vpd_page(code: int, info: InquiryInfo, nexus: Nexus | None) -> bytes | None:
         return build_vpd_block_limits(block_limits(info), peripheral_type=dtype)
     if code == VPDPage.BLOCK_DEVICE_CHARACTERISTICS:
         # MEDIUM ROTATION RATE 1 = non-rotating medium (SBC-3 §6.6.2)
-        bdc = BlockDeviceCharacteristics(medium_rotation_rate=cfg.rotation_rate)
+        # WABEREQ/WACEREQ 01b: after a SANITIZE BLOCK/CRYPTO ERASE (thin
+        # units only, sanitize.py) reads complete GOOD (zeroes).
+        erase = 1 if info.thin else 0
+        bdc = BlockDeviceCharacteristics(medium_rotation_rate=cfg.rotation_rate,
+                                         wabereq=erase, wacereq=erase)
         return build_vpd_block_device_characteristics(bdc, peripheral_type=dtype)
     if code == VPDPage.LOGICAL_BLOCK_PROVISIONING:
         # Thin: LBPU (UNMAP), LBPWS, LBPWS10, provisioning type 010b (SBC-3 §6.6.4).
