@@ -209,6 +209,9 @@ class LUN:
         self.capacity: Capacity | None = None
         #: DPOFUA from MODE SENSE, learnt on first use (None: not asked yet).
         self._dpofua: bool | None = None
+        #: Called with the sense data of each UNIT ATTENTION before the
+        #: command is retried (multipath re-reads ALUA states on 2A/06).
+        self.on_unit_attention: Callable[[bytes], None] | None = None
 
     @classmethod
     async def open(cls, session: Session, lun: int) -> LUN:
@@ -245,6 +248,8 @@ class LUN:
             result = await self.session.execute(self.lun, cdb, data_out=data_out, data_in=dest)
             if _is_unit_attention(result) and ua < _UA_RETRIES:
                 ua += 1
+                if self.on_unit_attention is not None:
+                    self.on_unit_attention(bytes(result.sense))
                 continue
             if result.status in (Status.BUSY, Status.TASK_SET_FULL) and busy < _BUSY_RETRIES:
                 busy += 1

@@ -34,6 +34,7 @@ from target.backends.base import Backend, BackendError, DelegatingBackend
 from target.backends.locking import reopening
 
 from .config import (
+    ALUA_STATES,
     ChapConfig,
     ConfigError,
     Limits,
@@ -292,6 +293,39 @@ class Administration:
         self.retiring.add(fut)
         fut.add_done_callback(self.retiring.discard)
 
+    def set_alua_state(self, tag: int, state: str, target: str | None = None) -> list[str]:
+        """Change the asymmetric access state (ALUA, SPC-4 §5.15) of
+        portal group ``tag`` for one target or, without ``target``, for
+        every target served on it (and in the configuration saveconfig
+        writes). Every I_T nexus of the affected targets gets ASYMMETRIC
+        ACCESS STATE CHANGED (2A/06), so multipath initiators re-read
+        REPORT TARGET PORT GROUPS. Returns the targets changed."""
+        from target.scsi.alua import ASYMMETRIC_ACCESS_STATE_CHANGED, AccessState
+
+        if state not in ALUA_STATES:
+            raise AdminError(f"ALUA state {state!r} is not allowed ({', '.join(ALUA_STATES)})")
+        if tag not in {g.tag for g in self.config.portal_groups}:
+            raise AdminError(f"portal group {tag} does not exist (tags: "
+                             f"{', '.join(str(g.tag) for g in self.config.portal_groups)})")
+        rts = [self._target(target)] if target is not None else list(self.targets.values())
+        changed = []
+        for rt in rts:
+            if tag not in rt.spec.portal_groups:
+                if target is not None:
+                    raise AdminError(f"target {rt.name} is not served on portal group {tag}")
+                continue
+            ua = rt.scsi.alua.set_state(tag, AccessState(ALUA_STATES[state]))
+            for unit in rt.scsi.luns.values():
+                unit.post_unit_attention(ua if ua else ASYMMETRIC_ACCESS_STATE_CHANGED)
+            changed.append(rt.name)
+        if target is None:
+            self.config = replace(self.config, portal_groups=tuple(
+                replace(g, alua_state=state) if g.tag == tag else g
+                for g in self.config.portal_groups))
+        log.info("ALUA: portal group %d is %s for %s", tag, state,
+                 ", ".join(changed) or "no target")
+        return changed
+
     def resize_lun(self, target: str, lun: int, size: int | None = None) -> int:
         """Grow a LUN online to ``size`` bytes (None: take the size the
         file or device has now, after growing it outside). Raw files are
@@ -390,7 +424,8 @@ class Administration:
         spec = replace(spec, name=name, luns=tuple(
             replace(ls, path=os.path.abspath(ls.path)) if ls.path else ls for ls in spec.luns))
         try:
-            rt = build_target(spec, self.config.state_dir, self.bandwidth)
+            rt = build_target(spec, self.config.state_dir, self.bandwidth,
+                              self.config.portal_groups)
         except (BackendError, OSError) as exc:
             raise AdminError(f"cannot add target {name}: {_line(exc)}") from None
         self.targets[name] = rt

@@ -12,6 +12,7 @@ target over its control socket (:mod:`target.control`)::
     iscsi-target chap set TARGET|--discovery USER:SECRET [--mutual USER:SECRET] | --clear
     iscsi-target resize TARGET LUN [SIZE]      grow a LUN online
     iscsi-target media TARGET LUN PATH|--eject CD/DVD media change
+    iscsi-target alua TAG STATE [--target IQN]  ALUA state of a portal group
     iscsi-target reload                        apply the config file's changes (= SIGHUP)
     iscsi-target saveconfig [FILE]             the running state as TOML
 
@@ -32,7 +33,7 @@ from .control import ControlError, RemoteError, default_control_path, request
 
 #: The subcommands this module handles.
 COMMANDS = ("show", "sessions", "kick", "lun", "target", "acl", "chap", "resize", "media",
-            "reload", "saveconfig")
+            "alua", "reload", "saveconfig")
 
 
 def add_subparsers(sub: Any) -> None:
@@ -109,6 +110,11 @@ def add_subparsers(sub: Any) -> None:
     m.add_argument("lun", type=int, metavar="LUN")
     m.add_argument("path", metavar="PATH", nargs="?")
     m.add_argument("--eject", action="store_true")
+    a = cmd("alua", "set a portal group's ALUA state (multipath initiators follow it)")
+    a.add_argument("portal_group", type=int, metavar="TAG")
+    a.add_argument("state", metavar="STATE",
+                   help="active/optimized, active/non-optimized, standby, unavailable or offline")
+    a.add_argument("--target", metavar="IQN", help="only this target (default: every target)")
     cmd("reload", "apply the configuration file's changes (as SIGHUP does)")
     s = cmd("saveconfig", "write the running configuration as TOML (stdout without FILE)")
     s.add_argument("file", metavar="FILE", nargs="?")
@@ -163,6 +169,9 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             raise _Usage("media: give the image PATH or --eject")
         return "media", {"target": args.target_name, "lun": args.lun,
                          "path": os.path.abspath(args.path) if args.path else None}
+    if c == "alua":
+        return "alua", {"portal_group": args.portal_group, "state": args.state,
+                        "target": args.target}
     assert c == "saveconfig"
     return "saveconfig", {"path": os.path.abspath(args.file) if args.file else None}
 

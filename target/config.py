@@ -89,10 +89,20 @@ class LunSpec:
 
 @dataclass(frozen=True)
 class PortalGroup:
-    """A target portal group: a tag and its listening portals."""
+    """A target portal group: a tag and its listening portals. For SCSI it
+    is also a target port group (ALUA, SPC-4 §5.15) of every target served
+    on it: ``alua_state`` is its asymmetric access state (one of
+    :data:`ALUA_STATES`) and ``preferred`` its PREF bit."""
 
     tag: int
     portals: tuple[tuple[str, int], ...]
+    alua_state: str = "active/optimized"
+    preferred: bool = False
+
+
+#: ALUA state names of the configuration (SPC-4 §6.37 table 283 values).
+ALUA_STATES = {"active/optimized": 0x0, "active/non-optimized": 0x1, "standby": 0x2,
+               "unavailable": 0x3, "offline": 0xE}
 
 
 @dataclass(frozen=True)
@@ -434,15 +444,19 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         w = f"portal_group[{i}]."
         if not isinstance(g, dict):
             raise r.fail(w[:-1], "must be a table")
-        r.check_keys(g, {"tag", "portals"}, w)
+        r.check_keys(g, {"tag", "portals", "alua_state", "preferred"}, w)
         tag = r.int_in(g, "tag", w, i + 1, 1, 65535)
+        state = r.get(g, "alua_state", w, str, "active/optimized")
+        if state not in ALUA_STATES:
+            raise r.fail(f"{w}alua_state", f"{state!r} is not allowed ({', '.join(ALUA_STATES)})")
         plist = r.get(g, "portals", w, list, None, "a list of \"host:port\"")
         if not plist:
             raise r.fail(f"{w}portals", "missing (at least one \"host:port\")")
         if tag in groups:
             raise r.fail(f"{w}tag", f"{tag} is used twice")
         groups[tag] = PortalGroup(tag, tuple(_portal(r, p, f"{w}portals[{j}]")
-                                             for j, p in enumerate(plist)))
+                                             for j, p in enumerate(plist)),
+                                  alua_state=state, preferred=r.get(g, "preferred", w, bool, False))
     if not groups:
         groups[1] = PortalGroup(1, (("0.0.0.0", 3260),))
     discovery = doc.get("discovery", {})

@@ -85,17 +85,25 @@ def dump_config(cfg: ServerConfig) -> str:
     private)."""
     out = ["# Written by iscsi-target saveconfig: the running configuration.", "", "[server]"]
     groups = {g.tag: g for g in cfg.portal_groups}
-    if set(groups) == {1}:
+    # One plain group is server.portals; anything else is [[portal_group]].
+    plain = set(groups) == {1} and groups[1].alua_state == "active/optimized" \
+        and not groups[1].preferred
+    if plain:
         out.append("portals = " + _value([_portal(h, p) for h, p in groups[1].portals]))
     for key in ("nop_interval", "nop_timeout", "login_timeout", "state_dir", "write_budget",
                 "max_connections", "log_format", "log_file", "metrics"):
         v = getattr(cfg, key)
         if v is not None and v != getattr(_DEFAULT_SERVER, key):
             out.append(f"{key} = {_value(v)}")
-    if set(groups) != {1}:
+    if not plain:
         for tag in sorted(groups):
+            g = groups[tag]
             out += ["", "[[portal_group]]", f"tag = {tag}",
-                    "portals = " + _value([_portal(h, p) for h, p in groups[tag].portals])]
+                    "portals = " + _value([_portal(h, p) for h, p in g.portals])]
+            if g.alua_state != "active/optimized":
+                out.append(f"alua_state = {_value(g.alua_state)}")
+            if g.preferred:
+                out.append("preferred = true")
     if cfg.discovery_chap is not None:
         out += ["", "[discovery]", f"chap = {_chap(cfg.discovery_chap)}"]
     for name, limit in cfg.bandwidth_groups:

@@ -289,6 +289,8 @@ _OPS: dict[str, Callable[[TargetServer, dict[str, Any]], Any]] = {
     "resize": lambda s, r: s.resize_lun(_arg(r, "target", str), _arg(r, "lun", int), _size(r)),
     "media": lambda s, r: s.set_medium(_arg(r, "target", str), _arg(r, "lun", int),
                                        _arg(r, "path", str, None)),
+    "alua": lambda s, r: s.set_alua_state(_arg(r, "portal_group", int), _arg(r, "state", str),
+                                          _arg(r, "target", str, None)),
     "reload": lambda s, r: s.reload().as_dict(),
     "saveconfig": _saveconfig,
 }

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iscsi.ffp.target import Task
 from iscsi.pdu import Buffer
@@ -22,7 +22,10 @@ from target.backends.modes import CURRENT_INITIATOR
 from target.scsi.target import ScsiTarget
 from target.scsi.types import Nexus, ScsiResult
 
-from .config import LunSpec, TargetSpec, physical_block_exponent
+if TYPE_CHECKING:
+    from target.scsi.alua import TargetPortGroup
+
+from .config import ALUA_STATES, LunSpec, PortalGroup, TargetSpec, physical_block_exponent
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -169,11 +172,24 @@ def _check_metadata(spec: LunSpec, fmt: str | None) -> None:
                        "--read-only to read what is left")
 
 
+def alua_groups(spec: TargetSpec, groups: Iterable[PortalGroup]) -> list[TargetPortGroup]:
+    """The target port groups of ``spec``: one per portal group it is
+    served on, relative target port id = group id = the portal group tag
+    (the nexus of a session carries its tag, target/session.py)."""
+    from target.scsi.alua import AccessState, TargetPortGroup
+
+    return [TargetPortGroup(g.tag, (g.tag,), AccessState(ALUA_STATES[g.alua_state]),
+                            preferred=g.preferred)
+            for g in groups if g.tag in spec.portal_groups]
+
+
 def build_target(spec: TargetSpec, state_dir: str | None,
-                 bandwidth: BandwidthGroups | None = None) -> TargetRuntime:
+                 bandwidth: BandwidthGroups | None = None,
+                 port_groups: Iterable[PortalGroup] = ()) -> TargetRuntime:
     """Open every LUN of ``spec`` and build its SCSI device emulation.
     LUNs in a bandwidth group are wrapped so their transfers share its
-    limit (the transport awaits ``throttle`` before each command)."""
+    limit (the transport awaits ``throttle`` before each command);
+    ``port_groups`` (the server's) give the ALUA target port groups."""
     from iscsi.scsi.constants import PeripheralType
     from target.scsi.lu import LogicalUnit
     from target.scsi.mmc import CdromUnit
@@ -217,7 +233,7 @@ def build_target(spec: TargetSpec, state_dir: str | None,
         for b in backends.values():
             b.close()
         raise
-    scsi = ScsiTarget(luns, name=spec.name)
+    scsi = ScsiTarget(luns, alua_groups(spec, port_groups) or None, name=spec.name)
     return TargetRuntime(spec=spec, scsi=scsi, backends=backends, scsi_luns=frozenset(luns),
                          throttles=throttles)
 

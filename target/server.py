@@ -102,7 +102,8 @@ class TargetServer(Administration):
         for name, limit in self.config.bandwidth_groups:
             self.bandwidth.add(name, limit)
         for spec in self.config.targets:
-            self.targets[spec.name] = build_target(spec, self.config.state_dir, self.bandwidth)
+            self.targets[spec.name] = build_target(spec, self.config.state_dir, self.bandwidth,
+                                                   self.config.portal_groups)
 
     def set_bandwidth(self, group: str, limit: int | str | None) -> None:
         """Change a bandwidth group's limit while serving (VirtualBox's

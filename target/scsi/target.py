@@ -24,7 +24,7 @@ from iscsi.scsi.sense import (
     invalid_field_in_cdb,
 )
 
-from .alua import Alua
+from .alua import Alua, GroupSpec
 from .lu import LogicalUnit
 from .types import SIMPLE, Buffer, Nexus, ScsiResult
 from .vpd import missing_lun_inquiry
@@ -33,7 +33,9 @@ from .xcopy import XCopyManager
 __all__ = ["PortGroup", "ScsiTarget", "encode_lun"]  # encode_lun: the one in iscsi.scsi.lun
 
 #: (group id, relative target port ids, asymmetric access state)
-PortGroup = tuple[int, list[int], int]
+#: A target port group for alua.py: a TargetPortGroup, or (group id,
+#: relative port ids, state).
+PortGroup = GroupSpec
 
 
 class ScsiTarget:
