@@ -20,7 +20,7 @@ import asyncio
 import io
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from iscsi.names import parse_url
 from iscsi.pdu import Buffer
@@ -74,6 +74,28 @@ class _BlockLocks:
             del self._locks[lba]
         else:
             self._locks[lba] = (lock, users - 1)
+
+
+class Device(Protocol):
+    """What the exports (NBD, FUSE) and copies need of a LUN: implemented
+    by :class:`BlockDevice` (one session) and by
+    :class:`~initiator.multipath.MultipathDevice` (every path)."""
+
+    @property
+    def lun(self) -> LUN: ...
+    @property
+    def capacity(self) -> Capacity: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    async def read(self, offset: int, length: int) -> bytes: ...
+    async def readinto(self, offset: int, buffer: Buffer) -> int: ...
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> int: ...
+    async def flush(self) -> None: ...
+    async def discard(self, offset: int, length: int) -> int: ...
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None: ...
+    async def close(self) -> None: ...
 
 
 class BlockDevice:

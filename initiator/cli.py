@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--name", default=None,
                    help="NBD export name (default: empty) or FUSE file name (default: lun)")
     a.add_argument("--read-only", action="store_true")
+    a.add_argument("--multipath", choices=("auto", "on", "off"), default="auto",
+                   help="use every portal of the target, I/O on the best ALUA path with "
+                   "failover (auto: when SendTargets lists more than one portal or --path "
+                   "is given)")
+    a.add_argument("--path", action="append", default=[], metavar="HOST[:PORT]",
+                   help="another portal of the same LUN (a gateway discovery does not list)")
     a.add_argument("--control", metavar="PATH",
                    help="control socket 'detach' talks to (default: in $XDG_RUNTIME_DIR/"
                    "aioiscsi, named after the export)")

@@ -17,7 +17,8 @@ from typing import Any
 
 from iscsi.names import parse_url
 
-from .blockdev import BlockDevice
+from .blockdev import Device
+from .multipath import open_device
 from .errors import InitiatorError
 from .scsi import LUN
 from .session import SessionOptions
@@ -170,7 +171,8 @@ async def cmd_attach(args: argparse.Namespace) -> int:
         # An attach runs for hours: say when the connection drops and how
         # long we keep trying ("connection lost, retrying (N s left)").
         logging.getLogger("initiator.session").setLevel(logging.WARNING)
-    dev = await BlockDevice.open(args.url, opts)
+    dev = await open_device(args.url, opts, multipath=getattr(args, "multipath", "off"),
+                            paths=getattr(args, "path", []))
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     public = _public_url(args.url)

@@ -50,7 +50,7 @@ from .nbd_export import BlockDeviceExport, ExportDevice
 from .nbd_proto import nbd_errno
 
 if TYPE_CHECKING:
-    from .blockdev import BlockDevice
+    from .blockdev import Device
 
 from .errors import InitiatorError
 
@@ -347,7 +347,7 @@ async def serve_fuse(device: ExportDevice, mountpoint: str, *, name: str = "lun"
     return export
 
 
-async def serve_fuse_until(device: BlockDevice, mountpoint: str, stop: Awaitable[object], *,
+async def serve_fuse_until(device: Device, mountpoint: str, stop: Awaitable[object], *,
                            name: str = "lun", read_only: bool = False,
                            allow_other: bool = False,
                            ready: Callable[[str], object] | None = None) -> None:

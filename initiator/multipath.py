@@ -39,7 +39,7 @@ from iscsi.scsi import alua
 from iscsi.scsi.cdb_common import DesignatorType
 from iscsi.scsi.sense import SenseData
 
-from .blockdev import BlockDevice, options_from_url
+from .blockdev import BlockDevice, Device, options_from_url
 from .errors import InitiatorError, SessionFailed
 from .scsi import LUN, Capacity, SCSICheckCondition
 from .session import Session, SessionOptions, discover
@@ -354,7 +354,31 @@ async def _portals(host: str, port: int, target: str, opts: SessionOptions) -> l
         if t.name != target:
             continue
         for p in t.portals:
-            if (p.host, p.port) not in seen:
+            if (p.host, p.port) == (host, port):
+                out[0] = Portal(host, port, p.tpgt)  # the URL's, with its tag
+            elif (p.host, p.port) not in seen:
                 seen.add((p.host, p.port))
                 out.append(Portal(p.host, p.port, p.tpgt))
     return out
+
+
+async def open_device(url: str, options: SessionOptions, *, multipath: str = "auto",
+                      paths: Sequence[str] = (), failover_timeout: float | None = None
+                      ) -> Device:
+    """The device behind ``url``: one :class:`BlockDevice`, or a
+    :class:`MultipathDevice` when ``multipath`` is "on", when ``paths``
+    names more portals, or ("auto") when SendTargets lists portals of more
+    than one portal group. The failover timeout defaults to the session options'
+    replacement timeout, the time a single-path device would wait too."""
+    timeout = options.replacement_timeout if failover_timeout is None else failover_timeout
+    if multipath == "off" and not paths:
+        return await BlockDevice.open(url, options)
+    if multipath == "auto" and not paths:
+        # Several portal groups are several target ports (ALUA paths);
+        # several addresses of one group are left to "on".
+        host, port, target, _, opts = options_from_url(url, copy.copy(options))
+        portals = await _portals(host, port, target, opts)
+        if len({p.tpgt for p in portals if p.tpgt is not None}) < 2:
+            return await BlockDevice.open(url, options)
+    return await MultipathDevice.open(url, options, failover_timeout=timeout,
+                                      extra_portals=paths)

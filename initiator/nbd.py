@@ -55,7 +55,7 @@ from .nbd_proto import (  # the protocol values and layouts (proto.md)
 )
 
 if TYPE_CHECKING:
-    from .blockdev import BlockDevice
+    from .blockdev import Device
 
 log = logging.getLogger("initiator.nbd")
 
@@ -198,7 +198,7 @@ async def serve_nbd(device: ExportDevice, listen: str, *, export_name: str = "",
     return server
 
 
-async def serve_until(device: BlockDevice, listen: str, stop: Awaitable[object], *,
+async def serve_until(device: Device, listen: str, stop: Awaitable[object], *,
                       name: str = "", read_only: bool = False,
                       ready: Callable[[str], object] | None = None) -> None:
     """Serve an iSCSI BlockDevice until ``stop`` completes, then close the

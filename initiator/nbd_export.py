@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from .nbd_proto import BytesLike
 
 if TYPE_CHECKING:
-    from .blockdev import BlockDevice
+    from .blockdev import Device
 
 # ------------------------------------------------------------ device shape
 
@@ -67,7 +67,7 @@ class BlockDeviceExport:
     (LBPME) and the client allows holes; block status comes from GET LBA
     STATUS (SBC-3 §5.4) when the LU is thin."""
 
-    def __init__(self, device: BlockDevice, *, read_only: bool = False) -> None:
+    def __init__(self, device: Device, *, read_only: bool = False) -> None:
         self.device = device
         self._read_only = read_only
         self._lba_status = bool(device.capacity.lbpme)

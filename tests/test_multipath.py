@@ -194,3 +194,37 @@ async def test_two_gateway_processes_survive_sigkill(tmp_path: Path) -> None:
     with open(image, "rb") as f:
         data = f.read(64 * 4096)
     assert all(data[i * 4096:(i + 1) * 4096] == bytes([i + 1]) * 4096 for i in range(64))
+
+
+def test_cli_attach_uses_every_portal_group(two_groups: RunningTarget, tmp_path: Path) -> None:
+    """``iscsi-initiator attach`` on a target with two portal groups uses
+    both (``--multipath auto``): the NBD export keeps working while the
+    optimized path's session is ended."""
+    from tests.tools import require_tool
+
+    nbdcopy = require_tool("nbdcopy")
+    t = two_groups
+    sock = tmp_path / "a.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "initiator.cli", "attach", _url(t), "-v",
+                             "--initiator-name", INITIATOR, "--nbd", f"unix:{sock}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri == f"nbd+unix:///?socket={sock}"
+        data = os.urandom(1 * MiB)
+        (tmp_path / "in.bin").write_bytes(data)
+        subprocess.run([nbdcopy, str(tmp_path / "in.bin"), uri], check=True, timeout=60)
+        sessions = t.call(t.server.show)["sessions"]
+        assert {s["initiator"] for s in sessions} == {INITIATOR} and len(sessions) == 2
+        for s in sessions:
+            if s["connections"][0]["local"].startswith("127.0.0.1"):
+                t.call(lambda tsih=s["tsih"]: t.server.kick(tsih=tsih))
+        subprocess.run([nbdcopy, uri, str(tmp_path / "out.bin")], check=True, timeout=60)
+        assert (tmp_path / "out.bin").read_bytes()[:MiB] == data
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "failed" in err and "127.0.0.2" in err, err
