@@ -403,3 +403,22 @@ def test_info_fields(small: Path) -> None:
         assert info.subformat == "1.1" and info.extra["cluster_size"] == "65536"
         assert info.backing is None and img.parent is None
         assert read_all(img) == bytes(MiB)
+
+
+def test_contiguous_reads_are_views_of_the_file(tmp_path: Path) -> None:
+    """A read that is one contiguous stretch of the image file comes back
+    as a view of its map, no copy (mapped.py): qcow2 never shrinks or moves
+    data in its file while open, so the view stays valid while it is sent."""
+    from target.backends.registry import create_image, open_image
+
+    p = tmp_path / "v.qcow2"
+    create_image(str(p), "qcow2", 4 << 20)
+    with open_image(str(p), read_only=False) as img:
+        img.write(0, b"\x5a" * (1 << 20))
+        data = img.read(0, 1 << 20)
+        assert isinstance(data, memoryview) and bytes(data) == b"\x5a" * (1 << 20)
+        img.write(0, b"\x11" * 512)  # the page cache is shared: the view sees it
+        assert bytes(img.read(0, 512)) == b"\x11" * 512
+        # Unallocated clusters still read as zeroes (no view of a hole).
+        assert bytes(img.read(2 << 20, 65536)) == bytes(65536)
+        del data

@@ -11,6 +11,7 @@ and answers ``extents``, range checks, ``flush`` and ``close``.
 from __future__ import annotations
 
 import abc
+import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar, NamedTuple, Self
@@ -112,6 +113,16 @@ class MappedImage(ImageBackend):
     #: (qcow2 and Parallels: a preallocated, never written tail); for the
     #: other formats that is a truncated image and a MediumError.
     _short_reads_zero: ClassVar[bool] = False
+    #: Reads that are one contiguous run of one file come back as views of
+    #: a read-only map of it (no copy; the transport sends the page cache),
+    #: as raw images do. Only for formats that never shrink or move data in
+    #: their files while open (qcow2, VHD, VMDK): a view must stay valid
+    #: until the transport has sent it. VDI and Parallels compact on
+    #: discard (move a block, truncate), so they copy.
+    _mmap_reads: ClassVar[bool] = False
+    #: fd -> (map, bytes mapped); replaced (never closed early: views of
+    #: the old map keep it alive) when a read reaches past the mapped end.
+    _maps: dict[int, tuple[mmap.mmap, int]]
 
     def __init__(
         self,
@@ -128,6 +139,7 @@ class MappedImage(ImageBackend):
         self._write_through = write_through
         self.parent = parent
         self._closed = False
+        self._maps = {}
 
     def __enter__(self) -> Self:
         return self
@@ -166,6 +178,22 @@ class MappedImage(ImageBackend):
             return None
         return parent.read(offset, min(length, parent.size - offset))
 
+    def _view(self, fd: int, pos: int, length: int) -> memoryview | None:
+        """``length`` bytes at ``pos`` of ``fd`` as a view of its map, or
+        None (past the end of the file: the copying path reports it)."""
+        end = pos + length
+        m = self._maps.get(fd)
+        if m is None or end > m[1]:
+            try:
+                size = os.fstat(fd).st_size
+                if end > size:
+                    return None
+                m = (mmap.mmap(fd, size, access=mmap.ACCESS_READ), size)
+            except (OSError, ValueError):
+                return None
+            self._maps[fd] = m
+        return memoryview(m[0])[pos:end]
+
     def _fill(self, out: memoryview, vpos: int, run: Run) -> None:
         n = len(out)
         if run.kind == RUN_DATA:
@@ -198,6 +226,9 @@ class MappedImage(ImageBackend):
             # One run: no intermediate buffer (the common case for reads
             # inside one block).
             if first.kind == RUN_DATA:
+                view = self._view(first.fd, first.pos, length) if self._mmap_reads else None
+                if view is not None:
+                    return view
                 buf = bytearray(length)
                 self._fill(memoryview(buf), offset, first)
                 return buf
@@ -209,6 +240,20 @@ class MappedImage(ImageBackend):
                 return first.data
             if first.kind == RUN_ZERO:
                 return bytearray(length)
+        if self._mmap_reads and first.kind == RUN_DATA:
+            # Many runs that may all be one contiguous stretch of one file
+            # (clusters allocated in order): then a view, no copy.
+            rest = list(runs)
+            end = first.pos + first.length
+            for run in rest:
+                if run.kind != RUN_DATA or run.fd != first.fd or run.pos != end:
+                    break
+                end += run.length
+            else:
+                view = self._view(first.fd, first.pos, length)
+                if view is not None:
+                    return view
+            runs = iter(rest)
         out = bytearray(length)
         mv = memoryview(out)
         # Coalesce: neighbouring DATA runs contiguous in one file become
@@ -308,6 +353,12 @@ class MappedImage(ImageBackend):
         if self._closed:
             return
         self._closed = True
+        maps, self._maps = self._maps, {}
+        for m, _ in maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still being sent; the map goes with it
         try:
             for fd in set(self._files()):
                 os.close(fd)

@@ -74,6 +74,8 @@ __all__ = ["NAME", "Qcow2Image", "create", "open", "probe"]
 class Qcow2Image(Qcow2Refcounts, MappedImage):
     """An open qcow2 image (see the module docstring for what is supported)."""
 
+    _mmap_reads = True  # never shrinks or moves data while open (mapped.py)
+
     version: int
     _cb: int
     _cs: int

@@ -71,6 +71,8 @@ __all__ = ["NAME", "VhdImage", "create", "open", "probe"]
 class VhdImage(MappedImage):
     """An open VHD image (see the module docstring)."""
 
+    _mmap_reads = True  # never shrinks or moves data while open (mapped.py)
+
     def __init__(
         self,
         path: str,

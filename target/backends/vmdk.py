@@ -192,6 +192,8 @@ class _Extent:
 class VmdkImage(MappedImage):
     """An open VMDK (descriptor plus extents)."""
 
+    _mmap_reads = True  # never shrinks or moves data while open (mapped.py)
+
     def __init__(
         self,
         path: str,
