@@ -19,6 +19,7 @@ from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
 from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
+from target.backends.base import OutOfResources
 
 from .config import ChapConfig, Limits, ServerConfig, TargetSpec
 from iscsi.ffp.window import CmdSNWindow
@@ -115,6 +116,8 @@ class _Policy:
         # out of a reference cycle, so a connection that closes mid-login is
         # freed by reference counting alone.
         self._login: weakref.ref[TargetLogin] | None = None
+        #: The boot farm overlay the new session uses (allocate_tsih).
+        self.overlay_key: str | None = None
 
     @property
     def login(self) -> TargetLogin | None:
@@ -165,7 +168,18 @@ class _Policy:
 
     def allocate_tsih(self, isid: int, initiator_name: str,
                       target_name: str | None = None) -> int:
-        return self.server.allocate_tsih()
+        tsih = self.server.allocate_tsih()
+        rt = self.server.targets.get(target_name) if target_name else None
+        if rt is not None and rt.farm is not None:
+            # A boot farm makes the machine's overlay now, after CHAP and
+            # the ACL passed: a limit refuses the login with "out of
+            # resources" (RFC 7143 §11.13.5, 0x0302), not its first write.
+            try:
+                self.overlay_key = rt.session_started(tsih, initiator_name)
+            except OutOfResources as exc:
+                self.server.sessions.release_tsih(tsih)
+                raise LoginError(f"boot farm: {exc}", LoginStatus.OUT_OF_RESOURCES) from None
+        return tsih
 
 
 def make_target_login(server: LoginServer, conn: TargetConnection) -> TargetLogin:
@@ -243,6 +257,9 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
             portal_group_tag=conn.portal_group_tag,
             window=CmdSNWindow(req.cmdsn, rt.spec.limits.queue_depth if rt is not None else 8),
             params=params, target=rt)
+        policy = login.policy
+        if isinstance(policy, _Policy):
+            sess.overlay_key = policy.overlay_key
         server.sessions.add(sess)
     else:
         # The login checked the session (same initiator port, target and

@@ -30,6 +30,7 @@ from target.backends.bandwidth import BandwidthGroups
 from target.scsi.types import Nexus
 
 from .admin import Administration
+from .farm_admin import FarmAdministration
 from .config import ServerConfig, TargetSpec
 from .config_toml import dump_config
 from .connection import TargetConnection
@@ -50,7 +51,7 @@ INFLIGHT_WAIT = 30.0
 TRIM_EVERY = 256
 
 
-class TargetServer(Administration):
+class TargetServer(Administration, FarmAdministration):
     """Serves the targets of a :class:`ServerConfig` on its portals.
 
     ``control`` is the path of a control socket to open on :meth:`start`
@@ -59,7 +60,10 @@ class TargetServer(Administration):
     TargetServer(config) as server:`` to start and stop it. The live
     administration methods (:meth:`show`, :meth:`kick`, :meth:`add_lun`,
     :meth:`remove_lun`, :meth:`resize_lun`, :meth:`add_target`, ...) come
-    from :class:`target.admin.Administration`.
+    from :class:`target.admin.Administration`; a boot farm's
+    (:meth:`farm_list`, :meth:`farm_reset`, :meth:`farm_delete`,
+    :meth:`farm_commit`, :meth:`farm_switch`, :meth:`farm_boot`) from
+    :class:`target.farm_admin.FarmAdministration`.
     """
 
     def __init__(self, config: ServerConfig, *, control: str | None = None) -> None:
