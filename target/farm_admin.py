@@ -138,11 +138,14 @@ def root_path(host: str, port: int, target: str, lun: int = 0) -> str:
 
 def ipxe_script(host: str, port: int, target: str, chap: ChapConfig | None, *,
                 show_secrets: bool = True) -> str:
-    """An iPXE script that SAN-boots the farm: DHCP, a per-machine initiator
+    """An iPXE script that SAN-boots the farm: DHCP unless done, a per-machine initiator
     name (the SMBIOS UUID: each machine gets its own overlay), CHAP
     (``username``/``password``, mutual as ``reverse-username``/
     ``reverse-password``) and ``sanboot`` of the root-path."""
-    lines = ["#!ipxe", "dhcp",
+    # DHCP only when the network is not up yet: chainloaded from a NIC ROM
+    # it already is (a second DHCP costs seconds); embedded in ipxe.lkrn or
+    # a USB image it is not.
+    lines = ["#!ipxe", "isset ${ip} || dhcp",
              "# Each machine needs its own initiator name: its overlay is keyed by it.",
              "set initiator-iqn iqn.2010-04.org.ipxe:${uuid}"]
     if chap is not None:

@@ -290,7 +290,7 @@ def test_boot_script_and_root_path() -> None:
     assert root_path("fe80::1", 3260, NAME) == f"iscsi:[fe80::1]::3260:0:{NAME}"
     chap = ChapConfig("farmuser", "farm-secret-123", "tgtuser", "target-secret-456")
     script = ipxe_script("10.0.2.2", 3260, NAME, chap)
-    assert script.startswith("#!ipxe\ndhcp\n")
+    assert script.startswith("#!ipxe\nisset ${ip} || dhcp\n")
     assert "set username farmuser\nset password farm-secret-123\n" in script
     assert "set reverse-username tgtuser\nset reverse-password target-secret-456\n" in script
     assert script.endswith(f"sanboot iscsi:10.0.2.2::3260:0:{NAME}\n")
