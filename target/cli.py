@@ -272,16 +272,20 @@ def run_server(config: ServerConfig, control: str | None = None,
         # Once it serves (an error before that stays the only line).
         for line in open_access_warnings(config):
             print(line, file=sys.stderr, flush=True)
-        print(attach_help(server), flush=True)
+        text = attach_help(server)
         if any(t.farm is not None for t in config.targets):
-            print(farm_admin.boot_help(server, boot_host), end="", flush=True)
+            farm = farm_admin.boot_help(server, boot_host)
             if boot_script is not None:
-                text = server.farm_boot(host=boot_host, show_secrets=True)["ipxe"]
+                script = server.farm_boot(host=boot_host, show_secrets=True)["ipxe"]
                 try:
-                    farm_admin.write_boot_script(boot_script, text)
+                    farm_admin.write_boot_script(boot_script, script)
                 except OSError as exc:
                     raise CLIError(f"--boot-script {boot_script}: {exc.strerror}") from None
-                print(f"iPXE script written to {boot_script}", flush=True)
+                farm += f"iPXE script written to {boot_script}\n"
+            # Before the closing "Press Ctrl-C" line, which scripts wait for.
+            head, _, last = text.rpartition("\n")
+            text = f"{head}\n{farm}{last}"
+        print(text, flush=True)
 
     try:
         return asyncio.run(serve(config, ready=ready, control=control,
@@ -452,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_server(config_from_args(ns), default_control_path())
         config = observability(args, config_from_args(args))
+        farm_admin.check_boot_flags(args, sum(t.farm is not None for t in config.targets))
         # After the config file: it may say where and how to log.
         setup_logging(args.verbose, fmt=config.log_format, path=config.log_file,
                       what="--log-file" if args.log_file else

@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,7 @@ from target.backends.registry import open_image
 
 log = logging.getLogger("aioiscsi.target")
 
-__all__ = ["FarmBackend", "FarmMode", "FarmRefused", "OverlayInfo", "base_identity"]
+__all__ = ["FarmBackend", "FarmBusy", "FarmMode", "FarmRefused", "OverlayInfo", "base_identity"]
 
 #: Bytes hashed at each end of the base for its identity.
 _ID_SPAN = 1 << 20
@@ -74,6 +74,11 @@ class FarmMode(enum.StrEnum):
 class FarmRefused(OutOfResources):
     """A login the farm's limits refuse (the login answers 0x0302,
     "target out of resources", RFC 7143 §11.13.5)."""
+
+
+class FarmBusy(BackendError):
+    """A login refused for now: the machine's overlay is being committed
+    (the login answers 0x0301, "service unavailable": retry later)."""
 
 
 def base_identity(path: str) -> str:
@@ -138,6 +143,8 @@ class FarmBackend(PerInitiatorBackend):
         self._written: set[str] = set()
         self._paths: dict[str, str] = {}
         self._serial = 0
+        #: Keys whose overlay ``farm commit`` is reading.
+        self._committing: set[str] = set()
         self._full_logged = float("-inf")
         self._farm_lock = threading.RLock()
         if self.mode is FarmMode.RESET:
@@ -206,6 +213,10 @@ class FarmBackend(PerInitiatorBackend):
         if not name:
             raise FarmRefused(f"{self.golden}: a boot farm needs an initiator name")
         with self._farm_lock:
+            if name in self._committing:
+                log.warning("boot farm %s: login of %s refused for now: its overlay is being "
+                            "committed", self.golden, initiator)
+                raise FarmBusy(f"the overlay of {initiator} is being committed; retry later")
             if self.mode is FarmMode.PERSISTENT:
                 key = name
             else:
@@ -425,11 +436,20 @@ class FarmBackend(PerInitiatorBackend):
             self._written.discard(initiator.strip().lower())
         log.info("boot farm %s: overlay of %s deleted", self.golden, initiator)
 
-    def overlay_for_commit(self, initiator: str) -> str:
+    @contextlib.contextmanager
+    def committing(self, initiator: str) -> Iterator[str]:
         """The idle overlay file of ``initiator``, closed so it can be read
-        whole (``farm commit``)."""
+        whole (``farm commit``); its logins are refused (FarmBusy) until
+        the block ends, so the copy is of one consistent disk."""
+        name = initiator.strip().lower()
         with self._farm_lock:
-            return self._idle_overlay(initiator, "commit")
+            path = self._idle_overlay(initiator, "commit")
+            self._committing.add(name)
+        try:
+            yield path
+        finally:
+            with self._farm_lock:
+                self._committing.discard(name)
 
     def switch(self, new_golden: str) -> None:
         """Serve ``new_golden`` to new sessions. Running sessions keep the

@@ -226,21 +226,22 @@ class FarmAdministration:
     async def farm_commit(self, initiator: str, new_golden: str, fmt: str | None = None,
                           target: str | None = None) -> dict[str, Any]:
         """Write a machine's disk (its overlay over its base) into a new
-        image ``new_golden`` (format from ``fmt``, else its extension, else
-        the golden's), e.g. to ``farm switch`` to it. The copy runs in a
-        thread; the machine must have no session meanwhile."""
+        image ``new_golden`` (format ``fmt``, else from its extension, else
+        qcow2), e.g. to ``farm switch`` to it. The copy runs in a thread;
+        the machine must have no session, and its logins are refused with
+        "service unavailable" (0x0301) until the copy is done."""
         from .admin import AdminError
         from .image_cli import CLIError, convert
 
         _rt, farm = self._farm(target)
-        overlay = farm.overlay_for_commit(initiator)
         new_golden = os.path.abspath(new_golden)
-        out_fmt = fmt or _format_for(new_golden) or farm._base_format
         start = time.monotonic()
-        try:
-            await asyncio.to_thread(convert, overlay, new_golden, out_fmt)
-        except CLIError as exc:
-            raise AdminError(f"farm commit: {exc}") from None
+        with farm.committing(initiator) as overlay:
+            out_fmt = fmt or _format_for(new_golden) or "qcow2"
+            try:
+                await asyncio.to_thread(convert, overlay, new_golden, out_fmt)
+            except CLIError as exc:
+                raise AdminError(f"farm commit: {exc}") from None
         return {"path": new_golden, "format": out_fmt, "seconds": round(time.monotonic() - start, 3)}
 
     def farm_switch(self, new_golden: str, target: str | None = None) -> dict[str, Any]:
@@ -273,12 +274,29 @@ def _format_for(path: str) -> str | None:
 
 
 def boot_help(server: TargetServer, host: str | None) -> str:
-    """What ``serve --boot-farm`` prints: the root-path and the iPXE script."""
-    info = server.farm_boot(host=host)
-    return ("Boot farm: machines boot with DHCP option 17 (root-path)\n"
-            f"  {info['root_path']}\n"
-            "or with this iPXE script (--boot-script FILE writes it with the secret):\n"
-            + "".join(f"  {line}\n" for line in info["ipxe"].splitlines()))
+    """What ``serve`` prints for each boot farm: the root-path and the
+    iPXE script."""
+    out = []
+    for rt in server.targets.values():
+        if rt.farm is None:
+            continue
+        info = server.farm_boot(rt.name, host=host)
+        out.append(f"Boot farm {rt.name} ({rt.farm.mode.value}): machines boot with DHCP "
+                   f"option 17 (root-path)\n  {info['root_path']}\n"
+                   "or with this iPXE script (--boot-script FILE writes it with the secret):\n"
+                   + "".join(f"  {line}\n" for line in info["ipxe"].splitlines()))
+    return "".join(out)
+
+
+def check_boot_flags(args: argparse.Namespace, farms: int) -> None:
+    """``--boot-script``/``--boot-host`` need exactly one boot farm."""
+    for flag, value in (("--boot-script", args.boot_script), ("--boot-host", args.boot_host)):
+        if value is not None and farms == 0:
+            raise ConfigError(f"{flag} needs a boot farm (--boot-farm GOLDEN, or [target.farm] "
+                              "in the config file)")
+    if args.boot_script is not None and farms > 1:
+        raise ConfigError(f"--boot-script: the config file has {farms} boot farms; "
+                          "iscsi-target prints each one's script, copy the one you need")
 
 
 # ---------------------------------------------------------------- control socket + CLI

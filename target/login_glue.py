@@ -20,6 +20,7 @@ from iscsi.keys import NegotiatedParams
 from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
 from target.backends.base import OutOfResources
+from target.farm import FarmBusy
 
 from .config import ChapConfig, Limits, ServerConfig, TargetSpec
 from iscsi.ffp.window import CmdSNWindow
@@ -179,6 +180,9 @@ class _Policy:
             except OutOfResources as exc:
                 self.server.sessions.release_tsih(tsih)
                 raise LoginError(f"boot farm: {exc}", LoginStatus.OUT_OF_RESOURCES) from None
+            except FarmBusy as exc:
+                self.server.sessions.release_tsih(tsih)
+                raise LoginError(f"boot farm: {exc}", LoginStatus.SERVICE_UNAVAILABLE) from None
         return tsih
 
 

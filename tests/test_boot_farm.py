@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +24,12 @@ from initiator.blockdev import BlockDevice
 from initiator.errors import LoginRefused
 from initiator.options import SessionOptions
 from target.backends.registry import create_image, open_image
-from target.config import ChapConfig, FarmSpec, PortalGroup, ServerConfig, load_config
+from target.config import ChapConfig, FarmSpec, PortalGroup, ServerConfig, TargetSpec, load_config
 from target.control import RemoteError, request
 from target.farm_admin import farm_lun, ipxe_script, root_path
-from target.config import TargetSpec
+from tests.initiator_checks import ROOT
 from tests.target_fixture import RunningTarget, running_target
+from tests.tgt import free_port
 
 NAME = "iqn.2026-12.org.aioiscsi.test:farm"
 SIZE = 8 << 20
@@ -142,7 +146,8 @@ def test_limits_refuse_the_login_out_of_resources(tmp_path: Path, golden: str,
         _run(t, INI[1], _marker(1))
         with pytest.raises(LoginRefused) as exc:
             _run(t, INI[2])
-        assert exc.value.status == LoginStatus.OUT_OF_RESOURCES == 0x0302
+        assert exc.value.status == LoginStatus.OUT_OF_RESOURCES
+        assert int(LoginStatus.OUT_OF_RESOURCES) == 0x0302  # RFC 7143 §11.13.5
         assert "2 overlays exist (max_overlays)" in caplog.text
         # The existing machines go on.
         assert _run(t, INI[0]) == _marker(0)
@@ -323,3 +328,65 @@ def test_serve_boot_farm_command_line(tmp_path: Path, golden: str) -> None:
     bad = build_parser().parse_args(["serve", "--boot-farm", golden, golden])
     with pytest.raises(Exception, match="not both"):
         config_from_args(bad)
+
+
+def test_serve_prints_and_writes_the_boot_script(tmp_path: Path, golden: str) -> None:
+    port = free_port()
+    script = tmp_path / "boot.ipxe"
+    sock = str(tmp_path / "control.sock")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "target.cli", "serve", "--boot-farm", golden,
+             "--name", NAME, "--portal", f"127.0.0.1:{port}", "--chap", "pxe:pxe-secret-1234",
+             "--boot-script", str(script), "--boot-host", "10.0.2.2",
+             "--state-dir", str(tmp_path / "state"), "--control", sock],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        until(lambda: "iPXE script written to" in log.read_text() or proc.poll() is not None)
+        text = log.read_text()
+        assert f"iscsi:10.0.2.2::{port}:0:{NAME}" in text
+        assert "set password SECRET" in text and "pxe-secret-1234" not in text
+        assert (script.stat().st_mode & 0o777) == 0o600
+        assert "set username pxe\nset password pxe-secret-1234\n" in script.read_text()
+        assert script.read_text().endswith(f"sanboot iscsi:10.0.2.2::{port}:0:{NAME}\n")
+        listed = subprocess.run([sys.executable, "-m", "target.cli", "farm", "list", "--json",
+                                 "--control", sock], capture_output=True, text=True, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        data = json.loads(listed.stdout)
+        assert data["golden"] == golden and data["mode"] == "persistent"
+    finally:
+        proc.terminate()  # by PID: our own child
+        proc.wait(30)
+
+
+def test_login_during_commit_is_refused_for_now(tmp_path: Path, golden: str) -> None:
+    with running_target(_config(golden, tmp_path / "state")) as t:
+        _run(t, INI[0], _marker(0))
+        farm = t.server.targets[NAME].farm
+        assert farm is not None
+        held = farm.committing(INI[0])
+        t.call(held.__enter__)
+        try:
+            with pytest.raises(LoginRefused) as exc:
+                _run(t, INI[0])
+            # RFC 7143 §11.13.5: 0x0301, "service unavailable" -- retry later.
+            assert exc.value.status == LoginStatus.SERVICE_UNAVAILABLE
+            assert _run(t, INI[1]) == b"\x42" * 4096  # the others go on
+        finally:
+            t.call(lambda: held.__exit__(None, None, None))
+        assert _run(t, INI[0]) == _marker(0)
+
+
+def test_boot_flags_need_a_farm(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    proc = subprocess.run([sys.executable, "-m", "target.cli", "serve", str(img),
+                           "--boot-script", str(tmp_path / "x.ipxe"), "--no-control"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("iscsi-target: error: --boot-script needs a boot farm "
+                                   "(--boot-farm GOLDEN, or [target.farm] in the config file)")

@@ -109,8 +109,8 @@ def test_machines_boot_one_golden_image_through_ipxe(tmp_path: Path) -> None:
     before = hashlib.sha256(golden.read_bytes()).hexdigest()
     specs = []
     for name, mode, chap in ((PERSISTENT, "persistent", CHAP), (RESET, "reset", None)):
-        farm = FarmSpec(golden=str(golden), mode=mode)
-        specs.append(TargetSpec(name=name, luns=(farm_lun(farm),), farm=farm, chap=chap))
+        fs = FarmSpec(golden=str(golden), mode=mode)
+        specs.append(TargetSpec(name=name, luns=(farm_lun(fs),), farm=fs, chap=chap))
     cfg = ServerConfig(targets=tuple(specs), state_dir=str(tmp_path / "state"),
                        portal_groups=(PortalGroup(1, (("127.0.0.1", 0),)),))
     with running_target(cfg) as t:
