@@ -133,7 +133,6 @@ class FarmBackend(PerInitiatorBackend):
         golden = os.path.abspath(golden)
         super().__init__(golden, state_dir, fmt=fmt, max_overlays=max_overlays)
         self.golden = golden
-        self.golden_id = base_identity(golden)
         self.max_overlay_bytes = max_overlay_bytes
         self._wall = wall_clock
         #: TSIH -> (overlay key, initiator name) of each live session.
@@ -224,9 +223,9 @@ class FarmBackend(PerInitiatorBackend):
                 key = f"{name}#{self._serial}"
             path = self.child_path(key)
             shared = any(k == key for k, _n in self._live.values())
-            golden_id = self.golden_id
+            # Now, not at start: the golden file may have changed since.
+            golden_id = base_identity(self.golden)
             if os.path.exists(path) and not shared:
-                golden_id = base_identity(self.golden)
                 rec = self._read_record(path)
                 if (rec.get("base"), rec.get("base_id")) != (self.golden, golden_id):
                     self._set_aside(key, path, rec, name)
@@ -470,7 +469,6 @@ class FarmBackend(PerInitiatorBackend):
             old_base, self._base = self._base, new_base
             self.golden = self.path = new_golden
             self._base_format = fmt
-            self.golden_id = base_identity(new_golden)
         old_base.close()
         log.info("boot farm: switched from %s to %s for new sessions; %d running session(s) "
                  "keep theirs", old, new_golden, len(self._live))

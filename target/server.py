@@ -35,7 +35,7 @@ from .config import ServerConfig, TargetSpec
 from .config_toml import dump_config
 from .connection import TargetConnection
 from .control import ControlError, ControlServer
-from .login_glue import handle_login, make_target_login, reject_login
+from .login_glue import abandon_login, handle_login, make_target_login, reject_login
 from .media import MediaWatcher, open_medium
 from .reload import ReloadReport, reload_server
 from .runtime import TargetRuntime, build_target
@@ -295,6 +295,7 @@ class TargetServer(Administration, FarmAdministration):
         After a burst of closes the freed heap goes back to the system."""
         login = self._logins.pop(conn, None)
         if login is not None and conn.session is None:
+            abandon_login(login)
             # A login that never reached the state machine's verdict: it
             # ran out of time, or the initiator walked away (connection.py
             # logs how far it got). Counted for the metrics.
