@@ -390,3 +390,17 @@ def test_boot_flags_need_a_farm(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("iscsi-target: error: --boot-script needs a boot farm "
                                    "(--boot-farm GOLDEN, or [target.farm] in the config file)")
+
+
+def test_reload_never_reopens_a_farm_as_a_plain_lun(tmp_path: Path, golden: str) -> None:
+    cfg = tmp_path / "farm.toml"
+    body = (f'[server]\nstate_dir = "state"\nportals = ["127.0.0.1:0"]\n[[target]]\n'
+            f'name = "{NAME}"\n[target.farm]\ngolden = "golden.qcow2"\n')
+    cfg.write_text(body)
+    with running_target(load_config(str(cfg))) as t:
+        _run(t, INI[0], _marker(0))
+        cfg.write_text(body + "max_overlays = 9\n")
+        report = t.call(lambda: t.server.reload())
+        assert any("boot farm settings changed" in r for r in report.restart)
+        assert t.server.targets[NAME].farm is not None
+        assert _run(t, INI[0]) == _marker(0)
