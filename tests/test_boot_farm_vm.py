@@ -73,14 +73,20 @@ def _boot_round(t: RunningTarget, tftp: dict[str, Path], logs: Path, n: int
         procs.append((subprocess.Popen(qemu_argv(tftp[farm], uuid), stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + ROUND_TIMEOUT
+    try:
+        for proc, _log in procs:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()  # by PID: this Popen's own child
+                proc.wait()
+            log.close()
     out = []
-    for i, (proc, log) in enumerate(procs):
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()  # by PID: this Popen's own child
-            proc.wait()
-        log.close()
+    for i in range(len(procs)):
         console = (logs / f"round{n}-machine{i}.log").read_text(errors="replace")
         lines: dict[str, str] = {}
         for raw in console.replace("\r", "\n").splitlines():
