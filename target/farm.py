@@ -56,6 +56,12 @@ log = logging.getLogger("aioiscsi.target")
 
 __all__ = ["FarmBackend", "FarmBusy", "FarmMode", "FarmRefused", "OverlayInfo", "base_identity"]
 
+#: Seconds a reset-mode overlay outlives its session, for the session's
+#: recovery: an initiator that logs in again with the same ISID (RFC 7143
+#: §6.3.5 reinstatement, open-iscsi's replacement_timeout is 120 s by
+#: default) gets it back -- unless a login of that initiator with another
+#: ISID came in between (a new boot: iPXE picks a random ISID).
+RESET_RETAIN = 120.0
 #: Bytes hashed at each end of the base for its identity.
 _ID_SPAN = 1 << 20
 _PREFIX = "farm."
@@ -128,7 +134,8 @@ class FarmBackend(PerInitiatorBackend):
     def __init__(self, golden: str, state_dir: str | None = None, *,
                  mode: FarmMode | str = FarmMode.PERSISTENT, max_overlays: int = 64,
                  max_overlay_bytes: int | None = None, fmt: str | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = FarmMode(mode)
         golden = os.path.abspath(golden)
         super().__init__(golden, state_dir, fmt=fmt, max_overlays=max_overlays)
@@ -137,6 +144,13 @@ class FarmBackend(PerInitiatorBackend):
         self._wall = wall_clock
         #: TSIH -> (overlay key, initiator name) of each live session.
         self._live: dict[int, tuple[str, str]] = {}
+        #: Reset mode: TSIH -> ISID of live sessions; the ISID of each
+        #: initiator's latest login; ended sessions' overlays kept for
+        #: their recovery, (initiator, ISID) -> (key, when it ended).
+        self._isids: dict[int, int] = {}
+        self._last_isid: dict[str, int | None] = {}
+        self._retained: dict[tuple[str, int], tuple[str, float]] = {}
+        self._clock = clock
         #: Keys whose overlay this run created / wrote to.
         self._created: set[str] = set()
         self._written: set[str] = set()
@@ -203,11 +217,17 @@ class FarmBackend(PerInitiatorBackend):
         name = initiator.strip().lower()
         return sorted(t for t, (_k, n) in self._live.items() if n == name)
 
-    def admit(self, initiator: str, tsih: int) -> str:
-        """A new session of ``initiator`` (TSIH ``tsih``) logs in: pick or
-        make its overlay and return the key its commands use. Raises
-        :class:`FarmRefused` (with the log line already written) when a
-        limit refuses it."""
+    def admit(self, initiator: str, tsih: int, isid: int | None = None) -> str:
+        """A new session of ``initiator`` (TSIH ``tsih``, ISID ``isid``)
+        logs in: pick or make its overlay and return the key its commands
+        use. Raises :class:`FarmRefused` (with the log line already
+        written) when a limit refuses it.
+
+        In reset mode a new session gets a fresh overlay, except the
+        recovery of a session of this boot (same ISID as the initiator's
+        latest login, the old session live or ended less than
+        :data:`RESET_RETAIN` ago): it gets the old one back, so a machine
+        whose connection dropped does not find its disk reverted."""
         name = initiator.strip().lower()
         if not name:
             raise FarmRefused(f"{self.golden}: a boot farm needs an initiator name")
@@ -219,8 +239,7 @@ class FarmBackend(PerInitiatorBackend):
             if self.mode is FarmMode.PERSISTENT:
                 key = name
             else:
-                self._serial += 1
-                key = f"{name}#{self._serial}"
+                key = self._reset_key(name, isid)
             path = self.child_path(key)
             shared = any(k == key for k, _n in self._live.values())
             # Now, not at start: the golden file may have changed since.
@@ -257,7 +276,36 @@ class FarmBackend(PerInitiatorBackend):
             else:
                 self._touch(path)
             self._live[tsih] = (key, name)
+            if isid is not None:
+                self._isids[tsih] = isid
             return key
+
+    def _reset_key(self, name: str, isid: int | None) -> str:
+        """Reset mode: the key of a recovered session of this boot, else a
+        fresh one (see :meth:`admit`)."""
+        self._prune()
+        prev = self._last_isid.get(name)
+        self._last_isid[name] = isid
+        if isid is not None and prev == isid:
+            for t, (k, n) in self._live.items():
+                if n == name and self._isids.get(t) == isid:
+                    return k
+            kept = self._retained.pop((name, isid), None)
+            if kept is not None:
+                return kept[0]
+        # A new boot: overlays kept for an older one are of no use now.
+        for (n, i) in [r for r in self._retained if r[0] == name]:
+            self._drop(self._retained.pop((n, i))[0])
+        self._serial += 1
+        return f"{name}#{self._serial}"
+
+    def _prune(self) -> None:
+        """Delete reset overlays kept longer than RESET_RETAIN."""
+        now = self._clock()
+        for r, (key, ended) in list(self._retained.items()):
+            if now - ended >= RESET_RETAIN:
+                del self._retained[r]
+                self._drop(key)
 
     def _set_aside(self, key: str, path: str, rec: dict[str, Any], initiator: str) -> None:
         """Move an overlay made over another base out of the way (never
@@ -290,23 +338,33 @@ class FarmBackend(PerInitiatorBackend):
         written (or in reset mode), once no other session uses it."""
         with self._farm_lock:
             entry = self._live.pop(tsih, None)
+            isid = self._isids.pop(tsih, None)
             if entry is None:
                 return
             key, name = entry
             if any(k == key for k, _n in self._live.values()):
                 return
-            path = self.child_path(key)
-            drop = self.mode is FarmMode.RESET or (key in self._created and
-                                                   key not in self._written)
-            if not drop:
-                self._touch(path)
+            unwritten = key in self._created and key not in self._written
+            if self.mode is FarmMode.RESET and not unwritten and isid is not None and \
+                    self._last_isid.get(name) == isid:
+                # Kept for the session's recovery (see admit).
+                self._retained[(name, isid)] = (key, self._clock())
+                self._touch(self.child_path(key))
                 return
-            if not self._close_child(key):
-                return  # a view is still exported: kept, harmless
-            self._remove(path)
-            self._created.discard(key)
-            self._written.discard(key)
-            self._paths.pop(key, None)
+            if self.mode is FarmMode.RESET or unwritten:
+                self._drop(key)
+            else:
+                self._touch(self.child_path(key))
+
+    def _drop(self, key: str) -> None:
+        """Delete the overlay of ``key`` (unless a view of it is still
+        exported: then it stays, harmless)."""
+        if any(k == key for k, _n in self._live.values()) or not self._close_child(key):
+            return
+        self._remove(self.child_path(key))
+        self._created.discard(key)
+        self._written.discard(key)
+        self._paths.pop(key, None)
 
     def _touch(self, path: str) -> None:
         rec = self._read_record(path)

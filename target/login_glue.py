@@ -178,7 +178,7 @@ class _Policy:
             # the ACL passed: a limit refuses the login with "out of
             # resources" (RFC 7143 §11.13.5, 0x0302), not its first write.
             try:
-                self.overlay_key = rt.session_started(tsih, initiator_name)
+                self.overlay_key = rt.session_started(tsih, initiator_name, isid)
                 self.admitted = (rt, tsih)
             except OutOfResources as exc:
                 self.server.sessions.release_tsih(tsih)

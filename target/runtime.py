@@ -53,12 +53,14 @@ class TargetRuntime:
         b = self.backends.get(0)
         return b if isinstance(b, FarmBackend) else None
 
-    def session_started(self, tsih: int, initiator_name: str) -> str | None:
-        """A leading login of ``initiator_name`` is about to become session
-        ``tsih``: a boot farm makes (or picks) its overlay and returns the
-        key the session's commands use (raises FarmRefused at a limit)."""
+    def session_started(self, tsih: int, initiator_name: str, isid: int | None = None
+                        ) -> str | None:
+        """A leading login of ``initiator_name`` (ISID ``isid``) is about to
+        become session ``tsih``: a boot farm makes (or picks) its overlay
+        and returns the key the session's commands use (raises FarmRefused
+        at a limit)."""
         farm = self.farm
-        return None if farm is None else farm.admit(initiator_name, tsih)
+        return None if farm is None else farm.admit(initiator_name, tsih, isid)
 
     def session_ended(self, tsih: int) -> None:
         """Session ``tsih`` ended (a boot farm drops overlays never written)."""

@@ -23,6 +23,7 @@ from iscsi.constants import LoginStatus
 from initiator.blockdev import BlockDevice
 from initiator.errors import LoginRefused
 from initiator.options import SessionOptions
+from target.backends.modes import initiator_scope
 from target.backends.registry import create_image, open_image
 from target.config import ChapConfig, FarmSpec, PortalGroup, ServerConfig, TargetSpec, load_config
 from target.control import RemoteError, request
@@ -404,3 +405,51 @@ def test_reload_never_reopens_a_farm_as_a_plain_lun(tmp_path: Path, golden: str)
         assert any("boot farm settings changed" in r for r in report.restart)
         assert t.server.targets[NAME].farm is not None
         assert _run(t, INI[0]) == _marker(0)
+
+
+def test_reset_mode_keeps_the_overlay_for_a_session_recovery(tmp_path: Path,
+                                                             golden: str) -> None:
+    """A reset farm gives a new session a fresh overlay -- but not a session
+    recovered after its connection dropped (same ISID, as open-iscsi logs
+    in again): that machine's disk must not revert under it. A login with
+    another ISID in between is a new boot (iPXE's ISID is random)."""
+    linux_isid, ipxe_isid = 0x00023D000001, 0x40002723CD7E
+
+    async def session(isid: int, write: bytes | None = None) -> bytes:
+        opts = SessionOptions(initiator_name=INI[0], nop_interval=None, isid=isid)
+        dev = await BlockDevice.open(t.url(), opts)
+        try:
+            if write is not None:
+                await dev.write(0, write)
+                await dev.flush()
+            return await dev.read(0, 4096)
+        finally:
+            await dev.close()
+
+    def run(isid: int, write: bytes | None = None) -> bytes:
+        data = asyncio.run(session(isid, write))
+        until(lambda: t.call(lambda: len(t.server.sessions)) == 0)
+        return data
+
+    with running_target(_config(golden, tmp_path / "state", mode="reset")) as t:
+        assert run(linux_isid, _marker(0)) == _marker(0)
+        assert run(linux_isid) == _marker(0)  # the same session recovered
+        assert run(ipxe_isid) == b"\x42" * 4096  # a reboot: iPXE logs in first
+        assert run(linux_isid) == b"\x42" * 4096  # ... then Linux: a fresh disk
+
+
+def test_reset_overlays_kept_for_recovery_expire(tmp_path: Path, golden: str) -> None:
+    from target.farm import RESET_RETAIN, FarmBackend
+
+    now = [0.0]
+    with FarmBackend(golden, str(tmp_path / "st"), mode="reset", clock=lambda: now[0]) as farm:
+        key = farm.admit(INI[0], 1, 7)
+        with initiator_scope(key):
+            farm.write(0, _marker(0))
+        farm.release(1)
+        assert len(farm.overlays()) == 1  # kept for a recovery
+        now[0] += RESET_RETAIN
+        farm.admit(INI[1], 2, 8)  # any login prunes what is past its time
+        assert [o.initiator for o in farm.list_overlays()] == [INI[1]]
+        farm.release(2)  # never written: not kept
+        assert farm.overlays() == []
