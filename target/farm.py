@@ -334,8 +334,10 @@ class FarmBackend(PerInitiatorBackend):
         return entry[0] if entry is not None else None
 
     def release(self, tsih: int) -> None:
-        """Session ``tsih`` ended: its overlay is deleted when it was never
-        written (or in reset mode), once no other session uses it."""
+        """Session ``tsih`` ended: once no other session uses its overlay,
+        the overlay is deleted when it was never written; in reset mode a
+        written one is kept :data:`RESET_RETAIN` seconds for the session's
+        recovery, then deleted."""
         with self._farm_lock:
             entry = self._live.pop(tsih, None)
             isid = self._isids.pop(tsih, None)
