@@ -15,6 +15,7 @@ target over its control socket (:mod:`target.control`)::
     iscsi-target alua TAG STATE [--target IQN]  ALUA state of a portal group
     iscsi-target reload                        apply the config file's changes (= SIGHUP)
     iscsi-target saveconfig [FILE]             the running state as TOML
+    iscsi-target farm list|reset|delete|commit|switch   a boot farm's overlays (farm_admin.py)
 
 Each takes ``--control PATH`` (or ``--state-dir DIR``) to find the target,
 and ``--json`` for machine-readable output. Failures are one line on
@@ -29,11 +30,12 @@ import os
 import sys
 from typing import Any
 
+from . import farm_admin
 from .control import ControlError, RemoteError, default_control_path, request
 
 #: The subcommands this module handles.
 COMMANDS = ("show", "sessions", "kick", "lun", "target", "acl", "chap", "resize", "media",
-            "alua", "reload", "saveconfig")
+            "alua", "reload", "saveconfig", "farm")
 
 
 def add_subparsers(sub: Any) -> None:
@@ -118,6 +120,7 @@ def add_subparsers(sub: Any) -> None:
     cmd("reload", "apply the configuration file's changes (as SIGHUP does)")
     s = cmd("saveconfig", "write the running configuration as TOML (stdout without FILE)")
     s.add_argument("file", metavar="FILE", nargs="?")
+    farm_admin.add_subparser(sub, common)
 
 
 class _Usage(Exception):
@@ -129,6 +132,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     c = args.command
     if c in ("show", "sessions", "reload"):
         return c, {}
+    if c == "farm":
+        return farm_admin.farm_request(args)
     if c == "kick":
         if args.tsih is None and args.initiator is None:
             raise _Usage("kick: give a TSIH or --initiator IQN")
@@ -215,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
         if op == "reload" and result["error"]:
             print(f"iscsi-target: error: {result['error']}", file=sys.stderr)
             return 1
-        print(render(op, result))
+        print(farm_admin.render_farm(op, result) if op.startswith("farm_") else
+              render(op, result))
     if op == "reload" and (result["error"] or result["failed"]):
         return 1
     return 0

@@ -27,7 +27,7 @@ from typing import Any
 
 from iscsi.names import InvalidName, generate_iqn, normalize_name
 
-from . import admin_cli, image_cli
+from . import admin_cli, farm_admin, image_cli
 from .config import (
     ChapConfig,
     ConfigError,
@@ -82,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--chap", args.chap), ("--mutual-chap", args.mutual_chap),
             ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
             ("--mode", args.mode != "normal"), ("--removable", args.removable),
-            ("--physical-block-size", args.physical_block_size)) if given]
+            ("--physical-block-size", args.physical_block_size),
+            ("--boot-farm", getattr(args, "boot_farm", None))) if given]
         if ignored:
             # Never silently ignored: the file says how the targets look.
             raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
@@ -105,13 +106,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.nop_interval is not None:
             config = dataclasses.replace(config, nop_interval=args.nop_interval)
         return config
-    if not args.images:
+    farm = None
+    if getattr(args, "boot_farm", None):
+        if args.images:
+            raise CLIError("give either image files or --boot-farm GOLDEN, not both")
+        if args.mode != "normal" or args.read_only:
+            raise CLIError("--mode/--read-only do not apply to --boot-farm (each machine "
+                           "writes its own overlay; the golden image is never written)")
+        farm = farm_admin.farm_spec_from_args(args)
+    elif not args.images:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
     try:
         physical_block_exponent(args.block_size, args.physical_block_size)
     except ValueError as exc:
         raise CLIError(f"--physical-block-size {exc}") from None
-    luns = []
+    luns = [] if farm is None else [farm_admin.farm_lun(farm)]
     for i, path in enumerate(args.images):
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
@@ -122,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             block_size=args.block_size, write_cache=not args.write_through,
                             mode=args.mode, removable=args.removable,
                             physical_block_size=args.physical_block_size))
-    label = os.path.splitext(os.path.basename(args.images[0]))[0]
+    label = os.path.splitext(os.path.basename(farm.golden if farm else args.images[0]))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
     except (InvalidName, ValueError) as exc:
@@ -137,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             check_chap(chap_cfg)  # the rules the TOML path applies (RFC 7143 §12.1.3)
         except ConfigError as exc:
             raise CLIError(f"--chap/--mutual-chap: {exc}") from None
-    spec = TargetSpec(name=name, luns=tuple(luns), chap=chap_cfg)
+    spec = TargetSpec(name=name, luns=tuple(luns), chap=chap_cfg, farm=farm)
     return ServerConfig(
         targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
         nop_interval=30.0 if args.nop_interval is None else args.nop_interval,
@@ -246,7 +255,8 @@ def _install_uvloop() -> None:
 
 
 def run_server(config: ServerConfig, control: str | None = None,
-               control_required: bool = False, metrics: str | None = None) -> int:
+               control_required: bool = False, metrics: str | None = None,
+               boot_script: str | None = None, boot_host: str | None = None) -> int:
     """Open, serve until a signal, print attach help once listening.
     ``control`` is the control socket's path (None: none)."""
     from target.backends.base import BackendError
@@ -269,7 +279,20 @@ def run_server(config: ServerConfig, control: str | None = None,
         # Once it serves (an error before that stays the only line).
         for line in open_access_warnings(config):
             print(line, file=sys.stderr, flush=True)
-        print(attach_help(server), flush=True)
+        text = attach_help(server)
+        if any(t.farm is not None for t in config.targets):
+            farm = farm_admin.boot_help(server, boot_host)
+            if boot_script is not None:
+                script = server.farm_boot(host=boot_host, show_secrets=True)["ipxe"]
+                try:
+                    farm_admin.write_boot_script(boot_script, script)
+                except OSError as exc:
+                    raise CLIError(f"--boot-script {boot_script}: {exc.strerror}") from None
+                farm += f"iPXE script written to {boot_script}\n"
+            # Before the closing "Press Ctrl-C" line, which scripts wait for.
+            head, _, last = text.rpartition("\n")
+            text = f"{head}\n{farm}{last}"
+        print(text, flush=True)
 
     try:
         return asyncio.run(serve(config, ready=ready, control=control,
@@ -413,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
                         "(needs the metrics extra: prometheus_client); overrides "
                         "[server] metrics")
+    farm_admin.add_serve_arguments(p)
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")
@@ -449,13 +473,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_server(config_from_args(ns), default_control_path())
         config = observability(args, config_from_args(args))
+        farm_admin.check_boot_flags(args, sum(t.farm is not None for t in config.targets))
         # After the config file: it may say where and how to log.
         setup_logging(args.verbose, fmt=config.log_format, path=config.log_file,
                       what="--log-file" if args.log_file else
                       f"{config.source}: server.log_file")
         if config.metrics is not None:
             _check_metrics(config.metrics)
-        return run_server(config, *_control_of(args, config), metrics=config.metrics)
+        return run_server(config, *_control_of(args, config), metrics=config.metrics,
+                          boot_script=args.boot_script, boot_host=args.boot_host)
     except (CLIError, ConfigError, LogSetupError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)
         return 2

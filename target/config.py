@@ -88,6 +88,20 @@ class LunSpec:
 
 
 @dataclass(frozen=True)
+class FarmSpec:
+    """A boot farm (target/farm.py): the golden image every initiator boots,
+    each through its own copy-on-write overlay."""
+
+    golden: str
+    #: "persistent" (overlay kept per initiator name) or "reset" (fresh
+    #: at each new session).
+    mode: str = "persistent"
+    max_overlays: int = 64
+    #: Bytes an overlay may hold (None: unbounded).
+    max_overlay_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class PortalGroup:
     """A target portal group: a tag and its listening portals. For SCSI it
     is also a target port group (ALUA, SPC-4 §5.15) of every target served
@@ -116,6 +130,8 @@ class TargetSpec:
     allow: tuple[str, ...] = ()
     chap: ChapConfig | None = None
     limits: Limits = field(default_factory=Limits)
+    #: Set when the target is a boot farm (its LUN 0 serves ``farm.golden``).
+    farm: FarmSpec | None = None
 
     def allows(self, initiator_name: str) -> bool:
         """ACL check: no names listed means every initiator may log in."""
@@ -472,7 +488,8 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         w = f"target[{i}]."
         if not isinstance(t, dict):
             raise r.fail(w[:-1], "must be a table")
-        r.check_keys(t, {"name", "alias", "portal_groups", "allow", "chap", "limits", "lun"}, w)
+        r.check_keys(t, {"name", "alias", "portal_groups", "allow", "chap", "limits", "lun",
+                         "farm"}, w)
         name = r.get(t, "name", w, str, None)
         if name is None:
             raise r.fail(f"{w}name", "missing (an iqn./eui./naa. name)")
@@ -496,6 +513,11 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
                 raise r.fail(f"{w}allow[{j}]", str(exc)) from None
         limits_t = r.get(t, "limits", w, dict, {}, "a table")
         luns_t = r.get(t, "lun", w, list, [], "an array of [[target.lun]] tables")
+        farm = None
+        if "farm" in t:
+            from .farm_admin import farm_from_table
+
+            farm, luns_t = farm_from_table(t["farm"], luns_t, f"{w}farm", r.fail, base)
         if not luns_t:
             raise r.fail(f"{w}lun", "no [[target.lun]] defined (at least one is needed)")
         luns = tuple(_lun(r, lt, f"{w}lun[{j}]", j, base) for j, lt in enumerate(luns_t))
@@ -507,7 +529,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         targets.append(TargetSpec(
             name=name, luns=luns, alias=r.get(t, "alias", w, str, None), portal_groups=pgs,
             allow=tuple(allow), chap=_chap(r, t.get("chap"), f"{w}chap"),
-            limits=_limits(r, limits_t, f"{w}limits."),
+            limits=_limits(r, limits_t, f"{w}limits."), farm=farm,
         ))
     bw: dict[str, int | None] = {}
     for i, g in enumerate(r.get(doc, "bandwidth_group", "", list, [], "an array of tables")):

@@ -75,6 +75,10 @@ def _target(t: TargetSpec, all_groups: tuple[int, ...]) -> list[str]:
               if getattr(t.limits, f.name) != getattr(_DEFAULT_LIMITS, f.name)]
     if limits:
         out.append("limits = { " + ", ".join(limits) + " }")
+    if t.farm is not None:
+        from .farm_admin import farm_toml
+
+        return out + farm_toml(t.farm)
     for lun in sorted(t.luns, key=lambda s: s.lun):
         out.extend(_lun(lun))
     return out

@@ -376,7 +376,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         # done here, with no coroutine; one that waits is stepped without a
         # Task (target/inline.py).
         try:
-            result = sess.target.run_command_now(sess.get_nexus(), sess.initiator_name, task)
+            result = sess.target.run_command_now(sess.get_nexus(),
+                                                  sess.overlay_key or sess.initiator_name, task)
         except Exception as exc:  # noqa: BLE001 - answered, never lost
             self._done(task, started, None, exc)
             return

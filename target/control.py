@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from target.backends.base import BackendError
 
 from .admin import AdminError
+from .farm_admin import FARM_OPS
 from .config import ChapConfig, ConfigError, TargetSpec, lun_from_dict, parse_size
 
 if TYPE_CHECKING:
@@ -294,6 +295,7 @@ _OPS: dict[str, Callable[[TargetServer, dict[str, Any]], Any]] = {
     "reload": lambda s, r: s.reload().as_dict(),
     "saveconfig": _saveconfig,
 }
+_OPS.update(FARM_OPS)
 
 
 # ------------------------------------------------------------------- client

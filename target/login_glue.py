@@ -19,6 +19,8 @@ from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
 from iscsi.login import LoginTarget, TargetAuth, TargetLogin
 from iscsi.pdu import LoginRequest, LoginResponse
+from target.backends.base import OutOfResources
+from target.farm import FarmBusy
 
 from .config import ChapConfig, Limits, ServerConfig, TargetSpec
 from iscsi.ffp.window import CmdSNWindow
@@ -115,6 +117,10 @@ class _Policy:
         # out of a reference cycle, so a connection that closes mid-login is
         # freed by reference counting alone.
         self._login: weakref.ref[TargetLogin] | None = None
+        #: The boot farm overlay the new session uses (allocate_tsih), and
+        #: the farm that admitted it until the session exists.
+        self.overlay_key: str | None = None
+        self.admitted: tuple[TargetRuntime, int] | None = None
 
     @property
     def login(self) -> TargetLogin | None:
@@ -165,7 +171,22 @@ class _Policy:
 
     def allocate_tsih(self, isid: int, initiator_name: str,
                       target_name: str | None = None) -> int:
-        return self.server.allocate_tsih()
+        tsih = self.server.allocate_tsih()
+        rt = self.server.targets.get(target_name) if target_name else None
+        if rt is not None and rt.farm is not None:
+            # A boot farm makes the machine's overlay now, after CHAP and
+            # the ACL passed: a limit refuses the login with "out of
+            # resources" (RFC 7143 §11.13.5, 0x0302), not its first write.
+            try:
+                self.overlay_key = rt.session_started(tsih, initiator_name, isid)
+                self.admitted = (rt, tsih)
+            except OutOfResources as exc:
+                self.server.sessions.release_tsih(tsih)
+                raise LoginError(f"boot farm: {exc}", LoginStatus.OUT_OF_RESOURCES) from None
+            except FarmBusy as exc:
+                self.server.sessions.release_tsih(tsih)
+                raise LoginError(f"boot farm: {exc}", LoginStatus.SERVICE_UNAVAILABLE) from None
+        return tsih
 
 
 def make_target_login(server: LoginServer, conn: TargetConnection) -> TargetLogin:
@@ -185,6 +206,7 @@ def handle_login(server: LoginServer, conn: TargetConnection, req: LoginRequest)
     conn.send(resp)
     if login.failed_status is not None:
         _log_refusal(conn, login, resp)
+        abandon_login(login)
         conn.close()
         return
     if login.complete:
@@ -203,6 +225,18 @@ def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse
                        "status": f"0x{status.value:04x}", "address": conn.peer,
                        "initiator": login.initiator_name, "target": login.target_name,
                        "detail": login.failure_reason})
+
+
+def abandon_login(login: TargetLogin) -> None:
+    """A login that a boot farm admitted ended without a session (it
+    failed after allocating the TSIH, or its connection went away): the
+    farm forgets it, so its overlay is not held for a session that never
+    existed."""
+    policy = login.policy
+    if isinstance(policy, _Policy) and policy.admitted is not None:
+        rt, tsih = policy.admitted
+        policy.admitted = None
+        rt.session_ended(tsih)
 
 
 def reject_login(server: LoginServer, conn: TargetConnection, exc: ProtocolError) -> None:
@@ -243,6 +277,10 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
             portal_group_tag=conn.portal_group_tag,
             window=CmdSNWindow(req.cmdsn, rt.spec.limits.queue_depth if rt is not None else 8),
             params=params, target=rt)
+        policy = login.policy
+        if isinstance(policy, _Policy):
+            sess.overlay_key = policy.overlay_key
+            policy.admitted = None  # the session ends it from now on
         server.sessions.add(sess)
     else:
         # The login checked the session (same initiator port, target and

@@ -144,6 +144,13 @@ def _targets(server: TargetServer, fresh: ServerConfig, report: ReloadReport) ->
         if cur.chap != spec.chap:
             _try(report, partial(server.set_chap, name, spec.chap),
                  f"{name}: CHAP {'set' if spec.chap else 'cleared'} (next login)")
+        if cur.farm is not None or spec.farm is not None:
+            # A boot farm's LUN is its golden image and overlays: never
+            # reopened as a plain LUN (its overlays would be orphaned).
+            if cur.farm != spec.farm:
+                report.restart.append(f"{name}: boot farm settings changed (a new golden image "
+                                      "applies live with: iscsi-target farm switch)")
+            continue
         have = {ls.lun: ls for ls in cur.luns}
         want = {ls.lun: ls for ls in spec.luns}
         for lun in sorted(set(have) - set(want)):

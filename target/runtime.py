@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 from .config import ALUA_STATES, LunSpec, PortalGroup, TargetSpec, physical_block_exponent
 
+if TYPE_CHECKING:
+    from target.farm import FarmBackend
+
 log = logging.getLogger("aioiscsi.target")
 
 
@@ -44,6 +47,29 @@ class TargetRuntime:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def farm(self) -> FarmBackend | None:
+        """The boot farm LUN of this target (None: not a farm)."""
+        from target.farm import FarmBackend
+
+        b = self.backends.get(0)
+        return b if isinstance(b, FarmBackend) else None
+
+    def session_started(self, tsih: int, initiator_name: str, isid: int | None = None
+                        ) -> str | None:
+        """A leading login of ``initiator_name`` (ISID ``isid``) is about to
+        become session ``tsih``: a boot farm makes (or picks) its overlay
+        and returns the key the session's commands use (raises FarmRefused
+        at a limit)."""
+        farm = self.farm
+        return None if farm is None else farm.admit(initiator_name, tsih, isid)
+
+    def session_ended(self, tsih: int) -> None:
+        """Session ``tsih`` ended (a boot farm drops overlays never written)."""
+        farm = self.farm
+        if farm is not None:
+            farm.release(tsih)
 
     def run_command_now(self, nexus: Nexus, initiator_name: str, task: Task
                         ) -> CommandResult | Awaitable[CommandResult]:
@@ -203,7 +229,15 @@ def build_target(spec: TargetSpec, state_dir: str | None,
         for ls in spec.luns:
             lun_state = os.path.join(state_dir, _safe(spec.name), str(ls.lun)) if state_dir \
                 else None
-            backend = open_lun(ls, lun_state)
+            backend: Backend
+            if spec.farm is not None and ls.lun == 0:
+                from target.farm import FarmBackend
+
+                backend = FarmBackend(spec.farm.golden, lun_state, mode=spec.farm.mode,
+                                      max_overlays=spec.farm.max_overlays,
+                                      max_overlay_bytes=spec.farm.max_overlay_bytes)
+            else:
+                backend = open_lun(ls, lun_state)
             if ls.bandwidth_group is not None and bandwidth is not None:
                 backend = ThrottledBackend(backend, bandwidth.get(ls.bandwidth_group))
                 throttles[ls.lun] = backend.throttle

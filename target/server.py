@@ -31,11 +31,12 @@ from target.scsi.sanitize import DETACHED_ON_ABORT
 from target.scsi.types import Nexus
 
 from .admin import Administration
+from .farm_admin import FarmAdministration
 from .config import ServerConfig, TargetSpec
 from .config_toml import dump_config
 from .connection import TargetConnection
 from .control import ControlError, ControlServer
-from .login_glue import handle_login, make_target_login, reject_login
+from .login_glue import abandon_login, handle_login, make_target_login, reject_login
 from .media import MediaWatcher, open_medium
 from .reload import ReloadReport, reload_server
 from .runtime import TargetRuntime, build_target
@@ -51,7 +52,7 @@ INFLIGHT_WAIT = 30.0
 TRIM_EVERY = 256
 
 
-class TargetServer(Administration):
+class TargetServer(Administration, FarmAdministration):
     """Serves the targets of a :class:`ServerConfig` on its portals.
 
     ``control`` is the path of a control socket to open on :meth:`start`
@@ -60,7 +61,10 @@ class TargetServer(Administration):
     TargetServer(config) as server:`` to start and stop it. The live
     administration methods (:meth:`show`, :meth:`kick`, :meth:`add_lun`,
     :meth:`remove_lun`, :meth:`resize_lun`, :meth:`add_target`, ...) come
-    from :class:`target.admin.Administration`.
+    from :class:`target.admin.Administration`; a boot farm's
+    (:meth:`farm_list`, :meth:`farm_reset`, :meth:`farm_delete`,
+    :meth:`farm_commit`, :meth:`farm_switch`, :meth:`farm_boot`) from
+    :class:`target.farm_admin.FarmAdministration`.
     """
 
     def __init__(self, config: ServerConfig, *, control: str | None = None) -> None:
@@ -293,6 +297,7 @@ class TargetServer(Administration):
         After a burst of closes the freed heap goes back to the system."""
         login = self._logins.pop(conn, None)
         if login is not None and conn.session is None:
+            abandon_login(login)
             # A login that never reached the state machine's verdict: it
             # ran out of time, or the initiator walked away (connection.py
             # logs how far it got). Counted for the metrics.

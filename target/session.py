@@ -113,6 +113,9 @@ class Session:
     counters: dict[int, IOCounters] = field(default_factory=dict)
     #: time.monotonic() at login, for the session's age when it ends.
     started: float = field(default_factory=time.monotonic)
+    #: The differencing image its commands use on a boot farm (target/farm.py;
+    #: None: keyed by the initiator name, as multiattach LUNs are).
+    overlay_key: str | None = None
 
     @property
     def initiator_port(self) -> str:
@@ -225,6 +228,8 @@ class SessionTable:
         self._by_tsih.pop(sess.tsih, None)
         if sess.target is not None and not sess.discovery and sess.nexus is not None:
             sess.target.scsi.nexus_lost(sess.nexus)
+        if sess.target is not None and not sess.discovery:
+            sess.target.session_ended(sess.tsih)
         log_session_end(sess, cause, reason, peers)
         return True
 
