@@ -271,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
                        help="NBD listen address (e.g. unix:/run/lun1.sock or 127.0.0.1:10809)")
     where.add_argument("--fuse", metavar="MOUNTPOINT",
-                       help="show the LUN as the file MOUNTPOINT/lun (needs pyfuse3)")
+                       help="show the LUN as the file MOUNTPOINT/vhdd and each partition as "
+                       "MOUNTPOINT/vol0, vol1... (needs pyfuse3)")
     a.add_argument("--name", default=None,
-                   help="NBD export name (default: empty) or FUSE file name (default: lun)")
+                   help="NBD export name (default: empty) or the FUSE whole-disk file name "
+                   "(default: vhdd)")
     a.add_argument("--read-only", action="store_true")
     a.add_argument("--control", metavar="PATH",
                    help="control socket 'detach' talks to (default: in $XDG_RUNTIME_DIR/"

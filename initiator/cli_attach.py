@@ -157,10 +157,12 @@ async def cmd_attach(args: argparse.Namespace) -> int:
 
     where = args.nbd if args.nbd is not None else args.fuse
     if args.fuse is not None:
-        # Before logging in: a missing optional extra is one line, at once.
-        from .fuse import load_pyfuse3
+        # Before logging in: a missing optional extra or an unusable
+        # mountpoint is one line, at once.
+        from .fuse import check_mountpoint, load_pyfuse3
 
         load_pyfuse3()
+        check_mountpoint(args.fuse)
     path = args.control or control_path(export_key(nbd=args.nbd, fuse=args.fuse))
     opts = with_creds(args.url, session_options(args))
     # An attach stays up for hours: idle NOP-Out pings (RFC 7143 §11.18)
@@ -224,8 +226,9 @@ async def cmd_attach(args: argparse.Namespace) -> int:
         else:
             from .fuse import serve_fuse_until
 
-            await serve_fuse_until(dev, args.fuse, stop, name=args.name or "lun",
-                                   read_only=args.read_only, ready=ready)
+            # vboximg-mount's names: vhdd for the disk, vol0... per partition.
+            await serve_fuse_until(dev, args.fuse, stop, name=args.name or "vhdd",
+                                   read_only=args.read_only, ready=ready, partitions=True)
     except BaseException as exc:  # noqa: BLE001 -- reported to detach, then re-raised
         error = exc
     for sig in (signal.SIGINT, signal.SIGTERM):
