@@ -125,6 +125,11 @@ def find_layer(image: str, layer: str) -> str:
             if os.path.exists(entry["filename"]) and os.path.samefile(entry["filename"], layer):
                 return str(entry["filename"])
         raise BackendError(f"--at {layer}: this file is not part of the chain of {image}")
+    # A file name as the chain stores it (backing names are often bare
+    # names beside the child), when it names exactly one layer.
+    named = [e for e in chain if os.path.basename(e["filename"]) == layer]
+    if len(named) == 1:
+        return str(named[0]["filename"])
     for entry in chain:
         if entry["uuid"] and _norm_uuid(entry["uuid"]) == _norm_uuid(layer):
             return str(entry["filename"])
