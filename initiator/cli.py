@@ -273,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--fuse", metavar="MOUNTPOINT",
                        help="show the LUN as the file MOUNTPOINT/vhdd and each partition as "
                        "MOUNTPOINT/vol0, vol1... (needs pyfuse3)")
+    where.add_argument("--list", action="store_true",
+                       help="print the LUN's partition table (the --fuse nodes) and exit")
+    a.add_argument("--json", action="store_true", help="with --list: print JSON")
     a.add_argument("--name", default=None,
                    help="NBD export name (default: empty) or the FUSE whole-disk file name "
                    "(default: vhdd)")

@@ -152,9 +152,37 @@ class _Control:
             os.unlink(self.path)
 
 
+async def _list_partitions(args: argparse.Namespace) -> int:
+    """``attach URL --list``: the partition table --fuse would show."""
+    import json
+
+    from .fuse import read_partition_table
+    from .nbd_export import BlockDeviceExport
+
+    opts = with_creds(args.url, session_options(args))
+    dev = await BlockDevice.open(args.url, opts)
+    try:
+        table = await read_partition_table(BlockDeviceExport(dev, read_only=True))
+    finally:
+        await dev.close()
+    if args.json:
+        print(json.dumps({"url": _public_url(args.url), "size": dev.size,
+                          "block-size": dev.block_size,
+                          "partition-table": table.as_dict()}, indent=2))
+    else:
+        print(f"{_public_url(args.url)}: {dev.size} bytes, {dev.block_size}-byte blocks")
+        for line in table.describe():
+            print(line)
+    return 0
+
+
 async def cmd_attach(args: argparse.Namespace) -> int:
     import signal
 
+    if args.list:
+        return await _list_partitions(args)
+    if args.json:
+        raise ValueError("--json goes with --list")
     where = args.nbd if args.nbd is not None else args.fuse
     if args.fuse is not None:
         # Before logging in: a missing optional extra or an unusable

@@ -434,11 +434,18 @@ def test_attach_fuse_over_iscsi_shows_vol_nodes(gpt: tuple[Path, list[tuple[int,
                                                 tmp_path: Path) -> None:
     image, ranges = gpt
     target, port = _serve(image)
+    url = f"iscsi://127.0.0.1:{port}/{IQN}/0"
     try:
+        listed = _run(INITIATOR, "attach", url, "--list")
+        assert f"{url}: {64 * MiB} bytes, 512-byte blocks" in listed
+        assert "Partition table: GPT" in listed and "vol1" in listed
+        doc = json.loads(_run(INITIATOR, "attach", url, "--list", "--json"))
+        assert [(p["node"], p["start"], p["size"]) for p in doc["partition-table"]["partitions"]] \
+            == [("vol0", *ranges[0]), ("vol1", *ranges[1])]
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         attach = subprocess.Popen(
-            [INITIATOR, "attach", f"iscsi://127.0.0.1:{port}/{IQN}/0", "--fuse", str(mnt),
+            [INITIATOR, "attach", url, "--fuse", str(mnt),
              "--control", str(tmp_path / "ctl.sock")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         with _stopped_by_sigterm(attach, mnt):
