@@ -216,6 +216,19 @@ class FuseExport:
         if self._thread is not None:
             await asyncio.wrap_future(self._stopped)
 
+    async def wait_until(self, stop: Awaitable[object]) -> None:
+        """Return when ``stop`` completes or the mount goes away by itself
+        (``umount``/``fusermount3 -u`` by hand ends the FUSE loop)."""
+        # shield both: cancelling the waiters must not cancel the caller's
+        # ``stop`` nor _stopped, which the FUSE thread must still complete.
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.shield(stop), asyncio.shield(asyncio.wrap_future(self._stopped))]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -443,7 +456,7 @@ async def serve_fuse_until(device: BlockDevice, mountpoint: str, stop: Awaitable
     export = await serve_fuse(export_dev, mountpoint, name=name, read_only=read_only,
                               allow_other=allow_other, ready=ready, nodes=nodes)
     try:
-        await stop
+        await export.wait_until(stop)
     finally:
         export.close()
         await export.wait_closed()

@@ -247,7 +247,7 @@ async def _mount(image: str, args: argparse.Namespace, *, read_only: bool) -> in
                       "unmount with Ctrl-C or SIGTERM", file=sys.stderr, flush=True)
                 for w in table.warnings:
                     print(f"{PROG}: partition table: {w}", file=sys.stderr, flush=True)
-                await stop
+                await export.wait_until(stop)
             finally:
                 export.close()
                 await export.wait_closed()
