@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 from target.backends.base import Backend, BackendError, Extent
 from target.backends.locking import ImageOpenHere, force_share
+from target.image_mount import add_parser as add_mount_parser, run as run_mount
 from target.backends.registry import (
     resolve_backing,
     ImageBackend,
@@ -476,9 +477,6 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("-f", "--format", choices=fmts, help="child format (default: the parent's, or qcow2)")
     s.add_argument("-n", "--name", metavar="PATH", help="child file name")
     s.add_argument("path", metavar="PATH")
-
-    from target.image_mount import add_parser as add_mount_parser
-
     add_mount_parser(sub)
 
 
@@ -550,8 +548,6 @@ def _dispatch_command(args: argparse.Namespace, out: TextIO) -> int:
         out.write(snapshot(args.path, fmt=args.format, name=args.name) + "\n")
         return EXIT_OK
     if cmd == "mount":
-        from target.image_mount import run as run_mount
-
         return run_mount(args, out)
     raise CLIError(f"unknown image command {cmd!r}")  # pragma: no cover
 
