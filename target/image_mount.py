@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 from iscsi.partitions import PartitionTable, read_table
 from target.backends.base import Backend, BackendError, Buffer
+from target.backends.locking import force_share
 from target.backends.registry import ImageBackend, open_image
 
 __all__ = ["BackendDevice", "add_parser", "chain_of", "find_layer", "run"]
@@ -118,7 +119,10 @@ def find_layer(image: str, layer: str) -> str:
     """The file of ``image``'s chain that ``layer`` names: a path (compared
     as files, so any spelling of it works) or a UUID. One-line
     BackendError when no layer matches."""
-    with open_image(image, read_only=True) as top:
+    # Only the chain's headers are read here, so share (qemu-img -U): a layer
+    # under an image a VM is writing can be looked at; opening that layer
+    # afterwards takes its own lock, which only a writer of it refuses.
+    with force_share(), open_image(image, read_only=True) as top:
         chain = chain_of(top)
     if os.path.exists(layer):
         for entry in chain:

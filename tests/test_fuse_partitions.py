@@ -340,6 +340,16 @@ def test_chain_at_each_layer(tmp_path: Path) -> None:
                     os.open(mnt / "vhdd", os.O_RDWR)
     # The top's files were never written by any of this.
     _run(require_tool("qemu-img"), "check", "-q", str(top))
+    # While qemu writes the top, the layers under it (which it only reads)
+    # can still be looked at; the top itself cannot be mounted.
+    holder = _hold(top, "qcow2")
+    try:
+        assert "in use by another process" in _fails("image", "mount", "-r", str(top), str(mnt))
+        with image_mount(top, mnt, "--at", "mid.qcow2"):
+            assert _probe(mnt / "vhdd") == expect[str(mid)]
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 def test_list_prints_chain_and_table(tmp_path: Path) -> None:
@@ -386,6 +396,18 @@ def test_at_by_uuid_on_a_vdi_chain(tmp_path: Path) -> None:
         assert (mnt / "vhdd").read_bytes()[:4096] == b"\x66" * 4096
 
 
+def _hold(image: Path, fmt: str) -> subprocess.Popen[str]:
+    """qemu-io holding ``image`` open read-write (its locks taken once it
+    has answered a read); the caller kills it."""
+    holder = subprocess.Popen([require_tool("qemu-io"), "-f", fmt, str(image)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write("read 0 512\n")
+    holder.stdin.flush()
+    assert "read 512/512" in holder.stdout.readline()
+    return holder
+
+
 def _fails(*args: str, code: str | None = None) -> str:
     cmd = [TARGET, *args] if code is None else [sys.executable, "-c", code, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=ENV)
@@ -415,13 +437,8 @@ def test_clear_one_line_errors(gpt: tuple[Path, list[tuple[int, int]]], tmp_path
     assert "pyfuse3" in _fails("mount", str(image), str(empty), code=no_fuse)
     # Image locks: a writer elsewhere (qemu-io holding the image open) refuses
     # a read-write mount and a read-only one alike.
-    holder = subprocess.Popen([require_tool("qemu-io"), "-f", "raw", str(image)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _hold(image, "raw")
     try:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write("read 0 512\n")  # answered once qemu-io has the image open
-        holder.stdin.flush()
-        assert "read 512/512" in holder.stdout.readline()
         assert "in use by another process" in _fails("image", "mount", str(image), str(empty))
         assert "in use by another process" in _fails("image", "mount", "-r", str(image),
                                                      str(empty))
