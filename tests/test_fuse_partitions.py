@@ -11,7 +11,9 @@ mount is a subprocess stopped by SIGTERM, which must unmount cleanly.
 
 from __future__ import annotations
 
+import argparse
 import errno
+import io
 import json
 import os
 import random
@@ -21,7 +23,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -39,6 +42,28 @@ IQN = "iqn.2026-11.org.aioiscsi.test:fuseparts"
 ROOT = Path(__file__).resolve().parent.parent
 #: The console scripts run this checkout's code.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _image_cli(*argv: str) -> tuple[int, str, str]:
+    """``iscsi-target image ARGV`` run in this process (commands that mount
+    nothing: a process start per call would cost more than the work):
+    (exit status, stdout, stderr)."""
+    from target import image_cli
+
+    parser = argparse.ArgumentParser(prog="iscsi-target")
+    image_cli.add_subparser(parser.add_subparsers())
+    args = parser.parse_args(["image", *argv])
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stderr(err):
+        code = image_cli.run(args, out)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _image(*argv: str) -> str:
+    """stdout of a successful :func:`_image_cli`."""
+    code, out, err = _image_cli(*argv)
+    assert code == 0, err
+    return out
 
 
 def _run(*cmd: str, input: str | None = None) -> str:
@@ -62,12 +87,12 @@ def _read_until(proc: subprocess.Popen[str], needle: str, seconds: float = 60.0)
         left = deadline - time.monotonic()
         if left <= 0 or not sel.select(left):
             proc.kill()
-            pytest.fail(f"no {needle!r} from {proc.args} in {seconds} s: {seen!r}")
+            pytest.fail(f"no {needle!r} from {proc.args!r} in {seconds} s: {seen!r}")
         chunk = os.read(fd, 65536)
         if not chunk:
             err = proc.stderr.read() if proc.stderr else ""
             proc.wait(30)
-            pytest.fail(f"{proc.args} exited {proc.returncode}: {err}")
+            pytest.fail(f"{proc.args!r} exited {proc.returncode}: {err}")
         seen += chunk
     return seen.decode()
 
@@ -123,9 +148,9 @@ def _debugfs_cat(fs_file: Path | str, path: str) -> bytes:
     return proc.stdout
 
 
-def _sfdisk(image: Path) -> list[dict[str, int]]:
+def _sfdisk(image: Path) -> list[dict[str, Any]]:
     out = _run(require_tool("sfdisk"), "--json", str(image))
-    parts: list[dict[str, int]] = json.loads(out)["partitiontable"]["partitions"]
+    parts: list[dict[str, Any]] = json.loads(out)["partitiontable"]["partitions"]
     return parts
 
 
@@ -273,7 +298,7 @@ def test_mbr_with_extended_partition(tmp_path: Path) -> None:
             f.write(f"partition {i} here".encode())
     image = tmp_path / "mbr.qcow2"
     _run(require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image))
-    listed = _run(TARGET, "image", "mount", "--list", str(image))
+    listed = _image("mount", "--list", str(image))
     assert "Partition table: MBR (DOS)" in listed
     assert listed.count("\nvol") == 3 and "HPFS/NTFS/exFAT" in listed
     mnt = tmp_path / "mnt"
@@ -344,7 +369,7 @@ def test_chain_at_each_layer(tmp_path: Path) -> None:
     # can still be looked at; the top itself cannot be mounted.
     holder = _hold(top, "qcow2")
     try:
-        assert "in use by another process" in _fails("image", "mount", "-r", str(top), str(mnt))
+        assert "in use by another process" in _fails("mount", "-r", str(top), str(mnt))
         with image_mount(top, mnt, "--at", "mid.qcow2"):
             assert _probe(mnt / "vhdd") == expect[str(mid)]
     finally:
@@ -354,19 +379,19 @@ def test_chain_at_each_layer(tmp_path: Path) -> None:
 
 def test_list_prints_chain_and_table(tmp_path: Path) -> None:
     base, mid, top = _chain(tmp_path)
-    text = _run(TARGET, "image", "mount", "--list", str(top))
+    text = _image("mount", "--list", str(top))
     lines = text.splitlines()
     assert lines[0] == "Chain (top first):"
     assert lines[1] == f"  top: {top}" and f"  parent 1: {mid}" in lines and \
         f"  base: {base}" in lines
     assert "format: qcow2" in lines[2] and "virtual size: 8 MiB (8388608 bytes)" in lines[2]
     assert lines[-1] == "Partition table: no partition table, 512-byte sectors"
-    doc = json.loads(_run(TARGET, "image", "mount", "--list", "--json", str(top)))
+    doc = json.loads(_image("mount", "--list", "--json", str(top)))
     assert [(e["filename"], e["format"]) for e in doc["chain"]] == \
         [(str(top), "qcow2"), (str(mid), "qcow2"), (str(base), "raw")]
     assert doc["partition-table"]["scheme"] == "none"
     # --at narrows the chain to that layer and what is under it.
-    doc = json.loads(_run(TARGET, "image", "mount", "--list", "--json", "--at", str(mid),
+    doc = json.loads(_image("mount", "--list", "--json", "--at", str(mid),
                           str(top)))
     assert [e["filename"] for e in doc["chain"]] == [str(mid), str(base)]
 
@@ -376,9 +401,9 @@ def test_at_by_uuid_on_a_vdi_chain(tmp_path: Path) -> None:
     a read-write mount of it, the base by qemu-io."""
     _need_fuse()
     base = tmp_path / "base.vdi"
-    _run(TARGET, "image", "create", "-f", "vdi", str(base), "4M")
+    _image("create", "-f", "vdi", str(base), "4M")
     _qemu_io(base, "vdi", "write -P 0x55 0 4k")
-    child = Path(_run(TARGET, "image", "snapshot", str(base)).strip())
+    child = Path(_image("snapshot", str(base)).strip())
     mnt = tmp_path / "mnt"
     with image_mount(child, mnt):
         fd = os.open(mnt / "vhdd", os.O_WRONLY)
@@ -387,7 +412,7 @@ def test_at_by_uuid_on_a_vdi_chain(tmp_path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    doc = json.loads(_run(TARGET, "image", "mount", "--list", "--json", str(child)))
+    doc = json.loads(_image("mount", "--list", "--json", str(child)))
     base_uuid = doc["chain"][1]["uuid"]
     assert doc["chain"][0]["parent-uuid"] == base_uuid and doc["chain"][0]["format"] == "vdi"
     with image_mount(child, mnt, "--at", "{" + base_uuid.upper() + "}"):
@@ -408,39 +433,40 @@ def _hold(image: Path, fmt: str) -> subprocess.Popen[str]:
     return holder
 
 
-def _fails(*args: str, code: str | None = None) -> str:
-    cmd = [TARGET, *args] if code is None else [sys.executable, "-c", code, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=ENV)
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stdout == ""
-    return proc.stderr
+def _fails(*args: str) -> str:
+    """The one line on stderr of a failing ``iscsi-target image ARGS``."""
+    code, out, err = _image_cli(*args)
+    assert code == 1, (out, err)
+    assert err.count("\n") == 1 and err.startswith("iscsi-target image: error: "), err
+    assert out == ""
+    return err
 
 
-def test_clear_one_line_errors(gpt: tuple[Path, list[tuple[int, int]]], tmp_path: Path) -> None:
+def test_clear_one_line_errors(gpt: tuple[Path, list[tuple[int, int]]], tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     image, _ = gpt
-    err = _fails("image", "mount", str(image), str(tmp_path / "nowhere"))
+    err = _fails("mount", str(image), str(tmp_path / "nowhere"))
     assert "nowhere: mountpoint is not a directory" in err
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("x")
-    assert "mountpoint is not empty" in _fails("image", "mount", str(image), str(full))
+    assert "mountpoint is not empty" in _fails("mount", str(image), str(full))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "MOUNTPOINT is missing" in _fails("image", "mount", str(image))
-    assert "not part of the chain" in _fails("image", "mount", "--at", str(full / "x"),
+    assert "MOUNTPOINT is missing" in _fails("mount", str(image))
+    assert "not part of the chain" in _fails("mount", "--at", str(full / "x"),
                                              str(image), str(empty))
-    assert "no file of the chain" in _fails("image", "mount", "--at", "1234-5678", str(image),
+    assert "no file of the chain" in _fails("mount", "--at", "1234-5678", str(image),
                                             str(empty))
-    no_fuse = ("import sys; sys.modules['pyfuse3'] = None; from target.cli import main; "
-               "sys.exit(main(['image', *sys.argv[1:]]))")
-    assert "pyfuse3" in _fails("mount", str(image), str(empty), code=no_fuse)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "pyfuse3", None)  # makes the import fail
+        assert "needs pyfuse3: pip install" in _fails("mount", str(image), str(empty))
     # Image locks: a writer elsewhere (qemu-io holding the image open) refuses
     # a read-write mount and a read-only one alike.
     holder = _hold(image, "raw")
     try:
-        assert "in use by another process" in _fails("image", "mount", str(image), str(empty))
-        assert "in use by another process" in _fails("image", "mount", "-r", str(image),
+        assert "in use by another process" in _fails("mount", str(image), str(empty))
+        assert "in use by another process" in _fails("mount", "-r", str(image),
                                                      str(empty))
     finally:
         holder.kill()
@@ -457,16 +483,28 @@ def _serve(image: Path) -> tuple[subprocess.Popen[str], int]:
     return proc, port
 
 
+def _attach_list(url: str, *extra: str) -> str:
+    """``iscsi-initiator attach URL --list`` in this process: its stdout."""
+    from initiator.cli import build_parser
+    from initiator.session import run
+
+    args = build_parser().parse_args(["attach", url, "--list", *extra])
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert run(args.func(args)) == 0
+    return out.getvalue()
+
+
 def test_attach_fuse_over_iscsi_shows_vol_nodes(gpt: tuple[Path, list[tuple[int, int]]],
                                                 tmp_path: Path) -> None:
     image, ranges = gpt
     target, port = _serve(image)
     url = f"iscsi://127.0.0.1:{port}/{IQN}/0"
     try:
-        listed = _run(INITIATOR, "attach", url, "--list")
+        listed = _attach_list(url)
         assert f"{url}: {64 * MiB} bytes, 512-byte blocks" in listed
         assert "Partition table: GPT" in listed and "vol1" in listed
-        doc = json.loads(_run(INITIATOR, "attach", url, "--list", "--json"))
+        doc = json.loads(_attach_list(url, "--json"))
         assert [(p["node"], p["start"], p["size"]) for p in doc["partition-table"]["partitions"]] \
             == [("vol0", *ranges[0]), ("vol1", *ranges[1])]
         mnt = tmp_path / "mnt"
