@@ -271,9 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--nbd", metavar="unix:PATH|HOST:PORT",
                        help="NBD listen address (e.g. unix:/run/lun1.sock or 127.0.0.1:10809)")
     where.add_argument("--fuse", metavar="MOUNTPOINT",
-                       help="show the LUN as the file MOUNTPOINT/lun (needs pyfuse3)")
+                       help="show the LUN as the file MOUNTPOINT/vhdd and each partition as "
+                       "MOUNTPOINT/vol0, vol1... (needs pyfuse3)")
+    where.add_argument("--list", action="store_true",
+                       help="print the LUN's partition table (the --fuse nodes) and exit")
+    a.add_argument("--json", action="store_true", help="with --list: print JSON")
     a.add_argument("--name", default=None,
-                   help="NBD export name (default: empty) or FUSE file name (default: lun)")
+                   help="NBD export name (default: empty) or the FUSE whole-disk file name "
+                   "(default: vhdd)")
     a.add_argument("--read-only", action="store_true")
     a.add_argument("--multipath", choices=("auto", "on", "off"), default="auto",
                    help="use every portal of the target, I/O on the best ALUA path with "

@@ -17,7 +17,7 @@ from typing import Any
 
 from iscsi.names import parse_url
 
-from .blockdev import Device
+from .blockdev import BlockDevice
 from .multipath import open_device
 from .errors import InitiatorError
 from .scsi import LUN
@@ -153,15 +153,45 @@ class _Control:
             os.unlink(self.path)
 
 
+async def _list_partitions(args: argparse.Namespace) -> int:
+    """``attach URL --list``: the partition table --fuse would show."""
+    import json
+
+    from .fuse import read_partition_table
+    from .nbd_export import BlockDeviceExport
+
+    opts = with_creds(args.url, session_options(args))
+    dev = await BlockDevice.open(args.url, opts)
+    try:
+        table = await read_partition_table(BlockDeviceExport(dev, read_only=True))
+    finally:
+        await dev.close()
+    if args.json:
+        print(json.dumps({"url": _public_url(args.url), "size": dev.size,
+                          "block-size": dev.block_size,
+                          "partition-table": table.as_dict()}, indent=2))
+    else:
+        print(f"{_public_url(args.url)}: {dev.size} bytes, {dev.block_size}-byte blocks")
+        for line in table.describe():
+            print(line)
+    return 0
+
+
 async def cmd_attach(args: argparse.Namespace) -> int:
     import signal
 
+    if args.list:
+        return await _list_partitions(args)
+    if args.json:
+        raise ValueError("--json goes with --list")
     where = args.nbd if args.nbd is not None else args.fuse
     if args.fuse is not None:
-        # Before logging in: a missing optional extra is one line, at once.
-        from .fuse import load_pyfuse3
+        # Before logging in: a missing optional extra or an unusable
+        # mountpoint is one line, at once.
+        from .fuse import check_mountpoint, load_pyfuse3
 
         load_pyfuse3()
+        check_mountpoint(args.fuse)
     path = args.control or control_path(export_key(nbd=args.nbd, fuse=args.fuse))
     opts = with_creds(args.url, session_options(args))
     # An attach stays up for hours: idle NOP-Out pings (RFC 7143 §11.18)
@@ -226,8 +256,9 @@ async def cmd_attach(args: argparse.Namespace) -> int:
         else:
             from .fuse import serve_fuse_until
 
-            await serve_fuse_until(dev, args.fuse, stop, name=args.name or "lun",
-                                   read_only=args.read_only, ready=ready)
+            # vboximg-mount's names: vhdd for the disk, vol0... per partition.
+            await serve_fuse_until(dev, args.fuse, stop, name=args.name or "vhdd",
+                                   read_only=args.read_only, ready=ready, partitions=True)
     except BaseException as exc:  # noqa: BLE001 -- reported to detach, then re-raised
         error = exc
     for sig in (signal.SIGINT, signal.SIGTERM):

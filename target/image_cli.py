@@ -8,6 +8,7 @@ createmedium/clonemedium/mergemedium``)::
     iscsi-target image convert [-f FMT] -O FMT [-o K=V] [-p] SRC DST
     iscsi-target image commit [-p] CHILD
     iscsi-target image snapshot [-f FMT] [-n NAME] PATH
+    iscsi-target image mount [--read-only] [--at LAYER] [--list [--json]] IMAGE [MOUNTPOINT]
 
 Every failure is one line on stderr and a non-zero exit status. Long work
 (convert, commit) shows a progress bar on stderr when it is a terminal, or
@@ -28,6 +29,7 @@ from typing import Any, TextIO
 
 from target.backends.base import Backend, BackendError, Extent
 from target.backends.locking import ImageOpenHere, force_share
+from target.image_mount import add_parser as add_mount_parser, run as run_mount
 from target.backends.registry import (
     resolve_backing,
     ImageBackend,
@@ -475,6 +477,7 @@ def _fill_parser(p: argparse.ArgumentParser) -> None:
     s.add_argument("-f", "--format", choices=fmts, help="child format (default: the parent's, or qcow2)")
     s.add_argument("-n", "--name", metavar="PATH", help="child file name")
     s.add_argument("path", metavar="PATH")
+    add_mount_parser(sub)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -544,6 +547,8 @@ def _dispatch_command(args: argparse.Namespace, out: TextIO) -> int:
     if cmd == "snapshot":
         out.write(snapshot(args.path, fmt=args.format, name=args.name) + "\n")
         return EXIT_OK
+    if cmd == "mount":
+        return run_mount(args, out)
     raise CLIError(f"unknown image command {cmd!r}")  # pragma: no cover
 
 
