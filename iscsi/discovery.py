@@ -3,7 +3,7 @@
 The target side decides which targets a ``SendTargets=<value>`` asks for and
 formats the answer; the initiator side groups an answer into targets with all
 their portals. ``TargetAddress`` values are ``host[:port],tpgt`` with IPv6
-hosts in brackets (§13.9).
+hosts in brackets (§13.8).
 """
 
 from __future__ import annotations

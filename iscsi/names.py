@@ -4,7 +4,7 @@
   ``eui.`` + 16 hex digits, ``naa.`` + 16 or 32 hex digits. Names compare
   after the RFC 3722 stringprep profile (case folding, NFKC, prohibited
   characters), and are at most 223 bytes of UTF-8 (RFC 7143 §4.2.7.1).
-* Portals as in TargetAddress (RFC 7143 §13.9): ``host[:port][,tpgt]`` with
+* Portals as in TargetAddress (RFC 7143 §13.8): ``host[:port][,tpgt]`` with
   IPv6 literals in brackets.
 * URLs in libiscsi's form:
   ``iscsi://[user[%password]@]host[:port][/target-iqn[/lun]][?target_user=..&target_password=..]``.
@@ -48,7 +48,7 @@ __all__ = [
 
 # RFC 7143 §4.2.7.1: "iSCSI names ... MUST NOT be larger than 223 bytes".
 MAX_NAME_BYTES = 223
-# RFC 7143 §13.9 / IANA: the well-known iSCSI port.
+# RFC 7143 §13.8 / IANA: the well-known iSCSI port.
 DEFAULT_PORT = 3260
 # The largest LUN a URL may carry: 14 bits, what SAM-5 flat addressing encodes.
 MAX_URL_LUN = 0x3FFF
@@ -327,7 +327,7 @@ def _split_hostport(
             raise ValueError(f"{what}: unexpected {rest!r} after ']'")
         return _check_host(host, what), _check_port(rest[1:], what)
     if text.count(":") > 1:
-        # RFC 7143 §13.9 wants IPv6 in brackets; a portal may be a bare
+        # RFC 7143 §13.8 wants IPv6 in brackets; a portal may be a bare
         # address without port, which is unambiguous. URLs (RFC 3986 §3.2.2)
         # always need the brackets.
         try:
@@ -349,7 +349,7 @@ def _format_host(host: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Portal:
-    """A network portal (RFC 7143 §13.9 TargetAddress): host, port, and the
+    """A network portal (RFC 7143 §13.8 TargetAddress): host, port, and the
     target portal group tag when the text carried one."""
 
     host: str

@@ -323,7 +323,7 @@ class TargetServer(Administration, FarmAdministration):
 
     # ---------------------------------------------------------- discovery
     def portals_for(self, spec: TargetSpec, conn: TargetConnection) -> list[Portal]:
-        """Every portal of every portal group of ``spec`` (RFC 7143 §13.9);
+        """Every portal of every portal group of ``spec`` (RFC 7143 §13.8 TargetAddress);
         wildcard listeners report the address the initiator reached us on."""
         out: list[Portal] = []
         for tag, host, port in self.bound:
