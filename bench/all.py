@@ -19,6 +19,8 @@ shared machine; for an initiator row it is the initiator's CPU):
 * ``sessions``: 16 sessions with 8 in flight each against one session with
   32, our initiator on our target; the row also gives the smallest share
   of a session relative to the largest;
+* ``gateways``: two target processes serving one image (as ALUA gateways
+  do, ``shareable``) read at once, against one process;
 * ``initiator-*``: our initiator against ``iscsi-perf`` on the same tgtd.
 
 Nothing here asserts a speed: the test suite never times anything.
@@ -249,6 +251,34 @@ def session_rows(disk: Path, work: Path, seconds: float) -> list[Row]:
                 many_cpu, one_cpu, note=f"smallest/largest session share {share:.2f}")]
 
 
+def _perf_async(url: str, seconds: float, depth: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(["iscsi-perf", "-m", str(depth), "-t", str(int(seconds)), "-b", "8",
+                             "-r", url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _perf_result(proc: subprocess.Popen[str], seconds: float) -> float:
+    out, _ = proc.communicate(timeout=seconds + 60)
+    found = _AVG.findall(out)
+    if not found:
+        raise RuntimeError(f"iscsi-perf: no result: {out[-400:]}")
+    return float(found[-1][0])
+
+
+def gateway_rows(disk: Path, work: Path, seconds: float) -> list[Row]:
+    """Two target processes on one image (shareable, as gateways are) read
+    by two iscsi-perf at once, against one process read by one with the
+    same total in flight: how far more processes use more cores."""
+    with our_target(disk, work, "--mode", "shareable") as (url_a, _), \
+            our_target(disk, work, "--mode", "shareable") as (url_b, _):
+        procs = [_perf_async(u, seconds, 16) for u in (url_a, url_b)]
+        two = sum(_perf_result(p, seconds) for p in procs)
+    with our_target(disk, work) as (url, _):
+        one = _perf_result(_perf_async(url, seconds, 32), seconds)
+    return [Row("gateways-2-vs-1-4k-randread", "IOPS", two, one, "1 process",
+                note=f"{os.cpu_count()} CPUs; iscsi-perf runs on them too")]
+
+
 def initiator_rows(disk: Path, work: Path, seconds: float, size: int) -> list[Row]:
     rows = []
     with tgt_target(disk, work, size) as (url, _):
@@ -261,7 +291,7 @@ def initiator_rows(disk: Path, work: Path, seconds: float, size: int) -> list[Ro
     return rows
 
 
-SECTIONS = ("target", "digests", "formats", "sessions", "initiator")
+SECTIONS = ("target", "digests", "formats", "sessions", "gateways", "initiator")
 
 
 def main() -> int:
@@ -295,6 +325,8 @@ def main() -> int:
             rows += format_rows(work, args.seconds, size)
         if "sessions" in sections:
             rows += session_rows(disk, work, args.seconds)
+        if "gateways" in sections:
+            rows += gateway_rows(disk, work, args.seconds)
         if "initiator" in sections:
             rows += initiator_rows(disk, work, args.seconds, size)
     print(f"{os.uname().nodename}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, "
