@@ -157,8 +157,8 @@ def initiator_scope(name: str) -> Iterator[None]:
 
 # Formats whose images can be differencing children of an image of the same
 # format (the fallback when qcow2 is not available).
-_SAME_FORMAT_CHILDREN = ("vdi", "vhd", "vmdk", "qcow2")
-_EXT = {"qcow2": "qcow2", "vdi": "vdi", "vhd": "vhd", "vmdk": "vmdk"}
+_SAME_FORMAT_CHILDREN = ("vdi", "vhd", "vhdx", "vmdk", "qcow2")
+_EXT = {"qcow2": "qcow2", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx", "vmdk": "vmdk"}
 
 
 def child_format_for(base_format: str, wanted: str | None = None) -> str:
@@ -187,7 +187,7 @@ def create_overlay(base_path: str, child_path: str, *, base_format: str | None =
         bfmt = base.info().format
         size = base.size
     fmt = child_format_for(bfmt, child_format)
-    if fmt != "qcow2" and fmt != bfmt:
+    if fmt not in ("qcow2", "vhdx") and fmt != bfmt:
         raise BackendError(f"{child_path}: a {fmt} differencing image needs a {fmt} parent, "
                            f"{base_path} is {bfmt}")
     create_image(child_path, fmt, size, backing=base_abs, backing_format=bfmt)
