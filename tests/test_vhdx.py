@@ -228,7 +228,10 @@ def test_log_sequence_replayed_from_tail(tmp_path: Path) -> None:
     import uuid
 
     guid, other = uuid.uuid4(), uuid.uuid4()
-    page = lambda b: bytes([b]) * 4096  # noqa: E731
+
+    def page(b: int) -> bytes:
+        return bytes([b]) * 4096
+
     e1 = vhdx_log.build_entry(5, guid, [(4 * MiB, page(1))], tail=0, flushed_file_offset=0, last_file_offset=0)
     e2 = vhdx_log.build_entry(6, guid, [(4 * MiB, page(2)), (8 * MiB, page(3))], tail=0,
                               flushed_file_offset=0, last_file_offset=9 * MiB)
@@ -287,3 +290,55 @@ def test_probe_and_damage(tmp_path: Path) -> None:
         vhdx.create(str(tmp_path / "x.vhdx"), 4 * MiB, options={"block_size": "3M"})
     with pytest.raises(BackendError, match="unknown create option"):
         vhdx.create(str(tmp_path / "x.vhdx"), 4 * MiB, options={"cluster_size": "1M"})
+
+
+def _dirty_log(path: Path, pages: list[tuple[int, bytes]]) -> None:
+    """Leave a log entry of ``pages`` in the image the way a writer killed
+    between the log write and the in-place write would."""
+    import uuid
+
+    raws = [path.read_bytes()[at : at + 4096] for at in vhdx_format.HEADER_OFFSETS]
+    slot, hdr = vhdx_format.current_header(str(path), (raws[0], raws[1]))
+    guid = uuid.uuid4()
+    new = vhdx_format.Header(hdr.seq + 1, hdr.file_write, hdr.data_write, guid, hdr.log_length,
+                             hdr.log_offset)
+    size = path.stat().st_size
+    entry = vhdx_log.build_entry(1, guid, pages, tail=0, flushed_file_offset=size, last_file_offset=size)
+    with open(path, "r+b") as f:
+        f.seek(hdr.log_offset)
+        f.write(entry)
+        f.seek(vhdx_format.HEADER_OFFSETS[1 - slot])
+        f.write(new.pack())
+
+
+def test_log_rewriting_payload_replayed_read_write_only(tmp_path: Path) -> None:
+    """A log entry may rewrite payload data (Hyper-V's may): a read-only
+    open cannot overlay that and refuses with the fix; a read-write open
+    applies it."""
+    p = tmp_path / "p.vhdx"
+    vhdx.create(str(p), 4 * MiB, options={"block_size": "1M"})
+    with registry.open_image(str(p)) as img:
+        img.write(MiB, b"\x01" * 4096)
+        assert isinstance(img, vhdx.VhdxImage)
+        runs = list(img._runs(MiB, 4096))
+    host = runs[0].pos
+    _dirty_log(p, [(host, b"\x02" * 4096)])
+    with pytest.raises(BackendError, match="open it read-write to replay"):
+        registry.open_image(str(p), read_only=True)
+    with registry.open_image(str(p)) as img:
+        assert bytes(img.read(MiB, 4096)) == b"\x02" * 4096
+    qemu_check(p, "vhdx")
+
+
+def test_sector_size_mismatch_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from target.config import LunSpec
+    from target.runtime import _check_sector_size
+
+    p = tmp_path / "s.vhdx"
+    vhdx.create(str(p), 4 * MiB, options={"logical_sector_size": "4096"})
+    with registry.open_image(str(p), read_only=True) as img:
+        with caplog.at_level("WARNING"):
+            _check_sector_size(LunSpec(lun=0, path=str(p), block_size=4096), img)
+            assert not caplog.records
+            _check_sector_size(LunSpec(lun=0, path=str(p)), img)
+    assert "4096-byte logical sectors" in caplog.text and "block_size = 4096" in caplog.text

@@ -20,7 +20,7 @@ readonly       writes refused (SBC-3 DATA PROTECT)
 The differencing images are ordinary images of our formats created with
 :func:`registry.create_image` and a backing file: qcow2 by default (it can
 sit over any format), else the base's own format when that one has
-differencing images (VDI, VHD, VMDK). They live in the LUN's state
+differencing images (VDI, VHD, VHDX, VMDK). They live in the LUN's state
 directory.
 
 Multiattach needs to know, for each command, which initiator sent it. The
