@@ -384,13 +384,16 @@ class VhdxImage(MappedImage):
             raise MediumError(f"{self.path}: cannot grow the file: {e.strerror or e}") from None
         return off
 
-    def _set_bits(self, blk: int, within: int, n: int, bat_changes: set[int], pages: dict[int, bytes]) -> None:
-        """Mark the logical sectors [within, within+n) of ``blk`` present."""
+    def _set_bits(self, blk: int, within: int, n: int, bat_changes: set[int], pages: dict[int, bytes],
+                  *, fresh: bool = False) -> None:
+        """Mark the logical sectors [within, within+n) of ``blk`` present;
+        ``fresh`` (a block just allocated): every other bit is cleared, so
+        stale bits of an earlier life of the block cannot expose it."""
         lss = self._lss
         s0, s1 = within // lss, -(-(within + n) // lss)
         mask = ((1 << (s1 - s0)) - 1) << s0
-        bits = self._block_bits(blk)
-        if bits & mask == mask:
+        bits = 0 if fresh else self._block_bits(blk)
+        if bits & mask == mask and not fresh:
             return
         idx = bitmap_index(blk, self._cr)
         sb = self._bitmap_block(blk)
@@ -405,7 +408,7 @@ class VhdxImage(MappedImage):
         at = (blk % self._cr) * per
         sb[at : at + per] = bits.to_bytes(per, "little")
         base = (self._bat[idx] >> 20) * MiB
-        b0, b1 = at + s0 // 8, at + (s1 - 1) // 8
+        b0, b1 = (at, at + per - 1) if fresh else (at + s0 // 8, at + (s1 - 1) // 8)
         for p in range(b0 // LOG_SECTOR, b1 // LOG_SECTOR + 1):
             pages[base + p * LOG_SECTOR] = bytes(sb[p * LOG_SECTOR : (p + 1) * LOG_SECTOR])
 
@@ -443,8 +446,7 @@ class VhdxImage(MappedImage):
             whole = n == min(bs, self._size - blk * bs)
             if self._diff and state in _PARENT_STATES and self.parent is not None and not whole:
                 self._bat[idx] = PAYLOAD_PARTIALLY_PRESENT | (new // MiB) << 20
-                self._bits.pop(blk, None)
-                self._set_bits(blk, within, n, bat_changes, pages)
+                self._set_bits(blk, within, n, bat_changes, pages, fresh=True)
             else:
                 # The rest of the block reads as zeroes, which is what a
                 # not-present block of a dynamic disk and a zero block read.
