@@ -111,9 +111,13 @@ def test_4096_byte_logical_sectors(tmp_path: Path) -> None:
         assert img.info().extra["physical_sector_size"] == "4096"
         img.write(512, b"\x07" * 512)
     child = tmp_path / "c4.vhdx"
-    registry.create_image(str(child), "vhdx", 0, backing="b4.vhdx",
-                          options={"logical_sector_size": "4096", "block_size": "1M"})
+    with pytest.raises(BackendError, match="parent's logical sector size 4096"):
+        registry.create_image(str(child), "vhdx", 0, backing="b4.vhdx",
+                              options={"logical_sector_size": "512"})
+    registry.create_image(str(child), "vhdx", 0, backing="b4.vhdx", options={"block_size": "1M"})
     with registry.open_image(str(child)) as img:
+        assert img.info().backing == "b4.vhdx"
+        assert isinstance(img, vhdx.VhdxImage) and img.logical_sector_size == 4096
         img.write(1024, b"\x08" * 512)
         img.write(3 * MiB + 4096, b"\x09" * 512)
         want = bytes(512) + b"\x07" * 512 + b"\x08" * 512 + bytes(2560)

@@ -239,7 +239,7 @@ class VhdxImage(MappedImage):
             allocated_size=os.fstat(self._fd).st_blocks * 512 if self._fd >= 0 else 0,
             uuid=str(m.disk_id),
             parent_uuid=linkage or None,
-            backing=(m.locator.get("relative_path") or self.parent_path) if m.has_parent else None,
+            backing=self._backing_name() if m.has_parent else None,
             backing_format=pfmt,
             subformat=kind,
             extra={
@@ -250,6 +250,14 @@ class VhdxImage(MappedImage):
                 "log_entries_replayed": str(self.replayed),
             },
         )
+
+    def _backing_name(self) -> str | None:
+        """The parent as stored: relative_path in POSIX form (Hyper-V writes
+        ``.\\dir\\parent.vhdx``), else the path the parent was found at."""
+        rel = self._meta.locator.get("relative_path")
+        if rel:
+            return os.path.normpath(rel.replace("\\", "/"))
+        return self.parent_path
 
     # -- mapping --------------------------------------------------------------
 

@@ -31,16 +31,19 @@ def _size_opt(path: str, opts: dict[str, str], key: str, default: int) -> int:
         raise BackendError(f"{path}: vhdx: {e}") from None
 
 
-def _parent_locator(path: str, backing: str, backing_format: str | None) -> dict[str, str]:
-    """Locator pairs for a parent of any format: parent_linkage is a VHDX
-    parent's DataWriteGuid, another format's UUID, or zero (no check)."""
+def _parent_locator(path: str, backing: str, backing_format: str | None) -> tuple[dict[str, str], int | None]:
+    """Locator pairs for a parent of any format (parent_linkage is a VHDX
+    parent's DataWriteGuid, another format's UUID, or zero: no check), and
+    a VHDX parent's logical sector size."""
     parent = open_backing(path, backing, backing_format)
+    lss: int | None = None
     try:
         linkage = ZERO_GUID
         from .vhdx import VhdxImage  # a cycle at module level: vhdx imports create
 
         if isinstance(parent, VhdxImage):
             linkage = parent.data_write_guid
+            lss = parent.logical_sector_size
         elif isinstance(parent, ImageBackend):
             pid = parent.info().uuid
             try:
@@ -60,7 +63,7 @@ def _parent_locator(path: str, backing: str, backing_format: str | None) -> dict
         "parent_linkage": ms_guid_text(linkage),
         "relative_path": rel_win,
         "absolute_win32_path": ppath,
-    }
+    }, lss
 
 
 @image_creator
@@ -83,15 +86,20 @@ def create(req: CreateRequest) -> None:
     log_size = _size_opt(path, opts, "log_size", MiB)
     if log_size < MiB or log_size % MiB:
         raise BackendError(f"{path}: vhdx log_size {log_size} must be a multiple of 1 MiB")
-    lss = _size_opt(path, opts, "logical_sector_size", 512)
-    pss = _size_opt(path, opts, "physical_sector_size", 4096 if lss == 4096 else 512)
-    if lss not in (512, 4096) or pss not in (512, 4096):
-        raise BackendError(f"{path}: vhdx sector sizes must be 512 or 4096, not {lss}/{pss}")
     locator: dict[str, str] = {}
+    parent_lss: int | None = None
     if req.backing is not None:
         if kind == "fixed":
             raise BackendError(f"{path}: a differencing VHDX cannot be fixed")
-        locator = _parent_locator(path, req.backing, req.backing_format)
+        locator, parent_lss = _parent_locator(path, req.backing, req.backing_format)
+    lss = _size_opt(path, opts, "logical_sector_size", parent_lss or 512)
+    pss = _size_opt(path, opts, "physical_sector_size", 4096 if lss == 4096 else 512)
+    if lss not in (512, 4096) or pss not in (512, 4096):
+        raise BackendError(f"{path}: vhdx sector sizes must be 512 or 4096, not {lss}/{pss}")
+    if parent_lss is not None and lss != parent_lss:
+        # The guest sees one disk: its sector size cannot change mid-chain.
+        raise BackendError(f"{path}: a differencing VHDX has its parent's logical sector size "
+                           f"{parent_lss}, not {lss}")
     req.check_size(size)
     if size % lss:
         raise BackendError(f"{path}: vhdx size {size} is not a multiple of the {lss}-byte logical sector")
