@@ -177,7 +177,7 @@ class VhdxImage(MappedImage):
             pwrite_all(self._fd, w.data if w.data is not None else bytes(w.length), w.offset, self.path)
         if file_size < replay.last_file_offset:
             os.ftruncate(self._fd, align_up(replay.last_file_offset, MiB))
-        os.fdatasync(self._fd)
+        self._sync()
         self._write_header(Header(hdr.seq + 1, hdr.file_write, hdr.data_write, ZERO_GUID,
                                   hdr.log_length, hdr.log_offset))
 
@@ -324,12 +324,19 @@ class VhdxImage(MappedImage):
 
     # -- writing ----------------------------------------------------------------
 
+    def _sync(self) -> None:
+        """fdatasync, an error as a MediumError (SBC-3: WRITE FAULT)."""
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise MediumError(f"{self.path}: flush failed: {e.strerror or e}") from None
+
     def _write_header(self, hdr: Header) -> None:
         """Write ``hdr`` into the slot that is not current and make it
         current (MS-VHDX 2.2.2.1: the sequence number decides)."""
         slot = 1 - self._slot
         pwrite_all(self._fd, hdr.pack(), HEADER_OFFSETS[slot], self.path)
-        os.fdatasync(self._fd)
+        self._sync()
         self._slot, self._hdr = slot, hdr
 
     def _begin_session(self) -> None:
@@ -355,20 +362,20 @@ class VhdxImage(MappedImage):
         size = os.fstat(self._fd).st_size
         items = sorted(pages.items())
         per_entry = hdr.log_length // LOG_SECTOR - 2
-        os.fdatasync(self._fd)  # new data, and the last commit's pages in place
+        self._sync()  # new data, and the last commit's pages in place
         for i in range(0, len(items), per_entry):
             group = items[i : i + per_entry]
             if i:
-                os.fdatasync(self._fd)
+                self._sync()
             entry = build_entry(self._log_seq, hdr.log_guid, group, tail=0,
                                 flushed_file_offset=size, last_file_offset=size)
             self._log_seq += 1
             pwrite_all(self._fd, entry, hdr.log_offset, self.path)
-            os.fdatasync(self._fd)
+            self._sync()
             for off, page in group:
                 pwrite_all(self._fd, page, off, self.path)
         if self._write_through:
-            os.fdatasync(self._fd)
+            self._sync()
 
     def _bat_pages(self, idxs: set[int]) -> dict[int, bytes]:
         out: dict[int, bytes] = {}
@@ -518,7 +525,7 @@ class VhdxImage(MappedImage):
         try:
             if self._session and not self._closed and self._fd >= 0:
                 # Everything is in place: the log is empty from now on.
-                os.fdatasync(self._fd)
+                self._sync()
                 h = self._hdr
                 self._write_header(Header(h.seq + 1, h.file_write, h.data_write, ZERO_GUID,
                                           h.log_length, h.log_offset))
