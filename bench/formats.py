@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/formats.py [--size-mib 256] [--seconds 3] [--no-iscsi]
 
-For each format (raw, qcow2, vdi, vhd, vmdk, parallels) an image is created
+For each format (raw, qcow2, vdi, vhd, vhdx, vmdk, parallels) an image is created
 and fully allocated first (sequential 1 MiB writes, not measured), then:
 
 * backend level - the Backend API called in a loop, as the SCSI layer does:
@@ -37,7 +37,7 @@ from target.backends.base import Backend
 from target.backends.registry import create_image, formats, open_image
 
 MiB = 1 << 20
-FORMATS = ("raw", "qcow2", "vdi", "vhd", "vmdk", "parallels")
+FORMATS = ("raw", "qcow2", "vdi", "vhd", "vhdx", "vmdk", "parallels")
 IQN = "iqn.2026-11.org.aioiscsi.bench:formats"
 
 

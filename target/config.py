@@ -307,7 +307,7 @@ def _resolve(base: str, path: str) -> str:
 
 
 _MODES = ("normal", "writethrough", "immutable", "multiattach", "shareable", "readonly")
-_BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd",
+_BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd", "vhdx",
              "parallels", "iso")
 
 

@@ -611,3 +611,14 @@ _CHECKERS: dict[str, Callable[[str, int, CheckResult, Progress], None]] = {
     "vmdk": _check_vmdk,
     "parallels": _check_parallels,
 }
+
+
+def _check_vhdx(path: str, fd: int, res: CheckResult, progress: Progress) -> None:
+    # In its own module (this one is at its size limit); imported here, not
+    # at the top, because it refers back to CheckResult.
+    from target.image_check_vhdx import check_vhdx
+
+    check_vhdx(path, fd, res, progress, _add)
+
+
+_CHECKERS["vhdx"] = _check_vhdx

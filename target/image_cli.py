@@ -291,19 +291,19 @@ def commit(child_path: str, *, progress: bool = False, drop: bool = False) -> st
     return parent_path
 
 
-_EXT = {"qcow2": ".qcow2", "vdi": ".vdi", "vhd": ".vhd", "vmdk": ".vmdk", "raw": ".img",
+_EXT = {"qcow2": ".qcow2", "vdi": ".vdi", "vhd": ".vhd", "vhdx": ".vhdx", "vmdk": ".vmdk", "raw": ".img",
         "parallels": ".hds"}
 
 
 def snapshot(path: str, *, fmt: str | None = None, name: str | None = None) -> str:
     """Add a differencing child over ``path`` and return its path. The
     child has the parent's format when that format has differencing images
-    (VDI, VHD, VMDK, qcow2), else qcow2; it gets a new UUID."""
+    (VDI, VHD, VHDX, VMDK, qcow2), else qcow2; it gets a new UUID."""
     with open_image(path, read_only=True) as base:
         info = base.info()
     pfmt = info.format
     if fmt is None:
-        fmt = pfmt if pfmt in ("vdi", "vhd", "qcow2") or (
+        fmt = pfmt if pfmt in ("vdi", "vhd", "vhdx", "qcow2") or (
             pfmt == "vmdk" and info.subformat in ("monolithicSparse", "twoGbMaxExtentSparse")) \
             else "qcow2"
     if name is None:

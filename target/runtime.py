@@ -244,6 +244,8 @@ def build_target(spec: TargetSpec, state_dir: str | None,
             backends[ls.lun] = backend
             cdrom = ls.device_type == "cdrom" or (ls.device_type == "auto" and _is_iso(ls))
             _check_capacity(spec.name, ls, backend, 2048 if cdrom else ls.block_size)
+            if not cdrom:
+                _check_sector_size(ls, backend)
             # Serial and NAA WWN are derived from target name + LUN unless
             # configured, so they survive restarts (multipath, Windows).
             cfg = LUConfig(
@@ -287,6 +289,26 @@ def _check_capacity(target: str, ls: LunSpec, backend: Backend, block_size: int)
         log.warning("%s: %d bytes is not a multiple of the %d-byte block size; the last "
                     "%d bytes are not visible to initiators", where, backend.size, block_size,
                     tail)
+
+
+def _check_sector_size(ls: LunSpec, backend: Backend) -> None:
+    """An image that declares its logical sector size (VHDX: 512 or 4096)
+    should be served with that block size: a guest formatted on 4096-byte
+    sectors sees a different disk with 512-byte ones. The block size stays
+    what the configuration says (SBC-3 READ CAPACITY reports it); a
+    mismatch is logged with the setting that fixes it."""
+    node: object = backend
+    for _ in range(8):  # through mode/bandwidth wrappers to the image
+        lss = getattr(node, "logical_sector_size", None)
+        if isinstance(lss, int):
+            if lss != ls.block_size:
+                log.warning("%s: the image has %d-byte logical sectors but the LUN is served "
+                            "with %d-byte blocks; set block_size = %d (--block-size %d) to match",
+                            ls.path, lss, ls.block_size, lss, lss)
+            return
+        node = getattr(node, "inner", None) or getattr(node, "parent", None)
+        if node is None:
+            return
 
 
 def _is_iso(ls: LunSpec) -> bool:

@@ -27,11 +27,13 @@ FORMATS = [
     ("qcow2", "qcow2", "compat=0.10"),
     ("vdi", "vdi", ""),
     ("vhd", "vpc", ""),
+    ("vhdx", "vhdx", ""),
+    ("vhdx", "vhdx", "subformat=fixed"),
     ("vmdk", "vmdk", ""),
     ("vmdk", "vmdk", "subformat=monolithicFlat"),
     ("parallels", "parallels", ""),
 ]
-CHECKABLE = {"qcow2", "vdi", "vmdk", "parallels"}
+CHECKABLE = {"qcow2", "vdi", "vhdx", "vmdk", "parallels"}
 
 
 def qemu(*args: str, timeout: float = 300) -> str:
@@ -66,7 +68,7 @@ def test_qemu_made_image_reads_bit_exact_over_iscsi(tmp_path: Path, ours: str, q
     qemu("compare", "-f", "raw", "-F", "raw", str(src), str(out))
 
 
-@pytest.mark.parametrize("fmt, qfmt", [("qcow2", "qcow2"), ("vdi", "vdi"), ("vhd", "vpc"),
+@pytest.mark.parametrize("fmt, qfmt", [("qcow2", "qcow2"), ("vdi", "vdi"), ("vhd", "vpc"), ("vhdx", "vhdx"),
                                        ("vmdk", "vmdk"), ("parallels", "parallels")])
 def test_written_through_target_passes_qemu_check(tmp_path: Path, fmt: str, qfmt: str) -> None:
     src = tmp_path / "src.raw"

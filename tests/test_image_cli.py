@@ -30,8 +30,8 @@ from tests.images import (
 )
 from tests.tools import require_tool
 
-FORMATS = ["qcow2", "vdi", "vhd", "vmdk", "parallels", "raw"]
-DYNAMIC = ["qcow2", "vdi", "vhd", "vmdk", "parallels"]
+FORMATS = ["qcow2", "vdi", "vhd", "vhdx", "vmdk", "parallels", "raw"]
+DYNAMIC = ["qcow2", "vdi", "vhd", "vhdx", "vmdk", "parallels"]
 QFMT = {"vhd": "vpc"}  # qemu's name for VHD
 
 
@@ -210,7 +210,7 @@ def test_convert_refuses_same_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- snapshot / commit
 
 
-@pytest.mark.parametrize("fmt", ["vdi", "vhd", "vmdk", "qcow2", "raw"])
+@pytest.mark.parametrize("fmt", ["vdi", "vhd", "vhdx", "vmdk", "qcow2", "raw"])
 def test_snapshot_then_commit(tmp_path: Path, fmt: str) -> None:
     base = str(tmp_path / f"base.{fmt}")
     size = 4 * MiB
@@ -224,7 +224,7 @@ def test_snapshot_then_commit(tmp_path: Path, fmt: str) -> None:
     assert rc == 0 and os.path.exists(child) and child != base
     d = info_json(child)
     assert d["backing-chain"][0]["filename"].endswith(os.path.basename(base))
-    if fmt in ("vdi", "vhd"):
+    if fmt in ("vdi", "vhd", "vhdx"):
         assert d["uuid"] != d["backing-chain"][0]["uuid"]
     with open_image(child, read_only=False) as img:
         apply_ops(random_ops(size, 12, 12, max_len=300 * 1024), img, model)

@@ -28,7 +28,7 @@ def _counts(output: str) -> tuple[int, int, int]:
     return int(m.group(2)), int(m.group(3)), int(m.group(4))
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vdi", "vhd", "vmdk"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vdi", "vhd", "vhdx", "vmdk"])
 def test_iscsi_test_cu_all(tmp_path: Path, fmt: str) -> None:
     """Family ALL against a thin raw LUN (sparse: UNMAP punches holes) and
     against dynamic images of each format (issue #5)."""

@@ -1,5 +1,5 @@
-"""The block-mapped image engine the VDI, VHD, VMDK, qcow2 and Parallels
-backends share.
+"""The block-mapped image engine the VDI, VHD, VHDX, VMDK, qcow2 and
+Parallels backends share.
 
 A format only says, for a virtual range, which runs are stored where
 (``_runs``); :class:`MappedImage` coalesces the runs into as few ``preadv``

@@ -20,7 +20,7 @@ readonly       writes refused (SBC-3 DATA PROTECT)
 The differencing images are ordinary images of our formats created with
 :func:`registry.create_image` and a backing file: qcow2 by default (it can
 sit over any format), else the base's own format when that one has
-differencing images (VDI, VHD, VMDK). They live in the LUN's state
+differencing images (VDI, VHD, VHDX, VMDK). They live in the LUN's state
 directory.
 
 Multiattach needs to know, for each command, which initiator sent it. The
@@ -158,8 +158,8 @@ def initiator_scope(name: str) -> Iterator[None]:
 
 # Formats whose images can be differencing children of an image of the same
 # format (the fallback when qcow2 is not available).
-_SAME_FORMAT_CHILDREN = ("vdi", "vhd", "vmdk", "qcow2")
-_EXT = {"qcow2": "qcow2", "vdi": "vdi", "vhd": "vhd", "vmdk": "vmdk"}
+_SAME_FORMAT_CHILDREN = ("vdi", "vhd", "vhdx", "vmdk", "qcow2")
+_EXT = {"qcow2": "qcow2", "vdi": "vdi", "vhd": "vhd", "vhdx": "vhdx", "vmdk": "vmdk"}
 
 
 def child_format_for(base_format: str, wanted: str | None = None) -> str:
@@ -188,7 +188,7 @@ def create_overlay(base_path: str, child_path: str, *, base_format: str | None =
         bfmt = base.info().format
         size = base.size
     fmt = child_format_for(bfmt, child_format)
-    if fmt != "qcow2" and fmt != bfmt:
+    if fmt not in ("qcow2", "vhdx") and fmt != bfmt:
         raise BackendError(f"{child_path}: a {fmt} differencing image needs a {fmt} parent, "
                            f"{base_path} is {bfmt}")
     create_image(child_path, fmt, size, backing=base_abs, backing_format=bfmt)

@@ -372,7 +372,7 @@ class FormatModule(Protocol):
 _FORMATS: dict[str, FormatModule] = {}
 _loaded = False
 
-_FORMAT_NAMES = ("qcow2", "parallels", "vdi", "vhd", "vmdk", "raw")
+_FORMAT_NAMES = ("qcow2", "parallels", "vdi", "vhd", "vhdx", "vmdk", "raw")
 
 # Paths (realpath) being opened on this thread, outermost first: a chain that
 # comes back to one of them is a loop.
