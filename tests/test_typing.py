@@ -14,5 +14,5 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_mypy_strict() -> None:
     proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "iscsi", "target",
-                           "initiator"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "initiator", "nbdproto"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
