@@ -40,6 +40,8 @@ from .config import (
     parse_listen,
     parse_metrics_address,
 )
+from .backends.base import BackendError
+from .backends.nbd import is_nbd_uri, parse_nbd_uri
 from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
 DEMO_SIZE = 64 << 20
@@ -107,6 +109,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
     luns = []
     for i, path in enumerate(args.images):
+        if is_nbd_uri(path):
+            # An NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
+            try:
+                parse_nbd_uri(path)
+            except BackendError as exc:
+                raise CLIError(str(exc)) from None
+            luns.append(LunSpec(lun=i, path=path, backend="nbd", read_only=args.read_only,
+                                block_size=args.block_size, write_cache=not args.write_through,
+                                mode=args.mode))
+            continue
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
         if not args.read_only and not os.access(path, os.W_OK):
@@ -115,7 +127,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
                             block_size=args.block_size, write_cache=not args.write_through,
                             mode=args.mode))
-    label = os.path.splitext(os.path.basename(args.images[0]))[0]
+    first = args.images[0]
+    label = (parse_nbd_uri(first).export or "nbd") if is_nbd_uri(first) else \
+        os.path.splitext(os.path.basename(first))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
     except (InvalidName, ValueError) as exc:

@@ -273,7 +273,22 @@ def _resolve(base: str, path: str) -> str:
 
 _MODES = ("normal", "writethrough", "immutable", "multiattach", "shareable", "readonly")
 _BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd",
-             "parallels", "iso")
+             "parallels", "iso", "nbd")
+
+
+def _nbd_uri(r: _Reader, table: Any, w: str) -> str:
+    """An NBD LUN's ``uri`` (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)."""
+    from target.backends.base import BackendError
+    from target.backends.nbd import parse_nbd_uri
+
+    uri: str = r.get(table, "uri", w, str, "")
+    if not uri:
+        raise r.fail(f"{w}uri", "missing (an NBD LUN needs uri = \"nbd://HOST[:PORT]/EXPORT\")")
+    try:
+        parse_nbd_uri(uri)
+    except BackendError as exc:
+        raise r.fail(f"{w}uri", str(exc)) from None
+    return uri
 
 
 def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
@@ -281,13 +296,15 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
              "vendor", "product", "revision", "write_cache", "device_type", "mode", "max_overlays",
-             "bandwidth_group"}
+             "bandwidth_group", "uri"}
     r.check_keys(table, known, where + ".")
     w = where + "."
     backend = r.get(table, "backend", w, str, "auto")
     if backend not in _BACKENDS:
         raise r.fail(f"{w}backend", f"{backend!r} is not allowed ({', '.join(_BACKENDS)})")
     path = r.get(table, "path", w, str, "")
+    if backend == "nbd":
+        path = _nbd_uri(r, table, w)
     size: int | None = None
     if "size" in table:
         raw = table["size"]
@@ -322,7 +339,7 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),
         max_overlays=r.int_in(table, "max_overlays", w, 64, 1, 100000),
         lun=r.int_in(table, "lun", w, index, 0, 16383),
-        path=_resolve(base, path) if path else "",
+        path=path if backend == "nbd" else _resolve(base, path) if path else "",
         backend=backend, size=size,
         read_only=r.get(table, "read_only", w, bool, False), block_size=bs,
         serial=r.get(table, "serial", w, str, None),

@@ -27,6 +27,7 @@ from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest
 from iscsi.text import encode_text
 from target.backends.bandwidth import BandwidthGroups
+from target.backends.base import BackendError
 from target.scsi.types import Nexus
 
 from .admin import Administration
@@ -225,7 +226,12 @@ class TargetServer(Administration):
             await asyncio.wait(set(self.retiring), timeout=INFLIGHT_WAIT)
         for rt in self.targets.values():
             for b in rt.backends.values():
-                await asyncio.to_thread(b.flush)
+                try:
+                    await asyncio.to_thread(b.flush)
+                except BackendError as exc:
+                    # A network backend whose server is gone: say so and
+                    # still close the others.
+                    log.error("flushing %s at stop failed: %s", b.path or "a LUN", exc)
                 b.close()
         for srv in self._servers:
             await srv.wait_closed()
