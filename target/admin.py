@@ -78,6 +78,9 @@ class Administration:
     retired_counters: dict[tuple[str, int], IOCounters]
     #: Backends of removed LUNs being flushed and closed.
     retiring: set[asyncio.Future[None]]
+
+    def _isns_changed(self) -> None:
+        """Targets changed: the iSNS registration follows (server.py)."""
     #: The control socket's path while one is open.
     control_path: str | None
 
@@ -396,6 +399,7 @@ class Administration:
         self.targets[name] = rt
         self._set_spec(rt, spec)
         self._restart_media_watch()
+        self._isns_changed()
         log.info("target %s added with %d LUN(s)", name, len(spec.luns))
 
     def remove_target(self, name: str) -> None:
@@ -411,6 +415,7 @@ class Administration:
             self.retired_counters.pop((rt.name, lun), None)
         self._restart_media_watch()
         self._retire(list(rt.backends.values()))
+        self._isns_changed()
         log.info("target %s removed", rt.name)
 
     def configure_target(self, target: str, *, alias: str | None = None,
@@ -433,6 +438,8 @@ class Administration:
         if alias is not None or clear_alias:
             spec = replace(spec, alias=alias)
         self._set_spec(rt, spec)
+        if alias is not None or clear_alias or portal_groups is not None:
+            self._isns_changed()  # the registration carries aliases and portal groups
 
     # ------------------------------------------------------------- ACL, CHAP
     def add_acl(self, target: str, initiator: str) -> list[str]:

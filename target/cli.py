@@ -316,6 +316,14 @@ def observability(args: argparse.Namespace, config: ServerConfig) -> ServerConfi
         given["log_file"] = os.path.abspath(args.log_file)
     if args.metrics is not None:
         given["metrics"] = args.metrics
+    if getattr(args, "isns", None) is not None:
+        from .isns import parse_isns_address
+
+        try:
+            parse_isns_address(args.isns)
+        except ValueError as exc:
+            raise CLIError(f"--isns: {exc}") from None
+        given["isns"] = args.isns
     if not given:
         return config
     return dataclasses.replace(config, **given,  # type: ignore[arg-type]
@@ -415,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on http://HOST:PORT/metrics "
                         "(needs the metrics extra: prometheus_client); overrides "
                         "[server] metrics")
+    p.add_argument("--isns", metavar="HOST[:PORT]",
+                   help="register the targets with this iSNS server (RFC 4171; port 3205 by "
+                        "default); overrides [server] isns")
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")

@@ -128,6 +128,8 @@ class ServerConfig:
     log_file: str | None = None
     #: "HOST:PORT" of the Prometheus /metrics endpoint (None: none).
     metrics: str | None = None
+    #: "HOST[:PORT]" of an iSNS server to register with (RFC 4171; None: none).
+    isns: str | None = None
     #: ``[server]`` keys the command line set over the file's (``reload``
     #: keeps them and says so).
     cli_overrides: frozenset[str] = frozenset()
@@ -405,7 +407,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         raise r.fail("server", "must be a table")
     r.check_keys(server, {"portals", "nop_interval", "nop_timeout", "login_timeout",
                           "state_dir", "write_budget", "max_connections", "log_format",
-                          "log_file", "metrics"}, "server.")
+                          "log_file", "metrics", "isns"}, "server.")
     groups: dict[int, PortalGroup] = {}
     portals = r.get(server, "portals", "server.", list, None, "a list of \"host:port\"")
     if portals is not None:
@@ -506,7 +508,16 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
             parse_metrics_address(metrics)
         except ValueError as exc:
             raise r.fail("server.metrics", str(exc)) from None
+    isns = r.get(server, "isns", "server.", str, None, '"host[:port]"')
+    if isns is not None:
+        from target.isns import parse_isns_address
+
+        try:
+            parse_isns_address(isns)
+        except ValueError as exc:
+            raise r.fail("server.isns", str(exc)) from None
     return ServerConfig(
+        isns=isns,
         log_format=log_format, log_file=_resolve(base, log_file) if log_file else None,
         metrics=metrics,
         bandwidth_groups=tuple(bw.items()),
