@@ -229,7 +229,7 @@ class Administration:
             raise AdminError(f"LUN {spec.lun} is not allowed (0..16383)")
         if spec.lun in rt.scsi.luns:
             raise AdminError(f"{rt.name} already has LUN {spec.lun} (remove it first)")
-        if spec.path and not os.path.isabs(spec.path):
+        if spec.path and not os.path.isabs(spec.path) and spec.backend != "nbd":
             spec = replace(spec, path=os.path.abspath(spec.path))
         try:
             # One LUN's worth of build_target: the same opening, write
@@ -391,7 +391,8 @@ class Administration:
         if spec.chap is not None:
             self._check_chap(spec.chap)
         spec = replace(spec, name=name, luns=tuple(
-            replace(ls, path=os.path.abspath(ls.path)) if ls.path else ls for ls in spec.luns))
+            replace(ls, path=os.path.abspath(ls.path)) if ls.path and ls.backend != "nbd" else ls
+            for ls in spec.luns))
         try:
             rt = build_target(spec, self.config.state_dir, self.bandwidth)
         except (BackendError, OSError) as exc:

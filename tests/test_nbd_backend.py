@@ -182,6 +182,11 @@ async def test_write_read_unmap_lba_status_through_qemu_nbd(qnbd: NbdServer,
             await lun.write(4096, b"\x11" * 4096)
             await lun.write_same(4096, 8)
             assert bytes(await lun.read(4096, 8)) == bytes(4096)
+            # The same export added live through the admin API as LUN 1
+            # (qemu-nbd -e 4 takes several clients).
+            t.call(t.server.add_lun, TARGET_NAME, LunSpec(lun=1, path=qnbd.uri, backend="nbd"))
+            lun1 = await LUN.open(s, 1)
+            assert bytes(await lun1.read(8192, 8)) == b"\x5a" * 4096
         finally:
             await s.logout()
     finally:
