@@ -141,7 +141,7 @@ def test_query_answer_groups_nodes_portals_and_portal_groups() -> None:
 class Isnsd:
     """open-isns' server on loopback, its state in a temporary directory."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, period: int = 0) -> None:
         self.tool = require_tool("isnsd")
         self.adm = require_tool("isnsadm")
         self.port = free_port()
@@ -151,7 +151,7 @@ class Isnsd:
                   f"ControlSocket = {tmp}/isnsctl\nSecurity = 0\n")
         (tmp / "isnsd.conf").write_text(
             common + f"BindAddress = 127.0.0.1:{self.port}\nPIDFile = {tmp}/isnsd.pid\n"
-            f"Database = {tmp}/db\nDefaultDiscoveryDomain = 1\nRegistrationPeriod = 0\n"
+            f"Database = {tmp}/db\nDefaultDiscoveryDomain = 1\nRegistrationPeriod = {period}\n"
             "SLPRegister = 0\nESIRetries = 0\n")
         (tmp / "isnsadm.conf").write_text(common + "SourceName = iqn.2026-12.org.test:adm\n")
         self.proc = subprocess.Popen([self.tool, "-f", "-4", "-c", str(tmp / "isnsd.conf")],
@@ -238,6 +238,27 @@ async def test_target_registers_and_initiator_discovers(isnsd: Isnsd) -> None:
         t.stop()
     # Stopping deregisters the entity.
     assert A not in isnsd.nodes() and C not in isnsd.nodes()
+
+
+@pytest.mark.interop
+def test_registration_is_refreshed_within_the_servers_period(tmp_path: Path) -> None:
+    """RFC 4171 §6.2.6: the server drops an entity not refreshed within
+    its Registration Period; the target re-registers at half of it."""
+    srv = Isnsd(tmp_path, period=2)
+    try:
+        config = dataclasses.replace(
+            make_config([LunSpec(lun=0, path="", backend="memory", size=1 << 20)], name=A),
+            isns=srv.address)
+        t = RunningTarget(config).start()
+        try:
+            isns = t.server.isns
+            assert isns is not None
+            _until(lambda: isns.registrations >= 3, "two refreshes")
+            assert A in srv.nodes()
+        finally:
+            t.stop()
+    finally:
+        srv.stop()
 
 
 @pytest.mark.interop

@@ -24,6 +24,7 @@ from target.backends.base import BackendError
 from target.backends.nbd import NbdBackend, parse_nbd_uri
 from target.cli import build_parser, config_from_args
 from target.config import ConfigError, LunSpec, load_config
+from target.config_toml import dump_config
 from tests.initiator_checks import opts
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
 from tests.tgt import free_port
@@ -136,6 +137,10 @@ def test_command_line_and_toml_name_nbd_luns(tmp_path: Path) -> None:
                    'backend = "nbd"\nuri = "nbd+unix:///d?socket=/tmp/s"\n')
     lun = load_config(str(cfg)).targets[0].luns[0]
     assert (lun.backend, lun.path) == ("nbd", "nbd+unix:///d?socket=/tmp/s")
+    # saveconfig writes it back as a uri the loader reads
+    saved = load_config(str(cfg))
+    cfg.write_text(dump_config(saved))
+    assert load_config(str(cfg)).targets[0].luns[0].path == "nbd+unix:///d?socket=/tmp/s"
     cfg.write_text('[[target]]\nname = "iqn.2026-12.org.test:n"\n[[target.lun]]\n'
                    'backend = "nbd"\n')
     with pytest.raises(ConfigError, match="uri"):
