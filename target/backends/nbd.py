@@ -235,7 +235,9 @@ class NbdBackend(Backend):
 
     def read(self, offset: int, length: int) -> Buffer:
         if length <= self._max_io:
-            return bytes(self._io("read", lambda c: c.read(offset, length)))
+            # The client's buffer is ours alone: no copy.
+            buf: bytearray = self._io("read", lambda c: c.read(offset, length))
+            return buf
         out = bytearray()
         for pos in range(offset, offset + length, self._max_io):
             n = min(self._max_io, offset + length - pos)
