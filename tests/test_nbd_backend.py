@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +153,27 @@ def test_unreachable_server_is_one_clear_line() -> None:
         NbdBackend(f"nbd://127.0.0.1:{free_port()}/x")
 
 
+def test_not_an_nbd_server_is_one_clear_line() -> None:
+    """A peer that is not NBD (here: one that greets with junk) is refused
+    at open with one line, never a hang or a traceback."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        port = lsock.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = lsock.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + bytes(16))
+                conn.recv(100)
+
+        th = threading.Thread(target=serve, daemon=True)
+        th.start()
+        with pytest.raises(BackendError, match="not an NBD newstyle server"):
+            NbdBackend(f"nbd://127.0.0.1:{port}/x")
+        th.join(10)
+
+
 # ------------------------------------------------------------ over iSCSI
 
 
@@ -207,7 +229,7 @@ def test_iscsi_test_cu_over_nbd(qnbd: NbdServer) -> None:
     # atomicity through the worker thread, flush. UNMAP and WRITE SAME are
     # checked against the image itself in the test above.
     families = ("SCSI.Read10,SCSI.Write16,SCSI.GetLBAStatus,SCSI.CompareAndWrite,"
-                "SCSI.SynchronizeCache10,SCSI.ReadCapacity16")
+                "SCSI.SynchronizeCache10,SCSI.ReadCapacity16,SCSI.ExtendedCopy")
     t = _target(qnbd.uri)
     try:
         proc = subprocess.run([tool, "-d", "-n", f"--test={families}", t.url()],
