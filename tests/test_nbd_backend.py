@@ -21,7 +21,7 @@ import pytest
 from initiator.scsi import LUN, SCSICheckCondition
 from initiator.session import Session
 from iscsi.scsi.sbc import ProvisioningStatus
-from target.backends.base import BackendError
+from target.backends.base import BackendError, BackendUnavailable, Extent
 from target.backends.nbd import NbdBackend, parse_nbd_uri
 from target.cli import build_parser, config_from_args
 from target.config import ConfigError, LunSpec, load_config
@@ -171,6 +171,70 @@ def test_not_an_nbd_server_is_one_clear_line() -> None:
         th.start()
         with pytest.raises(BackendError, match="not an NBD newstyle server"):
             NbdBackend(f"nbd://127.0.0.1:{port}/x")
+        th.join(10)
+
+
+def _fake_nbd_server(lsock: socket.socket, answer: str) -> None:
+    """A minimal NBD server that negotiates correctly, then misbehaves:
+    ``answer`` is "zero-extent" (a BLOCK_STATUS run of length 0) or
+    "bad-cookie" (a READ reply for a request never sent)."""
+    import struct
+
+    import nbdproto as P
+
+    conn, _ = lsock.accept()
+    with conn:
+        f = conn.makefile("rwb")
+        f.write(P.HELLO.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        f.flush()
+        f.read(4)
+        while True:
+            _, opt, n = P.OPT_HDR.unpack(f.read(P.OPT_HDR.size))
+            f.read(n)
+
+            def reply(rtype: int, data: bytes = b"") -> None:
+                f.write(P.OPT_REPLY.pack(P.OPT_REPLY_MAGIC, opt, rtype, len(data)) + data)
+            if opt == P.OPT_SET_META_CONTEXT:
+                reply(P.REP_META_CONTEXT, struct.pack(">I", 7) + b"base:allocation")
+            if opt == P.OPT_GO:
+                reply(P.REP_INFO, struct.pack(">HQH", P.INFO_EXPORT, 1 << 20,
+                                              P.TF_HAS_FLAGS | P.TF_SEND_FLUSH))
+            reply(P.REP_ACK)
+            f.flush()
+            if opt == P.OPT_GO:
+                break
+        while True:
+            head = f.read(P.REQUEST.size)
+            if len(head) < P.REQUEST.size:
+                return
+            _, _, cmd, cookie, _, length = P.REQUEST.unpack(head)
+            if answer == "zero-extent" and cmd == P.CMD_BLOCK_STATUS:
+                body = struct.pack(">III", 7, 0, 0)
+                f.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                     P.REPLY_TYPE_BLOCK_STATUS, cookie, len(body)) + body)
+            elif answer == "bad-cookie" and cmd == P.CMD_READ:
+                f.write(P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
+                                     P.REPLY_TYPE_NONE, cookie + 99, 0))
+            f.flush()
+
+
+@pytest.mark.parametrize("answer", ["zero-extent", "bad-cookie"])
+def test_misbehaving_nbd_server_never_hangs(answer: str) -> None:
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        th = threading.Thread(target=_fake_nbd_server, args=(lsock, answer), daemon=True)
+        th.start()
+        b = NbdBackend(f"nbd://127.0.0.1:{lsock.getsockname()[1]}/x")
+        try:
+            if answer == "zero-extent":
+                # A useless answer ends as "mapped" (always safe), not a loop.
+                assert list(b.extents(0, 1 << 20)) == [Extent(0, 1 << 20, True)]
+            else:
+                with pytest.raises(BackendUnavailable, match="unknown cookie"):
+                    b.read(0, 4096)
+        finally:
+            b.close()
         th.join(10)
 
 

@@ -289,15 +289,19 @@ class NbdBackend(Backend):
         while pos < end:
             n = min(end - pos, 0xFFFFFFFF & ~511)
             runs = self._io("block status", lambda c, p=pos, k=n: c.block_status(p, k))
-            if not runs:
-                yield Extent(pos, end - pos, True)
-                return
+            start = pos
             for run_len, flags in runs:
                 run_len = min(run_len, end - pos)
                 if run_len <= 0:
                     break
                 yield Extent(pos, run_len, not flags & STATE_HOLE)
                 pos += run_len
+            if pos == start:
+                # No usable extent (none for our context, or zero-length
+                # ones from a broken server): "mapped" is always safe
+                # (proto.md §base:allocation), and the loop must end.
+                yield Extent(pos, end - pos, True)
+                return
 
     def close(self) -> None:
         """Say NBD_CMD_DISC and close the connection. Idempotent."""
