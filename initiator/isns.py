@@ -3,7 +3,7 @@ which portals, as an alternative to SendTargets on a known portal.
 
 One DevAttrQry (RFC 4171 §5.6.5.2) keyed on iSCSI Node Type = Target asks
 for every target the server lets this initiator see (its Discovery
-Domains, §3.2), with their aliases, portals and portal groups.
+Domains), with their aliases, portals and portal groups.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ initiator exchange with an iSNS server. No I/O: bytes in, messages out.
 A message (RFC 4171 §5.1) is one or more PDUs sharing a Transaction ID,
 numbered by Sequence ID, the first flagged FIRST_PDU and the last
 LAST_PDU. A request's payload is a list of attributes; a response's starts
-with a 4-byte status (§5.7.1). Every byte string given to
+with a 4-byte status (§5.7). Every byte string given to
 :class:`MessageReader` either decodes or raises :class:`IsnsError`.
 """
 
@@ -45,7 +45,7 @@ class IsnsError(ProtocolError):
 
 
 class Function(IntEnum):
-    """Function IDs (RFC 4171 §6.1, Table 4); responses are ``| 0x8000``."""
+    """Function IDs (RFC 4171 §5.1.2); responses are ``| 0x8000``."""
 
     DEV_ATTR_REG = 0x0001
     DEV_ATTR_QRY = 0x0002
@@ -76,7 +76,7 @@ class Flag(IntFlag):
 
 
 class Tag(IntEnum):
-    """Attribute tags used here (RFC 4171 §6.1, Table 5)."""
+    """Attribute tags used here (RFC 4171 §6.1)."""
 
     DELIMITER = 0
     ENTITY_IDENTIFIER = 1
@@ -140,7 +140,7 @@ ENTITY_PROTOCOL_ISCSI = 2
 
 @dataclass(frozen=True, slots=True)
 class Attribute:
-    """One TLV (RFC 4171 §5.5): tag and raw value (already padded for
+    """One TLV (RFC 4171 §5.2, payload TLVs): tag and raw value (already padded for
     strings; empty for a query's "return this" and for the delimiter)."""
 
     tag: int
@@ -148,7 +148,7 @@ class Attribute:
 
     @classmethod
     def string(cls, tag: int, text: str) -> Attribute:
-        """A null-terminated UTF-8 string padded to 4 bytes (§5.5)."""
+        """A null-terminated UTF-8 string padded to 4 bytes (§5.2)."""
         raw = text.encode() + b"\0"
         return cls(tag, raw + b"\0" * (-len(raw) % 4))
 
@@ -195,12 +195,12 @@ class Message:
 
     @property
     def is_response(self) -> bool:
-        """Responses have bit 15 of the function ID set (§6.1)."""
+        """Responses have bit 15 of the function ID set (§5.1.2)."""
         return bool(self.function & 0x8000)
 
 
 def encode_attributes(attrs: Iterable[Attribute]) -> bytes:
-    """TLVs in order (§5.5): 4-byte tag, 4-byte length, value."""
+    """TLVs in order (§5.2): 4-byte tag, 4-byte length, value."""
     out = bytearray()
     for a in attrs:
         if len(a.value) % 4:
@@ -345,7 +345,7 @@ def dev_attr_reg(xid: int, source: str, entity: str, portals: Sequence[PortalInf
     Attribute order follows §5.6.5.1: Source, Message Key (the EID),
     Delimiter, then the Entity's operating attributes, each Portal, each
     Storage Node, and each Portal Group (PG iSCSI Name, PG Portal IP,
-    PG Portal Port, PGT; §3.4)."""
+    PG Portal Port, PGT: the Portal Group object, §6.5)."""
     attrs = [Attribute.string(Tag.ISCSI_NAME, source),
              Attribute.string(Tag.ENTITY_IDENTIFIER, entity),
              Attribute(Tag.DELIMITER),
@@ -411,7 +411,7 @@ def parse_query_response(msg: Message) -> list[DiscoveredNode]:
     the key and delimiter, grouped by object (a node starts at iSCSI Name,
     a portal at Portal IP, a portal group at PG iSCSI Name). Portal groups
     say which portals reach which node; with none, every portal reached
-    every node (§3.4)."""
+    every node (the Portal Group object, §6.5)."""
     attrs = list(msg.attributes)
     delim = next((i for i, a in enumerate(attrs) if a.tag == Tag.DELIMITER), -1)
     attrs = attrs[delim + 1:]
@@ -446,7 +446,7 @@ def parse_query_response(msg: Message) -> list[DiscoveredNode]:
         elif pg is not None and tag == Tag.PG_PORTAL_PORT:
             pg[2] = a.as_u32() & 0xFFFF
         elif pg is not None and tag == Tag.PG_TAG:
-            # A zero-length PGT means "no access through this portal" (§6.5.4).
+            # A zero-length PGT means "no access through this portal" (§6.5).
             pg[3] = a.as_u32() if a.value else None
     used = False
     for name, ip, port, pgt in pgs:

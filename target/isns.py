@@ -1,10 +1,10 @@
 """Registering the target with an iSNS server (RFC 4171), and the one
 request/response exchange both roles use.
 
-The target is one Network Entity (RFC 4171 §3.1) whose portals are the
+The target is one Network Entity (RFC 4171) whose portals are the
 addresses it listens on and whose Storage Nodes are its targets, each with
 its alias and a Portal Group object per portal it is reachable through
-(§3.4). Every registration is a complete DevAttrReg with the Replace flag
+(§6.5). Every registration is a complete DevAttrReg with the Replace flag
 (§5.6.5.1), so adding or removing a target through the admin API is one
 message that leaves the server holding exactly what is served; stopping
 sends DevDereg of the entity (§5.6.5.4).
@@ -78,7 +78,7 @@ async def exchange(host: str, port: int, build: Callable[[str], Message],
                    timeout: float = REQUEST_TIMEOUT) -> Message:
     """Connect, send the message ``build(local_address)`` makes, return the
     response (checked for its status). iSNSP over TCP, one request per
-    connection (§2.2.2 allows either)."""
+    connection (RFC 4171 allows either over TCP)."""
     async def run() -> Message:
         reader, writer = await asyncio.open_connection(host, port)
         try:
