@@ -39,19 +39,32 @@ async def _discover(host: str, port: int, opts: SessionOptions) -> list[Discover
 
 async def cmd_discover(args: argparse.Namespace) -> int:
     text = args.portal
-    if text.startswith("iscsi://"):
+    if args.isns:
+        if text:
+            raise ValueError("give a portal or --isns SERVER, not both")
+        from .isns import discover_isns
+
+        opts = session_options(args)
+        targets = await discover_isns(args.isns, opts.initiator_name,
+                                      timeout=opts.connect_timeout or 10.0)
+        text = f"iSNS server {args.isns}"
+    elif not text:
+        raise ValueError("discover needs a portal HOST[:PORT] or --isns SERVER")
+    elif text.startswith("iscsi://"):
         u = parse_url(text)
         host, port = u.host, u.port
         opts = with_creds(text, session_options(args))
     else:
         p = parse_portal(text)
         host, port, opts = p.host, p.port, session_options(args)
-    targets = await _discover(host, port, opts)
+    if not args.isns:
+        targets = await _discover(host, port, opts)
     if args.json:
         _emit([{"name": t.name, "portals": [str(p) for p in t.portals]} for t in targets])
         return 0 if targets else 1
     if not targets:
-        print(f"{PROG}: the portal {text} lists no targets", file=sys.stderr)
+        where = text if args.isns else f"the portal {text}"
+        print(f"{PROG}: {where} lists no targets", file=sys.stderr)
         return 1
     for t in targets:
         for portal in t.portals:
@@ -246,9 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
         return real_add(name, parents=[common], **kw)
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
-    d = sub.add_parser("discover", help="list the targets of a portal (SendTargets)")
+    d = sub.add_parser("discover", help="list the targets of a portal (SendTargets) or of an "
+                       "iSNS server (--isns)")
     d.add_argument("--json", action="store_true", help="print JSON")
-    d.add_argument("portal", metavar="HOST[:PORT]")
+    d.add_argument("--isns", metavar="HOST[:PORT]",
+                   help="ask this iSNS server (RFC 4171, port 3205 by default) instead")
+    d.add_argument("portal", metavar="HOST[:PORT]", nargs="?")
     d.set_defaults(func=cmd_discover)
     ls = sub.add_parser("ls", help="list targets and LUNs with size, vendor, provisioning")
     ls.add_argument("url", metavar="URL", help="iscsi://host[:port][/target[/lun]]")

@@ -50,9 +50,9 @@ from .nbd_proto import (  # the protocol values and layouts (proto.md)
     FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, MAX_INFLIGHT,
     MAX_INFLIGHT_BYTES, MAX_OPTION, MAX_PAYLOAD, NBDMAGIC, NBD_EINVAL, REP_ERR_TOO_BIG,
     REQUEST_MAGIC, TF_CAN_MULTI_CONN, TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_CACHE, TF_SEND_DF,
-    TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, _HELLO, _OPT_HDR, _REQUEST,
-    _STAGING, _U32, _pow2_or, block_status_reply, error_reply, nbd_errno, ok_reply, read_reply,
+    TF_SEND_FLUSH, TF_SEND_FUA, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, _STAGING, _pow2_or, block_status_reply, error_reply, nbd_errno, ok_reply, read_reply,
 )
+from iscsi.nbdproto import HELLO as _HELLO, OPT_HDR as _OPT_HDR, REQUEST as _REQUEST, U32 as _U32
 
 if TYPE_CHECKING:
     from .blockdev import Device

@@ -12,103 +12,21 @@ import errno
 import struct
 from collections.abc import Iterable
 
+# The values and layouts both NBD roles share live in iscsi.nbdproto (the target's
+# NBD backend is a client of the same protocol); re-exported here under the
+# names this package has always used.
+from iscsi.nbdproto import *  # noqa: F401,F403
+from iscsi.nbdproto import (
+    CHUNK as _CHUNK,
+    CHUNK_ERROR as _CHUNK_ERROR,
+    CHUNK_OFFSET as _CHUNK_OFFSET,
+    EXTENT as _EXTENT,
+    NBD_ERRNOS as _NBD_ERRNOS,
+    SIMPLE as _SIMPLE,
+    U32 as _U32,
+)
+
 BytesLike = bytes | bytearray | memoryview
-
-# --------------------------------------------------------------- constants
-# proto.md §Values. Magic numbers first (§Newstyle negotiation, §Request message).
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-# Handshake flags (server) and client flags.
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-# Transmission flags.
-TF_HAS_FLAGS = 1 << 0
-TF_READ_ONLY = 1 << 1
-TF_SEND_FLUSH = 1 << 2
-TF_SEND_FUA = 1 << 3
-TF_SEND_TRIM = 1 << 5
-TF_SEND_WRITE_ZEROES = 1 << 6
-TF_SEND_DF = 1 << 7
-TF_CAN_MULTI_CONN = 1 << 8
-TF_SEND_CACHE = 1 << 10
-
-# Options.
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-# Option reply types.
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_UNKNOWN = (1 << 31) + 6
-REP_ERR_SHUTDOWN = (1 << 31) + 7
-REP_ERR_TOO_BIG = (1 << 31) + 9
-
-# NBD_INFO types.
-INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
-INFO_BLOCK_SIZE = 3
-
-# Commands and command flags.
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_CACHE = 5
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_FLAG_FAST_ZERO = 1 << 4
-
-# Structured reply flags and types.
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-
-# base:allocation status flags (proto.md §`base:allocation` metadata context).
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-META_BASE_ALLOCATION = "base:allocation"
-#: Our one metadata context ID for base:allocation (any nonzero value would do).
-META_ID_ALLOCATION = 1
-
-# Error values (proto.md §Error values): a fixed subset of Linux errno values.
-NBD_EPERM = errno.EPERM
-NBD_EIO = errno.EIO
-NBD_ENOMEM = errno.ENOMEM
-NBD_EINVAL = errno.EINVAL
-NBD_ENOSPC = errno.ENOSPC
-NBD_EOVERFLOW = errno.EOVERFLOW
-NBD_ENOTSUP = errno.ENOTSUP
-NBD_ESHUTDOWN = errno.ESHUTDOWN
-_NBD_ERRNOS = frozenset((NBD_EPERM, NBD_EIO, NBD_ENOMEM, NBD_EINVAL, NBD_ENOSPC,
-                         NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN))
 
 #: Largest READ/WRITE payload (proto.md §Size constraints: 32 MiB is what
 #: clients expect to be allowed; more may be treated as denial of service).
@@ -126,21 +44,6 @@ MAX_INFLIGHT = 128
 MAX_INFLIGHT_BYTES = 64 << 20
 
 _STAGING = 128 << 10
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_HELLO = struct.Struct(">QQH")
-_OPT_HDR = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
-_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + 64-bit offset (OFFSET_DATA)
-_CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
-_EXPORT_REPLY = struct.Struct(">QH")  # NBD_OPT_EXPORT_NAME answer (size, flags)
-_EXTENT = struct.Struct(">II")
 
 
 # ------------------------------------------------------------------ replies

@@ -79,6 +79,9 @@ class Administration:
     retired_counters: dict[tuple[str, int], IOCounters]
     #: Backends of removed LUNs being flushed and closed.
     retiring: set[asyncio.Future[None]]
+
+    def _isns_changed(self) -> None:
+        """Targets changed: the iSNS registration follows (server.py)."""
     #: The control socket's path while one is open.
     control_path: str | None
 
@@ -227,7 +230,7 @@ class Administration:
             raise AdminError(f"LUN {spec.lun} is not allowed (0..16383)")
         if spec.lun in rt.scsi.luns:
             raise AdminError(f"{rt.name} already has LUN {spec.lun} (remove it first)")
-        if spec.path and not os.path.isabs(spec.path):
+        if spec.path and not os.path.isabs(spec.path) and spec.backend != "nbd":
             spec = replace(spec, path=os.path.abspath(spec.path))
         try:
             # One LUN's worth of build_target: the same opening, write
@@ -422,7 +425,8 @@ class Administration:
         if spec.chap is not None:
             self._check_chap(spec.chap)
         spec = replace(spec, name=name, luns=tuple(
-            replace(ls, path=os.path.abspath(ls.path)) if ls.path else ls for ls in spec.luns))
+            replace(ls, path=os.path.abspath(ls.path)) if ls.path and ls.backend != "nbd" else ls
+            for ls in spec.luns))
         try:
             rt = build_target(spec, self.config.state_dir, self.bandwidth,
                               self.config.portal_groups)
@@ -431,6 +435,7 @@ class Administration:
         self.targets[name] = rt
         self._set_spec(rt, spec)
         self._restart_media_watch()
+        self._isns_changed()
         log.info("target %s added with %d LUN(s)", name, len(spec.luns))
 
     def remove_target(self, name: str) -> None:
@@ -446,6 +451,7 @@ class Administration:
             self.retired_counters.pop((rt.name, lun), None)
         self._restart_media_watch()
         self._retire(list(rt.backends.values()))
+        self._isns_changed()
         log.info("target %s removed", rt.name)
 
     def configure_target(self, target: str, *, alias: str | None = None,
@@ -468,6 +474,8 @@ class Administration:
         if alias is not None or clear_alias:
             spec = replace(spec, alias=alias)
         self._set_spec(rt, spec)
+        if alias is not None or clear_alias or portal_groups is not None:
+            self._isns_changed()  # the registration carries aliases and portal groups
 
     # ------------------------------------------------------------- ACL, CHAP
     def add_acl(self, target: str, initiator: str) -> list[str]:

@@ -31,6 +31,7 @@ import sys
 from typing import Any
 
 from . import farm_admin
+from .backends.nbd import is_nbd_uri
 from .control import ControlError, RemoteError, default_control_path, request
 
 #: The subcommands this module handles.
@@ -142,6 +143,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         table: dict[str, Any] = {}
         if args.memory:
             table.update(backend="memory", size=args.memory)
+        elif args.path and is_nbd_uri(args.path):
+            table.update(backend="nbd", uri=args.path)
         elif args.path:
             table["path"] = os.path.abspath(args.path)
         else:
@@ -159,7 +162,8 @@ def _request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if c == "target" and args.action == "add":
         return "target_add", {"name": args.name, "alias": args.alias, "allow": args.allow,
                               "portal_groups": args.portal_group,
-                              "luns": [{"lun": i, "path": os.path.abspath(p)}
+                              "luns": [{"lun": i, "backend": "nbd", "uri": p} if is_nbd_uri(p)
+                                       else {"lun": i, "path": os.path.abspath(p)}
                                        for i, p in enumerate(args.lun)]}
     if c == "target":
         return "target_remove", {"name": args.name}

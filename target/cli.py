@@ -41,6 +41,8 @@ from .config import (
     parse_metrics_address,
     physical_block_exponent,
 )
+from .backends.base import BackendError
+from .backends.nbd import is_nbd_uri, parse_nbd_uri
 from .logsetup import LOG_FORMATS, LogSetupError, setup_logging
 
 DEMO_SIZE = 64 << 20
@@ -122,6 +124,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise CLIError(f"--physical-block-size {exc}") from None
     luns = [] if farm is None else [farm_admin.farm_lun(farm)]
     for i, path in enumerate(args.images):
+        if is_nbd_uri(path):
+            # An NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
+            try:
+                parse_nbd_uri(path)
+            except BackendError as exc:
+                raise CLIError(str(exc)) from None
+            luns.append(LunSpec(lun=i, path=path, backend="nbd", read_only=args.read_only,
+                                block_size=args.block_size, write_cache=not args.write_through,
+                                mode=args.mode))
+            continue
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
         if not args.read_only and not os.access(path, os.W_OK):
@@ -131,7 +143,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             block_size=args.block_size, write_cache=not args.write_through,
                             mode=args.mode, removable=args.removable,
                             physical_block_size=args.physical_block_size))
-    label = os.path.splitext(os.path.basename(farm.golden if farm else args.images[0]))[0]
+    first = farm.golden if farm else args.images[0]
+    label = (parse_nbd_uri(first).export or "nbd") if is_nbd_uri(first) else \
+        os.path.splitext(os.path.basename(first))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
     except (InvalidName, ValueError) as exc:
@@ -332,6 +346,14 @@ def observability(args: argparse.Namespace, config: ServerConfig) -> ServerConfi
         given["log_file"] = os.path.abspath(args.log_file)
     if args.metrics is not None:
         given["metrics"] = args.metrics
+    if getattr(args, "isns", None) is not None:
+        from .isns import parse_isns_address
+
+        try:
+            parse_isns_address(args.isns)
+        except ValueError as exc:
+            raise CLIError(f"--isns: {exc}") from None
+        given["isns"] = args.isns
     if not given:
         return config
     return dataclasses.replace(config, **given,  # type: ignore[arg-type]
@@ -437,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the metrics extra: prometheus_client); overrides "
                         "[server] metrics")
     farm_admin.add_serve_arguments(p)
+    p.add_argument("--isns", metavar="HOST[:PORT]",
+                   help="register the targets with this iSNS server (RFC 4171; port 3205 by "
+                        "default); overrides [server] isns")
     image_cli.add_subparser(sub)
     admin_cli.add_subparsers(sub)
     d = sub.add_parser("demo", help="create demo/demo.img and serve it on 127.0.0.1:3260")

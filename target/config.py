@@ -163,6 +163,8 @@ class ServerConfig:
     log_file: str | None = None
     #: "HOST:PORT" of the Prometheus /metrics endpoint (None: none).
     metrics: str | None = None
+    #: "HOST[:PORT]" of an iSNS server to register with (RFC 4171; None: none).
+    isns: str | None = None
     #: ``[server]`` keys the command line set over the file's (``reload``
     #: keeps them and says so).
     cli_overrides: frozenset[str] = frozenset()
@@ -308,7 +310,22 @@ def _resolve(base: str, path: str) -> str:
 
 _MODES = ("normal", "writethrough", "immutable", "multiattach", "shareable", "readonly")
 _BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd", "vhdx",
-             "parallels", "iso")
+             "parallels", "iso", "nbd")
+
+
+def _nbd_uri(r: _Reader, table: Any, w: str) -> str:
+    """An NBD LUN's ``uri`` (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)."""
+    from target.backends.base import BackendError
+    from target.backends.nbd import parse_nbd_uri
+
+    uri: str = r.get(table, "uri", w, str, "")
+    if not uri:
+        raise r.fail(f"{w}uri", "missing (an NBD LUN needs uri = \"nbd://HOST[:PORT]/EXPORT\")")
+    try:
+        parse_nbd_uri(uri)
+    except BackendError as exc:
+        raise r.fail(f"{w}uri", str(exc)) from None
+    return uri
 
 
 def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
@@ -316,13 +333,15 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
              "vendor", "product", "revision", "write_cache", "device_type", "mode", "max_overlays",
-             "bandwidth_group", "removable", "physical_block_size", "sanitize_rate"}
+             "bandwidth_group", "removable", "physical_block_size", "sanitize_rate", "uri"}
     r.check_keys(table, known, where + ".")
     w = where + "."
     backend = r.get(table, "backend", w, str, "auto")
     if backend not in _BACKENDS:
         raise r.fail(f"{w}backend", f"{backend!r} is not allowed ({', '.join(_BACKENDS)})")
     path = r.get(table, "path", w, str, "")
+    if backend == "nbd":
+        path = _nbd_uri(r, table, w)
     size: int | None = None
     if "size" in table:
         raw = table["size"]
@@ -371,7 +390,7 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),
         max_overlays=r.int_in(table, "max_overlays", w, 64, 1, 100000),
         lun=r.int_in(table, "lun", w, index, 0, 16383),
-        path=_resolve(base, path) if path else "",
+        path=path if backend == "nbd" else _resolve(base, path) if path else "",
         backend=backend, size=size,
         read_only=r.get(table, "read_only", w, bool, False), block_size=bs,
         serial=r.get(table, "serial", w, str, None),
@@ -450,7 +469,7 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         raise r.fail("server", "must be a table")
     r.check_keys(server, {"portals", "nop_interval", "nop_timeout", "login_timeout",
                           "state_dir", "write_budget", "max_connections", "log_format",
-                          "log_file", "metrics"}, "server.")
+                          "log_file", "metrics", "isns"}, "server.")
     groups: dict[int, PortalGroup] = {}
     portals = r.get(server, "portals", "server.", list, None, "a list of \"host:port\"")
     if portals is not None:
@@ -561,7 +580,16 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
             parse_metrics_address(metrics)
         except ValueError as exc:
             raise r.fail("server.metrics", str(exc)) from None
+    isns = r.get(server, "isns", "server.", str, None, '"host[:port]"')
+    if isns is not None:
+        from target.isns import parse_isns_address
+
+        try:
+            parse_isns_address(isns)
+        except ValueError as exc:
+            raise r.fail("server.isns", str(exc)) from None
     return ServerConfig(
+        isns=isns,
         log_format=log_format, log_file=_resolve(base, log_file) if log_file else None,
         metrics=metrics,
         bandwidth_groups=tuple(bw.items()),

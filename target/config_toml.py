@@ -57,7 +57,9 @@ def _lun(lun: LunSpec) -> list[str]:
         v = getattr(lun, f.name)
         if v is None or v == getattr(_DEFAULT_LUN, f.name):
             continue
-        out.append(f"{f.name} = {_value(v)}")
+        # An NBD LUN's address is its ``uri`` (the loader's key).
+        key = "uri" if f.name == "path" and lun.backend == "nbd" else f.name
+        out.append(f"{key} = {_value(v)}")
     return out
 
 
@@ -95,7 +97,7 @@ def dump_config(cfg: ServerConfig) -> str:
     if plain:
         out.append("portals = " + _value([_portal(h, p) for h, p in groups[1].portals]))
     for key in ("nop_interval", "nop_timeout", "login_timeout", "state_dir", "write_budget",
-                "max_connections", "log_format", "log_file", "metrics"):
+                "max_connections", "log_format", "log_file", "metrics", "isns"):
         v = getattr(cfg, key)
         if v is not None and v != getattr(_DEFAULT_SERVER, key):
             out.append(f"{key} = {_value(v)}")

@@ -6,7 +6,7 @@ Applied live: targets added or removed, LUNs added or removed, ACLs, CHAP
 groups a target is reachable on (among those already listening), bandwidth
 groups, and the server's NOP and login timeouts and connection limit (for
 new connections). Needing a restart: listening portals, ``state_dir``,
-``write_budget``, ``log_format``, ``log_file``, ``metrics``, and a LUN whose settings changed (remove and add it to
+``write_budget``, ``log_format``, ``log_file``, ``metrics``, ``isns``, and a LUN whose settings changed (remove and add it to
 change it live, which initiators see as a different LU).
 """
 
@@ -32,7 +32,7 @@ log = logging.getLogger("aioiscsi.target")
 #: applies to the next one.
 _LIVE_SETTINGS = ("nop_interval", "nop_timeout", "login_timeout", "max_connections")
 #: Server settings fixed at start.
-_RESTART_SETTINGS = ("state_dir", "write_budget", "log_format", "log_file", "metrics")
+_RESTART_SETTINGS = ("state_dir", "write_budget", "log_format", "log_file", "metrics", "isns")
 
 
 @dataclass

@@ -167,6 +167,13 @@ def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
 
         assert spec.size is not None
         return MemoryBackend(spec.size)
+    if spec.backend == "nbd":
+        from target.backends.nbd import NbdBackend
+
+        if spec.mode not in ("normal", "readonly"):
+            raise BackendError(f"{spec.path}: mode {spec.mode!r} is not available for an NBD "
+                               "LUN (normal or readonly)")
+        return NbdBackend(spec.path, read_only=spec.read_only or spec.mode == "readonly")
     if not os.path.exists(spec.path):
         raise BackendError(f"{spec.path}: no such file or device")
     fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,

@@ -27,6 +27,8 @@ from iscsi.names import Portal, format_portal
 from iscsi.pdu import PDU, LoginRequest
 from iscsi.text import encode_text
 from target.backends.bandwidth import BandwidthGroups
+from target.backends.base import BackendError
+from target.isns import IsnsRegistrar, Snapshot
 from target.scsi.sanitize import DETACHED_ON_ABORT
 from target.scsi.types import Nexus
 
@@ -92,6 +94,8 @@ class TargetServer(Administration, FarmAdministration):
         self._logins: dict[TargetConnection, TargetLogin] = {}
         self.control: ControlServer | None = None
         self.control_path: str | None = None
+        #: Keeps an iSNS server's view current ([server] isns).
+        self.isns: IsnsRegistrar | None = None
 
     async def __aenter__(self) -> TargetServer:
         await self.start()
@@ -165,8 +169,21 @@ class TargetServer(Administration, FarmAdministration):
             log.info("listening on %s (portal group %d)", format_portal(host, port), tag)
         self.media = MediaWatcher(self)
         self.media.start()
+        if self.config.isns:
+            self.isns = IsnsRegistrar(self.config.isns, self._isns_snapshot)
+            self.isns.start()
         if self._control_request is not None:
             await self.start_control(self._control_request)
+
+    def _isns_snapshot(self) -> Snapshot:
+        """What the iSNS registration carries: bound portals, and each
+        target's name, alias and portal groups."""
+        return (list(self.bound),
+                [(rt.name, rt.spec.alias, rt.spec.portal_groups) for rt in self.targets.values()])
+
+    def _isns_changed(self) -> None:
+        if self.isns is not None:
+            self.isns.changed()
 
     def change_medium(self, target: str, lun: int, path: str | None) -> bool:
         """Put the image at ``path`` in CD/DVD LUN ``lun`` of ``target``
@@ -203,6 +220,10 @@ class TargetServer(Administration, FarmAdministration):
         if self._stopped:
             return
         self._stopped = True
+        if self.isns is not None:
+            # Deregister first: initiators asking iSNS now must not be sent
+            # to a target that is going away (RFC 4171 §5.6.5.4).
+            await self.isns.stop()
         for srv in self._servers:
             srv.close()
         if self.control is not None:
@@ -231,7 +252,12 @@ class TargetServer(Administration, FarmAdministration):
             await asyncio.wait(set(self.retiring), timeout=INFLIGHT_WAIT)
         for rt in self.targets.values():
             for b in rt.backends.values():
-                await asyncio.to_thread(b.flush)
+                try:
+                    await asyncio.to_thread(b.flush)
+                except BackendError as exc:
+                    # A network backend whose server is gone: say so and
+                    # still close the others.
+                    log.error("flushing %s at stop failed: %s", b.path or "a LUN", exc)
                 b.close()
         for srv in self._servers:
             await srv.wait_closed()

@@ -35,6 +35,13 @@ class OutOfResources(BackendError):
     medium error, and other initiators are unaffected."""
 
 
+class BackendUnavailable(BackendError):
+    """The medium is out of reach (a network backend lost its server): the
+    SCSI answer is NOT READY, LOGICAL UNIT COMMUNICATION FAILURE (SPC-4
+    ASC 08h/00h) rather than a medium error, since nothing on the medium is
+    known to be bad and a later command may succeed."""
+
+
 class MediumError(BackendError):
     """An I/O error while reading or writing the medium (maps to SCSI
     MEDIUM ERROR / unrecovered read error or write fault)."""
@@ -92,6 +99,19 @@ class Backend(abc.ABC):
         """True when a discarded range reads back as zeroes (SBC-3 LBPRZ)."""
         return self.thin
 
+    @property
+    def slow_io(self) -> bool:
+        """True when ``read``/``write``/... wait on something slow (a network
+        server): the logical unit then runs its backend commands in a worker
+        thread of its own, never on the event loop."""
+        return False
+
+    @property
+    def native_fua(self) -> bool:
+        """True when :meth:`write_fua` makes one write durable by itself
+        (NBD's FUA flag), cheaper than a whole :meth:`flush`."""
+        return False
+
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> Buffer:
         """Return ``length`` bytes at ``offset``.
@@ -104,6 +124,12 @@ class Backend(abc.ABC):
     def write(self, offset: int, data: Buffer) -> None:
         """Write ``data`` at ``offset``. Dynamic formats allocate here, with
         metadata ordered so a crash never exposes unwritten data."""
+
+    def write_fua(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` and make it durable before returning (SBC-3 FUA).
+        Default: write, then flush everything."""
+        self.write(offset, data)
+        self.flush()
 
     def flush(self) -> None:
         """Make every completed write durable (data and metadata): the
@@ -166,8 +192,19 @@ class DelegatingBackend(Backend):
     def zero_after_discard(self) -> bool:
         return self.inner.zero_after_discard
 
+    @property
+    def slow_io(self) -> bool:
+        return self.inner.slow_io
+
+    @property
+    def native_fua(self) -> bool:
+        return self.inner.native_fua
+
     def read(self, offset: int, length: int) -> Buffer:
         return self.inner.read(offset, length)
+
+    def write_fua(self, offset: int, data: Buffer) -> None:
+        self.inner.write_fua(offset, data)
 
     def write(self, offset: int, data: Buffer) -> None:
         self.inner.write(offset, data)

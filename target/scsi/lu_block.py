@@ -75,33 +75,34 @@ class BlockCommands(UnitBase):
             raise invalid_field_in_cdb(1, 7 if protect else (2 if rarc else 1))
         return self._do_read(lba, n, _LENGTH_FIELD[op >> 5])
 
-    def _store(self, lba: int, n: int, data: Buffer | None) -> None:
+    def _store(self, lba: int, n: int, data: Buffer | None, fua: bool = False) -> None:
         """Write n blocks from the Data-Out buffer without copying it.
 
         When the initiator sent less than the CDB asked for (iSCSI EDTL <
         transfer length), only what arrived is written, as FCP-4/RFC 7143
         §11.4.5.1 describe; a trailing partial block is merged with the
-        medium's contents.
+        medium's contents. ``fua`` writes through the backend's own FUA.
         """
+        write = self.backend.write_fua if fua else self.backend.write
         shift = self._shift
         need = n << shift
         offset = lba << shift
         got = 0 if data is None else len(data)
         if got >= need:
             assert data is not None
-            self.backend.write(offset, data if got == need else memoryview(data)[:need])
+            write(offset, data if got == need else memoryview(data)[:need])
             return
         if got == 0 or data is None:
             return
         mv = memoryview(data)
         whole = (got >> shift) << shift
         if whole:
-            self.backend.write(offset, mv[:whole])
+            write(offset, mv[:whole])
         rest = got - whole
         if rest:
             block = bytearray(self.backend.read(offset + whole, self.block_size))
             block[:rest] = mv[whole:got]
-            self.backend.write(offset + whole, block)
+            write(offset + whole, block)
 
     def _write(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
         """WRITE(6/10/12/16), SBC-3 §5.46-§5.49: FUA (or write-through
@@ -118,8 +119,14 @@ class BlockCommands(UnitBase):
         if n == 0:
             return ScsiResult(_GOOD, b"", None)
         self._max_transfer(n, _LENGTH_FIELD[op >> 5])
+        durable = fua or not self._wce
+        if durable and self.backend.native_fua:
+            # NBD_CMD_FLAG_FUA: only this write is made durable, no flush
+            # of everything else (SBC-3 §5.46 asks no more).
+            self._store(lba, n, data, fua=True)
+            return ScsiResult(_GOOD, b"", None)
         self._store(lba, n, data)
-        if fua or not self._wce:
+        if durable:
             return self._flush_then(ScsiResult(_GOOD, b"", None))
         return ScsiResult(_GOOD, b"", None)
 

@@ -347,13 +347,22 @@ class XCopyManager:
         # lies above the source, so no chunk is overwritten before it is read.
         backward = same and src_off < dst_off < src_off + nbytes
         starts = range(0, nbytes, CHUNK)
+        # A backend that waits on the network (NBD) is driven from a thread,
+        # so the event loop never blocks on it (target/scsi/lu.py).
+        slow = src.backend.slow_io or dst.backend.slow_io
         for rel in reversed(starts) if backward else starts:
             n = min(CHUNK, nbytes - rel)
-            chunk = src.backend.read(src_off + rel, n)
+            if slow:
+                chunk = await asyncio.to_thread(src.backend.read, src_off + rel, n)
+            else:
+                chunk = src.backend.read(src_off + rel, n)
             if same:
                 # A read may be a view of the same mmap the write changes.
                 chunk = bytes(chunk)
-            dst.backend.write(dst_off + rel, chunk)
+            if slow:
+                await asyncio.to_thread(dst.backend.write, dst_off + rel, chunk)
+            else:
+                dst.backend.write(dst_off + rel, chunk)
             result.transferred += n
             await asyncio.sleep(0)
 
