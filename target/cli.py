@@ -28,6 +28,7 @@ from typing import Any
 from iscsi.names import InvalidName, generate_iqn, normalize_name
 
 from . import admin_cli, farm_admin, image_cli
+from .image_info import human_size as _human
 from .config import (
     ChapConfig,
     ConfigError,
@@ -233,14 +234,6 @@ def _reachable(host: str) -> str:
     if host == "::":
         return "::1"
     return host
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:g} {unit}" if unit == "B" else f"{n:.4g} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)  # pragma: no cover
 
 
 def make_demo_image(path: str) -> None:
