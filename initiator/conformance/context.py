@@ -128,7 +128,10 @@ class Context:
         mutual: dict[str, object] = {}
         if u.target_user and u.target_password:
             mutual = {"target_user": u.target_user, "target_secret": u.target_password}
-        return ChapAuth(u.user, u.password, refuse_short_secrets=False,
+        # MD5 only, as the initiator does by default: it is the one
+        # algorithm every target implements (§12.1.3); the chap family
+        # tries the others one by one.
+        return ChapAuth(u.user, u.password, refuse_short_secrets=False, algorithms=(5,),
                         **mutual, **kw)  # type: ignore[arg-type]
 
     def log(self, text: str) -> None:
@@ -198,7 +201,7 @@ class Context:
                     raise Failed("R2T for a command that sends no data (RFC 7143 §11.8)",
                                  describe(pdu))
                 self.answer_r2t(w, pdu, write_data)
-            else:
+            elif isinstance(pdu, ScsiResponse):
                 res.response, res.status, res.final = pdu, pdu.status, pdu
                 return res
 

@@ -218,7 +218,10 @@ def _discovery(ctx: Context, chap: bool) -> Wire:
                   "Text Response naming the session's target only")
 def sendtargets_normal(ctx: Context) -> str:
     w = ctx.session()
-    got = _text(w, [("SendTargets", "")])
+    try:
+        got = _text(w, [("SendTargets", "")])
+    except Failed as exc:
+        raise Warned(str(exc)) from exc
     names = [v for k, v in got if k == "TargetName"]
     if names and names != [ctx.target]:
         raise Warned(f"SendTargets= in a Normal session listed {names}")

@@ -5,7 +5,7 @@ Data-In, residuals, R2T rules, immediate and unsolicited data
 from __future__ import annotations
 
 from iscsi.constants import RESERVED_TAG
-from iscsi.pdu import R2T, DataIn, DataOut, ScsiResponse
+from iscsi.pdu import PDU, R2T, DataIn, DataOut, ScsiResponse
 
 from .context import GOOD, CmdResult, Context
 from .describe import describe
@@ -152,7 +152,7 @@ def r2t_sequence(ctx: Context) -> str:
     covered = 0
     r2tsn = 0
     while True:
-        pdu = w.expect((R2T, ScsiResponse), "an R2T or the status")
+        pdu: PDU | None = w.expect((R2T, ScsiResponse), "an R2T or the status")
         batch: list[R2T] = []
         while isinstance(pdu, R2T):
             batch.append(pdu)

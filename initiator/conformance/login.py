@@ -31,22 +31,26 @@ def login_status(ctx: Context, *, isid: int, tsih: int, cid: int = 0) -> int | N
     except PeerClosed:
         return None
     except ProtocolError as exc:
-        raise Failed(f"login went wrong: {exc}") from exc
+        raise Failed(f"the login with ISID 0x{isid:x} TSIH 0x{tsih:x} went wrong: {exc}") \
+            from exc
     return resp.status
 
 
 def first_request(ctx: Context, keys: list[tuple[str, str]] | None = None, *,
-                  isid: int | None = None, **kw: int) -> LoginResponse | None:
+                  isid: int | None = None, tsih: int = 0, cid: int = 0, version_max: int = 0,
+                  version_min: int = 0) -> LoginResponse | None:
     """Send a first Login Request by hand: straight to the operational stage
     (T=1, NSG=3) without CHAP credentials, else a security-stage request
     offering AuthMethod=CHAP; ``kw`` sets header fields (tsih, cid,
     version_max, version_min)."""
     w = ctx.connect()
     pairs = first_keys(ctx) if keys is None else keys
-    if ctx.chap() is not None:
-        return w.login_pdu(pairs + [("AuthMethod", "CHAP")], isid=isid or ctx.new_isid(),
-                           csg=SEC, transit=False, **kw)
-    return w.login_pdu(pairs, isid=isid or ctx.new_isid(), csg=OP, nsg=FFP, transit=True, **kw)
+    chap = ctx.chap() is not None
+    if chap:
+        pairs = pairs + [("AuthMethod", "CHAP")]
+    return w.login_pdu(pairs, isid=isid or ctx.new_isid(), csg=SEC if chap else OP, nsg=FFP,
+                       transit=not chap, tsih=tsih, cid=cid, version_max=version_max,
+                       version_min=version_min)
 
 
 def _status(resp_status: int) -> str:

@@ -104,7 +104,9 @@ def public_url(url: ISCSIURL) -> str:
                                url.user, None, url.target_user, None, url.header_digest))
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse definition of ``iscsi-conformance`` (also used by
+    scripts/gen-docs for the man page and completions)."""
     p = argparse.ArgumentParser(
         prog="iscsi-conformance",
         description="Check an iSCSI target against RFC 7143 at the PDU level: login and key "
@@ -133,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``iscsi-conformance``: 0 when no test failed or
     errored, 1 otherwise, 2 for a usage error."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     specs = select(args.test)
     if args.list:
         for s in specs:

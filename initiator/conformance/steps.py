@@ -84,7 +84,8 @@ def start(ctx: Context, *, isid: int | None = None, wire: Wire | None = None,
     hl.stage = SEC
     chap = ChapInitiator(ChapCredentials(auth.user, auth.secret, False),
                          ChapCredentials(auth.target_user, auth.target_secret, False)
-                         if auth.target_user and auth.target_secret else None)
+                         if auth.target_user and auth.target_secret else None,
+                         algorithms=auth.algorithms)
     resp = hl.send([("AuthMethod", "CHAP")], transit=False)
     _ok(resp, "AuthMethod=CHAP")
     resp = hl.send(chap.start(), transit=False)
@@ -152,9 +153,10 @@ class Negotiation:
         return self.final is None
 
     def one(self, key: str) -> str | None:
-        """The target's (last) answer for ``key``, None if it gave none."""
+        """The target's answer for ``key`` (the first occurrence: a later
+        one is the target's own offer), None if it gave none."""
         vals = self.answers.get(key)
-        return vals[-1] if vals else None
+        return vals[0] if vals else None
 
     def pdu(self) -> str | None:
         """The last response, described."""

@@ -198,7 +198,8 @@ class Wire:
             raise PeerClosed("connection already closed")
         until = self.deadline if wait is None else min(self.deadline, time.monotonic() + wait)
         if not self._fill(BHS_LEN, until):
-            return self._timed_out(wait)
+            self._timed_out(wait)
+            return None
         ahs = self.buf[4] * 4
         dlen = int.from_bytes(self.buf[5:8], "big")
         hd = 4 if self.hd else 0
@@ -206,7 +207,8 @@ class Wire:
         dd = 4 if (self.dd and dlen) else 0
         total = BHS_LEN + ahs + hd + dlen + pad + dd
         if not self._fill(total, until):
-            return self._timed_out(wait)
+            self._timed_out(wait)
+            return None
         raw = bytes(self.buf[:total])
         del self.buf[:total]
         head = raw[: BHS_LEN + ahs]
@@ -233,7 +235,6 @@ class Wire:
     def _timed_out(self, wait: float | None) -> None:
         if wait is None or time.monotonic() >= self.deadline:
             raise TestTimeout("no answer before the test's time limit")
-        return None
 
     def _track(self, pdu: PDU) -> None:
         statsn = getattr(pdu, "statsn", None)
@@ -241,9 +242,10 @@ class Wire:
             or (isinstance(pdu, NopIn) and pdu.itt != RESERVED_TAG)
         if statsn is not None and counts:
             self.expstatsn = (statsn + 1) & 0xFFFFFFFF
-        if hasattr(pdu, "maxcmdsn") and not isinstance(pdu, LoginResponse):
-            self.expcmdsn = pdu.expcmdsn  # type: ignore[attr-defined]
-            self.maxcmdsn = pdu.maxcmdsn  # type: ignore[attr-defined]
+        maxcmdsn = getattr(pdu, "maxcmdsn", None)
+        if maxcmdsn is not None and not isinstance(pdu, LoginResponse):
+            self.expcmdsn = int(getattr(pdu, "expcmdsn"))
+            self.maxcmdsn = int(maxcmdsn)
 
     def next_pdu(self, wait: float | None = None) -> PDU | None:
         """Like :meth:`recv`, but answers the target's NOP-In pings (TTT set)
