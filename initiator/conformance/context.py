@@ -245,6 +245,26 @@ class Context:
             raise TestError("READ CAPACITY(10) reports a zero block size")
         return last + 1, size
 
+    #: Offers that make a WRITE wait for an R2T (see :meth:`pending_write`).
+    R2T_FIRST: Mapping[str, str | None] = {"InitialR2T": "Yes", "ImmediateData": "No"}
+
+    def pending_write(self, w: Wire) -> tuple[int, int]:
+        """A WRITE(10) of the last block left waiting for its data: the
+        session must have been opened with :attr:`R2T_FIRST`. Returns (ITT,
+        CmdSN) once the target's R2T has arrived; the data is never sent."""
+        assert w.params is not None
+        if not w.params.initial_r2t or w.params.immediate_data:
+            raise TestError("target did not agree to InitialR2T=Yes, ImmediateData=No")
+        self.ready(w)
+        blocks, size = self.capacity(w)
+        sn = w.cmdsn
+        cdb = bytes([0x2A, 0]) + (blocks - 1).to_bytes(4, "big") + bytes([0, 0, 1, 0])
+        itt = self.command(w, cdb, write_len=size, note="left waiting for its data")
+        res = self.collect(w, itt, stop_at_r2t=True)
+        if not res.r2ts:
+            raise TestError("the WRITE completed without asking for its data")
+        return itt, sn
+
     def ping(self, w: Wire, data: bytes = b"") -> NopIn:
         """A NOP-Out ping (ITT set, immediate) and its NOP-In."""
         itt = w.next_itt()

@@ -24,7 +24,7 @@ def print_outcome(o: Outcome, out: TextIO, verbose: bool) -> None:
     """One line per test; the rule, offending PDU and (verbose) the
     transcript under anything that is not a pass."""
     line = f"{_MARK[o.verdict]} {o.spec.id:<44} {o.duration:6.2f}s"
-    if o.message and o.verdict is not Verdict.PASS:
+    if o.message:
         line += f"  {o.message}"
     print(line, file=out)
     if o.verdict in (Verdict.FAIL, Verdict.WARNING):

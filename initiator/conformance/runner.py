@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.metadata
 import socket
 import sys
 import time
@@ -13,7 +14,18 @@ from typing import TextIO
 
 from iscsi.names import ISCSIURL, default_initiator_name, format_url, parse_url
 
-from . import chap, digests, erl, ffp, ffp_data, login, login_keys, mcs, tmf  # noqa: F401 (register)
+from . import (  # noqa: F401 (importing a family registers its tests)
+    chap,
+    digests,
+    erl,
+    ffp,
+    ffp_data,
+    ffp_tasks,
+    login,
+    login_keys,
+    mcs,
+    tmf,
+)
 from .context import Context, KitConfig
 from .model import (
     REGISTRY,
@@ -104,6 +116,13 @@ def public_url(url: ISCSIURL) -> str:
                                url.user, None, url.target_user, None, url.header_digest))
 
 
+def _cli_version() -> str:
+    try:
+        return importlib.metadata.version("aioiscsi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse definition of ``iscsi-conformance`` (also used by
     scripts/gen-docs for the man page and completions)."""
@@ -115,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(?target_user=..&target_password=.. for mutual CHAP)")
     p.add_argument("url2", nargs="?", help="a second portal or credentials for tests that "
                    "need a second initiator (default: the first URL)")
+    p.add_argument("--version", action="version",
+                   version=f"iscsi-conformance {_cli_version()}")
     p.add_argument("--list", action="store_true", help="list the tests (with -t: those selected)")
     p.add_argument("-t", "--test", action="append", default=[], metavar="PATTERN",
                    help="run the tests whose id matches this glob (family.suite.test); repeatable")

@@ -6,11 +6,19 @@ SAM-5)."""
 from __future__ import annotations
 
 from iscsi.constants import RESERVED_TAG, TMFunction, TMResponse
-from iscsi.pdu import ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, encode_lun
+from iscsi.pdu import (
+    NopIn,
+    NopOut,
+    Reject,
+    ScsiResponse,
+    TaskMgmtRequest,
+    TaskMgmtResponse,
+    encode_lun,
+)
 
 from .context import CHECK_CONDITION, GOOD, Context
 from .describe import describe
-from .model import Failed, Level, NotSupported, TestError, Warned, conformance_test
+from .model import Failed, Level, NotSupported, Warned, conformance_test
 from .wire import Wire
 
 MUST, SHOULD = Level.MUST, Level.SHOULD
@@ -73,21 +81,42 @@ def abort_completed(ctx: Context) -> str:
                   "complete), no status for the aborted task, the session goes on",
                   dataloss=True)
 def abort_pending(ctx: Context) -> str:
-    w = ctx.session({"InitialR2T": "Yes", "ImmediateData": "No"})
-    ctx.ready(w)
-    blocks, size = ctx.capacity(w)
-    sn = w.cmdsn
-    cdb = bytes([0x2A, 0]) + (blocks - 1).to_bytes(4, "big") + bytes([0, 0, 1, 0])
-    itt = ctx.command(w, cdb, write_len=size)
-    res = ctx.collect(w, itt, stop_at_r2t=True)
-    if not res.r2ts:
-        raise TestError("the WRITE completed before it could be aborted")
+    w = ctx.session(ctx.R2T_FIRST)
+    itt, sn = ctx.pending_write(w)
     r = tmf(ctx, w, TMFunction.ABORT_TASK, rtt=itt, refcmdsn=sn)
     if r.response != TMResponse.FUNCTION_COMPLETE:
         raise Failed(f"response {_name(r.response)}, expected 0 (Function complete)",
                      describe(r))
-    nop = ctx.ping(w)
-    del nop
+    _no_status_for(ctx, w, itt)
+    return "Function complete"
+
+
+def _no_status_for(ctx: Context, w: Wire, itt: int) -> None:
+    """The session answers a ping and no status for ``itt`` shows up
+    (SAM-5: an aborted task gets no status)."""
+    tag = w.next_itt()
+    w.send(NopOut(itt=tag, ttt=RESERVED_TAG, cmdsn=w.cmdsn, expstatsn=w.expstatsn,
+                  immediate=True))
+    while True:
+        pdu = w.expect((NopIn, ScsiResponse), "the ping's NOP-In")
+        if isinstance(pdu, ScsiResponse) and pdu.itt == itt:
+            raise Failed("the aborted task still got a status (SAM-5: aborted tasks end "
+                         "without status)", describe(pdu))
+        if isinstance(pdu, NopIn) and pdu.itt == tag:
+            return
+
+
+@conformance_test("tmf.lun_reset.mid_transfer", "11.5.1", MUST,
+                  "LOGICAL UNIT RESET while a WRITE(10) waits for its data: response 0 "
+                  "(Function complete), the write ends without status, the session goes on",
+                  dataloss=True)
+def lun_reset_mid_transfer(ctx: Context) -> str:
+    w = ctx.session(ctx.R2T_FIRST)
+    itt, _ = ctx.pending_write(w)
+    r = tmf(ctx, w, TMFunction.LOGICAL_UNIT_RESET)
+    if r.response != TMResponse.FUNCTION_COMPLETE:
+        raise Failed(f"LOGICAL UNIT RESET response {_name(r.response)}", describe(r))
+    _no_status_for(ctx, w, itt)
     return "Function complete"
 
 
@@ -161,7 +190,6 @@ def undefined_function(ctx: Context) -> str:
     itt = w.next_itt()
     w.send(TaskMgmtRequest(itt=itt, function=0x0E, lun=ctx.lun, cmdsn=w.cmdsn,
                            expstatsn=w.expstatsn, immediate=True))
-    from iscsi.pdu import Reject
     pdu = w.expect((TaskMgmtResponse, Reject), "the Task Management Response")
     if isinstance(pdu, Reject):
         raise Warned(f"an undefined function was rejected (reason 0x{pdu.reason:02x}); "
