@@ -95,6 +95,8 @@ class Context:
         self.transcript = transcript
         self.deadline = deadline
         self.wires: list[Wire] = []
+        #: The R2T :meth:`pending_write` got.
+        self.last_r2t: R2T | None = None
         url = config.url
         if url.target is None:
             raise TestError("the URL names no target")
@@ -263,6 +265,7 @@ class Context:
         res = self.collect(w, itt, stop_at_r2t=True)
         if not res.r2ts:
             raise TestError("the WRITE completed without asking for its data")
+        self.last_r2t = res.r2ts[0]
         return itt, sn
 
     def ping(self, w: Wire, data: bytes = b"") -> NopIn:
