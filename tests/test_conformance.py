@@ -102,6 +102,31 @@ def test_a_refused_connection_is_an_error_not_a_crash(tmp_path: Path) -> None:
     assert all("cannot connect" in o.message for o in outcomes)
 
 
+async def test_the_kit_catches_a_misbehaving_target() -> None:
+    # A negative control: tests/hostile_target.py executes a command far
+    # above MaxCmdSN and answers every TMF "Function complete"; the kit
+    # must say fail, name the rule and show the offending PDU.
+    import asyncio
+
+    from tests.hostile_target import IQN, HostileTarget
+
+    async with HostileTarget(lambda conn, cmd: None) as hostile:
+        config = KitConfig(url=parse_url(f"iscsi://127.0.0.1:{hostile.port}/{IQN}/0"),
+                           timeout=5.0, quiet=0.3)
+        outcomes = await asyncio.to_thread(
+            run, config, select(["ffp.cmdsn.too_high", "tmf.abort_task.unknown",
+                                 "ffp.nop.ping_echo"]))
+    by_id = {o.spec.id: o for o in outcomes}
+    assert by_id["ffp.nop.ping_echo"].verdict is Verdict.PASS
+    high = by_id["ffp.cmdsn.too_high"]
+    assert high.verdict is Verdict.FAIL and "§4.2.2.1" in high.message
+    assert high.pdu is not None and high.pdu.startswith("SCSI Response")
+    abort = by_id["tmf.abort_task.unknown"]
+    assert abort.verdict is Verdict.FAIL and "Task does not exist" in abort.message
+    assert abort.pdu is not None and "Task Mgmt Response" in abort.pdu
+    assert any("-> Task Mgmt Request" in line for line in abort.transcript)
+
+
 def test_dataloss_tests_are_skipped_by_default() -> None:
     config = KitConfig(url=parse_url("iscsi://127.0.0.1:9/iqn.x:y/0"), timeout=1.0)
     outcomes = run(config, [s for s in select() if s.dataloss])
