@@ -8,7 +8,15 @@ import dataclasses
 
 from iscsi.constants import RESERVED_TAG
 from iscsi.errors import ProtocolError
-from iscsi.pdu import PDU, LoginRequest, LoginResponse, ScsiCommand, TextRequest, TextResponse
+from iscsi.pdu import (
+    PDU,
+    LoginRequest,
+    LoginResponse,
+    ScsiCommand,
+    TextRequest,
+    TextResponse,
+    decode_lun,
+)
 from iscsi.text import decode_text
 
 _NAMES = {
@@ -46,6 +54,8 @@ def pdu_name(pdu: PDU) -> str:
 
 
 def _value(name: str, value: object) -> str:
+    if name == "lun" and isinstance(value, int):
+        return str(decode_lun(value))  # the LUN number, as tshark shows it
     if isinstance(value, int) and not isinstance(value, bool):
         if name in _HEX or (name.endswith("tag") and value == RESERVED_TAG):
             return f"0x{value:x}"

@@ -28,8 +28,11 @@ def _write10(lba: int, blocks: int) -> bytes:
 def _check_data_in(res: CmdResult, edtl: int, mrdsl: int, mbl: int) -> None:
     """Every Data-In rule of §11.7 for an in-order read."""
     expect_off = 0
+    seq_start = 0  # offset where the current Data-In sequence began
     for sn, d in enumerate(res.data_ins):
         pdu = describe(d)
+        if d.itt != res.itt:
+            raise Failed("Data-In with another ITT", pdu)
         if d.datasn != sn:
             raise Failed(f"DataSN {d.datasn}, expected {sn} (§11.7.5)", pdu)
         if d.buffer_offset != expect_off:
@@ -43,15 +46,15 @@ def _check_data_in(res: CmdResult, edtl: int, mrdsl: int, mbl: int) -> None:
         last = sn == len(res.data_ins) - 1
         if d.status_present and not last:
             raise Failed("S bit on a Data-In that is not the last (§11.7.4)", pdu)
-        if d.final and not last and expect_off % mbl:
-            raise Failed(f"F bit inside a sequence at offset {expect_off} (MaxBurstLength "
-                         f"{mbl}, §11.7.1)", pdu)
         if last and not d.final:
             raise Failed("the last Data-In has F=0 (§11.7.1)", pdu)
-        if not d.final and expect_off % mbl == 0 and not last:
-            raise Failed(f"a sequence of more than MaxBurstLength {mbl} bytes (§13.13)", pdu)
-        if d.itt != res.itt:
-            raise Failed("Data-In with another ITT", pdu)
+        # A sequence ends with F=1 and carries at most MaxBurstLength bytes
+        # (§11.7.1, §13.13); the target may end one earlier.
+        if expect_off - seq_start > mbl:
+            raise Failed(f"a Data-In sequence of more than MaxBurstLength {mbl} bytes: F=0 "
+                         f"through offset {expect_off} (§13.13, §11.7.1)", pdu)
+        if d.final:
+            seq_start = expect_off
     if expect_off != edtl:
         raise Failed(f"{expect_off} bytes of Data-In for a {edtl}-byte read")
     if isinstance(res.final, ScsiResponse) and res.final.expdatasn != len(res.data_ins):
@@ -69,8 +72,8 @@ def _session(ctx: Context, offers: dict[str, str | None]) -> tuple[Wire, int, in
 @conformance_test("ffp.datain.sequence", "11.7", MUST,
                   "READ(10) of 64 KiB with our MaxRecvDataSegmentLength=4096 and "
                   "MaxBurstLength=16384: Data-In PDUs of at most 4096 bytes, DataSN 0,1,.., "
-                  "contiguous offsets, F only at burst ends and on the last, status (S bit or "
-                  "SCSI Response with ExpDataSN = PDU count) GOOD")
+                  "contiguous offsets, F ending every sequence of at most MaxBurstLength and on "
+                  "the last, status (S bit or SCSI Response with ExpDataSN = PDU count) GOOD")
 def datain_sequence(ctx: Context) -> str:
     w, blocks, size = _session(ctx, {"MaxRecvDataSegmentLength": "4096",
                                      "MaxBurstLength": "16384"})
