@@ -242,7 +242,7 @@ def logout_session(ctx: Context) -> str:
     if resp.itt != itt or resp.response != 0:
         raise Failed(f"Logout Response ITT 0x{resp.itt:x} response {resp.response}",
                      describe(resp))
-    closed, _ = w.drops_within(max(0.2, min(3.0, w.remaining() - 0.5)))
+    closed, _ = w.drops_within(max(0.2, w.remaining() - 0.5))
     if not closed:
         raise Warned("the connection stayed open after a successful Logout (§11.15: the "
                      "target closes it)")

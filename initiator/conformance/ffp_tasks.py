@@ -60,7 +60,7 @@ def logout_in_flight(ctx: Context) -> str:
         raise Warned("the connection closed without a Logout Response") from None
     if pdu.itt != litt:
         raise Failed("Logout Response with another ITT", describe(pdu))
-    closed, _ = w.drops_within(max(0.2, min(3.0, w.remaining() - 0.5)))
+    closed, _ = w.drops_within(max(0.2, w.remaining() - 0.5))
     if not closed:
         raise Warned("the connection stayed open after the Logout Response")
     return f"Logout Response {pdu.response}"

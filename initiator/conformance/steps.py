@@ -102,7 +102,9 @@ def start(ctx: Context, *, isid: int | None = None, wire: Wire | None = None,
         except ProtocolError as exc:
             raise TestError(f"mutual CHAP failed: {exc}") from exc
     assert resp is not None
-    while not resp.transit:
+    for _ in range(4):
+        if resp.transit:
+            break
         resp = hl.send([], transit=True, nsg=OP)
         _ok(resp, "the move to the operational stage")
         assert resp is not None
