@@ -122,19 +122,18 @@ class Context:
         """A random ISID of type 10b ("random", RFC 7143 §11.12.5)."""
         return (0x80 << 40) | (secrets.randbits(24) << 16) | secrets.randbits(16)
 
-    def chap(self, url: ISCSIURL | None = None, **kw: object) -> ChapAuth | None:
+    def chap(self, url: ISCSIURL | None = None) -> ChapAuth | None:
         """CHAP settings from the URL's credentials, or None."""
         u = url or self.config.url
         if u.user is None or u.password is None:
             return None
-        mutual: dict[str, object] = {}
-        if u.target_user and u.target_password:
-            mutual = {"target_user": u.target_user, "target_secret": u.target_password}
         # MD5 only, as the initiator does by default: it is the one
         # algorithm every target implements (§12.1.3); the chap family
         # tries the others one by one.
-        return ChapAuth(u.user, u.password, refuse_short_secrets=False, algorithms=(5,),
-                        **mutual, **kw)  # type: ignore[arg-type]
+        if u.target_user and u.target_password:
+            return ChapAuth(u.user, u.password, u.target_user, u.target_password,
+                            algorithms=(5,), refuse_short_secrets=False)
+        return ChapAuth(u.user, u.password, algorithms=(5,), refuse_short_secrets=False)
 
     def log(self, text: str) -> None:
         """A note in the transcript."""

@@ -4,8 +4,9 @@ names, timeouts, connection limits and session reinstatement
 
 from __future__ import annotations
 
-from iscsi.constants import LoginStatus
+from collections.abc import Callable
 
+from iscsi.constants import LoginStatus
 from iscsi.errors import ProtocolError
 from iscsi.login import LoginRejected
 from iscsi.pdu import LoginResponse
@@ -135,7 +136,8 @@ def _expect_refused(ctx: Context, resp_or_none: object, what: str) -> str:
                  describe(resp_or_none))
 
 
-def _set(mask: int, value: int) -> object:
+def _set(mask: int, value: int) -> Callable[[bytearray], None]:
+    """A header edit: byte 1 (T, C, CSG, NSG) with ``mask`` bits set to ``value``."""
     def mutate(hdr: bytearray) -> None:
         hdr[1] = (hdr[1] & ~mask) | value
     return mutate
@@ -146,7 +148,7 @@ def _set(mask: int, value: int) -> object:
                   "connection closed")
 def t_and_c(ctx: Context) -> str:
     hl = start(ctx)
-    resp = hl.send([], transit=True, nsg=FFP, mutate=_set(0x40, 0x40))  # type: ignore[arg-type]
+    resp = hl.send([], transit=True, nsg=FFP, mutate=_set(0x40, 0x40))
     return _expect_refused(ctx, resp, "T=1 with C=1")
 
 
@@ -154,7 +156,7 @@ def t_and_c(ctx: Context) -> str:
                   "T=1 with NSG=2 (reserved): Login reject (class 2) or the connection closed")
 def reserved_nsg(ctx: Context) -> str:
     hl = start(ctx)
-    resp = hl.send([], transit=True, nsg=FFP, mutate=_set(0x03, 0x02))  # type: ignore[arg-type]
+    resp = hl.send([], transit=True, nsg=FFP, mutate=_set(0x03, 0x02))
     return _expect_refused(ctx, resp, "NSG=2")
 
 
@@ -163,7 +165,7 @@ def reserved_nsg(ctx: Context) -> str:
                   "reject (class 2) or the connection closed")
 def backward(ctx: Context) -> str:
     hl = start(ctx)
-    resp = hl.send([], transit=True, nsg=FFP, csg=OP, mutate=_set(0x03, 0x00))  # type: ignore[arg-type]
+    resp = hl.send([], transit=True, nsg=FFP, csg=OP, mutate=_set(0x03, 0x00))
     return _expect_refused(ctx, resp, "a transition from stage 1 to stage 0")
 
 
@@ -172,7 +174,7 @@ def backward(ctx: Context) -> str:
                   "Login reject (class 2) or the connection closed")
 def csg_ffp(ctx: Context) -> str:
     hl = start(ctx)
-    resp = hl.send([], transit=False, mutate=_set(0x0C, 0x0C))  # type: ignore[arg-type]
+    resp = hl.send([], transit=False, mutate=_set(0x0C, 0x0C))
     return _expect_refused(ctx, resp, "CSG=3")
 
 

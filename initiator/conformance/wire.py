@@ -146,12 +146,15 @@ class Wire:
                 out += d
         return bytes(out)
 
-    def send(self, pdu: PDU, *, note: str = "", **kw: object) -> bytes:
-        """Send ``pdu`` (see :meth:`encode` for the keywords); returns the
+    def send(self, pdu: PDU, *, note: str = "",
+             mutate: Callable[[bytearray], None] | None = None,
+             bad_header_digest: bool = False, bad_data_digest: bool = False) -> bytes:
+        """Send ``pdu`` (the keywords as for :meth:`encode`); returns the
         48-byte header as sent."""
-        raw = self.encode(pdu, **kw)  # type: ignore[arg-type]
+        raw = self.encode(pdu, mutate=mutate, bad_header_digest=bad_header_digest,
+                          bad_data_digest=bad_data_digest)
         shown = describe(pdu)
-        if kw.get("mutate") is not None:
+        if mutate is not None:
             shown = "(altered) " + describe_raw(raw[:BHS_LEN]) + " from " + shown
         self.send_raw(raw, shown + (f"  [{note}]" if note else ""))
         return raw[:BHS_LEN]
