@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``iscsi-conformance``: 0 when no test failed or
-    errored, 1 otherwise, 2 for a usage error."""
+    errored, 1 otherwise, 2 for a usage error, 130 when interrupted."""
     args = build_parser().parse_args(argv)
     specs = select(args.test)
     if args.list:
@@ -186,7 +186,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                        initiator_name=args.initiator_name or default_initiator_name(),
                        timeout=args.timeout, allow_dataloss=args.allow_dataloss,
                        quiet=min(args.quiet_wait, args.timeout / 2), verbose=args.verbose)
-    outcomes = run(config, specs, sys.stdout)
+    outcomes: list[Outcome] = []
+    interrupted = False
+    try:
+        for spec in specs:
+            o = run_one(spec, config)
+            outcomes.append(o)
+            print_outcome(o, sys.stdout, config.verbose)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Reports still cover the tests that ran.
+        interrupted = True
+        print("iscsi-conformance: interrupted", file=sys.stderr)
     print_summary(outcomes, sys.stdout)
     target = public_url(url)
     try:
@@ -197,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"iscsi-conformance: cannot write the report: {exc}", file=sys.stderr)
         return 2
+    if interrupted:
+        return 130
     bad = any(o.verdict in (Verdict.FAIL, Verdict.ERROR) for o in outcomes)
     return 1 if bad else 0
 
