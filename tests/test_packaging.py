@@ -56,7 +56,7 @@ def test_man_pages_and_completions_generated(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-docs"), str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for name in ("iscsi-target", "iscsi-initiator"):
+    for name in ("iscsi-target", "iscsi-initiator", "iscsi-conformance"):
         man = (tmp_path / "man" / f"{name}.1").read_text()
         assert man.startswith(".TH") and "SYNOPSIS" in man
         bash = (tmp_path / "completion" / "bash" / name).read_text()
