@@ -24,6 +24,9 @@ class InitiatorParams:
     max_outstanding_r2t: int = 1
     header_digest: bool = False
     data_digest: bool = False
+    #: The negotiated ErrorRecoveryLevel (§13.20): at 1 lost or corrupt
+    #: Data-In, R2Ts and status are asked for again with SNACK (§7.1.5).
+    error_recovery_level: int = 0
 
 
 class Command:
