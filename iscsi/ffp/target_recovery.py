@@ -152,6 +152,10 @@ class Erl1Target:
         self._ack_ttts: dict[int, int] = {}
         self.kept_bytes = 0
         self.exp_statsn = self.statsn
+        #: When Data-Out last made progress or an R2T went out (the
+        #: sequence timeout counts from it, not from any PDU: keepalives
+        #: do not make a lost Data-Out arrive).
+        self._data_at = self._last_rx
         #: Recovery counters (tests and ``show`` read them).
         self.recovery_r2ts = 0
         self.resent_data = 0
@@ -329,6 +333,7 @@ class Erl1Target:
             del task.r2ts[ttt]
             self._ttt_map.pop(ttt, None)
             self._recover_range(task, seq_start, seq_end)
+        self._data_at = self._last_rx
         if not task.holes:
             task.received = task.edtl
             self._forget_r2ts(task)
@@ -373,15 +378,17 @@ class Erl1Target:
         self._erl1_data_out(task, ttt, offset, n, bool(header[1] & 0x80), None)
 
     def _arm_sequence_timer(self) -> None:
-        if self.erl and self._timers.get("sequence") is None:
-            self._timers.set("sequence", self._last_rx + self.sequence_timeout)
+        if self.erl:
+            self._data_at = self._last_rx
+            if self._timers.get("sequence") is None:
+                self._timers.set("sequence", self._data_at + self.sequence_timeout)
 
     def _sequence_timeout(self, now: float) -> None:
         """No Data-Out for a while on open sequences: their last PDU (F bit)
         or their R2T was lost (§7.1.4.1 (b)): every open sequence ends
         here and its holes are asked for again."""
-        if now - self._last_rx < self.sequence_timeout:
-            self._timers.set("sequence", self._last_rx + self.sequence_timeout)
+        if now - self._data_at < self.sequence_timeout:
+            self._timers.set("sequence", self._data_at + self.sequence_timeout)
             return
         waiting = False
         for task in list(self.tasks.values()):
