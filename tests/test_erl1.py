@@ -6,6 +6,7 @@ and nothing applied twice. Time is passed in; nothing sleeps."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,6 +25,7 @@ from iscsi.ffp.window import CmdSNWindow
 from iscsi.framing import PDUReader
 from iscsi.pdu import PDU, Buffer, Reject, SnackRequest
 from tests.faults import Fault, FaultPlan, is_op
+from tests.initiator_checks import LONG
 from tests.test_ffp_pair import BS, Pair, completed, pattern, read, write
 
 DATA_OUT, DATA_IN = Opcode.SCSI_DATA_OUT, Opcode.SCSI_DATA_IN
@@ -208,6 +210,7 @@ def test_read_recovers_damaged_data_in(action: str, nth: int) -> None:
     p.run(100.0)
     # (but the ping's own answer, until the next ExpStatSN).
     assert p.tgt.kept_bytes == 0 and len(p.tgt.kept_status) == 1
+    assert p.tgt.budget.used == 0
 
 
 def test_lost_status_is_found_by_a_later_statsn() -> None:
@@ -264,8 +267,39 @@ def test_data_ack_releases_kept_data() -> None:
     assert bytes(r.data_in) == bytes(p.disk[: 256 << 10])
     acks = [s for s in p.snacks if s.type == 2]
     assert [a.begrun for a in acks] == [4, 8, 12]
-    # Only the last burst (with the status) is still kept until ExpStatSN.
-    assert p.tgt.kept_bytes == 65536
+    # Only the last burst (with the status) is still kept until ExpStatSN,
+    # and it is charged to the server-wide budget until then.
+    assert p.tgt.kept_bytes == 65536 and p.tgt.budget.used == 65536
+    p.tgt.close()
+    assert p.tgt.budget.used == 0
+
+
+def test_kept_status_is_capped() -> None:
+    """An initiator that never advances ExpStatSN cannot make the target
+    keep status without bound."""
+    from iscsi.ffp.target_recovery import MAX_KEPT_STATUS
+    p = make()
+    for i in range(MAX_KEPT_STATUS + 50):
+        p.tgt.text_answer(i, b"")
+    p.tgt.outbox.take()
+    assert len(p.tgt.kept_status) == MAX_KEPT_STATUS
+
+
+def test_target_config_takes_error_recovery_level(tmp_path: Path) -> None:
+    """``limits.error_recovery_level`` in the TOML config: 0 or 1."""
+    from target.config import ConfigError, load_config
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    for level, ok in ((0, True), (1, True), (2, False)):
+        cfg = tmp_path / f"t{level}.toml"
+        cfg.write_text(f'[[target]]\nname = "iqn.2026-12.org.example:t"\n'
+                       f'limits = {{ error_recovery_level = {level} }}\n'
+                       f'[[target.lun]]\nlun = 0\npath = "{img}"\n')
+        if ok:
+            assert load_config(str(cfg)).targets[0].limits.error_recovery_level == level
+        else:
+            with pytest.raises(ConfigError, match="error_recovery_level"):
+                load_config(str(cfg))
 
 
 def test_retention_is_bounded_by_the_budget() -> None:
@@ -290,7 +324,7 @@ def test_erl0_still_drops_the_connection_on_a_data_digest_error() -> None:
 
 
 # ------------------------------------------------------- random stream
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(60 if LONG else 8))
 def test_random_stream_with_random_faults(seed: int) -> None:
     """Random writes and reads with random digest errors, losses and
     duplicates on data PDUs both ways: every write lands once, every read
@@ -300,6 +334,11 @@ def test_random_stream_with_random_faults(seed: int) -> None:
            for _ in range(4)]
     downs = [Fault(rng.choice(["corrupt", "drop", "dup"]), is_op(DATA_IN), nth=rng.randrange(60))
              for _ in range(4)]
+    # Lost commands, R2Ts and status too (keepalives and timeouts find them).
+    ups.append(Fault(rng.choice(["drop", "dup"]), is_op(Opcode.SCSI_COMMAND),
+                     nth=rng.randrange(20)))
+    downs.append(Fault("drop", is_op(Opcode.SCSI_RESPONSE), nth=rng.randrange(10)))
+    downs.append(Fault(rng.choice(["drop", "dup"]), is_op(Opcode.R2T), nth=rng.randrange(20)))
     p = make(up=ups, down=downs, max_burst=32768, initial_r2t=rng.random() < 0.5)
     model = bytearray(p.disk)
     for _ in range(20):
@@ -317,4 +356,7 @@ def test_random_stream_with_random_faults(seed: int) -> None:
             assert r.data_in is not None
             assert bytes(r.data_in) == bytes(model[lba * BS : (lba + blocks) * BS])
         assert p.disk == model
-    assert not p.tgt.tasks and p.tgt.budget.used == 0
+    # The last status acknowledged (ExpStatSN of a ping): nothing kept.
+    p.ini.ping(1000.0)
+    p.run(1000.0)
+    assert not p.tgt.tasks and p.tgt.budget.used == 0 and p.tgt.kept_bytes == 0

@@ -16,8 +16,11 @@ within-command and within-connection recovery, for
   acknowledged or a DataACK SNACK releases them; the last PDU of each
   MaxBurstLength burst asks for that DataACK with the A bit (§11.7.2).
   Data/R2T SNACK resends kept Data-In, or outstanding R2Ts (§11.16.1).
-  What is kept is bounded by a per-connection byte budget: a read that
-  does not fit is sent but not kept, and a SNACK for it is Rejected
+  What is kept is bounded by a per-connection byte budget and draws on the
+  server-wide :class:`~iscsi.ffp.target_tasks.WriteBudget` that write data
+  in flight uses (DESIGN.md: memory is a budget); StatSNs kept are capped
+  too (an initiator that never advances ExpStatSN cannot make us grow).
+  A read that does not fit is sent but not kept, and a SNACK for it is Rejected
   (reason 0x03, SNACK Reject); the initiator then aborts the task.
 - A header digest error is NOT recovered: its DataSegmentLength cannot be
   trusted and we have no sync-and-steering layer to find the next PDU, so
@@ -48,12 +51,14 @@ from ..pdu import (
 )
 from ..serial import sn_add, sn_diff, sn_le, sn_lt
 from .common import Deadlines, Outbox, segments
-from .target_tasks import Task, TargetParams
+from .target_tasks import Task, TargetParams, WriteBudget
 from .window import CmdSNWindow
 
 _U32 = struct.Struct(">I")
 #: Default bytes of Data-In one connection keeps for retransmission.
 DEFAULT_RETAIN_BUDGET = 64 << 20
+#: Status PDUs kept awaiting ExpStatSN, at most (the oldest go first).
+MAX_KEPT_STATUS = 4096
 #: Seconds without progress on an open Data-Out sequence before it is
 #: taken as ended (its F-bit PDU lost) and its holes asked for again.
 DEFAULT_SEQUENCE_TIMEOUT = 5.0
@@ -132,6 +137,7 @@ class Erl1Target:
     _timers: Deadlines
     _last_rx: float
     _dead_itts: dict[int, None]
+    budget: WriteBudget
 
     if TYPE_CHECKING:  # provided by the engine
         def reject(self, reason: int, header: Buffer) -> None: ...
@@ -167,7 +173,11 @@ class Erl1Target:
     # ------------------------------------------------------ acknowledgement
     def _keep_status(self, pdu: PDU) -> None:
         sn: int = pdu.statsn  # type: ignore[attr-defined]
-        self.kept_status[sn] = pdu
+        kept_status = self.kept_status
+        if len(kept_status) >= MAX_KEPT_STATUS:
+            old = kept_status.pop(next(iter(kept_status)))
+            self._release_data(old.itt)
+        kept_status[sn] = pdu
         kept = self.kept_data.get(pdu.itt)
         if kept is not None and kept.statsn is None and isinstance(pdu, (ScsiResponse, DataIn)):
             kept.statsn = sn
@@ -192,6 +202,7 @@ class Erl1Target:
         kept = self.kept_data.pop(itt, None)
         if kept is not None:
             self.kept_bytes -= kept.nbytes
+            self.budget.release(kept.nbytes)
             for pdu in kept.pdus:
                 if pdu.ack:
                     self._ack_ttts.pop(pdu.ttt, None)
@@ -204,7 +215,8 @@ class Erl1Target:
         p = self.params
         w = self.window
         total = mv.nbytes
-        keep = self.kept_bytes + total <= self.retain_budget
+        self._release_data(task.itt)  # an ITT reused: the old one was complete
+        keep = self.kept_bytes + total <= self.retain_budget and self.budget.reserve(total)
         if keep:
             # Our own copy: the backend's buffer may be reused or written.
             mv = memoryview(bytes(mv))
@@ -227,7 +239,6 @@ class Erl1Target:
                 self._ack_ttts[ttt] = task.itt
             pdus.append(pdu)
         if keep:
-            self._release_data(task.itt)  # an ITT reused: the old one was complete
             self.kept_data[task.itt] = _Kept(pdus, total)
             self.kept_bytes += total
         for pdu in pdus:
@@ -254,6 +265,7 @@ class Erl1Target:
             freed = sum(len(d.data) for d in drop)
             kept.nbytes -= freed
             self.kept_bytes -= freed
+            self.budget.release(freed)
         else:
             # R-Data SNACK (after a MaxRecvDataSegmentLength change) is not
             # offered: we never renegotiate it in full feature phase.
@@ -392,7 +404,7 @@ class Erl1Target:
             return
         waiting = False
         for task in list(self.tasks.values()):
-            if task.executing or not task.reserved or task.holes is None and not task.r2ts:
+            if task.executing or not task.reserved:
                 continue
             if task.holes is None:
                 imm = len(task.cmd.data)
@@ -405,10 +417,10 @@ class Erl1Target:
             self._timers.set("sequence", now + self.sequence_timeout)
 
     def _erl1_close(self) -> None:
+        for itt in list(self.kept_data):
+            self._release_data(itt)
         self.kept_status.clear()
-        self.kept_data.clear()
         self._ack_ttts.clear()
-        self.kept_bytes = 0
 
     def _erl1_retry(self, itt: int) -> None:
         """A command seen again with a CmdSN already used (a retry, §7.2.1):
@@ -430,5 +442,5 @@ class Erl1Target:
                 self.outbox.resend(pdu)
 
 
-__all__ = ["DEFAULT_RETAIN_BUDGET", "DEFAULT_SEQUENCE_TIMEOUT", "Erl1Target",
+__all__ = ["DEFAULT_RETAIN_BUDGET", "DEFAULT_SEQUENCE_TIMEOUT", "MAX_KEPT_STATUS", "Erl1Target",
            "RetainingOutbox"]
