@@ -360,3 +360,31 @@ def test_random_stream_with_random_faults(seed: int) -> None:
     p.ini.ping(1000.0)
     p.run(1000.0)
     assert not p.tgt.tasks and p.tgt.budget.used == 0 and p.tgt.kept_bytes == 0
+
+
+def test_r_data_snack_resegments_after_a_smaller_mrdsl() -> None:
+    """R-Data SNACK (§11.16.1): after the initiator's
+    MaxRecvDataSegmentLength shrank, every Data-In not yet acknowledged is
+    cut again to the new size and numbered on, and the status follows as a
+    SCSI Response carrying the SNACK Tag and the new ExpDataSN."""
+    p = make(mrdsl=16384, max_burst=32768)
+    p.hold = True
+    r = read(p, 0, 128)  # 64 KiB: 4 Data-In of 16 KiB, A bit after the 2nd
+    p.run()
+    p.release()
+    p.run()
+    assert completed(p.events, r).status == 0
+    statsn = p.tgt.statsn - 1
+    p.tgt.set_max_xmit(4096)
+    p.tgt.receive_pdu(SnackRequest(itt=r.itt, type=3, ttt=0x1234, begrun=0, runlength=0), 1.0)
+    reader = PDUReader(max_data_segment_length=1 << 20, header_digest=True, data_digest=True)
+    out = reader.feed(b"".join(bytes(b) for b in p.tgt.outbox.take()))
+    data_in = [x for x in out if x.opcode == Opcode.SCSI_DATA_IN]
+    resp = [x for x in out if x.opcode == Opcode.SCSI_RESPONSE]
+    # The first burst was acknowledged (DataACK): only the rest comes again.
+    assert [d.datasn for d in data_in] == list(range(2, 10))  # type: ignore[attr-defined]
+    assert all(len(d.data) == 4096 for d in data_in)
+    got = b"".join(bytes(d.data) for d in data_in)
+    assert got == bytes(p.disk[32768:65536])
+    assert len(resp) == 1 and resp[0].snack_tag == 0x1234  # type: ignore[attr-defined]
+    assert resp[0].statsn == statsn and resp[0].expdatasn == 10  # type: ignore[attr-defined]

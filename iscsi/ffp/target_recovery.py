@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..constants import RESERVED_TAG, Opcode, RejectReason, SnackType
@@ -266,10 +267,59 @@ class Erl1Target:
             kept.nbytes -= freed
             self.kept_bytes -= freed
             self.budget.release(freed)
+        elif kind == SnackType.R_DATA:
+            self._resegment(pdu)
         else:
-            # R-Data SNACK (after a MaxRecvDataSegmentLength change) is not
-            # offered: we never renegotiate it in full feature phase.
+            self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
+
+    def set_max_xmit(self, max_xmit: int) -> None:
+        """The initiator's MaxRecvDataSegmentLength changed (a Text
+        negotiation in full feature phase, §13.12): Data-In from now on,
+        and what an R-Data SNACK asks for again, use the new size."""
+        self.params = replace(self.params, max_xmit=max_xmit)
+
+    def _resegment(self, pdu: SnackRequest) -> None:
+        """R-Data SNACK (§11.16.1, §11.16.3): every Data-In not yet
+        acknowledged, cut again to the current MaxRecvDataSegmentLength and
+        numbered on from the first of them, then the status again as a SCSI
+        Response carrying the SNACK Tag and the new ExpDataSN."""
+        kept = self.kept_data.get(pdu.itt)
+        status = next((s for s in self.kept_status.values() if s.itt == pdu.itt
+                       and isinstance(s, (ScsiResponse, DataIn))), None)
+        if kept is None or not kept.pdus or status is None or \
+                pdu.ttt in (0, RESERVED_TAG):
             self.reject(RejectReason.SNACK_REJECT, pdu.to_bytes()[:48])
+            return
+        first, last = kept.pdus[0], kept.pdus[-1]
+        whole = memoryview(first.data.obj)  # type: ignore[union-attr]
+        start, end = first.buffer_offset, last.buffer_offset + len(last.data)
+        for d in kept.pdus:
+            if d.ack:
+                self._ack_ttts.pop(d.ttt, None)
+        w, p = self.window, self.params
+        fresh = [DataIn(itt=pdu.itt, final=final, lun=first.lun, datasn=first.datasn + i,
+                        buffer_offset=off, expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
+                        data=whole[off : off + n])
+                 for i, (off, n, final) in enumerate(segments(start, end, p.max_xmit,
+                                                              p.max_burst))]
+        kept.pdus = fresh
+        assert isinstance(self.outbox, RetainingOutbox)
+        for d in fresh:
+            self.resent_data += 1
+            self.outbox.resend(d)
+        if isinstance(status, DataIn):
+            resp = ScsiResponse(itt=pdu.itt, status=status.status, statsn=status.statsn,
+                                residual_overflow=status.residual_overflow,
+                                residual_underflow=status.residual_underflow,
+                                residual_count=status.residual_count)
+        else:
+            resp = replace(status)
+        resp.expcmdsn, resp.maxcmdsn = w.expcmdsn, w.maxcmdsn
+        resp.expdatasn = first.datasn + len(fresh)
+        resp.snack_tag = pdu.ttt
+        self.kept_status[resp.statsn] = resp
+        kept.statsn = resp.statsn
+        self.outbox.resend(resp)
 
     def _resend_status(self, begrun: int, runlength: int) -> None:
         # RunLength 0: every status from BegRun on (§11.16.6).
