@@ -388,3 +388,16 @@ def test_r_data_snack_resegments_after_a_smaller_mrdsl() -> None:
     assert got == bytes(p.disk[32768:65536])
     assert len(resp) == 1 and resp[0].snack_tag == 0x1234  # type: ignore[attr-defined]
     assert resp[0].statsn == statsn and resp[0].expdatasn == 10  # type: ignore[attr-defined]
+
+
+def test_cli_flag_asks_for_erl1_with_keepalive() -> None:
+    """``--error-recovery-level 1``, before or after the subcommand: offered
+    at login, with the NOP keepalive that finds a lost last PDU."""
+    from initiator.cli import build_parser
+    from initiator.cli_common import session_options
+    for argv in (["--error-recovery-level", "1", "ls", "iscsi://h/iqn.x:y/0"],
+                 ["ls", "iscsi://h/iqn.x:y/0", "--error-recovery-level", "1"]):
+        o = session_options(build_parser().parse_args(argv))
+        assert (o.error_recovery_level, o.nop_interval) == (1, 5.0)
+    o = session_options(build_parser().parse_args(["ls", "iscsi://h/iqn.x:y/0"]))
+    assert (o.error_recovery_level, o.nop_interval) == (0, None)
