@@ -174,8 +174,9 @@ class Erl1:
         if cmd.missing:
             return
         if cmd.ack_ttt is not None:
-            # DataACK: every Data-In below BegRun arrived (§11.16.1).
-            self._snack(SnackType.DATA_ACK, cmd.itt, cmd.next_datasn, 0, ttt=cmd.ack_ttt,
+            # DataACK: every Data-In below BegRun arrived (§11.16.1); the
+            # TTT names the task, the ITT is reserved (§11.16).
+            self._snack(SnackType.DATA_ACK, RESERVED_TAG, cmd.next_datasn, 0, ttt=cmd.ack_ttt,
                         lun=cmd.lun_field)
             cmd.ack_ttt = None
         if cmd.held is not None:

@@ -253,12 +253,14 @@ class Erl1Target:
         elif kind == SnackType.DATA_R2T:
             self._resend_data(pdu)
         elif kind == SnackType.DATA_ACK:
+            if pdu.runlength != 0 or pdu.ttt == RESERVED_TAG:
+                # §11.16.6: a DataACK has RunLength 0 and the A-bit TTT.
+                self.reject(RejectReason.INVALID_DATA_ACK, pdu.to_bytes()[:48])
+                return
             itt = self._ack_ttts.get(pdu.ttt)
             kept = self.kept_data.get(itt) if itt is not None else None
-            if kept is None or pdu.runlength != 0:
-                # §11.16.1: a DataACK for no A-bit Data-In we sent.
-                self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
-                return
+            if kept is None:
+                return  # its data was already released with the status
             self._ack_ttts.pop(pdu.ttt, None)
             # All Data-In below BegRun arrived: they need not be kept.
             drop = [d for d in kept.pdus if d.datasn < pdu.begrun]
