@@ -128,10 +128,13 @@ class FaultPlan:
     done: list[tuple[str, int, int]] = field(default_factory=list)
     #: Set by a "cut" fault: the relay closes the connection.
     cut: bool = False
+    #: Every Login PDU that passed (never faulted): what was negotiated.
+    logins: list[bytes] = field(default_factory=list)
 
     def apply(self, raw: bytes) -> list[bytes]:
         """What goes on the wire instead of PDU ``raw``."""
         if opcode(raw) in _LOGIN:
+            self.logins.append(raw)
             return [raw]
         for f in self.faults:
             if not f.picks(raw):

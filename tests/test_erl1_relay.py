@@ -6,6 +6,7 @@ connection -- no reconnect -- with the image equal to the model."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from target.config import Limits, LunSpec
 from tests.faults import Fault, FaultPlan, FaultyRelay, is_op
 from tests.initiator_checks import MiB, opts, random_write_verify
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
+from tests.tools import require_tool
 
 SIZE = 16 * MiB
 
@@ -55,6 +57,28 @@ async def test_erl_is_the_lower_of_both_offers(erl1_target: RunningTarget,
         s = await Session.connect(t0.host, t0.port, TARGET_NAME, opts(error_recovery_level=1))
         async with s:
             assert s.params.error_recovery_level == 0
+
+
+async def test_libiscsi_gets_erl0_from_a_target_allowing_1(erl1_target: RunningTarget) -> None:
+    """libiscsi asks for no ErrorRecoveryLevel (RFC default 0), so a target
+    configured for 1 answers 0 or nothing, and the tool works unchanged."""
+    inq = require_tool("iscsi-inq")
+
+    def plain() -> FaultPlan:
+        return FaultPlan()
+
+    relay = FaultyRelay((erl1_target.host, erl1_target.port), plain, plain)
+    await relay.start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            inq, f"iscsi://127.0.0.1:{relay.port}/{TARGET_NAME}/0",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await relay.close()
+    assert proc.returncode == 0 and b"Vendor:AIOISCSI" in out, out
+    answers = b"".join(raw for _, down in relay.plans for raw in down.logins)
+    assert b"ErrorRecoveryLevel=1" not in answers
 
 
 async def test_verified_stream_through_a_corrupting_relay(erl1_target: RunningTarget,
