@@ -236,6 +236,21 @@ def test_lost_status_alone_is_found_by_the_keepalive() -> None:
     check_write(p, 0, d, w)
 
 
+def test_lost_last_status_is_found_by_the_targets_probe() -> None:
+    """An initiator without keepalive loses the last status: the target,
+    seeing it unacknowledged and the initiator silent, sends a NOP-In with
+    the next StatSN; the gap brings a Status SNACK (NOP-based detection of
+    an ExpStatSN gap, from the target's side)."""
+    p = make(down=[Fault("drop", is_op(Opcode.SCSI_RESPONSE))])
+    p.ini.nop_interval = None
+    p.ini._timers.cancel("nop")
+    d = pattern(4096, seed=6)
+    w = write(p, 0, d)
+    assert settle(p, w)[w].status == 0
+    check_write(p, 0, d, w)
+    assert [s.type for s in p.snacks] == [1]  # one Status SNACK, after the probe
+
+
 def test_lost_command_is_retried_once() -> None:
     """A SCSI Command lost: the keepalive's answer shows ExpCmdSN stuck at
     it, so it is retried with the same ITT and CmdSN (§7.2.1); a duplicate

@@ -194,6 +194,8 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
                 self._nop_due(now)
             elif name == "sequence":
                 self._sequence_timeout(now)
+            elif name == "probe":
+                self._status_probe(now)
         return self.take_events()
 
     # -------------------------------------------------------- SCSI command

@@ -163,6 +163,9 @@ class Erl1Target:
         #: sequence timeout counts from it, not from any PDU: keepalives
         #: do not make a lost Data-Out arrive).
         self._data_at = self._last_rx
+        #: A NOP-In probe for unacknowledged status is out (not repeated
+        #: until ExpStatSN moves).
+        self._probed = False
         #: Recovery counters (tests and ``show`` read them).
         self.recovery_r2ts = 0
         self.resent_data = 0
@@ -179,6 +182,8 @@ class Erl1Target:
             old = kept_status.pop(next(iter(kept_status)))
             self._release_data(old.itt)
         kept_status[sn] = pdu
+        if self._timers.get("probe") is None:
+            self._timers.set("probe", self._last_rx + self.sequence_timeout)
         kept = self.kept_data.get(pdu.itt)
         if kept is not None and kept.statsn is None and isinstance(pdu, (ScsiResponse, DataIn)):
             kept.statsn = sn
@@ -189,6 +194,7 @@ class Erl1Target:
         if not (sn_lt(self.exp_statsn, exp) and sn_le(exp, self.statsn)):
             return  # old, or beyond anything sent: ignored
         self.exp_statsn = exp
+        self._probed = False
         kept = self.kept_status
         while kept:
             sn = next(iter(kept))
@@ -446,6 +452,22 @@ class Erl1Target:
             self._data_at = self._last_rx
             if self._timers.get("sequence") is None:
                 self._timers.set("sequence", self._data_at + self.sequence_timeout)
+
+    def _status_probe(self, now: float) -> None:
+        """Status sent long ago is still unacknowledged and the initiator
+        is silent: the last of it may have been lost, and an idle initiator
+        cannot know. A NOP-In carries the next StatSN (the initiator sees
+        the gap, §7.9) and asks for an answer whose ExpStatSN releases what
+        arrived (§11.18.1). Once per ExpStatSN."""
+        if not self.kept_status or self.exp_statsn == self.statsn or self._probed:
+            return
+        if now - self._last_rx < self.sequence_timeout:
+            self._timers.set("probe", self._last_rx + self.sequence_timeout)
+            return
+        self._probed = True
+        w = self.window
+        self.outbox.add(NopIn(itt=RESERVED_TAG, ttt=self._new_ttt(), statsn=self.statsn,
+                              expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn))
 
     def _sequence_timeout(self, now: float) -> None:
         """No Data-Out for a while on open sequences: their last PDU (F bit)
