@@ -103,6 +103,11 @@ async def test_verified_stream_through_a_corrupting_relay(erl1_target: RunningTa
         async with s:
             assert s.params.error_recovery_level == 1 and s.params.data_digest
             model = await random_write_verify(await BlockDevice.from_session(s, 0), 12 * MiB)
+            # Three damaged Data-In and one lost: asked for again with SNACK;
+            # the damaged immediate data: the command retried.
+            engine = s._engine
+            assert engine is not None
+            assert engine.recovery.snacks >= 4 and engine.recovery.retries == 1
     finally:
         await relay.close()
     assert image.read_bytes() == model
