@@ -267,6 +267,24 @@ def test_lost_command_is_retried_once() -> None:
     assert p.ini.recovery.retries == 1
 
 
+def test_data_in_lost_before_a_separate_status_is_asked_for() -> None:
+    """A read ending in CHECK CONDITION sends its data, then a SCSI
+    Response whose ExpDataSN counts the Data-In (§11.4.8): the last Data-In
+    lost shows there and is asked for before the status is given out."""
+    p = make(down=[Fault("drop", is_op(DATA_IN), nth=3)])
+    r = read(p, 0, 64)  # 32 KiB: 4 Data-In
+    p.hold = True
+    p.run()
+    task = p.held.pop()
+    p.tgt.command_done(task, 2, b"\x70\x00\x05" + bytes(15), memoryview(p.disk)[: 32 << 10])
+    p.run()
+    c = completed(p.events, r)
+    assert c.status == 2 and r.data_in is not None
+    assert bytes(r.data_in) == bytes(p.disk[: 32 << 10])
+    # The Data SNACK, then the DataACK the last (A-bit) Data-In asked for.
+    assert [(s.type, s.begrun, s.runlength) for s in p.snacks] == [(0, 3, 1), (2, 4, 0)]
+
+
 def test_data_ack_releases_kept_data() -> None:
     """The last Data-In of each burst asks for a DataACK (A bit); the
     initiator's DataACK SNACK lets the target drop what it kept before the

@@ -430,7 +430,9 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
         self.outbox.add(ScsiResponse(
             itt=task.itt, response=ISCSIResponse.COMMAND_COMPLETED, status=status,
             statsn=self._next_statsn(), expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
-            expdatasn=0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
+            # ERL 1: ExpDataSN counts the R2Ts or Data-In sent (§11.4.8),
+            # so an initiator can tell Data-In lost before the status.
+            expdatasn=task.r2tsn if self.erl else 0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
             residual_count=residual, data=ScsiResponse.sense_segment(sense)))
 
     def _data_in(self, task: Task, mv: memoryview, status: int | None, overflow: int,

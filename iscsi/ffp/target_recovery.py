@@ -245,6 +245,7 @@ class Erl1Target:
             if ack:
                 self._ack_ttts[ttt] = task.itt
             pdus.append(pdu)
+        task.r2tsn = len(pdus)  # a read's Data-In count (ExpDataSN, §11.4.8)
         if keep:
             self.kept_data[task.itt] = _Kept(pdus, total)
             self.kept_bytes += total
