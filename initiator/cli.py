@@ -227,6 +227,9 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="our iSCSI name (default: open-iscsi's, else derived from the host)")
     p.add_argument("--header-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
     p.add_argument("--data-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
+    p.add_argument("--error-recovery-level", type=int, choices=(0, 1), default=d(0),
+                   metavar="N", help="ErrorRecoveryLevel to ask for: 1 recovers digest errors "
+                                     "and lost PDUs without reconnecting (default 0)")
     p.add_argument("--chap-algorithms", default=d(None),
                    help="CHAP_A values to offer, e.g. 5 or 7,5")
     p.add_argument("--connect-timeout", type=float, default=d(5.0), metavar="S",

@@ -29,6 +29,11 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
         opts.header_digest = args.header_digest
     if args.data_digest:
         opts.data_digest = args.data_digest
+    if args.error_recovery_level:
+        # ERL 1: lost PDUs are found by sequence gaps, and when nothing
+        # follows them, by the keepalive's NOP-In (RFC 7143 §7.9).
+        opts.error_recovery_level = args.error_recovery_level
+        opts.nop_interval = 5.0
     if args.chap_algorithms:
         opts.chap_algorithms = tuple(int(a) for a in args.chap_algorithms.split(","))
     return opts

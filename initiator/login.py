@@ -71,7 +71,7 @@ class LoginSettings:
 def login_offers(*, header_digest: str, data_digest: str, max_recv_data_segment_length: int,
                  max_burst_length: int, first_burst_length: int, initial_r2t: bool,
                  immediate_data: bool, max_outstanding_r2t: int,
-                 keys: dict[str, str]) -> dict[str, str]:
+                 keys: dict[str, str], error_recovery_level: int = 0) -> dict[str, str]:
     """The operational keys we offer (§13), ``keys`` winning."""
     offers = {
         "HeaderDigest": header_digest,
@@ -83,6 +83,8 @@ def login_offers(*, header_digest: str, data_digest: str, max_recv_data_segment_
         "ImmediateData": _yes(immediate_data),
         "MaxOutstandingR2T": str(max_outstanding_r2t),
     }
+    if error_recovery_level:
+        offers["ErrorRecoveryLevel"] = str(error_recovery_level)
     offers.update(keys)
     return offers
 

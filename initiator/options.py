@@ -37,6 +37,10 @@ class SessionOptions:
     initial_r2t: bool = False
     immediate_data: bool = True
     max_outstanding_r2t: int = 1
+    #: ErrorRecoveryLevel offered (RFC 7143 §13.20; the session runs at the
+    #: lower of both sides'): 1 recovers digest errors and lost PDUs with
+    #: SNACK and recovery R2Ts instead of dropping the connection (§7.1.5).
+    error_recovery_level: int = 0
     keys: dict[str, str] = field(default_factory=dict)
     #: Seconds of receive silence before a NOP-Out ping; None disables pings.
     nop_interval: float | None = 5.0

@@ -376,6 +376,22 @@ class Session(SessionLink):
             self._in_rx = False
         self.flush()
 
+    def protocol_error(self, conn: Connection, exc: ProtocolError) -> bool:
+        """A PDU failed to decode: at ErrorRecoveryLevel 1 a data digest
+        error is recovered by the engine (SNACK, §7.8) and the connection
+        goes on; anything else is the caller's to fail (False)."""
+        engine = self._engine
+        if engine is None or conn is not self._conn or not engine.recovers(exc):
+            return False
+        log.info("%s: %s; asking the target again (ErrorRecoveryLevel 1)", self.portal, exc)
+        self._in_rx = True
+        try:
+            self._handle(engine.protocol_error(exc, self._loop.time()))
+        finally:
+            self._in_rx = False
+        self.flush()
+        return True
+
     def _dispatch(self, pdu: PDU) -> None:
         """Feed one PDU as if it had been received (tests inject with it)."""
         if self._conn is not None:

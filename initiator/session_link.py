@@ -121,6 +121,8 @@ class SessionLink:
 
         def deliver(self, conn: Connection, pdus: list[PDU]) -> None: ...
 
+        def protocol_error(self, conn: Connection, exc: ProtocolError) -> bool: ...
+
         def flush(self) -> None: ...
 
         def _cancel_timer(self) -> None: ...
@@ -212,7 +214,8 @@ class SessionLink:
                 max_recv_data_segment_length=o.max_recv_data_segment_length,
                 max_burst_length=o.max_burst_length, first_burst_length=o.first_burst_length,
                 initial_r2t=o.initial_r2t, immediate_data=o.immediate_data,
-                max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys),
+                max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys,
+                error_recovery_level=o.error_recovery_level),
             chap_user=o.chap_user, chap_secret=o.chap_secret,
             target_chap_user=o.target_chap_user, target_chap_secret=o.target_chap_secret,
             chap_algorithms=o.chap_algorithms)
@@ -228,7 +231,8 @@ class SessionLink:
                 max_xmit=p.max_xmit_data_segment_length, max_burst=p.max_burst_length,
                 first_burst=p.first_burst_length, initial_r2t=p.initial_r2t,
                 immediate_data=p.immediate_data, max_outstanding_r2t=p.max_outstanding_r2t,
-                header_digest=p.header_digest, data_digest=p.data_digest),
+                header_digest=p.header_digest, data_digest=p.data_digest,
+                error_recovery_level=p.error_recovery_level),
             cmdsn=result.cmdsn, expcmdsn=result.expcmdsn, maxcmdsn=result.maxcmdsn,
             exp_statsn=result.exp_statsn, now=self._loop.time(), cid=self._cid,
             nop_interval=None if self.discovery else o.nop_interval,

@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from iscsi.errors import ProtocolError
 from iscsi.framing import PDUReader
 from iscsi.pdu import PDU, Buffer
 
@@ -39,6 +40,12 @@ class ConnectionOwner(Protocol):
 
     def connection_failed(self, conn: Connection, exc: BaseException) -> None:
         """The connection broke (or its peer misbehaved)."""
+        ...
+
+    def protocol_error(self, conn: Connection, exc: ProtocolError) -> bool:
+        """A PDU failed to decode; True if the session recovered from it
+        and the connection goes on (a data digest error at
+        ErrorRecoveryLevel 1, RFC 7143 §7.8)."""
         ...
 
     def flush(self) -> None:
@@ -79,23 +86,43 @@ class Connection(asyncio.BufferedProtocol):
         self._parse(self.reader.parse)
 
     def _parse(self, step: Callable[[], list[PDU]]) -> None:
-        try:
-            pdus = step()
-        except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
-            # Any error while reading (not only our ProtocolError) ends
-            # this connection, never the event loop's "Fatal error on
-            # transport".
-            self._error(exc)
-            return
-        if not self.logged_in:
-            for pdu in pdus:
-                self.login_queue.put_nowait(pdu)
-            return
-        try:
-            self.session.deliver(self, pdus)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("error handling PDUs from %s", self.session.portal)
-            self._error(exc)
+        again = False  # True once step is a plain re-parse of what is staged
+        while True:
+            try:
+                pdus = step()
+            except ProtocolError as exc:
+                # A data digest error at ERL 1 leaves the stream in sync:
+                # the session asks for the PDU again and parsing goes on.
+                if self.logged_in and not self.closed and not exc.drop_connection and \
+                        self.session.protocol_error(self, exc):
+                    step, again = self.reader.parse, True
+                    continue
+                self._error(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - nothing may escape into the transport
+                # Any error while reading (not only our ProtocolError) ends
+                # this connection, never the event loop's "Fatal error on
+                # transport".
+                self._error(exc)
+                return
+            if not self.logged_in:
+                for pdu in pdus:
+                    self.login_queue.put_nowait(pdu)
+                return
+            if not pdus and again:
+                return
+            try:
+                self.session.deliver(self, pdus)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("error handling PDUs from %s", self.session.portal)
+                self._error(exc)
+                return
+            if self.closed:
+                return
+            # A recoverable error behind these PDUs waits in the reader
+            # (raised by the next parse): take it now, not at the next
+            # receive -- nothing more may come until we ask again.
+            step, again = self.reader.parse, True
 
     def _error(self, exc: BaseException) -> None:
         if not self.logged_in:

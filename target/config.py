@@ -50,6 +50,10 @@ class Limits:
     header_digests: tuple[str, ...] = ("None", "CRC32C")
     data_digests: tuple[str, ...] = ("None", "CRC32C")
     queue_depth: int = 128
+    #: The highest ErrorRecoveryLevel accepted (RFC 7143 §13.20: the
+    #: session runs at the lower of both sides' values). 0 keeps what every
+    #: common initiator asks for; 1 adds SNACK and recovery R2Ts (§7.1.5).
+    error_recovery_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,8 @@ def _chap_problem(chap: ChapConfig) -> tuple[str, str] | None:
 def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
     known = {"max_recv_data_segment_length", "max_burst_length", "first_burst_length",
              "initial_r2t", "immediate_data", "max_outstanding_r2t", "max_connections",
-             "digests", "header_digests", "data_digests", "queue_depth"}
+             "digests", "header_digests", "data_digests", "queue_depth",
+             "error_recovery_level"}
     r.check_keys(table, known, where)
     mrdsl = r.int_in(table, "max_recv_data_segment_length", where, 262144, 512, (1 << 24) - 1)
     mbl = r.int_in(table, "max_burst_length", where, 1048576, 512, (1 << 24) - 1)
@@ -287,6 +292,8 @@ def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
         max_connections=r.int_in(table, "max_connections", where, 1, 1, 65535),
         header_digests=tuple(hd), data_digests=tuple(dd),
         queue_depth=r.int_in(table, "queue_depth", where, 128, 1, 4096),
+        # ERL 2 (connection recovery) is not implemented here: at most 1.
+        error_recovery_level=r.int_in(table, "error_recovery_level", where, 0, 0, 1),
     )
 
 

@@ -74,8 +74,9 @@ def limits_offers(limits: Limits) -> dict[str, str]:
         "MaxBurstLength": str(limits.max_burst_length),
         "FirstBurstLength": str(limits.first_burst_length),
         "MaxOutstandingR2T": str(limits.max_outstanding_r2t),
-        # We implement ErrorRecoveryLevel 0 only (RFC 7143 §7.1.5).
-        "ErrorRecoveryLevel": "0",
+        # Up to the configured level (RFC 7143 §7.1.5, §13.20: the lower of
+        # both offers wins, so initiators asking 0 get 0).
+        "ErrorRecoveryLevel": str(limits.error_recovery_level),
         "DataPDUInOrder": "Yes",
         "DataSequenceInOrder": "Yes",
     }

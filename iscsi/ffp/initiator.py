@@ -34,7 +34,7 @@ from ..constants import (
     Opcode,
     TMFunction,
 )
-from ..errors import ProtocolError
+from ..errors import DataDigestError, ProtocolError
 from ..pdu import (
     PDU,
     R2T,
@@ -53,6 +53,7 @@ from ..pdu import (
 from ..serial import CmdWindow, TagAllocator, sn_add, sn_gt
 from .common import Deadlines, Outbox, segments
 from .initiator_control import Control
+from .initiator_erl import Erl1
 from .initiator_tasks import (
     AsyncNotice,
     Command,
@@ -139,6 +140,9 @@ class InitiatorEngine:
         self._exchanges: dict[int, tuple[str, int, Command | None]] = {}
         self._keepalive: tuple[int, float] | None = None
         self.control = Control(self)
+        #: ErrorRecoveryLevel 1 (SNACK, recovery R2Ts, retries) when > 0.
+        self.erl = params.error_recovery_level
+        self.recovery = Erl1(self)
         #: The target's NOP-In pings answered (§11.18.1).
         self.target_pings = 0
         if nop_interval:
@@ -177,6 +181,27 @@ class InitiatorEngine:
         """Events produced since the last call."""
         ev, self.events = self.events, []
         return ev
+
+    def recovers(self, exc: ProtocolError) -> bool:
+        """Whether :meth:`protocol_error` recovers from ``exc`` on a live
+        connection: a data digest error at ErrorRecoveryLevel 1 (§7.8)."""
+        return bool(self.erl) and isinstance(exc, DataDigestError) and \
+            exc.header is not None and len(exc.header) >= 48
+
+    def protocol_error(self, exc: ProtocolError, now: float) -> list[Event]:
+        """A PDU that failed to decode. At ErrorRecoveryLevel 1 a data
+        digest error is recovered (the PDU asked for again, §7.8); anything
+        else ends the connection."""
+        self._now = now
+        if self.closed:
+            return []
+        if self.recovers(exc):
+            assert exc.header is not None
+            self.recovery.digest_error(exc.header)
+        else:
+            self.events.append(ConnectionFailed(str(exc), violation=True))
+        self._pump(now)
+        return self.take_events()
 
     def placement(self, hdr: bytes, dlen: int) -> memoryview | None:
         """:class:`~iscsi.framing.PDUReader` hook: a Data-In payload goes
@@ -220,12 +245,18 @@ class InitiatorEngine:
                 self._issue(queue.popleft())
 
     def _issue(self, cmd: Command) -> None:
-        p = self.params
         cmd.itt = self.tags.allocate()
         cmd.cmdsn = self.cmdsn
         self.cmdsn = sn_add(self.cmdsn, 1)
         cmd.sent = True
         cmd.attempts += 1
+        self.tasks[cmd.itt] = cmd
+        self._send_command(cmd)
+
+    def _send_command(self, cmd: Command) -> None:
+        """The SCSI Command PDU with its immediate and unsolicited data
+        (sent again as it was for a retry: same ITT and CmdSN, §7.2.1)."""
+        p = self.params
         edtl = cmd.edtl
         data_out = cmd.data_out
         imm = unsol = 0
@@ -238,7 +269,6 @@ class InitiatorEngine:
             unsol = imm if p.initial_r2t else min(edtl, p.first_burst)
         cmd.r2t_next = unsol
         cmd.solicited_sent = unsol
-        self.tasks[cmd.itt] = cmd
         self.outbox.add(ScsiCommand(
             itt=cmd.itt, lun=cmd.lun_field, cdb=cmd.cdb, expected_data_transfer_length=edtl,
             cmdsn=cmd.cmdsn, expstatsn=self.exp_statsn, read=cmd.data_in is not None,
@@ -265,6 +295,9 @@ class InitiatorEngine:
         self.window.update(pdu.expcmdsn, pdu.maxcmdsn)
 
     def _status_seen(self, statsn: int) -> None:
+        if self.erl:
+            self.recovery.status_seen(statsn)
+            return
         nxt = sn_add(statsn, 1)
         if sn_gt(nxt, self.exp_statsn):
             self.exp_statsn = nxt
@@ -281,6 +314,9 @@ class InitiatorEngine:
 
     # --------------------------------------------------------- data path
     def _on_data_in(self, pdu: DataIn) -> None:
+        if self.erl:
+            self.recovery.on_data_in(pdu)
+            return
         self._window(pdu)
         cmd = self.tasks.get(pdu.itt)
         if cmd is None:
@@ -311,6 +347,9 @@ class InitiatorEngine:
                            pdu.residual_underflow, pdu.residual_overflow)
 
     def _on_response(self, pdu: ScsiResponse) -> None:
+        if self.erl:
+            self.recovery.on_response(pdu)
+            return
         self._status_seen(pdu.statsn)
         self._window(pdu)
         cmd = self.tasks.get(pdu.itt)
@@ -344,6 +383,9 @@ class InitiatorEngine:
                                             cmd.received))
 
     def _on_r2t(self, pdu: R2T) -> None:
+        if self.erl:
+            self.recovery.on_r2t(pdu)
+            return
         self._window(pdu)
         cmd = self.tasks.get(pdu.itt)
         if cmd is None:
@@ -495,6 +537,8 @@ class InitiatorEngine:
             self._keepalive = (itt, now)
             self.outbox.add(NopOut(itt=itt, ttt=RESERVED_TAG, lun=0, cmdsn=self.cmdsn,
                                    expstatsn=self.exp_statsn, immediate=True))
+            if self.erl:
+                self.recovery.pinged(itt)
             self._timers.set("nop", now + self.nop_timeout)
         else:
             self._timers.set("nop", self._last_rx + interval)

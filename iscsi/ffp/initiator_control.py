@@ -89,10 +89,16 @@ class Control:
                 self.e.tags.discard(pdu.itt)
                 if ex[0] == "keepalive":
                     self.e._keepalive = None
+                    if self.e.erl:
+                        self.e.recovery.ping_answered(pdu.itt)
                     if self.e.nop_interval:
                         self.e._timers.set("nop", self.e._now + self.e.nop_interval)
                 else:
                     self.e.events.append(PingAnswered(pdu.itt, bytes(pdu.data)))
+        elif self.e.erl:
+            # A NOP-In's StatSN is the next one: a gap below it is status
+            # lost on the way (§7.9).
+            self.e.recovery.probe(pdu.statsn)
         if pdu.ttt != RESERVED_TAG:
             # §11.18.1: the target's ping: echo its TTT and data, ITT
             # reserved, immediate, CmdSN not advanced.
@@ -281,6 +287,8 @@ class Control:
                                        pdu.parameter2, pdu.parameter3))
 
     def on_reject(self, pdu: Reject) -> None:
+        if self.e.erl and self.e.recovery.on_reject(pdu):
+            return
         self.e._status_seen(pdu.statsn)
         self.e._window(pdu)
         try:
@@ -304,6 +312,6 @@ class Control:
                 self.e.tags.discard(itt)
                 self.e.events.append(ExchangeFailed(itt, reason))
                 return
-        if pdu.reason == RejectReason.DATA_DIGEST_ERROR:
+        if pdu.reason == RejectReason.DATA_DIGEST_ERROR and not self.e.erl:
             # ERL 0 cannot resend the data: recover the session (§7.8).
             self.e.events.append(ConnectionFailed(reason))

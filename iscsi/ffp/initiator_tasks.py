@@ -24,6 +24,9 @@ class InitiatorParams:
     max_outstanding_r2t: int = 1
     header_digest: bool = False
     data_digest: bool = False
+    #: The negotiated ErrorRecoveryLevel (§13.20): at 1 lost or corrupt
+    #: Data-In, R2Ts and status are asked for again with SNACK (§7.1.5).
+    error_recovery_level: int = 0
 
 
 class Command:
@@ -39,7 +42,8 @@ class Command:
     __slots__ = ("handle", "lun", "lun_field", "cdb", "attr", "data_out", "data_in", "in_len",
                  "edtl", "seq", "internal", "itt", "cmdsn", "sent", "received", "next_datasn",
                  "r2t_next", "next_r2tsn", "solicited_sent", "attempts", "violation",
-                 "deadline", "timed_out", "aborting", "failure")
+                 "deadline", "timed_out", "aborting", "failure", "missing", "ack_ttt",
+                 "held")
 
     def __init__(self, lun: int, cdb: bytes, *, data_out: memoryview | None = None,
                  data_in: memoryview | None = None, attr: int = 1, seq: int = 0,
@@ -79,6 +83,13 @@ class Command:
         self.aborting = False
         #: An iSCSI-level failure reported with the status (§11.4.3).
         self.failure: str | None = None
+        #: ERL 1: DataSNs asked for again (SNACK) and not yet received.
+        self.missing: set[int] = set()
+        #: ERL 1: TTT of an A-bit Data-In awaiting our DataACK.
+        self.ack_ttt: int | None = None
+        #: ERL 1: the status, held until no Data-In is missing
+        #: (status, sense, residual, underflow, overflow).
+        self.held: tuple[int, bytes, int, bool, bool] | None = None
 
     def reset(self) -> None:
         """Forget a previous issue's transfer state (before a reissue)."""
@@ -91,6 +102,9 @@ class Command:
         self.solicited_sent = 0
         self.aborting = False
         self.failure = None
+        self.missing = set()
+        self.ack_ttt = None
+        self.held = None
 
 
 # ------------------------------------------------------------------ events

@@ -33,7 +33,7 @@ from ..constants import (
     TMFunction,
     TMResponse,
 )
-from ..errors import ProtocolError
+from ..errors import DataDigestError, ProtocolError
 from ..pdu import (
     PDU,
     Buffer,
@@ -51,6 +51,7 @@ from ..scsi.constants import SenseKey, Status
 from ..scsi.sense import SenseData
 from .common import Deadlines, Outbox, segments
 from .target_control import ControlExchanges
+from .target_recovery import DEFAULT_RETAIN_BUDGET, DEFAULT_SEQUENCE_TIMEOUT, Erl1Target
 from .target_tasks import (
     CloseConnection,
     Event,
@@ -76,7 +77,7 @@ DATA_PHASE_ERROR_SENSE = SenseData(SenseKey.ABORTED_COMMAND, 0x4B, 0x00).encode_
 HW_ERROR_SENSE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00).encode_fixed()
 
 
-class TargetConnectionEngine(ControlExchanges):
+class TargetConnectionEngine(ControlExchanges, Erl1Target):
     """Full-feature phase of one target connection.
 
     Args:
@@ -88,11 +89,17 @@ class TargetConnectionEngine(ControlExchanges):
         budget: the server-wide write budget.
         nop_interval / nop_timeout: NOP-In pings to an idle initiator
             (0 disables); the connection ends when one goes unanswered.
+        retain_budget: at ErrorRecoveryLevel 1, bytes of Data-In kept
+            for retransmission (:mod:`.target_recovery`).
+        sequence_timeout: at ErrorRecoveryLevel 1, seconds without
+            Data-Out before an open sequence's holes are asked for again.
     """
 
     def __init__(self, window: CmdSNWindow, params: TargetParams, *, statsn: int, now: float,
                  discovery: bool = False, budget: WriteBudget | None = None,
-                 nop_interval: float = 0.0, nop_timeout: float = 30.0) -> None:
+                 nop_interval: float = 0.0, nop_timeout: float = 30.0,
+                 retain_budget: int = DEFAULT_RETAIN_BUDGET,
+                 sequence_timeout: float = DEFAULT_SEQUENCE_TIMEOUT) -> None:
         self.window = window
         self.params = params
         self.statsn = statsn & 0xFFFFFFFF
@@ -117,6 +124,7 @@ class TargetConnectionEngine(ControlExchanges):
         self._text_in: tuple[int, bytearray] | None = None
         if nop_interval > 0:
             self._timers.set("nop", now + nop_interval)
+        self._erl1_init(retain_budget, sequence_timeout)
         self._handlers: dict[int, Callable[[PDU], None]] = {
             Opcode.SCSI_COMMAND: self._on_command,  # type: ignore[dict-item]
             Opcode.SCSI_DATA_OUT: self._on_data_out,  # type: ignore[dict-item]
@@ -139,6 +147,12 @@ class TargetConnectionEngine(ControlExchanges):
                 self.reject(RejectReason.PROTOCOL_ERROR, pdu.to_bytes()[:48])
             else:
                 handler(pdu)
+            if self.erl:
+                # ExpStatSN acknowledges status (§4.2.2.2) -- after a SNACK
+                # it carries was answered.
+                exp = getattr(pdu, "expstatsn", None)
+                if exp is not None:
+                    self._acknowledge(exp)
         return self.take_events()
 
     def protocol_error(self, exc: ProtocolError) -> list[Event]:
@@ -154,6 +168,11 @@ class TargetConnectionEngine(ControlExchanges):
                 self._drop(task)
         if exc.reject_reason is not None and exc.header is not None:
             self.reject(exc.reject_reason, exc.header)
+            if self.erl and isinstance(exc, DataDigestError) and len(exc.header) >= 48 \
+                    and exc.header[0] & 0x3F == Opcode.SCSI_DATA_OUT:
+                # §7.8: the data is gone but its header is sound; a recovery
+                # R2T will ask for it once the sequence has ended.
+                self._erl1_data_lost(exc.header)
         if exc.drop_connection:
             self.events.append(CloseConnection(str(exc)))
         return self.take_events()
@@ -173,6 +192,10 @@ class TargetConnectionEngine(ControlExchanges):
         for name in self._timers.expired(now):
             if name == "nop":
                 self._nop_due(now)
+            elif name == "sequence":
+                self._sequence_timeout(now)
+            elif name == "probe":
+                self._status_probe(now)
         return self.take_events()
 
     # -------------------------------------------------------- SCSI command
@@ -202,6 +225,10 @@ class TargetConnectionEngine(ControlExchanges):
         if self._dead_itts:
             self._dead_itts.pop(cmd.itt, None)
         w = self.window
+        if self.erl and not cmd.immediate and w.is_stale(cmd.cmdsn):
+            # A retry of a command we already have (§7.2.1).
+            self._erl1_retry(cmd.itt)
+            return
         if not cmd.immediate and cmd.cmdsn == w.expcmdsn and w.active < w.depth \
                 and not w.held:
             # The common case, in order with the window open: what
@@ -274,13 +301,15 @@ class TargetConnectionEngine(ControlExchanges):
             offset = task.next_r2t_offset
             length = min(p.max_burst, task.edtl - offset)
             ttt = self._new_ttt()
-            task.r2ts[ttt] = [offset, length, offset, 0]
+            task.r2ts[ttt] = [offset, length, offset, 0, task.r2tsn]
             self._ttt_map[ttt] = task
             task.next_r2t_offset = offset + length
             self.outbox.add(R2T(lun=task.cmd.lun, itt=task.itt, ttt=ttt, statsn=self.statsn,
                                 expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn, r2tsn=task.r2tsn,
                                 buffer_offset=offset, desired_data_transfer_length=length))
             task.r2tsn += 1
+        if self.erl:
+            self._arm_sequence_timer()
 
     def _drop_later_data(self, itt: int) -> None:
         """Data-Out still arriving for ``itt`` (a failed, rejected or
@@ -311,6 +340,11 @@ class TargetConnectionEngine(ControlExchanges):
             # Data for a task we do not know or that is complete: Reject,
             # Invalid PDU Field (§11.7.4).
             self.reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
+            return
+        if self.erl:
+            if not self._erl1_data_out(task, pdu.ttt, pdu.buffer_offset, len(pdu.data),
+                                       pdu.final, pdu.data):
+                self.reject(RejectReason.INVALID_PDU_FIELD, pdu.to_bytes()[:48])
             return
         n = len(pdu.data)
         offset = pdu.buffer_offset
@@ -396,7 +430,9 @@ class TargetConnectionEngine(ControlExchanges):
         self.outbox.add(ScsiResponse(
             itt=task.itt, response=ISCSIResponse.COMMAND_COMPLETED, status=status,
             statsn=self._next_statsn(), expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
-            expdatasn=0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
+            # ERL 1: ExpDataSN counts the R2Ts or Data-In sent (§11.4.8),
+            # so an initiator can tell Data-In lost before the status.
+            expdatasn=task.r2tsn if self.erl else 0, residual_overflow=bool(overflow), residual_underflow=bool(underflow),
             residual_count=residual, data=ScsiResponse.sense_segment(sense)))
 
     def _data_in(self, task: Task, mv: memoryview, status: int | None, overflow: int,
@@ -409,6 +445,9 @@ class TargetConnectionEngine(ControlExchanges):
         p = self.params
         lun, itt = task.cmd.lun, task.itt
         add = self.outbox.add
+        if self.erl:
+            self._data_in_kept(task, mv, status, overflow, underflow, self._next_statsn)
+            return
         residual = min(overflow or underflow, 0xFFFFFFFF)
         total = mv.nbytes
         if total <= p.max_xmit and total <= p.max_burst:
@@ -486,7 +525,14 @@ class TargetConnectionEngine(ControlExchanges):
             self._release_task(task)
         self._ttt_map.clear()
         self._timers = Deadlines()
+        self._erl1_close()
         return running
+
+    def _on_snack(self, pdu: PDU) -> None:
+        if self.erl:
+            self._erl1_snack(pdu)  # type: ignore[arg-type]
+        else:
+            super()._on_snack(pdu)
 
     def _drop(self, task: Task) -> None:
         self._forget_r2ts(task)

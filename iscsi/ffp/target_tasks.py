@@ -46,6 +46,9 @@ class TargetParams:
     max_outstanding_r2t: int = 1
     header_digest: bool = False
     data_digest: bool = False
+    #: The negotiated ErrorRecoveryLevel (§13.20); 1 turns on SNACK, data
+    #: retention and recovery R2Ts (§7.1.5).
+    error_recovery_level: int = 0
 
     @classmethod
     def from_negotiated(cls, params: NegotiatedParams) -> TargetParams:
@@ -55,7 +58,8 @@ class TargetParams:
             first_burst=params.first_burst_length, initial_r2t=params.initial_r2t,
             immediate_data=params.immediate_data,
             max_outstanding_r2t=params.max_outstanding_r2t,
-            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest))
+            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest),
+            error_recovery_level=params.error_recovery_level)
 
 
 class Task:
@@ -63,7 +67,7 @@ class Task:
 
     __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
                  "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
-                 "immediate", "executing", "unsol_next", "waiter")
+                 "immediate", "executing", "unsol_next", "waiter", "holes", "unsol_closed")
 
     def __init__(self, cmd: ScsiCommand) -> None:
         self.itt = cmd.itt
@@ -77,7 +81,7 @@ class Task:
         self.received = 0
         self.unsolicited_end = 0
         self.next_r2t_offset = 0
-        #: ttt -> [buffer offset, length, next expected offset, next DataSN]
+        #: ttt -> [buffer offset, length, next expected offset, next DataSN, R2TSN]
         self.r2ts: dict[int, list[int]] = {}
         self.r2tsn = 0
         self.aborted = False
@@ -87,6 +91,10 @@ class Task:
         self.unsol_next = (0, 0)
         #: The owner's handle (e.g. a future a TMF waits on).
         self.waiter: object | None = None
+        #: ERL 1: byte ranges of the write not received yet (sorted).
+        self.holes: list[list[int]] | None = None
+        #: ERL 1: the unsolicited sequence ended (its holes asked for).
+        self.unsol_closed = False
 
     def data_out(self) -> memoryview:
         """The write data received (empty for a command without any)."""
