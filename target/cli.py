@@ -32,6 +32,7 @@ from .config import (
     ChapConfig,
     ConfigError,
     LunSpec,
+    RBD_MODES,
     PortalGroup,
     ServerConfig,
     TargetSpec,
@@ -80,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--name", args.name), ("--read-only", args.read_only),
             ("--chap", args.chap), ("--mutual-chap", args.mutual_chap),
             ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
-            ("--mode", args.mode != "normal")) if given]
+            ("--mode", args.mode != "normal"), ("--ceph-conf", args.ceph_conf)) if given]
         if ignored:
             # Never silently ignored: the file says how the targets look.
             raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
@@ -107,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise CLIError("nothing to serve: give one or more image files, or --config FILE")
     luns = []
     for i, path in enumerate(args.images):
+        if path.startswith("rbd:"):
+            luns.append(_rbd_lun(i, path, args))
+            continue
         if not os.path.exists(path):
             raise CLIError(f"{path}: no such file (create one with: truncate -s 1G {path})")
         if not args.read_only and not os.access(path, os.W_OK):
@@ -115,7 +119,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         luns.append(LunSpec(lun=i, path=os.path.abspath(path), read_only=args.read_only,
                             block_size=args.block_size, write_cache=not args.write_through,
                             mode=args.mode))
-    label = os.path.splitext(os.path.basename(args.images[0]))[0]
+    label = os.path.splitext(os.path.basename(args.images[0].split(":")[1]
+                                              if args.images[0].startswith("rbd:")
+                                              else args.images[0]))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
     except (InvalidName, ValueError) as exc:
@@ -135,6 +141,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
         nop_interval=30.0 if args.nop_interval is None else args.nop_interval,
         state_dir=args.state_dir)
+
+
+def _rbd_lun(lun: int, text: str, args: argparse.Namespace) -> LunSpec:
+    """A LUN of ``serve rbd:POOL[/NAMESPACE]/IMAGE[:id=..][:conf=..][:keyring=..]``
+    (qemu's spelling); ``--ceph-conf`` or $CEPH_CONF name the cluster."""
+    from target.backends.base import BackendError
+    from target.backends.rbd import parse_rbd_spec
+
+    try:
+        rbd = parse_rbd_spec(text, ceph_conf=args.ceph_conf or "")
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    if args.mode.replace("-", "") not in RBD_MODES:
+        raise CLIError(f"{text}: --mode {args.mode} is not available for an RBD image "
+                       f"({', '.join(RBD_MODES)})")
+    conf, keyring = (os.path.abspath(p) if p else "" for p in (rbd.ceph_conf, rbd.keyring))
+    return LunSpec(lun=lun, path="", backend="rbd", pool=rbd.pool, image=rbd.image,
+                   namespace=rbd.namespace, ceph_conf=conf, client_id=rbd.client_id,
+                   keyring=keyring, read_only=args.read_only, block_size=args.block_size,
+                   write_cache=not args.write_through, mode=args.mode)
 
 
 def open_access_warnings(config: ServerConfig) -> list[str]:
@@ -358,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iscsi-target {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve image files (or a config file) as LUNs")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image file, block device, or Ceph RBD image rbd:POOL[/NAMESPACE]/IMAGE")
     p.add_argument("--config", "-c", metavar="FILE", help="TOML config or IET ietd.conf")
     p.add_argument("--portal", "-p", action="append", metavar="HOST:PORT",
                    help="listen address (repeatable; default 0.0.0.0:3260)")
@@ -367,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-through", action="store_true",
                    help="host I/O cache off: every write is durable before it is acknowledged")
     p.add_argument("--block-size", type=int, choices=(512, 4096), default=512)
+    p.add_argument("--ceph-conf", metavar="FILE",
+                   help="ceph.conf of the cluster of rbd:POOL/IMAGE arguments (default: "
+                        "$CEPH_CONF, then librados' own search)")
     p.add_argument("--mode", default="normal",
                    choices=("normal", "writethrough", "immutable", "multiattach", "shareable",
                             "readonly"),
