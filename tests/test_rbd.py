@@ -228,3 +228,38 @@ def test_iscsi_test_cu_over_rbd(ceph_cluster: CephCluster, image: str) -> None:
           f"{failed} failed")
     assert failed == 0, f"failing tests: {failures}"
     assert ran >= (200 if LONG else 50)
+
+
+async def test_reservation_taken_at_one_gateway_holds_at_the_other(
+        ceph_cluster: CephCluster, image: str) -> None:
+    """Two target processes' worth of gateways on one image (A read-write,
+    holding the lock; B read-only): persistent reservations live in RADOS,
+    so what an initiator reserves through A is enforced at B at once."""
+    from initiator.scsi import SCSIStatusError
+    from iscsi.scsi.constants import PROutAction, Status
+
+    host_x = "iqn.2026-11.org.aioiscsi.test:host-x"
+    host_y = "iqn.2026-11.org.aioiscsi.test:host-y"
+    with running_target(make_config([_spec(ceph_cluster, image)])) as a, \
+            running_target(make_config([_spec(ceph_cluster, image, read_only=True)])) as b:
+        sx = await Session.connect(a.host, a.port, TARGET_NAME, opts(initiator_name=host_x))
+        sy = await Session.connect(b.host, b.port, TARGET_NAME, opts(initiator_name=host_y))
+        async with sx, sy:
+            x, y = await LUN.open(sx, 0), await LUN.open(sy, 0)
+            await x.persistent_reserve_out(PROutAction.REGISTER, service_action_key=0xA1)
+            await y.persistent_reserve_out(PROutAction.REGISTER, service_action_key=0xB2)
+            keys = await y.read_keys()
+            assert sorted(keys.keys) == [0xA1, 0xB2]
+            assert (await x.read_keys()).generation == keys.generation
+            # Exclusive Access (type 3, SPC-4 §5.9.10): only the holder reads.
+            await x.persistent_reserve_out(PROutAction.RESERVE, reservation_key=0xA1, pr_type=3)
+            held = await y.read_reservation()
+            assert (held.key, held.pr_type) == (0xA1, 3)
+            with pytest.raises(SCSIStatusError) as info:
+                await y.read(0, 1)
+            assert info.value.status == Status.RESERVATION_CONFLICT
+            await x.read(0, 1)
+            # Released through A: B serves reads again.
+            await x.persistent_reserve_out(PROutAction.RELEASE, reservation_key=0xA1, pr_type=3)
+            await y.read(0, 1)
+            assert (await y.read_reservation()).key is None

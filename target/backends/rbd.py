@@ -116,6 +116,8 @@ class RbdBackend(AsyncBackend):
         self._read_only = read_only
         self._gate = WriteGate()
         self._closed = False
+        self._pr_store: Any = None
+        self._pr_ioctx: Any = None
         conf = spec.ceph_conf or os.environ.get("CEPH_CONF", "")
         if conf and not os.path.isfile(conf):
             raise BackendError(f"{self.path}: ceph.conf {conf}: no such file")
@@ -349,9 +351,34 @@ class RbdBackend(AsyncBackend):
         if pos < end:
             yield Extent(pos, end - pos, False)
 
+    # -- shared SCSI state -------------------------------------------------------
+
+    def pr_store(self) -> Any:
+        """The RADOS object other gateways of this image share persistent
+        reservations through (target/backends/rbd_pr.py), or None when this
+        client may not create it (a read-only cephx user)."""
+        from .rbd_pr import RadosPRStore
+
+        if self._pr_store is None:
+            rados = importlib.import_module("rados")
+            try:
+                io = self._cluster.open_ioctx(self.spec.pool)
+                if self.spec.namespace:
+                    io.set_namespace(self.spec.namespace)
+                self._pr_store = RadosPRStore(rados, io, f"aioiscsi.pr.{self._image.id()}")
+                self._pr_ioctx = io
+            except Exception as exc:  # noqa: BLE001 - fall back to local reservations
+                raise BackendError(f"{self.path}: cannot share persistent reservations in "
+                                   f"the cluster: {_errno_of(exc)}") from None
+        return self._pr_store
+
     # -- lifetime -----------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        if self._pr_store is not None:
+            self._pr_store.close()
+            self._pr_ioctx.close()
+            self._pr_store = None
         try:
             self._image.close()  # waits for I/O in flight, releases the lock
         except Exception:  # noqa: BLE001 - closing anyway

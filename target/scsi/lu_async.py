@@ -21,16 +21,20 @@ ORWRITE, EXTENDED COPY) use the backend's blocking calls.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from iscsi.scsi.sense import miscompare
 from target.backends.aio import AsyncBackend
-from target.backends.base import Backend, Buffer, DelegatingBackend, Extent
+from target.backends.base import Backend, BackendError, Buffer, DelegatingBackend, Extent
 
 from .lu import LogicalUnit
 from .lu_base import HandlerResult
+from .pr_shared import SharedReservations
 from .types import SIMPLE, LUConfig, Nexus, ScsiResult
+
+log = logging.getLogger("aioiscsi.target")
 
 #: Recorded operations: (kind, offset, length or data).
 _Op = tuple[str, int, Any]
@@ -98,7 +102,28 @@ class AsyncLogicalUnit(LogicalUnit):
     _deferring: _Deferring
 
     def __init__(self, backend: AsyncBackend, config: LUConfig | None = None) -> None:
+        self._shared: SharedReservations | None = None
         super().__init__(backend, config)
+        self._share_reservations()
+
+    def bind(self, target_name: str, lun: int) -> None:
+        super().bind(target_name, lun)
+        self._share_reservations()
+
+    def _share_reservations(self) -> None:
+        """Persistent reservations kept in the backend's cluster when it
+        offers a store (Ceph RBD), so every gateway of the image enforces
+        them (target/scsi/pr_shared.py); else the unit's own."""
+        if self._shared is None:
+            make = getattr(self._deferring.aio, "pr_store", None)
+            if make is None:
+                return
+            try:
+                self._shared = SharedReservations(make())
+            except BackendError as exc:
+                log.warning("%s; persistent reservations are this process's only", exc)
+                return
+        self.reservations = self._shared
 
     @property
     def backend(self) -> Backend:
@@ -211,6 +236,18 @@ class AsyncLogicalUnit(LogicalUnit):
         decides) in a worker thread; it reads through to the backend."""
         result: HandlerResult = await asyncio.to_thread(handler, self, nexus, cdb, data, el)
         return result if isinstance(result, ScsiResult) else await result
+
+    def _pr_out(self, nexus: Nexus, cdb: bytes, data: Buffer | None, el: int | None) -> HandlerResult:
+        shared = self._shared
+        if shared is None or self.reservations is not shared:
+            return super()._pr_out(nexus, cdb, data, el)
+
+        async def run() -> ScsiResult:
+            result = await shared.run_out(lambda: LogicalUnit._pr_out(self, nexus, cdb, data, el))
+            assert isinstance(result, ScsiResult)
+            return result
+
+        return run()
 
     async def _flush_then(self, result: ScsiResult) -> ScsiResult:
         await self._deferring.aio.aio_flush()
