@@ -121,6 +121,9 @@ class RbdBackend(AsyncBackend):
         conf = spec.ceph_conf or os.environ.get("CEPH_CONF", "")
         if conf and not os.path.isfile(conf):
             raise BackendError(f"{self.path}: ceph.conf {conf}: no such file")
+        if not conf and not os.path.isfile("/etc/ceph/ceph.conf"):
+            raise BackendError(f"{self.path}: no ceph.conf: give --ceph-conf FILE (ceph_conf in "
+                               "a config file) or set CEPH_CONF")
         extra = {"keyring": spec.keyring} if spec.keyring else {}
         try:
             self._cluster = rados.Rados(conffile=conf, rados_id=spec.client_id or None, conf=extra)
