@@ -33,6 +33,7 @@ from .config import (
     ChapConfig,
     ConfigError,
     LunSpec,
+    RBD_MODES,
     PortalGroup,
     ServerConfig,
     TargetSpec,
@@ -86,7 +87,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             ("--write-through", args.write_through), ("--block-size", args.block_size != 512),
             ("--mode", args.mode != "normal"), ("--removable", args.removable),
             ("--physical-block-size", args.physical_block_size),
-            ("--boot-farm", getattr(args, "boot_farm", None))) if given]
+            ("--boot-farm", getattr(args, "boot_farm", None)),
+            ("--ceph-conf", args.ceph_conf)) if given]
         if ignored:
             # Never silently ignored: the file says how the targets look.
             raise CLIError(f"{', '.join(ignored)} describe image files given on the command "
@@ -125,6 +127,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         raise CLIError(f"--physical-block-size {exc}") from None
     luns = [] if farm is None else [farm_admin.farm_lun(farm)]
     for i, path in enumerate(args.images):
+        if path.startswith("rbd:"):
+            luns.append(_rbd_lun(i, path, args))
+            continue
         if is_nbd_uri(path):
             # An NBD export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH).
             try:
@@ -145,8 +150,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             mode=args.mode, removable=args.removable,
                             physical_block_size=args.physical_block_size))
     first = farm.golden if farm else args.images[0]
-    label = (parse_nbd_uri(first).export or "nbd") if is_nbd_uri(first) else \
-        os.path.splitext(os.path.basename(first))[0]
+    if is_nbd_uri(first):
+        label = parse_nbd_uri(first).export or "nbd"
+    else:
+        label = os.path.splitext(os.path.basename(first.split(":")[1] if first.startswith("rbd:")
+                                                  else first))[0]
     try:
         name = normalize_name(args.name) if args.name else generate_iqn(label)
     except (InvalidName, ValueError) as exc:
@@ -166,6 +174,26 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         targets=(spec,), portal_groups=(PortalGroup(1, _portals(args.portal, "0.0.0.0:3260")),),
         nop_interval=30.0 if args.nop_interval is None else args.nop_interval,
         state_dir=args.state_dir)
+
+
+def _rbd_lun(lun: int, text: str, args: argparse.Namespace) -> LunSpec:
+    """A LUN of ``serve rbd:POOL[/NAMESPACE]/IMAGE[:id=..][:conf=..][:keyring=..]``
+    (qemu's spelling); ``--ceph-conf`` or $CEPH_CONF name the cluster."""
+    from target.backends.base import BackendError
+    from target.backends.rbd import parse_rbd_spec
+
+    try:
+        rbd = parse_rbd_spec(text, ceph_conf=args.ceph_conf or "")
+    except BackendError as exc:
+        raise CLIError(str(exc)) from None
+    if args.mode.replace("-", "") not in RBD_MODES:
+        raise CLIError(f"{text}: --mode {args.mode} is not available for an RBD image "
+                       f"({', '.join(RBD_MODES)})")
+    conf, keyring = (os.path.abspath(p) if p else "" for p in (rbd.ceph_conf, rbd.keyring))
+    return LunSpec(lun=lun, path="", backend="rbd", pool=rbd.pool, image=rbd.image,
+                   namespace=rbd.namespace, ceph_conf=conf, client_id=rbd.client_id,
+                   keyring=keyring, read_only=args.read_only, block_size=args.block_size,
+                   write_cache=not args.write_through, mode=args.mode)
 
 
 def open_access_warnings(config: ServerConfig) -> list[str]:
@@ -407,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"iscsi-target {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="serve image files (or a config file) as LUNs")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image file, block device, or Ceph RBD image rbd:POOL[/NAMESPACE]/IMAGE")
     p.add_argument("--config", "-c", metavar="FILE", help="TOML config or IET ietd.conf")
     p.add_argument("--portal", "-p", action="append", metavar="HOST:PORT",
                    help="listen address (repeatable; default 0.0.0.0:3260)")
@@ -421,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--physical-block-size 4096)")
     p.add_argument("--removable", action="store_true",
                    help="a removable medium (initiators may eject it and lock it in)")
+    p.add_argument("--ceph-conf", metavar="FILE",
+                   help="ceph.conf of the cluster of rbd:POOL/IMAGE arguments (default: "
+                        "$CEPH_CONF, then librados' own search)")
     p.add_argument("--mode", default="normal",
                    choices=("normal", "writethrough", "immutable", "multiattach", "shareable",
                             "readonly"),
@@ -484,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"created {path} ({_human(DEMO_SIZE)} demo disk)", flush=True)
             ns = argparse.Namespace(
                 config=None, images=[path], read_only=False, block_size=512, write_through=False,
-                removable=False, physical_block_size=None,
+                removable=False, physical_block_size=None, ceph_conf=None,
                 name=generate_iqn("demo"), chap=None, mutual_chap=None, mode="normal",
                 portal=args.portal or ["127.0.0.1:3260"], nop_interval=30.0, state_dir=None)
             from .control import default_control_path

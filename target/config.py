@@ -90,6 +90,15 @@ class LunSpec:
     #: SANITIZE OVERWRITE speed limit, bytes per second (0: none).
     sanitize_rate: int = 0
 
+    #: backend "rbd": the Ceph RBD image (pool, optional namespace, image)
+    #: and how to reach its cluster ("" = $CEPH_CONF / librados defaults).
+    pool: str = ""
+    image: str = ""
+    namespace: str = ""
+    ceph_conf: str = ""
+    client_id: str = ""
+    keyring: str = ""
+
 
 @dataclass(frozen=True)
 class FarmSpec:
@@ -317,7 +326,12 @@ def _resolve(base: str, path: str) -> str:
 
 _MODES = ("normal", "writethrough", "immutable", "multiattach", "shareable", "readonly")
 _BACKENDS = ("auto", "raw", "file", "block", "memory", "qcow2", "vdi", "vmdk", "vhd", "vhdx",
-             "parallels", "iso", "nbd")
+             "parallels", "iso", "nbd", "rbd")
+
+_RBD_KEYS = ("pool", "image", "namespace", "ceph_conf", "client_id", "keyring")
+#: Write modes an RBD image can be served in (the others keep differencing
+#: images in local files).
+RBD_MODES = ("normal", "writethrough", "readonly")
 
 
 def _nbd_uri(r: _Reader, table: Any, w: str) -> str:
@@ -340,7 +354,8 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
         raise r.fail(where, "must be a table")
     known = {"lun", "path", "backend", "size", "read_only", "block_size", "serial", "wwn",
              "vendor", "product", "revision", "write_cache", "device_type", "mode", "max_overlays",
-             "bandwidth_group", "removable", "physical_block_size", "sanitize_rate", "uri"}
+             "bandwidth_group", "removable", "physical_block_size", "sanitize_rate", "uri",
+             *_RBD_KEYS}
     r.check_keys(table, known, where + ".")
     w = where + "."
     backend = r.get(table, "backend", w, str, "auto")
@@ -356,9 +371,21 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
             size = raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(str(raw))
         except ValueError as exc:
             raise r.fail(f"{w}size", str(exc)) from None
+    rbd = {k: r.get(table, k, w, str, "") for k in _RBD_KEYS}
+    if backend != "rbd" and any(rbd.values()):
+        raise r.fail(f"{w}{next(k for k in _RBD_KEYS if rbd[k])}", 'only for backend = "rbd"')
     if backend == "memory":
         if size is None:
             raise r.fail(f"{w}size", "a memory LUN needs a size (e.g. size = \"64M\")")
+    elif backend == "rbd":
+        for key in ("pool", "image"):
+            if not rbd[key]:
+                raise r.fail(f"{w}{key}", "missing (the RBD image is pool/[namespace/]image)")
+        if path:
+            raise r.fail(f"{w}path", "not used by an RBD LUN (give pool and image)")
+        for key in ("ceph_conf", "keyring"):
+            if rbd[key]:
+                rbd[key] = _resolve(base, rbd[key])
     elif not path:
         raise r.fail(f"{w}path", "missing (the image file or block device to serve)")
     bs = r.get(table, "block_size", w, int, 512, "512 or 4096")
@@ -391,7 +418,11 @@ def _lun(r: _Reader, table: Any, where: str, index: int, base: str) -> LunSpec:
             sanitize_rate = parse_size(str(table["sanitize_rate"]))
         except ValueError as exc:
             raise r.fail(f"{w}sanitize_rate", f"{exc} (bytes per second, e.g. \"64M\")") from None
+    if backend == "rbd" and mode.replace("-", "").lower() not in RBD_MODES:
+        raise r.fail(f"{w}mode", f"{mode!r} is not allowed for an RBD image "
+                     f"({', '.join(RBD_MODES)})")
     return LunSpec(
+        **rbd,
         removable=r.get(table, "removable", w, bool, False), physical_block_size=pbs,
         sanitize_rate=sanitize_rate,
         mode=mode, bandwidth_group=r.get(table, "bandwidth_group", w, str, None),

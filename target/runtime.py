@@ -174,6 +174,13 @@ def open_lun(spec: LunSpec, state_dir: str | None = None) -> Backend:
             raise BackendError(f"{spec.path}: mode {spec.mode!r} is not available for an NBD "
                                "LUN (normal or readonly)")
         return NbdBackend(spec.path, read_only=spec.read_only or spec.mode == "readonly")
+    if spec.backend == "rbd":
+        from target.backends.rbd import RbdSpec, open_rbd
+
+        return open_rbd(RbdSpec(pool=spec.pool, image=spec.image, namespace=spec.namespace,
+                                ceph_conf=spec.ceph_conf, client_id=spec.client_id,
+                                keyring=spec.keyring),
+                        read_only=spec.read_only or spec.mode.lower() == "readonly")
     if not os.path.exists(spec.path):
         raise BackendError(f"{spec.path}: no such file or device")
     fmt = {"auto": None, "iso": "raw", "file": "raw", "block": "raw"}.get(spec.backend,
@@ -224,7 +231,9 @@ def build_target(spec: TargetSpec, state_dir: str | None,
     limit (the transport awaits ``throttle`` before each command);
     ``port_groups`` (the server's) give the ALUA target port groups."""
     from iscsi.scsi.constants import PeripheralType
+    from target.backends.aio import AsyncBackend
     from target.scsi.lu import LogicalUnit
+    from target.scsi.lu_async import AsyncLogicalUnit
     from target.scsi.mmc import CdromUnit
     from target.scsi.target import ScsiTarget
     from target.scsi.types import LUConfig
@@ -261,7 +270,10 @@ def build_target(spec: TargetSpec, state_dir: str | None,
                 naa_wwn=bytes.fromhex(ls.wwn) if ls.wwn else None,
                 block_size=2048 if cdrom else ls.block_size,
                 read_only=ls.read_only or cdrom or bool(getattr(backend, "read_only", False)),
-                write_through=not ls.write_cache,
+                # An RBD image has no local write mode layer: writethrough
+                # is the unit flushing after every write.
+                write_through=not ls.write_cache or (
+                    ls.backend == "rbd" and ls.mode.replace("-", "").lower() == "writethrough"),
                 device_type=PeripheralType.CDROM if cdrom else PeripheralType.DISK,
                 removable=cdrom or ls.removable,
                 physical_block_exponent=0 if cdrom else
@@ -271,7 +283,13 @@ def build_target(spec: TargetSpec, state_dir: str | None,
             ).resolve(spec.name, ls.lun)
             if cfg.state_dir:
                 os.makedirs(cfg.state_dir, exist_ok=True)
-            luns[ls.lun] = CdromUnit(backend, cfg) if cdrom else LogicalUnit(backend, cfg)
+            if cdrom:
+                luns[ls.lun] = CdromUnit(backend, cfg)
+            elif isinstance(backend, AsyncBackend):
+                # I/O that completes later (Ceph RBD): awaited, never blocking.
+                luns[ls.lun] = AsyncLogicalUnit(backend, cfg)
+            else:
+                luns[ls.lun] = LogicalUnit(backend, cfg)
     except Exception:
         for b in backends.values():
             b.close()

@@ -6,7 +6,9 @@ SCSI layer calls; formats with larger clusters do their own read-modify-write.
 
 The methods are synchronous: DESIGN.md measured inline ``pread`` at ~1 µs per
 4 KiB, far cheaper than a thread hop, so the target calls ``read``/``write``
-on the event loop and pushes only ``flush`` (fsync) to a thread.
+on the event loop and pushes only ``flush`` (fsync) to a thread. A backend
+whose I/O completes later (Ceph RBD over the network) also implements
+:class:`target.backends.aio.AsyncBackend`, and its LUN awaits instead.
 """
 
 from __future__ import annotations
