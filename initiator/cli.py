@@ -219,9 +219,23 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--connect-timeout", type=float, default=d(5.0), metavar="S",
                    help="seconds for the TCP connection and, again, for the login (default 5)")
     p.add_argument("--replacement-timeout", type=float, default=d(120.0), metavar="S")
+    p.add_argument("--connections", type=_connections, default=d(1), metavar="N",
+                   help="TCP connections per session (MC/S; the target may accept fewer; "
+                        "default 1)")
     p.add_argument("--command-timeout", type=float, default=d(30.0), metavar="S",
                    help="abort a SCSI command unanswered this long: ABORT TASK, then "
                         "LUN RESET, then reconnect, as Linux does (0 = wait forever)")
+
+
+def _connections(text: str) -> int:
+    """--connections: 1..65535 (MaxConnections, RFC 7143 §13.2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of connections (1..65535)")
+    return n
 
 
 def _version() -> str:

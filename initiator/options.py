@@ -62,6 +62,11 @@ class SessionOptions:
     command_retries: int = 5
     #: Upper bound of the pause between logins after repeated failures.
     reconnect_backoff_max: float = 5.0
+    #: TCP connections in the session (MC/S, RFC 7143 §4.2): more than 1
+    #: offers MaxConnections=N and adds connections up to what the target
+    #: accepts; commands go to the least loaded one, and the session
+    #: carries on over the others when one is lost.
+    connections: int = 1
 
 
 @dataclass(frozen=True, slots=True)

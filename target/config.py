@@ -46,7 +46,10 @@ class Limits:
     initial_r2t: bool = False
     immediate_data: bool = True
     max_outstanding_r2t: int = 1
-    max_connections: int = 1
+    #: MaxConnections offered (RFC 7143 §13.2): the lower of this and what the
+    #: initiator asks wins, so initiators that ask 1 (libiscsi, open-iscsi)
+    #: get one connection per session; LIO likewise accepts up to 8.
+    max_connections: int = 8
     header_digests: tuple[str, ...] = ("None", "CRC32C")
     data_digests: tuple[str, ...] = ("None", "CRC32C")
     queue_depth: int = 128
@@ -244,7 +247,7 @@ def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
         initial_r2t=r.get(table, "initial_r2t", where, bool, False),
         immediate_data=r.get(table, "immediate_data", where, bool, True),
         max_outstanding_r2t=r.int_in(table, "max_outstanding_r2t", where, 1, 1, 65535),
-        max_connections=r.int_in(table, "max_connections", where, 1, 1, 65535),
+        max_connections=r.int_in(table, "max_connections", where, 8, 1, 65535),
         header_digests=tuple(hd), data_digests=tuple(dd),
         queue_depth=r.int_in(table, "queue_depth", where, 128, 1, 4096),
     )

@@ -17,7 +17,7 @@ from iscsi.chap import ChapCredentials
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
-from iscsi.login import LoginTarget, TargetAuth, TargetLogin
+from iscsi.login import LoginTarget, TargetAuth, TargetLogin, join_connection
 from iscsi.pdu import LoginRequest, LoginResponse
 
 from .config import ChapConfig, Limits, ServerConfig, TargetSpec
@@ -249,6 +249,8 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
         # portal group) just before its final response, on this same turn
         # of the loop, so it is still there.
         sess = server.sessions[login.tsih]
+        if sess.params is not None:
+            params = join_connection(sess.params, params)
         old_conn = sess.connections.get(login.cid)
         if old_conn is not None:
             # Connection reinstatement: the old connection's tasks end at

@@ -364,6 +364,13 @@ class TargetServer(Administration):
         if ev.reason == LogoutReason.CLOSE_CONNECTION and ev.cid not in sess.connections:
             engine.logout_answer(ev.itt, LogoutResponseCode.CID_NOT_FOUND)
             return
+        named = sess.connections.get(ev.cid)
+        if ev.reason == LogoutReason.CLOSE_CONNECTION and named is not None and named is not conn:
+            # Closing another connection (the initiator cleaning up one it
+            # lost) terminates its commands, acknowledged or not, before we
+            # answer (§11.14.1): the commands it held for their CmdSN turn
+            # are forgotten, so the initiator may retry them here (§7.2.1).
+            named.end_tasks()
         engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS)
         what = ("close the session" if ev.reason == LogoutReason.CLOSE_SESSION else
                 f"close connection CID {ev.cid}" if ev.reason == LogoutReason.CLOSE_CONNECTION

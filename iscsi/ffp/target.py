@@ -478,6 +478,9 @@ class TargetConnectionEngine(ControlExchanges):
         their slots and write budget return. Returns the tasks that were
         still executing (the owner releases whoever waits on them)."""
         self.closed = True
+        # Commands held for their CmdSN turn never ran: forget them, so the
+        # initiator can retry them on another connection (§7.2.1).
+        self.window.discard(self)
         running = []
         for task in list(self.tasks.values()):
             task.aborted = True

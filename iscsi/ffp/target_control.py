@@ -114,7 +114,7 @@ class ControlExchanges:
                 if not self.closed:
                     run()
                 w.release()
-        if not w.admit(pdu.cmdsn, pdu.immediate, go):
+        if not w.admit(pdu.cmdsn, pdu.immediate, go, self):
             # §4.2.2.1: outside the window, silently ignored.
             return
 

@@ -1,0 +1,293 @@
+"""Multiple connections per session (MC/S, RFC 7143 §4.2, §6.3.5) for the
+initiator's :class:`initiator.session.Session`.
+
+The leading connection (the session's ``_conn``/``_engine``) logs in first;
+``SessionOptions.connections`` asks for more, each a non-leading login with
+the session's ISID and TSIH and a new CID, authenticated again (§6.3.5).
+Their engines share the session's CmdSN counter, command window and ITT
+space (:class:`iscsi.ffp.initiator.SessionSeq`); everything of a task --
+its R2Ts, Data-Out, Data-In and status -- stays on the connection it was
+sent on (connection allegiance, §4.2.2). New commands go to the connection
+with the fewest commands queued and in flight.
+
+Losing one connection does not end the session while others remain
+(ErrorRecoveryLevel 0, so its tasks end with it, §7.1.4):
+
+* the lost connection is logged out from a surviving one (Logout reason
+  "close the connection" naming its CID, §11.14.1), so the target has
+  terminated its commands before anything is sent again;
+* its commands the target never took (CmdSN not below the ExpCmdSN of that
+  answer) are sent again with their original CmdSN and ITT on a surviving
+  connection, plugging the session's CmdSN order (§7.2.1: allowed once the
+  original connection is logged out); they run once, exactly as if the
+  first copy had arrived;
+* those the target took and terminated are reissued as new commands when
+  that is safe (they write nothing: reads, TEST UNIT READY...), and writes
+  fail with :class:`~initiator.errors.ConnectionLost` saying that the data
+  may or may not have reached the medium -- at ERL 0 a write the target
+  terminated cannot be replayed without possibly overtaking a newer write
+  to the same blocks sent meanwhile on another connection;
+* a new connection with the lost CID is then logged in behind the scenes.
+
+When the leading connection is lost another takes its role; when the last
+one is lost the session recovers as a whole (session reinstatement,
+:mod:`initiator.session_link`) and adds its extra connections again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
+
+from iscsi.constants import LogoutReason, LogoutResponseCode
+from iscsi.errors import ProtocolError
+from iscsi.ffp.initiator import Command, InitiatorEngine, LogoutDone
+from iscsi.login import join_connection
+from iscsi.serial import sn_lt
+
+from .errors import ConnectionLost, InitiatorError
+from .options import ScsiResult
+from .session_link import SessionLink, State, describe
+from .transport import Connection
+
+log = logging.getLogger("initiator.session")
+
+#: Attempts to log in again a connection lost while others carried on.
+_REPLACE_ATTEMPTS = 3
+
+
+@dataclass(eq=False)
+class Link:
+    """One connection of the session besides the leading one."""
+
+    cid: int
+    conn: Connection
+    engine: InitiatorEngine
+
+
+class ConnectionSet(SessionLink):
+    """The session's extra connections (see the module docstring)."""
+
+    _links: dict[int, Link]
+    #: Commands of lost connections awaiting the outcome of their cleanup.
+    _orphans: list[Command]
+    _jobs: set[asyncio.Task[None]]
+
+    # ---------------------------------------------------------- queries
+    def engines(self) -> list[InitiatorEngine]:
+        """The engines of every logged-in connection, leading one first."""
+        out = [self._engine] if self._engine is not None else []
+        out += [link.engine for link in self._links.values()]
+        return out
+
+    @property
+    def connection_count(self) -> int:
+        """Connections logged in now."""
+        return (self._engine is not None) + len(self._links)
+
+    def _pick(self) -> InitiatorEngine | None:
+        """The connection for a new command: the least loaded (queued plus
+        in flight), the leading one on a tie."""
+        best = self._engine
+        if best is None or not self._links:
+            return best
+        load = best.load
+        for link in self._links.values():
+            if link.engine.load < load:
+                best, load = link.engine, link.engine.load
+        return best
+
+    def _engine_of(self, conn: Connection) -> InitiatorEngine | None:
+        if conn is self._conn:
+            return self._engine
+        link = self._links.get(conn.cid)
+        return link.engine if link is not None and link.conn is conn else None
+
+    def _conn_of(self, engine: InitiatorEngine) -> Connection | None:
+        if engine is self._engine:
+            return self._conn
+        link = self._links.get(engine.cid)
+        return link.conn if link is not None and link.engine is engine else None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        job = self._loop.create_task(coro)
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    # ------------------------------------------------------- adding them
+    async def _add_connections(self) -> None:
+        """Log in connections until the session has what was asked for
+        (``options.connections``, at most the negotiated MaxConnections,
+        §13.2). A connection that cannot be added is logged and skipped:
+        the session works with fewer."""
+        want = min(self.options.connections, self.params.max_connections)
+        for cid in range(1, want):
+            if cid in self._links or self._state is not State.READY:
+                continue
+            try:
+                await self._add_link(cid)
+            except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
+                log.warning("could not add connection CID %d to %s: %s", cid, self.portal,
+                            describe(exc))
+        if want > 1:
+            log.info("session to %s has %d connection(s) (MaxConnections=%d)", self.portal,
+                     self.connection_count, self.params.max_connections)
+
+    async def _add_link(self, cid: int) -> None:
+        """One non-leading login (§6.3.5): same ISID and TSIH, CID ``cid``."""
+        share = self._engine
+        if share is None:
+            raise ConnectionLost("the session has no connection to join")
+        host, port = self._where
+        o = self.options
+        _transport, conn = await asyncio.wait_for(
+            self._loop.create_connection(lambda: Connection(self), host, port),
+            o.connect_timeout)
+        conn.cid = cid
+        try:
+            result = await asyncio.wait_for(self._login(conn, cid=cid), o.login_timeout)
+        except BaseException:
+            conn.abort()
+            raise
+        if self._engine is not share or conn.closed or self._state is not State.READY:
+            conn.abort()
+            raise ConnectionLost("the session changed while the connection logged in")
+        p = join_connection(self.params, result.params)
+        engine = self._new_engine(p, result, cid, share)
+        self._set_reader(conn, p, engine)
+        old = self._links.get(cid)
+        if old is not None:
+            # Our own stale link under this CID (the target reinstated it).
+            self._link_failed(old, ConnectionLost("replaced"))
+        self._links[cid] = Link(cid, conn, engine)
+        conn.logged_in = True
+        conn.resume_parsing()
+        self._schedule_flush()
+
+    # ------------------------------------------------------- losing them
+    def _drop_links(self) -> list[Command]:
+        """Close every extra connection (session recovery or the end):
+        return their commands and those of earlier losses."""
+        cmds, self._orphans = self._orphans, []
+        for link in list(self._links.values()):
+            del self._links[link.cid]
+            link.conn.abort()
+            self._pings += link.engine.target_pings
+            cmds += link.engine.close()
+        return sorted(cmds, key=lambda c: c.seq)
+
+    def _promote(self) -> bool:
+        """The leading connection failed: hand its role to another one.
+        Returns False when there is none (the session recovers whole)."""
+        if not self._links or self._state is not State.READY:
+            return False
+        conn, engine = self._conn, self._engine
+        assert conn is not None and engine is not None
+        new = self._links.pop(min(self._links))
+        self._conn, self._engine, self._cid = new.conn, new.engine, new.cid
+        # Exchanges (ping, Text, TMF) went on the lost connection.
+        lost = ConnectionLost(f"connection CID {engine.cid} to {self.portal} lost")
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(lost)
+        self._waiters.clear()
+        self._lose(Link(engine.cid, conn, engine), lost)
+        return True
+
+    def _link_failed(self, link: Link, exc: BaseException) -> None:
+        """An extra connection broke (or its engine gave up on it)."""
+        if self._links.get(link.cid) is link:
+            del self._links[link.cid]
+        self._lose(link, exc)
+
+    def _lose(self, link: Link, exc: BaseException) -> None:
+        link.conn.abort()
+        self._pings += link.engine.target_pings
+        cmds = link.engine.close()
+        if self._state is not State.READY:
+            self._orphans += cmds
+            return
+        log.warning("connection CID %d to %s failed (%s); the session carries on over %d "
+                    "other(s)", link.cid, self.portal, describe(exc), self.connection_count)
+        self._orphans += cmds
+        self._spawn(self._clean_up(link.cid, cmds))
+
+    async def _clean_up(self, cid: int, cmds: list[Command]) -> None:
+        """Log the lost connection out from a surviving one, then send its
+        commands again as the module docstring says, then replace it."""
+        engine = self._engine
+        ok = False
+        if engine is not None and self._state is State.READY:
+            try:
+                rsp = await self._exchange(lambda now: engine.logout(
+                    now, LogoutReason.CLOSE_CONNECTION, cid), self.options.tmf_timeout)
+                # CID not found: the target already dropped it (and with it
+                # its tasks): as good as logged out.
+                ok = isinstance(rsp, LogoutDone) and rsp.response in (
+                    LogoutResponseCode.SUCCESS, LogoutResponseCode.CID_NOT_FOUND)
+            except (TimeoutError, InitiatorError):
+                ok = False
+        mine = [c for c in cmds if c in self._orphans]
+        if not mine:
+            return  # taken by a session recovery or the end meanwhile
+        if not ok or self._state is not State.READY or self._engine is None:
+            # The target could not confirm the connection is gone: the
+            # commands wait for a session recovery.
+            conn = self._conn
+            if conn is not None and self._state is State.READY:
+                self.connection_failed(conn, ConnectionLost(
+                    f"could not log out lost connection CID {cid}"))
+            return
+        self._orphans = [c for c in self._orphans if c not in mine]
+        self._resend(cid, mine)
+        self._schedule_flush()
+        for attempt in range(_REPLACE_ATTEMPTS):
+            if self._state is not State.READY or cid in self._links:
+                return
+            try:
+                await self._add_link(cid)
+                log.info("connection CID %d to %s replaced", cid, self.portal)
+                return
+            except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
+                log.warning("could not replace connection CID %d to %s: %s", cid,
+                            self.portal, describe(exc))
+                # Paced like the session's own logins (§6.1: Time2Wait).
+                await asyncio.sleep(float(self.params.default_time2wait or 1) * (attempt + 1))
+
+    def _resend(self, cid: int, cmds: list[Command]) -> None:
+        engine = self._engine
+        assert engine is not None
+        now = self._loop.time()
+        exp = engine.window.exp_cmdsn
+        tags = engine.tags
+        retried = reissued = failed = 0
+        for cmd in sorted(cmds, key=lambda c: c.seq):
+            fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
+            target = self._pick()
+            assert target is not None
+            if fut.done():
+                if cmd.sent:
+                    tags.discard(cmd.itt)
+            elif not cmd.sent:
+                target.submit(cmd, now)  # never left us: send it as new
+            elif not sn_lt(cmd.cmdsn, exp):
+                # The target never took it: the same command again (§7.2.1).
+                target.retry(cmd, now)
+                retried += 1
+            else:
+                tags.discard(cmd.itt)
+                if cmd.data_out is None and not cmd.internal and self._policy.reissue(cmd):
+                    target.submit(cmd, now)
+                    reissued += 1
+                else:
+                    failed += 1
+                    what = ", its data may or may not be written" if cmd.data_out else ""
+                    self._fail(cmd, ConnectionLost(
+                        f"connection CID {cid} to {self.portal} lost while CDB "
+                        f"0x{cmd.cdb[0]:02x} ran: the target ended it (ErrorRecoveryLevel 0"
+                        f"{what})"))
+        log.info("connection CID %d logged out: %d command(s) sent again as they were, "
+                 "%d reissued, %d failed", cid, retried, reissued, failed)
