@@ -134,7 +134,7 @@ class SessionLink:
 
         def _link_failed(self, link: Link, exc: BaseException) -> None: ...
 
-        def _promote(self) -> bool: ...
+        def _promote(self, exc: BaseException) -> bool: ...
 
         def _drop_links(self) -> list[Command]: ...
 
@@ -318,7 +318,7 @@ class SessionLink:
                 # One of several connections (MC/S): the others carry on.
                 self._link_failed(link, exc)
             return
-        if self._promote():
+        if self._promote(exc):
             return
         self._conn = None
         conn.abort()

@@ -88,6 +88,14 @@ class ConnectionSet(SessionLink):
         """Connections logged in now."""
         return (self._engine is not None) + len(self._links)
 
+    def connection(self, cid: int) -> tuple[Connection, InitiatorEngine] | None:
+        """The logged-in connection ``cid`` and its engine, or None (for
+        diagnostics and tests: which connection carries what)."""
+        if cid == self._cid and self._conn is not None and self._engine is not None:
+            return self._conn, self._engine
+        link = self._links.get(cid)
+        return (link.conn, link.engine) if link is not None else None
+
     def _pick(self) -> InitiatorEngine | None:
         """The connection for a new command: the least loaded (queued plus
         in flight), the leading one on a tie."""
@@ -179,7 +187,7 @@ class ConnectionSet(SessionLink):
             cmds += link.engine.close()
         return sorted(cmds, key=lambda c: c.seq)
 
-    def _promote(self) -> bool:
+    def _promote(self, exc: BaseException) -> bool:
         """The leading connection failed: hand its role to another one.
         Returns False when there is none (the session recovers whole)."""
         if not self._links or self._state is not State.READY:
@@ -194,7 +202,7 @@ class ConnectionSet(SessionLink):
             if not fut.done():
                 fut.set_exception(lost)
         self._waiters.clear()
-        self._lose(Link(engine.cid, conn, engine), lost)
+        self._lose(Link(engine.cid, conn, engine), exc)
         return True
 
     def _link_failed(self, link: Link, exc: BaseException) -> None:

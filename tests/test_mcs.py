@@ -1,0 +1,164 @@
+"""Multiple connections per session over sockets (RFC 7143 §4.2, §6.3.5):
+our initiator against our target with 1 and 4 connections, a verified
+random-write stream, and the loss of one connection mid-stream (cut by a
+relay in tests/relay.py) which the session survives over the others."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from initiator.blockdev import BlockDevice
+from initiator.errors import ConnectionLost
+from initiator.session import Session
+from target.config import Limits, LunSpec
+from tests.initiator_checks import opts, random_write_verify, until
+from tests.relay import Relay
+from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def target() -> Iterator[RunningTarget]:
+    with running_target(make_config([LunSpec(lun=0, path="", backend="memory",
+                                             size=SIZE)])) as t:
+        yield t
+
+
+def _sessions(t: RunningTarget) -> list[tuple[int, list[int]]]:
+    return t.call(lambda: [(s.tsih, sorted(s.connections)) for s in t.server.sessions])
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_verified_stream_over_n_connections(target: RunningTarget, n: int) -> None:
+    async def main() -> None:
+        s = await Session.connect(target.host, target.port, TARGET_NAME, opts(connections=n))
+        try:
+            assert s.connection_count == n
+            assert s.params.max_connections == n
+            (tsih, cids), = _sessions(target)
+            assert tsih == s.tsih and cids == list(range(n))
+            dev = await BlockDevice.from_session(s, 0)
+            sent = {cid: 0 for cid in range(n)}
+            for cid in range(n):
+                pair = s.connection(cid)
+                assert pair is not None
+            await random_write_verify(dev, 8 * MiB)
+            # Every connection carried commands (least-loaded spreading).
+            for cid in range(n):
+                pair = s.connection(cid)
+                assert pair is not None
+                sent[cid] = pair[1].seq.cmdsn  # shared: one CmdSN space
+            assert len(set(sent.values())) == 1
+        finally:
+            await s.logout()
+        assert _sessions(target) == []
+    asyncio.run(main())
+
+
+def test_target_caps_connections() -> None:
+    cfg = make_config([LunSpec(lun=0, path="", backend="memory", size=SIZE)],
+                      limits=Limits(max_connections=2))
+    with running_target(cfg) as t:
+        async def main() -> None:
+            s = await Session.connect(t.host, t.port, TARGET_NAME, opts(connections=4))
+            try:
+                assert s.params.max_connections == 2
+                assert s.connection_count == 2
+                dev = await BlockDevice.from_session(s, 0)
+                await random_write_verify(dev, 2 * MiB, seed=5)
+            finally:
+                await s.logout()
+        asyncio.run(main())
+
+
+async def _stream_losing_one(s: Session, dev: BlockDevice, relay: Relay, cid: int,
+                             seed: int) -> int:
+    """Eight writers on disjoint stripes; once 2 MiB went by and the chosen
+    connection has commands in flight, it is cut. Every write either
+    completes or fails with ConnectionLost (the target had taken it and
+    ended it: ErrorRecoveryLevel 0); the device must then hold every
+    acknowledged byte. Returns the number of failed writes."""
+    size = dev.size
+    rng = random.Random(seed)
+    model = bytearray(size)
+    known = bytearray(b"\1" * size)
+    stripes = 8
+    stripe = size // stripes
+    progress = 0
+    failed = 0
+    cut = asyncio.Event()
+
+    async def writer(k: int) -> None:
+        nonlocal progress, failed
+        base = k * stripe
+        for _ in range(40):
+            n = rng.randint(4096, 256 * 1024)
+            off = base + rng.randrange(0, stripe - n)
+            buf = rng.randbytes(n)
+            try:
+                await dev.write(off, buf)
+            except ConnectionLost:
+                assert cut.is_set()
+                failed += 1
+                known[off : off + n] = bytes(n)  # may or may not be written
+                continue
+            model[off : off + n] = buf
+            known[off : off + n] = b"\1" * n
+            progress += n
+
+    async def killer() -> None:
+        while True:
+            pair = s.connection(cid)
+            if progress >= 2 * MiB and pair is not None and pair[1].tasks:
+                break
+            await asyncio.sleep(0.001)
+        relay.cut(pair[0].transport.get_extra_info("sockname")[1])  # type: ignore[union-attr]
+        cut.set()
+
+    kill = asyncio.ensure_future(killer())
+    await asyncio.gather(*(writer(k) for k in range(stripes)))
+    assert cut.is_set(), "the stream ended before the connection was cut"
+    await kill
+    data = await dev.read(0, size)
+    pos = 0
+    while pos < size:
+        hole = known.find(0, pos)
+        end = size if hole < 0 else hole
+        assert data[pos:end] == model[pos:end], f"acknowledged data lost in {pos}..{end}"
+        if hole < 0:
+            break
+        pos = known.find(1, hole)
+        if pos < 0:
+            break
+    return failed
+
+
+@pytest.mark.parametrize("cid", [2, 0])
+def test_losing_one_of_four_connections(target: RunningTarget, cid: int) -> None:
+    async def main() -> None:
+        relay = await Relay(target.host, target.port).start()
+        s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME,
+                                  opts(connections=4, command_timeout=20.0))
+        try:
+            assert s.connection_count == 4
+            dev = await BlockDevice.from_session(s, 0)
+            await _stream_losing_one(s, dev, relay, cid, seed=11 + cid)
+            # No session recovery: the session went on over the others,
+            # and the lost connection was replaced under its CID.
+            assert s.recoveries == 0
+            await until(lambda: s.connection_count == 4, "the lost connection replaced")
+            await until(lambda: _sessions(target) == [(s.tsih, [0, 1, 2, 3])],
+                        "the target to see four connections again")
+            # And the session is whole: a fresh verified stream.
+            await dev.write(0, bytes(SIZE))
+            await random_write_verify(dev, 2 * MiB, seed=3)
+        finally:
+            await s.logout()
+            await relay.close()
+    asyncio.run(main())
