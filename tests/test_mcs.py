@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from target.config import Limits, LunSpec
 from tests.initiator_checks import opts, random_write_verify, until
 from tests.relay import Relay
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
+from tests.tgt import Tgtd
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -162,3 +164,31 @@ def test_losing_one_of_four_connections(target: RunningTarget, cid: int) -> None
             await s.logout()
             await relay.close()
     asyncio.run(main())
+
+
+@pytest.mark.interop
+def test_two_connections_against_tgtd(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """What tgt (1.0.x) does with MC/S, recorded: with MaxConnections=2 set
+    by tgtadm it agrees to 2, repeats the leading-only MaxConnections in
+    the responses of a non-leading login (which we ignore), then answers it
+    with a TSIH other than the session's -- tgt keeps the TSIH of a login
+    request in wire byte order -- so it never joins the session. Our
+    initiator refuses that login, says so, and works on one connection."""
+    with Tgtd(tmp_path) as t:
+        t.adm("--op", "update", "--mode", "target", "--tid", "1", "--name", "MaxConnections",
+              "--value", "2")
+
+        async def main() -> None:
+            s = await Session.connect("127.0.0.1", t.port, t.iqn, opts(connections=2))
+            try:
+                assert s.params.max_connections == 2
+                assert s.connection_count == 1
+                dev = await BlockDevice.from_session(s, 1)
+                data = random.Random(9).randbytes(MiB)
+                await dev.write(3 * MiB, data)
+                assert await dev.read(3 * MiB, MiB) == data
+            finally:
+                await s.logout()
+        asyncio.run(main())
+    assert any("could not add connection CID 1" in r.getMessage() and "TSIH" in r.getMessage()
+               for r in caplog.records)
