@@ -48,7 +48,7 @@ from iscsi.ffp.initiator import Command, InitiatorEngine, LogoutDone
 from iscsi.login import join_connection
 from iscsi.serial import sn_lt
 
-from .errors import ConnectionLost, InitiatorError
+from .errors import CommandTimedOut, ConnectionLost, InitiatorError
 from .options import ScsiResult
 from .session_link import SessionLink, State, describe
 from .transport import Connection
@@ -132,9 +132,12 @@ class ConnectionSet(SessionLink):
         §13.2). A connection that cannot be added is logged and skipped:
         the session works with fewer."""
         want = min(self.options.connections, self.params.max_connections)
-        for cid in range(1, want):
-            if cid in self._links or self._state is not State.READY:
-                continue
+        # CIDs not in use (after a promotion the leading connection may
+        # have any CID; a login with one in use would reinstate it, §6.3.4).
+        free = (cid for cid in range(want * 2) if cid != self._cid and cid not in self._links)
+        for cid in free:
+            if self.connection_count >= want or self._state is not State.READY:
+                break
             try:
                 await self._add_link(cid)
             except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
@@ -243,9 +246,12 @@ class ConnectionSet(SessionLink):
             return  # taken by a session recovery or the end meanwhile
         if not ok or self._state is not State.READY or self._engine is None:
             # The target could not confirm the connection is gone: the
-            # commands wait for a session recovery.
+            # commands wait for a recovery of the whole session.
             conn = self._conn
             if conn is not None and self._state is State.READY:
+                # All connections go (no promotion): session reinstatement
+                # then reissues everything in order (§7.1.4.3).
+                self._orphans = self._drop_links()
                 self.connection_failed(conn, ConnectionLost(
                     f"could not log out lost connection CID {cid}"))
             return
@@ -279,6 +285,13 @@ class ConnectionSet(SessionLink):
             if fut.done():
                 if cmd.sent:
                     tags.discard(cmd.itt)
+            elif cmd.timed_out:
+                if cmd.sent:
+                    tags.discard(cmd.itt)
+                failed += 1
+                self._fail(cmd, CommandTimedOut(
+                    f"no status for CDB 0x{cmd.cdb[0]:02x} within the command timeout; its "
+                    f"connection CID {cid} was lost meanwhile"))
             elif not cmd.sent:
                 target.submit(cmd, now)  # never left us: send it as new
             elif not sn_lt(cmd.cmdsn, exp):

@@ -192,3 +192,33 @@ def test_two_connections_against_tgtd(tmp_path: Path, caplog: pytest.LogCaptureF
         asyncio.run(main())
     assert any("could not add connection CID 1" in r.getMessage() and "TSIH" in r.getMessage()
                for r in caplog.records)
+
+
+def test_losing_every_connection_recovers_the_session(target: RunningTarget) -> None:
+    async def main() -> None:
+        relay = await Relay(target.host, target.port).start()
+        s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME,
+                                  opts(connections=3, command_timeout=20.0))
+        try:
+            dev = await BlockDevice.from_session(s, 0)
+            await dev.write(0, bytes(SIZE))
+            pairs = [s.connection(cid) for cid in range(3)]
+            ports = [p[0].transport.get_extra_info("sockname")[1] for p in pairs if p]
+            assert len(ports) == 3
+            writes = [asyncio.ensure_future(dev.write(k * MiB, bytes([k + 1]) * MiB))
+                      for k in range(8)]
+            await asyncio.sleep(0)
+            for port in ports:
+                relay.cut(port)
+            # ERL 0 session recovery (§7.1.4.3): every write is reissued.
+            await asyncio.gather(*writes)
+            assert s.recoveries == 1
+            for k in range(8):
+                assert await dev.read(k * MiB, MiB) == bytes([k + 1]) * MiB
+            await until(lambda: s.connection_count == 3, "the connections added again")
+            await until(lambda: _sessions(target) == [(s.tsih, [0, 1, 2])],
+                        "the target to see the new session's three connections")
+        finally:
+            await s.logout()
+            await relay.close()
+    asyncio.run(main())
