@@ -421,7 +421,7 @@ class Session(ConnectionSet):
                                           else TimeoutError(ev.reason))
                     self.connection_failed(conn, err)
             elif isinstance(ev, AsyncNotice):
-                self._on_async(ev)
+                self._on_async(ev, conn or self._conn)
             elif isinstance(ev, ExchangeFailed):
                 fut = self._waiters.pop(ev.itt, None)
                 if fut is not None and not fut.done():
@@ -468,7 +468,7 @@ class Session(ConnectionSet):
         if not fut.done():
             fut.set_exception(err)
 
-    def _on_async(self, ev: AsyncNotice) -> None:
+    def _on_async(self, ev: AsyncNotice, conn: Connection | None = None) -> None:
         event = ev.event
         if event == AsyncEvent.SCSI_ASYNC_EVENT:
             log.info("SCSI asynchronous event from %s", self.portal)
@@ -479,12 +479,28 @@ class Session(ConnectionSet):
             # We log the connection out and reinstate the session at once,
             # reissuing what was in flight (an orderly "recovery").
             log.info("target %s requests logout; reconnecting", self.portal)
-            self._loop.create_task(self._logout_and_reconnect())
+            if self._links and conn is not None:
+                # MC/S: only the connection it came on is logged out and
+                # replaced; the session carries on over the others.
+                self._spawn(self._logout_connection(conn))
+            else:
+                self._loop.create_task(self._logout_and_reconnect())
+        elif event == AsyncEvent.CONNECTION_DROP and self._links:
+            # MC/S: Parameter1 names the connection the target drops
+            # (§11.9.1), not necessarily the one the message came on.
+            pair = self.connection(ev.parameter1)
+            log.info("target %s drops connection CID %d", self.portal, ev.parameter1)
+            if pair is not None:
+                self.connection_failed(pair[0], ConnectionResetError(
+                    f"target announced it drops connection CID {ev.parameter1}"))
         elif event in (AsyncEvent.CONNECTION_DROP, AsyncEvent.SESSION_DROP):
             # Parameter2 is Time2Wait: do not reconnect sooner (§11.9.1).
             log.info("target %s drops the %s", self.portal,
                      "connection" if event == AsyncEvent.CONNECTION_DROP else "session")
             self._retry_delay = float(ev.parameter2)
+            if event == AsyncEvent.SESSION_DROP:
+                # Every connection goes: no promotion, one session recovery.
+                self._orphans = self._drop_links()
             if self._conn is not None:
                 self.connection_failed(self._conn, ConnectionResetError(
                     "target announced it drops the connection"))

@@ -37,6 +37,7 @@ one is lost the session recovers as a whole (session reinstatement,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from iscsi.serial import sn_lt
 
 from .errors import CommandTimedOut, ConnectionLost, InitiatorError
 from .options import ScsiResult
-from .session_link import SessionLink, State, describe
+from .session_link import Answer, SessionLink, State, describe
 from .transport import Connection
 
 log = logging.getLogger("initiator.session")
@@ -226,6 +227,24 @@ class ConnectionSet(SessionLink):
         self._orphans += cmds
         self._spawn(self._clean_up(link.cid, cmds))
 
+    async def _logout_connection(self, conn: Connection) -> None:
+        """Log one connection out (reason "close the connection", §11.14.1),
+        as an Async Message asked; its commands are then handled as those
+        of a lost connection, and it is replaced."""
+        engine = self._engine_of(conn)
+        if engine is None or self._state is not State.READY:
+            return
+        itt = engine.logout(self._loop.time(), LogoutReason.CLOSE_CONNECTION)
+        fut: asyncio.Future[Answer] = self._loop.create_future()
+        self._waiters[itt] = fut
+        self._schedule_flush()
+        with contextlib.suppress(TimeoutError, InitiatorError):
+            await asyncio.wait_for(fut, self.options.tmf_timeout)
+        self._waiters.pop(itt, None)
+        if self._engine_of(conn) is engine:
+            self.connection_failed(conn, ConnectionResetError(
+                "logged out at the target's request"))
+
     async def _clean_up(self, cid: int, cmds: list[Command]) -> None:
         """Log the lost connection out from a surviving one, then send its
         commands again as the module docstring says, then replace it."""
@@ -242,7 +261,7 @@ class ConnectionSet(SessionLink):
             except (TimeoutError, InitiatorError):
                 ok = False
         mine = [c for c in cmds if c in self._orphans]
-        if not mine:
+        if (cmds and not mine) or self._state is not State.READY:
             return  # taken by a session recovery or the end meanwhile
         if not ok or self._state is not State.READY or self._engine is None:
             # The target could not confirm the connection is gone: the

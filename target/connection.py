@@ -430,6 +430,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.server.logout(self, ev)
 
     def _on_close(self, ev: CloseConnection) -> None:
+        if self.session is not None and not self.closed:
+            self.session.announce_drop(self)
         if ev.abort:
             self.abort(ev.reason)
         else:

@@ -134,6 +134,18 @@ class Session:
             counters = self.counters[lun] = IOCounters()
         return counters
 
+    def announce_drop(self, member: Member) -> None:
+        """``member`` is being dropped for a reason of ours (NOP timeout,
+        protocol error): when the session has other connections, say so on
+        one of them (Async Message "connection drop", RFC 7143 §11.9.1), so
+        the initiator recovers it at once rather than when it notices."""
+        wait = self.params.default_time2wait if self.params is not None else 2
+        for other in self.connections.values():
+            if other is not member and other.engine is not None and not other.closed:
+                other.engine.announce_drop(member.cid, wait, 0)
+                other.schedule_flush()
+                return
+
     def wake_others(self, member: Member) -> None:
         """After ``member`` moved the session's CmdSN window, commands held
         for it on the other connections may have become runnable (the

@@ -15,6 +15,8 @@ import pytest
 from initiator.blockdev import BlockDevice
 from initiator.errors import ConnectionLost
 from initiator.session import Session
+from iscsi.constants import AsyncEvent
+from iscsi.pdu import AsyncMessage
 from target.config import Limits, LunSpec
 from tests.initiator_checks import opts, random_write_verify, until
 from tests.relay import Relay
@@ -221,4 +223,40 @@ def test_losing_every_connection_recovers_the_session(target: RunningTarget) -> 
         finally:
             await s.logout()
             await relay.close()
+    asyncio.run(main())
+
+
+def test_async_messages_address_one_connection(target: RunningTarget) -> None:
+    async def main() -> None:
+        s = await Session.connect(target.host, target.port, TARGET_NAME, opts(connections=3))
+        try:
+            dev = await BlockDevice.from_session(s, 0)
+            await dev.write(0, bytes(SIZE))
+            # Event 1 (§11.9.1) on connection 1: that connection logs out
+            # and is replaced; the session is not reinstated.
+            def ask() -> None:
+                sess, = target.server.sessions
+                sess.connections[1].request_logout(0)  # type: ignore[attr-defined]
+            old1 = s.connection(1)
+            target.call(ask)
+            await until(lambda: s.connection(1) not in (None, old1),
+                        "connection 1 logged out and replaced")
+            # Event 2 on connection 0 naming CID 2: CID 2 is the one dropped.
+            old2 = s.connection(2)
+            conn0 = s.connection(0)
+            assert old2 is not None and conn0 is not None
+            e = conn0[1]
+            s.deliver(conn0[0], [AsyncMessage(
+                statsn=e.exp_statsn, expcmdsn=e.window.exp_cmdsn, maxcmdsn=e.window.max_cmdsn,
+                async_event=AsyncEvent.CONNECTION_DROP, parameter1=2, parameter2=0,
+                parameter3=0)])
+            assert old2[0].closed and s.connection(0) == conn0
+            await until(lambda: s.connection(2) not in (None, old2),
+                        "connection 2 dropped and replaced")
+            await until(lambda: _sessions(target) == [(s.tsih, [0, 1, 2])],
+                        "the target to see three connections")
+            assert s.recoveries == 0
+            await random_write_verify(dev, 2 * MiB, seed=13)
+        finally:
+            await s.logout()
     asyncio.run(main())

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 
 from iscsi.chap import DEFAULT_ALGORITHMS
-from iscsi.constants import LoginStatus, LogoutReason, LogoutResponseCode, Stage
+from iscsi.constants import AsyncEvent, LoginStatus, LogoutReason, LogoutResponseCode, Stage
 from iscsi.errors import LoginError
 from iscsi.login import ChapAuth, join_connection
-from iscsi.pdu import LoginRequest, LoginResponse
+from iscsi.pdu import AsyncMessage, LoginRequest, LoginResponse
 from iscsi.scsi.constants import Status
 from iscsi.serial import sn_add
 from iscsi.text import encode_text
@@ -119,3 +119,26 @@ def test_connection_logs_itself_out_while_the_other_carries_on() -> None:
         c0.cmdsn = c1.cmdsn
         assert c0.tur().status == Status.GOOD
         assert t.call(lambda: [sorted(s.connections) for s in t.server.sessions]) == [[0]]
+
+
+def test_dropping_one_connection_is_announced_on_another() -> None:
+    with running_target(make_config([MEM])) as t, \
+            connect(t, offers={"MaxConnections": "2"}) as c0:
+        c0.clear_ua()
+        with Client(t.host, t.port) as c1:
+            c1.login(TARGET_NAME, tsih=c0.tsih, cid=1, cmdsn=c0.cmdsn)
+            # A header announcing more data than we may receive: the stream
+            # cannot be trusted, the target drops connection 1 (§7.1.4)...
+            bad = bytearray(48)
+            bad[0] = 0x01  # SCSI Command
+            bad[5:8] = (1 << 23).to_bytes(3, "big")
+            c1.send_raw(bytes(bad))
+            assert c1.closed_by_peer()
+            # ...and says so on connection 0: Async Message event 2,
+            # Parameter1 = CID 1, Parameter2 = Time2Wait (§11.9.1).
+            msg = c0.recv()
+            assert isinstance(msg, AsyncMessage), msg
+            assert msg.async_event == AsyncEvent.CONNECTION_DROP
+            assert (msg.parameter1, msg.parameter2, msg.parameter3) == (1, 2, 0)
+        c0.cmdsn = c1.cmdsn
+        assert c0.tur().status == Status.GOOD

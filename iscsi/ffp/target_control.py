@@ -230,6 +230,18 @@ class ControlExchanges:
                                      maxcmdsn=w.maxcmdsn, async_event=AsyncEvent.LOGOUT_REQUEST,
                                      parameter3=wait))
 
+    def announce_drop(self, cid: int, time2wait: int, time2retain: int) -> None:
+        """Tell the initiator that connection ``cid`` of the session is
+        being dropped (Async Message, event 2, on another connection;
+        Parameter1 is the CID, Parameter2/3 Time2Wait/Time2Retain, §11.9.1)."""
+        if self.closed:
+            return
+        w = self.window
+        self.outbox.add(AsyncMessage(statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                     maxcmdsn=w.maxcmdsn, async_event=AsyncEvent.CONNECTION_DROP,
+                                     parameter1=cid, parameter2=time2wait,
+                                     parameter3=time2retain))
+
     # --------------------------------------------------------------- SNACK
     def _on_snack(self, pdu: PDU) -> None:
         # ErrorRecoveryLevel 0 (what we negotiate): SNACK is not supported.
