@@ -45,7 +45,6 @@ from typing import Any, TypeVar, cast
 
 from iscsi.constants import (
     RESERVED_TAG,
-    AsyncEvent,
     LoginStatus,
     LogoutResponseCode,
     TaskAttribute,
@@ -467,49 +466,6 @@ class Session(ConnectionSet):
         fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
         if not fut.done():
             fut.set_exception(err)
-
-    def _on_async(self, ev: AsyncNotice, conn: Connection | None = None) -> None:
-        event = ev.event
-        if event == AsyncEvent.SCSI_ASYNC_EVENT:
-            log.info("SCSI asynchronous event from %s", self.portal)
-            if self.on_async_event is not None:
-                self.on_async_event(ev.lun, ev.sense)
-        elif event == AsyncEvent.LOGOUT_REQUEST:
-            # §11.9.1: the target wants us gone within Parameter3 seconds.
-            # We log the connection out and reinstate the session at once,
-            # reissuing what was in flight (an orderly "recovery").
-            log.info("target %s requests logout; reconnecting", self.portal)
-            if self._links and conn is not None:
-                # MC/S: only the connection it came on is logged out and
-                # replaced; the session carries on over the others.
-                self._spawn(self._logout_connection(conn))
-            else:
-                self._loop.create_task(self._logout_and_reconnect())
-        elif event == AsyncEvent.CONNECTION_DROP and self._links:
-            # MC/S: Parameter1 names the connection the target drops
-            # (§11.9.1), not necessarily the one the message came on.
-            pair = self.connection(ev.parameter1)
-            log.info("target %s drops connection CID %d", self.portal, ev.parameter1)
-            if pair is not None:
-                self.connection_failed(pair[0], ConnectionResetError(
-                    f"target announced it drops connection CID {ev.parameter1}"))
-        elif event in (AsyncEvent.CONNECTION_DROP, AsyncEvent.SESSION_DROP):
-            # Parameter2 is Time2Wait: do not reconnect sooner (§11.9.1).
-            log.info("target %s drops the %s", self.portal,
-                     "connection" if event == AsyncEvent.CONNECTION_DROP else "session")
-            self._retry_delay = float(ev.parameter2)
-            if event == AsyncEvent.SESSION_DROP:
-                # Every connection goes: no promotion, one session recovery.
-                self._orphans = self._drop_links()
-            if self._conn is not None:
-                self.connection_failed(self._conn, ConnectionResetError(
-                    "target announced it drops the connection"))
-        elif event == AsyncEvent.NEGOTIATION_REQUEST:
-            # We have nothing to renegotiate; an empty Text exchange would do,
-            # but the target may equally live with our current values.
-            log.info("target %s requests renegotiation; keeping current values", self.portal)
-        else:
-            log.info("asynchronous event %d from %s ignored", event, self.portal)
 
     # --------------------------------------------------- other exchanges
 
