@@ -73,10 +73,12 @@ class LoginSettings:
 def login_offers(*, header_digest: str, data_digest: str, max_recv_data_segment_length: int,
                  max_burst_length: int, first_burst_length: int, initial_r2t: bool,
                  immediate_data: bool, max_outstanding_r2t: int,
-                 keys: dict[str, str], max_connections: int = 1) -> dict[str, str]:
+                 keys: dict[str, str], max_connections: int = 1,
+                 error_recovery_level: int = 0) -> dict[str, str]:
     """The operational keys we offer (§13), ``keys`` winning."""
     offers = {
         "MaxConnections": str(max_connections),
+        "ErrorRecoveryLevel": str(error_recovery_level),
         "HeaderDigest": header_digest,
         "DataDigest": data_digest,
         "MaxRecvDataSegmentLength": str(max_recv_data_segment_length),

@@ -67,6 +67,10 @@ class SessionOptions:
     #: accepts; commands go to the least loaded one, and the session
     #: carries on over the others when one is lost.
     connections: int = 1
+    #: ErrorRecoveryLevel offered (RFC 7143 §13.20). At 2, with several
+    #: connections, a lost connection's tasks move to another one with
+    #: TASK REASSIGN instead of being reissued or failed (§7.2.2).
+    error_recovery_level: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,7 +245,8 @@ class SessionLink:
                 max_burst_length=o.max_burst_length, first_burst_length=o.first_burst_length,
                 initial_r2t=o.initial_r2t, immediate_data=o.immediate_data,
                 max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys,
-                max_connections=1 if self.discovery else o.connections),
+                max_connections=1 if self.discovery else o.connections,
+                error_recovery_level=o.error_recovery_level),
             chap_user=o.chap_user, chap_secret=o.chap_secret,
             target_chap_user=o.target_chap_user, target_chap_secret=o.target_chap_secret,
             chap_algorithms=o.chap_algorithms)

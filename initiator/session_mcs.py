@@ -43,9 +43,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
-from iscsi.constants import AsyncEvent, LogoutReason, LogoutResponseCode
+from iscsi.constants import AsyncEvent, LogoutReason, LogoutResponseCode, TMResponse
 from iscsi.errors import ProtocolError
-from iscsi.ffp.initiator import AsyncNotice, Command, InitiatorEngine, LogoutDone
+from iscsi.ffp.initiator import (
+    AsyncNotice,
+    Command,
+    InitiatorEngine,
+    LogoutDone,
+    TaskManagementDone,
+)
 from iscsi.login import join_connection
 from iscsi.serial import sn_lt
 
@@ -295,10 +301,15 @@ class ConnectionSet(SessionLink):
         commands again as the module docstring says, then replace it."""
         engine = self._engine
         ok = False
+        # ERL 2: "remove the connection for recovery" keeps its tasks at
+        # the target for TASK REASSIGN (§11.14.1, §7.2.2).
+        erl2 = self.params.error_recovery_level >= 2
+        reason = (LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY if erl2
+                  else LogoutReason.CLOSE_CONNECTION)
         if engine is not None and self._state is State.READY:
             try:
                 rsp = await self._exchange(lambda now: engine.logout(
-                    now, LogoutReason.CLOSE_CONNECTION, cid), self.options.tmf_timeout)
+                    now, reason, cid), self.options.tmf_timeout)
                 # CID not found: the target already dropped it (and with it
                 # its tasks): as good as logged out.
                 ok = isinstance(rsp, LogoutDone) and rsp.response in (
@@ -320,8 +331,10 @@ class ConnectionSet(SessionLink):
                     f"could not log out lost connection CID {cid}"))
             return
         self._orphans = [c for c in self._orphans if c not in mine]
-        self._resend(cid, mine)
+        taken = self._resend(cid, mine, erl2)
         self._schedule_flush()
+        if taken:
+            await self._reassign(cid, taken)
         for attempt in range(_REPLACE_ATTEMPTS):
             if self._state is not State.READY or cid in self._links:
                 return
@@ -335,13 +348,16 @@ class ConnectionSet(SessionLink):
                 # Paced like the session's own logins (§6.1: Time2Wait).
                 await asyncio.sleep(float(self.params.default_time2wait or 1) * (attempt + 1))
 
-    def _resend(self, cid: int, cmds: list[Command]) -> None:
+    def _resend(self, cid: int, cmds: list[Command], erl2: bool) -> list[Command]:
+        """Send the lost connection's commands again (module docstring);
+        at ERL 2 return those the target took, for TASK REASSIGN."""
         engine = self._engine
         assert engine is not None
         now = self._loop.time()
         exp = engine.window.exp_cmdsn
         tags = engine.tags
         retried = reissued = failed = 0
+        taken: list[Command] = []
         for cmd in sorted(cmds, key=lambda c: c.seq):
             fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
             target = self._pick()
@@ -362,17 +378,62 @@ class ConnectionSet(SessionLink):
                 # The target never took it: the same command again (§7.2.1).
                 target.retry(cmd, now)
                 retried += 1
+            elif erl2:
+                taken.append(cmd)
+            elif self._ended(cid, cmd, target, now):
+                reissued += 1
             else:
-                tags.discard(cmd.itt)
-                if cmd.data_out is None and not cmd.internal and self._policy.reissue(cmd):
-                    target.submit(cmd, now)
-                    reissued += 1
-                else:
-                    failed += 1
-                    what = ", its data may or may not be written" if cmd.data_out else ""
-                    self._fail(cmd, ConnectionLost(
-                        f"connection CID {cid} to {self.portal} lost while CDB "
-                        f"0x{cmd.cdb[0]:02x} ran: the target ended it (ErrorRecoveryLevel 0"
-                        f"{what})"))
+                failed += 1
         log.info("connection CID %d logged out: %d command(s) sent again as they were, "
-                 "%d reissued, %d failed", cid, retried, reissued, failed)
+                 "%d reissued, %d failed, %d to reassign", cid, retried, reissued, failed,
+                 len(taken))
+        return taken
+
+    def _ended(self, cid: int, cmd: Command, target: InitiatorEngine, now: float) -> bool:
+        """A command of a lost connection that the target took and ended
+        (ERL 0, or a TASK REASSIGN refused): reissued when it writes nothing
+        (True), else failed."""
+        target.tags.discard(cmd.itt)
+        if cmd.data_out is None and not cmd.internal and self._policy.reissue(cmd):
+            target.submit(cmd, now)
+            return True
+        what = ", its data may or may not be written" if cmd.data_out else ""
+        self._fail(cmd, ConnectionLost(
+            f"connection CID {cid} to {self.portal} lost while CDB 0x{cmd.cdb[0]:02x} ran: "
+            f"the target ended it{what}"))
+        return False
+
+    async def _reassign(self, cid: int, cmds: list[Command]) -> None:
+        """ERL 2 connection recovery (§7.2.2): move each command the lost
+        connection ``cid`` left at the target to a surviving connection with
+        TASK REASSIGN (§11.5.1); one the target cannot reassign is treated
+        as at ERL 0."""
+        engine = self._pick()
+        if engine is None:
+            return
+        now = self._loop.time()
+        waits: list[tuple[Command, asyncio.Future[Answer]]] = []
+        for cmd in cmds:
+            itt = engine.reassign(cmd, now)
+            fut: asyncio.Future[Answer] = self._loop.create_future()
+            self._waiters[itt] = fut
+            waits.append((cmd, fut))
+        self._schedule_flush()
+        moved = 0
+        for cmd, fut in waits:
+            try:
+                rsp: Answer | None = await asyncio.wait_for(fut, self.options.tmf_timeout)
+            except (TimeoutError, InitiatorError):
+                rsp = None
+            if isinstance(rsp, TaskManagementDone) and \
+                    rsp.response == TMResponse.FUNCTION_COMPLETE:
+                moved += 1
+                continue
+            if engine.closed or engine.tasks.get(cmd.itt) is not cmd:
+                continue  # lost again, or ended meanwhile: handled there
+            engine.disown(cmd)
+            if not cast("asyncio.Future[ScsiResult]", cmd.handle).done():
+                self._ended(cid, cmd, engine, self._loop.time())
+        log.info("connection CID %d: %d of %d task(s) reassigned to CID %d", cid, moved,
+                 len(cmds), engine.cid)
+        self._schedule_flush()

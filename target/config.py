@@ -50,6 +50,10 @@ class Limits:
     #: initiator asks wins, so initiators that ask 1 (libiscsi, open-iscsi)
     #: get one connection per session; LIO likewise accepts up to 8.
     max_connections: int = 8
+    #: ErrorRecoveryLevel offered (RFC 7143 §13.20); the lower of this and
+    #: the initiator's wins. 2 keeps a failed connection's tasks for TASK
+    #: REASSIGN on another connection (connection recovery, §7.2.2).
+    error_recovery_level: int = 0
     header_digests: tuple[str, ...] = ("None", "CRC32C")
     data_digests: tuple[str, ...] = ("None", "CRC32C")
     queue_depth: int = 128
@@ -228,7 +232,8 @@ def _chap_problem(chap: ChapConfig) -> tuple[str, str] | None:
 def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
     known = {"max_recv_data_segment_length", "max_burst_length", "first_burst_length",
              "initial_r2t", "immediate_data", "max_outstanding_r2t", "max_connections",
-             "digests", "header_digests", "data_digests", "queue_depth"}
+             "digests", "header_digests", "data_digests", "queue_depth",
+             "error_recovery_level"}
     r.check_keys(table, known, where)
     mrdsl = r.int_in(table, "max_recv_data_segment_length", where, 262144, 512, (1 << 24) - 1)
     mbl = r.int_in(table, "max_burst_length", where, 1048576, 512, (1 << 24) - 1)
@@ -250,6 +255,7 @@ def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
         max_connections=r.int_in(table, "max_connections", where, 8, 1, 65535),
         header_digests=tuple(hd), data_digests=tuple(dd),
         queue_depth=r.int_in(table, "queue_depth", where, 128, 1, 4096),
+        error_recovery_level=r.int_in(table, "error_recovery_level", where, 0, 0, 2),
     )
 
 

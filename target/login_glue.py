@@ -72,8 +72,8 @@ def limits_offers(limits: Limits) -> dict[str, str]:
         "MaxBurstLength": str(limits.max_burst_length),
         "FirstBurstLength": str(limits.first_burst_length),
         "MaxOutstandingR2T": str(limits.max_outstanding_r2t),
-        # We implement ErrorRecoveryLevel 0 only (RFC 7143 §7.1.5).
-        "ErrorRecoveryLevel": "0",
+        # RFC 7143 §7.1.5; 2 adds connection recovery (TASK REASSIGN).
+        "ErrorRecoveryLevel": str(limits.error_recovery_level),
         "DataPDUInOrder": "Yes",
         "DataSequenceInOrder": "Yes",
     }
@@ -254,12 +254,13 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
         old_conn = sess.connections.get(login.cid)
         if old_conn is not None:
             # Connection reinstatement: the old connection's tasks end at
-            # ERL 0 and the connection is dropped (§6.3.5, §7.1.4).
+            # ERL 0 (kept for TASK REASSIGN at ERL 2) and the connection is
+            # dropped (§6.3.4, §6.3.5, §7.1.4).
             log.info("%s: reinstating connection CID %d", conn.peer, login.cid)
             del sess.connections[login.cid]
             # Its tasks end here, while it still knows its session, so their
             # CmdSN slots return to the window the new connection uses.
-            old_conn.end_tasks()
+            old_conn.end_tasks(retain=True)
             old_conn.session = None
             old_conn.abort("connection reinstated")
     conn.cid = login.cid

@@ -8,6 +8,7 @@ queue depth (RFC 7143 §4.2.2.1).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -17,7 +18,7 @@ from typing import Protocol
 
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError
-from iscsi.ffp.target import Event, TargetConnectionEngine
+from iscsi.ffp.target import Event, TargetConnectionEngine, Task
 from iscsi.ffp.window import CmdSNWindow
 from iscsi.keys import NegotiatedParams
 from target.scsi.types import Nexus
@@ -43,8 +44,9 @@ class Member(Protocol):
     def abort(self, reason: str) -> None:
         """Drop the connection at once."""
 
-    def end_tasks(self) -> None:
-        """End the connection's tasks (ERL 0, RFC 7143 §7.1.4)."""
+    def end_tasks(self, retain: bool = False) -> None:
+        """End the connection's tasks (ERL 0, RFC 7143 §7.1.4), or with
+        ``retain`` at ERL 2 keep them for reassignment (§7.2.2)."""
 
     def deliver(self, events: list[Event]) -> None:
         """Act on events its engine produced."""
@@ -113,6 +115,9 @@ class Session:
     counters: dict[int, IOCounters] = field(default_factory=dict)
     #: time.monotonic() at login, for the session's age when it ends.
     started: float = field(default_factory=time.monotonic)
+    #: ERL 2: ITT -> (task, the engine of its failed connection, its CID),
+    #: kept for TASK REASSIGN until DefaultTime2Retain passes (§7.2.2).
+    retained: dict[int, tuple[Task, TargetConnectionEngine, int]] = field(default_factory=dict)
 
     @property
     def initiator_port(self) -> str:
@@ -242,13 +247,38 @@ class SessionTable:
 
     def connection_closed(self, conn: Member, sess: Session | None) -> None:
         """A connection went away: at ERL 0 its session ends with it when it
-        was the last one (RFC 7143 §7.1.4), for the connection's reason."""
+        was the last one (RFC 7143 §7.1.4), for the connection's reason; at
+        ERL 2 a session whose tasks wait for reassignment lives on until
+        DefaultTime2Retain passes (§7.2.2)."""
         if sess is None:
             return
         if sess.connections.get(conn.cid) is conn:
             del sess.connections[conn.cid]
-        if not sess.connections:
+        if not sess.connections and not sess.retained:
             self._forget(sess, *connection_end_cause(conn.end_reason), [conn.peer])
+
+    def retain(self, sess: Session, conn: Member, tasks: list[Task]) -> None:
+        """ERL 2: a failed connection's tasks wait for TASK REASSIGN on
+        another connection of the session for DefaultTime2Retain seconds
+        (§7.2.2, §13.16), then end; so does the session if it has no
+        connection left by then."""
+        engine = conn.engine
+        if engine is None:
+            return
+        for task in tasks:
+            sess.retained[task.itt] = (task, engine, conn.cid)
+        wait = sess.params.default_time2retain if sess.params is not None else 20
+        asyncio.get_running_loop().call_later(wait, self._expire, sess, engine, conn.peer,
+                                              conn.end_reason)
+
+    def _expire(self, sess: Session, engine: TargetConnectionEngine, peer: str,
+                reason: str) -> None:
+        for itt, (task, owner, _) in list(sess.retained.items()):
+            if owner is engine:
+                del sess.retained[itt]
+                owner.drop_retained(task)
+        if not sess.connections and not sess.retained:
+            self._forget(sess, *connection_end_cause(reason), [peer])
 
 
 def log_session_end(sess: Session, cause: str, reason: str, peers: list[str]) -> None:

@@ -18,6 +18,8 @@ class _Pair:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Drop what the target sends instead of forwarding it.
+    mute: bool = False
 
 
 class Relay:
@@ -51,6 +53,8 @@ class Relay:
                     pair: _Pair) -> None:
         try:
             while data := await src.read(1 << 16):
+                if pair.mute and dst is pair.client:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):
@@ -65,13 +69,22 @@ class Relay:
             if not transport.is_closing():
                 transport.abort()
 
-    def cut(self, client_port: int) -> None:
-        """Abort the relayed connection from ``client_port``, both ways."""
+    def _pair(self, client_port: int) -> _Pair:
         for pair in self.pairs:
             if pair.client_port == client_port:
-                self._close(pair)
-                return
+                return pair
         raise KeyError(f"no relayed connection from port {client_port}")
+
+    def cut(self, client_port: int) -> None:
+        """Abort the relayed connection from ``client_port``, both ways."""
+        self._close(self._pair(client_port))
+
+    def mute(self, client_port: int) -> None:
+        """From now on drop what the target sends on the connection from
+        ``client_port`` (the client's commands still get through): its
+        answers are lost, as when a connection dies after the target has
+        taken commands."""
+        self._pair(client_port).mute = True
 
     async def close(self) -> None:
         """Stop listening and drop every relayed connection."""

@@ -17,6 +17,7 @@ from initiator.errors import ConnectionLost
 from initiator.session import Session
 from iscsi.constants import AsyncEvent
 from iscsi.pdu import AsyncMessage
+from iscsi.serial import sn_lt
 from target.config import Limits, LunSpec
 from tests.initiator_checks import opts, random_write_verify, until
 from tests.relay import Relay
@@ -260,3 +261,55 @@ def test_async_messages_address_one_connection(target: RunningTarget) -> None:
         finally:
             await s.logout()
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("erl", [2, 0])
+def test_erl2_reassigns_a_lost_connections_tasks(erl: int) -> None:
+    """ErrorRecoveryLevel 2 (§7.2.2): the target has taken commands of a
+    connection whose answers are then lost and which is cut; the session
+    removes it for recovery (logout reason 2) and moves its tasks to another
+    connection with TASK REASSIGN: every write completes, none fails. The
+    same at ERL 0 fails those writes (the target ended them)."""
+    cfg = make_config([LunSpec(lun=0, path="", backend="memory", size=SIZE)],
+                      limits=Limits(error_recovery_level=erl))
+    with running_target(cfg) as t:
+        async def main() -> None:
+            relay = await Relay(t.host, t.port).start()
+            s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME, opts(
+                connections=2, error_recovery_level=2, command_timeout=20.0))
+            try:
+                assert s.params.error_recovery_level == erl
+                dev = await BlockDevice.from_session(s, 0)
+                await dev.write(0, bytes(SIZE))
+                pair = s.connection(1)
+                assert pair is not None
+                conn1, engine1 = pair
+                port = conn1.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+                relay.mute(port)
+                # Writes until connection 1 carries some the target took.
+                writes = []
+                for k in range(16):
+                    writes.append(asyncio.ensure_future(
+                        dev.write(k * MiB, bytes([k + 1]) * MiB)))
+                    await asyncio.sleep(0)
+
+                def taken() -> bool:
+                    mine = [c.cmdsn for c in engine1.tasks.values()]
+                    exp = t.call(lambda: [x.window.expcmdsn for x in t.server.sessions])[0]
+                    return bool(mine) and any(sn_lt(sn, exp) for sn in mine)
+                await until(taken, "the target to take commands of connection 1")
+                relay.cut(port)
+                ends = await asyncio.gather(*writes, return_exceptions=True)
+                failed = [k for k, e in enumerate(ends) if isinstance(e, BaseException)]
+                assert all(isinstance(ends[k], ConnectionLost) for k in failed)
+                assert s.recoveries == 0
+                assert bool(failed) == (erl == 0)
+                for k in range(16):
+                    if k not in failed:
+                        assert await dev.read(k * MiB, MiB) == bytes([k + 1]) * MiB
+                await until(lambda: s.connection_count == 2, "connection 1 replaced")
+                assert t.call(lambda: [len(x.retained) for x in t.server.sessions]) == [0]
+            finally:
+                await s.logout()
+                await relay.close()
+        asyncio.run(main())

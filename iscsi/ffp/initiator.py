@@ -279,6 +279,33 @@ class InitiatorEngine:
             heapq.heappush(self._cmd_deadlines, (cmd.deadline, id(cmd), cmd))
         self._send(cmd)
 
+    def reassign(self, cmd: Command, now: float) -> int:
+        """Take over ``cmd`` from a failed connection of the session with
+        TASK REASSIGN (ErrorRecoveryLevel 2, §11.5.1, §7.2.2): it becomes
+        this connection's task, with its ITT and CmdSN, and the target
+        resends its Data-In and status here, or asks for its write data
+        again with R2Ts. Returns the TMF's ITT (the answer is
+        :class:`TaskManagementDone`); when it is not "Function complete"
+        the owner takes the command back with :meth:`disown`."""
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        self._now = now
+        itt, cmdsn = cmd.itt, cmd.cmdsn
+        cmd.reset()
+        cmd.itt, cmd.cmdsn, cmd.sent = itt, cmdsn, True
+        if cmd.data_out is not None:
+            # A write the target already has whole gets its status alone.
+            cmd.solicited_sent = cmd.edtl
+        self.tasks[itt] = cmd
+        if cmd.deadline is not None:
+            heapq.heappush(self._cmd_deadlines, (cmd.deadline, id(cmd), cmd))
+        return self.control.task_management(TMFunction.TASK_REASSIGN, now, cmd.lun, itt)
+
+    def disown(self, cmd: Command) -> None:
+        """Forget ``cmd`` without an event (a TASK REASSIGN refused)."""
+        if self.tasks.get(cmd.itt) is cmd:
+            del self.tasks[cmd.itt]
+
     def _send(self, cmd: Command) -> None:
         p = self.params
         cmd.sent = True

@@ -115,8 +115,8 @@ class Control:
         self._tmf_lun[itt] = lun
         self.e.outbox.add(TaskMgmtRequest(
             function=function, lun=encode_lun(lun), itt=itt,
-            referenced_task_tag=referenced_itt if function == TMFunction.ABORT_TASK
-            else RESERVED_TAG,
+            referenced_task_tag=referenced_itt if function in (
+                TMFunction.ABORT_TASK, TMFunction.TASK_REASSIGN) else RESERVED_TAG,
             # RefCmdSN: the referenced task's CmdSN (§11.5.4).
             refcmdsn=ref.cmdsn if ref is not None else self.e.cmdsn,
             cmdsn=self.e.cmdsn, expstatsn=self.e.exp_statsn, immediate=True))

@@ -208,18 +208,21 @@ class ControlExchanges:
     # -------------------------------------------------------------- logout
     def _on_logout(self, pdu: LogoutRequest) -> None:
         def run() -> None:
-            if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY and \
+                    self.params.error_recovery_level < 2:
                 self.logout_answer(pdu.itt, LogoutResponseCode.RECOVERY_NOT_SUPPORTED)
             else:
                 self.events.append(LogoutRequested(pdu.itt, pdu.reason, pdu.cid))
         self._admit(pdu, run)
 
-    def logout_answer(self, itt: int, code: int) -> None:
-        """Send the Logout Response (§11.15); Time2Wait/Time2Retain 0 at ERL 0."""
+    def logout_answer(self, itt: int, code: int, time2wait: int = 0,
+                      time2retain: int = 0) -> None:
+        """Send the Logout Response (§11.15); Time2Wait/Time2Retain are 0
+        but after removing a connection for recovery (ERL 2)."""
         w = self.window
         self.outbox.add(LogoutResponse(itt=itt, response=code, statsn=self._next_statsn(),
                                        expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
-                                       time2wait=0, time2retain=0))
+                                       time2wait=time2wait, time2retain=time2retain))
 
     def request_logout(self, wait: int) -> None:
         """Ask the initiator to log out (Async Message, event 1, §11.9.1)."""

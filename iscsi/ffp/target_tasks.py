@@ -46,6 +46,9 @@ class TargetParams:
     max_outstanding_r2t: int = 1
     header_digest: bool = False
     data_digest: bool = False
+    #: ErrorRecoveryLevel (§13.20): at 2 a failed connection's tasks are
+    #: kept for reassignment (connection recovery, §7.2.2).
+    error_recovery_level: int = 0
 
     @classmethod
     def from_negotiated(cls, params: NegotiatedParams) -> TargetParams:
@@ -55,7 +58,8 @@ class TargetParams:
             first_burst=params.first_burst_length, initial_r2t=params.initial_r2t,
             immediate_data=params.immediate_data,
             max_outstanding_r2t=params.max_outstanding_r2t,
-            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest))
+            header_digest=bool(params.header_digest), data_digest=bool(params.data_digest),
+            error_recovery_level=params.error_recovery_level)
 
 
 class Task:
@@ -63,7 +67,8 @@ class Task:
 
     __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
                  "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
-                 "immediate", "executing", "unsol_next", "waiter")
+                 "immediate", "executing", "unsol_next", "waiter", "retained", "result",
+                 "home")
 
     def __init__(self, cmd: ScsiCommand) -> None:
         self.itt = cmd.itt
@@ -87,6 +92,12 @@ class Task:
         self.unsol_next = (0, 0)
         #: The owner's handle (e.g. a future a TMF waits on).
         self.waiter: object | None = None
+        #: ERL 2: its connection failed; it waits for TASK REASSIGN (§7.2.2).
+        self.retained = False
+        #: ERL 2: (status, sense, data, overflow, underflow) kept for resending.
+        self.result: tuple[int, bytes, object, int, int] | None = None
+        #: The owner's connection that now answers it (after reassignment).
+        self.home: object | None = None
 
     def data_out(self) -> memoryview:
         """The write data received (empty for a command without any)."""
