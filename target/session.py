@@ -240,6 +240,9 @@ class SessionTable:
             return False
         sess.closed = True
         self._by_tsih.pop(sess.tsih, None)
+        for task, owner, _ in sess.retained.values():
+            owner.drop_retained(task)  # their slots and write budget return
+        sess.retained.clear()
         if sess.target is not None and not sess.discovery and sess.nexus is not None:
             sess.target.scsi.nexus_lost(sess.nexus)
         log_session_end(sess, cause, reason, peers)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import struct
 
-from iscsi.constants import LogoutReason
+from iscsi.constants import LogoutReason, TMFunction
 from iscsi.ffp.initiator import (
     Command,
     CommandCompleted,
@@ -15,6 +15,7 @@ from iscsi.ffp.initiator import (
     InitiatorEngine,
     InitiatorParams,
     LogoutDone,
+    TaskManagementDone,
 )
 from iscsi.ffp.target import (
     ExecuteCommand,
@@ -65,6 +66,10 @@ class Session:
         self.sent_by_target: list[list[PDU]] = [[] for _ in range(n)]
         self.events: list[list[Event]] = [[] for _ in range(n)]
         self.logouts: list[tuple[int, LogoutRequested]] = []
+        #: Commands to these LBAs are held (still running) until the test
+        #: finishes them.
+        self.hold_lbas: set[int] = set()
+        self.held: list[Task] = []
 
     @staticmethod
     def _move(buffers: list[Buffer], reader: PDUReader) -> list[PDU]:
@@ -116,6 +121,16 @@ class Session:
         lba, blocks = struct.unpack_from(">IxH", cdb, 2)
         off, n = lba * BS, blocks * BS
         self.ran.append((cid, cdb[0], lba))
+        if lba in self.hold_lbas:
+            self.held.append(task)
+            return
+        self.finish(cid, task)
+
+    def finish(self, cid: int, task: Task) -> None:
+        """Complete ``task`` on target engine ``cid``."""
+        cdb = task.cmd.cdb
+        lba, blocks = struct.unpack_from(">IxH", cdb, 2)
+        off, n = lba * BS, blocks * BS
         if cdb[0] == 0x2A:
             self.disk[off : off + n] = task.data_out()[:n]
             self.tgt[cid].command_done(task, 0, b"", None)
@@ -271,3 +286,84 @@ def test_out_of_window_and_duplicate_across_connections_are_ignored() -> None:
     s.up(1)
     assert s.ran == [(0, 0x2A, 2)]
     assert not s.tgt[1].outbox  # silently (§4.2.2.1)
+
+
+# ------------------------------------------------------------------ ERL 2
+
+
+def test_erl2_detach_and_adopt_every_kind_of_task() -> None:
+    """Connection recovery in the engines (§7.2.2): connection 1 fails with
+    a write waiting for data, a read the target finished but whose answer
+    was lost, and a write still running; TASK REASSIGN moves them to
+    connection 0, which asks for the write data again, resends the read's
+    Data-In and status, and answers the running write when it ends."""
+    s = Session(2, initial_r2t=True)
+    for t in s.tgt:
+        t.params = TargetParams(max_xmit=4096, initial_r2t=True, first_burst=4096,
+                                error_recovery_level=2)
+    waiting = _write(0, 0x61, blocks=16)      # 8 KiB: R2T for the rest
+    read = _read(20, blocks=4)
+    running = _write(40, 0x63)
+    s.disk[20 * BS : 24 * BS] = b"\x62" * 4 * BS
+    s.hold_lbas.add(40)
+    for cmd in (waiting, read, running):
+        s.ini[1].submit(cmd, 0.0)
+    s.up(1)                                   # the target takes all three
+    assert [t.itt for t in s.held] == [running.itt]
+    s.tgt[1].outbox.take()                    # its answers are lost
+    kept = s.tgt[1].detach()
+    assert {t.itt for t in kept} == {waiting.itt, read.itt, running.itt}
+    assert set(s.ini[1].close()) == {waiting, read, running}
+    for cmd in (waiting, read, running):
+        s.ini[0].reassign(cmd, 0.0)
+    pdus = s.up(0)
+    assert [(p.function, p.referenced_task_tag) for p in pdus] == [  # type: ignore[attr-defined]
+        (TMFunction.TASK_REASSIGN, waiting.itt), (TMFunction.TASK_REASSIGN, read.itt),
+        (TMFunction.TASK_REASSIGN, running.itt)]
+    by_itt = {t.itt: t for t in kept}
+    for p in pdus:
+        # The owner's part (target/server.py): answer, then move the task.
+        s.tgt[0].tmf_done(p.itt, 0)
+        s.tgt[0].adopt(by_itt[p.referenced_task_tag], s.tgt[1])  # type: ignore[attr-defined]
+    s.settle([0])
+    assert sum(isinstance(e, TaskManagementDone) and e.response == 0
+               for e in s.events[0]) == 3
+    assert s.completed(0) == [read, waiting] or s.completed(0) == [waiting, read]
+    assert bytes(read.data_in or b"") == b"\x62" * 4 * BS
+    assert s.disk[0 : 16 * BS] == b"\x61" * 16 * BS
+    # The waiting write was asked for its data again, on connection 0.
+    assert any(isinstance(p, R2T) and p.itt == waiting.itt for p in s.sent_by_target[0])
+    # The running write ends now: its status goes out on connection 0.
+    (task,) = s.held
+    s.finish(0, task)
+    s.settle([0])
+    assert running in s.completed(0) and s.disk[40 * BS] == 0x63
+    assert s.window.active == 0 and not s.ini[0].tasks
+
+
+def test_erl2_unreassigned_tasks_release_their_slots() -> None:
+    s = Session(1, initial_r2t=True)
+    s.tgt[0].params = TargetParams(max_xmit=4096, initial_r2t=True, first_burst=4096,
+                                   error_recovery_level=2)
+    waiting = _write(0, 0x71, blocks=16)
+    s.ini[0].submit(waiting, 0.0)
+    s.up(0)
+    assert s.window.active == 1
+    (task,) = s.tgt[0].detach()
+    assert task.retained and s.window.active == 1  # kept for Time2Retain
+    s.tgt[0].drop_retained(task)                   # Time2Retain passed
+    assert s.window.active == 0 and not task.retained
+
+
+def test_erl2_status_kept_until_expstatsn_acknowledges_it() -> None:
+    s = Session(1)
+    s.tgt[0].params = TargetParams(max_xmit=4096, first_burst=4096, error_recovery_level=2)
+    first = _write(1, 1)
+    s.ini[0].submit(first, 0.0)
+    s.settle()
+    # Answered, but not yet acknowledged: a failure now keeps it.
+    assert first.itt in s.tgt[0]._unacked
+    second = _write(2, 2)
+    s.ini[0].submit(second, 0.0)  # carries ExpStatSN past the first's status
+    s.up(0)
+    assert first.itt not in s.tgt[0]._unacked
