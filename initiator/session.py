@@ -150,6 +150,8 @@ class Session(ConnectionSet):
         self.on_async_event: Callable[[int, bytes], None] | None = None
         #: Number of times the session was re-established after a failure.
         self.recoveries = 0
+        #: Number of times a lost connection was recovered at ERL 2 (§7.2.2).
+        self.connection_recoveries = 0
 
     # ----------------------------------------------------------- lifecycle
 

@@ -98,6 +98,7 @@ class SessionLink:
     tsih: int
     params: NegotiatedParams
     recoveries: int
+    connection_recoveries: int
     _loop: asyncio.AbstractEventLoop
     _state: State
     _conn: Connection | None
@@ -139,6 +140,9 @@ class SessionLink:
         def _drop_links(self) -> list[Command]: ...
 
         def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+        async def _recover_connection(self, old: InitiatorEngine, cmds: list[Command],
+                                      cause: BaseException) -> None: ...
 
         async def _add_connections(self) -> None: ...
 
@@ -341,6 +345,24 @@ class SessionLink:
             self._pings += engine.target_pings
         # Other connections (if the leading one was the last to go, none).
         cmds = sorted(cmds + self._drop_links(), key=lambda c: c.seq)
+        if engine is not None and self.params.error_recovery_level >= 2 and \
+                not self.discovery and not isinstance(exc, TargetProtocolError):
+            # ERL 2: connection recovery -- a new connection to the same
+            # session takes over the tasks (§7.2.2), not a new session.
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(lost)
+            self._waiters.clear()
+            if self._recovery is None or self._recovery.done():
+                self._recovery = self._loop.create_task(
+                    self._recover_connection(engine, cmds, exc))
+            return
+        self._session_recovery(cmds, exc)
+
+    def _session_recovery(self, cmds: list[Command], exc: BaseException) -> None:
+        """ERL 0 session recovery of ``cmds`` (every command the session's
+        connections had): reissue what may be, then log in again."""
+        lost = ConnectionLost(f"connection to {self.portal} lost")
         reissue: list[Command] = []
         for cmd in cmds:
             if cmd.internal:

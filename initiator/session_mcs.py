@@ -56,6 +56,7 @@ from iscsi.login import join_connection
 from iscsi.serial import sn_lt
 
 from .errors import CommandTimedOut, ConnectionLost, InitiatorError
+from .login import LoginResult
 from .options import ScsiResult
 from .session_link import Answer, SessionLink, State, describe
 from .transport import Connection
@@ -199,11 +200,11 @@ class ConnectionSet(SessionLink):
             log.info("session to %s has %d connection(s) (MaxConnections=%d)", self.portal,
                      self.connection_count, self.params.max_connections)
 
-    async def _add_link(self, cid: int) -> None:
-        """One non-leading login (§6.3.5): same ISID and TSIH, CID ``cid``."""
-        share = self._engine
-        if share is None:
-            raise ConnectionLost("the session has no connection to join")
+    async def _join(self, cid: int, share: InitiatorEngine
+                    ) -> tuple[Connection, InitiatorEngine, LoginResult]:
+        """One non-leading login (§6.3.5): same ISID and TSIH, CID ``cid``;
+        its engine shares ``share``'s CmdSN, window and ITTs. The caller
+        registers the connection, then lets it parse (``logged_in``)."""
         host, port = self._where
         o = self.options
         _transport, conn = await asyncio.wait_for(
@@ -215,12 +216,22 @@ class ConnectionSet(SessionLink):
         except BaseException:
             conn.abort()
             raise
-        if self._engine is not share or conn.closed or self._state is not State.READY:
-            conn.abort()
-            raise ConnectionLost("the session changed while the connection logged in")
+        if conn.closed:
+            raise ConnectionLost("the connection closed right after its login")
         p = join_connection(self.params, result.params)
         engine = self._new_engine(p, result, cid, share)
         self._set_reader(conn, p, engine)
+        return conn, engine, result
+
+    async def _add_link(self, cid: int) -> None:
+        """Add connection ``cid`` to the session."""
+        share = self._engine
+        if share is None:
+            raise ConnectionLost("the session has no connection to join")
+        conn, engine, _ = await self._join(cid, share)
+        if self._engine is not share or self._state is not State.READY:
+            conn.abort()
+            raise ConnectionLost("the session changed while the connection logged in")
         old = self._links.get(cid)
         if old is not None:
             # Our own stale link under this CID (the target reinstated it).
@@ -229,6 +240,56 @@ class ConnectionSet(SessionLink):
         conn.logged_in = True
         conn.resume_parsing()
         self._schedule_flush()
+
+    async def _recover_connection(self, old: InitiatorEngine, cmds: list[Command],
+                                  cause: BaseException) -> None:
+        """ERL 2, the session's last connection lost (§7.2.2): after
+        DefaultTime2Wait, log in a connection with the same CID to the same
+        session -- which implicitly removes the old one for recovery
+        (§6.3.4) -- and move its commands there (sent again as they were,
+        or TASK REASSIGN). If that fails within DefaultTime2Retain, the
+        target has given the tasks up: recover the session instead."""
+        cid = old.cid
+        p = self.params
+        deadline = self._loop.time() + min(p.default_time2retain, self.options.replacement_timeout)
+        wait = float(p.default_time2wait)
+        last: BaseException = cause
+        joined: tuple[Connection, InitiatorEngine, LoginResult] | None = None
+        while joined is None and self._loop.time() < deadline:
+            if wait:
+                await asyncio.sleep(min(wait, max(0.0, deadline - self._loop.time())))
+            self._cmdsn = old.cmdsn
+            try:
+                joined = await self._join(cid, old)
+            except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
+                last = exc
+                log.warning("connection recovery to %s failed: %s", self.portal, describe(exc))
+                wait = max(wait, 1.0)
+        if joined is None:
+            log.warning("connection to %s not recovered within DefaultTime2Retain (%d s); "
+                        "recovering the session", self.portal, p.default_time2retain)
+            self._recovery = None
+            self._session_recovery(cmds, last)
+            return
+        conn, engine, result = joined
+        self._conn, self._engine, self._cid = conn, engine, cid
+        engine.window.update(result.expcmdsn, result.maxcmdsn)
+        self._state = State.READY
+        self.connection_recoveries += 1
+        self._recovery = None
+        log.info("connection CID %d to %s recovered (ErrorRecoveryLevel 2)", cid, self.portal)
+        now = self._loop.time()
+        backlog, self._backlog = list(self._backlog), type(self._backlog)()
+        conn.logged_in = True
+        conn.resume_parsing()
+        self._orphans += cmds
+        taken = self._resend(cid, [c for c in cmds if c in self._orphans], True)
+        self._orphans = [c for c in self._orphans if c not in cmds]
+        for cmd in backlog:
+            engine.submit(cmd, now)
+        self._schedule_flush()
+        if taken:
+            await self._reassign(cid, taken)
 
     # ------------------------------------------------------- losing them
     def _drop_links(self) -> list[Command]:
@@ -384,7 +445,7 @@ class ConnectionSet(SessionLink):
                 reissued += 1
             else:
                 failed += 1
-        log.info("connection CID %d logged out: %d command(s) sent again as they were, "
+        log.info("lost connection CID %d: %d command(s) sent again as they were, "
                  "%d reissued, %d failed, %d to reassign", cid, retried, reissued, failed,
                  len(taken))
         return taken
@@ -429,6 +490,8 @@ class ConnectionSet(SessionLink):
                     rsp.response == TMResponse.FUNCTION_COMPLETE:
                 moved += 1
                 continue
+            log.debug("TASK REASSIGN of ITT 0x%x (CmdSN %d) answered %s", cmd.itt, cmd.cmdsn,
+                     getattr(rsp, "response", rsp))
             if engine.closed or engine.tasks.get(cmd.itt) is not cmd:
                 continue  # lost again, or ended meanwhile: handled there
             engine.disown(cmd)

@@ -157,6 +157,9 @@ class _Policy:
             return False
         login = self.login
         cid = login.cid if login is not None else -1
+        if login is not None:
+            window = sess.window
+            login.session_window = lambda: (window.expcmdsn, window.maxcmdsn)
         limit = sess.params.max_connections if sess.params is not None else 1
         if cid not in sess.connections and len(sess.connections) >= limit:
             raise LoginError(f"session TSIH {tsih} already has {limit} connection(s)",

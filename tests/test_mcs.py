@@ -313,3 +313,44 @@ def test_erl2_reassigns_a_lost_connections_tasks(erl: int) -> None:
                 await s.logout()
                 await relay.close()
         asyncio.run(main())
+
+
+def test_erl2_recovers_the_only_connection() -> None:
+    """ERL 2 with one connection (§7.2.2): it dies after the target took
+    writes; a new connection with the same CID joins the same session
+    (no reinstatement), the tasks move to it with TASK REASSIGN, none fails."""
+    cfg = make_config([LunSpec(lun=0, path="", backend="memory", size=SIZE)],
+                      limits=Limits(error_recovery_level=2))
+    with running_target(cfg) as t:
+        async def main() -> None:
+            relay = await Relay(t.host, t.port).start()
+            s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME, opts(
+                error_recovery_level=2, command_timeout=20.0,
+                keys={"DefaultTime2Wait": "0"}))
+            try:
+                dev = await BlockDevice.from_session(s, 0)
+                await dev.write(0, bytes(SIZE))
+                tsih = s.tsih
+                pair = s.connection(0)
+                assert pair is not None
+                conn, engine = pair
+                port = conn.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+                relay.mute(port)
+                writes = [asyncio.ensure_future(dev.write(k * MiB, bytes([k + 1]) * MiB))
+                          for k in range(8)]
+
+                def taken() -> bool:
+                    mine = [c.cmdsn for c in engine.tasks.values()]
+                    exp = t.call(lambda: [x.window.expcmdsn for x in t.server.sessions])[0]
+                    return bool(mine) and any(sn_lt(sn, exp) for sn in mine)
+                await until(taken, "the target to take commands")
+                relay.cut(port)
+                await asyncio.gather(*writes)
+                assert s.recoveries == 0 and s.connection_recoveries == 1
+                assert s.tsih == tsih and _sessions(t) == [(tsih, [0])]
+                for k in range(8):
+                    assert await dev.read(k * MiB, MiB) == bytes([k + 1]) * MiB
+            finally:
+                await s.logout()
+                await relay.close()
+        asyncio.run(main())
