@@ -222,6 +222,10 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument("--connections", type=_connections, default=d(1), metavar="N",
                    help="TCP connections per session (MC/S; the target may accept fewer; "
                         "default 1)")
+    p.add_argument("--error-recovery-level", type=int, choices=(0, 2), default=d(0),
+                   metavar="{0,2}",
+                   help="ErrorRecoveryLevel to offer: 2 recovers a lost connection with "
+                        "TASK REASSIGN instead of failing its writes (default 0)")
     p.add_argument("--command-timeout", type=float, default=d(30.0), metavar="S",
                    help="abort a SCSI command unanswered this long: ABORT TASK, then "
                         "LUN RESET, then reconnect, as Linux does (0 = wait forever)")

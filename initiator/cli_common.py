@@ -23,7 +23,8 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
                           connect_timeout=args.connect_timeout,
                           login_timeout=args.connect_timeout,
                           command_timeout=args.command_timeout or None,
-                          connections=getattr(args, "connections", 1))
+                          connections=getattr(args, "connections", 1),
+                          error_recovery_level=getattr(args, "error_recovery_level", 0))
     if args.initiator_name:
         opts.initiator_name = args.initiator_name
     if args.header_digest:

@@ -354,3 +354,18 @@ def test_erl2_recovers_the_only_connection() -> None:
                 await s.logout()
                 await relay.close()
         asyncio.run(main())
+
+
+def test_cli_connections(target: RunningTarget, capsys: pytest.CaptureFixture[str],
+                         caplog: pytest.LogCaptureFixture) -> None:
+    from initiator.cli import main
+    url = f"iscsi://{target.host}:{target.port}/{TARGET_NAME}/0"
+    caplog.set_level("INFO", logger="initiator.session")
+    assert main(["bench", url, "--connections", "3", "--seconds", "0.3", "--qd", "8"]) == 0
+    capsys.readouterr()
+    assert any("has 3 connection(s)" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SystemExit) as exit_:
+        main(["ls", url, "--connections", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("'0' is not a number of connections (1..65535)")

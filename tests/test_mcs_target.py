@@ -142,3 +142,17 @@ def test_dropping_one_connection_is_announced_on_another() -> None:
             assert (msg.parameter1, msg.parameter2, msg.parameter3) == (1, 2, 0)
         c0.cmdsn = c1.cmdsn
         assert c0.tur().status == Status.GOOD
+
+
+def test_non_leading_login_answers_with_the_sessions_command_window() -> None:
+    # The login request's CmdSN may be ahead of what the session received
+    # (commands lost with a failed connection): the answer gives the
+    # session's ExpCmdSN, which tells the initiator what to send again.
+    limits = Limits(queue_depth=8)
+    with running_target(make_config([MEM], limits=limits)) as t, \
+            connect(t, offers={"MaxConnections": "2"}) as c0:
+        c0.clear_ua()
+        with Client(t.host, t.port) as c1:
+            rsp = c1.login(TARGET_NAME, tsih=c0.tsih, cid=1, cmdsn=sn_add(c0.cmdsn, 5))
+            assert rsp.expcmdsn == c0.cmdsn
+            assert rsp.maxcmdsn == sn_add(c0.cmdsn, 8 - 1)
