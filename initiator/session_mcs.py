@@ -43,7 +43,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
-from iscsi.constants import AsyncEvent, LogoutReason, LogoutResponseCode, TMResponse
+from iscsi.constants import (
+    AsyncEvent,
+    LoginStatus,
+    LogoutReason,
+    LogoutResponseCode,
+    TMResponse,
+)
 from iscsi.errors import ProtocolError
 from iscsi.ffp.initiator import (
     AsyncNotice,
@@ -55,7 +61,7 @@ from iscsi.ffp.initiator import (
 from iscsi.login import join_connection
 from iscsi.serial import sn_lt
 
-from .errors import CommandTimedOut, ConnectionLost, InitiatorError
+from .errors import CommandTimedOut, ConnectionLost, InitiatorError, LoginRefused
 from .login import LoginResult
 from .options import ScsiResult
 from .session_link import Answer, SessionLink, State, describe
@@ -264,10 +270,14 @@ class ConnectionSet(SessionLink):
             except (InitiatorError, OSError, ProtocolError, TimeoutError) as exc:
                 last = exc
                 log.warning("connection recovery to %s failed: %s", self.portal, describe(exc))
+                if isinstance(exc, LoginRefused) and \
+                        exc.status == LoginStatus.SESSION_DOES_NOT_EXIST:
+                    break  # the target ended the session: nothing to join
                 wait = max(wait, 1.0)
         if joined is None:
-            log.warning("connection to %s not recovered within DefaultTime2Retain (%d s); "
-                        "recovering the session", self.portal, p.default_time2retain)
+            log.warning("connection to %s not recovered (DefaultTime2Retain %d s; last: %s); "
+                        "recovering the session", self.portal, p.default_time2retain,
+                        describe(last))
             self._recovery = None
             self._session_recovery(cmds, last)
             return

@@ -369,3 +369,27 @@ def test_cli_connections(target: RunningTarget, capsys: pytest.CaptureFixture[st
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("'0' is not a number of connections (1..65535)")
+
+
+def test_erl2_falls_back_to_session_recovery_when_the_session_is_gone() -> None:
+    cfg = make_config([LunSpec(lun=0, path="", backend="memory", size=SIZE)],
+                      limits=Limits(error_recovery_level=2))
+    with running_target(cfg) as t:
+        async def main() -> None:
+            s = await Session.connect(t.host, t.port, TARGET_NAME, opts(
+                error_recovery_level=2, keys={"DefaultTime2Wait": "0"}))
+            try:
+                dev = await BlockDevice.from_session(s, 0)
+                await dev.write(0, b"\x5a" * MiB)
+
+                def kick() -> None:
+                    sess, = t.server.sessions
+                    t.server.end_session(sess, cause="kicked")
+                t.call(kick)
+                # The connection cannot join a session that is gone
+                # (SESSION_DOES_NOT_EXIST): the session is recovered anew.
+                assert await dev.read(0, MiB) == b"\x5a" * MiB
+                assert s.recoveries == 1 and s.connection_recoveries == 0
+            finally:
+                await s.logout()
+        asyncio.run(main())
