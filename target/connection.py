@@ -111,6 +111,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.local: tuple[str, int] = ("", 0)
         self.closed = False
         self.session: Session | None = None
+        #: ERL 2: the session that keeps this (failed) connection's tasks.
+        self.retained_by: Session | None = None
         self.engine: TargetConnectionEngine | None = None
         self.cid = 0
         #: StatSN for the login responses (random start, RFC 7143 §4.2.2.2).
@@ -187,6 +189,7 @@ class TargetConnection(asyncio.BufferedProtocol):
         sess = self.session
         if retain and sess is not None and not sess.closed and \
                 engine.params.error_recovery_level >= 2:
+            self.retained_by = sess
             self.server.retain_tasks(sess, self, engine.detach())
             return
         for task in engine.close():
@@ -430,6 +433,13 @@ class TargetConnection(asyncio.BufferedProtocol):
                 status, len(data) if data is not None else 0,
                 task.edtl - underflow if task.cmd.write else 0, perf_counter_ns() - started)
         engine.command_done(task, status, sense, data, overflow=overflow, underflow=underflow)
+        if engine.closed:
+            # A retained task (ERL 2) of this failed connection ended: the
+            # window slot it gave back may let the others' held commands run.
+            sess = self.session or self.retained_by
+            if sess is not None:
+                sess.wake_others(self)
+            return
         if engine.events:
             # Its window slot let held commands run.
             self.deliver(engine.take_events())

@@ -151,12 +151,13 @@ class Session:
                 other.schedule_flush()
                 return
 
-    def wake_others(self, member: Member) -> None:
+    def wake_others(self, member: Member | None) -> None:
         """After ``member`` moved the session's CmdSN window, commands held
         for it on the other connections may have become runnable (the
         window orders commands across connections, RFC 7143 §4.2.2.1): let
         those connections act on what their engines queued."""
-        if len(self.connections) < 2:
+        if member is not None and len(self.connections) < 2 and \
+                self.connections.get(member.cid) is member:
             return
         for other in list(self.connections.values()):
             if other is member or other.engine is None or other.closed:
@@ -276,10 +277,15 @@ class SessionTable:
 
     def _expire(self, sess: Session, engine: TargetConnectionEngine, peer: str,
                 reason: str) -> None:
+        dropped = False
         for itt, (task, owner, _) in list(sess.retained.items()):
             if owner is engine:
                 del sess.retained[itt]
                 owner.drop_retained(task)
+                dropped = True
+        if dropped and not sess.closed:
+            # Their window slots are free: held commands may run now.
+            sess.wake_others(None)
         if not sess.connections and not sess.retained:
             self._forget(sess, *connection_end_cause(reason), [peer])
 

@@ -6,6 +6,9 @@ reinstated or logged out while another carries on (§6.3.4, §11.14.1)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 
 from iscsi.chap import DEFAULT_ALGORITHMS
@@ -156,3 +159,55 @@ def test_non_leading_login_answers_with_the_sessions_command_window() -> None:
             rsp = c1.login(TARGET_NAME, tsih=c0.tsih, cid=1, cmdsn=sn_add(c0.cmdsn, 5))
             assert rsp.expcmdsn == c0.cmdsn
             assert rsp.maxcmdsn == sn_add(c0.cmdsn, 8 - 1)
+
+
+ERL2_LIMITS = Limits(max_connections=2, queue_depth=2, initial_r2t=True,
+                     error_recovery_level=2)
+ERL2_OFFERS = {"MaxConnections": "2", "ErrorRecoveryLevel": "2", "DefaultTime2Retain": "1",
+               **R2T_OFFERS}
+
+
+def _poll(what: str, cond: Callable[[], bool], deadline: float = 10.0) -> None:
+    """A bounded wait for a condition (Time2Retain passing on the target)."""
+    end = time.monotonic() + deadline
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_erl2_tasks_of_a_failed_connection_wait_time2retain() -> None:
+    with running_target(make_config([MEM], limits=ERL2_LIMITS)) as t, \
+            connect(t, offers=ERL2_OFFERS) as c0:
+        assert c0.params is not None and c0.params.error_recovery_level == 2
+        c0.clear_ua()
+        c1 = Client(t.host, t.port)
+        c1.login(TARGET_NAME, tsih=c0.tsih, cid=1, cmdsn=c0.cmdsn)
+        c1.cmdsn = c0.cmdsn
+        c1.params = join_connection(c0.params, c1.params)  # type: ignore[arg-type]
+        open_write(c1, 6)                 # holds one of the two slots
+        c0.cmdsn = c1.cmdsn
+        c1.close()                        # the connection fails
+        retained = lambda: t.call(lambda: [len(s.retained) for s in t.server.sessions])
+        _poll("the write to be retained", lambda: retained() == [1])
+        nop = c0.ping()
+        assert nop.maxcmdsn == nop.expcmdsn  # its slot is still taken
+        # DefaultTime2Retain (1 s) passes without TASK REASSIGN: it ends.
+        _poll("Time2Retain to pass", lambda: retained() == [0])
+        nop = c0.ping()
+        assert nop.maxcmdsn == sn_add(nop.expcmdsn, 1)
+        assert c0.tur().status == Status.GOOD
+
+
+def test_erl2_session_outlives_its_last_connection_for_time2retain() -> None:
+    with running_target(make_config([MEM], limits=ERL2_LIMITS)) as t:
+        c0 = connect(t, offers=ERL2_OFFERS)
+        c0.clear_ua()
+        open_write(c0, 2)
+        tsih = c0.tsih
+        c0.close()
+        sessions = lambda: t.call(lambda: [s.tsih for s in t.server.sessions])
+        _poll("the connection to fail", lambda: t.call(
+            lambda: [len(s.connections) for s in t.server.sessions]) == [0])
+        assert sessions() == [tsih]       # kept for connection recovery
+        _poll("Time2Retain to pass and the session to end", lambda: sessions() == [])
