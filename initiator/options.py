@@ -71,6 +71,10 @@ class SessionOptions:
     #: connections, a lost connection's tasks move to another one with
     #: TASK REASSIGN instead of being reissued or failed (§7.2.2).
     error_recovery_level: int = 0
+    #: Portals (``host[:port]``) of the target's portal group for the
+    #: extra connections, in turn (connection CID n uses portals[n - 1 mod
+    #: len]); empty: the portal the session logged in at.
+    portals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ from iscsi.ffp.initiator import (
     TaskManagementDone,
 )
 from iscsi.login import join_connection
+from iscsi.names import parse_portal
 from iscsi.serial import sn_lt
 
 from .errors import CommandTimedOut, ConnectionLost, InitiatorError, LoginRefused
@@ -211,8 +212,12 @@ class ConnectionSet(SessionLink):
         """One non-leading login (§6.3.5): same ISID and TSIH, CID ``cid``;
         its engine shares ``share``'s CmdSN, window and ITTs. The caller
         registers the connection, then lets it parse (``logged_in``)."""
-        host, port = self._where
         o = self.options
+        host, port = self._where
+        if o.portals and cid != 0:
+            # Any portal of the session's portal group will do (§4.4.1).
+            where = parse_portal(o.portals[(cid - 1) % len(o.portals)], default_port=port)
+            host, port = where.host, where.port
         _transport, conn = await asyncio.wait_for(
             self._loop.create_connection(lambda: Connection(self), host, port),
             o.connect_timeout)

@@ -18,7 +18,7 @@ from initiator.session import Session
 from iscsi.constants import AsyncEvent
 from iscsi.pdu import AsyncMessage
 from iscsi.serial import sn_lt
-from target.config import Limits, LunSpec
+from target.config import Limits, LunSpec, PortalGroup, ServerConfig, TargetSpec
 from tests.initiator_checks import opts, random_write_verify, until
 from tests.relay import Relay
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
@@ -392,4 +392,38 @@ def test_erl2_falls_back_to_session_recovery_when_the_session_is_gone() -> None:
                 assert s.recoveries == 1 and s.connection_recoveries == 0
             finally:
                 await s.logout()
+        asyncio.run(main())
+
+
+def test_connections_on_every_portal_of_the_group() -> None:
+    """A session's connections may use any portal of its portal group
+    (§4.4.1), never one of another group."""
+    spec = TargetSpec(name=TARGET_NAME, luns=(LunSpec(lun=0, path="", backend="memory",
+                                                      size=SIZE),), portal_groups=(1, 2))
+    cfg = ServerConfig(targets=(spec,), nop_interval=0.0, portal_groups=(
+        PortalGroup(1, (("127.0.0.1", 0), ("127.0.0.1", 0))),
+        PortalGroup(2, (("127.0.0.1", 0),))))
+    with running_target(cfg) as t:
+        (_, h, p1), (_, _, p2), (_, _, p3) = sorted(t.server.bound)
+
+        async def main() -> None:
+            s = await Session.connect(h, p1, TARGET_NAME,
+                                      opts(connections=3, portals=(f"{h}:{p2}",)))
+            try:
+                assert s.connection_count == 3
+                local = t.call(lambda: sorted(
+                    c.transport.get_extra_info("sockname")[1]  # type: ignore[attr-defined]
+                    for x in t.server.sessions for c in x.connections.values()))
+                assert local == sorted([p1, p2, p2])
+                dev = await BlockDevice.from_session(s, 0)
+                await random_write_verify(dev, MiB, seed=21)
+            finally:
+                await s.logout()
+            other = await Session.connect(h, p1, TARGET_NAME,
+                                          opts(connections=2, portals=(f"{h}:{p3}",)))
+            try:
+                # Portal group 2: the session does not exist there.
+                assert other.connection_count == 1
+            finally:
+                await other.logout()
         asyncio.run(main())
