@@ -227,17 +227,33 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="our iSCSI name (default: open-iscsi's, else derived from the host)")
     p.add_argument("--header-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
     p.add_argument("--data-digest", default=d(None), help="offer e.g. CRC32C or None,CRC32C")
-    p.add_argument("--error-recovery-level", type=int, choices=(0, 1), default=d(0),
-                   metavar="N", help="ErrorRecoveryLevel to ask for: 1 recovers digest errors "
-                                     "and lost PDUs without reconnecting (default 0)")
     p.add_argument("--chap-algorithms", default=d(None),
                    help="CHAP_A values to offer, e.g. 5 or 7,5")
     p.add_argument("--connect-timeout", type=float, default=d(5.0), metavar="S",
                    help="seconds for the TCP connection and, again, for the login (default 5)")
     p.add_argument("--replacement-timeout", type=float, default=d(120.0), metavar="S")
+    p.add_argument("--connections", type=_connections, default=d(1), metavar="N",
+                   help="TCP connections per session (MC/S; the target may accept fewer; "
+                        "default 1)")
+    p.add_argument("--error-recovery-level", type=int, choices=(0, 1, 2), default=d(0),
+                   metavar="N",
+                   help="ErrorRecoveryLevel to offer: 1 recovers digest errors and lost PDUs "
+                        "without reconnecting, 2 also recovers a lost connection with TASK "
+                        "REASSIGN instead of failing its writes (default 0)")
     p.add_argument("--command-timeout", type=float, default=d(30.0), metavar="S",
                    help="abort a SCSI command unanswered this long: ABORT TASK, then "
                         "LUN RESET, then reconnect, as Linux does (0 = wait forever)")
+
+
+def _connections(text: str) -> int:
+    """--connections: 1..65535 (MaxConnections, RFC 7143 §13.2)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of connections (1..65535)")
+    return n
 
 
 def _version() -> str:

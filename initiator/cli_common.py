@@ -22,7 +22,9 @@ def session_options(args: argparse.Namespace) -> SessionOptions:
     opts = SessionOptions(nop_interval=None, replacement_timeout=args.replacement_timeout,
                           connect_timeout=args.connect_timeout,
                           login_timeout=args.connect_timeout,
-                          command_timeout=args.command_timeout or None)
+                          command_timeout=args.command_timeout or None,
+                          connections=getattr(args, "connections", 1),
+                          error_recovery_level=getattr(args, "error_recovery_level", 0))
     if args.initiator_name:
         opts.initiator_name = args.initiator_name
     if args.header_digest:

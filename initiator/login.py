@@ -66,14 +66,19 @@ class LoginSettings:
     target_chap_user: str | None = None
     target_chap_secret: str | None = None
     chap_algorithms: tuple[int, ...] = (5,)
+    #: 0 for a leading login; the session's TSIH to add a connection to it.
+    tsih: int = 0
 
 
 def login_offers(*, header_digest: str, data_digest: str, max_recv_data_segment_length: int,
                  max_burst_length: int, first_burst_length: int, initial_r2t: bool,
                  immediate_data: bool, max_outstanding_r2t: int,
-                 keys: dict[str, str], error_recovery_level: int = 0) -> dict[str, str]:
+                 keys: dict[str, str], max_connections: int = 1,
+                 error_recovery_level: int = 0) -> dict[str, str]:
     """The operational keys we offer (§13), ``keys`` winning."""
     offers = {
+        "MaxConnections": str(max_connections),
+        "ErrorRecoveryLevel": str(error_recovery_level),
         "HeaderDigest": header_digest,
         "DataDigest": data_digest,
         "MaxRecvDataSegmentLength": str(max_recv_data_segment_length),
@@ -116,7 +121,7 @@ class LoginDriver:
         try:
             name = o.initiator_name or default_initiator_name()
             login = InitiatorLogin(
-                name, o.target_name, o.isid, tsih=0, cid=o.cid, auth=self._auth(),
+                name, o.target_name, o.isid, tsih=o.tsih, cid=o.cid, auth=self._auth(),
                 offers=dict(o.offers), initiator_alias=o.initiator_alias, cmdsn=o.cmdsn,
                 itt=o.itt)
         except ValueError as exc:

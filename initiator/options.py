@@ -37,10 +37,6 @@ class SessionOptions:
     initial_r2t: bool = False
     immediate_data: bool = True
     max_outstanding_r2t: int = 1
-    #: ErrorRecoveryLevel offered (RFC 7143 §13.20; the session runs at the
-    #: lower of both sides'): 1 recovers digest errors and lost PDUs with
-    #: SNACK and recovery R2Ts instead of dropping the connection (§7.1.5).
-    error_recovery_level: int = 0
     keys: dict[str, str] = field(default_factory=dict)
     #: Seconds of receive silence before a NOP-Out ping; None disables pings.
     nop_interval: float | None = 5.0
@@ -66,6 +62,21 @@ class SessionOptions:
     command_retries: int = 5
     #: Upper bound of the pause between logins after repeated failures.
     reconnect_backoff_max: float = 5.0
+    #: TCP connections in the session (MC/S, RFC 7143 §4.2): more than 1
+    #: offers MaxConnections=N and adds connections up to what the target
+    #: accepts; commands go to the least loaded one, and the session
+    #: carries on over the others when one is lost.
+    connections: int = 1
+    #: ErrorRecoveryLevel offered (RFC 7143 §13.20; the session runs at the
+    #: lower of both sides'): 1 recovers digest errors and lost PDUs with
+    #: SNACK and recovery R2Ts instead of dropping the connection (§7.1.5);
+    #: 2 also moves a lost connection's tasks to another one with TASK
+    #: REASSIGN instead of reissuing or failing them (§7.2.2).
+    error_recovery_level: int = 0
+    #: Portals (``host[:port]``) of the target's portal group for the
+    #: extra connections, in turn (connection CID n uses portals[n - 1 mod
+    #: len]); empty: the portal the session logged in at.
+    portals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

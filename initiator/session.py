@@ -1,7 +1,8 @@
 """The initiator's session: an asyncio adapter around the sans-I/O core.
 
-One :class:`Session` is one iSCSI session with one TCP connection (MC/S is not
-used, like open-iscsi and libiscsi). The protocol of the full feature phase
+One :class:`Session` is one iSCSI session, with one TCP connection like
+open-iscsi and libiscsi, or several (``SessionOptions.connections``, MC/S:
+:mod:`initiator.session_mcs`). The protocol of the full feature phase
 -- CmdSN window, tags, Data-Out/Data-In, R2Ts, status, NOP, TMF, Text,
 Logout, command timeouts -- lives in :class:`iscsi.ffp.initiator.InitiatorEngine`;
 this module does I/O, timers, the reconnect policy and the public API:
@@ -44,7 +45,6 @@ from typing import Any, TypeVar, cast
 
 from iscsi.constants import (
     RESERVED_TAG,
-    AsyncEvent,
     LoginStatus,
     LogoutResponseCode,
     TaskAttribute,
@@ -83,7 +83,8 @@ from .errors import (
     TargetProtocolError,
 )
 from .options import ScsiResult, SessionOptions
-from .session_link import Answer, SessionLink, State
+from .session_link import Answer, State
+from .session_mcs import ConnectionSet, Link
 from .transport import Connection
 
 log = logging.getLogger("initiator.session")
@@ -97,7 +98,7 @@ def _random_isid() -> int:
     return (0x40 << 40) | int.from_bytes(os.urandom(5), "big")
 
 
-class Session(SessionLink):
+class Session(ConnectionSet):
     """An iSCSI session to one target (or a discovery session).
 
     Create with :meth:`connect` (normal) or use :func:`discover`. The session
@@ -120,6 +121,10 @@ class Session(SessionLink):
         self._state = State.NEW
         self._conn: Connection | None = None
         self._engine: InitiatorEngine | None = None
+        self._where = (host, port)
+        self._links: dict[int, Link] = {}
+        self._orphans: list[Command] = []
+        self._jobs: set[asyncio.Task[None]] = set()
         self._cid = 0
         self._cmdsn = 1
         self._next_itt = 1
@@ -145,6 +150,8 @@ class Session(SessionLink):
         self.on_async_event: Callable[[int, bytes], None] | None = None
         #: Number of times the session was re-established after a failure.
         self.recoveries = 0
+        #: Number of times a lost connection was recovered at ERL 2 (§7.2.2).
+        self.connection_recoveries = 0
 
     # ----------------------------------------------------------- lifecycle
 
@@ -175,6 +182,8 @@ class Session(SessionLink):
     async def _start(self) -> None:
         try:
             await self._establish()
+            if self.options.connections > 1 and not self.discovery:
+                await self._add_connections()
         except BaseException:
             self._state = State.CLOSED
             raise
@@ -193,12 +202,12 @@ class Session(SessionLink):
     @property
     def in_flight(self) -> int:
         """Commands sent and not yet completed."""
-        return len(self._engine.tasks) if self._engine is not None else 0
+        return sum(len(e.tasks) for e in self.engines())
 
     @property
     def target_pings(self) -> int:
         """Number of the target's NOP-In pings we answered."""
-        return self._pings + (self._engine.target_pings if self._engine is not None else 0)
+        return self._pings + sum(e.target_pings for e in self.engines())
 
     async def logout(self) -> None:
         """Log out (close the session, §11.14) and close the connection.
@@ -235,6 +244,9 @@ class Session(SessionLink):
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         self._recovery = None
+        for job in list(self._jobs):
+            if job is not asyncio.current_task():
+                job.cancel()
 
     def _finish(self, error: InitiatorError, state: State) -> None:
         self._state = state
@@ -242,7 +254,7 @@ class Session(SessionLink):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.abort()
-        cmds = list(self._backlog)
+        cmds = self._drop_links() + list(self._backlog)
         self._backlog.clear()
         engine, self._engine = self._engine, None
         if engine is not None:
@@ -302,7 +314,7 @@ class Session(SessionLink):
         cmd = Command(lun, cdb, data_out=data_out, data_in=data_in, attr=attr, seq=self._seq,
                       internal=internal, handle=fut)
         self._luns_used.add(lun)
-        engine = self._engine
+        engine = self._engine if internal else self._pick()
         if engine is not None and (self._state is State.READY or internal):
             engine.submit(cmd, self._loop.time())
             self._schedule_flush()
@@ -327,6 +339,14 @@ class Session(SessionLink):
         if engine.outbox and conn is not None and not conn.write_paused:
             conn.send(engine.outbox.take())
         at = engine.get_timer()
+        for link in self._links.values():
+            # Each connection writes its own PDUs (allegiance, §4.2.2).
+            e = link.engine
+            if e.outbox and not link.conn.write_paused:
+                link.conn.send(e.outbox.take())
+            t = e.get_timer()
+            if t is not None and (at is None or t < at):
+                at = t
         # Re-arm only for an earlier deadline: the oldest command's deadline
         # moves on with nearly every completion, and a timer that fires
         # early just finds nothing due and re-arms (no handle per batch).
@@ -344,12 +364,14 @@ class Session(SessionLink):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        engine = self._engine
-        if engine is None:
+        if self._engine is None:
             return
         self._in_rx = True
         try:
-            self._handle(engine.handle_timer(self._loop.time()))
+            for engine in self.engines():
+                conn = self._conn_of(engine)
+                if conn is not None:
+                    self._handle(engine.handle_timer(self._loop.time()), conn)
         finally:
             self._in_rx = False
         self.flush()
@@ -357,21 +379,27 @@ class Session(SessionLink):
     # --------------------------------------------------------- receiving
 
     def placement(self, hdr: bytes, dlen: int) -> memoryview | None:
-        """PDUReader hook: Data-In lands straight in the caller's buffer."""
-        engine = self._engine
-        return engine.placement(hdr, dlen) if engine is not None else None
+        """PDUReader hook before login (after it, each connection's reader
+        places Data-In through its own engine)."""
+        return None
 
     def deliver(self, conn: Connection, pdus: list[PDU]) -> None:
-        engine = self._engine
-        if engine is None or conn is not self._conn:
+        engine = self._engine_of(conn)
+        if engine is None:
             return
         now = self._loop.time()
         self._in_rx = True
         try:
             for pdu in pdus:
-                if self._engine is not engine:
+                if engine.closed:
                     break
-                self._handle(engine.receive_pdu(pdu, now))
+                self._handle(engine.receive_pdu(pdu, now), conn)
+            if self._links:
+                # The session-wide window this connection's responses moved
+                # may let commands queued on the others go (§4.2.2.1).
+                for other in self.engines():
+                    if other is not engine and other.queue:
+                        other.pump(now)
         finally:
             self._in_rx = False
         self.flush()
@@ -397,19 +425,20 @@ class Session(SessionLink):
         if self._conn is not None:
             self.deliver(self._conn, [pdu])
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: list[Event], conn: Connection | None = None) -> None:
         for ev in events:
             if isinstance(ev, CommandCompleted):
                 self._completed(ev)
             elif isinstance(ev, CommandFailed):
                 self._command_failed(ev)
             elif isinstance(ev, ConnectionFailed):
-                if self._conn is not None:
+                conn = conn or self._conn
+                if conn is not None:
                     err: BaseException = (TargetProtocolError(ev.reason) if ev.violation
                                           else TimeoutError(ev.reason))
-                    self.connection_failed(self._conn, err)
+                    self.connection_failed(conn, err)
             elif isinstance(ev, AsyncNotice):
-                self._on_async(ev)
+                self._on_async(ev, conn or self._conn)
             elif isinstance(ev, ExchangeFailed):
                 fut = self._waiters.pop(ev.itt, None)
                 if fut is not None and not fut.done():
@@ -434,9 +463,10 @@ class Session(SessionLink):
 
     def _command_failed(self, ev: CommandFailed) -> None:
         cmd = ev.command
-        if ev.kind == "reset" and self._policy.reissue(cmd) and self._engine is not None:
+        engine = self._pick()
+        if ev.kind == "reset" and self._policy.reissue(cmd) and engine is not None:
             # Ended by the LU reset of another command's timeout: retry.
-            self._engine.submit(cmd, self._loop.time())
+            engine.submit(cmd, self._loop.time())
             return
         err: InitiatorError
         if ev.kind == "timeout":
@@ -454,33 +484,6 @@ class Session(SessionLink):
         fut = cast("asyncio.Future[ScsiResult]", cmd.handle)
         if not fut.done():
             fut.set_exception(err)
-
-    def _on_async(self, ev: AsyncNotice) -> None:
-        event = ev.event
-        if event == AsyncEvent.SCSI_ASYNC_EVENT:
-            log.info("SCSI asynchronous event from %s", self.portal)
-            if self.on_async_event is not None:
-                self.on_async_event(ev.lun, ev.sense)
-        elif event == AsyncEvent.LOGOUT_REQUEST:
-            # §11.9.1: the target wants us gone within Parameter3 seconds.
-            # We log the connection out and reinstate the session at once,
-            # reissuing what was in flight (an orderly "recovery").
-            log.info("target %s requests logout; reconnecting", self.portal)
-            self._loop.create_task(self._logout_and_reconnect())
-        elif event in (AsyncEvent.CONNECTION_DROP, AsyncEvent.SESSION_DROP):
-            # Parameter2 is Time2Wait: do not reconnect sooner (§11.9.1).
-            log.info("target %s drops the %s", self.portal,
-                     "connection" if event == AsyncEvent.CONNECTION_DROP else "session")
-            self._retry_delay = float(ev.parameter2)
-            if self._conn is not None:
-                self.connection_failed(self._conn, ConnectionResetError(
-                    "target announced it drops the connection"))
-        elif event == AsyncEvent.NEGOTIATION_REQUEST:
-            # We have nothing to renegotiate; an empty Text exchange would do,
-            # but the target may equally live with our current values.
-            log.info("target %s requests renegotiation; keeping current values", self.portal)
-        else:
-            log.info("asynchronous event %d from %s ignored", event, self.portal)
 
     # --------------------------------------------------- other exchanges
 

@@ -17,8 +17,8 @@ import enum
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 from iscsi.constants import RESERVED_TAG, TaskAttribute
 from iscsi.errors import ProtocolError
@@ -44,9 +44,19 @@ from .errors import (
     SessionFailed,
     TargetProtocolError,
 )
-from .login import LoginDriver, LoginRedirected, LoginSettings, login_offers, parse_target_address
+from .login import (
+    LoginDriver,
+    LoginRedirected,
+    LoginResult,
+    LoginSettings,
+    login_offers,
+    parse_target_address,
+)
 from .options import ScsiResult, SessionOptions
 from .transport import Connection
+
+if TYPE_CHECKING:
+    from .session_mcs import Link
 
 log = logging.getLogger("initiator.session")
 
@@ -88,6 +98,7 @@ class SessionLink:
     tsih: int
     params: NegotiatedParams
     recoveries: int
+    connection_recoveries: int
     _loop: asyncio.AbstractEventLoop
     _state: State
     _conn: Connection | None
@@ -103,6 +114,8 @@ class SessionLink:
     _next_wait: float
     _pings: int
     _waiters: dict[int, asyncio.Future[Answer]]
+    #: (host, port) the leading connection logged in at (after redirection).
+    _where: tuple[str, int]
 
     if TYPE_CHECKING:
         # Provided by Session (its command path and the transport's
@@ -116,6 +129,22 @@ class SessionLink:
                     internal: bool = False) -> asyncio.Future[ScsiResult]: ...
 
         def _schedule_flush(self) -> None: ...
+
+        # Provided by initiator.session_mcs.ConnectionSet (MC/S).
+        _links: dict[int, Link]
+
+        def _link_failed(self, link: Link, exc: BaseException) -> None: ...
+
+        def _promote(self, exc: BaseException) -> bool: ...
+
+        def _drop_links(self) -> list[Command]: ...
+
+        def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+        async def _recover_connection(self, old: InitiatorEngine, cmds: list[Command],
+                                      cause: BaseException) -> None: ...
+
+        async def _add_connections(self) -> None: ...
 
         def placement(self, hdr: bytes, dlen: int) -> memoryview | None: ...
 
@@ -165,6 +194,7 @@ class SessionLink:
                 reason = exc.strerror or str(exc)
             raise PortalUnreachable(f"cannot connect to portal {where}: {reason}") from exc
         self._conn = conn
+        self._where = (host, port)
         try:
             await asyncio.wait_for(self._login(conn), self.options.login_timeout)
         except TimeoutError:
@@ -201,13 +231,19 @@ class SessionLink:
             engine.pump(self._loop.time())
         self._schedule_flush()
 
-    async def _login(self, conn: Connection) -> None:
+    async def _login(self, conn: Connection, cid: int | None = None) -> LoginResult:
+        """Log in on ``conn``: the leading login of the session (``cid``
+        None), which sets up the session's engine, or a non-leading one
+        adding connection ``cid`` to it (same ISID and TSIH, §6.3.5)."""
         o = self.options
         itt = self._next_itt
         self._next_itt = (itt + 1) % RESERVED_TAG or 1
+        leading = cid is None
+        cmdsn = self._cmdsn if leading or self._engine is None else self._engine.cmdsn
         settings = LoginSettings(
             target_name=None if self.discovery else self.target_name, isid=self.isid,
-            cid=self._cid, cmdsn=self._cmdsn, itt=itt, portal=self.portal,
+            cid=self._cid if cid is None else cid, cmdsn=cmdsn, itt=itt, portal=self.portal,
+            tsih=0 if leading else self.tsih,
             initiator_name=o.initiator_name, initiator_alias=o.initiator_alias,
             offers=login_offers(
                 header_digest=o.header_digest, data_digest=o.data_digest,
@@ -215,18 +251,30 @@ class SessionLink:
                 max_burst_length=o.max_burst_length, first_burst_length=o.first_burst_length,
                 initial_r2t=o.initial_r2t, immediate_data=o.immediate_data,
                 max_outstanding_r2t=o.max_outstanding_r2t, keys=o.keys,
+                max_connections=1 if self.discovery else o.connections,
                 error_recovery_level=o.error_recovery_level),
             chap_user=o.chap_user, chap_secret=o.chap_secret,
             target_chap_user=o.target_chap_user, target_chap_secret=o.target_chap_secret,
             chap_algorithms=o.chap_algorithms)
         result = await LoginDriver(settings, conn.send, conn.login_queue.get).run()
+        if not leading:
+            return result
         self.params = p = result.params
         self.tsih = result.tsih
-        conn.reader.header_digest = p.header_digest
-        conn.reader.data_digest = p.data_digest
-        conn.reader.max_data_segment_length = p.max_recv_data_segment_length
         self._cmdsn = result.cmdsn
-        self._engine = InitiatorEngine(
+        self._engine = self._new_engine(p, result, self._cid, None)
+        self._set_reader(conn, p, self._engine)
+        log.info("logged in to %s at %s (TSIH %d): %s", self.target_name or "discovery",
+                 self.portal, self.tsih, p)
+        return result
+
+    def _new_engine(self, p: NegotiatedParams, result: LoginResult, cid: int,
+                    share: InitiatorEngine | None) -> InitiatorEngine:
+        """The full-feature engine of a connection that logged in; ``share``
+        is another connection of the session (MC/S) whose CmdSN, window
+        and ITTs it shares."""
+        o = self.options
+        return InitiatorEngine(
             InitiatorParams(
                 max_xmit=p.max_xmit_data_segment_length, max_burst=p.max_burst_length,
                 first_burst=p.first_burst_length, initial_r2t=p.initial_r2t,
@@ -234,14 +282,19 @@ class SessionLink:
                 header_digest=p.header_digest, data_digest=p.data_digest,
                 error_recovery_level=p.error_recovery_level),
             cmdsn=result.cmdsn, expcmdsn=result.expcmdsn, maxcmdsn=result.maxcmdsn,
-            exp_statsn=result.exp_statsn, now=self._loop.time(), cid=self._cid,
+            exp_statsn=result.exp_statsn, now=self._loop.time(), cid=cid,
             nop_interval=None if self.discovery else o.nop_interval,
             nop_timeout=o.nop_timeout, command_timeout=o.command_timeout,
-            tmf_timeout=o.tmf_timeout, queue_depth=o.queue_depth)
-        # Data-In placement straight to the engine (one call less per PDU).
-        conn.reader.placement = self._engine.placement
-        log.info("logged in to %s at %s (TSIH %d): %s", self.target_name or "discovery",
-                 self.portal, self.tsih, p)
+            tmf_timeout=o.tmf_timeout, queue_depth=o.queue_depth, share=share)
+
+    @staticmethod
+    def _set_reader(conn: Connection, p: NegotiatedParams, engine: InitiatorEngine) -> None:
+        """Digests and the receive limit take effect after the final Login
+        Response (§13.1, §13.12); Data-In lands through the engine."""
+        conn.reader.header_digest = p.header_digest
+        conn.reader.data_digest = p.data_digest
+        conn.reader.max_data_segment_length = p.max_recv_data_segment_length
+        conn.reader.placement = engine.placement
 
     async def _clear_unit_attentions(self) -> None:
         """After reinstatement the target reports I_T nexus loss / reset as a
@@ -268,6 +321,12 @@ class SessionLink:
 
     def connection_failed(self, conn: Connection, exc: BaseException) -> None:
         if conn is not self._conn:
+            link = self._links.get(conn.cid)
+            if link is not None and link.conn is conn:
+                # One of several connections (MC/S): the others carry on.
+                self._link_failed(link, exc)
+            return
+        if self._promote(exc):
             return
         self._conn = None
         conn.abort()
@@ -278,7 +337,7 @@ class SessionLink:
             # queue; while closing there is nothing to recover.
             if engine is not None:
                 self._pings += engine.target_pings
-                self._backlog.extendleft(reversed(engine.close()))
+                self._backlog.extendleft(reversed(engine.close() + self._drop_links()))
             return
         log.warning("connection to %s failed (%s); recovering", self.portal, describe(exc))
         self._state = State.RECOVERING
@@ -287,6 +346,26 @@ class SessionLink:
         cmds = engine.close() if engine is not None else []
         if engine is not None:
             self._pings += engine.target_pings
+        # Other connections (if the leading one was the last to go, none).
+        cmds = sorted(cmds + self._drop_links(), key=lambda c: c.seq)
+        if engine is not None and self.params.error_recovery_level >= 2 and \
+                not self.discovery and not isinstance(exc, TargetProtocolError):
+            # ERL 2: connection recovery -- a new connection to the same
+            # session takes over the tasks (§7.2.2), not a new session.
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(lost)
+            self._waiters.clear()
+            if self._recovery is None or self._recovery.done():
+                self._recovery = self._loop.create_task(
+                    self._recover_connection(engine, cmds, exc))
+            return
+        self._session_recovery(cmds, exc)
+
+    def _session_recovery(self, cmds: list[Command], exc: BaseException) -> None:
+        """ERL 0 session recovery of ``cmds`` (every command the session's
+        connections had): reissue what may be, then log in again."""
+        lost = ConnectionLost(f"connection to {self.portal} lost")
         reissue: list[Command] = []
         for cmd in cmds:
             if cmd.internal:
@@ -366,6 +445,8 @@ class SessionLink:
             self.recoveries += 1
             log.info("session to %s recovered", self.portal)
             self._recovery = None
+            if self.options.connections > 1:
+                self._spawn(self._add_connections())
             return
         self._recovery = None
         self._finish(SessionFailed(

@@ -64,6 +64,8 @@ class Connection(asyncio.BufferedProtocol):
         self.logged_in = False
         self.closed = False
         self.write_paused = False
+        #: The connection's CID in its session (RFC 7143 §11.12.7).
+        self.cid = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses.

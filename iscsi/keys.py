@@ -545,6 +545,14 @@ class Negotiator:
             # An answer to nothing we asked (e.g. to a declaration): §6.2
             # forbids answering an answer, so note it and move on.
             return None
+        if spec is not None and spec.leading_only and not self.leading \
+                and self.role is Role.INITIATOR:
+            # A target sending a leading-only key on a connection joining
+            # the session (tgt repeats MaxConnections in every response of
+            # such a login): the session's value stands; the key is ignored
+            # rather than failing the login (a target receiving one still
+            # refuses it, §13).
+            return None
         self._received.add(key)
         if spec is None:
             # §6.2 / §13.5.x: unknown keys, including X- and X# extension

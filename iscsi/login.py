@@ -26,6 +26,7 @@ from .login_common import (
     TRANSITIONS,
     LoginRedirect,
     LoginRejected,
+    join_connection,
 )
 from .login_initiator import ChapAuth, InitiatorLogin
 from .login_target import (
@@ -41,4 +42,5 @@ __all__ = [
     "DEFAULT_INITIATOR_OFFERS", "LOGIN_SEGMENT_LENGTH", "MAX_LOGIN_ROUNDS", "TRANSITIONS",
     "ChapAuth", "InitiatorLogin", "LoginRedirect", "LoginRejected", "LoginTarget",
     "SimpleLoginPolicy", "TargetAuth", "TargetEntry", "TargetLogin", "TargetLoginPolicy",
+    "join_connection",
 ]

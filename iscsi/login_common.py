@@ -4,10 +4,12 @@ and the errors a login ends with."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from .constants import LoginStatus, Stage
 from .errors import LoginError
+from .keys import NegotiatedParams
 
 #: MaxRecvDataSegmentLength in force for Login PDUs (§13.12: the declared
 #: values take effect in Full Feature Phase).
@@ -89,3 +91,16 @@ def stage_name(stage: int) -> str:
     return {0: "Security", 1: "Operational", 3: "FullFeature"}.get(stage, f"stage{stage}")
 
 
+
+
+def join_connection(session: NegotiatedParams, conn: NegotiatedParams) -> NegotiatedParams:
+    """The parameters a connection added to a session runs on: the
+    session-wide values of the leading login (a non-leading login may not
+    negotiate leading-only keys, RFC 7143 §6.1, §13, so it ends with their
+    defaults) and this connection's own digests and data segment lengths
+    (HeaderDigest/DataDigest and MaxRecvDataSegmentLength are per
+    connection, §13.1, §13.12)."""
+    return dataclasses.replace(
+        session, header_digest=conn.header_digest, data_digest=conn.data_digest,
+        max_recv_data_segment_length=conn.max_recv_data_segment_length,
+        max_xmit_data_segment_length=conn.max_xmit_data_segment_length)

@@ -233,6 +233,11 @@ class TargetLogin:
         self._deadline = None if timeout is None else now + timeout
         self.portal_group_tag = portal_group_tag
         self.cmd_window = cmd_window
+        #: For a non-leading login: the session's (ExpCmdSN, MaxCmdSN) now,
+        #: which its responses carry instead of the request's CmdSN (the
+        #: session's commands may be behind it, e.g. after a connection
+        #: failure; set by the owner once the session is found).
+        self.session_window: Callable[[], tuple[int, int]] | None = None
         self.complete = False
         self.failed_status: LoginStatus | None = None
         self.isid = 0
@@ -323,11 +328,14 @@ class TargetLogin:
                   tsih: int, data: bytes, status: LoginStatus = LoginStatus.SUCCESS) -> LoginResponse:
         statsn = self._statsn
         self._statsn = (self._statsn + 1) & 0xFFFFFFFF
+        exp, mx = req.cmdsn, (req.cmdsn + self.cmd_window - 1) & 0xFFFFFFFF
+        if self.session_window is not None and not self.leading:
+            exp, mx = self.session_window()
         return LoginResponse(
             transit=transit, cont=cont, csg=req.csg if req.csg in (0, 1) else 0,
             nsg=nsg if transit else 0, version_max=VERSION_MAX, version_active=VERSION_MAX,
-            isid=req.isid, tsih=tsih, itt=req.itt, statsn=statsn, expcmdsn=req.cmdsn,
-            maxcmdsn=(req.cmdsn + self.cmd_window - 1) & 0xFFFFFFFF,
+            isid=req.isid, tsih=tsih, itt=req.itt, statsn=statsn, expcmdsn=exp,
+            maxcmdsn=mx,
             status_class=status.status_class, status_detail=status.status_detail, data=data,
         )
 

@@ -46,13 +46,17 @@ class Limits:
     initial_r2t: bool = False
     immediate_data: bool = True
     max_outstanding_r2t: int = 1
-    max_connections: int = 1
+    #: MaxConnections offered (RFC 7143 §13.2): the lower of this and what the
+    #: initiator asks wins, so initiators that ask 1 (libiscsi, open-iscsi)
+    #: get one connection per session; LIO likewise accepts up to 8.
+    max_connections: int = 8
     header_digests: tuple[str, ...] = ("None", "CRC32C")
     data_digests: tuple[str, ...] = ("None", "CRC32C")
     queue_depth: int = 128
     #: The highest ErrorRecoveryLevel accepted (RFC 7143 §13.20: the
     #: session runs at the lower of both sides' values). 0 keeps what every
-    #: common initiator asks for; 1 adds SNACK and recovery R2Ts (§7.1.5).
+    #: common initiator asks for; 1 adds SNACK and recovery R2Ts (§7.1.5);
+    #: 2 keeps a failed connection's tasks for TASK REASSIGN (§7.2.2).
     error_recovery_level: int = 0
 
 
@@ -298,11 +302,10 @@ def _limits(r: _Reader, table: dict[str, Any], where: str) -> Limits:
         initial_r2t=r.get(table, "initial_r2t", where, bool, False),
         immediate_data=r.get(table, "immediate_data", where, bool, True),
         max_outstanding_r2t=r.int_in(table, "max_outstanding_r2t", where, 1, 1, 65535),
-        max_connections=r.int_in(table, "max_connections", where, 1, 1, 65535),
+        max_connections=r.int_in(table, "max_connections", where, 8, 1, 65535),
         header_digests=tuple(hd), data_digests=tuple(dd),
         queue_depth=r.int_in(table, "queue_depth", where, 128, 1, 4096),
-        # ERL 2 (connection recovery) is not implemented here: at most 1.
-        error_recovery_level=r.int_in(table, "error_recovery_level", where, 0, 0, 1),
+        error_recovery_level=r.int_in(table, "error_recovery_level", where, 0, 0, 2),
     )
 
 

@@ -73,6 +73,9 @@ class ConnectionServer(Protocol):
     def login_protocol_error(self, conn: TargetConnection, exc: ProtocolError) -> None:
         """A malformed PDU during login."""
 
+    def retain_tasks(self, sess: Session, conn: TargetConnection, tasks: list[Task]) -> None:
+        """ERL 2: keep a failed connection's tasks for TASK REASSIGN."""
+
     def admit_connection(self, conn: TargetConnection) -> bool:
         """Whether a new TCP connection may proceed (the connection limit)."""
 
@@ -108,6 +111,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.local: tuple[str, int] = ("", 0)
         self.closed = False
         self.session: Session | None = None
+        #: ERL 2: the session that keeps this (failed) connection's tasks.
+        self.retained_by: Session | None = None
         self.engine: TargetConnectionEngine | None = None
         self.cid = 0
         #: StatSN for the login responses (random start, RFC 7143 §4.2.2.2).
@@ -162,7 +167,9 @@ class TargetConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.end_tasks()
+        # A connection that failed (not one logged out) keeps its tasks for
+        # reassignment at ERL 2.
+        self.end_tasks(retain=self.end_reason != "logged out")
         # Break the references back to us (login policy, placement
         # callback), so a closed connection is freed by reference counting
         # alone, without waiting for a full garbage collection.
@@ -170,13 +177,23 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.reader.placement = None
         self.server.connection_closed(self)
 
-    def end_tasks(self) -> None:
+    def end_tasks(self, retain: bool = False) -> None:
         """At ErrorRecoveryLevel 0 the tasks of a connection end with it
         (RFC 7143 §7.1.4, §6.3.5): their CmdSN slots go back to the session
-        and whoever waits on one of them (a TMF) is released."""
-        if self.engine is not None:
-            for task in self.engine.close():
-                _wake(task)
+        and whoever waits on one of them (a TMF) is released. With
+        ``retain`` at ErrorRecoveryLevel 2 (a failure, or removal for
+        recovery) the session keeps them for TASK REASSIGN (§7.2.2)."""
+        engine = self.engine
+        if engine is None or engine.closed:
+            return
+        sess = self.session
+        if retain and sess is not None and not sess.closed and \
+                engine.params.error_recovery_level >= 2:
+            self.retained_by = sess
+            self.server.retain_tasks(sess, self, engine.detach())
+            return
+        for task in engine.close():
+            _wake(task)
 
     def pause_writing(self) -> None:
         # DESIGN.md: a peer that does not read must not grow our buffers.
@@ -395,6 +412,11 @@ class TargetConnection(asyncio.BufferedProtocol):
 
     def _done(self, task: Task, started: int, result: CommandResult | None,
               exc: BaseException | None) -> None:
+        home = task.home
+        if isinstance(home, TargetConnection) and home is not self:
+            # Reassigned to another connection (ERL 2): it answers there.
+            home._done(task, started, result, exc)
+            return
         if task.waiter is not None:
             _wake(task)
         engine = self.engine
@@ -412,6 +434,13 @@ class TargetConnection(asyncio.BufferedProtocol):
                 status, len(data) if data is not None else 0,
                 task.edtl - underflow if task.cmd.write else 0, perf_counter_ns() - started)
         engine.command_done(task, status, sense, data, overflow=overflow, underflow=underflow)
+        if engine.closed:
+            # A retained task (ERL 2) of this failed connection ended: the
+            # window slot it gave back may let the others' held commands run.
+            sess = self.session or self.retained_by
+            if sess is not None:
+                sess.wake_others(self)
+            return
         if engine.events:
             # Its window slot let held commands run.
             self.deliver(engine.take_events())
@@ -431,6 +460,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.server.logout(self, ev)
 
     def _on_close(self, ev: CloseConnection) -> None:
+        if self.session is not None and not self.closed:
+            self.session.announce_drop(self)
         if ev.abort:
             self.abort(ev.reason)
         else:

@@ -17,7 +17,7 @@ from iscsi.chap import ChapCredentials
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
-from iscsi.login import LoginTarget, TargetAuth, TargetLogin
+from iscsi.login import LoginTarget, TargetAuth, TargetLogin, join_connection
 from iscsi.pdu import LoginRequest, LoginResponse
 from target.backends.base import OutOfResources
 from target.farm import FarmBusy
@@ -75,7 +75,8 @@ def limits_offers(limits: Limits) -> dict[str, str]:
         "FirstBurstLength": str(limits.first_burst_length),
         "MaxOutstandingR2T": str(limits.max_outstanding_r2t),
         # Up to the configured level (RFC 7143 §7.1.5, §13.20: the lower of
-        # both offers wins, so initiators asking 0 get 0).
+        # both offers wins, so initiators asking 0 get 0); 1 adds SNACK and
+        # recovery R2Ts, 2 connection recovery (TASK REASSIGN).
         "ErrorRecoveryLevel": str(limits.error_recovery_level),
         "DataPDUInOrder": "Yes",
         "DataSequenceInOrder": "Yes",
@@ -164,6 +165,9 @@ class _Policy:
             return False
         login = self.login
         cid = login.cid if login is not None else -1
+        if login is not None:
+            window = sess.window
+            login.session_window = lambda: (window.expcmdsn, window.maxcmdsn)
         limit = sess.params.max_connections if sess.params is not None else 1
         if cid not in sess.connections and len(sess.connections) >= limit:
             raise LoginError(f"session TSIH {tsih} already has {limit} connection(s)",
@@ -288,15 +292,18 @@ def _complete(server: LoginServer, conn: TargetConnection, login: TargetLogin,
         # portal group) just before its final response, on this same turn
         # of the loop, so it is still there.
         sess = server.sessions[login.tsih]
+        if sess.params is not None:
+            params = join_connection(sess.params, params)
         old_conn = sess.connections.get(login.cid)
         if old_conn is not None:
             # Connection reinstatement: the old connection's tasks end at
-            # ERL 0 and the connection is dropped (§6.3.5, §7.1.4).
+            # ERL 0 (kept for TASK REASSIGN at ERL 2) and the connection is
+            # dropped (§6.3.4, §6.3.5, §7.1.4).
             log.info("%s: reinstating connection CID %d", conn.peer, login.cid)
             del sess.connections[login.cid]
             # Its tasks end here, while it still knows its session, so their
             # CmdSN slots return to the window the new connection uses.
-            old_conn.end_tasks()
+            old_conn.end_tasks(retain=True)
             old_conn.session = None
             old_conn.abort("connection reinstated")
     conn.cid = login.cid

@@ -318,6 +318,11 @@ class TargetServer(Administration, FarmAdministration):
         self.connections.add(conn)
         return True
 
+    def retain_tasks(self, sess: Session, conn: TargetConnection, tasks: list[Task]) -> None:
+        """ERL 2: keep a failed connection's tasks for TASK REASSIGN
+        (:meth:`SessionTable.retain`)."""
+        self.sessions.retain(sess, conn, tasks)
+
     def connection_closed(self, conn: TargetConnection) -> None:
         """A connection went away (see :meth:`SessionTable.connection_closed`).
         After a burst of closes the freed heap goes back to the system."""
@@ -397,6 +402,16 @@ class TargetServer(Administration, FarmAdministration):
         if ev.reason == LogoutReason.CLOSE_CONNECTION and ev.cid not in sess.connections:
             engine.logout_answer(ev.itt, LogoutResponseCode.CID_NOT_FOUND)
             return
+        if ev.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            self._remove_for_recovery(conn, sess, ev)
+            return
+        named = sess.connections.get(ev.cid)
+        if ev.reason == LogoutReason.CLOSE_CONNECTION and named is not None and named is not conn:
+            # Closing another connection (the initiator cleaning up one it
+            # lost) terminates its commands, acknowledged or not, before we
+            # answer (§11.14.1): the commands it held for their CmdSN turn
+            # are forgotten, so the initiator may retry them here (§7.2.1).
+            named.end_tasks()
         engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS)
         what = ("close the session" if ev.reason == LogoutReason.CLOSE_SESSION else
                 f"close connection CID {ev.cid}" if ev.reason == LogoutReason.CLOSE_CONNECTION
@@ -417,6 +432,32 @@ class TargetServer(Administration, FarmAdministration):
         other.close()
         if other is not conn and ev.reason == LogoutReason.CLOSE_SESSION:
             conn.close()
+
+    def _remove_for_recovery(self, conn: TargetConnection, sess: Session,
+                             ev: LogoutRequested) -> None:
+        """Logout reason 2 at ERL 2 (§11.14.1): the named connection goes,
+        its tasks stay for TASK REASSIGN (requests it sent that were not yet
+        acknowledged are discarded), and the answer gives Time2Wait and
+        Time2Retain. A connection that already failed has done all that."""
+        engine = conn.engine
+        assert engine is not None
+        p = sess.params
+        t2w, t2r = (p.default_time2wait, p.default_time2retain) if p is not None else (2, 20)
+        named = sess.connections.get(ev.cid)
+        if named is None:
+            known = any(cid == ev.cid for _, _, cid in sess.retained.values())
+            engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS if known
+                                 else LogoutResponseCode.CID_NOT_FOUND, t2w, t2r)
+            return
+        named.end_tasks(retain=True)
+        engine.logout_answer(ev.itt, LogoutResponseCode.SUCCESS, t2w, t2r)
+        log.info("logout: %s from %s (TSIH %d, CID %d): remove connection CID %d for recovery",
+                 sess.initiator_name, conn.peer, sess.tsih, conn.cid, ev.cid,
+                 extra={"event": "logout", "initiator": sess.initiator_name,
+                        "address": conn.peer, "tsih": sess.tsih, "cid": conn.cid,
+                        "logout_reason": int(ev.reason), "closes_cid": ev.cid})
+        named.end_reason = named.end_reason or "removed for recovery"
+        named.close()
 
     def manage_tasks(self, conn: TargetConnection, ev: ManageTasks) -> None:
         """Carry out a Task Management Function (RFC 7143 §11.5, SAM-5 §7)
@@ -463,6 +504,16 @@ class TargetServer(Administration, FarmAdministration):
         elif fn == TMFunction.I_T_NEXUS_RESET:
             affected = mine
             rt.scsi.nexus_lost(nexus)
+        elif fn == TMFunction.TASK_REASSIGN:
+            # ERL 2 (§11.5.1, §7.2.2): a task of a failed connection moves
+            # here; one whose connection is alive is "still allegiant".
+            reassign = sess.retained.pop(ev.referenced_task_tag, None)
+            if reassign is None:
+                response = TMResponse.TASK_STILL_ALLEGIANT if any(
+                    t.itt == ev.referenced_task_tag for _, t in mine) \
+                    else TMResponse.TASK_DOES_NOT_EXIST
+        if fn != TMFunction.TASK_REASSIGN:
+            reassign = None
         pending: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
         for owner, task in affected:
@@ -480,6 +531,11 @@ class TargetServer(Administration, FarmAdministration):
             if sess.closed or conn.closed or conn.engine is None:
                 return
             conn.engine.tmf_done(ev.itt, response)
+            if reassign is not None:
+                # After the answer, the task's data and status (§11.5.1).
+                task, old, _ = reassign
+                task.home = conn
+                conn.engine.adopt(task, old)
             conn.schedule_flush()
             if fn == TMFunction.TARGET_COLD_RESET and response == TMResponse.FUNCTION_COMPLETE:
                 # A cold reset also ends every session (§11.5.1).

@@ -8,6 +8,7 @@ queue depth (RFC 7143 §4.2.2.1).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -17,7 +18,7 @@ from typing import Protocol
 
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError
-from iscsi.ffp.target import Event, TargetConnectionEngine
+from iscsi.ffp.target import Event, TargetConnectionEngine, Task
 from iscsi.ffp.window import CmdSNWindow
 from iscsi.keys import NegotiatedParams
 from target.scsi.types import Nexus
@@ -43,8 +44,9 @@ class Member(Protocol):
     def abort(self, reason: str) -> None:
         """Drop the connection at once."""
 
-    def end_tasks(self) -> None:
-        """End the connection's tasks (ERL 0, RFC 7143 §7.1.4)."""
+    def end_tasks(self, retain: bool = False) -> None:
+        """End the connection's tasks (ERL 0, RFC 7143 §7.1.4), or with
+        ``retain`` at ERL 2 keep them for reassignment (§7.2.2)."""
 
     def deliver(self, events: list[Event]) -> None:
         """Act on events its engine produced."""
@@ -116,6 +118,9 @@ class Session:
     #: The differencing image its commands use on a boot farm (target/farm.py;
     #: None: keyed by the initiator name, as multiattach LUNs are).
     overlay_key: str | None = None
+    #: ERL 2: ITT -> (task, the engine of its failed connection, its CID),
+    #: kept for TASK REASSIGN until DefaultTime2Retain passes (§7.2.2).
+    retained: dict[int, tuple[Task, TargetConnectionEngine, int]] = field(default_factory=dict)
 
     @property
     def initiator_port(self) -> str:
@@ -137,12 +142,25 @@ class Session:
             counters = self.counters[lun] = IOCounters()
         return counters
 
-    def wake_others(self, member: Member) -> None:
+    def announce_drop(self, member: Member) -> None:
+        """``member`` is being dropped for a reason of ours (NOP timeout,
+        protocol error): when the session has other connections, say so on
+        one of them (Async Message "connection drop", RFC 7143 §11.9.1), so
+        the initiator recovers it at once rather than when it notices."""
+        wait = self.params.default_time2wait if self.params is not None else 2
+        for other in self.connections.values():
+            if other is not member and other.engine is not None and not other.closed:
+                other.engine.announce_drop(member.cid, wait, 0)
+                other.schedule_flush()
+                return
+
+    def wake_others(self, member: Member | None) -> None:
         """After ``member`` moved the session's CmdSN window, commands held
         for it on the other connections may have become runnable (the
         window orders commands across connections, RFC 7143 §4.2.2.1): let
         those connections act on what their engines queued."""
-        if len(self.connections) < 2:
+        if member is not None and len(self.connections) < 2 and \
+                self.connections.get(member.cid) is member:
             return
         for other in list(self.connections.values()):
             if other is member or other.engine is None or other.closed:
@@ -226,6 +244,9 @@ class SessionTable:
             return False
         sess.closed = True
         self._by_tsih.pop(sess.tsih, None)
+        for task, owner, _ in sess.retained.values():
+            owner.drop_retained(task)  # their slots and write budget return
+        sess.retained.clear()
         if sess.target is not None and not sess.discovery and sess.nexus is not None:
             sess.target.scsi.nexus_lost(sess.nexus)
         if sess.target is not None and not sess.discovery:
@@ -235,13 +256,43 @@ class SessionTable:
 
     def connection_closed(self, conn: Member, sess: Session | None) -> None:
         """A connection went away: at ERL 0 its session ends with it when it
-        was the last one (RFC 7143 §7.1.4), for the connection's reason."""
+        was the last one (RFC 7143 §7.1.4), for the connection's reason; at
+        ERL 2 a session whose tasks wait for reassignment lives on until
+        DefaultTime2Retain passes (§7.2.2)."""
         if sess is None:
             return
         if sess.connections.get(conn.cid) is conn:
             del sess.connections[conn.cid]
-        if not sess.connections:
+        if not sess.connections and not sess.retained:
             self._forget(sess, *connection_end_cause(conn.end_reason), [conn.peer])
+
+    def retain(self, sess: Session, conn: Member, tasks: list[Task]) -> None:
+        """ERL 2: a failed connection's tasks wait for TASK REASSIGN on
+        another connection of the session for DefaultTime2Retain seconds
+        (§7.2.2, §13.16), then end; so does the session if it has no
+        connection left by then."""
+        engine = conn.engine
+        if engine is None:
+            return
+        for task in tasks:
+            sess.retained[task.itt] = (task, engine, conn.cid)
+        wait = sess.params.default_time2retain if sess.params is not None else 20
+        asyncio.get_running_loop().call_later(wait, self._expire, sess, engine, conn.peer,
+                                              conn.end_reason)
+
+    def _expire(self, sess: Session, engine: TargetConnectionEngine, peer: str,
+                reason: str) -> None:
+        dropped = False
+        for itt, (task, owner, _) in list(sess.retained.items()):
+            if owner is engine:
+                del sess.retained[itt]
+                owner.drop_retained(task)
+                dropped = True
+        if dropped and not sess.closed:
+            # Their window slots are free: held commands may run now.
+            sess.wake_others(None)
+        if not sess.connections and not sess.retained:
+            self._forget(sess, *connection_end_cause(reason), [peer])
 
 
 def log_session_end(sess: Session, cause: str, reason: str, peers: list[str]) -> None:

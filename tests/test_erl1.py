@@ -319,11 +319,11 @@ def test_kept_status_is_capped() -> None:
 
 
 def test_target_config_takes_error_recovery_level(tmp_path: Path) -> None:
-    """``limits.error_recovery_level`` in the TOML config: 0 or 1."""
+    """``limits.error_recovery_level`` in the TOML config: 0, 1 or 2."""
     from target.config import ConfigError, load_config
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
-    for level, ok in ((0, True), (1, True), (2, False)):
+    for level, ok in ((0, True), (1, True), (2, True), (3, False)):
         cfg = tmp_path / f"t{level}.toml"
         cfg.write_text(f'[[target]]\nname = "iqn.2026-12.org.example:t"\n'
                        f'limits = {{ error_recovery_level = {level} }}\n'

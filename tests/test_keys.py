@@ -411,3 +411,17 @@ def test_initiator_offers_only_what_applies() -> None:
     assert ini.offers(OP) == []  # nothing twice
     nonleading = initiator({"MaxBurstLength": "65536", "HeaderDigest": "None"}, leading=False)
     assert nonleading.offers(OP) == [("HeaderDigest", "None")]
+
+
+def test_leading_only_keys_on_a_non_leading_login() -> None:
+    # A target refuses them (§13)...
+    target = Negotiator(Role.TARGET, {}, leading=False)
+    with pytest.raises(NegotiationError):
+        target.respond([("MaxBurstLength", "4096")], OP)
+    # ...an initiator ignores them from the target (tgt repeats
+    # MaxConnections in each response of a non-leading login): the
+    # session's values stand, and the login goes on.
+    ini = Negotiator(Role.INITIATOR, {}, leading=False)
+    assert ini.respond([("MaxConnections", "2")], OP) == []
+    assert ini.respond([("MaxConnections", "2")], OP) == []
+    assert ini.offers(OP) == [] or all(k != "MaxConnections" for k, _ in ini.offers(OP))

@@ -84,6 +84,16 @@ class TargetViolation(ProtocolError):
     drop_connection = True
 
 
+class SessionSeq:
+    """What a session's connections share besides the window and the ITT
+    space: the CmdSN of the next non-immediate command (§4.2.2.1)."""
+
+    __slots__ = ("cmdsn",)
+
+    def __init__(self, cmdsn: int) -> None:
+        self.cmdsn = cmdsn
+
+
 class InitiatorEngine:
     """Full-feature phase of the initiator's one connection.
 
@@ -99,20 +109,34 @@ class InitiatorEngine:
         command_timeout: seconds from submission to status (None: none).
         tmf_timeout: seconds for each escalation step's TMF answer.
         queue_depth: commands in flight at most, besides the window.
+        share: another connection of the same session (MC/S): this engine
+            then shares its CmdSN counter, command window and ITT space,
+            which are session-wide (§4.2.2.1, §11.2.1.8); StatSN, tasks and
+            data transfers stay per connection (connection allegiance, §4.2.2).
     """
 
     def __init__(self, params: InitiatorParams, *, cmdsn: int, expcmdsn: int, maxcmdsn: int,
                  exp_statsn: int, now: float, cid: int = 0, nop_interval: float | None = None,
                  nop_timeout: float = 5.0, command_timeout: float | None = None,
-                 tmf_timeout: float = 10.0, queue_depth: int = 128) -> None:
+                 tmf_timeout: float = 10.0, queue_depth: int = 128,
+                 share: InitiatorEngine | None = None) -> None:
         self.params = params
-        self.cmdsn = cmdsn & 0xFFFFFFFF
-        try:
-            self.window = CmdWindow(expcmdsn, maxcmdsn)
-        except ValueError:
-            # An invalid window from the login: trust only ExpCmdSN (a
-            # one-command window) until a response corrects it.
-            self.window = CmdWindow(expcmdsn & 0xFFFFFFFF)
+        self.seq: SessionSeq
+        self.window: CmdWindow
+        self.tags: TagAllocator
+        if share is not None:
+            self.seq = share.seq
+            self.window = share.window
+            self.tags = share.tags
+        else:
+            self.seq = SessionSeq(cmdsn & 0xFFFFFFFF)
+            try:
+                self.window = CmdWindow(expcmdsn, maxcmdsn)
+            except ValueError:
+                # An invalid window from the login: trust only ExpCmdSN (a
+                # one-command window) until a response corrects it.
+                self.window = CmdWindow(expcmdsn & 0xFFFFFFFF)
+            self.tags = TagAllocator(1)
         self.exp_statsn = exp_statsn & 0xFFFFFFFF
         self.cid = cid
         self.nop_interval = nop_interval
@@ -121,7 +145,6 @@ class InitiatorEngine:
         self.tmf_timeout = tmf_timeout
         self.queue_depth = queue_depth
         self.outbox = Outbox(params.header_digest, params.data_digest)
-        self.tags = TagAllocator(1)
         #: Commands sent and not yet ended, by ITT.
         self.tasks: dict[int, Command] = {}
         #: Commands waiting for the window: internal ones first.
@@ -158,6 +181,20 @@ class InitiatorEngine:
             Opcode.ASYNC_MESSAGE: self.control.on_async,  # type: ignore[dict-item]
             Opcode.REJECT: self.control.on_reject,  # type: ignore[dict-item]
         }
+
+    @property
+    def cmdsn(self) -> int:
+        """The CmdSN of the next non-immediate command (session-wide)."""
+        return self.seq.cmdsn
+
+    @cmdsn.setter
+    def cmdsn(self, value: int) -> None:
+        self.seq.cmdsn = value
+
+    @property
+    def load(self) -> int:
+        """Commands on this connection: in flight plus queued."""
+        return len(self.tasks) + len(self.queue) + len(self.urgent)
 
     # ------------------------------------------------------------ feeding
     def receive_pdu(self, pdu: PDU, now: float) -> list[Event]:
@@ -248,6 +285,54 @@ class InitiatorEngine:
         cmd.itt = self.tags.allocate()
         cmd.cmdsn = self.cmdsn
         self.cmdsn = sn_add(self.cmdsn, 1)
+        self._send(cmd)
+
+    def retry(self, cmd: Command, now: float) -> None:
+        """Send ``cmd`` again with its original ITT and CmdSN on this
+        connection: it was sent on another connection of the session that
+        has since been logged out, and the target never took it (its CmdSN
+        is not below ExpCmdSN), so it plugs that gap in the session's
+        CmdSN order (RFC 7143 §7.2.1). Sent at once: its CmdSN is already
+        inside the window."""
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        self._now = now
+        itt, cmdsn = cmd.itt, cmd.cmdsn
+        cmd.reset()
+        cmd.itt, cmd.cmdsn = itt, cmdsn
+        if cmd.deadline is not None:
+            heapq.heappush(self._cmd_deadlines, (cmd.deadline, id(cmd), cmd))
+        self._send(cmd)
+
+    def reassign(self, cmd: Command, now: float) -> int:
+        """Take over ``cmd`` from a failed connection of the session with
+        TASK REASSIGN (ErrorRecoveryLevel 2, §11.5.1, §7.2.2): it becomes
+        this connection's task, with its ITT and CmdSN, and the target
+        resends its Data-In and status here, or asks for its write data
+        again with R2Ts. Returns the TMF's ITT (the answer is
+        :class:`TaskManagementDone`); when it is not "Function complete"
+        the owner takes the command back with :meth:`disown`."""
+        if self.closed:
+            raise RuntimeError("engine is closed")
+        self._now = now
+        itt, cmdsn = cmd.itt, cmd.cmdsn
+        cmd.reset()
+        cmd.itt, cmd.cmdsn, cmd.sent = itt, cmdsn, True
+        if cmd.data_out is not None:
+            # A write the target already has whole gets its status alone.
+            cmd.solicited_sent = cmd.edtl
+        self.tasks[itt] = cmd
+        if cmd.deadline is not None:
+            heapq.heappush(self._cmd_deadlines, (cmd.deadline, id(cmd), cmd))
+        return self.control.task_management(TMFunction.TASK_REASSIGN, now, cmd.lun, itt)
+
+    def disown(self, cmd: Command) -> None:
+        """Forget ``cmd`` without an event (a TASK REASSIGN refused)."""
+        if self.tasks.get(cmd.itt) is cmd:
+            del self.tasks[cmd.itt]
+
+    def _send(self, cmd: Command) -> None:
+        p = self.params
         cmd.sent = True
         cmd.attempts += 1
         self.tasks[cmd.itt] = cmd
@@ -430,10 +515,12 @@ class InitiatorEngine:
         needed, §11.10.2); the answer is :class:`TextDone`."""
         return self.control.text(data, now)
 
-    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION) -> int:
+    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION,
+               cid: int | None = None) -> int:
         """Send an immediate Logout Request (§11.14); no further command
-        is sent. The answer is :class:`LogoutDone`."""
-        return self.control.logout(now, reason)
+        is sent -- unless ``cid`` names another connection, which is then
+        the one closed (§11.14.1). The answer is :class:`LogoutDone`."""
+        return self.control.logout(now, reason, cid)
 
     def forget(self, itt: int) -> None:
         """The owner stopped waiting for exchange ``itt`` (its own
@@ -549,6 +636,12 @@ class InitiatorEngine:
         ones first, then queued; each in submission order) for the owner
         to fail or reissue on a new connection (§7.1.4.3)."""
         self.closed = True
+        # The ITTs of NOP, TMF, Text and Logout exchanges are free again
+        # (those of commands are the owner's to keep for a retry, §7.2.1,
+        # or to discard).
+        for itt in self._exchanges:
+            self.tags.discard(itt)
+        self._exchanges.clear()
         sent = sorted(self.tasks.values(), key=lambda c: c.seq)
         rest = list(self.urgent) + list(self.queue)
         self.tasks.clear()
@@ -562,5 +655,5 @@ class InitiatorEngine:
 __all__ = [
     "AsyncNotice", "Command", "CommandCompleted", "CommandFailed", "ConnectionFailed", "Event",
     "ExchangeFailed", "InitiatorEngine", "InitiatorParams", "LogoutDone", "PingAnswered",
-    "TargetViolation", "TaskManagementDone", "TextDone",
+    "SessionSeq", "TargetViolation", "TaskManagementDone", "TextDone",
 ]

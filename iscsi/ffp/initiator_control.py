@@ -121,8 +121,8 @@ class Control:
         self._tmf_lun[itt] = lun
         self.e.outbox.add(TaskMgmtRequest(
             function=function, lun=encode_lun(lun), itt=itt,
-            referenced_task_tag=referenced_itt if function == TMFunction.ABORT_TASK
-            else RESERVED_TAG,
+            referenced_task_tag=referenced_itt if function in (
+                TMFunction.ABORT_TASK, TMFunction.TASK_REASSIGN) else RESERVED_TAG,
             # RefCmdSN: the referenced task's CmdSN (§11.5.4).
             refcmdsn=ref.cmdsn if ref is not None else self.e.cmdsn,
             cmdsn=self.e.cmdsn, expstatsn=self.e.exp_statsn, immediate=True))
@@ -259,13 +259,17 @@ class Control:
         self.e.events.append(event)
 
     # ------------------------------------------------------------ logout
-    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION) -> int:
+    def logout(self, now: float, reason: int = LogoutReason.CLOSE_SESSION,
+               cid: int | None = None) -> int:
         """Send an immediate Logout Request (§11.14). No further command
         is sent; those in flight may still complete before the response
-        (:class:`LogoutDone`)."""
-        self.e.logging_out = True
+        (:class:`LogoutDone`). With ``cid`` naming another connection of
+        the session (one we lost) this connection carries on."""
+        if cid is None or cid == self.e.cid:
+            self.e.logging_out = True
+            cid = self.e.cid
         itt = self.e._exchange("logout")
-        self.e.outbox.add(LogoutRequest(reason=reason, itt=itt, cid=self.e.cid, cmdsn=self.e.cmdsn,
+        self.e.outbox.add(LogoutRequest(reason=reason, itt=itt, cid=cid, cmdsn=self.e.cmdsn,
                                       expstatsn=self.e.exp_statsn, immediate=True))
         return itt
 

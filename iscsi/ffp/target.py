@@ -63,6 +63,7 @@ from .target_tasks import (
     TextRequested,
     WriteBudget,
 )
+from ..serial import sn_lt
 from .window import CmdSNWindow
 
 _U32 = struct.Struct(">I")
@@ -113,6 +114,9 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
         self._ttt = 0x1000
         self._ttt_map: dict[int, Task] = {}
         self._dead_itts: dict[int, None] = {}
+        #: ERL 2: ITT -> (StatSN, task) of status sent but not yet
+        #: acknowledged by ExpStatSN, resent after TASK REASSIGN (§7.2.2).
+        self._unacked: dict[int, tuple[int, Task]] = {}
         #: Events not yet taken by the owner (see :meth:`take_events`).
         self.events: list[Event] = []
         self._timers = Deadlines()
@@ -139,6 +143,10 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
     def receive_pdu(self, pdu: PDU, now: float) -> list[Event]:
         """Handle one PDU from the initiator; returns the owner's events."""
         self._last_rx = now
+        if self._unacked:
+            exp = getattr(pdu, "expstatsn", None)
+            if exp is not None:
+                self._acknowledged(exp)
         if not self.closed:
             handler = self._handlers.get(pdu.opcode)
             if handler is None:
@@ -406,8 +414,21 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
     def _respond(self, task: Task, status: int, sense: Buffer, data: Buffer | None, *,
                  overflow: int = 0, underflow: int = 0) -> None:
         self._release_task(task)
-        if task.aborted or self.closed:
+        if task.aborted:
             return
+        if self.params.error_recovery_level >= 2:
+            # Kept until acknowledged, or until the task is reassigned after
+            # its connection failed (§7.2.2): the answer is sent again then.
+            task.result = (status, bytes(sense), data, overflow, underflow)
+        if self.closed:
+            return
+        self._send_status(task, status, sense, data, overflow, underflow)
+
+    def _send_status(self, task: Task, status: int, sense: Buffer, data: Buffer | None,
+                     overflow: int, underflow: int) -> None:
+        if task.result is not None:
+            # Every status PDU takes the next StatSN: this one.
+            self._unacked[task.itt] = (self.statsn, task)
         edtl = task.edtl
         if data is not None:
             mv = data if isinstance(data, memoryview) else memoryview(data)
@@ -486,10 +507,10 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
 
         def run() -> None:
             fn = pdu.function
-            if fn == TMFunction.TASK_REASSIGN:
-                # ErrorRecoveryLevel 0: reassignment is not supported (§11.5.1).
+            if fn == TMFunction.TASK_REASSIGN and self.params.error_recovery_level < 2:
+                # Below ErrorRecoveryLevel 2 reassignment is not supported (§11.5.1).
                 self.tmf_done(pdu.itt, TMResponse.TASK_ALLEGIANCE_REASSIGNMENT_NOT_SUPPORTED)
-            elif fn not in _TMF_FUNCTIONS:
+            elif fn not in _TMF_FUNCTIONS and fn != TMFunction.TASK_REASSIGN:
                 self.tmf_done(pdu.itt, TMResponse.FUNCTION_NOT_SUPPORTED)
             else:
                 self.events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
@@ -517,6 +538,9 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
         their slots and write budget return. Returns the tasks that were
         still executing (the owner releases whoever waits on them)."""
         self.closed = True
+        # Commands held for their CmdSN turn never ran: forget them, so the
+        # initiator can retry them on another connection (§7.2.1).
+        self.window.discard(self)
         running = []
         for task in list(self.tasks.values()):
             task.aborted = True
@@ -533,6 +557,61 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
             self._erl1_snack(pdu)  # type: ignore[arg-type]
         else:
             super()._on_snack(pdu)
+
+    # ------------------------------------------------- ERL 2: reassignment
+    def _acknowledged(self, expstatsn: int) -> None:
+        """ExpStatSN says the initiator has every status below it."""
+        done = [itt for itt, (sn, _) in self._unacked.items() if sn_lt(sn, expstatsn)]
+        for itt in done:
+            self._unacked.pop(itt)[1].result = None
+
+    def detach(self) -> list[Task]:
+        """The connection failed or was removed for recovery at
+        ErrorRecoveryLevel 2 (§7.2.2): its tasks are not ended but kept for
+        TASK REASSIGN -- those still running or waiting for data, and those
+        whose status was not acknowledged. Commands held for their CmdSN
+        turn are discarded (§11.14.1: not yet acknowledged). Returns them."""
+        self.closed = True
+        self.window.discard(self)
+        kept = list(self.tasks.values()) + [t for _, t in self._unacked.values()
+                                            if t.itt not in self.tasks]
+        self._unacked.clear()
+        for task in kept:
+            task.retained = True
+            self._forget_r2ts(task)
+        self._ttt_map.clear()
+        self._timers = Deadlines()
+        return kept
+
+    def adopt(self, task: Task, old: TargetConnectionEngine) -> None:
+        """TASK REASSIGN moved ``task`` here from ``old`` (§11.5.1): it
+        carries on on this connection. A write still waiting for data asks
+        for all of it again with R2Ts (sequence numbers start afresh); a
+        finished task sends its Data-In and status again; a running one
+        answers here when it completes."""
+        task.retained = False
+        if old.tasks.get(task.itt) is task:
+            del old.tasks[task.itt]
+            self.tasks[task.itt] = task
+            if not task.executing and task.reserved:
+                task.received = 0
+                task.unsol_next = (0, 0)
+                task.unsolicited_end = task.next_r2t_offset = 0
+                task.r2tsn = 0
+                self._issue_r2ts(task)
+            return
+        if task.result is not None and not self.closed:
+            status, sense, data, overflow, underflow = task.result
+            self._send_status(task, status, sense, data,  # type: ignore[arg-type]
+                              overflow, underflow)
+
+    def drop_retained(self, task: Task) -> None:
+        """Time2Retain passed without TASK REASSIGN: the task ends (its
+        window slot and write budget return)."""
+        task.aborted = True
+        task.retained = False
+        task.result = None
+        self._release_task(task)
 
     def _drop(self, task: Task) -> None:
         self._forget_r2ts(task)

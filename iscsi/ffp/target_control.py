@@ -114,7 +114,7 @@ class ControlExchanges:
                 if not self.closed:
                     run()
                 w.release()
-        if not w.admit(pdu.cmdsn, pdu.immediate, go):
+        if not w.admit(pdu.cmdsn, pdu.immediate, go, self):
             # §4.2.2.1: outside the window, silently ignored.
             return
 
@@ -208,18 +208,21 @@ class ControlExchanges:
     # -------------------------------------------------------------- logout
     def _on_logout(self, pdu: LogoutRequest) -> None:
         def run() -> None:
-            if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY:
+            if pdu.reason == LogoutReason.REMOVE_CONNECTION_FOR_RECOVERY and \
+                    self.params.error_recovery_level < 2:
                 self.logout_answer(pdu.itt, LogoutResponseCode.RECOVERY_NOT_SUPPORTED)
             else:
                 self.events.append(LogoutRequested(pdu.itt, pdu.reason, pdu.cid))
         self._admit(pdu, run)
 
-    def logout_answer(self, itt: int, code: int) -> None:
-        """Send the Logout Response (§11.15); Time2Wait/Time2Retain 0 at ERL 0."""
+    def logout_answer(self, itt: int, code: int, time2wait: int = 0,
+                      time2retain: int = 0) -> None:
+        """Send the Logout Response (§11.15); Time2Wait/Time2Retain are 0
+        but after removing a connection for recovery (ERL 2)."""
         w = self.window
         self.outbox.add(LogoutResponse(itt=itt, response=code, statsn=self._next_statsn(),
                                        expcmdsn=w.expcmdsn, maxcmdsn=w.maxcmdsn,
-                                       time2wait=0, time2retain=0))
+                                       time2wait=time2wait, time2retain=time2retain))
 
     def request_logout(self, wait: int) -> None:
         """Ask the initiator to log out (Async Message, event 1, §11.9.1)."""
@@ -229,6 +232,18 @@ class ControlExchanges:
         self.outbox.add(AsyncMessage(statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
                                      maxcmdsn=w.maxcmdsn, async_event=AsyncEvent.LOGOUT_REQUEST,
                                      parameter3=wait))
+
+    def announce_drop(self, cid: int, time2wait: int, time2retain: int) -> None:
+        """Tell the initiator that connection ``cid`` of the session is
+        being dropped (Async Message, event 2, on another connection;
+        Parameter1 is the CID, Parameter2/3 Time2Wait/Time2Retain, §11.9.1)."""
+        if self.closed:
+            return
+        w = self.window
+        self.outbox.add(AsyncMessage(statsn=self._next_statsn(), expcmdsn=w.expcmdsn,
+                                     maxcmdsn=w.maxcmdsn, async_event=AsyncEvent.CONNECTION_DROP,
+                                     parameter1=cid, parameter2=time2wait,
+                                     parameter3=time2retain))
 
     # --------------------------------------------------------------- SNACK
     def _on_snack(self, pdu: PDU) -> None:

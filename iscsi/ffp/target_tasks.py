@@ -47,7 +47,8 @@ class TargetParams:
     header_digest: bool = False
     data_digest: bool = False
     #: The negotiated ErrorRecoveryLevel (§13.20); 1 turns on SNACK, data
-    #: retention and recovery R2Ts (§7.1.5).
+    #: retention and recovery R2Ts (§7.1.5); 2 also keeps a failed
+    #: connection's tasks for reassignment (connection recovery, §7.2.2).
     error_recovery_level: int = 0
 
     @classmethod
@@ -67,7 +68,8 @@ class Task:
 
     __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
                  "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
-                 "immediate", "executing", "unsol_next", "waiter", "holes", "unsol_closed")
+                 "immediate", "executing", "unsol_next", "waiter", "holes", "unsol_closed",
+                 "retained", "result", "home")
 
     def __init__(self, cmd: ScsiCommand) -> None:
         self.itt = cmd.itt
@@ -95,6 +97,12 @@ class Task:
         self.holes: list[list[int]] | None = None
         #: ERL 1: the unsolicited sequence ended (its holes asked for).
         self.unsol_closed = False
+        #: ERL 2: its connection failed; it waits for TASK REASSIGN (§7.2.2).
+        self.retained = False
+        #: ERL 2: (status, sense, data, overflow, underflow) kept for resending.
+        self.result: tuple[int, bytes, object, int, int] | None = None
+        #: The owner's connection that now answers it (after reassignment).
+        self.home: object | None = None
 
     def data_out(self) -> memoryview:
         """The write data received (empty for a command without any)."""
