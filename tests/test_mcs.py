@@ -6,6 +6,7 @@ relay in tests/relay.py) which the session survives over the others."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,6 +178,8 @@ def test_two_connections_against_tgtd(tmp_path: Path, caplog: pytest.LogCaptureF
     with a TSIH other than the session's -- tgt keeps the TSIH of a login
     request in wire byte order -- so it never joins the session. Our
     initiator refuses that login, says so, and works on one connection."""
+    # An in-process CLI test may have quieted the "initiator" loggers.
+    caplog.set_level(logging.WARNING, logger="initiator")
     with Tgtd(tmp_path) as t:
         t.adm("--op", "update", "--mode", "target", "--tid", "1", "--name", "MaxConnections",
               "--value", "2")
