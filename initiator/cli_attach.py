@@ -20,7 +20,6 @@ from iscsi.names import parse_url
 from .blockdev import BlockDevice
 from .multipath import open_device
 from .errors import InitiatorError
-from .scsi import LUN
 from .session import SessionOptions
 
 from .cli_common import PROG, session_options, with_creds

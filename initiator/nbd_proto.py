@@ -9,7 +9,6 @@ Shared by the NBD server (:mod:`initiator.nbd`) and the device adapters
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Iterable
 
 # The values and layouts both NBD roles share live in iscsi.nbdproto (the target's

@@ -33,9 +33,7 @@ from target.image_info import info_dict, print_info
 from target.backends.locking import ImageOpenHere, force_share
 from target.image_mount import add_parser as add_mount_parser, run as run_mount
 from target.backends.registry import (
-    resolve_backing,
     ImageBackend,
-    ImageInfo,
     create_image,
     formats,
     open_image,

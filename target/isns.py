@@ -22,7 +22,7 @@ import ipaddress
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from iscsi.isns import (
     DEFAULT_PORT,

@@ -332,7 +332,6 @@ class InitiatorEngine:
             del self.tasks[cmd.itt]
 
     def _send(self, cmd: Command) -> None:
-        p = self.params
         cmd.sent = True
         cmd.attempts += 1
         self.tasks[cmd.itt] = cmd

@@ -42,7 +42,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 
-from .base import SECTOR, BackendError, Buffer, MediumError
+from .base import BackendError, Buffer, MediumError
 from .mapped import RUN_DATA, RUN_PARENT, RUN_ZERO, MappedImage, Run, RunWriter, pread_exact, pwrite_all
 from .raw import punch_hole
 from .registry import ImageBackend, ImageInfo, align_up, cluster_pieces, open_backing, open_file

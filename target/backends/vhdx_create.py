@@ -16,7 +16,7 @@ from .registry import (
     resolve_backing,
 )
 from .vhdx_format import (
-    BAT_GUID, HEADER_OFFSETS, METADATA_GUID, MiB, NAME, PAYLOAD_FULLY_PRESENT, REGION_OFFSETS,
+    BAT_GUID, HEADER_OFFSETS, METADATA_GUID, MiB, PAYLOAD_FULLY_PRESENT, REGION_OFFSETS,
     SIGNATURE, ZERO_GUID, Header, Meta, Region, U64, bat_index, ms_guid_text, pack_metadata,
     pack_regions,
 )
