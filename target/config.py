@@ -147,6 +147,13 @@ class TargetSpec:
     limits: Limits = field(default_factory=Limits)
     #: Set when the target is a boot farm (its LUN 0 serves ``farm.golden``).
     farm: FarmSpec | None = None
+    #: Login redirection (RFC 7143 §11.13.5, §13.8): every login to this
+    #: target is answered "target moved" (0x0101 temporarily, 0x0102 with
+    #: ``redirect_permanent``) with TargetAddress=``redirect``
+    #: ("host[:port][,tpgt]"), to spread initiators over portals or move a
+    #: target to another server.
+    redirect: str | None = None
+    redirect_permanent: bool = False
 
     def allows(self, initiator_name: str) -> bool:
         """ACL check: no names listed means every initiator may log in."""

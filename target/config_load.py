@@ -11,7 +11,7 @@ import re
 import tomllib
 from typing import Any
 
-from iscsi.names import InvalidName, normalize_name
+from iscsi.names import InvalidName, normalize_name, parse_portal
 
 from .config import (
     _BACKENDS,
@@ -320,7 +320,13 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         if not isinstance(t, dict):
             raise r.fail(w[:-1], "must be a table")
         r.check_keys(t, {"name", "alias", "portal_groups", "allow", "chap", "limits", "lun",
-                         "farm"}, w)
+                         "farm", "redirect", "redirect_permanent"}, w)
+        redirect = r.get(t, "redirect", w, str, None, '"host[:port][,tpgt]"')
+        if redirect is not None:
+            try:
+                redirect = str(parse_portal(redirect, bare_v6=False))
+            except (InvalidName, ValueError) as exc:
+                raise r.fail(f"{w}redirect", f"{exc} (\"host[:port][,tpgt]\")") from None
         name = r.get(t, "name", w, str, None)
         if name is None:
             raise r.fail(f"{w}name", "missing (an iqn./eui./naa. name)")
@@ -349,8 +355,9 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
             from .farm_admin import farm_from_table
 
             farm, luns_t = farm_from_table(t["farm"], luns_t, f"{w}farm", r.fail, base)
-        if not luns_t:
-            raise r.fail(f"{w}lun", "no [[target.lun]] defined (at least one is needed)")
+        if not luns_t and redirect is None:
+            raise r.fail(f"{w}lun", "no [[target.lun]] defined (at least one is needed, "
+                         "unless the target redirects its logins)")
         luns = tuple(_lun(r, lt, f"{w}lun[{j}]", j, base) for j, lt in enumerate(luns_t))
         seen: set[int] = set()
         for j, lun in enumerate(luns):
@@ -360,7 +367,8 @@ def config_from_dict(doc: dict[str, Any], source: str) -> ServerConfig:
         targets.append(TargetSpec(
             name=name, luns=luns, alias=r.get(t, "alias", w, str, None), portal_groups=pgs,
             allow=tuple(allow), chap=_chap(r, t.get("chap"), f"{w}chap"),
-            limits=_limits(r, limits_t, f"{w}limits."), farm=farm,
+            limits=_limits(r, limits_t, f"{w}limits."), farm=farm, redirect=redirect,
+            redirect_permanent=r.get(t, "redirect_permanent", w, bool, False),
         ))
     bw: dict[str, int | None] = {}
     for i, g in enumerate(r.get(doc, "bandwidth_group", "", list, [], "an array of tables")):

@@ -77,6 +77,10 @@ def _target(t: TargetSpec, all_groups: tuple[int, ...]) -> list[str]:
               if getattr(t.limits, f.name) != getattr(_DEFAULT_LIMITS, f.name)]
     if limits:
         out.append("limits = { " + ", ".join(limits) + " }")
+    if t.redirect is not None:
+        out.append(f"redirect = {_value(t.redirect)}")
+        if t.redirect_permanent:
+            out.append("redirect_permanent = true")
     if t.farm is not None:
         from .farm_admin import farm_toml
 

@@ -17,7 +17,7 @@ from iscsi.chap import ChapCredentials
 from iscsi.constants import LoginStatus
 from iscsi.errors import LoginError, ProtocolError
 from iscsi.keys import NegotiatedParams
-from iscsi.login import LoginTarget, TargetAuth, TargetLogin, join_connection
+from iscsi.login import LoginRedirect, LoginTarget, TargetAuth, TargetLogin, join_connection
 from iscsi.pdu import LoginRequest, LoginResponse
 from target.backends.base import OutOfResources
 from target.farm import FarmBusy
@@ -140,6 +140,10 @@ class _Policy:
         # Only targets in this connection's portal group are reachable here.
         if self.conn.portal_group_tag not in rt.spec.portal_groups:
             return None
+        if rt.spec.redirect is not None:
+            # §11.13.5: status class 1 with TargetAddress; the initiator
+            # logs in there instead.
+            raise LoginRedirect(rt.spec.redirect, permanent=rt.spec.redirect_permanent)
         login = self.login
         if login is not None:
             login.cmd_window = rt.spec.limits.queue_depth
@@ -222,7 +226,10 @@ def _log_refusal(conn: TargetConnection, login: TargetLogin, resp: LoginResponse
     status = login.failed_status
     assert status is not None
     login_failures[status.words] += 1
-    log.warning("%s: login refused: %s (status 0x%04x) for initiator %s target %s: %s",
+    # A redirection (status class 1) is this target's configuration doing
+    # its job, not a failure: said at INFO.
+    level = logging.INFO if status.value >> 8 == 1 else logging.WARNING
+    log.log(level, "%s: login refused: %s (status 0x%04x) for initiator %s target %s: %s",
                 conn.peer, status.words, status.value, login.initiator_name or "?",
                 login.target_name or ("(discovery)" if login.session_type == "Discovery" else "?"),
                 login.failure_reason,
