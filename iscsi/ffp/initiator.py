@@ -13,7 +13,8 @@ Reject, Logout, Task Management and Text with continuation.
 Time enters only as ``now``: :meth:`~InitiatorEngine.get_timer` says when
 :meth:`~InitiatorEngine.handle_timer` is next due (NOP keepalive, its
 timeout, per-command timeouts and their escalation ABORT TASK -> LOGICAL
-UNIT RESET -> session recovery, the order Linux's SCSI error handler uses).
+UNIT RESET -> session recovery, the order Linux's SCSI error handler uses;
+those live in the :mod:`.initiator_timers` mixin).
 
 Everything to send is in :attr:`~InitiatorEngine.outbox`; the owner drains
 it with one ``writelines`` per batch. The commands and events are in
@@ -43,7 +44,6 @@ from ..pdu import (
     DataOut,
     LogoutResponse,
     NopIn,
-    NopOut,
     Reject,
     ScsiCommand,
     ScsiResponse,
@@ -54,6 +54,7 @@ from ..serial import CmdWindow, TagAllocator, sn_add, sn_gt
 from .common import Deadlines, Outbox, segments
 from .initiator_control import Control
 from .initiator_erl import Erl1
+from .initiator_timers import InitiatorTimers
 from .initiator_tasks import (
     AsyncNotice,
     Command,
@@ -94,7 +95,7 @@ class SessionSeq:
         self.cmdsn = cmdsn
 
 
-class InitiatorEngine:
+class InitiatorEngine(InitiatorTimers):
     """Full-feature phase of the initiator's one connection.
 
     Args:
@@ -533,101 +534,6 @@ class InitiatorEngine:
         self._exchanges[itt] = (kind, function, cmd)
         return itt
 
-
-    # ------------------------------------------------------------ timers
-    def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` is next due, or None."""
-        if self.closed:
-            return None
-        heap = self._cmd_deadlines
-        while heap and not self._live(heap[0][2]):
-            heapq.heappop(heap)
-        t = self._timers.next()
-        if heap and (t is None or heap[0][0] < t):
-            t = heap[0][0]
-        return t
-
-    def _live(self, cmd: Command) -> bool:
-        """A command whose deadline still matters: in flight here, or
-        queued here (an unsent command in this heap is in this engine's
-        queue until it times out or the engine closes), and not already
-        being aborted."""
-        if cmd.aborting or cmd.timed_out:
-            return False
-        return not cmd.sent or self.tasks.get(cmd.itt) is cmd
-
-    def handle_timer(self, now: float) -> list[Event]:
-        """Run whatever is due at ``now``."""
-        if self.closed:
-            return []
-        self._now = now
-        heap = self._cmd_deadlines
-        while heap and heap[0][0] <= now:
-            cmd = heapq.heappop(heap)[2]
-            if self._live(cmd):
-                self._command_timeout(cmd, now)
-        for name in self._timers.expired(now):
-            if name == "nop":
-                self._nop_due(now)
-            elif name.startswith("tmf"):
-                self._tmf_silent(int(name[3:]), now)
-        self._pump(now)
-        return self.take_events()
-
-    def _command_timeout(self, cmd: Command, now: float) -> None:
-        cmd.timed_out = True
-        if not cmd.sent:
-            # Never sent (the window stayed closed): nothing to abort.
-            for q in (self.queue, self.urgent):
-                if cmd in q:
-                    q.remove(cmd)
-            self.events.append(CommandFailed(cmd, "timeout", (
-                f"CDB 0x{cmd.cdb[0]:02x} not sent within the command timeout of "
-                f"{self.command_timeout:g} s (the target's command window stayed closed)")))
-            return
-        # ABORT TASK first (§11.5.1), escalating on refusal or silence.
-        cmd.aborting = True
-        itt = self.control.tmf("abort", TMFunction.ABORT_TASK, cmd.lun, cmd.itt, cmd)
-        self._timers.set(f"tmf{itt}", now + self.tmf_timeout)
-
-    def _tmf_silent(self, itt: int, now: float) -> None:
-        """No answer to the escalation's TMF: an unanswered ABORT TASK
-        escalates to LOGICAL UNIT RESET, an unanswered reset to session
-        recovery (Linux: eh_abort, eh_device_reset, then the transport's
-        session recovery)."""
-        ex = self._exchanges.pop(itt, None)
-        self.tags.discard(itt)
-        cmd = ex[2] if ex is not None else None
-        if ex is not None and ex[0] == "abort" and cmd is not None:
-            reset = self.control.tmf("reset", TMFunction.LOGICAL_UNIT_RESET, cmd.lun,
-                                     RESERVED_TAG, cmd)
-            self._timers.set(f"tmf{reset}", now + self.tmf_timeout)
-            return
-        self.events.append(ConnectionFailed(
-            "no answer to task management after a command timeout"))
-
-    def _nop_due(self, now: float) -> None:
-        interval = self.nop_interval
-        assert interval
-        if self._keepalive is not None:
-            itt, sent_at = self._keepalive
-            if self._last_rx <= sent_at:
-                self.events.append(ConnectionFailed(
-                    f"no NOP-In within {self.nop_timeout:g} s"))
-                return
-            # Traffic arrived (the target is alive) though not the answer.
-            self._keepalive = None
-        idle = now - self._last_rx
-        if idle >= interval:
-            itt = self._exchange("keepalive")
-            self._keepalive = (itt, now)
-            self.outbox.add(NopOut(itt=itt, ttt=RESERVED_TAG, lun=0, cmdsn=self.cmdsn,
-                                   expstatsn=self.exp_statsn, immediate=True))
-            if self.erl:
-                self.recovery.pinged(itt)
-            self._timers.set("nop", now + self.nop_timeout)
-        else:
-            self._timers.set("nop", self._last_rx + interval)
 
     # --------------------------------------------------------------- end
     def close(self) -> list[Command]:
