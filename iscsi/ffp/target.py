@@ -52,6 +52,7 @@ from ..scsi.sense import SenseData
 from .common import Deadlines, Outbox, segments
 from .target_control import ControlExchanges
 from .target_recovery import DEFAULT_RETAIN_BUDGET, DEFAULT_SEQUENCE_TIMEOUT, Erl1Target
+from .target_reassign import Erl2Target
 from .target_tasks import (
     CloseConnection,
     Event,
@@ -63,7 +64,6 @@ from .target_tasks import (
     TextRequested,
     WriteBudget,
 )
-from ..serial import sn_lt
 from .window import CmdSNWindow
 
 _U32 = struct.Struct(">I")
@@ -78,7 +78,7 @@ DATA_PHASE_ERROR_SENSE = SenseData(SenseKey.ABORTED_COMMAND, 0x4B, 0x00).encode_
 HW_ERROR_SENSE = SenseData(SenseKey.HARDWARE_ERROR, 0x44, 0x00).encode_fixed()
 
 
-class TargetConnectionEngine(ControlExchanges, Erl1Target):
+class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
     """Full-feature phase of one target connection.
 
     Args:
@@ -557,66 +557,6 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target):
             self._erl1_snack(pdu)  # type: ignore[arg-type]
         else:
             super()._on_snack(pdu)
-
-    # ------------------------------------------------- ERL 2: reassignment
-    def _acknowledged(self, expstatsn: int) -> None:
-        """ExpStatSN says the initiator has every status below it."""
-        done = [itt for itt, (sn, _) in self._unacked.items() if sn_lt(sn, expstatsn)]
-        for itt in done:
-            self._unacked.pop(itt)[1].result = None
-
-    def detach(self) -> list[Task]:
-        """The connection failed or was removed for recovery at
-        ErrorRecoveryLevel 2 (§7.2.2): its tasks are not ended but kept for
-        TASK REASSIGN -- those still running or waiting for data, and those
-        whose status was not acknowledged. Commands held for their CmdSN
-        turn are discarded (§11.14.1: not yet acknowledged). Returns them."""
-        self.closed = True
-        self.window.discard(self)
-        kept = list(self.tasks.values()) + [t for _, t in self._unacked.values()
-                                            if t.itt not in self.tasks]
-        self._unacked.clear()
-        for task in kept:
-            task.retained = True
-            self._forget_r2ts(task)
-        self._ttt_map.clear()
-        self._timers = Deadlines()
-        return kept
-
-    def adopt(self, task: Task, old: TargetConnectionEngine) -> None:
-        """TASK REASSIGN moved ``task`` here from ``old`` (§11.5.1): it
-        carries on on this connection. A write still waiting for data asks
-        for all of it again with R2Ts (sequence numbers start afresh); a
-        finished task sends its Data-In and status again; a running one
-        answers here when it completes."""
-        task.retained = False
-        if old.tasks.get(task.itt) is task:
-            del old.tasks[task.itt]
-            self.tasks[task.itt] = task
-            if not task.executing and task.reserved:
-                task.received = 0
-                task.unsol_next = (0, 0)
-                task.unsolicited_end = task.next_r2t_offset = 0
-                task.r2tsn = 0
-                self._issue_r2ts(task)
-            return
-        if task.result is not None and not self.closed:
-            status, sense, data, overflow, underflow = task.result
-            self._send_status(task, status, sense, data,  # type: ignore[arg-type]
-                              overflow, underflow)
-
-    def drop_retained(self, task: Task) -> None:
-        """Time2Retain passed without TASK REASSIGN: the task ends (its
-        window slot and write budget return)."""
-        task.aborted = True
-        task.retained = False
-        task.result = None
-        self._release_task(task)
-
-    def _drop(self, task: Task) -> None:
-        self._forget_r2ts(task)
-        self._release_task(task)
-
 
 _TMF_FUNCTIONS = frozenset({
     TMFunction.ABORT_TASK, TMFunction.ABORT_TASK_SET, TMFunction.CLEAR_ACA,
