@@ -30,7 +30,8 @@ from .errors import (
     TargetProtocolError,
 )
 from .scsi import LUN, Capacity, SCSICheckCondition, SCSIStatusError
-from .session import ScsiResult, Session, SessionOptions, discover, run
+from .discover import discover
+from .session import ScsiResult, Session, SessionOptions, run
 
 __all__ = [
     "BlockDevice", "Capacity", "CommandTimedOut", "ConnectionLost", "DiscoveredTarget",

@@ -25,7 +25,8 @@ from .scsi import LUN, SCSICheckCondition
 from .cli_attach import cmd_attach, cmd_detach
 from .cli_common import PROG, human_size, session_options, with_creds
 from .cli_copy import cmd_bench, cmd_copy
-from .session import Session, SessionOptions, discover, run
+from .discover import discover
+from .session import Session, SessionOptions, run
 
 
 # ------------------------------------------------------------- discover, ls

@@ -18,8 +18,7 @@ from iscsi.scsi.sbc import ProvisioningStatus
 
 from .blockdev import BlockDevice
 from .errors import InitiatorError
-from .scsi import LUN, SCSICheckCondition
-from .session import run
+from .scsi import SCSICheckCondition
 
 from .cli_common import CHUNK, DEPTH, human_size, session_options, with_creds
 

@@ -42,7 +42,8 @@ from iscsi.scsi.sense import SenseData
 from .blockdev import BlockDevice, Device, options_from_url
 from .errors import InitiatorError, SessionFailed
 from .scsi import LUN, Capacity, SCSICheckCondition
-from .session import Session, SessionOptions, discover
+from .discover import discover
+from .session import Session, SessionOptions
 
 log = logging.getLogger("initiator.multipath")
 T = TypeVar("T")

@@ -36,16 +36,14 @@ PDUs produced in one loop iteration. TCP_NODELAY is set.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 from iscsi.constants import (
     RESERVED_TAG,
-    LoginStatus,
     LogoutResponseCode,
     TaskAttribute,
     TMFunction,
@@ -76,9 +74,6 @@ from target.malloc import tune_malloc
 from .errors import (
     CommandTimedOut,
     InitiatorError,
-    LoginFailed,
-    LoginRefused,
-    PortalUnreachable,
     SessionFailed,
     TargetProtocolError,
 )
@@ -540,63 +535,8 @@ class Session(ConnectionSet):
 
     # ----------------------------------------------------------- recovery
 
-async def discover(host: str, port: int = 3260, options: SessionOptions | None = None,
-                   which: str = "All", *, chap_optional: bool = False
-                   ) -> list[DiscoveredTarget]:
-    """SendTargets discovery (with discovery CHAP when ``options`` has
-    credentials): log in to a discovery session, ask, log out.
-
-    With credentials we insist on CHAP. ``chap_optional`` relaxes that for
-    one-way CHAP: when the portal refuses our CHAP (many targets protect
-    only normal sessions, so the credentials in a URL are the target's), try
-    once more without. Nothing is lost by it: one-way CHAP proves us to the
-    target, never the target to us. Mutual CHAP is never dropped; if both
-    attempts fail the first refusal is raised.
-    """
-    try:
-        return await _discover_once(host, port, options, which)
-    except LoginRefused as exc:
-        o = options
-        if (not chap_optional or o is None or o.chap_user is None
-                or o.target_chap_user is not None
-                or exc.status != LoginStatus.AUTHENTICATION_FAILURE):
-            raise
-        plain = dataclasses.replace(o, chap_user=None, chap_secret=None)
-        try:
-            return await _discover_once(host, port, plain, which)
-        except LoginRefused:
-            raise exc from None
+from .loop import new_event_loop, run  # noqa: E402  (re-exported)
 
 
-async def _discover_once(host: str, port: int, options: SessionOptions | None,
-                         which: str) -> list[DiscoveredTarget]:
-    session = await Session.connect_discovery(host, port, options)
-    try:
-        return await session.send_targets(which)
-    finally:
-        await session.logout()
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop when importable (DESIGN.md: 3.11's default
-    transport copies large writes; uvloop does not)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop, uvloop's when importable."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
-__all__ = ["Session", "SessionOptions", "ScsiResult", "discover", "run", "new_event_loop",
+__all__ = ["Session", "SessionOptions", "ScsiResult", "run", "new_event_loop",
            "DiscoveredTarget"]

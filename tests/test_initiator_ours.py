@@ -26,7 +26,8 @@ import pytest
 from initiator.blockdev import BlockDevice
 from initiator.errors import LoginFailed, LoginRefused, PortalUnreachable
 from initiator.scsi import LUN, SCSICheckCondition, SCSIStatusError
-from initiator.session import Session, discover
+from initiator.discover import discover
+from initiator.session import Session
 from iscsi.constants import LoginStatus
 from iscsi.scsi.constants import PROutAction, Status
 from iscsi.scsi.sbc import ProvisioningStatus

@@ -20,7 +20,8 @@ import pytest
 from initiator.blockdev import BlockDevice
 from initiator.errors import LoginRefused, PortalUnreachable
 from initiator.scsi import LUN, SCSICheckCondition
-from initiator.session import Session, discover
+from initiator.discover import discover
+from initiator.session import Session
 from iscsi.constants import LoginStatus
 from iscsi.scsi.sbc import ProvisioningStatus
 from tests.initiator_checks import (
