@@ -29,15 +29,8 @@ from iscsi.framing import PDUReader
 from iscsi.pdu import PDU, R2T, Buffer, DataIn, ScsiCommand, ScsiResponse
 from iscsi.serial import sn_add
 
-BS = 512
-
-
-def write10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x2A, 0, lba, 0, blocks, 0)
-
-
-def read10(lba: int, blocks: int) -> bytes:
-    return struct.pack(">BBIBHB", 0x28, 0, lba, 0, blocks, 0)
+# The single-connection pair's CDB builders serve here too.
+from tests.test_ffp_pair import BS, read10, write10
 
 
 class Session:
@@ -119,7 +112,6 @@ class Session:
     def _execute(self, cid: int, task: Task) -> None:
         cdb = task.cmd.cdb
         lba, blocks = struct.unpack_from(">IxH", cdb, 2)
-        off, n = lba * BS, blocks * BS
         self.ran.append((cid, cdb[0], lba))
         if lba in self.hold_lbas:
             self.held.append(task)
