@@ -181,7 +181,7 @@ class SessionRequests:
                 # After the answer, the task's data and status (§11.5.1).
                 task, old, _ = reassign
                 task.home = conn
-                conn.engine.adopt(task, old)
+                conn.engine.adopt(task, old, ev.expdatasn)
             conn.schedule_flush()
             if fn == TMFunction.TARGET_COLD_RESET and response == TMResponse.FUNCTION_COMPLETE:
                 # A cold reset also ends every session (§11.5.1).

@@ -38,10 +38,13 @@ class Session:
     engine i only (allegiance); the target's owner is a RAM disk that logs
     the order commands reach it in."""
 
-    def __init__(self, n: int, *, initial_r2t: bool = False, depth: int = 16) -> None:
+    def __init__(self, n: int, *, initial_r2t: bool = False, depth: int = 16, erl: int = 0,
+                 max_burst: int = 262144) -> None:
         self.window = CmdSNWindow(1, depth)
-        ip = InitiatorParams(max_xmit=4096, initial_r2t=initial_r2t, first_burst=4096)
-        tp = TargetParams(max_xmit=4096, initial_r2t=initial_r2t, first_burst=4096)
+        ip = InitiatorParams(max_xmit=4096, initial_r2t=initial_r2t, first_burst=4096,
+                             max_burst=max_burst, error_recovery_level=erl)
+        tp = TargetParams(max_xmit=4096, initial_r2t=initial_r2t, first_burst=4096,
+                          max_burst=max_burst, error_recovery_level=erl)
         self.ini: list[InitiatorEngine] = []
         for cid in range(n):
             share = self.ini[0] if self.ini else None
@@ -359,3 +362,66 @@ def test_erl2_status_kept_until_expstatsn_acknowledges_it() -> None:
     s.ini[0].submit(second, 0.0)  # carries ExpStatSN past the first's status
     s.up(0)
     assert first.itt not in s.tgt[0]._unacked
+
+
+def _lose_after_first_data_in(s: Session, read: Command) -> list[Task]:
+    """Run ``read`` on connection 1; only its first Data-In (and whatever
+    the initiator answers to it) gets through before connection 1 fails."""
+    s.ini[1].submit(read, 0.0)
+    s.up(1)
+    first, *_ = s._move(s.tgt[1].outbox.take(), s.to_ini[1])
+    assert isinstance(first, DataIn) and first.datasn == 0 and not first.status_present
+    s.events[1].extend(s.ini[1].receive_pdu(first, 0.0))
+    s.up(1)                                   # e.g. a DataACK SNACK for it
+    s.tgt[1].outbox.take()                    # nothing more arrives
+    kept = s.tgt[1].detach()
+    assert set(s.ini[1].close()) == {read}
+    return kept
+
+
+def test_erl2_reassigned_read_resumes_from_expdatasn() -> None:
+    """§11.5.6: TASK REASSIGN of a read carries ExpDataSN, the first Data-In
+    the initiator still wants, and the target sends Data-In from there (with
+    DataSN and offsets continuing), not the whole read again."""
+    s = Session(2, erl=2)
+    s.disk[8 * BS : 24 * BS] = bytes(range(256)) * (16 * BS // 256)
+    read = _read(8, blocks=16)                # 8 KiB: Data-In DataSN 0 and 1
+    (task,) = _lose_after_first_data_in(s, read)
+    s.ini[0].reassign(read, 0.0)
+    (tmf,) = s.up(0)
+    assert tmf.function == TMFunction.TASK_REASSIGN  # type: ignore[attr-defined]
+    assert tmf.expdatasn == 1  # type: ignore[attr-defined]
+    s.tgt[0].tmf_done(tmf.itt, 0)
+    s.tgt[0].adopt(task, s.tgt[1], tmf.expdatasn)  # type: ignore[attr-defined]
+    s.settle([0])
+    resent = [(p.datasn, p.buffer_offset) for p in s.sent_by_target[0] if isinstance(p, DataIn)]
+    assert resent == [(1, 4096)]
+    assert s.completed(0) == [read]
+    assert bytes(read.data_in or b"") == bytes(s.disk[8 * BS : 24 * BS])
+
+
+def test_erl2_reassign_with_expdatasn_zero_resumes_from_the_dataack() -> None:
+    """ExpDataSN 0 means "the data acknowledgment reference number,
+    unchanged" (§11.5.6): a DataACK SNACK (§11.16.1) for DataSN 0 moved it to
+    1, so the target resends from DataSN 1."""
+    s = Session(2, erl=2, max_burst=4096)     # A bit at the end of each burst
+    read = _read(8, blocks=16)
+    (task,) = _lose_after_first_data_in(s, read)
+    assert task.acked_datasn == 1             # the initiator's DataACK arrived
+    s.tgt[0].adopt(task, s.tgt[1], 0)
+    pdus = s._move(s.tgt[0].outbox.take(), PDUReader())
+    assert [(p.datasn, p.buffer_offset) for p in pdus if isinstance(p, DataIn)] == [(1, 4096)]
+
+
+def test_erl2_reassign_after_every_data_in_sends_the_status_alone() -> None:
+    s = Session(2, erl=2)
+    read = _read(8, blocks=8)                 # one Data-In, which carries the status
+    s.ini[1].submit(read, 0.0)
+    s.up(1)
+    s.tgt[1].outbox.take()                    # lost
+    (task,) = s.tgt[1].detach()
+    s.tgt[0].adopt(task, s.tgt[1], 1)         # the initiator says it has DataSN 0
+    pdus = s._move(s.tgt[0].outbox.take(), PDUReader())
+    assert [type(p).__name__ for p in pdus] == ["ScsiResponse"]
+    assert pdus[0].expdatasn == 1  # type: ignore[attr-defined]
+

@@ -310,22 +310,33 @@ class InitiatorEngine(InitiatorTimers):
         TASK REASSIGN (ErrorRecoveryLevel 2, §11.5.1, §7.2.2): it becomes
         this connection's task, with its ITT and CmdSN, and the target
         resends its Data-In and status here, or asks for its write data
-        again with R2Ts. Returns the TMF's ITT (the answer is
+        again with R2Ts. A read keeps the Data-In it has: ExpDataSN tells
+        the target the first DataSN still wanted (§11.5.6), the lowest one
+        lost or the next one. Returns the TMF's ITT (the answer is
         :class:`TaskManagementDone`); when it is not "Function complete"
         the owner takes the command back with :meth:`disown`."""
         if self.closed:
             raise RuntimeError("engine is closed")
         self._now = now
         itt, cmdsn = cmd.itt, cmd.cmdsn
+        resume = 0
+        if cmd.data_in is not None:
+            resume = min(cmd.missing) if cmd.missing else cmd.next_datasn
+        received = cmd.received
         cmd.reset()
         cmd.itt, cmd.cmdsn, cmd.sent = itt, cmdsn, True
+        if resume:
+            # Data at and after the resume point comes again (to the same
+            # offsets); what is below it stays in place.
+            cmd.next_datasn, cmd.received = resume, received
         if cmd.data_out is not None:
             # A write the target already has whole gets its status alone.
             cmd.solicited_sent = cmd.edtl
         self.tasks[itt] = cmd
         if cmd.deadline is not None:
             heapq.heappush(self._cmd_deadlines, (cmd.deadline, id(cmd), cmd))
-        return self.control.task_management(TMFunction.TASK_REASSIGN, now, cmd.lun, itt)
+        return self.control.tmf("tmf", TMFunction.TASK_REASSIGN, cmd.lun, itt, cmd,
+                                expdatasn=resume)
 
     def disown(self, cmd: Command) -> None:
         """Forget ``cmd`` without an event (a TASK REASSIGN refused)."""

@@ -115,7 +115,7 @@ class Control:
         return self.tmf("tmf", function, lun, referenced_itt, self.e.tasks.get(referenced_itt))
 
     def tmf(self, kind: str, function: int, lun: int, referenced_itt: int,
-             cmd: Command | None) -> int:
+            cmd: Command | None, *, expdatasn: int = 0) -> int:
         ref = self.e.tasks.get(referenced_itt)
         itt = self.e._exchange(kind, function, cmd)
         self._tmf_lun[itt] = lun
@@ -125,7 +125,8 @@ class Control:
                 TMFunction.ABORT_TASK, TMFunction.TASK_REASSIGN) else RESERVED_TAG,
             # RefCmdSN: the referenced task's CmdSN (§11.5.4).
             refcmdsn=ref.cmdsn if ref is not None else self.e.cmdsn,
-            cmdsn=self.e.cmdsn, expstatsn=self.e.exp_statsn, immediate=True))
+            cmdsn=self.e.cmdsn, expstatsn=self.e.exp_statsn, expdatasn=expdatasn,
+            immediate=True))
         return itt
 
     def on_tmf_response(self, pdu: TaskMgmtResponse) -> None:

@@ -425,7 +425,10 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
         self._send_status(task, status, sense, data, overflow, underflow)
 
     def _send_status(self, task: Task, status: int, sense: Buffer, data: Buffer | None,
-                     overflow: int, underflow: int) -> None:
+                     overflow: int, underflow: int, resume: tuple[int, int] = (0, 0)) -> None:
+        """Data-In and/or the SCSI Response; ``resume`` (first DataSN,
+        offset) skips the Data-In the initiator already has (TASK REASSIGN,
+        §11.5.6)."""
         if task.result is not None:
             # Every status PDU takes the next StatSN: this one.
             self._unacked[task.itt] = (self.statsn, task)
@@ -437,11 +440,13 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
                 overflow, mv = length - edtl, mv[:edtl]
             elif length < edtl:
                 underflow = edtl - length
-            if mv.nbytes:
+            if mv.nbytes > resume[1]:
                 good = status == Status.GOOD and not sense
-                self._data_in(task, mv, status if good else None, overflow, underflow)
+                self._data_in(task, mv, status if good else None, overflow, underflow, resume)
                 if good:
                     return
+            elif resume[0]:
+                task.r2tsn = resume[0]  # every Data-In arrived: ExpDataSN counts them
         elif not task.cmd.write and edtl:
             underflow = edtl
         # The residual field is 32 bits (§11.4.5): a CDB asking for more
@@ -457,7 +462,7 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
             residual_count=residual, data=ScsiResponse.sense_segment(sense)))
 
     def _data_in(self, task: Task, mv: memoryview, status: int | None, overflow: int,
-                 underflow: int) -> None:
+                 underflow: int, resume: tuple[int, int] = (0, 0)) -> None:
         """Split ``mv`` into Data-In PDUs of at most the initiator's
         MaxRecvDataSegmentLength, F at every MaxBurstLength boundary
         (§11.7.1), status in the last one when ``status`` is given
@@ -467,11 +472,12 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
         lun, itt = task.cmd.lun, task.itt
         add = self.outbox.add
         if self.erl:
-            self._data_in_kept(task, mv, status, overflow, underflow, self._next_statsn)
+            self._data_in_kept(task, mv, status, overflow, underflow, self._next_statsn, resume)
             return
         residual = min(overflow or underflow, 0xFFFFFFFF)
         total = mv.nbytes
-        if total <= p.max_xmit and total <= p.max_burst:
+        first, start = resume
+        if total <= p.max_xmit and total <= p.max_burst and not start:
             # One PDU (every 4 KiB read): its header built straight from the
             # fields, without a PDU object or the splitting machinery.
             with_status = status is not None
@@ -485,7 +491,8 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
                 residual_count=residual if with_status else 0),
                 mv, total, ob.header_digest, ob.data_digest)
             return
-        for datasn, (offset, n, final) in enumerate(segments(0, total, p.max_xmit, p.max_burst)):
+        for datasn, (offset, n, final) in enumerate(
+                segments(start, total, p.max_xmit, p.max_burst), first):
             with_status = status is not None and offset + n >= total
             add(DataIn(
                 itt=itt, final=final, status_present=with_status,
@@ -515,7 +522,7 @@ class TargetConnectionEngine(ControlExchanges, Erl1Target, Erl2Target):
             else:
                 self.events.append(ManageTasks(pdu.itt, fn, decode_lun(pdu.lun),
                                                 pdu.referenced_task_tag, pdu.refcmdsn,
-                                                pdu.cmdsn))
+                                                pdu.cmdsn, pdu.expdatasn))
         self._admit(pdu, run)
 
     def abort_task(self, task: Task) -> bool:

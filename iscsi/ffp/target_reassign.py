@@ -16,13 +16,15 @@ from typing import TYPE_CHECKING
 from ..pdu import Buffer
 from ..serial import sn_lt
 from .common import Deadlines
-from .target_tasks import Task
+from .common import segments
+from .target_tasks import TargetParams, Task
 from .window import CmdSNWindow
 
 
 class Erl2Target:
     """Task reassignment state of a target connection."""
 
+    params: TargetParams
     closed: bool
     window: CmdSNWindow
     tasks: dict[int, Task]
@@ -36,7 +38,8 @@ class Erl2Target:
         def _issue_r2ts(self, task: Task) -> None: ...
         def _release_task(self, task: Task) -> bool: ...
         def _send_status(self, task: Task, status: int, sense: Buffer, data: Buffer | None,
-                         overflow: int, underflow: int) -> None: ...
+                         overflow: int, underflow: int,
+                         resume: tuple[int, int] = (0, 0)) -> None: ...
 
     def _acknowledged(self, expstatsn: int) -> None:
         """ExpStatSN says the initiator has every status below it."""
@@ -62,12 +65,13 @@ class Erl2Target:
         self._timers = Deadlines()
         return kept
 
-    def adopt(self, task: Task, old: Erl2Target) -> None:
+    def adopt(self, task: Task, old: Erl2Target, expdatasn: int = 0) -> None:
         """TASK REASSIGN moved ``task`` here from ``old`` (§11.5.1): it
         carries on on this connection. A write still waiting for data asks
         for all of it again with R2Ts (sequence numbers start afresh); a
-        finished task sends its Data-In and status again; a running one
-        answers here when it completes."""
+        finished task sends its Data-In again from the TMF's ``expdatasn``
+        (0: from the data acknowledgment reference number, §11.5.6) and its
+        status; a running one answers here when it completes."""
         task.retained = False
         if old.tasks.get(task.itt) is task:
             del old.tasks[task.itt]
@@ -81,8 +85,9 @@ class Erl2Target:
             return
         if task.result is not None and not self.closed:
             status, sense, data, overflow, underflow = task.result
+            resume = _resume_point(task, old.params, data, expdatasn or task.acked_datasn)
             self._send_status(task, status, sense, data,  # type: ignore[arg-type]
-                              overflow, underflow)
+                              overflow, underflow, resume)
 
     def drop_retained(self, task: Task) -> None:
         """Time2Retain passed without TASK REASSIGN: the task ends (its
@@ -95,3 +100,18 @@ class Erl2Target:
     def _drop(self, task: Task) -> None:
         self._forget_r2ts(task)
         self._release_task(task)
+
+
+def _resume_point(task: Task, old: TargetParams, data: object, first: int) -> tuple[int, int]:
+    """(DataSN, offset) of Data-In number ``first`` as the failed connection
+    cut the read (its MaxRecvDataSegmentLength and MaxBurstLength), where a
+    TASK REASSIGN resumes: DataSN and offsets continue where the initiator's
+    acknowledged data ends (§11.5.6). Past the last PDU: nothing to resend."""
+    if not first or not isinstance(data, (bytes, bytearray, memoryview)):
+        return (0, 0)
+    total = min(len(data) if not isinstance(data, memoryview) else data.nbytes, task.edtl)
+    for datasn, (offset, _, _) in enumerate(segments(0, total, old.max_xmit, old.max_burst)):
+        if datasn == first:
+            return (first, offset)
+    return (first, total)
+

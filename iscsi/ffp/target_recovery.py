@@ -102,11 +102,12 @@ class RetainingOutbox(Outbox):
 class _Kept:
     """A read's Data-In PDUs kept for Data SNACK (§11.16.1)."""
 
-    __slots__ = ("pdus", "nbytes", "statsn")
+    __slots__ = ("pdus", "nbytes", "statsn", "task")
 
-    def __init__(self, pdus: list[DataIn], nbytes: int) -> None:
+    def __init__(self, pdus: list[DataIn], nbytes: int, task: Task) -> None:
         self.pdus = pdus
         self.nbytes = nbytes
+        self.task = task
         #: StatSN of the command's status, once sent.
         self.statsn: int | None = None
 
@@ -216,7 +217,8 @@ class Erl1Target:
 
     # -------------------------------------------------------------- Data-In
     def _data_in_kept(self, task: Task, mv: memoryview, status: int | None, overflow: int,
-                      underflow: int, next_statsn: Callable[[], int]) -> None:
+                      underflow: int, next_statsn: Callable[[], int],
+                      resume: tuple[int, int] = (0, 0)) -> None:
         """Data-In at ERL 1: A bit at each burst's end (but the status
         PDU's), the PDUs kept for SNACK while the budget allows."""
         p = self.params
@@ -229,7 +231,9 @@ class Erl1Target:
             mv = memoryview(bytes(mv))
         residual = min(overflow or underflow, 0xFFFFFFFF)
         pdus: list[DataIn] = []
-        for datasn, (offset, n, final) in enumerate(segments(0, total, p.max_xmit, p.max_burst)):
+        first, start = resume
+        for datasn, (offset, n, final) in enumerate(
+                segments(start, total, p.max_xmit, p.max_burst), first):
             with_status = status is not None and offset + n >= total
             ack = final and not with_status and keep
             ttt = self._new_ttt() if ack else RESERVED_TAG
@@ -245,9 +249,9 @@ class Erl1Target:
             if ack:
                 self._ack_ttts[ttt] = task.itt
             pdus.append(pdu)
-        task.r2tsn = len(pdus)  # a read's Data-In count (ExpDataSN, §11.4.8)
+        task.r2tsn = first + len(pdus)  # a read's Data-In count (ExpDataSN, §11.4.8)
         if keep:
-            self.kept_data[task.itt] = _Kept(pdus, total)
+            self.kept_data[task.itt] = _Kept(pdus, total, task)
             self.kept_bytes += total
         for pdu in pdus:
             self.outbox.add(pdu)
@@ -269,6 +273,7 @@ class Erl1Target:
             if kept is None:
                 return  # its data was already released with the status
             self._ack_ttts.pop(pdu.ttt, None)
+            kept.task.acked_datasn = max(kept.task.acked_datasn, pdu.begrun)
             # All Data-In below BegRun arrived: they need not be kept.
             drop = [d for d in kept.pdus if d.datasn < pdu.begrun]
             kept.pdus = [d for d in kept.pdus if d.datasn >= pdu.begrun]

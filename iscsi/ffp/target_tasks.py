@@ -69,7 +69,7 @@ class Task:
     __slots__ = ("itt", "lun", "cmd", "edtl", "buf", "reserved", "received",
                  "unsolicited_end", "next_r2t_offset", "r2ts", "r2tsn", "aborted",
                  "immediate", "executing", "unsol_next", "waiter", "holes", "unsol_closed",
-                 "retained", "result", "home")
+                 "retained", "result", "home", "acked_datasn")
 
     def __init__(self, cmd: ScsiCommand) -> None:
         self.itt = cmd.itt
@@ -103,6 +103,11 @@ class Task:
         self.result: tuple[int, bytes, object, int, int] | None = None
         #: The owner's connection that now answers it (after reassignment).
         self.home: object | None = None
+        #: A read's data acknowledgment reference number: the DataSN below
+        #: which the initiator acknowledged every Data-In with a DataACK
+        #: SNACK (§11.16.1); TASK REASSIGN resumes there when the initiator
+        #: sends ExpDataSN 0 ("unchanged", §11.5.6).
+        self.acked_datasn = 0
 
     def data_out(self) -> memoryview:
         """The write data received (empty for a command without any)."""
@@ -130,6 +135,9 @@ class ManageTasks:
     #: received, RFC 7143 §11.5.1).
     refcmdsn: int = 0
     cmdsn: int = 0
+    #: TASK REASSIGN: the DataSN to resend a read's Data-In from, 0 for
+    #: "the data acknowledgment reference number, unchanged" (§11.5.6).
+    expdatasn: int = 0
 
 
 @dataclass(slots=True)
