@@ -290,8 +290,12 @@ class PDUReader:
             raise ValueError(f"placement returned {dest.nbytes} bytes "
                              f"({'read-only' if dest.readonly else 'writable'}, "
                              f"format {dest.format!r}) for a {dlen}-byte data segment")
-        if avail < total and (dlen >= _DIRECT_THRESHOLD or dest is not None):
-            # Switch to direct mode: the payload goes to its own buffer.
+        if avail < total and dlen >= _DIRECT_THRESHOLD:
+            # Switch to direct mode: the payload goes to its own buffer (the
+            # caller's, when it placed it). A short segment is staged like
+            # any PDU and copied to its place once whole: receiving it
+            # directly would cost a system call for its rest and another for
+            # its digest, where staging takes many such PDUs per call.
             self._start_direct(hdr, ahs, dlen, pad + dd, dest, start + head_len, head_len)
             return None
         if avail < total:

@@ -313,6 +313,35 @@ def test_placement_receives_into_caller_buffer(piecewise: bool, dd: bool) -> Non
     assert isinstance(got[1].data, bytes)
 
 
+def test_short_placed_segments_stay_staged_across_receives() -> None:
+    """A 4 KiB Data-In cut by a receive boundary is completed in the stage,
+    so the next receive can take the rest of it and the PDUs after it in
+    one system call; only segments of DIRECT bytes or more are received
+    into their own buffer (each of those receives would otherwise end at
+    the segment's end and again at its digest)."""
+    target = bytearray(8 * 4096)
+
+    def place(hdr: bytes, dlen: int) -> memoryview | None:
+        offset = int.from_bytes(hdr[40:44], "big")
+        return memoryview(target)[offset : offset + dlen]
+
+    pdus = [DataIn(itt=1, datasn=k, buffer_offset=k * 4096, data=bytes([k + 1]) * 4096)
+            for k in range(8)]
+    raw = b"".join(wire(p, dd=True) for p in pdus)
+    r = PDUReader(placement=place, data_digest=True)
+    half = len(wire(pdus[0], dd=True)) // 2
+    buf = r.get_buffer()
+    buf[:half] = raw[:half]
+    assert r.buffer_updated(half) == []
+    room = r.get_buffer()
+    assert len(room) >= len(raw) - half  # the stage, not the segment's rest
+    room[: len(raw) - half] = raw[half:]
+    got = r.buffer_updated(len(raw) - half)
+    assert [p.datasn for p in got] == list(range(8))  # type: ignore[attr-defined]
+    assert bytes(target) == b"".join(bytes([k + 1]) * 4096 for k in range(8))
+    assert all(isinstance(p.data, memoryview) and p.data.obj is target for p in got)
+
+
 def test_placement_not_called_without_data() -> None:
     calls: list[int] = []
 
