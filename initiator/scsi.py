@@ -256,8 +256,8 @@ class LUN:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue
-            if check_status:
-                check(result, what or _opname(cdb))
+            if check_status and not result.good:
+                check(result, what or _opname(cdb))  # the name only when it is needed
             return result
 
     # ------------------------------------------------------- SPC commands

@@ -1185,3 +1185,14 @@ def test_check_control() -> None:
     assert check_control(bytes(cdb), naca_supported=True) == 0x04
     _err(CDBTooShort, check_control, build_read(0, 1)[:9])
     _err(UnsupportedOpcode, check_control, b"\x7f" + bytes(31))
+
+
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 32) - 1))
+def test_plain_read_and_write_cdbs_match_the_general_encoder(lba: int, blocks: int) -> None:
+    """build_read/build_write pack flag-less CDBs directly (the I/O path);
+    they must equal what the general encoder makes of the same command."""
+    from iscsi.scsi.rw import _pick
+
+    for kind, build in ((RWKind.READ, build_read), (RWKind.WRITE, build_write)):
+        op = _pick(kind, None, lba, blocks)
+        assert build(lba, blocks) == build_rw(RWCommand(kind, op, lba, blocks))

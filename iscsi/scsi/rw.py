@@ -401,6 +401,17 @@ def _pick(kind: RWKind, size: int | None, lba: int, blocks: int) -> int:
         ) from None
 
 
+def _plain_10_or_16(op10: int, op16: int, lba: int, blocks: int) -> bytes | None:
+    """The CDB of a READ or WRITE with no flags, packed straight from the
+    numbers (every I/O of a block device builds one); None when a field is
+    out of range, for :func:`build_rw` to explain."""
+    if 0 <= lba < (1 << 32) and 0 <= blocks < (1 << 16):
+        return _S10.pack(op10, 0, lba, 0, blocks, 0)
+    if 0 <= lba < (1 << 64) and 0 <= blocks < (1 << 32):
+        return _S16.pack(op16, 0, lba, blocks, 0, 0)
+    return None
+
+
 def build_read(
     lba: int,
     blocks: int,
@@ -412,6 +423,10 @@ def build_read(
     protect: int = 0,
 ) -> bytes:
     """READ(6/10/12/16) (SBC-3 §5.11-§5.16); ``size`` None picks 10 or 16."""
+    if size is None and not (dpo or fua or group or protect):
+        fast = _plain_10_or_16(Opcode.READ_10, Opcode.READ_16, lba, blocks)
+        if fast is not None:
+            return fast
     op = _pick(RWKind.READ, size, lba, blocks)
     return build_rw(RWCommand(RWKind.READ, op, lba, blocks, dpo, fua, group, protect))
 
@@ -427,6 +442,10 @@ def build_write(
     protect: int = 0,
 ) -> bytes:
     """WRITE(6/10/12/16) (SBC-3 §5.45-§5.50); ``size`` None picks 10 or 16."""
+    if size is None and not (dpo or fua or group or protect):
+        fast = _plain_10_or_16(Opcode.WRITE_10, Opcode.WRITE_16, lba, blocks)
+        if fast is not None:
+            return fast
     op = _pick(RWKind.WRITE, size, lba, blocks)
     return build_rw(RWCommand(RWKind.WRITE, op, lba, blocks, dpo, fua, group, protect))
 
