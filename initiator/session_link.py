@@ -293,6 +293,7 @@ class SessionLink:
         Response (§13.1, §13.12); Data-In lands through the engine."""
         conn.reader.header_digest = p.header_digest
         conn.reader.data_digest = p.data_digest
+        conn.reader.discard_bad_headers = p.error_recovery_level >= 1
         conn.reader.max_data_segment_length = p.max_recv_data_segment_length
         conn.reader.placement = engine.placement
 

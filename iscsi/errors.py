@@ -42,6 +42,16 @@ class HeaderDigestError(FramingError):
     """HeaderDigest CRC32C mismatch: the header cannot be trusted (§7.8)."""
 
 
+class HeaderDigestDiscarded(ProtocolError):
+    """A PDU whose header digest failed was discarded at ErrorRecoveryLevel
+    1 or more (§7.8: "discard the header and all data up to the beginning of
+    a later PDU"); recovery follows from sequence numbers. Its header cannot
+    be trusted, so :attr:`header` is None and nothing is rejected. The
+    stream goes on only if the next header passes its digest -- that is
+    what shows the damaged length was right; otherwise
+    :class:`HeaderDigestError` ends the connection."""
+
+
 class DataSegmentTooLong(FramingError):
     """DataSegmentLength exceeds the negotiated MaxRecvDataSegmentLength.
 

@@ -26,6 +26,7 @@ from .errors import (
     DataDigestError,
     DataSegmentTooLong,
     FramingError,
+    HeaderDigestDiscarded,
     HeaderDigestError,
     PDUFormatError,
     ProtocolError,
@@ -95,6 +96,12 @@ class PDUReader:
         self._tail_filled = 0
         self._pending_error: ProtocolError | None = None
         self._dead: FramingError | None = None
+        #: At ErrorRecoveryLevel >= 1 a PDU whose header digest fails is
+        #: discarded by its (untrusted) lengths instead of ending the stream;
+        #: the next header must then pass, or the stream ends after all.
+        self.discard_bad_headers = False
+        self._resyncing = False
+        self._discard = 0
 
     def resize_stage(self, size: int) -> None:
         """Use a staging buffer of ``size`` bytes from now on (after login:
@@ -247,7 +254,19 @@ class PDUReader:
             self._start = self._end = 0
         return out
 
+    def _skip(self, n: int) -> None:
+        """Drop the next ``n`` bytes of the stream, staged or still to come."""
+        have = min(n, self._end - self._start)
+        self._start += have
+        self._discard = n - have
+        if self._start == self._end:
+            self._start = self._end = 0
+
     def _parse_one(self) -> PDU | None:
+        if self._discard:
+            self._skip(self._discard)
+            if self._discard:
+                return None
         avail = self._end - self._start
         if avail < BHS_LEN:
             return None
@@ -279,8 +298,16 @@ class PDUReader:
             want = digest_value(view[start + BHS_LEN + ahs_len : start + head_len])
             got = crc32c(view[start : start + BHS_LEN + ahs_len])
             if want != got:
+                if self.discard_bad_headers and not self._resyncing:
+                    self._resyncing = True
+                    self._skip(head_len + dlen + ((-dlen) & 3) + (4 if self.data_digest and dlen
+                                                                   else 0))
+                    raise HeaderDigestDiscarded(
+                        f"header digest mismatch (got {got:08x}, expected {want:08x}): "
+                        f"PDU discarded")
                 raise HeaderDigestError(f"header digest mismatch (got {got:08x}, "
                                         f"expected {want:08x})", header=hdr)
+            self._resyncing = False
         pad = (-dlen) & 3
         dd = 4 if (self.data_digest and dlen) else 0
         total = head_len + dlen + pad + dd

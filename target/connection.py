@@ -345,6 +345,7 @@ class TargetConnection(asyncio.BufferedProtocol):
         self.reader.resize_stage(FULL_STAGE)
         self.reader.header_digest = tp.header_digest
         self.reader.data_digest = tp.data_digest
+        self.reader.discard_bad_headers = tp.error_recovery_level >= 1
         self.reader.max_data_segment_length = params.max_recv_data_segment_length
         self._arm_timer()
 

@@ -100,7 +100,8 @@ def corrupt_data(raw: bytes, header_digest: bool) -> bytes:
 
 @dataclass
 class Fault:
-    """Do ``action`` ("drop", "dup", "corrupt" or "cut") to the ``nth``
+    """Do ``action`` ("drop", "dup", "corrupt", "corrupt-header",
+    "corrupt-length" or "cut") to the ``nth``
     PDU that ``match`` picks (and the ``times - 1`` matches after it)."""
 
     action: str
@@ -146,6 +147,14 @@ class FaultPlan:
                 return [raw, raw]
             if f.action == "corrupt":
                 return [corrupt_data(raw, self.header_digest)]
+            if f.action == "corrupt-header":
+                # The ITT's last byte: the header digest fails, the lengths
+                # are intact (what a receiver at ERL >= 1 can recover from).
+                return [raw[:19] + bytes([raw[19] ^ 0x01]) + raw[20:]]
+            if f.action == "corrupt-length":
+                # DataSegmentLength off by 4: the header digest fails and the
+                # damaged length cannot be used to skip the PDU.
+                return [raw[:7] + bytes([raw[7] ^ 0x04]) + raw[8:]]
             if f.action == "cut":
                 self.cut = True
                 return []

@@ -115,3 +115,74 @@ async def test_verified_stream_through_a_corrupting_relay(erl1_target: RunningTa
     up_done, down_done = relay.plans[0]
     assert [a for a, _, _ in up_done.done].count("corrupt") == 4
     assert sorted(a for a, _, _ in down_done.done) == ["corrupt"] * 3 + ["drop"]
+
+
+async def test_pdus_with_bad_header_digests_are_discarded_and_recovered(
+        erl1_target: RunningTarget, image: Path) -> None:
+    """§7.8 at ErrorRecoveryLevel 1: a PDU whose header digest fails is
+    discarded (not the connection), in both directions, and what it carried
+    comes back through the sequence numbers: a lost SCSI Command through
+    ExpCmdSN (our keepalive shows it never arrived: retried), a lost Data-Out
+    through the target's recovery R2T, a lost Data-In through the DataSN
+    gap (Data SNACK), a lost SCSI Response through the StatSN gap (Status
+    SNACK). The stream verifies on one connection."""
+    def up() -> FaultPlan:
+        return FaultPlan([Fault("corrupt-header", is_op(Opcode.SCSI_COMMAND), nth=9),
+                          Fault("corrupt-header", is_op(Opcode.SCSI_DATA_OUT), nth=30)],
+                         header_digest=True, data_digest=True)
+
+    def down() -> FaultPlan:
+        return FaultPlan([Fault("corrupt-header", is_op(Opcode.SCSI_DATA_IN), nth=n)
+                          for n in (3, 50)]
+                         + [Fault("corrupt-header", is_op(Opcode.SCSI_RESPONSE), nth=6)],
+                         header_digest=True, data_digest=True)
+
+    relay = FaultyRelay((erl1_target.host, erl1_target.port), up, down)
+    await relay.start()
+    try:
+        s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME, opts(
+            error_recovery_level=1, header_digest="CRC32C", data_digest="CRC32C",
+            nop_interval=0.5, nop_timeout=30.0))
+        async with s:
+            model = await asyncio.wait_for(
+                random_write_verify(await BlockDevice.from_session(s, 0), 12 * MiB), 240)
+            assert s.recoveries == 0  # the connection never went
+    finally:
+        await relay.close()
+    assert image.read_bytes() == model
+    assert len(relay.plans) == 1
+    up_done, down_done = relay.plans[0]
+    assert [a for a, _, _ in up_done.done] == ["corrupt-header"] * 2
+    assert [a for a, _, _ in down_done.done] == ["corrupt-header"] * 3
+
+
+async def test_a_damaged_length_still_ends_the_connection(erl1_target: RunningTarget,
+                                                          image: Path) -> None:
+    """When the damaged byte is the length, the skip cannot land on a sound
+    header: the connection ends (§7.8) and the session recovers it by
+    reinstatement; the stream still verifies."""
+    def up() -> FaultPlan:
+        return FaultPlan([], header_digest=True, data_digest=True)
+
+    connections = 0
+
+    def down() -> FaultPlan:
+        nonlocal connections
+        connections += 1
+        faults = [Fault("corrupt-length", is_op(Opcode.SCSI_DATA_IN, data=True), nth=4)]
+        return FaultPlan(faults if connections == 1 else [], header_digest=True,
+                         data_digest=True)
+
+    relay = FaultyRelay((erl1_target.host, erl1_target.port), up, down)
+    await relay.start()
+    try:
+        s = await Session.connect("127.0.0.1", relay.port, TARGET_NAME, opts(
+            error_recovery_level=1, header_digest="CRC32C", data_digest="CRC32C"))
+        async with s:
+            model = await asyncio.wait_for(
+                random_write_verify(await BlockDevice.from_session(s, 0), 4 * MiB), 240)
+            assert s.recoveries == 1
+    finally:
+        await relay.close()
+    assert image.read_bytes() == model
+    assert [a for a, _, _ in relay.plans[0][1].done] == ["corrupt-length"]

@@ -15,6 +15,7 @@ from iscsi.errors import (
     DataDigestError,
     DataSegmentTooLong,
     FramingError,
+    HeaderDigestDiscarded,
     HeaderDigestError,
     InvalidPDUField,
     ProtocolError,
@@ -205,6 +206,46 @@ def test_header_digest_error_is_fatal() -> None:
     assert ei.value.drop_connection and isinstance(ei.value, FramingError)
     with pytest.raises(HeaderDigestError):
         r.feed(good)
+
+
+@pytest.mark.parametrize("size", [0, 5, 40000])  # no data / staged / beyond the direct size
+@pytest.mark.parametrize("chunked", [False, True])
+def test_erl1_discards_a_pdu_with_a_bad_header_digest(size: int, chunked: bool) -> None:
+    """At ErrorRecoveryLevel >= 1 (§7.8) the PDU goes, by its own lengths,
+    and the stream carries on with the next PDU, whose header passes."""
+    lost = DataIn(itt=1, datasn=0, data=b"a" * size)
+    nxt = NopIn(itt=2, statsn=3, data=b"pong")
+    bad = bytearray(wire(lost, True, True))
+    bad[16] ^= 0x01  # the ITT: only the digest notices
+    stream = bytes(bad) + wire(nxt, True, True)
+    r = PDUReader(header_digest=True, data_digest=True, max_data_segment_length=65536)
+    r.discard_bad_headers = True
+    got: list[PDU] = []
+    errors: list[ProtocolError] = []
+    for piece in ([stream] if not chunked else [stream[i : i + 1000]
+                                                 for i in range(0, len(stream), 1000)]):
+        try:
+            got += r.feed(piece)
+        except HeaderDigestDiscarded as exc:
+            errors.append(exc)
+            assert not exc.drop_connection and exc.header is None
+    got += r.feed(b"")
+    assert got == [nxt] and len(errors) == 1 and r.buffered == 0
+
+
+def test_a_second_bad_header_after_a_discard_ends_the_stream() -> None:
+    """The next header is what shows the damaged length was right: if it
+    fails too (here the length itself was hit), the stream is lost."""
+    nop = NopOut(itt=1, data=b"x" * 64)
+    bad = bytearray(wire(nop, hd=True))
+    bad[7] ^= 0x08  # DataSegmentLength 64 -> 72: the skip lands mid-PDU
+    r = PDUReader(header_digest=True)
+    r.discard_bad_headers = True
+    with pytest.raises(HeaderDigestDiscarded):
+        r.feed(bytes(bad) + wire(nop, hd=True) + wire(nop, hd=True))
+    with pytest.raises(HeaderDigestError) as ei:
+        r.feed(b"")
+    assert ei.value.drop_connection
 
 
 def test_header_digest_covers_ahs() -> None:

@@ -35,7 +35,7 @@ from ..constants import (
     Opcode,
     TMFunction,
 )
-from ..errors import DataDigestError, ProtocolError
+from ..errors import DataDigestError, HeaderDigestDiscarded, ProtocolError
 from ..pdu import (
     PDU,
     R2T,
@@ -222,7 +222,10 @@ class InitiatorEngine(InitiatorTimers):
 
     def recovers(self, exc: ProtocolError) -> bool:
         """Whether :meth:`protocol_error` recovers from ``exc`` on a live
-        connection: a data digest error at ErrorRecoveryLevel 1 (§7.8)."""
+        connection: at ErrorRecoveryLevel 1 a data digest error, or a PDU
+        discarded for its header digest (§7.8)."""
+        if isinstance(exc, HeaderDigestDiscarded):
+            return bool(self.erl)
         return bool(self.erl) and isinstance(exc, DataDigestError) and \
             exc.header is not None and len(exc.header) >= 48
 
@@ -233,7 +236,12 @@ class InitiatorEngine(InitiatorTimers):
         self._now = now
         if self.closed:
             return []
-        if self.recovers(exc):
+        if isinstance(exc, HeaderDigestDiscarded) and self.erl:
+            # Nothing to ask for by name: a lost Data-In, R2T or status shows
+            # as a gap in its sequence number, a command the target never
+            # got in ExpCmdSN (§7.1.5, §7.9).
+            pass
+        elif self.recovers(exc):
             assert exc.header is not None
             self.recovery.digest_error(exc.header)
         else:
