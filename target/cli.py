@@ -27,6 +27,8 @@ from typing import Any
 
 from iscsi.names import InvalidName, generate_iqn, normalize_name
 
+from .faults import KINDS as FAULT_KINDS
+from .faults import FaultProfileError, parse_profile
 from . import admin_cli, farm_admin, image_cli
 from .image_info import human_size as _human
 from .config import (
@@ -291,7 +293,8 @@ def _install_uvloop() -> None:
 
 def run_server(config: ServerConfig, control: str | None = None,
                control_required: bool = False, metrics: str | None = None,
-               boot_script: str | None = None, boot_host: str | None = None) -> int:
+               boot_script: str | None = None, boot_host: str | None = None,
+               fault_report: str | None = None) -> int:
     """Open, serve until a signal, print attach help once listening.
     ``control`` is the control socket's path (None: none)."""
     from target.backends.base import BackendError
@@ -304,6 +307,12 @@ def run_server(config: ServerConfig, control: str | None = None,
     stops: list[Callable[[], None]] = []
 
     def ready(server: TargetServer) -> None:
+        faults = server.faults
+        if faults is not None:
+            print(f"warning: misbehaving on purpose (--fault {config.fault_profile}): for "
+                  "testing initiators only", file=sys.stderr, flush=True)
+            if fault_report is not None:
+                stops.append(lambda: faults.write_report(fault_report))
         if metrics is not None:
             from .metrics import serve_metrics
 
@@ -484,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs the metrics extra: prometheus_client); overrides "
                         "[server] metrics")
     farm_admin.add_serve_arguments(p)
+    p.add_argument("--fault", metavar="PROFILE",
+                   help="misbehave on purpose to test initiators: KIND:N[,KIND:N...] with "
+                        "KIND one of " + ", ".join(FAULT_KINDS) + " (see README, Testing "
+                        "initiators)")
+    p.add_argument("--fault-report", metavar="FILE",
+                   help="with --fault: write what each initiator did after each fault, as "
+                        "JSON, when the target stops")
     p.add_argument("--isns", metavar="HOST[:PORT]",
                    help="register the targets with this iSNS server (RFC 4171; port 3205 by "
                         "default); overrides [server] isns")
@@ -523,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_server(config_from_args(ns), default_control_path())
         config = observability(args, config_from_args(args))
+        if args.fault:
+            try:
+                parse_profile(args.fault)
+            except FaultProfileError as exc:
+                raise CLIError(f"--fault: {exc}") from None
+            config = dataclasses.replace(config, fault_profile=args.fault)
+        elif args.fault_report:
+            raise CLIError("--fault-report needs --fault PROFILE")
         farm_admin.check_boot_flags(args, sum(t.farm is not None for t in config.targets))
         # After the config file: it may say where and how to log.
         setup_logging(args.verbose, fmt=config.log_format, path=config.log_file,
@@ -531,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.metrics is not None:
             _check_metrics(config.metrics)
         return run_server(config, *_control_of(args, config), metrics=config.metrics,
-                          boot_script=args.boot_script, boot_host=args.boot_host)
+                          boot_script=args.boot_script, boot_host=args.boot_host,
+                          fault_report=args.fault_report)
     except (CLIError, ConfigError, LogSetupError) as exc:
         print(f"iscsi-target: error: {exc}", file=sys.stderr)
         return 2

@@ -187,6 +187,9 @@ class ServerConfig:
     metrics: str | None = None
     #: "HOST[:PORT]" of an iSNS server to register with (RFC 4171; None: none).
     isns: str | None = None
+    #: ``serve --fault``: a fault profile (target/faults.py) for testing
+    #: initiators; None serves normally.
+    fault_profile: str | None = None
     #: ``[server]`` keys the command line set over the file's (``reload``
     #: keeps them and says so).
     cli_overrides: frozenset[str] = frozenset()

@@ -45,6 +45,7 @@ from iscsi.scsi.constants import Status
 
 from .config import ServerConfig
 
+from .faults import LOGOUT_WAIT, FaultInjector
 from .inline import run_inline
 from .runtime import CommandResult
 
@@ -60,6 +61,8 @@ class ConnectionServer(Protocol):
     write_budget: WriteBudget
     connections: set[TargetConnection]
     inflight: set[asyncio.Future[Any]]
+    #: ``serve --fault``: misbehave on purpose (None: never).
+    faults: FaultInjector | None
 
     def new_login(self, conn: TargetConnection) -> TargetLogin:
         """A fresh login state machine for ``conn``."""
@@ -90,6 +93,9 @@ class ConnectionServer(Protocol):
 
     def logout(self, conn: TargetConnection, ev: LogoutRequested) -> None:
         """A Logout Request's turn came."""
+
+#: What finishes a command: (task, start time, result, exception).
+_Done = Callable[[Task, int, CommandResult | None, BaseException | None], None]
 
 log = logging.getLogger("aioiscsi.target")
 
@@ -335,6 +341,8 @@ class TargetConnection(asyncio.BufferedProtocol):
         phase starts, digests with the next PDU (RFC 7143 §13.1)."""
         self.session = session
         self.login = None
+        if self.server.faults is not None and not session.discovery:
+            self.server.faults.on_login(session.initiator_name, self.loop.time())
         cfg = self.server.config
         tp = TargetParams.from_negotiated(params)
         self.engine = TargetConnectionEngine(
@@ -390,6 +398,14 @@ class TargetConnection(asyncio.BufferedProtocol):
         assert sess is not None and sess.target is not None
         task = ev.task
         started = perf_counter_ns()
+        faults = self.server.faults
+        if faults is not None and self._fault(faults, sess, task, started):
+            return
+        self._run(task, started, self._done)
+
+    def _run(self, task: Task, started: int, done: _Done) -> None:
+        sess = self.session
+        assert sess is not None and sess.target is not None
         # A command the backend answers synchronously (an mmap read) is
         # done here, with no coroutine; one that waits is stepped without a
         # Task (target/inline.py).
@@ -397,19 +413,54 @@ class TargetConnection(asyncio.BufferedProtocol):
             result = sess.target.run_command_now(sess.get_nexus(),
                                                   sess.overlay_key or sess.initiator_name, task)
         except Exception as exc:  # noqa: BLE001 - answered, never lost
-            self._done(task, started, None, exc)
+            done(task, started, None, exc)
             return
         if type(result) is tuple:
-            self._done(task, started, result, None)
+            done(task, started, result, None)
             return
         fut = run_inline(cast(Coroutine[Any, Any, CommandResult], result),
-                         functools.partial(self._done, task, started), self.loop)
+                         functools.partial(done, task, started), self.loop)
         if fut is not None:
             # Still running: the server waits for these on shutdown, so
             # in-flight writes reach the backend before it is flushed.
             inflight = self.server.inflight
             inflight.add(fut)
             fut.add_done_callback(inflight.discard)
+
+    def _fault(self, faults: FaultInjector, sess: Session, task: Task, started: int) -> bool:
+        """``serve --fault``: misbehave with this command on purpose
+        (target/faults.py). True when the command is dealt with here."""
+        v = faults.on_command(id(self), sess.initiator_name, self.peer, task.cmd.cdb,
+                              self.loop.time())
+        if v is None:
+            return False
+        log.warning("%s: fault injected on CDB 0x%s: %s", self.peer, task.cmd.cdb[:1].hex(),
+                    "drop the connection" if v.drop else "request logout" if v.logout else
+                    f"status 0x{v.status:02x}" if v.status is not None else
+                    f"status delayed {v.delay:g} s")
+        if v.drop:
+            self.abort("fault injected: drop")
+            return True
+        if v.logout and self.engine is not None:
+            self.engine.request_logout(LOGOUT_WAIT)
+            self.schedule_flush()
+        if v.status is not None:
+            result: CommandResult = (v.status, v.sense, None, 0, task.edtl if task.cmd.read
+                                     else 0)
+            if v.delay:
+                self.loop.call_later(v.delay, self._done, task, started, result, None)
+            else:
+                self._done(task, started, result, None)
+            return True
+        if v.delay:
+            # Run it now, answer later: the status is what is late.
+            delay = v.delay
+
+            def later(t: Task, s: int, r: CommandResult | None, e: BaseException | None) -> None:
+                self.loop.call_later(delay, self._done, t, s, r, e)
+            self._run(task, started, later)
+            return True
+        return False
 
     def _done(self, task: Task, started: int, result: CommandResult | None,
               exc: BaseException | None) -> None:

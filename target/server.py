@@ -32,6 +32,7 @@ from target.scsi.types import Nexus
 
 from .admin import Administration
 from .farm_admin import FarmAdministration
+from .faults import FaultInjector
 from .config import ServerConfig, TargetSpec
 from .config_toml import dump_config
 from .connection import TargetConnection
@@ -95,6 +96,9 @@ class TargetServer(Administration, FarmAdministration, SessionRequests):
         self.control_path: str | None = None
         #: Keeps an iSNS server's view current ([server] isns).
         self.isns: IsnsRegistrar | None = None
+        #: ``serve --fault PROFILE``: misbehave on purpose (target/faults.py).
+        self.faults: FaultInjector | None = (
+            FaultInjector.from_text(config.fault_profile) if config.fault_profile else None)
 
     async def __aenter__(self) -> TargetServer:
         await self.start()

@@ -18,6 +18,7 @@ from target.scsi.sanitize import DETACHED_ON_ABORT
 from target.scsi.types import Nexus
 
 from .connection import TargetConnection
+from .faults import FaultInjector
 from .runtime import TargetRuntime
 from .session import Member, Session
 
@@ -30,6 +31,8 @@ class SessionRequests:
     #: SCSI commands executing (asyncio futures); a TMF answer waiting for
     #: its tasks joins them.
     inflight: set[asyncio.Future[Any]]
+    #: ``serve --fault``: told about logouts for its report.
+    faults: FaultInjector | None
 
     if TYPE_CHECKING:  # provided by the server
         def nexus_for(self, conn: TargetConnection) -> Nexus: ...
@@ -63,6 +66,8 @@ class SessionRequests:
                 f"close connection CID {ev.cid}" if ev.reason == LogoutReason.CLOSE_CONNECTION
                 else f"remove connection CID {ev.cid} for recovery")
         target = "discovery" if sess.discovery else sess.target_name
+        if self.faults is not None:
+            self.faults.on_logout(sess.initiator_name, asyncio.get_running_loop().time())
         log.info("logout: %s from %s of %s (TSIH %d, ISID 0x%012x, CID %d): %s",
                  sess.initiator_name, conn.peer, target, sess.tsih, sess.isid, conn.cid, what,
                  extra={"event": "logout", "initiator": sess.initiator_name,
