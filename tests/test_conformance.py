@@ -186,3 +186,19 @@ def test_tgt_runs_to_completion(tmp_path: Path, chap: bool,
     assert "-> Login Request" in out and "<- Login Response" in out
     root = ET.parse(ju).getroot()
     assert len(root.findall("./testsuite/testcase/failure")) == report["summary"]["fail"]
+
+
+def test_snack_tests_pass_against_our_target_at_erl1() -> None:
+    """The written ERL 1 checks pass against a target that agrees to ERL 1
+    (and are not-supported at ERL 0, test_cli_reports_are_well_formed)."""
+    from target.config import Limits
+
+    cfg = make_config([LunSpec(lun=0, path="", backend="memory", size=4 * MiB)],
+                      limits=Limits(error_recovery_level=1))
+    with running_target(cfg) as t:
+        config = KitConfig(url=parse_url(t.url()), timeout=5.0, quiet=0.3)
+        outcomes = run(config, select(["erl.snack.status", "erl.snack.data"]))
+    got = {o.spec.id: (o.verdict, o.message) for o in outcomes}
+    assert got == {"erl.snack.status": (Verdict.PASS, got["erl.snack.status"][1]),
+                   "erl.snack.data": (Verdict.PASS, "DataSN 0 resent")}
+    assert "resent" in got["erl.snack.status"][1]
