@@ -24,15 +24,8 @@ from tests.faults import Fault, FaultPlan, FaultyRelay, is_op
 from tests.initiator_checks import MiB, opts, random_write_verify
 from tests.target_fixture import TARGET_NAME, RunningTarget, make_config, running_target
 
-SIZE = 16 * MiB
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "lun0.img"
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-    return path
+# The same sparse 16 MiB image as the ERL 1 relay tests.
+from tests.test_erl1_relay import image  # noqa: E402,F401  (a fixture)
 
 
 @pytest.fixture

@@ -55,17 +55,26 @@ def _one_block_read(ctx: Context, w: Wire) -> tuple[int, int, bytes]:
     return res.itt, statsn, res.data
 
 
+def _snack(ctx: Context, w: Wire, kind: int, itt: int, statsn: int, begrun: int,
+           what: str) -> DataIn | ScsiResponse:
+    """Send a SNACK for one PDU (RunLength 1) and return what answers it;
+    a Reject fails the test (ERL 1 supports SNACK, §7.1.5, §11.16.1)."""
+    w.send(SnackRequest(type=kind, itt=itt, lun=ctx.lun, expstatsn=statsn, begrun=begrun,
+                        runlength=1), note=what)
+    pdu = w.expect((ScsiResponse, DataIn, Reject), f"the answer to the {what}")
+    if isinstance(pdu, Reject):
+        raise Failed(f"{what} rejected at ERL 1 (§7.1.5, §11.16.1)", describe(pdu))
+    assert isinstance(pdu, (DataIn, ScsiResponse))
+    return pdu
+
+
 @conformance_test("erl.snack.status", "11.16.1", MUST,
                   "SNACK Type 1 (Status) for the status of a READ we did not acknowledge: "
                   "the target sends that status again with the same StatSN (needs ERL 1)")
 def snack_status(ctx: Context) -> str:
     w = erl_session(ctx, 1)
     itt, statsn, _ = _one_block_read(ctx, w)
-    w.send(SnackRequest(type=SnackType.STATUS, itt=itt, lun=ctx.lun, expstatsn=statsn,
-                        begrun=statsn, runlength=1), note="Status SNACK")
-    pdu = w.expect((ScsiResponse, DataIn, Reject), "the status sent again")
-    if isinstance(pdu, Reject):
-        raise Failed("Status SNACK rejected at ERL 1 (§7.1.5, §11.16.1)", describe(pdu))
+    pdu = _snack(ctx, w, SnackType.STATUS, itt, statsn, statsn, "Status SNACK")
     if getattr(pdu, "statsn", None) != statsn or pdu.itt != itt or (
             isinstance(pdu, DataIn) and not pdu.status_present):
         raise Failed(f"expected the status of ITT 0x{itt:x} with StatSN {statsn} again",
@@ -81,13 +90,8 @@ def snack_status(ctx: Context) -> str:
 def snack_data(ctx: Context) -> str:
     w = erl_session(ctx, 1)
     itt, statsn, data = _one_block_read(ctx, w)
-    w.send(SnackRequest(type=SnackType.DATA_R2T, itt=itt, lun=ctx.lun, expstatsn=statsn,
-                        begrun=0, runlength=1), note="Data SNACK for DataSN 0")
-    pdu = w.expect((DataIn, Reject), "the Data-In sent again")
-    if isinstance(pdu, Reject):
-        raise Failed("Data SNACK rejected at ERL 1 (§7.1.5, §11.16.1)", describe(pdu))
-    assert isinstance(pdu, DataIn)
-    if pdu.itt != itt or pdu.datasn != 0 or pdu.buffer_offset != 0 or \
+    pdu = _snack(ctx, w, SnackType.DATA_R2T, itt, statsn, 0, "Data SNACK")
+    if not isinstance(pdu, DataIn) or pdu.itt != itt or pdu.datasn != 0 or pdu.buffer_offset != 0 or \
             bytes(pdu.data) != data[: len(pdu.data)]:
         raise Failed("the resent Data-In is not DataSN 0 of the READ with its data",
                      describe(pdu))
