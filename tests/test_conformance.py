@@ -4,6 +4,7 @@ reports (its findings are recorded in README)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -197,8 +198,11 @@ def test_snack_tests_pass_against_our_target_at_erl1() -> None:
                       limits=Limits(error_recovery_level=1))
     with running_target(cfg) as t:
         config = KitConfig(url=parse_url(t.url()), timeout=5.0, quiet=0.3)
-        outcomes = run(config, select(["erl.snack.status", "erl.snack.data"]))
+        config = dataclasses.replace(config, allow_dataloss=True)
+        outcomes = run(config, select(["erl.snack.status", "erl.snack.data",
+                                       "erl.digest.data_out_recovery"]))
     got = {o.spec.id: (o.verdict, o.message) for o in outcomes}
     assert got == {"erl.snack.status": (Verdict.PASS, got["erl.snack.status"][1]),
-                   "erl.snack.data": (Verdict.PASS, "DataSN 0 resent")}
+                   "erl.snack.data": (Verdict.PASS, "DataSN 0 resent"),
+                   "erl.digest.data_out_recovery": (Verdict.PASS, "recovery R2T, then GOOD")}
     assert "resent" in got["erl.snack.status"][1]

@@ -10,7 +10,7 @@ complete) and report not-supported, saying the kit does not check them yet.
 from __future__ import annotations
 
 from iscsi.constants import SnackType
-from iscsi.pdu import DataIn, Reject, ScsiResponse, SnackRequest
+from iscsi.pdu import R2T, DataIn, DataOut, Reject, ScsiResponse, SnackRequest
 
 from .context import Context
 from .describe import describe
@@ -110,9 +110,6 @@ _declare("erl.snack.data_ack", "11.16.1", 1,
          "DataACK SNACK answering a Data-In with the A bit: accepted, no Reject")
 _declare("erl.snack.r_data", "11.16.1", 1,
          "R-Data SNACK: Data-In resent with a fresh DataSN sequence and the status after it")
-_declare("erl.digest.data_out_recovery", "7.8", 1,
-         "a Data-Out with a wrong data digest: the target discards it and asks for the data "
-         "again with a recovery R2T")
 _declare("erl.connection.reinstatement", "6.3.4", 2,
          "a new connection with the same ISID, TSIH and CID: the old one is closed, its tasks "
          "can be reassigned")
@@ -121,3 +118,50 @@ _declare("erl.task.reassign", "11.5.1", 2,
          "task completes")
 _declare("erl.time2retain.expiry", "13.16", 2,
          "after a connection drop, tasks are kept DefaultTime2Retain seconds, then dropped")
+
+
+@conformance_test("erl.digest.data_out_recovery", "7.8", MUST,
+                  "at ERL 1 the Data-Out answering an R2T has a wrong data digest: Reject "
+                  "0x02, then a recovery R2T for the data (answered: GOOD) or CHECK "
+                  "CONDITION; never GOOD without the data", dataloss=True)
+def data_out_recovery(ctx: Context) -> str:
+    w = ctx.session(dict(ctx.R2T_FIRST, DataDigest="CRC32C", ErrorRecoveryLevel="1"))
+    assert w.params is not None
+    if not w.dd or w.params.error_recovery_level < 1:
+        ctx.logout(w)
+        raise NotSupported("target declined DataDigest=CRC32C with ErrorRecoveryLevel=1")
+    ctx.ready(w)
+    blocks, size = ctx.capacity(w)
+    cdb = bytes([0x28, 0]) + (blocks - 1).to_bytes(4, "big") + bytes([0, 0, 1, 0])
+    res = ctx.run(w, cdb, read_len=size)
+    if res.status != 0 or len(res.data) != size:
+        raise TestError("cannot read the last block")
+    data = res.data  # written back unchanged: nothing is lost either way
+    itt, _ = ctx.pending_write(w)
+    r2t = ctx.last_r2t
+    assert r2t is not None
+    end = r2t.buffer_offset + r2t.desired_data_transfer_length
+    w.send(DataOut(itt=itt, lun=r2t.lun, ttt=r2t.ttt, expstatsn=w.expstatsn, datasn=0,
+                   buffer_offset=r2t.buffer_offset, final=True,
+                   data=data[r2t.buffer_offset:end]),
+           bad_data_digest=True, note="data digest corrupted")
+    rejected = recovered = False
+    while True:
+        pdu = w.expect((Reject, R2T, ScsiResponse), "Reject 0x02 and the recovery")
+        if isinstance(pdu, Reject):
+            if pdu.reason != 0x02:
+                raise Failed(f"Reject reason 0x{pdu.reason:02x}, expected 0x02", describe(pdu))
+            rejected = True
+        elif isinstance(pdu, R2T) and pdu.itt == itt:
+            ctx.answer_r2t(w, pdu, data)
+            recovered = True
+        elif isinstance(pdu, ScsiResponse) and pdu.itt == itt:
+            break
+    if not rejected:
+        raise Failed("no Reject (Data digest error) for the damaged Data-Out (§7.8)")
+    if pdu.status == 0 and not recovered:
+        raise Failed("GOOD status though the data was discarded and never asked for again",
+                     describe(pdu))
+    ctx.logout(w)
+    return "recovery R2T, then GOOD" if recovered else f"status 0x{pdu.status:02x}"
+
