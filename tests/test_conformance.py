@@ -200,9 +200,10 @@ def test_snack_tests_pass_against_our_target_at_erl1() -> None:
         config = KitConfig(url=parse_url(t.url()), timeout=5.0, quiet=0.3)
         config = dataclasses.replace(config, allow_dataloss=True)
         outcomes = run(config, select(["erl.snack.status", "erl.snack.data",
-                                       "erl.digest.data_out_recovery"]))
+                                       "erl.snack.data_ack", "erl.digest.data_out_recovery"]))
     got = {o.spec.id: (o.verdict, o.message) for o in outcomes}
     assert got == {"erl.snack.status": (Verdict.PASS, got["erl.snack.status"][1]),
                    "erl.snack.data": (Verdict.PASS, "DataSN 0 resent"),
+                   "erl.snack.data_ack": (Verdict.PASS, "DataACK for DataSN 0 accepted"),
                    "erl.digest.data_out_recovery": (Verdict.PASS, "recovery R2T, then GOOD")}
     assert "resent" in got["erl.snack.status"][1]

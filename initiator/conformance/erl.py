@@ -9,7 +9,7 @@ complete) and report not-supported, saying the kit does not check them yet.
 
 from __future__ import annotations
 
-from iscsi.constants import SnackType
+from iscsi.constants import RESERVED_TAG, SnackType
 from iscsi.pdu import R2T, DataIn, DataOut, Reject, ScsiResponse, SnackRequest
 
 from .context import Context
@@ -106,8 +106,6 @@ def _declare(test_id: str, section: str, level: int, description: str) -> None:
         return ""
 
 
-_declare("erl.snack.data_ack", "11.16.1", 1,
-         "DataACK SNACK answering a Data-In with the A bit: accepted, no Reject")
 _declare("erl.snack.r_data", "11.16.1", 1,
          "R-Data SNACK: Data-In resent with a fresh DataSN sequence and the status after it")
 _declare("erl.connection.reinstatement", "6.3.4", 2,
@@ -164,4 +162,38 @@ def data_out_recovery(ctx: Context) -> str:
                      describe(pdu))
     ctx.logout(w)
     return "recovery R2T, then GOOD" if recovered else f"status 0x{pdu.status:02x}"
+
+
+@conformance_test("erl.snack.data_ack", "11.16.1", MUST,
+                  "DataACK SNACK answering a Data-In with the A bit (MaxBurstLength 512, a "
+                  "two-block READ): accepted without Reject, the session goes on (needs ERL 1)")
+def snack_data_ack(ctx: Context) -> str:
+    w = ctx.session({"ErrorRecoveryLevel": "1", "MaxBurstLength": "512",
+                     "FirstBurstLength": "512"})
+    assert w.params is not None
+    if w.params.error_recovery_level < 1:
+        ctx.logout(w)
+        raise NotSupported("target declined ErrorRecoveryLevel=1")
+    ctx.ready(w)
+    _blocks, size = ctx.capacity(w)
+    res = ctx.run(w, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0]), read_len=2 * size)
+    if res.status != 0:
+        raise TestError("READ(10) of blocks 0-1 failed")
+    acked = [d for d in res.data_ins if d.ack]
+    if not acked:
+        ctx.logout(w)
+        raise NotSupported("the target set no A bit (it may choose not to, §11.7.2)")
+    first = acked[0]
+    w.send(SnackRequest(type=SnackType.DATA_ACK, itt=RESERVED_TAG, lun=ctx.lun, ttt=first.ttt,
+                        expstatsn=w.expstatsn, begrun=first.datasn + 1, runlength=0),
+           note="DataACK SNACK")
+    closed, seen = w.drops_within(max(ctx.config.quiet, 0.3))
+    rejects = [p for p in seen if isinstance(p, Reject)]
+    if closed or rejects:
+        raise Failed("a DataACK SNACK was refused (§11.16.1)",
+                     describe(rejects[0]) if rejects else None)
+    if not ctx.alive(w):
+        raise Failed("the session did not go on after a DataACK SNACK")
+    ctx.logout(w)
+    return f"DataACK for DataSN {first.datasn} accepted"
 
