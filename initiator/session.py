@@ -403,13 +403,15 @@ class Session(ConnectionSet):
         """A PDU failed to decode: at ErrorRecoveryLevel 1 a data digest
         error is recovered by the engine (SNACK, §7.8) and the connection
         goes on; anything else is the caller's to fail (False)."""
-        engine = self._engine
-        if engine is None or conn is not self._conn or not engine.recovers(exc):
+        # The engine of the connection it arrived on (MC/S: any of them;
+        # recovery stays within that connection, §4.2.2 allegiance).
+        engine = self._engine_of(conn)
+        if engine is None or not engine.recovers(exc):
             return False
         log.info("%s: %s; asking the target again (ErrorRecoveryLevel 1)", self.portal, exc)
         self._in_rx = True
         try:
-            self._handle(engine.protocol_error(exc, self._loop.time()))
+            self._handle(engine.protocol_error(exc, self._loop.time()), conn)
         finally:
             self._in_rx = False
         self.flush()
