@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -32,12 +31,10 @@ from pathlib import Path
 
 from tests.linux_vm import (
     CACHE_DIR as _VM_CACHE,
-    Cpio,
-    _module_bytes,
     _tool,
     find_kernel,
+    guest_cpio,
     module_closure,
-    shared_libraries,
 )
 
 CACHE_DIR = _VM_CACHE.parent / "farm-vm"
@@ -112,30 +109,9 @@ def _syslinux_mbr() -> Path:
 def _initramfs(version: str, out: Path) -> None:
     busybox = _tool("busybox")
     iscsistart = _tool("iscsistart")
-    cpio = Cpio()
-    for d in ("dev", "proc", "sys", "tmp", "run", "etc/aio", "etc/iscsi"):
-        cpio.directory(d)
-    cpio.chardev("dev/console", 5, 1)
-    cpio.chardev("dev/null", 1, 3, 0o666)
-    cpio.file("init", _INIT.encode(), 0o755)
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            cpio.symlink(f"bin/{applet}", "busybox")
-    cpio.symlink("sbin", "bin")
-    for binary, dest in ((iscsistart, "usr/sbin/iscsistart"), (busybox, "bin/busybox")):
-        cpio.file(dest, Path(binary).read_bytes(), 0o755)
-        for lib in shared_libraries(binary):
-            if lib.lstrip("/") not in cpio:
-                cpio.file(lib, Path(lib).read_bytes(), 0o755)
-    moddir = Path("/lib/modules") / version
-    paths = []
-    for rel in module_closure(version, ROOT_MODULES):
-        dest = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", f"lib/modules/{version}/{rel}")
-        cpio.file(dest, _module_bytes(moddir / rel))
-        paths.append("/" + dest)
-    cpio.file("etc/aio/modules", ("\n".join(paths) + "\n").encode())
+    cpio = guest_cpio(_INIT.encode(), ("dev", "proc", "sys", "tmp", "run", "etc/aio", "etc/iscsi"),
+                      ((busybox, "bin/busybox"), (iscsistart, "usr/sbin/iscsistart")),
+                      version, module_closure(version, ROOT_MODULES))
     raw = out.with_suffix(".cpio")
     cpio.write(raw)
     # Compressed: iPXE reads it through INT 13h, under TCG every MiB counts.

@@ -442,6 +442,62 @@ def _cache_key(kernel: Path, version: str, binaries: Sequence[str], modules: Seq
     return h.hexdigest()[:16]
 
 
+def guest_cpio(init: bytes, dirs: Sequence[str], binaries: Sequence[tuple[str, str]],
+               version: str, modules: Sequence[str]) -> Cpio:
+    """The parts every guest initramfs shares: ``dirs``, the console and null
+    devices, ``init`` as /init, busybox (first of ``binaries``, as (source,
+    destination) pairs) with a link per applet, the other binaries with the
+    libraries ldd names, and the kernel ``modules`` (paths relative to
+    /lib/modules/VERSION, in load order) listed in /etc/aio/modules."""
+    cpio = Cpio()
+    for d in dirs:
+        cpio.directory(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3, 0o666)
+    cpio.file("init", init, 0o755)
+    # busybox at /bin/busybox with a link per applet (it dispatches on argv[0]).
+    applets = subprocess.run([binaries[0][0], "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            cpio.symlink(f"bin/{applet}", "busybox")
+    cpio.symlink("sbin", "bin")
+    # Dynamic binaries keep their libraries at the paths ldd names; the loader
+    # finds them through LD_LIBRARY_PATH set in /init (there is no ld.so.cache).
+    for binary, dest in binaries:
+        cpio.file(dest, Path(binary).read_bytes(), 0o755)
+        # Debian's busybox-static has none; a dynamic busybox works too.
+        for lib in shared_libraries(binary):
+            if lib.lstrip("/") not in cpio:
+                cpio.file(lib, Path(lib).read_bytes(), 0o755)
+    moddir = Path("/lib/modules") / version
+    load_paths: list[str] = []
+    for rel in modules:
+        dest = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", f"lib/modules/{version}/{rel}")
+        cpio.file(dest, _module_bytes(moddir / rel))
+        load_paths.append("/" + dest)
+    cpio.file("etc/aio/modules", ("\n".join(load_paths) + "\n").encode())
+    return cpio
+
+
+def write_cached(cpio: Cpio, out: Path, stale: str) -> None:
+    """Write ``cpio`` to ``out`` atomically (a parallel test run sees either
+    nothing or the whole file) and drop older builds matching ``stale`` in
+    its folder (~20 MB each)."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        cpio.write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    for old in out.parent.glob(stale):
+        if old != out:
+            old.unlink(missing_ok=True)
+
+
 def build_initramfs(cache_dir: Path = CACHE_DIR) -> VmImage:
     """Build (or reuse from ``cache_dir``) the initramfs for the newest
     installed kernel and return it with the kernel."""
@@ -456,56 +512,14 @@ def build_initramfs(cache_dir: Path = CACHE_DIR) -> VmImage:
     if out.is_file():
         return VmImage(kernel, out, version)
 
-    cpio = Cpio()
-    for d in ("dev", "proc", "sys", "tmp", "run", "mnt", "etc/aio", "etc/iscsi"):
-        cpio.directory(d)
-    cpio.chardev("dev/console", 5, 1)
-    cpio.chardev("dev/null", 1, 3, 0o666)
-    cpio.file("init", _INIT.encode(), 0o755)
-
-    # busybox at /bin/busybox with a link per applet (it dispatches on argv[0]).
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            cpio.symlink(f"bin/{applet}", "busybox")
-    cpio.symlink("sbin", "bin")
-
-    # Dynamic binaries keep their libraries at the paths ldd names; the loader
-    # finds them through LD_LIBRARY_PATH set in /init (there is no ld.so.cache).
-    for binary, dest in ((iscsistart, "usr/sbin/iscsistart"), (mke2fs, "usr/sbin/mke2fs"),
-                         (busybox, "bin/busybox")):
-        cpio.file(dest, Path(binary).read_bytes(), 0o755)
-        # Debian's busybox-static has none; a dynamic busybox works too.
-        for lib in shared_libraries(binary):
-            if lib.lstrip("/") not in cpio:
-                cpio.file(lib, Path(lib).read_bytes(), 0o755)
+    cpio = guest_cpio(_INIT.encode(),
+                      ("dev", "proc", "sys", "tmp", "run", "mnt", "etc/aio", "etc/iscsi"),
+                      ((busybox, "bin/busybox"), (iscsistart, "usr/sbin/iscsistart"),
+                       (mke2fs, "usr/sbin/mke2fs")), version, modules)
     if Path("/etc/mke2fs.conf").is_file():
         cpio.file("etc/mke2fs.conf", Path("/etc/mke2fs.conf").read_bytes())
-
-    moddir = Path("/lib/modules") / version
-    load_paths: list[str] = []
-    for rel in modules:
-        dest = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", f"lib/modules/{version}/{rel}")
-        cpio.file(dest, _module_bytes(moddir / rel))
-        load_paths.append("/" + dest)
-    cpio.file("etc/aio/modules", ("\n".join(load_paths) + "\n").encode())
     cpio.file("payload", payload())
-
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        cpio.write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        # Atomic: a parallel test run sees either nothing or the whole file.
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    # Older builds (other kernel, other inputs) are ~20 MB each: drop them.
-    for old in cache_dir.glob("initramfs-*.cpio"):
-        if old != out:
-            old.unlink(missing_ok=True)
+    write_cached(cpio, out, "initramfs-*.cpio")
     return VmImage(kernel, out, version)
 
 

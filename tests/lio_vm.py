@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,13 +25,12 @@ from pathlib import Path
 from tests.linux_vm import (
     CACHE_DIR,
     GUEST_ADDRESS,
-    Cpio,
     VmBuildError,
-    _module_bytes,
     _tool,
     find_kernel,
+    guest_cpio,
     module_closure,
-    shared_libraries,
+    write_cached,
 )
 
 LIO_IQN = "iqn.2003-01.org.linux-iscsi.aioiscsi:lio"
@@ -110,40 +107,9 @@ def build_lio_initramfs(cache_dir: Path = CACHE_DIR) -> tuple[Path, Path]:
     out = cache_dir / f"lio-{version}-{key}.cpio"
     if out.is_file():
         return kernel, out
-    cpio = Cpio()
-    for d in ("dev", "proc", "sys", "tmp", "etc/aio"):
-        cpio.directory(d)
-    cpio.chardev("dev/console", 5, 1)
-    cpio.chardev("dev/null", 1, 3, 0o666)
-    cpio.file("init", _init_script(), 0o755)
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            cpio.symlink(f"bin/{applet}", "busybox")
-    cpio.symlink("sbin", "bin")
-    cpio.file("bin/busybox", Path(busybox).read_bytes(), 0o755)
-    for lib in shared_libraries(busybox):
-        if lib.lstrip("/") not in cpio:
-            cpio.file(lib, Path(lib).read_bytes(), 0o755)
-    moddir = Path("/lib/modules") / version
-    load: list[str] = []
-    for rel in modules:
-        dest = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", f"lib/modules/{version}/{rel}")
-        cpio.file(dest, _module_bytes(moddir / rel))
-        load.append("/" + dest)
-    cpio.file("etc/aio/modules", ("\n".join(load) + "\n").encode())
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        cpio.write(Path(tmp))
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    for old in cache_dir.glob("lio-*.cpio"):
-        if old != out:
-            old.unlink(missing_ok=True)
+    cpio = guest_cpio(_init_script(), ("dev", "proc", "sys", "tmp", "etc/aio"),
+                      ((busybox, "bin/busybox"),), version, modules)
+    write_cached(cpio, out, "lio-*.cpio")
     return kernel, out
 
 
