@@ -175,10 +175,18 @@ def bad_data_out(ctx: Context) -> str:
     w = ctx.session(dict(ctx.R2T_FIRST, DataDigest="CRC32C"))
     if not w.dd:
         raise NotSupported("target declined DataDigest=CRC32C")
+    itt, _ = damaged_data_out(ctx, w)
+    return _bad_data_answer(ctx, w, itt, "a Data-Out")
+
+
+def damaged_data_out(ctx: Context, w: Wire) -> tuple[int, bytes]:
+    """A WRITE(10) of the last block (its own contents, read first) whose
+    Data-Out answering the R2T carries a wrong data digest; the session was
+    opened with ``ctx.R2T_FIRST``. Returns (ITT, the block's data)."""
     ctx.ready(w)
     blocks, size = ctx.capacity(w)
     data = _last_block(ctx, w, blocks, size)
-    itt, _ = ctx.pending_write(w)  # writes the last block
+    itt, _ = ctx.pending_write(w)
     r2t = ctx.last_r2t
     assert r2t is not None
     end = r2t.buffer_offset + r2t.desired_data_transfer_length
@@ -186,4 +194,4 @@ def bad_data_out(ctx: Context) -> str:
                    buffer_offset=r2t.buffer_offset, final=True,
                    data=data[r2t.buffer_offset:end]),
            bad_data_digest=True, note="data digest corrupted")
-    return _bad_data_answer(ctx, w, itt, "a Data-Out")
+    return itt, data

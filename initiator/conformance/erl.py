@@ -10,10 +10,11 @@ complete) and report not-supported, saying the kit does not check them yet.
 from __future__ import annotations
 
 from iscsi.constants import RESERVED_TAG, SnackType
-from iscsi.pdu import R2T, DataIn, DataOut, Reject, ScsiResponse, SnackRequest
+from iscsi.pdu import R2T, DataIn, Reject, ScsiResponse, SnackRequest
 
 from .context import Context
 from .describe import describe
+from .digests import damaged_data_out
 from .model import Failed, Level, NotSupported, TestError, conformance_test
 from .wire import Wire
 
@@ -128,21 +129,7 @@ def data_out_recovery(ctx: Context) -> str:
     if not w.dd or w.params.error_recovery_level < 1:
         ctx.logout(w)
         raise NotSupported("target declined DataDigest=CRC32C with ErrorRecoveryLevel=1")
-    ctx.ready(w)
-    blocks, size = ctx.capacity(w)
-    cdb = bytes([0x28, 0]) + (blocks - 1).to_bytes(4, "big") + bytes([0, 0, 1, 0])
-    res = ctx.run(w, cdb, read_len=size)
-    if res.status != 0 or len(res.data) != size:
-        raise TestError("cannot read the last block")
-    data = res.data  # written back unchanged: nothing is lost either way
-    itt, _ = ctx.pending_write(w)
-    r2t = ctx.last_r2t
-    assert r2t is not None
-    end = r2t.buffer_offset + r2t.desired_data_transfer_length
-    w.send(DataOut(itt=itt, lun=r2t.lun, ttt=r2t.ttt, expstatsn=w.expstatsn, datasn=0,
-                   buffer_offset=r2t.buffer_offset, final=True,
-                   data=data[r2t.buffer_offset:end]),
-           bad_data_digest=True, note="data digest corrupted")
+    itt, data = damaged_data_out(ctx, w)  # the block's own contents: nothing is lost
     rejected = recovered = False
     while True:
         pdu = w.expect((Reject, R2T, ScsiResponse), "Reject 0x02 and the recovery")
